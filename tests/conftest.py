@@ -1,0 +1,155 @@
+"""Shared test harness: tiny models and datasets built offline in seconds, and a script runner.
+
+Every fixture writes into a session temp folder with `save_pretrained` (or the file layout the real thing has),
+so the scripts load them through exactly the code path they use for hub models and real data.
+"""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+WORDS = ["a", "handwritten", "digit", "photo", "of", "the", "number", "red", "blue", "square", "circle",
+         "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "zero", "one", "two", "three", "four", "five", "six",
+         "seven", "eight", "nine"]
+
+
+def run_script(script, *args, launcher="python", expect_rc=0, timeout=600, env=None):
+    """Run a repo script the way users do, offline, and fail the test with its output if the exit code differs.
+
+    launcher="python": `python script ...`; launcher="accelerate": two real processes talking over gloo.
+    accelerate 1.x runs `accelerate launch --cpu --num_processes 2` as ONE process (multi-CPU there means mpirun),
+    so the CPU launch is `accelerate launch --multi_gpu --num_processes 2` on a machine without CUDA: torchrun
+    starts both ranks and the scripts' `--device auto` picks the CPU and gloo.
+    """
+    if launcher == "python":
+        cmd = [sys.executable, str(REPO / script)]
+    elif launcher == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+               "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / script)]
+    else:
+        raise ValueError(launcher)
+    cmd += [str(a) for a in args]
+    full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
+    if launcher == "accelerate":
+        full_env["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks even on a GPU machine
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != expect_rc:
+        output = (proc.stdout + "\n" + proc.stderr)[-6000:]
+        pytest.fail(f"{' '.join(cmd)}\nexit code {proc.returncode}, expected {expect_rc}\n{output}", pytrace=False)
+    return proc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny text encoders
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A CLIP BPE tokenizer with a character-level vocabulary and a 2-layer, 32-wide CLIPTextModel."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-clip")
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=77,
+                            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                            pad_token_id=vocab["<|endoftext|>"])
+    CLIPTextModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A word-piece tokenizer over a few caption words and a 2-layer, 32-wide BertModel."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [chr(c) for c in range(97, 123)]
+    (path / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    tokenizer = BertTokenizer(str(path / "vocab.txt"))
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny image models
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    """A 2-level AutoencoderKL: 3x32x32 images <-> 4x16x16 latents."""
+    from diffusers import AutoencoderKL
+
+    path = tmp_path_factory.mktemp("tiny-vae")
+    AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+                  norm_num_groups=8, sample_size=32,
+                  down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                  up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D")).save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny datasets
+# ---------------------------------------------------------------------------------------------------------------
+def fake_digits(n, seed):
+    """n 28x28 uint8 images (a bright bar whose position depends on the label) and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    images = rng.integers(0, 30, size=(n, 28, 28), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        images[i, 4:24, 2 + 2 * label:5 + 2 * label] = 255
+    return images, labels.astype(np.uint8)
+
+
+def write_idx(path, array, magic):
+    with open(path, "wb") as f:
+        f.write(struct.pack(">I", magic))
+        f.write(struct.pack(">" + "I" * array.ndim, *array.shape))
+        f.write(array.tobytes())
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory):
+    """A 64-train / 20-test MNIST in torchvision's raw layout: pass the returned folder as the dataset root."""
+    root = tmp_path_factory.mktemp("tiny-mnist")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n, seed in (("train", 64, 0), ("t10k", 20, 1)):
+        images, labels = fake_digits(n, seed)
+        write_idx(raw / f"{split}-images-idx3-ubyte", images, 2051)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels, 2049)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_imagefolder(tmp_path_factory):
+    """12 RGB 32x32 PNGs with captions in metadata.jsonl (the `datasets` imagefolder layout)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tiny-imagefolder")
+    rng = np.random.default_rng(0)
+    colors = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+    with open(root / "metadata.jsonl", "w") as f:
+        for i in range(12):
+            color = "red" if i % 2 else "blue"
+            shape = "square" if i % 3 else "circle"
+            pixels = rng.integers(0, 40, size=(32, 32, 3), dtype=np.uint8)
+            pixels[8:24, 8:24] = colors[color]
+            Image.fromarray(pixels).save(root / f"{i:03d}.png")
+            f.write(json.dumps({"file_name": f"{i:03d}.png", "text": f"a {color} {shape}"}) + "\n")
+    return root

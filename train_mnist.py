@@ -1,0 +1,683 @@
+"""Train a text-conditioned pixel-space diffusion model on MNIST.
+
+A small diffusers UNet2DConditionModel denoises 28x28 digits (padded to 32x32) while cross-attending to the
+hidden states of a frozen text encoder reading "A handwritten digit 7". Objective: variance-preserving DDPM
+(squared-cosine betas, 1000 steps), MSE on epsilon or v. The caption is replaced by the empty prompt with
+probability --cond_dropout_prob, so the unconditional branch that classifier-free guidance uses is trained.
+
+    python train_mnist.py --dataset_path ../shared/datasets --text_encoder_name_or_path openai/clip-vit-base-patch32
+    accelerate launch train_mnist.py --mixed_precision bf16 --num_train_epochs 20
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+IMAGE_SIZE = 28  # MNIST
+PAD = 2  # 28 + 2 * 2 = 32: the UNet halves the resolution once per level, so the size must divide by 2**(levels-1)
+NULL = 10  # index of the empty prompt in the table of encoded prompts (digits 0..9 come first)
+EXPORT_CONFIG = "export_config.json"
+NEGATABLE = {"use_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
+
+
+def fail(message):
+    """A user mistake: one line naming the flag or file and the fix, exit code 2, before any heavy work."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def int_list(text):
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def float_list(text):
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset_path", "--data_root", default="./dataset_cache",
+                   help="Folder holding MNIST/raw (torchvision layout); downloaded there when missing and online.")
+    g.add_argument("--caption_template", default="A handwritten digit {}", help="Caption of a digit; {} is the digit.")
+    g.add_argument("--max_samples", type=int, default=None, help="Truncate the training set to N examples.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    g = parser.add_argument_group("models")
+    g.add_argument("--text_encoder_name_or_path", default=None,
+                   help="Frozen text encoder (hub id or local folder with its tokenizer): CLIP text, BERT family, T5 "
+                        "encoder. Default openai/clip-vit-base-patch32; with --sample_from, the export's encoder.")
+    g.add_argument("--tokenizer_max_length", type=int, default=8, help="Tokens per caption (padded/truncated).")
+    g.add_argument("--block_out_channels", type=int_list, default=[32, 64, 64], help="UNet width per level.")
+    g.add_argument("--cross_attention_levels", type=int_list, default=[1, 2],
+                   help="Levels (0 = full resolution) whose blocks cross-attend to the text; the mid block does too.")
+    g.add_argument("--layers_per_block", type=int, default=1)
+    g.add_argument("--attention_head_dim", type=int, default=16)
+    g.add_argument("--norm_num_groups", type=int, default=8)
+
+    g = parser.add_argument_group("objective")
+    g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
+    g.add_argument("--num_train_timesteps", type=int, default=1000)
+    g.add_argument("--beta_schedule", default="squaredcos_cap_v2", help="DDPMScheduler beta schedule.")
+    g.add_argument("--cond_dropout_prob", type=float, default=0.1,
+                   help="Probability of replacing the caption by the empty prompt (trains the guidance branch).")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--output_dir", default="output_mnist")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--train_batch_size", "--batch_size", type=int, default=128, help="Batch size per process.")
+    g.add_argument("--num_train_epochs", "--epochs", "--num_epochs", type=int, default=10)
+    g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs when set.")
+    g.add_argument("--learning_rate", type=float, default=2e-3)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.99)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--lr_scheduler", default="cosine",
+                   help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+    g.add_argument("--lr_warmup_steps", type=int, default=200)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--max_nonfinite_steps", type=int, default=10,
+                   help="Stop after this many optimizer steps in a row with a non-finite gradient.")
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="Keep an EMA of the weights (with warmup) for samples and the export.")
+    g.add_argument("--ema_decay", type=float, default=0.999, help="Largest EMA decay, reached after the warmup.")
+    g.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
+
+    g = parser.add_argument_group("speed and memory")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+
+    g = parser.add_argument_group("sampling and evaluation")
+    g.add_argument("--guidance_scale", type=float, default=1.5,
+                   help="uncond + s * (cond - uncond); 1 = no guidance. Used for --num_eval_samples.")
+    g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 1.5, 3.0],
+                   help="Columns of the validation grid.")
+    g.add_argument("--num_inference_steps", type=int, default=10, help="DPM-Solver++ steps.")
+    g.add_argument("--num_eval_samples", type=int, default=0,
+                   help="Write N samples (balanced over the digits) to <output_dir>/eval_samples.npz at the end.")
+    g.add_argument("--eval_batch_size", type=int, default=250)
+    g.add_argument("--sample_from", default=None, help="Generate from an export folder (no training).")
+
+    g = parser.add_argument_group("logging and checkpoints")
+    g.add_argument("--logging_steps", type=int, default=50)
+    g.add_argument("--validation_steps", type=int, default=1000)
+    g.add_argument("--checkpointing_steps", type=int, default=1000)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return parser.parse_args([underscore_flag(a) for a in argv])
+
+
+def underscore_flag(arg):
+    """Every flag also accepts its hyphen spelling: --max-samples == --max_samples, --no-use-ema == --no-use_ema."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    negation = "no-" if name.startswith(("no-", "no_")) and name[3:].replace("-", "_") in NEGATABLE else ""
+    return "--" + negation + name[len(negation):].replace("-", "_") + eq + value
+
+
+def check_args(args):
+    """Cheap checks of the flags, before any dataset or model is loaded."""
+    if args.max_samples is not None and args.max_samples < 1:
+        fail(f"--max_samples {args.max_samples}: must be at least 1 (leave it out to use the whole dataset)")
+    if "{}" not in args.caption_template:
+        fail(f"--caption_template {args.caption_template!r}: must contain {{}} where the digit goes")
+    if args.mixed_precision == "fp16" and (args.device == "cpu" or not torch.cuda.is_available()):
+        fail("--mixed_precision fp16 needs a CUDA GPU: use --mixed_precision bf16 or no on this machine")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    if not 0.0 <= args.cond_dropout_prob < 1.0:
+        fail(f"--cond_dropout_prob {args.cond_dropout_prob}: must be in [0, 1)")
+    levels = len(args.block_out_channels)
+    if (IMAGE_SIZE + 2 * PAD) % 2 ** (levels - 1):
+        fail(f"--block_out_channels: {levels} levels do not divide the {IMAGE_SIZE + 2 * PAD}px input; use at most 6")
+    if any(not 0 <= i < levels for i in args.cross_attention_levels):
+        fail(f"--cross_attention_levels {args.cross_attention_levels}: levels are 0..{levels - 1}")
+    if args.sample_from and not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
+        fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run")
+    if args.enable_xformers_memory_efficient_attention:
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            fail("--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers)")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
+            fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+def build_dataset(args):
+    """MNIST train set as one in-memory tensor dataset: images [N, 1, 32, 32] in [-1, 1], labels [N]."""
+    root = Path(args.dataset_path)
+    try:
+        mnist = torchvision.datasets.MNIST(root, train=True, download=False)
+    except RuntimeError:
+        try:
+            mnist = torchvision.datasets.MNIST(root, train=True, download=True)
+        except Exception as e:  # offline, proxy, disk full: all end the same way
+            fail(f"--dataset_path {root}: MNIST is not there and could not be downloaded ({type(e).__name__}); "
+                 f"point --dataset_path at a folder holding MNIST/raw/train-images-idx3-ubyte etc.")
+    n = len(mnist) if args.max_samples is None else min(args.max_samples, len(mnist))
+    images = mnist.data[:n].float().div(127.5).sub(1.0).unsqueeze(1)  # white digit on black, in [-1, 1]
+    images = F.pad(images, (PAD, PAD, PAD, PAD), value=-1.0)
+    return torch.utils.data.TensorDataset(images, mnist.targets[:n].long())
+
+
+def captions(template):
+    """The ten digit captions and, last, the empty prompt used for the unconditional branch."""
+    return [template.format(d) for d in range(10)] + [""]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+def load_text_encoder(name_or_path):
+    """Tokenizer + frozen encoder through the Auto classes; a full CLIP checkpoint gives its text tower only."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        fail(f"--text_encoder_name_or_path {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder "
+             f"with config.json and the tokenizer files, or a hub id when online")
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    model_cls = {"clip": CLIPTextModel, "t5": T5EncoderModel, "mt5": T5EncoderModel}.get(config.model_type, AutoModel)
+    text_encoder = model_cls.from_pretrained(name_or_path)
+    return tokenizer, text_encoder.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts, max_length, device):
+    """Last hidden states [n, L, D] and attention masks [n, L]; run once, the table is indexed every step."""
+    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    text_encoder.to(device)
+    states = text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))[0]
+    return states.float(), tokens.attention_mask.to(device)
+
+
+def build_unet(args, cross_attention_dim):
+    levels = range(len(args.block_out_channels))
+    down = [("CrossAttnDownBlock2D" if i in args.cross_attention_levels else "DownBlock2D") for i in levels]
+    up = [b.replace("Down", "Up") for b in reversed(down)]
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE + 2 * PAD, in_channels=1, out_channels=1,
+        block_out_channels=args.block_out_channels, layers_per_block=args.layers_per_block,
+        down_block_types=down, up_block_types=up, norm_num_groups=args.norm_num_groups,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=args.attention_head_dim,
+    )
+
+
+def build_noise_scheduler(args):
+    return DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
+                         prediction_type=args.prediction_type, clip_sample=False)
+
+
+def build_sampler(noise_scheduler_config):
+    """Second-order DPM-Solver++ on the training schedule: good digits in ~10 steps."""
+    return DPMSolverMultistepScheduler.from_config(noise_scheduler_config, algorithm_type="dpmsolver++",
+                                                   solver_order=2, final_sigmas_type="zero")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Objective and sampler
+# ----------------------------------------------------------------------------------------------------------------
+def training_step(unet, noise_scheduler, images, labels, text_states, text_mask, args, generator):
+    """Noise a batch at random timesteps, drop captions for guidance, return per-sample losses and timesteps."""
+    n = images.shape[0]
+    noise = torch.randn(images.shape, generator=generator, device=images.device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator,
+                              device=images.device)
+    # Classifier-free guidance: the unconditional branch is the same network reading the empty prompt.
+    drop = torch.rand(n, generator=generator, device=images.device) < args.cond_dropout_prob
+    prompt_index = torch.where(drop, torch.full_like(labels, NULL), labels)
+    # x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps: variance preserving.
+    noisy = noise_scheduler.add_noise(images, noise, timesteps)
+    target = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(images, noise, timesteps)
+    pred = unet(noisy, timesteps, encoder_hidden_states=text_states[prompt_index],
+                encoder_attention_mask=text_mask[prompt_index]).sample
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return per_sample, timesteps
+
+
+@torch.no_grad()
+def sample(unet, sampler, cond_states, cond_mask, null_states, null_mask, guidance_scale, num_inference_steps,
+           generator):
+    """Generate len(cond_states) images [n, 1, 32, 32] in [-1, 1] with classifier-free guidance."""
+    n = cond_states.shape[0]
+    device = cond_states.device
+    dtype = next(unet.parameters()).dtype
+    x = torch.randn((n, 1, IMAGE_SIZE + 2 * PAD, IMAGE_SIZE + 2 * PAD), generator=generator, device=device)
+    x = x * sampler.init_noise_sigma
+    guided = guidance_scale != 1.0
+    if guided:  # one batched call: [unconditional; conditional]
+        states = torch.cat([null_states.expand_as(cond_states), cond_states]).to(dtype)
+        mask = torch.cat([null_mask.expand_as(cond_mask), cond_mask])
+    else:
+        states, mask = cond_states.to(dtype), cond_mask
+    sampler.set_timesteps(num_inference_steps, device=device)
+    for t in sampler.timesteps:
+        x_in = sampler.scale_model_input(torch.cat([x, x]) if guided else x, t).to(dtype)
+        pred = unet(x_in, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample.float()
+        if guided:
+            uncond, cond = pred.chunk(2)
+            pred = uncond + guidance_scale * (cond - uncond)
+        x = sampler.step(pred, t, x).prev_sample
+    return x.clamp(-1, 1)
+
+
+def to_uint8(images):
+    """[n, 1, 32, 32] in [-1, 1] -> uint8 [n, 28, 28], white digit on black like MNIST."""
+    images = images[:, 0, PAD:PAD + IMAGE_SIZE, PAD:PAD + IMAGE_SIZE]
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation, plots and evaluation samples
+# ----------------------------------------------------------------------------------------------------------------
+def log_validation(unet, sampler, prompts, args, path, per_digit=4):
+    """Grid: one row per digit prompt, one panel per guidance scale, labelled; written to `path`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    states, mask = prompts
+    labels = torch.arange(10, device=states.device).repeat_interleave(per_digit)
+    scales = args.validation_guidance_scales
+    fig, axes = plt.subplots(1, len(scales), figsize=(1.6 * per_digit * len(scales), 12), squeeze=False)
+    for ax, scale in zip(axes[0], scales, strict=True):
+        generator = torch.Generator(states.device).manual_seed(args.seed)  # same noise in every panel and step
+        images = to_uint8(sample(unet, sampler, states[labels], mask[labels], states[NULL:], mask[NULL:],
+                                 scale, args.num_inference_steps, generator))
+        grid = images.view(10, per_digit, IMAGE_SIZE, IMAGE_SIZE).permute(0, 2, 1, 3).reshape(10 * IMAGE_SIZE, -1)
+        ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"guidance {scale:g}")
+        ax.set_xticks([])
+        ax.set_yticks([IMAGE_SIZE * (d + 0.5) for d in range(10)])
+        ax.set_yticklabels([args.caption_template.format(d) for d in range(10)] if ax is axes[0][0] else [])
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_loss(metrics_path, out_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
+    for k in sorted(k for k in rows[-1] if k.startswith("loss_t")):  # loss per timestep bin, as minRF logs it
+        ax.plot([r["step"] for r in rows], [r.get(k, float("nan")) for r in rows], lw=0.8, label=k)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=80)
+    plt.close(fig)
+
+
+def write_eval_samples(unet, sampler, prompts, args, path):
+    """N samples balanced over the digits at --guidance_scale: images uint8 [N, 28, 28], labels [N]."""
+    states, mask = prompts
+    labels = torch.arange(args.num_eval_samples, device=states.device) % 10
+    generator = torch.Generator(states.device).manual_seed(args.seed + 1)
+    start, chunks = time.perf_counter(), []
+    for batch in labels.split(args.eval_batch_size):
+        chunks.append(to_uint8(sample(unet, sampler, states[batch], mask[batch], states[NULL:], mask[NULL:],
+                                      args.guidance_scale, args.num_inference_steps, generator)))
+    seconds = time.perf_counter() - start
+    np.savez_compressed(path, images=torch.cat(chunks).numpy(), labels=labels.cpu().numpy(),
+                        guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
+                        sample_seconds=seconds)
+    return seconds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and export
+# ----------------------------------------------------------------------------------------------------------------
+def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step):
+    """accelerate's save_state plus the EMA and the objective's RNG, written to a temp folder then renamed."""
+    output_dir = Path(args.output_dir)
+    final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
+    if not all(torch.isfinite(p).all() for p in unet.parameters()):
+        raise RuntimeError(f"step {global_step}: the weights are not finite; checkpoint not written")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    # Model (safetensors), optimizer, LR schedule, data sampler and the global RNGs of every process.
+    accelerator.save_state(str(tmp))
+    save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
+    if accelerator.is_main_process:
+        state = {"script": "train_mnist.py", "global_step": global_step, "ema": None}
+        if ema is not None:
+            ema_state = ema.state_dict()
+            shadow = ema_state.pop("shadow_params")
+            save_file({str(i): p.contiguous() for i, p in enumerate(shadow)}, tmp / "ema.safetensors")
+            state["ema"] = ema_state
+        (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic: a crash never leaves a half-written checkpoint-<step>
+        if args.checkpoints_total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(output_dir):
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "training_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def load_checkpoint(accelerator, path, ema, train_rng):
+    """Restore everything save_checkpoint wrote; returns the global step. Nothing loaded can run code."""
+    state = json.loads((path / "training_state.json").read_text())
+    if state.get("script") != "train_mnist.py":
+        fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not train_mnist.py")
+    accelerator.load_state(str(path))  # safetensors + torch.load(weights_only=True)
+    train_rng.set_state(load_file(path / f"train_rng_{accelerator.process_index}.safetensors")["state"])
+    if ema is not None:
+        if state["ema"] is None:
+            fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
+        shadow = load_file(path / "ema.safetensors")
+        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+    return state["global_step"]
+
+
+def export_model(unet, sampler, args, text_encoder_name, output_dir):
+    """The EMA UNet and the sampler in diffusers layout, plus what is needed to prompt them."""
+    unet.save_pretrained(output_dir / "unet")
+    sampler.save_pretrained(output_dir / "scheduler")
+    config = {"text_encoder_name_or_path": text_encoder_name, "tokenizer_max_length": args.tokenizer_max_length,
+              "caption_template": args.caption_template, "image_size": IMAGE_SIZE, "padding": PAD,
+              "pad_value": -1.0, "guidance_scale": args.guidance_scale}
+    (output_dir / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def write_run_config(args, accelerator):
+    import accelerate
+    import diffusers
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    config = {"args": vars(args), "git_commit": commit, "num_processes": accelerator.num_processes,
+              "versions": {m.__name__: m.__version__ for m in (torch, torchvision, diffusers, transformers,
+                                                                accelerate)}}
+    (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2))
+
+
+def install_stop_handler():
+    """SIGTERM/SIGINT ask for a checkpoint at the next step boundary, then a clean exit (pre-emptible clusters)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling from an export, without training
+# ----------------------------------------------------------------------------------------------------------------
+def generate_from_export(args, accelerator):
+    export = Path(args.sample_from)
+    config = json.loads((export / EXPORT_CONFIG).read_text())
+    tokenizer, text_encoder = load_text_encoder(args.text_encoder_name_or_path or config["text_encoder_name_or_path"])
+    prompts = encode_prompts(tokenizer, text_encoder, captions(config["caption_template"]),
+                             config["tokenizer_max_length"], accelerator.device)
+    unet = UNet2DConditionModel.from_pretrained(export / "unet").to(accelerator.device).eval()
+    sampler = DPMSolverMultistepScheduler.from_pretrained(export / "scheduler")
+    args.caption_template = config["caption_template"]
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        log_validation(unet, sampler, prompts, args, output_dir / "samples" / "export.png")
+        if args.num_eval_samples:
+            seconds = write_eval_samples(unet, sampler, prompts, args, output_dir / "eval_samples.npz")
+            print(f"wrote {args.num_eval_samples} samples to {output_dir / 'eval_samples.npz'} in {seconds:.1f}s")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+def main(args):
+    check_args(args)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # "auto" is CPU without CUDA; then several processes (torchrun, accelerate launch) talk over gloo.
+        cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, "logs")),
+        # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.sample_from:
+        return generate_from_export(args, accelerator)
+    set_seed(args.seed)  # same initial weights on every process
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(args, accelerator)
+
+    # ---- Data -------------------------------------------------------------------------------------------------
+    dataset = build_dataset(args)
+    train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
+                                                   drop_last=len(dataset) >= args.train_batch_size,
+                                                   num_workers=args.dataloader_num_workers)
+
+    # ---- Frozen text encoder: the 10 captions and the empty prompt, encoded once ------------------------------
+    text_encoder_name = args.text_encoder_name_or_path or "openai/clip-vit-base-patch32"
+    tokenizer, text_encoder = load_text_encoder(text_encoder_name)
+    prompts = encode_prompts(tokenizer, text_encoder, captions(args.caption_template), args.tokenizer_max_length,
+                             accelerator.device)
+    text_states, text_mask = prompts
+    del text_encoder  # never needed again
+
+    # ---- Model, noise schedule, EMA ---------------------------------------------------------------------------
+    unet = build_unet(args, cross_attention_dim=text_states.shape[-1])
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    noise_scheduler = build_noise_scheduler(args)
+    sampler = build_sampler(noise_scheduler.config)
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0,
+                       power=args.ema_power, model_cls=UNet2DConditionModel, model_config=unet.config)
+        ema.to(accelerator.device)
+    accelerator.print(f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters; "
+                      f"text states {tuple(text_states.shape[1:])} from {text_encoder_name}")
+
+    # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay)
+    unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    # The prepared scheduler steps once per process at every optimizer step: scale its lengths to match.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    lr_scheduler = accelerator.prepare(lr_scheduler)
+    # Every random draw of the objective comes from this generator, saved in each checkpoint. The global RNG
+    # cannot be trusted for exact resume: each DataLoader iterator draws its base seed from it.
+    train_rng = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
+
+    # ---- Resume -----------------------------------------------------------------------------------------------
+    global_step = 0
+    if args.resume_from_checkpoint:
+        found = list_checkpoints(output_dir)
+        path = found[-1] if args.resume_from_checkpoint == "latest" and found else None
+        path = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint != "latest" else path
+        if path is None:
+            accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
+        else:
+            global_step = load_checkpoint(accelerator, path, ema, train_rng)
+            accelerator.print(f"resumed from {path} at step {global_step}")
+    first_epoch = global_step // steps_per_epoch
+    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("train_mnist", config={k: str(v) for k, v in vars(args).items()})
+
+    # ---- Training loop ----------------------------------------------------------------------------------------
+    stop = install_stop_handler()
+    metrics_path = output_dir / "metrics.jsonl"
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
+                    desc="train")
+    num_bins = 4  # loss per quarter of the timestep range: where the model still has to learn
+    bin_loss = torch.zeros(num_bins, device=accelerator.device)
+    bin_count = torch.zeros(num_bins, device=accelerator.device)
+    nonfinite_in_a_row, window_start, window_samples = 0, time.perf_counter(), 0
+    train_start = time.perf_counter()
+    for epoch in range(first_epoch, num_epochs):
+        unet.train()
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == first_epoch and batches_to_skip:
+            batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        for images, labels in batches:
+            with accelerator.accumulate(unet):
+                per_sample, timesteps = training_step(unet, noise_scheduler, images, labels, text_states, text_mask,
+                                                      args, train_rng)
+                loss = per_sample.mean()
+                accelerator.backward(loss)
+                finite = True
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm or float("inf"))
+                    # The norm is the same on every process (gradients are already all-reduced). fp16's scaler
+                    # skips overflowing steps itself.
+                    finite = bool(torch.isfinite(grad_norm)) or args.mixed_precision == "fp16"
+                if finite:
+                    optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            bins = (timesteps * num_bins // noise_scheduler.config.num_train_timesteps).clamp(max=num_bins - 1)
+            bin_loss.index_add_(0, bins, per_sample.detach())
+            bin_count.index_add_(0, bins, torch.ones_like(per_sample))
+            window_samples += images.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+
+            # -- one optimizer step done
+            global_step += 1
+            progress.update(1)
+            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+            if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                accelerator.print(f"error: {nonfinite_in_a_row} steps in a row with a non-finite gradient at step "
+                                  f"{global_step}; lower --learning_rate. The last checkpoint is intact.")
+                sys.exit(1)
+            if ema is not None and finite:
+                ema.step(unet.parameters())
+
+            if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+                bin_totals = accelerator.reduce(torch.stack([bin_loss, bin_count]), "sum").cpu()
+                elapsed = time.perf_counter() - window_start
+                row = {"step": global_step, "epoch": epoch,
+                       "loss": (bin_totals[0].sum() / bin_totals[1].sum().clamp(min=1)).item(),
+                       "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "samples_per_s": window_samples / max(elapsed, 1e-9),
+                       "nonfinite_in_a_row": nonfinite_in_a_row}
+                row.update({f"loss_t{i}": (bin_totals[0, i] / bin_totals[1, i]).item()
+                            for i in range(num_bins) if bin_totals[1, i] > 0})
+                if accelerator.is_main_process:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    progress.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.0f}")
+                accelerator.log(row, step=global_step)
+                bin_loss.zero_()
+                bin_count.zero_()
+                window_start, window_samples = time.perf_counter(), 0
+
+            stop_now = stop.is_set()
+            if accelerator.num_processes > 1:  # every process must agree before the collective save
+                stop_now = bool(accelerator.reduce(torch.tensor(float(stop_now), device=accelerator.device), "max"))
+            if (global_step % args.checkpointing_steps == 0 or stop_now) and global_step < max_train_steps:
+                path = save_checkpoint(accelerator, args, unet, ema, train_rng, global_step)
+                accelerator.print(f"\nsaved {path}")
+            if stop_now:
+                accelerator.print(f"stop requested: exiting at step {global_step}; resume with "
+                                  f"--resume_from_checkpoint latest")
+                accelerator.end_training()
+                return
+            if global_step % args.validation_steps == 0 and global_step < max_train_steps \
+                    and accelerator.is_main_process:
+                validation_unet = accelerator.unwrap_model(unet)
+                if ema is not None:
+                    ema.store(unet.parameters())
+                    ema.copy_to(unet.parameters())
+                log_validation(validation_unet.eval(), sampler, prompts, args,
+                               output_dir / "samples" / f"step-{global_step}.png")
+                plot_loss(metrics_path, output_dir / "loss.png")
+                if ema is not None:
+                    ema.restore(unet.parameters())
+                unet.train()
+            if global_step >= max_train_steps:
+                break
+    progress.close()
+    train_seconds = time.perf_counter() - train_start
+
+    # ---- Final checkpoint, samples and export (EMA weights) ---------------------------------------------------
+    save_checkpoint(accelerator, args, unet, ema, train_rng, global_step)
+    if accelerator.is_main_process:
+        final_unet = accelerator.unwrap_model(unet).eval()
+        if ema is not None:
+            ema.copy_to(final_unet.parameters())
+        export_model(final_unet, sampler, args, text_encoder_name, output_dir)
+        log_validation(final_unet, sampler, prompts, args, output_dir / "samples" / f"step-{global_step}.png")
+        plot_loss(metrics_path, output_dir / "loss.png")
+        summary = {"global_step": global_step, "train_seconds": train_seconds}
+        if args.num_eval_samples:
+            summary["sample_seconds"] = write_eval_samples(final_unet, sampler, prompts, args,
+                                                           output_dir / "eval_samples.npz")
+        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        accelerator.print(f"done: step {global_step}, {train_seconds / 60:.1f} min of training; export in {output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
