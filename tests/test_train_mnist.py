@@ -46,12 +46,16 @@ def test_two_steps_python_clip(tiny_mnist, tiny_clip, tmp_path):
     unet = UNet2DConditionModel.from_pretrained(out / "unet")
     scheduler = DPMSolverMultistepScheduler.from_pretrained(out / "scheduler")
     assert scheduler.config.beta_schedule == "squaredcos_cap_v2" and scheduler.config.num_train_timesteps == 1000
-    states = torch.randn(2, 8, unet.config.cross_attention_dim)
-    with torch.no_grad():
-        pred = unet(torch.randn(2, 1, 32, 32), torch.tensor([10, 900]), encoder_hidden_states=states).sample
-    assert pred.shape == (2, 1, 32, 32) and torch.isfinite(pred).all()
     export_config = json.loads((out / "export_config.json").read_text())
     assert export_config["text_encoder_name_or_path"] == str(tiny_clip)
+    # The UNet reads p x p pixel patches as channels: what export_config.json documents is all a user needs.
+    p = export_config["patch_size"]
+    assert unet.config.in_channels == p * p and scheduler.config.prediction_type == "v_prediction"
+    states = torch.randn(2, 8, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        x = torch.nn.functional.pixel_unshuffle(torch.randn(2, 1, 32, 32), p)
+        pred = unet(x, torch.tensor([10, 900]), encoder_hidden_states=states).sample
+    assert torch.nn.functional.pixel_shuffle(pred, p).shape == (2, 1, 32, 32) and torch.isfinite(pred).all()
 
 
 def test_two_steps_accelerate_two_processes_bert(tiny_mnist, tiny_bert, tmp_path):
