@@ -290,9 +290,10 @@ def training_step(unet, noise_scheduler, images, labels, text_states, text_mask,
 
 @torch.no_grad()
 def sample(unet, sampler, cond_states, cond_mask, null_states, null_mask, guidance_scale, num_inference_steps,
-           generator, patch_size):
+           generator):
     """Generate len(cond_states) images [n, 1, 32, 32] in [-1, 1] with classifier-free guidance."""
     n = cond_states.shape[0]
+    patch_size = math.isqrt(unet.config.in_channels)  # the UNet reads p x p patches as p * p channels
     device = cond_states.device
     dtype = next(unet.parameters()).dtype
     x = torch.randn((n, 1, IMAGE_SIZE + 2 * PAD, IMAGE_SIZE + 2 * PAD), generator=generator, device=device)
@@ -336,7 +337,7 @@ def log_validation(unet, sampler, prompts, args, path, per_digit=4):
     for ax, scale in zip(axes[0], scales, strict=True):
         generator = torch.Generator(states.device).manual_seed(args.seed)  # same noise in every panel and step
         images = to_uint8(sample(unet, sampler, states[labels], mask[labels], states[NULL:], mask[NULL:],
-                                 scale, args.num_inference_steps, generator, args.patch_size))
+                                 scale, args.num_inference_steps, generator))
         grid = images.view(10, per_digit, IMAGE_SIZE, IMAGE_SIZE).permute(0, 2, 1, 3).reshape(10 * IMAGE_SIZE, -1)
         ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"guidance {scale:g}")
@@ -377,8 +378,7 @@ def write_eval_samples(unet, sampler, prompts, args, path):
     start, chunks = time.perf_counter(), []
     for batch in labels.split(args.eval_batch_size):
         chunks.append(to_uint8(sample(unet, sampler, states[batch], mask[batch], states[NULL:], mask[NULL:],
-                                      args.guidance_scale, args.num_inference_steps, generator,
-                                      args.patch_size)))
+                                      args.guidance_scale, args.num_inference_steps, generator)))
     seconds = time.perf_counter() - start
     np.savez_compressed(path, images=torch.cat(chunks).numpy(), labels=labels.cpu().numpy(),
                         guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
@@ -487,7 +487,7 @@ def generate_from_export(args, accelerator):
                              config["tokenizer_max_length"], accelerator.device)
     unet = UNet2DConditionModel.from_pretrained(export / "unet").to(accelerator.device).eval()
     sampler = DPMSolverMultistepScheduler.from_pretrained(export / "scheduler")
-    args.caption_template, args.patch_size = config["caption_template"], config["patch_size"]
+    args.caption_template = config["caption_template"]
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
