@@ -1,0 +1,1330 @@
+"""Train one MMDiT on images and captions together: joint continuous diffusion of image and text embeddings.
+
+The same network generates an image from a caption (text-to-image) and a caption from an image (image-to-text),
+or both at once (UniDiffuser, Bao et al. 2023). A caption is the sequence of last hidden states of a frozen text
+encoder (--text_encoder, any transformers AutoModel: BERT family, e5 with --text_prefix "query: ", T5 encoder),
+standardised per dimension with a mean and std computed on the training captions and stored in the model's
+buffers (so in every checkpoint and in the export). Image tokens are p x p patches of pixels or VAE latents.
+Both modalities are noised with one variance-preserving schedule (squared-cosine betas, 1000 steps) at
+independent timesteps; the loss is the epsilon-prediction MSE on both. Per example one modality is sometimes
+clean and sometimes at full noise, so text-to-image, image-to-text, joint and both unconditional models are
+trained; guidance in each direction uses the other modality at full noise as the unconditional branch.
+
+Caption decoding: a generated embedding sequence is turned into text by nearest-caption retrieval over the
+distinct training captions (L2 in the standardised space; the default, --text_decoder retrieval), and, where the
+encoder folder also holds a masked-LM head (BertForMaskedLM weights), by that head's argmax token at every
+position (--text_decoder mlm). The validation file lists both when the head exists.
+
+    python train_image_continuous.py --data-root ../shared/datasets --text-encoder bert-base-uncased --output-dir out
+    accelerate launch train_image_continuous.py --data-root coco_dir --text-encoder intfloat/multilingual-e5-large \
+        --text-prefix "query: " --dim-text 1024
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+SCRIPT = "train_image_continuous.py"
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+MNIST_SIZE = 28  # 4x4 patches: 7 x 7 = 49 image tokens (padding to 32 would cost 64)
+EXPORT_CONFIG = "export_config.json"
+EXPORT_WEIGHTS = "model.safetensors"
+NEGATABLE = {"use_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
+
+
+def fail(message):
+    """A user mistake: one line naming the flag or file and the fix, exit code 2, before any heavy work."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def float_list(text):
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    g = parser.add_argument_group("data")
+    g.add_argument("--data_root", "--dataset_path", "--precomputed_data_dir", default=None,
+                   help="MNIST/raw (torchvision layout), a COCO-style {split}_data.json, an imagefolder with "
+                        "metadata.jsonl, or shards of prepare_data_multi_gpu.py (index.json).")
+    g.add_argument("--dataset", choices=["auto", "mnist", "coco", "imagefolder", "precomputed"], default="auto",
+                   help="Layout of --data_root; auto detects it.")
+    g.add_argument("--split", default="train", help="COCO-style: reads {split}_data.json.")
+    g.add_argument("--caption_column", default="text", help="imagefolder: caption key in metadata.jsonl.")
+    g.add_argument("--caption_template", default="a handwritten digit {}", help="MNIST caption; {} is the word.")
+    g.add_argument("--resolution", type=int, default=32, help="Image side for COCO/imagefolder (MNIST: 28).")
+    g.add_argument("--max_samples", type=int, default=None, help="Truncate the training set to N examples.")
+    g.add_argument("--num_validation_images", type=int, default=8,
+                   help="Held-out images captioned at each validation (MNIST: test set; COCO: val_data.json).")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    g = parser.add_argument_group("models")
+    g.add_argument("--vae", default=None, help="AutoencoderKL (hub id or folder): diffuse its latents, not pixels.")
+    g.add_argument("--patch_size", type=int, default=4, help="Image tokens are p x p patches (MNIST 28x28, p=4: 49).")
+    g.add_argument("--dim_image", type=int, default=128, help="Width of the image stream (and of attention).")
+    g.add_argument("--dim_text", type=int, default=None,
+                   help="Width of the text stream: must be the text encoder's hidden size (the default).")
+    g.add_argument("--depth", type=int, default=6, help="MMDiT blocks.")
+    g.add_argument("--num_heads", type=int, default=4)
+    g.add_argument("--mlp_ratio", type=float, default=4.0)
+    g.add_argument("--text_encoder", default="bert-base-uncased",
+                   help="Frozen text encoder (hub id or folder with its tokenizer): any transformers AutoModel.")
+    g.add_argument("--text_prefix", default="", help='Prepended to every caption, e.g. "query: " for e5 models.')
+    g.add_argument("--max_text_length", type=int, default=16, help="Caption tokens, special tokens and pads included.")
+
+    g = parser.add_argument_group("objective")
+    g.add_argument("--text_loss_weight", type=float, default=1.0, help="Weight of the caption-embedding MSE.")
+    g.add_argument("--image_clean_prob", type=float, default=0.3,
+                   help="Per example: the image is clean (trains image-to-text).")
+    g.add_argument("--text_clean_prob", type=float, default=0.3,
+                   help="Per example: the caption is clean (trains text-to-image).")
+    g.add_argument("--cond_dropout_prob", type=float, default=0.1,
+                   help="Per example and modality: put it at full noise (unconditional branch of guidance).")
+    g.add_argument("--num_train_timesteps", type=int, default=1000)
+    g.add_argument("--beta_schedule", default="squaredcos_cap_v2", help="DDPMScheduler beta schedule.")
+    g.add_argument("--text_clip_value", type=float, default=5.0,
+                   help="Samplers clip the caption's predicted x0 to +-this (standardised units), as the image's "
+                        "is clipped to [-1, 1]: near t=T, x0 = (x_t - sigma eps) / alpha multiplies eps errors.")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--output_dir", default="output_image_continuous")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--train_batch_size", "--batch_size", type=int, default=64, help="Batch size per process.")
+    g.add_argument("--num_train_epochs", "--epochs", "--num_epochs", type=int, default=10)
+    g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs when set.")
+    g.add_argument("--learning_rate", type=float, default=1e-3)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.99)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--lr_scheduler", default="cosine",
+                   help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+    g.add_argument("--lr_warmup_steps", type=int, default=200)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--max_nonfinite_steps", type=int, default=10,
+                   help="Stop after this many optimizer steps in a row with a non-finite gradient.")
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="Keep an EMA of the weights (with warmup) for samples and the export.")
+    g.add_argument("--ema_decay", type=float, default=0.999, help="Largest EMA decay, reached after the warmup.")
+    g.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
+
+    g = parser.add_argument_group("speed and memory")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="Accepted for uniformity; attention is torch SDPA, which picks its fastest kernel itself.")
+
+    g = parser.add_argument_group("sampling and evaluation")
+    g.add_argument("--guidance_scale", type=float, default=2.0, help="Text-to-image guidance (1 = none).")
+    g.add_argument("--text_guidance_scale", type=float, default=1.5, help="Image-to-text guidance (1 = none).")
+    g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 2.0, 4.0],
+                   help="Columns of the text-to-image validation grid.")
+    g.add_argument("--num_inference_steps", type=int, default=20, help="DPM-Solver++ steps (both modalities).")
+    g.add_argument("--text_decoder", choices=["retrieval", "mlm"], default="retrieval",
+                   help="Captions from embeddings: nearest training caption, or the encoder's masked-LM head.")
+    g.add_argument("--max_retrieval_captions", type=int, default=20000,
+                   help="Distinct training captions kept for nearest-caption retrieval.")
+    g.add_argument("--num_eval_samples", type=int, default=0,
+                   help="MNIST: write N text-to-image samples (balanced over the digits) to eval_samples.npz.")
+    g.add_argument("--num_eval_captions", type=int, default=0,
+                   help="MNIST: caption the first N test images into captions.jsonl.")
+    g.add_argument("--eval_batch_size", type=int, default=250)
+    g.add_argument("--sample_from", "--sample_only", default=None,
+                   help="Generate from an export folder (an output_dir of a finished run), no training.")
+
+    g = parser.add_argument_group("logging and checkpoints")
+    g.add_argument("--logging_steps", type=int, default=50)
+    g.add_argument("--validation_steps", type=int, default=1000)
+    g.add_argument("--checkpointing_steps", type=int, default=1000)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return parser.parse_args([underscore_flag(a) for a in argv])
+
+
+def underscore_flag(arg):
+    """Every flag also accepts its hyphen spelling: --max-samples == --max_samples, --no-use-ema == --no-use_ema."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    negation = "no-" if name.startswith(("no-", "no_")) and name[3:].replace("-", "_") in NEGATABLE else ""
+    return "--" + negation + name[len(negation):].replace("-", "_") + eq + value
+
+
+def check_args(args):
+    """Cheap checks of the flags, before any dataset or model is loaded."""
+    if args.sample_from:
+        if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
+            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run")
+    else:
+        if args.data_root is None:
+            fail("--data_root is required: a folder with MNIST/raw, {split}_data.json, metadata.jsonl or index.json")
+        args.dataset = detect_dataset(args)
+    if args.max_samples is not None and args.max_samples < 1:
+        fail(f"--max_samples {args.max_samples}: must be at least 1 (leave it out to use the whole dataset)")
+    if "{}" not in args.caption_template:
+        fail(f"--caption_template {args.caption_template!r}: must contain {{}} where the digit's word goes")
+    if args.mixed_precision == "fp16" and (args.device == "cpu" or not torch.cuda.is_available()):
+        fail("--mixed_precision fp16 needs a CUDA GPU: use --mixed_precision bf16 or no on this machine")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    for name in ("image_clean_prob", "text_clean_prob", "cond_dropout_prob"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            fail(f"--{name} {getattr(args, name)}: must be in [0, 1)")
+    if args.image_clean_prob + args.text_clean_prob + 2 * args.cond_dropout_prob > 1.0:
+        fail("--image_clean_prob + --text_clean_prob + 2 * --cond_dropout_prob must be at most 1")
+    if args.dim_image % args.num_heads:
+        fail(f"--dim_image {args.dim_image}: must be divisible by --num_heads {args.num_heads}")
+    if args.resolution % args.patch_size:
+        fail(f"--resolution {args.resolution}: the patch size {args.patch_size} must divide it")
+    if args.max_text_length < 3:
+        fail(f"--max_text_length {args.max_text_length}: needs room for [CLS], a word and [SEP]")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
+            fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
+
+
+def detect_dataset(args):
+    root = Path(args.data_root)
+    if not root.is_dir():
+        fail(f"--data_root {root}: no such folder")
+    found = {"precomputed": (root / "index.json").is_file(), "coco": (root / f"{args.split}_data.json").is_file(),
+             "imagefolder": (root / "metadata.jsonl").is_file(), "mnist": (root / "MNIST" / "raw").is_dir()}
+    if args.dataset != "auto":
+        if not found[args.dataset]:
+            needs = {"precomputed": "index.json", "coco": f"{args.split}_data.json", "imagefolder": "metadata.jsonl",
+                     "mnist": "MNIST/raw/"}[args.dataset]
+            fail(f"--data_root {root}: --dataset {args.dataset} needs {needs} there")
+        return args.dataset
+    for kind, ok in found.items():
+        if ok:
+            return kind
+    fail(f"--data_root {root}: found none of index.json (shards), {args.split}_data.json (COCO-style), "
+         f"metadata.jsonl (imagefolder), MNIST/raw/")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: images (uint8 pixels or VAE posteriors) + an index into the table of distinct captions
+# ----------------------------------------------------------------------------------------------------------------
+class Data:
+    """Training set and held-out images. `pixels` uint8 [N, C, H, W], or `latent_mean`/`latent_std` [N, C, h, w];
+    `caption_ids` [N] index `captions` (the distinct captions). `val_*`: held-out images, their captions and, for
+    MNIST, digits."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def mnist_caption(template, digit):
+    return template.format(DIGIT_WORDS[int(digit)])
+
+
+def load_mnist(root, train):
+    import torchvision
+
+    try:
+        mnist = torchvision.datasets.MNIST(root, train=train, download=False)
+    except RuntimeError as e:
+        fail(f"--data_root {root}: cannot read MNIST/raw ({e})")
+    return mnist.data.unsqueeze(1), mnist.targets.long()  # uint8 [N, 1, 28, 28], white on black
+
+
+def load_image(path, resolution):
+    """RGB uint8 [3, r, r]: shorter side resized to r, centre crop; None when missing or unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            scale = resolution / min(image.size)
+            w, h = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+            image = image.resize((w, h), Image.BICUBIC)
+            left, top = (w - resolution) // 2, (h - resolution) // 2
+            image = image.crop((left, top, left + resolution, top + resolution))
+    except (OSError, ValueError):
+        return None
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def read_pairs(args, root, split):
+    """(image path, caption) pairs of a COCO-style {split}_data.json or an imagefolder's metadata.jsonl."""
+    if args.dataset == "coco":
+        records = json.loads((root / f"{split}_data.json").read_text())
+        pairs = []
+        for r in records:
+            path = next((r[k] for k in ("image", "image_path", "file_name", "filepath", "path") if k in r), None)
+            caption = next((r[k] for k in ("caption", "text", "captions") if k in r), None)
+            if path is None or caption is None:
+                fail(f"--data_root {root / f'{split}_data.json'}: each record needs an image path ('image' or "
+                     f"'file_name') and a 'caption'; got keys {sorted(r)}")
+            for c in caption if isinstance(caption, list) else [caption]:
+                pairs.append((root / path, str(c)))
+        return pairs
+    pairs = []
+    for line in (root / "metadata.jsonl").read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if args.caption_column not in r:
+                fail(f"--caption_column {args.caption_column}: not in {root / 'metadata.jsonl'} (keys {sorted(r)})")
+            pairs.append((root / r["file_name"], str(r[args.caption_column])))
+    return pairs
+
+
+def load_pairs(pairs, resolution, what):
+    """Load images; unreadable or missing ones are skipped and counted (never replaced by a blank image)."""
+    images, captions = [], []
+    for path, caption in pairs:
+        image = load_image(path, resolution)
+        if image is not None:
+            images.append(image)
+            captions.append(caption)
+    skipped = len(pairs) - len(images)
+    if skipped:
+        print(f"warning: {what}: skipped {skipped} of {len(pairs)} images that are missing or unreadable",
+              file=sys.stderr)
+    if not images:
+        fail(f"--data_root: none of the {len(pairs)} images of {what} could be read")
+    return torch.stack(images), captions
+
+
+def load_precomputed(root, max_samples):
+    """Shards of prepare_data_multi_gpu.py (docs/precomputed_format.md): VAE posteriors and caption strings."""
+    from safetensors import safe_open
+
+    index = json.loads((root / "index.json").read_text())
+    if index.get("format") != "precomputed-diffusion-shards" or index.get("version") != 1:
+        fail(f"--data_root {root}: index.json is not version 1 of the precomputed-diffusion-shards format")
+    if not index.get("vae"):
+        fail(f"--data_root {root}: the shards hold no images (prepared without a VAE); re-run "
+             f"prepare_data_multi_gpu.py with --vae, or point --data_root at the images")
+    means, stds, captions = [], [], []
+    for shard in index["shards"]:
+        with safe_open(str(root / shard["file"]), framework="pt") as f:
+            shard_captions = json.loads((f.metadata() or {}).get("captions", "null") or "null")
+            if shard_captions is None:
+                fail(f"--data_root {root / shard['file']}: no 'captions' in the shard's metadata")
+            means.append(f.get_tensor("latent_mean").float())
+            stds.append(f.get_tensor("latent_std").float())
+            captions += shard_captions
+        if max_samples is not None and len(captions) >= max_samples:
+            break
+    n = len(captions) if max_samples is None else min(max_samples, len(captions))
+    return torch.cat(means)[:n], torch.cat(stds)[:n], captions[:n], index["vae"]
+
+
+def caption_table(captions):
+    """Distinct captions (first-seen order) and each example's index into them."""
+    table = {}
+    ids = torch.tensor([table.setdefault(c, len(table)) for c in captions])
+    return list(table), ids
+
+
+def build_dataset(args, vae):
+    """The training data and the held-out images, per the layout of --data_root."""
+    root, n_val = Path(args.data_root), args.num_validation_images
+    val_digits, vae_info = None, None
+    if args.dataset == "mnist":
+        images, labels = load_mnist(root, train=True)
+        n = len(images) if args.max_samples is None else min(args.max_samples, len(images))
+        images, captions = images[:n], [mnist_caption(args.caption_template, d) for d in labels[:n]]
+        test_images, test_labels = load_mnist(root, train=False)
+        val_pixels, val_digits = test_images[:n_val], test_labels[:n_val]
+        val_captions = [mnist_caption(args.caption_template, d) for d in val_digits]
+        val_source = "MNIST test images"
+    elif args.dataset in ("coco", "imagefolder"):
+        pairs = read_pairs(args, root, args.split)
+        pairs = pairs if args.max_samples is None else pairs[:args.max_samples]
+        images, captions = load_pairs(pairs, args.resolution, f"--data_root {root}")
+        if args.dataset == "coco" and args.split != "val" and (root / "val_data.json").is_file():
+            val_pixels, val_captions = load_pairs(read_pairs(args, root, "val")[:n_val], args.resolution,
+                                                  "val_data.json")
+            val_source = "val_data.json"
+        else:
+            val_pixels, val_captions = images[:n_val], captions[:n_val]
+            val_source = "training images (no held-out split)"
+    else:
+        mean, std, captions, vae_info = load_precomputed(root, args.max_samples)
+        images, val_pixels = None, None
+        val_captions = captions[:n_val]
+        val_source = "training examples (shards hold no held-out split)"
+    table, caption_ids = caption_table(captions)
+    if images is not None:
+        mean, std = encode_images(vae, images) if vae is not None else (images, torch.zeros(len(images), 0))
+    val_latent_mean = encode_images(vae, val_pixels)[0] if vae is not None and val_pixels is not None else None
+    if args.dataset == "precomputed":
+        val_latent_mean = mean[:n_val]
+    shape = tuple(mean.shape[1:])
+    return Data(kind="latents" if (vae is not None or args.dataset == "precomputed") else "pixels",
+                tensors=(mean, std, caption_ids), captions=table, shape=shape, val_pixels=val_pixels,
+                val_latent_mean=val_latent_mean, val_captions=val_captions, val_digits=val_digits,
+                val_source=val_source, vae_info=vae_info)
+
+
+@torch.no_grad()
+def encode_images(vae, pixels, batch_size=32):
+    """uint8 images -> the VAE posterior's mean and std, once; a fresh latent is drawn from them every step."""
+    means, stds = [], []
+    for batch in pixels.split(batch_size):
+        batch = batch.expand(-1, vae.config.in_channels, -1, -1) if batch.shape[1] == 1 else batch
+        posterior = vae.encode(batch.float().div(127.5).sub(1).to(vae.device, vae.dtype)).latent_dist
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def load_vae(name_or_path, what="--vae"):
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(name_or_path).requires_grad_(False).eval()
+    except (OSError, ValueError) as e:
+        fail(f"{what} {name_or_path}: cannot load an AutoencoderKL there ({type(e).__name__})")
+
+
+def latent_scaling(vae):
+    return vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+
+
+def to_model_input(mean, std, kind, scaling, generator):
+    """A training batch in the model's space: pixels in [-1, 1], or a latent drawn from the posterior, scaled."""
+    if kind == "pixels":
+        return mean.float().div(127.5).sub(1.0)
+    scale, shift = scaling
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+    return (mean + std * noise - shift) * scale
+
+
+def to_images(x, kind, vae, scaling):
+    """Model-space images -> uint8 [n, C, H, W]."""
+    if kind == "latents":
+        scale, shift = scaling
+        x = vae.decode((x / scale + shift).to(vae.device, vae.dtype)).sample.float()
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared model: image patches and the two-stream MMDiT (identical in train_image_discrete.py and
+# train_image_continuous.py)
+# ----------------------------------------------------------------------------------------------------------------
+class ImagePatchEncoder(nn.Module):
+    """Conv2d patchify (pixels or VAE latents) + fixed 2-D sin-cos positional embeddings."""
+
+    def __init__(self, in_channels, image_size, patch_size, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        pos = get_2d_sincos_pos_embed(dim, image_size // patch_size, base_size=image_size // patch_size)
+        self.register_buffer("pos", pos.float().unsqueeze(0), persistent=False)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2) + self.pos
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class StreamBlock(nn.Module):
+    """One modality's own weights in an MMDiT block: adaLN-Zero, LayerNorm, QKV with QK RMS-norm, MLP."""
+
+    def __init__(self, dim, attn_dim, num_heads, cond_dim, mlp_ratio):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, attn_dim // num_heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * attn_dim)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.out = nn.Linear(attn_dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+
+    def pre_attention(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c).chunk(6, dim=-1)
+        b, n, _ = x.shape
+        qkv = self.qkv(modulate(self.norm1(x), shift1, scale1)).view(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [b, heads, n, head_dim]
+        return self.q_norm(q), self.k_norm(k), v, (gate1, shift2, scale2, gate2)
+
+    def post_attention(self, x, attn, mods):
+        gate1, shift2, scale2, gate2 = mods
+        x = x + gate1[:, None] * self.out(attn)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class MMDiTBlock(nn.Module):
+    """Two streams, one joint attention over [image; text] (SDPA, key-padding mask: True = attend)."""
+
+    def __init__(self, dim_image, dim_text, num_heads, mlp_ratio):
+        super().__init__()
+        self.image = StreamBlock(dim_image, dim_image, num_heads, dim_image, mlp_ratio)
+        self.text = StreamBlock(dim_text, dim_image, num_heads, dim_image, mlp_ratio)
+
+    def forward(self, x, y, c, key_mask):
+        qi, ki, vi, mods_i = self.image.pre_attention(x, c)
+        qt, kt, vt, mods_t = self.text.pre_attention(y, c)
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((qi, qt), (ki, kt), (vi, vt)))
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        attn = attn.transpose(1, 2).flatten(2)
+        n = x.shape[1]
+        return self.image.post_attention(x, attn[:, :n], mods_i), self.text.post_attention(y, attn[:, n:], mods_t)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, out_dim, cond_dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x, c):
+        shift, scale = self.adaln(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class MMDiT(nn.Module):
+    """Image tokens and text embeddings [b, L, dim_text] in, image prediction [b, C, H, W] and per-token text
+    outputs [b, L, text_out_dim] out. Each modality has its own timestep embedding; their sum conditions every
+    adaLN, so the network knows both noise levels. Zero-init as DiT: adaLN and final layers start at zero."""
+
+    def __init__(self, in_channels, image_size, patch_size, dim_image, dim_text, text_out_dim, depth, num_heads,
+                 mlp_ratio=4.0):
+        super().__init__()
+        self.config = dict(in_channels=in_channels, image_size=image_size, patch_size=patch_size,
+                           dim_image=dim_image, dim_text=dim_text, text_out_dim=text_out_dim, depth=depth,
+                           num_heads=num_heads, mlp_ratio=mlp_ratio)
+        self.patch_size, self.in_channels = patch_size, in_channels
+        self.patch_encoder = ImagePatchEncoder(in_channels, image_size, patch_size, dim_image)
+        self.image_time = nn.Sequential(Timesteps(256, True, 0), TimestepEmbedding(256, dim_image))
+        self.text_time = nn.Sequential(Timesteps(256, True, 0), TimestepEmbedding(256, dim_image))
+        self.blocks = nn.ModuleList(MMDiTBlock(dim_image, dim_text, num_heads, mlp_ratio) for _ in range(depth))
+        self.image_final = FinalLayer(dim_image, patch_size * patch_size * in_channels, dim_image)
+        self.text_final = FinalLayer(dim_text, text_out_dim, dim_image)
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, (StreamBlock, FinalLayer)):
+                nn.init.zeros_(module.adaln[-1].weight)
+                nn.init.zeros_(module.adaln[-1].bias)
+        for final in (self.image_final, self.text_final):
+            nn.init.zeros_(final.linear.weight)
+            nn.init.zeros_(final.linear.bias)
+
+    def forward(self, image, t_image, text, t_text, key_mask=None):
+        """t_image, t_text in [0, 1] (0 = clean); key_mask [b, n_image + L] bool or None."""
+        x = self.patch_encoder(image)
+        c = self.image_time(t_image * 1000) + self.text_time(t_text * 1000)
+        y = text
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, y = torch.utils.checkpoint.checkpoint(block, x, y, c, key_mask, use_reentrant=False)
+            else:
+                x, y = block(x, y, c, key_mask)
+        b, _, h, w = image.shape
+        p = self.patch_size
+        out = self.image_final(x, c).view(b, h // p, w // p, p, p, self.in_channels)
+        out = out.permute(0, 5, 1, 3, 2, 4).reshape(b, self.in_channels, h, w)
+        return out, self.text_final(y, c)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text: frozen encoder, standardised caption embeddings, decoding back to text
+# ----------------------------------------------------------------------------------------------------------------
+class BertTextEncoder(nn.Module):
+    """A frozen encoder (any transformers AutoModel with its tokenizer): captions -> last hidden states
+    [n, L, D], padded or truncated to L tokens. Run once over the distinct captions; the table is indexed."""
+
+    def __init__(self, name_or_path, prefix, max_length):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModel.from_pretrained(name_or_path)
+        except (OSError, ValueError) as e:
+            fail(f"--text_encoder {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder with "
+                 f"config.json and the tokenizer files, or a hub id when online")
+        model = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else model
+        self.model = model.requires_grad_(False).eval()
+        self.prefix, self.max_length = prefix, max_length
+
+    @torch.no_grad()
+    def forward(self, captions, batch_size=256):
+        device, states = next(self.model.parameters()).device, []
+        for i in range(0, len(captions), batch_size):
+            tokens = self.tokenizer([self.prefix + c for c in captions[i:i + batch_size]], padding="max_length",
+                                    max_length=self.max_length, truncation=True, return_tensors="pt").to(device)
+            states.append(self.model(input_ids=tokens.input_ids,
+                                     attention_mask=tokens.attention_mask).last_hidden_state.float())
+        return torch.cat(states)
+
+
+def text_encoder_hidden_size(name_or_path, flag="--text_encoder"):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        fail(f"{flag} {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder with config.json, "
+             f"or a hub id when online")
+    return getattr(config, "hidden_size", None) or config.d_model
+
+
+def text_statistics(table, caption_ids):
+    """Per-dimension mean and std of the caption embeddings over every token of every training example (each
+    distinct caption weighted by how often it occurs)."""
+    weights = torch.bincount(caption_ids.cpu(), minlength=len(table)).float().to(table.device)[:, None, None]
+    count = weights.sum() * table.shape[1]
+    mean = (table * weights).sum(dim=(0, 1)) / count
+    std = (((table - mean) ** 2) * weights).sum(dim=(0, 1)).div(count).sqrt().clamp(min=1e-4)
+    return mean, std
+
+
+class TextImageModel(nn.Module):
+    """What is trained: the MMDiT and a learned position embedding added to the noisy caption embeddings (at
+    high noise nothing else tells the text stream which token is which). The standardisation statistics are
+    buffers: saved with every checkpoint and the export."""
+
+    def __init__(self, mmdit, max_text_length):
+        super().__init__()
+        dim = mmdit.config["dim_text"]
+        self.mmdit = mmdit
+        self.text_position = nn.Parameter(torch.randn(1, max_text_length, dim) * 0.02)
+        self.register_buffer("text_mean", torch.zeros(dim))
+        self.register_buffer("text_std", torch.ones(dim))
+
+    def forward(self, image, t_image, text, t_text, key_mask=None):
+        return self.mmdit(image, t_image, text + self.text_position[:, :text.shape[1]], t_text, key_mask)
+
+    def standardise(self, states):
+        return (states - self.text_mean) / self.text_std
+
+
+class MaskedLMHead:
+    """The encoder's masked-LM head (e.g. BertForMaskedLM's `cls`), when its weights are in the folder."""
+
+    def __init__(self, head, tokenizer):
+        self.head, self.tokenizer = head, tokenizer
+
+    @classmethod
+    def load(cls, name_or_path, tokenizer):
+        from transformers import AutoModelForMaskedLM
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # a folder without a head is the common case, not a warning
+        try:
+            model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True)
+        except (OSError, ValueError, KeyError):
+            return None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        head = getattr(model, "cls", None) or getattr(model, "lm_head", None)
+        if head is None or any(k.startswith(("cls.", "lm_head.")) for k in info["missing_keys"]):
+            return None  # no trained head in the folder: transformers would initialise it randomly
+        return cls(head.requires_grad_(False).eval(), tokenizer)
+
+    @torch.no_grad()
+    def decode(self, states):
+        ids = self.head.to(states.device)(states).argmax(-1).cpu()
+        sep = self.tokenizer.sep_token_id
+        captions = []
+        for row in ids.tolist():
+            row = row[:row.index(sep)] if sep is not None and sep in row else row
+            captions.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return captions
+
+
+def nearest_captions(generated, table, captions):
+    """Nearest-caption retrieval: the training caption whose standardised embedding is closest in L2."""
+    distances = torch.cdist(generated.flatten(1).float(), table.flatten(1).float())
+    return [captions[i] for i in distances.argmin(dim=1).tolist()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Objective
+# ----------------------------------------------------------------------------------------------------------------
+def draw_modalities(n, args, generator, device):
+    """Per example: image clean (image-to-text), caption clean (text-to-image), caption at full noise
+    (unconditional image), image at full noise (unconditional caption), else both noised independently (joint)."""
+    u = torch.rand(n, generator=generator, device=device)
+    edges = np.cumsum([args.image_clean_prob, args.text_clean_prob, args.cond_dropout_prob, args.cond_dropout_prob])
+    image_clean, text_clean = u < edges[0], (u >= edges[0]) & (u < edges[1])
+    text_dropped, image_dropped = (u >= edges[1]) & (u < edges[2]), (u >= edges[2]) & (u < edges[3])
+    return image_clean, text_clean, text_dropped, image_dropped
+
+
+def noise_modality(noise_scheduler, x0, clean, dropped, generator):
+    """VP noising at a uniform timestep: x_t = sqrt(abar) x0 + sqrt(1 - abar) eps; exactly x0 at t=0 (clean),
+    the last timestep (full noise) when dropped."""
+    n, num_t = x0.shape[0], noise_scheduler.config.num_train_timesteps
+    t = torch.randint(0, num_t, (n,), generator=generator, device=x0.device)
+    t = torch.where(clean, 0, torch.where(dropped, num_t - 1, t))
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+    x_t = noise_scheduler.add_noise(x0, eps, t)
+    x_t = torch.where(clean.view(-1, *[1] * (x0.ndim - 1)), x0, x_t)
+    return x_t, eps, t
+
+
+def training_step(model, noise_scheduler, x0, e0, args, generator):
+    """UniDiffuser: both modalities noised at independent timesteps, epsilon MSE on each noised modality."""
+    n, num_t = x0.shape[0], noise_scheduler.config.num_train_timesteps
+    image_clean, text_clean, text_dropped, image_dropped = draw_modalities(n, args, generator, x0.device)
+    x_t, eps_image, t_image = noise_modality(noise_scheduler, x0, image_clean, image_dropped, generator)
+    e_t, eps_text, t_text = noise_modality(noise_scheduler, e0, text_clean, text_dropped, generator)
+    pred_image, pred_text = model(x_t, t_image.float() / num_t, e_t, t_text.float() / num_t)
+    image_loss = F.mse_loss(pred_image.float(), eps_image.float(), reduction="none").mean(dim=(1, 2, 3))
+    text_loss = F.mse_loss(pred_text.float(), eps_text.float(), reduction="none").mean(dim=(1, 2))
+    return image_loss * (~image_clean & ~image_dropped), text_loss * (~text_clean & ~text_dropped)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samplers
+# ----------------------------------------------------------------------------------------------------------------
+def build_noise_scheduler(args):
+    return DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
+                         prediction_type="epsilon", clip_sample=False)
+
+
+def build_sampler(noise_scheduler_config):
+    """DPM-Solver++ (2nd order) fed with x0 that the samplers compute from epsilon and clip themselves: one
+    instance per modality, since the caption's clip range is not the image's (thresholding is per sample)."""
+    return DPMSolverMultistepScheduler.from_config(noise_scheduler_config, algorithm_type="dpmsolver++",
+                                                   solver_order=2, final_sigmas_type="zero",
+                                                   prediction_type="sample")
+
+
+def x0_from_eps(x_t, eps, t, alphas_cumprod, clip):
+    abar = alphas_cumprod[t].to(x_t.device).view(-1, *[1] * (x_t.ndim - 1))
+    return ((x_t - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-clip, clip)
+
+
+def guide(pred, scale):
+    """[cond; uncond] -> uncond + s * (cond - uncond)."""
+    if scale == 1.0:
+        return pred.float()
+    cond, uncond = pred.float().chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+@torch.no_grad()
+def sample_images(model, ctx, e0, guidance_scale, num_steps, generator):
+    """Text-to-image: the caption clean (t=0), the unconditional branch with the caption at full noise."""
+    n, device, num_t = e0.shape[0], e0.device, ctx.sampler.config.num_train_timesteps
+    x = torch.randn((n, *ctx.shape), generator=generator, device=device)
+    guided = guidance_scale != 1.0
+    text = torch.cat([e0, torch.randn(e0.shape, generator=generator, device=device)]) if guided else e0
+    t_text = torch.cat([torch.zeros(n, device=device), torch.full((n,), (num_t - 1) / num_t, device=device)]) \
+        if guided else torch.zeros(n, device=device)
+    sampler = DPMSolverMultistepScheduler.from_config(ctx.sampler.config)
+    sampler.set_timesteps(num_steps, device=device)
+    for t in sampler.timesteps:
+        x_in = torch.cat([x, x]) if guided else x
+        eps, _ = model(x_in, (t.float() / num_t).expand(x_in.shape[0]), text, t_text)
+        x0 = x0_from_eps(x, guide(eps, guidance_scale), t.expand(n), ctx.alphas_cumprod, ctx.image_clip)
+        x = sampler.step(x0, t, x).prev_sample
+    return x
+
+
+@torch.no_grad()
+def sample_captions(model, ctx, x0, guidance_scale, num_steps, generator):
+    """Image-to-text: caption embeddings from noise, the image clean (t=0), the unconditional branch with the
+    image at full noise. Returns standardised embeddings [n, L, D]."""
+    n, device, num_t = x0.shape[0], x0.device, ctx.sampler.config.num_train_timesteps
+    e = torch.randn((n, ctx.max_text_length, ctx.dim_text), generator=generator, device=device)
+    guided = guidance_scale != 1.0
+    images = torch.cat([x0, torch.randn(x0.shape, generator=generator, device=device)]) if guided else x0
+    t_image = torch.cat([torch.zeros(n, device=device), torch.full((n,), (num_t - 1) / num_t, device=device)]) \
+        if guided else torch.zeros(n, device=device)
+    sampler = DPMSolverMultistepScheduler.from_config(ctx.sampler.config)
+    sampler.set_timesteps(num_steps, device=device)
+    for t in sampler.timesteps:
+        e_in = torch.cat([e, e]) if guided else e
+        _, eps = model(images, t_image, e_in, (t.float() / num_t).expand(e_in.shape[0]))
+        e0 = x0_from_eps(e, guide(eps, guidance_scale), t.expand(n), ctx.alphas_cumprod, ctx.text_clip)
+        e = sampler.step(e0, t, e).prev_sample
+    return e
+
+
+@torch.no_grad()
+def sample_joint(model, ctx, n, num_steps, generator):
+    """Joint generation: image and caption embeddings from noise together, on one timestep grid."""
+    device, num_t = ctx.device, ctx.sampler.config.num_train_timesteps
+    x = torch.randn((n, *ctx.shape), generator=generator, device=device)
+    e = torch.randn((n, ctx.max_text_length, ctx.dim_text), generator=generator, device=device)
+    image_sampler = DPMSolverMultistepScheduler.from_config(ctx.sampler.config)
+    text_sampler = DPMSolverMultistepScheduler.from_config(ctx.sampler.config)
+    image_sampler.set_timesteps(num_steps, device=device)
+    text_sampler.set_timesteps(num_steps, device=device)
+    for t in image_sampler.timesteps:
+        tt = (t.float() / num_t).expand(n)
+        eps_image, eps_text = model(x, tt, e, tt)
+        x0 = x0_from_eps(x, eps_image.float(), t.expand(n), ctx.alphas_cumprod, ctx.image_clip)
+        e0 = x0_from_eps(e, eps_text.float(), t.expand(n), ctx.alphas_cumprod, ctx.text_clip)
+        x, e = image_sampler.step(x0, t, x).prev_sample, text_sampler.step(e0, t, e).prev_sample
+    return x, e
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation, plots and evaluation outputs
+# ----------------------------------------------------------------------------------------------------------------
+class Sampling:
+    """Everything the samplers need besides the model: frozen encoder, retrieval table, sampler, image space."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def prompt_embeddings(model, ctx, prompts):
+    return model.standardise(ctx.text_encoder(prompts).to(ctx.device))
+
+
+def validation_prompts(ctx):
+    if ctx.dataset == "mnist":
+        return [ctx.caption_template.format(w) for w in DIGIT_WORDS]
+    return ctx.val_captions[:8]
+
+
+def generate_images(model, ctx, prompts, guidance_scale, seed, num_steps):
+    generator = torch.Generator(ctx.device).manual_seed(seed)
+    x = sample_images(model, ctx, prompt_embeddings(model, ctx, prompts), guidance_scale, num_steps, generator)
+    return to_images(x, ctx.kind, ctx.vae, ctx.scaling)
+
+
+def decode_captions(model, ctx, e, decoder):
+    if decoder == "mlm":
+        return ctx.mlm_head.decode(e * model.text_std + model.text_mean)
+    return nearest_captions(e, ctx.retrieval_table, ctx.retrieval_captions)
+
+
+def generate_captions(model, ctx, x0, seed, decoder=None):
+    generator = torch.Generator(ctx.device).manual_seed(seed)
+    e = sample_captions(model, ctx, x0.to(ctx.device), ctx.text_guidance_scale, ctx.num_inference_steps, generator)
+    return decode_captions(model, ctx, e, decoder or ctx.text_decoder)
+
+
+def show(images):
+    """uint8 [C, H, W] -> array for imshow."""
+    image = images.permute(1, 2, 0).numpy()
+    return image[..., 0] if image.shape[-1] == 1 else image[..., :3]
+
+
+def log_validation(model, ctx, args, step, per_prompt=4):
+    """samples/step-<step>.png: prompts x guidance scales; samples/step-<step>.txt: captions of held-out images
+    and of joint samples."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples_dir = Path(args.output_dir) / "samples"
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    prompts = validation_prompts(ctx)
+    scales = args.validation_guidance_scales
+    fig, axes = plt.subplots(len(prompts), len(scales), figsize=(1.3 * per_prompt * len(scales), 1.3 * len(prompts)),
+                             squeeze=False)
+    for j, scale in enumerate(scales):
+        images = generate_images(model, ctx, [p for p in prompts for _ in range(per_prompt)], scale, args.seed,
+                                 args.num_inference_steps)
+        for i, prompt in enumerate(prompts):
+            row = images[i * per_prompt:(i + 1) * per_prompt]
+            axes[i, j].imshow(np.concatenate([show(im) for im in row], axis=1), cmap="gray", vmin=0, vmax=255)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            if i == 0:
+                axes[i, j].set_title(f"guidance {scale:g}", fontsize=9)
+            if j == 0:
+                axes[i, j].set_ylabel(prompt[:40], fontsize=7, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    fig.savefig(samples_dir / f"step-{step}.png", dpi=80)
+    plt.close(fig)
+
+    decoders = ["retrieval"] + (["mlm"] if ctx.mlm_head is not None else [])
+    lines = [f"# step {step}: captions generated for {ctx.val_source} (text guidance {ctx.text_guidance_scale:g}, "
+             f"{ctx.num_inference_steps} steps; decoded by {' and '.join(decoders)})"]
+    if ctx.val_x0 is not None:
+        generated = {d: generate_captions(model, ctx, ctx.val_x0, args.seed, d) for d in decoders}
+        lines += [f"{i}\ttrue: {true}\t" + "\t".join(f"{d}: {generated[d][i]}" for d in decoders)
+                  for i, true in enumerate(ctx.val_captions)]
+    generator = torch.Generator(ctx.device).manual_seed(args.seed)
+    _, e = sample_joint(model, ctx, 4, args.num_inference_steps, generator)
+    lines += ["# joint samples (image and caption generated together)"]
+    lines += [f"joint {i}\t{c}" for i, c in enumerate(decode_captions(model, ctx, e, "retrieval"))]
+    (samples_dir / f"step-{step}.txt").write_text("\n".join(lines) + "\n")
+
+
+def plot_loss(metrics_path, out_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("loss", "image_loss", "text_loss"):
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=80)
+    plt.close(fig)
+
+
+def write_eval_outputs(model, ctx, args, output_dir):
+    """MNIST: eval_samples.npz (text-to-image, balanced digits) and captions.jsonl (image-to-text, test images)."""
+    summary = {}
+    if ctx.kind != "pixels" and (args.num_eval_samples or args.num_eval_captions):
+        print("warning: --num_eval_samples/--num_eval_captions: MNIST in pixel space only; skipped", file=sys.stderr)
+        return summary
+    if args.num_eval_samples:
+        labels = torch.arange(args.num_eval_samples) % 10
+        start, chunks = time.perf_counter(), []
+        for i, batch in enumerate(labels.split(args.eval_batch_size)):
+            prompts = [ctx.caption_template.format(DIGIT_WORDS[d]) for d in batch]
+            chunks.append(generate_images(model, ctx, prompts, args.guidance_scale, args.seed + 1 + i,
+                                         args.num_inference_steps)[:, 0])
+        summary["sample_seconds"] = time.perf_counter() - start
+        np.savez_compressed(output_dir / "eval_samples.npz", images=torch.cat(chunks).numpy(),
+                            labels=labels.numpy(), guidance_scale=args.guidance_scale,
+                            num_inference_steps=args.num_inference_steps, sample_seconds=summary["sample_seconds"])
+    if args.num_eval_captions:
+        test_images, test_labels = load_mnist(Path(args.data_root), train=False)
+        n = min(args.num_eval_captions, len(test_images))
+        start = time.perf_counter()
+        with (output_dir / "captions.jsonl").open("w") as f:
+            for i, batch in enumerate(torch.arange(n).split(args.eval_batch_size)):
+                x0 = test_images[batch].float().div(127.5).sub(1.0)
+                for index, caption in zip(batch.tolist(), generate_captions(model, ctx, x0, args.seed + i),
+                                          strict=True):
+                    f.write(json.dumps({"index": index, "digit": int(test_labels[index]), "caption": caption}) + "\n")
+        summary["caption_seconds"] = time.perf_counter() - start
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and export
+# ----------------------------------------------------------------------------------------------------------------
+def save_checkpoint(accelerator, args, model, ema, train_rng, global_step):
+    """accelerate's save_state plus the EMA and the objective's RNG, written to a temp folder then renamed."""
+    output_dir = Path(args.output_dir)
+    final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise RuntimeError(f"step {global_step}: the weights are not finite; checkpoint not written")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    # Model (safetensors), optimizer, LR schedule, data sampler and the global RNGs of every process.
+    accelerator.save_state(str(tmp))
+    save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
+    if accelerator.is_main_process:
+        state = {"script": SCRIPT, "global_step": global_step, "ema": None}
+        if ema is not None:
+            ema_state = ema.state_dict()
+            shadow = ema_state.pop("shadow_params")
+            save_file({str(i): p.contiguous() for i, p in enumerate(shadow)}, tmp / "ema.safetensors")
+            state["ema"] = ema_state
+        (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic: a crash never leaves a half-written checkpoint-<step>
+        if args.checkpoints_total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(output_dir):
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "training_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def load_checkpoint(accelerator, path, ema, train_rng):
+    """Restore everything save_checkpoint wrote; returns the global step. Nothing loaded can run code."""
+    state = json.loads((path / "training_state.json").read_text())
+    if state.get("script") != SCRIPT:
+        fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not {SCRIPT}")
+    accelerator.load_state(str(path))  # safetensors + torch.load(weights_only=True)
+    train_rng.set_state(load_file(path / f"train_rng_{accelerator.process_index}.safetensors")["state"])
+    if ema is not None:
+        if state["ema"] is None:
+            fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
+        shadow = load_file(path / "ema.safetensors")
+        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+    return state["global_step"]
+
+
+def export_model(model, ctx, args, output_dir):
+    """model.safetensors (EMA weights and the text statistics) + export_config.json (architecture, encoder, noise
+    schedule, the captions retrieval decodes to): all this script needs to rebuild and prompt it."""
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, output_dir / EXPORT_WEIGHTS)
+    config = {"script": SCRIPT, "mmdit": model.mmdit.config, "text_encoder": args.text_encoder,
+              "text_prefix": args.text_prefix, "max_text_length": args.max_text_length,
+              "noise_scheduler": dict(ctx.sampler.config), "text_clip_value": args.text_clip_value,
+              "retrieval_captions": ctx.retrieval_captions, "dataset": args.dataset, "data_root": args.data_root,
+              "caption_template": args.caption_template, "kind": ctx.kind, "shape": list(ctx.shape),
+              "vae": ctx.vae_name, "latent_scaling": list(ctx.scaling) if ctx.scaling else None,
+              "guidance_scale": args.guidance_scale, "text_guidance_scale": args.text_guidance_scale,
+              "num_inference_steps": args.num_inference_steps, "text_decoder": args.text_decoder,
+              "validation_prompts": validation_prompts(ctx)}
+    (output_dir / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def write_run_config(args, accelerator):
+    import accelerate
+    import diffusers
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    config = {"args": vars(args), "git_commit": commit, "num_processes": accelerator.num_processes,
+              "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, accelerate)}}
+    (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2))
+
+
+def install_stop_handler():
+    """SIGTERM/SIGINT ask for a checkpoint at the next step boundary, then a clean exit (pre-emptible clusters)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building the text side and the model from flags or from an export
+# ----------------------------------------------------------------------------------------------------------------
+def resolve_dim_text(args):
+    """--dim_text must equal the frozen encoder's hidden size; checked before the encoder's weights load."""
+    hidden = text_encoder_hidden_size(args.text_encoder)
+    if args.dim_text is not None and args.dim_text != hidden:
+        fail(f"--dim_text {args.dim_text} does not match the hidden size of --text_encoder {args.text_encoder} "
+             f"({hidden}): pass --dim_text {hidden}")
+    return hidden
+
+
+def build_model(mmdit_config, max_text_length):
+    return TextImageModel(MMDiT(**mmdit_config), max_text_length)
+
+
+def text_side(model, text_encoder, captions, decoder, device):
+    """The retrieval table (standardised embeddings of the distinct captions) and the masked-LM head if any."""
+    table = model.standardise(text_encoder(captions).to(device))
+    mlm_head = MaskedLMHead.load(text_encoder.name_or_path, text_encoder.tokenizer)
+    if decoder == "mlm" and mlm_head is None:
+        fail(f"--text_decoder mlm: {text_encoder.name_or_path} has no masked-LM head weights; use retrieval")
+    return table, mlm_head
+
+
+def generate_from_export(args, accelerator):
+    export = Path(args.sample_from)
+    config = json.loads((export / EXPORT_CONFIG).read_text())
+    if config.get("script") != SCRIPT:
+        fail(f"--sample_from {export}: exported by {config.get('script')}, not {SCRIPT}")
+    device = accelerator.device
+    model = build_model(config["mmdit"], config["max_text_length"])
+    model.load_state_dict(load_file(export / EXPORT_WEIGHTS))
+    model.to(device).eval()
+    text_encoder = BertTextEncoder(config["text_encoder"], config["text_prefix"], config["max_text_length"]).to(device)
+    text_encoder.name_or_path = config["text_encoder"]
+    table, mlm_head = text_side(model, text_encoder, config["retrieval_captions"], args.text_decoder, device)
+    vae = load_vae(config["vae"]).to(device) if config["vae"] else None
+    args.data_root = args.data_root or config["data_root"]
+    args.dataset, args.caption_template = config["dataset"], config["caption_template"]
+    val_x0, val_captions, val_source = None, [], "no held-out images"
+    if config["dataset"] == "mnist" and Path(args.data_root or "", "MNIST", "raw").is_dir():
+        test_images, test_labels = load_mnist(Path(args.data_root), train=False)
+        val_x0 = test_images[:args.num_validation_images].float().div(127.5).sub(1.0)
+        val_captions = [mnist_caption(args.caption_template, d) for d in test_labels[:args.num_validation_images]]
+        val_source = "MNIST test images"
+    sampler = build_sampler(config["noise_scheduler"])
+    ctx = Sampling(text_encoder=text_encoder, retrieval_table=table, retrieval_captions=config["retrieval_captions"],
+                   mlm_head=mlm_head, text_decoder=args.text_decoder, sampler=sampler,
+                   alphas_cumprod=sampler.alphas_cumprod, image_clip=1.0 if config["kind"] == "pixels" else 1e4,
+                   text_clip=config["text_clip_value"], max_text_length=config["max_text_length"],
+                   dim_text=config["mmdit"]["dim_text"], device=device, shape=tuple(config["shape"]),
+                   kind=config["kind"], vae=vae, scaling=config["latent_scaling"], dataset=config["dataset"],
+                   caption_template=config["caption_template"], val_captions=val_captions or
+                   config["validation_prompts"], val_x0=val_x0, val_source=val_source,
+                   text_guidance_scale=args.text_guidance_scale, num_inference_steps=args.num_inference_steps)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        log_validation(model, ctx, args, "export")
+        if (args.num_eval_samples or args.num_eval_captions) and config["dataset"] != "mnist":
+            fail("--num_eval_samples/--num_eval_captions: only for a model trained on MNIST")
+        summary = write_eval_outputs(model, ctx, args, output_dir)
+        if summary:
+            (output_dir / "sample_summary.json").write_text(json.dumps(summary, indent=2))
+            print(f"wrote evaluation outputs to {output_dir}: {summary}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+def main(args):
+    check_args(args)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # "auto" is CPU without CUDA; then several processes (torchrun, accelerate launch) talk over gloo.
+        cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, "logs")),
+        # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.sample_from:
+        return generate_from_export(args, accelerator)
+    dim_text = resolve_dim_text(args)
+    set_seed(args.seed)  # same initial weights on every process
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(args, accelerator)
+
+    # ---- Data: images (or VAE posteriors) and the table of distinct captions ----------------------------------
+    vae_name = args.vae
+    vae = load_vae(args.vae).to(accelerator.device) if args.vae else None
+    data = build_dataset(args, vae)
+    if data.vae_info is not None:  # shards: their VAE decodes the samples
+        vae_name = vae_name or data.vae_info["name_or_path"]
+        vae = vae or load_vae(vae_name, "--data_root index.json vae").to(accelerator.device)
+    scaling = latent_scaling(vae) if vae is not None else None
+    if data.shape[-1] % args.patch_size or data.shape[-2] % args.patch_size:
+        fail(f"--patch_size {args.patch_size}: does not divide the {data.shape[-2]}x{data.shape[-1]} image grid")
+    train_dataloader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data.tensors),
+                                                   batch_size=args.train_batch_size, shuffle=True,
+                                                   drop_last=len(data.tensors[0]) >= args.train_batch_size,
+                                                   num_workers=args.dataloader_num_workers)
+
+    # ---- Models: frozen text encoder (the distinct captions, encoded once and standardised), MMDiT -------------
+    text_encoder = BertTextEncoder(args.text_encoder, args.text_prefix, args.max_text_length).to(accelerator.device)
+    text_encoder.name_or_path = args.text_encoder
+    caption_states = text_encoder(data.captions)  # [distinct captions, L, D]
+    mmdit_config = dict(in_channels=data.shape[0], image_size=data.shape[-1], patch_size=args.patch_size,
+                        dim_image=args.dim_image, dim_text=dim_text, text_out_dim=dim_text, depth=args.depth,
+                        num_heads=args.num_heads, mlp_ratio=args.mlp_ratio)
+    model = build_model(mmdit_config, args.max_text_length).to(accelerator.device)
+    model.text_mean, model.text_std = text_statistics(caption_states, data.tensors[2])
+    caption_embeddings = model.standardise(caption_states)
+    model.mmdit.gradient_checkpointing = args.gradient_checkpointing
+    noise_scheduler = build_noise_scheduler(args)
+    sampler = build_sampler(noise_scheduler.config)
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(model.parameters(), decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0,
+                       power=args.ema_power, foreach=True)
+        ema.to(accelerator.device)
+    accelerator.print(f"MMDiT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M trained parameters; "
+                      f"{len(data.tensors[0])} examples ({args.dataset}, {data.kind} {data.shape}), "
+                      f"{len(data.captions)} distinct captions, text states {tuple(caption_states.shape[1:])}")
+    retrieval_captions = data.captions[:args.max_retrieval_captions]
+    mlm_head = MaskedLMHead.load(args.text_encoder, text_encoder.tokenizer)
+    if args.text_decoder == "mlm" and mlm_head is None:
+        fail(f"--text_decoder mlm: {args.text_encoder} has no masked-LM head weights; use retrieval")
+    ctx = Sampling(text_encoder=text_encoder, retrieval_table=caption_embeddings[:args.max_retrieval_captions],
+                   retrieval_captions=retrieval_captions, mlm_head=mlm_head, text_decoder=args.text_decoder,
+                   sampler=sampler, alphas_cumprod=noise_scheduler.alphas_cumprod,
+                   image_clip=1.0 if data.kind == "pixels" else 1e4, text_clip=args.text_clip_value,
+                   max_text_length=args.max_text_length, dim_text=dim_text, device=accelerator.device,
+                   shape=data.shape, kind=data.kind, vae=vae, vae_name=vae_name, scaling=scaling,
+                   dataset=args.dataset, caption_template=args.caption_template, val_captions=data.val_captions,
+                   val_x0=validation_images(data, scaling), val_source=data.val_source,
+                   text_guidance_scale=args.text_guidance_scale, num_inference_steps=args.num_inference_steps)
+
+    # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay)
+    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    # The prepared scheduler steps once per process at every optimizer step: scale its lengths to match.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    lr_scheduler = accelerator.prepare(lr_scheduler)
+    # Every random draw of the objective comes from this generator, saved in each checkpoint. The global RNG
+    # cannot be trusted for exact resume: each DataLoader iterator draws its base seed from it.
+    train_rng = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
+
+    # ---- Resume -----------------------------------------------------------------------------------------------
+    global_step = 0
+    if args.resume_from_checkpoint:
+        found = list_checkpoints(output_dir)
+        path = found[-1] if args.resume_from_checkpoint == "latest" and found else None
+        path = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint != "latest" else path
+        if path is None:
+            accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
+        else:
+            global_step = load_checkpoint(accelerator, path, ema, train_rng)
+            accelerator.print(f"resumed from {path} at step {global_step}")
+    first_epoch = global_step // steps_per_epoch
+    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("train_image_continuous", config={k: str(v) for k, v in vars(args).items()})
+
+    # ---- Training loop ----------------------------------------------------------------------------------------
+    stop = install_stop_handler()
+    metrics_path = output_dir / "metrics.jsonl"
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
+                    desc="train")
+    sums = torch.zeros(3, device=accelerator.device)  # image loss, text loss, examples
+    nonfinite_in_a_row, window_start, window_samples = 0, time.perf_counter(), 0
+    train_start = time.perf_counter()
+    for epoch in range(first_epoch, num_epochs):
+        model.train()
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == first_epoch and batches_to_skip:
+            batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        for mean, std, caption_index in batches:
+            with accelerator.accumulate(model):
+                x0 = to_model_input(mean, std, data.kind, scaling, train_rng)
+                image_loss, text_loss = training_step(model, noise_scheduler, x0, caption_embeddings[caption_index],
+                                                      args, train_rng)
+                loss = (image_loss.sum() + args.text_loss_weight * text_loss.sum()) / x0.shape[0]
+                accelerator.backward(loss)
+                finite = True
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+                    # The norm is the same on every process (gradients are already all-reduced). fp16's scaler
+                    # skips overflowing steps itself.
+                    finite = bool(torch.isfinite(grad_norm)) or args.mixed_precision == "fp16"
+                if finite:
+                    optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            sums += torch.stack([image_loss.detach().sum(), text_loss.detach().sum(),
+                                 torch.tensor(float(x0.shape[0]), device=x0.device)])
+            window_samples += x0.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+
+            # -- one optimizer step done
+            global_step += 1
+            progress.update(1)
+            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+            if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                accelerator.print(f"error: {nonfinite_in_a_row} steps in a row with a non-finite gradient at step "
+                                  f"{global_step}; lower --learning_rate. The last checkpoint is intact.")
+                sys.exit(1)
+            if ema is not None and finite:
+                ema.step(model.parameters())
+
+            if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+                totals = accelerator.reduce(sums, "sum").cpu()
+                elapsed = time.perf_counter() - window_start
+                image_l, text_l = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+                row = {"step": global_step, "epoch": epoch, "loss": image_l + args.text_loss_weight * text_l,
+                       "image_loss": image_l, "text_loss": text_l, "lr": lr_scheduler.get_last_lr()[0],
+                       "grad_norm": float(grad_norm), "samples_per_s": window_samples / max(elapsed, 1e-9),
+                       "nonfinite_in_a_row": nonfinite_in_a_row}
+                if accelerator.is_main_process:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    progress.set_postfix(image=f"{image_l:.4f}", text=f"{text_l:.4f}",
+                                         samples_s=f"{row['samples_per_s']:.0f}")
+                accelerator.log(row, step=global_step)
+                sums.zero_()
+                window_start, window_samples = time.perf_counter(), 0
+
+            stop_now = stop.is_set()
+            if accelerator.num_processes > 1:  # every process must agree before the collective save
+                stop_now = bool(accelerator.reduce(torch.tensor(float(stop_now), device=accelerator.device), "max"))
+            if (global_step % args.checkpointing_steps == 0 or stop_now) and global_step < max_train_steps:
+                path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step)
+                accelerator.print(f"\nsaved {path}")
+            if stop_now:
+                accelerator.print(f"stop requested: exiting at step {global_step}; resume with "
+                                  f"--resume_from_checkpoint latest")
+                accelerator.end_training()
+                return
+            if global_step % args.validation_steps == 0 and global_step < max_train_steps \
+                    and accelerator.is_main_process:
+                if ema is not None:
+                    ema.store(model.parameters())
+                    ema.copy_to(model.parameters())
+                log_validation(accelerator.unwrap_model(model).eval(), ctx, args, global_step)
+                plot_loss(metrics_path, output_dir / "loss.png")
+                if ema is not None:
+                    ema.restore(model.parameters())
+                model.train()
+            if global_step >= max_train_steps:
+                break
+    progress.close()
+    train_seconds = time.perf_counter() - train_start
+
+    # ---- Final checkpoint, samples and export (EMA weights) ---------------------------------------------------
+    save_checkpoint(accelerator, args, model, ema, train_rng, global_step)
+    if accelerator.is_main_process:
+        final_model = accelerator.unwrap_model(model).eval()
+        if ema is not None:
+            ema.copy_to(final_model.parameters())
+        export_model(final_model, ctx, args, output_dir)
+        log_validation(final_model, ctx, args, global_step)
+        plot_loss(metrics_path, output_dir / "loss.png")
+        summary = {"global_step": global_step, "train_seconds": train_seconds}
+        if args.dataset == "mnist":
+            summary.update(write_eval_outputs(final_model, ctx, args, output_dir))
+        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        accelerator.print(f"done: step {global_step}, {train_seconds / 60:.1f} min of training; export in {output_dir}")
+    accelerator.end_training()
+
+
+def validation_images(data, scaling):
+    """Held-out images in the model's space (the posterior mean for latents), or None."""
+    if data.val_latent_mean is not None:
+        scale, shift = scaling
+        return (data.val_latent_mean - shift) * scale
+    if data.val_pixels is None:
+        return None
+    return data.val_pixels.float().div(127.5).sub(1.0)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,1329 @@
+"""Train one MMDiT on images and captions together: continuous image diffusion + masked discrete text diffusion.
+
+The same network generates an image from a caption (text-to-image) and a caption from an image (image-to-text),
+or both at once. Image tokens (p x p patches of pixels or VAE latents) follow rectified flow: x_t = (1 - t) x_0 +
+t eps, MSE on the velocity eps - x_0. Caption tokens follow absorbing-state masked diffusion (MDLM, Sahoo et al.
+2024): each token is replaced by the mask token with probability t (alpha_t = 1 - t), the loss is the
+cross-entropy on masked tokens weighted by -alpha'_t / (1 - alpha_t) = 1/t, with antithetic t over the batch.
+Each modality has its own timestep; per example one modality is sometimes clean and sometimes dropped from the
+attention entirely, so text-to-image, image-to-text, joint and both unconditional models are trained, and
+guidance works in both directions.
+
+Text tokens: the captions' tokens are mapped onto a compact vocabulary (the token ids that occur in the
+training captions plus the special tokens, stored in the export); the output layer has one logit per compact
+token and none for the mask token, so the mask is never predicted. Unmasked tokens are carried over unchanged by
+both samplers. The mask id is never the pad id. Padding: EOS padding to learn length. Every position up to
+--max_text_length is a diffusion variable, [PAD] after [SEP] included, so the model learns where a caption ends
+and image-to-text sampling chooses the caption length itself; pads are noised, predicted and attended to like any
+token. The attention's key-padding mask only removes a dropped modality.
+
+    python train_image_discrete.py --data-root ../shared/datasets --tokenizer bert-base-uncased --output-dir out
+    accelerate launch train_image_discrete.py --data-root coco_dir --text-encoder bert-base-uncased --dim-text 768
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+SCRIPT = "train_image_discrete.py"
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+MNIST_SIZE = 28  # 4x4 patches: 7 x 7 = 49 image tokens (padding to 32 would cost 64)
+EXPORT_CONFIG = "export_config.json"
+EXPORT_WEIGHTS = "model.safetensors"
+NEGATABLE = {"use_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
+
+
+def fail(message):
+    """A user mistake: one line naming the flag or file and the fix, exit code 2, before any heavy work."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def float_list(text):
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    g = parser.add_argument_group("data")
+    g.add_argument("--data_root", "--dataset_path", "--precomputed_data_dir", default=None,
+                   help="MNIST/raw (torchvision layout), a COCO-style {split}_data.json, an imagefolder with "
+                        "metadata.jsonl, or shards of prepare_data_multi_gpu.py (index.json).")
+    g.add_argument("--dataset", choices=["auto", "mnist", "coco", "imagefolder", "precomputed"], default="auto",
+                   help="Layout of --data_root; auto detects it.")
+    g.add_argument("--split", default="train", help="COCO-style: reads {split}_data.json.")
+    g.add_argument("--caption_column", default="text", help="imagefolder: caption key in metadata.jsonl.")
+    g.add_argument("--caption_template", default="a handwritten digit {}", help="MNIST caption; {} is the word.")
+    g.add_argument("--resolution", type=int, default=32, help="Image side for COCO/imagefolder (MNIST: 28).")
+    g.add_argument("--max_samples", type=int, default=None, help="Truncate the training set to N examples.")
+    g.add_argument("--num_validation_images", type=int, default=8,
+                   help="Held-out images captioned at each validation (MNIST: test set; COCO: val_data.json).")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    g = parser.add_argument_group("models")
+    g.add_argument("--vae", default=None, help="AutoencoderKL (hub id or folder): diffuse its latents, not pixels.")
+    g.add_argument("--patch_size", type=int, default=4, help="Image tokens are p x p patches (MNIST 28x28, p=4: 49).")
+    g.add_argument("--dim_image", type=int, default=128, help="Width of the image stream (and of attention).")
+    g.add_argument("--dim_text", type=int, default=None,
+                   help="Width of the text stream: the frozen encoder's hidden size (default), else 128.")
+    g.add_argument("--depth", type=int, default=6, help="MMDiT blocks.")
+    g.add_argument("--num_heads", type=int, default=4)
+    g.add_argument("--mlp_ratio", type=float, default=4.0)
+    g.add_argument("--tokenizer", default="bert-base-uncased", help="Tokenizer (hub id or folder).")
+    g.add_argument("--text_encoder", default="learned",
+                   help='"learned" (token + position embeddings trained here) or a frozen BERT-family model '
+                        "(hub id or folder) read as the input embedding.")
+    g.add_argument("--max_text_length", type=int, default=16, help="Caption tokens, [CLS]/[SEP]/pads included.")
+
+    g = parser.add_argument_group("objective")
+    g.add_argument("--text_loss_weight", type=float, default=4.0,
+                   help="Weight of the MDLM loss (it averages over all positions, most of them easy).")
+    g.add_argument("--image_clean_prob", type=float, default=0.35,
+                   help="Per example: the image is clean (trains image-to-text).")
+    g.add_argument("--text_clean_prob", type=float, default=0.3,
+                   help="Per example: the caption is clean (trains text-to-image).")
+    g.add_argument("--cond_dropout_prob", type=float, default=0.1,
+                   help="Per example and modality: drop it from the attention (unconditional branch of guidance).")
+    g.add_argument("--min_text_t", type=float, default=1e-3, help="Smallest masking rate; bounds the 1/t weight.")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--output_dir", default="output_image_discrete")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--train_batch_size", "--batch_size", type=int, default=64, help="Batch size per process.")
+    g.add_argument("--num_train_epochs", "--epochs", "--num_epochs", type=int, default=10)
+    g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs when set.")
+    g.add_argument("--learning_rate", type=float, default=1e-3)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.99)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--lr_scheduler", default="cosine",
+                   help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+    g.add_argument("--lr_warmup_steps", type=int, default=200)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--max_nonfinite_steps", type=int, default=10,
+                   help="Stop after this many optimizer steps in a row with a non-finite gradient.")
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="Keep an EMA of the weights (with warmup) for samples and the export.")
+    g.add_argument("--ema_decay", type=float, default=0.999, help="Largest EMA decay, reached after the warmup.")
+    g.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
+
+    g = parser.add_argument_group("speed and memory")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="Accepted for uniformity; attention is torch SDPA, which picks its fastest kernel itself.")
+
+    g = parser.add_argument_group("sampling and evaluation")
+    g.add_argument("--guidance_scale", type=float, default=2.0, help="Text-to-image guidance (1 = none).")
+    g.add_argument("--text_guidance_scale", type=float, default=1.5, help="Image-to-text guidance (1 = none).")
+    g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 2.0, 4.0],
+                   help="Columns of the text-to-image validation grid.")
+    g.add_argument("--num_inference_steps", type=int, default=20, help="Euler steps of the image flow.")
+    g.add_argument("--text_inference_steps", type=int, default=None,
+                   help="Unmasking steps of the caption sampler (default: --max_text_length).")
+    g.add_argument("--text_sampler", choices=["ancestral", "confidence"], default="confidence",
+                   help="ancestral: the MDLM posterior; confidence: unmask the most confident tokens first.")
+    g.add_argument("--num_eval_samples", type=int, default=0,
+                   help="MNIST: write N text-to-image samples (balanced over the digits) to eval_samples.npz.")
+    g.add_argument("--num_eval_captions", type=int, default=0,
+                   help="MNIST: caption the first N test images into captions.jsonl.")
+    g.add_argument("--eval_batch_size", type=int, default=250)
+    g.add_argument("--sample_from", "--sample_only", default=None,
+                   help="Generate from an export folder (an output_dir of a finished run), no training.")
+
+    g = parser.add_argument_group("logging and checkpoints")
+    g.add_argument("--logging_steps", type=int, default=50)
+    g.add_argument("--validation_steps", type=int, default=1000)
+    g.add_argument("--checkpointing_steps", type=int, default=1000)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return parser.parse_args([underscore_flag(a) for a in argv])
+
+
+def underscore_flag(arg):
+    """Every flag also accepts its hyphen spelling: --max-samples == --max_samples, --no-use-ema == --no-use_ema."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    negation = "no-" if name.startswith(("no-", "no_")) and name[3:].replace("-", "_") in NEGATABLE else ""
+    return "--" + negation + name[len(negation):].replace("-", "_") + eq + value
+
+
+def check_args(args):
+    """Cheap checks of the flags, before any dataset or model is loaded."""
+    if args.sample_from:
+        if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
+            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run")
+    else:
+        if args.data_root is None:
+            fail("--data_root is required: a folder with MNIST/raw, {split}_data.json, metadata.jsonl or index.json")
+        args.dataset = detect_dataset(args)
+    if args.max_samples is not None and args.max_samples < 1:
+        fail(f"--max_samples {args.max_samples}: must be at least 1 (leave it out to use the whole dataset)")
+    if "{}" not in args.caption_template:
+        fail(f"--caption_template {args.caption_template!r}: must contain {{}} where the digit's word goes")
+    if args.mixed_precision == "fp16" and (args.device == "cpu" or not torch.cuda.is_available()):
+        fail("--mixed_precision fp16 needs a CUDA GPU: use --mixed_precision bf16 or no on this machine")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    for name in ("image_clean_prob", "text_clean_prob", "cond_dropout_prob"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            fail(f"--{name} {getattr(args, name)}: must be in [0, 1)")
+    if args.image_clean_prob + args.text_clean_prob + 2 * args.cond_dropout_prob > 1.0:
+        fail("--image_clean_prob + --text_clean_prob + 2 * --cond_dropout_prob must be at most 1")
+    if args.dim_image % args.num_heads:
+        fail(f"--dim_image {args.dim_image}: must be divisible by --num_heads {args.num_heads}")
+    if args.resolution % args.patch_size:
+        fail(f"--resolution {args.resolution}: the patch size {args.patch_size} must divide it")
+    if args.max_text_length < 3:
+        fail(f"--max_text_length {args.max_text_length}: needs room for [CLS], a word and [SEP]")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
+            fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
+
+
+def detect_dataset(args):
+    root = Path(args.data_root)
+    if not root.is_dir():
+        fail(f"--data_root {root}: no such folder")
+    found = {"precomputed": (root / "index.json").is_file(), "coco": (root / f"{args.split}_data.json").is_file(),
+             "imagefolder": (root / "metadata.jsonl").is_file(), "mnist": (root / "MNIST" / "raw").is_dir()}
+    if args.dataset != "auto":
+        if not found[args.dataset]:
+            needs = {"precomputed": "index.json", "coco": f"{args.split}_data.json", "imagefolder": "metadata.jsonl",
+                     "mnist": "MNIST/raw/"}[args.dataset]
+            fail(f"--data_root {root}: --dataset {args.dataset} needs {needs} there")
+        return args.dataset
+    for kind, ok in found.items():
+        if ok:
+            return kind
+    fail(f"--data_root {root}: found none of index.json (shards), {args.split}_data.json (COCO-style), "
+         f"metadata.jsonl (imagefolder), MNIST/raw/")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: images (uint8 pixels or VAE posteriors) + an index into the table of distinct captions
+# ----------------------------------------------------------------------------------------------------------------
+class Data:
+    """Training set and held-out images. `pixels` uint8 [N, C, H, W], or `latent_mean`/`latent_std` [N, C, h, w];
+    `caption_ids` [N] index `captions` (the distinct captions). `val_*`: held-out images, their captions and, for
+    MNIST, digits."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def mnist_caption(template, digit):
+    return template.format(DIGIT_WORDS[int(digit)])
+
+
+def load_mnist(root, train):
+    import torchvision
+
+    try:
+        mnist = torchvision.datasets.MNIST(root, train=train, download=False)
+    except RuntimeError as e:
+        fail(f"--data_root {root}: cannot read MNIST/raw ({e})")
+    return mnist.data.unsqueeze(1), mnist.targets.long()  # uint8 [N, 1, 28, 28], white on black
+
+
+def load_image(path, resolution):
+    """RGB uint8 [3, r, r]: shorter side resized to r, centre crop; None when missing or unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            scale = resolution / min(image.size)
+            w, h = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+            image = image.resize((w, h), Image.BICUBIC)
+            left, top = (w - resolution) // 2, (h - resolution) // 2
+            image = image.crop((left, top, left + resolution, top + resolution))
+    except (OSError, ValueError):
+        return None
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def read_pairs(args, root, split):
+    """(image path, caption) pairs of a COCO-style {split}_data.json or an imagefolder's metadata.jsonl."""
+    if args.dataset == "coco":
+        records = json.loads((root / f"{split}_data.json").read_text())
+        pairs = []
+        for r in records:
+            path = next((r[k] for k in ("image", "image_path", "file_name", "filepath", "path") if k in r), None)
+            caption = next((r[k] for k in ("caption", "text", "captions") if k in r), None)
+            if path is None or caption is None:
+                fail(f"--data_root {root / f'{split}_data.json'}: each record needs an image path ('image' or "
+                     f"'file_name') and a 'caption'; got keys {sorted(r)}")
+            for c in caption if isinstance(caption, list) else [caption]:
+                pairs.append((root / path, str(c)))
+        return pairs
+    pairs = []
+    for line in (root / "metadata.jsonl").read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if args.caption_column not in r:
+                fail(f"--caption_column {args.caption_column}: not in {root / 'metadata.jsonl'} (keys {sorted(r)})")
+            pairs.append((root / r["file_name"], str(r[args.caption_column])))
+    return pairs
+
+
+def load_pairs(pairs, resolution, what):
+    """Load images; unreadable or missing ones are skipped and counted (never replaced by a blank image)."""
+    images, captions = [], []
+    for path, caption in pairs:
+        image = load_image(path, resolution)
+        if image is not None:
+            images.append(image)
+            captions.append(caption)
+    skipped = len(pairs) - len(images)
+    if skipped:
+        print(f"warning: {what}: skipped {skipped} of {len(pairs)} images that are missing or unreadable",
+              file=sys.stderr)
+    if not images:
+        fail(f"--data_root: none of the {len(pairs)} images of {what} could be read")
+    return torch.stack(images), captions
+
+
+def load_precomputed(root, max_samples):
+    """Shards of prepare_data_multi_gpu.py (docs/precomputed_format.md): VAE posteriors and caption strings."""
+    from safetensors import safe_open
+
+    index = json.loads((root / "index.json").read_text())
+    if index.get("format") != "precomputed-diffusion-shards" or index.get("version") != 1:
+        fail(f"--data_root {root}: index.json is not version 1 of the precomputed-diffusion-shards format")
+    if not index.get("vae"):
+        fail(f"--data_root {root}: the shards hold no images (prepared without a VAE); re-run "
+             f"prepare_data_multi_gpu.py with --vae, or point --data_root at the images")
+    means, stds, captions = [], [], []
+    for shard in index["shards"]:
+        with safe_open(str(root / shard["file"]), framework="pt") as f:
+            shard_captions = json.loads((f.metadata() or {}).get("captions", "null") or "null")
+            if shard_captions is None:
+                fail(f"--data_root {root / shard['file']}: no 'captions' in the shard's metadata")
+            means.append(f.get_tensor("latent_mean").float())
+            stds.append(f.get_tensor("latent_std").float())
+            captions += shard_captions
+        if max_samples is not None and len(captions) >= max_samples:
+            break
+    n = len(captions) if max_samples is None else min(max_samples, len(captions))
+    return torch.cat(means)[:n], torch.cat(stds)[:n], captions[:n], index["vae"]
+
+
+def caption_table(captions):
+    """Distinct captions (first-seen order) and each example's index into them."""
+    table = {}
+    ids = torch.tensor([table.setdefault(c, len(table)) for c in captions])
+    return list(table), ids
+
+
+def build_dataset(args, vae):
+    """The training data and the held-out images, per the layout of --data_root."""
+    root, n_val = Path(args.data_root), args.num_validation_images
+    val_digits, vae_info = None, None
+    if args.dataset == "mnist":
+        images, labels = load_mnist(root, train=True)
+        n = len(images) if args.max_samples is None else min(args.max_samples, len(images))
+        images, captions = images[:n], [mnist_caption(args.caption_template, d) for d in labels[:n]]
+        test_images, test_labels = load_mnist(root, train=False)
+        val_pixels, val_digits = test_images[:n_val], test_labels[:n_val]
+        val_captions = [mnist_caption(args.caption_template, d) for d in val_digits]
+        val_source = "MNIST test images"
+    elif args.dataset in ("coco", "imagefolder"):
+        pairs = read_pairs(args, root, args.split)
+        pairs = pairs if args.max_samples is None else pairs[:args.max_samples]
+        images, captions = load_pairs(pairs, args.resolution, f"--data_root {root}")
+        if args.dataset == "coco" and args.split != "val" and (root / "val_data.json").is_file():
+            val_pixels, val_captions = load_pairs(read_pairs(args, root, "val")[:n_val], args.resolution,
+                                                  "val_data.json")
+            val_source = "val_data.json"
+        else:
+            val_pixels, val_captions = images[:n_val], captions[:n_val]
+            val_source = "training images (no held-out split)"
+    else:
+        mean, std, captions, vae_info = load_precomputed(root, args.max_samples)
+        images, val_pixels = None, None
+        val_captions = captions[:n_val]
+        val_source = "training examples (shards hold no held-out split)"
+    table, caption_ids = caption_table(captions)
+    if images is not None:
+        mean, std = encode_images(vae, images) if vae is not None else (images, torch.zeros(len(images), 0))
+    val_latent_mean = encode_images(vae, val_pixels)[0] if vae is not None and val_pixels is not None else None
+    if args.dataset == "precomputed":
+        val_latent_mean = mean[:n_val]
+    shape = tuple(mean.shape[1:])
+    return Data(kind="latents" if (vae is not None or args.dataset == "precomputed") else "pixels",
+                tensors=(mean, std, caption_ids), captions=table, shape=shape, val_pixels=val_pixels,
+                val_latent_mean=val_latent_mean, val_captions=val_captions, val_digits=val_digits,
+                val_source=val_source, vae_info=vae_info)
+
+
+@torch.no_grad()
+def encode_images(vae, pixels, batch_size=32):
+    """uint8 images -> the VAE posterior's mean and std, once; a fresh latent is drawn from them every step."""
+    means, stds = [], []
+    for batch in pixels.split(batch_size):
+        batch = batch.expand(-1, vae.config.in_channels, -1, -1) if batch.shape[1] == 1 else batch
+        posterior = vae.encode(batch.float().div(127.5).sub(1).to(vae.device, vae.dtype)).latent_dist
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def load_vae(name_or_path, what="--vae"):
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(name_or_path).requires_grad_(False).eval()
+    except (OSError, ValueError) as e:
+        fail(f"{what} {name_or_path}: cannot load an AutoencoderKL there ({type(e).__name__})")
+
+
+def latent_scaling(vae):
+    return vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+
+
+def to_model_input(mean, std, kind, scaling, generator):
+    """A training batch in the model's space: pixels in [-1, 1], or a latent drawn from the posterior, scaled."""
+    if kind == "pixels":
+        return mean.float().div(127.5).sub(1.0)
+    scale, shift = scaling
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+    return (mean + std * noise - shift) * scale
+
+
+def to_images(x, kind, vae, scaling):
+    """Model-space images -> uint8 [n, C, H, W]."""
+    if kind == "latents":
+        scale, shift = scaling
+        x = vae.decode((x / scale + shift).to(vae.device, vae.dtype)).sample.float()
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared model: image patches and the two-stream MMDiT (identical in train_image_discrete.py and
+# train_image_continuous.py)
+# ----------------------------------------------------------------------------------------------------------------
+class ImagePatchEncoder(nn.Module):
+    """Conv2d patchify (pixels or VAE latents) + fixed 2-D sin-cos positional embeddings."""
+
+    def __init__(self, in_channels, image_size, patch_size, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        pos = get_2d_sincos_pos_embed(dim, image_size // patch_size, base_size=image_size // patch_size)
+        self.register_buffer("pos", pos.float().unsqueeze(0), persistent=False)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2) + self.pos
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class StreamBlock(nn.Module):
+    """One modality's own weights in an MMDiT block: adaLN-Zero, LayerNorm, QKV with QK RMS-norm, MLP."""
+
+    def __init__(self, dim, attn_dim, num_heads, cond_dim, mlp_ratio):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, attn_dim // num_heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * attn_dim)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.out = nn.Linear(attn_dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+
+    def pre_attention(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c).chunk(6, dim=-1)
+        b, n, _ = x.shape
+        qkv = self.qkv(modulate(self.norm1(x), shift1, scale1)).view(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [b, heads, n, head_dim]
+        return self.q_norm(q), self.k_norm(k), v, (gate1, shift2, scale2, gate2)
+
+    def post_attention(self, x, attn, mods):
+        gate1, shift2, scale2, gate2 = mods
+        x = x + gate1[:, None] * self.out(attn)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class MMDiTBlock(nn.Module):
+    """Two streams, one joint attention over [image; text] (SDPA, key-padding mask: True = attend)."""
+
+    def __init__(self, dim_image, dim_text, num_heads, mlp_ratio):
+        super().__init__()
+        self.image = StreamBlock(dim_image, dim_image, num_heads, dim_image, mlp_ratio)
+        self.text = StreamBlock(dim_text, dim_image, num_heads, dim_image, mlp_ratio)
+
+    def forward(self, x, y, c, key_mask):
+        qi, ki, vi, mods_i = self.image.pre_attention(x, c)
+        qt, kt, vt, mods_t = self.text.pre_attention(y, c)
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((qi, qt), (ki, kt), (vi, vt)))
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        attn = attn.transpose(1, 2).flatten(2)
+        n = x.shape[1]
+        return self.image.post_attention(x, attn[:, :n], mods_i), self.text.post_attention(y, attn[:, n:], mods_t)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, out_dim, cond_dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x, c):
+        shift, scale = self.adaln(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class MMDiT(nn.Module):
+    """Image tokens and text embeddings [b, L, dim_text] in, image prediction [b, C, H, W] and per-token text
+    outputs [b, L, text_out_dim] out. Each modality has its own timestep embedding; their sum conditions every
+    adaLN, so the network knows both noise levels. Zero-init as DiT: adaLN and final layers start at zero."""
+
+    def __init__(self, in_channels, image_size, patch_size, dim_image, dim_text, text_out_dim, depth, num_heads,
+                 mlp_ratio=4.0):
+        super().__init__()
+        self.config = dict(in_channels=in_channels, image_size=image_size, patch_size=patch_size,
+                           dim_image=dim_image, dim_text=dim_text, text_out_dim=text_out_dim, depth=depth,
+                           num_heads=num_heads, mlp_ratio=mlp_ratio)
+        self.patch_size, self.in_channels = patch_size, in_channels
+        self.patch_encoder = ImagePatchEncoder(in_channels, image_size, patch_size, dim_image)
+        self.image_time = nn.Sequential(Timesteps(256, True, 0), TimestepEmbedding(256, dim_image))
+        self.text_time = nn.Sequential(Timesteps(256, True, 0), TimestepEmbedding(256, dim_image))
+        self.blocks = nn.ModuleList(MMDiTBlock(dim_image, dim_text, num_heads, mlp_ratio) for _ in range(depth))
+        self.image_final = FinalLayer(dim_image, patch_size * patch_size * in_channels, dim_image)
+        self.text_final = FinalLayer(dim_text, text_out_dim, dim_image)
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, (StreamBlock, FinalLayer)):
+                nn.init.zeros_(module.adaln[-1].weight)
+                nn.init.zeros_(module.adaln[-1].bias)
+        for final in (self.image_final, self.text_final):
+            nn.init.zeros_(final.linear.weight)
+            nn.init.zeros_(final.linear.bias)
+
+    def forward(self, image, t_image, text, t_text, key_mask=None):
+        """t_image, t_text in [0, 1] (0 = clean); key_mask [b, n_image + L] bool or None."""
+        x = self.patch_encoder(image)
+        c = self.image_time(t_image * 1000) + self.text_time(t_text * 1000)
+        y = text
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, y = torch.utils.checkpoint.checkpoint(block, x, y, c, key_mask, use_reentrant=False)
+            else:
+                x, y = block(x, y, c, key_mask)
+        b, _, h, w = image.shape
+        p = self.patch_size
+        out = self.image_final(x, c).view(b, h // p, w // p, p, p, self.in_channels)
+        out = out.permute(0, 5, 1, 3, 2, 4).reshape(b, self.in_channels, h, w)
+        return out, self.text_final(y, c)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text: tokenizer, compact vocabulary, learned or frozen input embedding
+# ----------------------------------------------------------------------------------------------------------------
+def load_tokenizer(name_or_path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        fail(f"--tokenizer {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder with the "
+             f"tokenizer files, or a hub id when online")
+
+
+class Vocabulary:
+    """The token ids that occur in the training captions plus the special tokens, renumbered 0..K-1; the mask
+    token is K, an input only: the output layer has K logits, so the mask is never predicted. `ids` maps
+    compact -> tokenizer ids, the mask (the tokenizer's [MASK], else a new id) last."""
+
+    def __init__(self, ids, pad_token_id):
+        self.ids = torch.as_tensor(ids)
+        self.size = self.mask_id = len(self.ids) - 1  # K
+        self.pad_id = self.ids.tolist().index(pad_token_id)
+        self.lookup = torch.full((int(self.ids.max()) + 1,), self.mask_id)
+        self.lookup[self.ids[:-1]] = torch.arange(self.size)
+
+    @classmethod
+    def from_captions(cls, tokenizer, token_ids):
+        special = [tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.unk_token_id]
+        used = sorted({int(i) for i in token_ids.unique()} | {i for i in special if i is not None})
+        tokenizer_mask = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else len(tokenizer)
+        return cls(used + [tokenizer_mask], tokenizer.pad_token_id)
+
+    def compact(self, token_ids):
+        return self.lookup[token_ids.clamp(max=len(self.lookup) - 1)]
+
+    def decode(self, tokenizer, compact_ids):
+        return [tokenizer.decode(self.ids[row[row < self.size]], skip_special_tokens=True).strip()
+                for row in compact_ids.cpu()]
+
+
+def tokenize(tokenizer, captions, max_length):
+    if tokenizer.pad_token_id is None:
+        fail(f"--tokenizer {tokenizer.name_or_path}: it has no pad token; use a BERT-family tokenizer")
+    return tokenizer(captions, padding="max_length", max_length=max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+class TextTokenEncoder(nn.Module):
+    """Learned input embedding of the (partly masked) caption: token + position embeddings."""
+
+    def __init__(self, num_tokens, max_length, dim):
+        super().__init__()
+        self.token = nn.Embedding(num_tokens, dim)
+        self.position = nn.Parameter(torch.randn(1, max_length, dim) * 0.02)
+        nn.init.normal_(self.token.weight, std=0.02)
+
+    def forward(self, ids):
+        return self.token(ids) + self.position[:, :ids.shape[1]]
+
+
+class BertTextEncoder(nn.Module):
+    """A frozen BERT-family encoder as the input embedding: it reads the compact ids mapped back to its own
+    vocabulary (the mask as its [MASK]) and returns its last hidden states."""
+
+    def __init__(self, name_or_path, vocabulary):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.model = AutoModel.from_pretrained(name_or_path).requires_grad_(False).eval()
+        self.register_buffer("to_tokenizer", vocabulary.ids.clone(), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, ids):
+        return self.model(input_ids=self.to_tokenizer[ids]).last_hidden_state.float()
+
+
+def text_encoder_hidden_size(name_or_path, flag="--text_encoder"):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        fail(f"{flag} {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder with config.json, "
+             f"or a hub id when online")
+    return config.hidden_size
+
+
+class TextImageModel(nn.Module):
+    """What is trained: the MMDiT and, with --text_encoder learned, the caption's input embedding."""
+
+    def __init__(self, mmdit, text_input):
+        super().__init__()
+        self.mmdit, self.text_input = mmdit, text_input
+
+    def forward(self, image, t_image, text, t_text, key_mask=None):
+        y = self.text_input(text) if self.text_input is not None else text
+        return self.mmdit(image, t_image, y, t_text, key_mask)
+
+
+def text_states(model, frozen_encoder, ids):
+    """Compact ids -> what the model's text stream reads: ids for the learned embedding, else frozen states."""
+    return ids if frozen_encoder is None else frozen_encoder(ids)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Objective
+# ----------------------------------------------------------------------------------------------------------------
+def draw_modalities(n, args, generator, device):
+    """Per example: image clean (image-to-text), caption clean (text-to-image), caption dropped (unconditional
+    image), image dropped (unconditional caption), else both noised at independent timesteps (joint)."""
+    u = torch.rand(n, generator=generator, device=device)
+    edges = np.cumsum([args.image_clean_prob, args.text_clean_prob, args.cond_dropout_prob, args.cond_dropout_prob])
+    image_clean, text_clean = u < edges[0], (u >= edges[0]) & (u < edges[1])
+    text_dropped, image_dropped = (u >= edges[1]) & (u < edges[2]), (u >= edges[2]) & (u < edges[3])
+    return image_clean, text_clean, text_dropped, image_dropped
+
+
+def key_padding_mask(keep_image, keep_text, num_image_tokens, text_length):
+    """[b, n_image + L] bool, False for the tokens of a dropped modality; None when nothing is dropped."""
+    if bool(keep_image.all()) and bool(keep_text.all()):
+        return None
+    return torch.cat([keep_image[:, None].expand(-1, num_image_tokens),
+                      keep_text[:, None].expand(-1, text_length)], dim=1)
+
+
+def training_step(model, frozen_encoder, x0, ids, vocabulary, args, generator):
+    """Rectified flow on the image, MDLM on the caption; returns per-example image and text losses."""
+    n, device = x0.shape[0], x0.device
+    image_clean, text_clean, text_dropped, image_dropped = draw_modalities(n, args, generator, device)
+    # Image: x_t = (1 - t) x0 + t eps, target eps - x0; t logit-normal (SD3), 0 when clean, 1 when dropped.
+    t_image = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=0.0, logit_std=1.0,
+                                                    device=device, generator=generator)
+    t_image = torch.where(image_clean, 0.0, torch.where(image_dropped, 1.0, t_image))
+    eps = torch.randn(x0.shape, generator=generator, device=device)
+    t4 = t_image.view(-1, 1, 1, 1)
+    x_t = (1 - t4) * x0 + t4 * eps
+    # Caption: antithetic t (one uniform, shifted by i/n), each token masked with probability t.
+    u = torch.rand(1, generator=generator, device=device)
+    t_text = (u + torch.arange(n, device=device) / n) % 1.0 * (1 - args.min_text_t) + args.min_text_t
+    t_text = torch.where(text_clean, 0.0, torch.where(text_dropped, 1.0, t_text))
+    masked = torch.rand(ids.shape, generator=generator, device=device) < t_text[:, None]
+    noisy_ids = torch.where(masked, vocabulary.mask_id, ids)
+    key_mask = key_padding_mask(~image_dropped, ~text_dropped, model_num_image_tokens(model, x0), ids.shape[1])
+    pred, logits = model(x_t, t_image, text_states(model, frozen_encoder, noisy_ids), t_text, key_mask)
+    image_loss = F.mse_loss(pred.float(), (eps - x0).float(), reduction="none").mean(dim=(1, 2, 3))
+    image_loss = image_loss * (~image_clean & ~image_dropped)
+    # MDLM: cross-entropy on masked tokens, weighted by -alpha'_t / (1 - alpha_t) = 1/t, averaged over positions.
+    ce = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none")
+    text_loss = (ce * masked).sum(dim=1) / ids.shape[1] / t_text.clamp(min=args.min_text_t)
+    text_loss = text_loss * (~text_clean & ~text_dropped)
+    return image_loss, text_loss
+
+
+def model_num_image_tokens(model, x):
+    return (x.shape[-2] // model_mmdit(model).patch_size) * (x.shape[-1] // model_mmdit(model).patch_size)
+
+
+def model_mmdit(model):
+    return getattr(model, "module", model).mmdit
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samplers
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_images(model, frozen_encoder, ids, shape, guidance_scale, num_steps, generator):
+    """Text-to-image: Euler on the flow ODE from t=1 to 0 (what diffusers' FlowMatchEulerDiscreteScheduler does
+    with shift 1), guided: uncond + s * (cond - uncond), the unconditional branch with the caption dropped."""
+    n, device = ids.shape[0], ids.device
+    x = torch.randn((n, *shape), generator=generator, device=device)
+    states = text_states(model, frozen_encoder, ids)
+    guided = guidance_scale != 1.0
+    ones, zeros = torch.ones(n, dtype=torch.bool, device=device), torch.zeros(n, dtype=torch.bool, device=device)
+    n_image = model_num_image_tokens(model, x)
+    key_mask = key_padding_mask(torch.cat([ones, ones]), torch.cat([ones, zeros]), n_image, ids.shape[1])
+    grid = torch.linspace(1.0, 0.0, num_steps + 1, device=device)
+    for t, s in zip(grid[:-1], grid[1:], strict=True):
+        tt = t.expand(n)
+        if guided:
+            t_text = torch.cat([torch.zeros(n, device=device), torch.ones(n, device=device)])  # dropped: t=1
+            v, _ = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([states, states]), t_text, key_mask)
+            cond, uncond = v.float().chunk(2)
+            v = uncond + guidance_scale * (cond - uncond)
+        else:
+            v, _ = model(x, tt, states, torch.zeros(n, device=device))
+        x = x + (s - t) * v.float()
+    return x
+
+
+def guided_log_probs(logits, guidance_scale):
+    """[cond; uncond] logits -> log-probabilities guided in log space, renormalised."""
+    if guidance_scale == 1.0:
+        return logits.float().log_softmax(-1)
+    cond, uncond = logits.float().log_softmax(-1).chunk(2)
+    return (uncond + guidance_scale * (cond - uncond)).log_softmax(-1)
+
+
+def unmask_step(ids, log_probs, t, s, steps_left, sampler, mask_id, generator):
+    """One reverse step from masking rate t to s < t. Unmasked tokens are carried over unchanged.
+    ancestral: each masked token is revealed with probability (t - s) / t, drawn from the model (MDLM);
+    confidence: the ceil(masked / steps_left) most confident masked tokens are revealed, argmax."""
+    masked = ids == mask_id
+    if sampler == "ancestral":
+        gumbel = -torch.log(-torch.log(torch.rand(log_probs.shape, generator=generator, device=ids.device)
+                                       .clamp(1e-20, 1 - 1e-7)))
+        proposal = (log_probs + gumbel).argmax(-1)
+        reveal = masked & (torch.rand(ids.shape, generator=generator, device=ids.device) < (t - s) / t)
+    else:
+        confidence, proposal = log_probs.max(-1)
+        count = torch.ceil(masked.sum(1, keepdim=True) / steps_left).long()
+        confidence = confidence.masked_fill(~masked, -math.inf)
+        rank = confidence.argsort(dim=1, descending=True).argsort(dim=1)
+        reveal = masked & (rank < count)
+    return torch.where(reveal, proposal, ids)
+
+
+@torch.no_grad()
+def sample_captions(model, frozen_encoder, x0, vocabulary, length, guidance_scale, num_steps, sampler, generator):
+    """Image-to-text: from an all-mask caption to tokens in num_steps, the image clean (t=0), guided with the
+    image dropped as the unconditional branch."""
+    n, device = x0.shape[0], x0.device
+    ids = torch.full((n, length), vocabulary.mask_id, device=device)
+    guided = guidance_scale != 1.0
+    ones, zeros = torch.ones(n, dtype=torch.bool, device=device), torch.zeros(n, dtype=torch.bool, device=device)
+    key_mask = key_padding_mask(torch.cat([ones, zeros]), torch.cat([ones, ones]),
+                                model_num_image_tokens(model, x0), length)
+    images = torch.cat([x0, x0]) if guided else x0
+    t_image = torch.cat([torch.zeros(n, device=device), torch.ones(n, device=device)]) if guided \
+        else torch.zeros(n, device=device)  # the dropped image of the unconditional branch has t=1, as in training
+    for i in range(num_steps):
+        t, s = 1 - i / num_steps, 1 - (i + 1) / num_steps
+        states = text_states(model, frozen_encoder, torch.cat([ids, ids]) if guided else ids)
+        _, logits = model(images, t_image, states, torch.full((images.shape[0],), t, device=device),
+                          key_mask if guided else None)
+        ids = unmask_step(ids, guided_log_probs(logits, guidance_scale), t, s, num_steps - i, sampler,
+                          vocabulary.mask_id, generator)
+    return ids
+
+
+@torch.no_grad()
+def sample_joint(model, frozen_encoder, n, shape, vocabulary, length, num_steps, generator):
+    """Joint generation: image and caption from noise together, on one time grid (Euler + ancestral MDLM)."""
+    device = vocabulary_device(model)
+    x = torch.randn((n, *shape), generator=generator, device=device)
+    ids = torch.full((n, length), vocabulary.mask_id, device=device)
+    grid = torch.linspace(1.0, 0.0, num_steps + 1, device=device)
+    for i, (t, s) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
+        v, logits = model(x, t.expand(n), text_states(model, frozen_encoder, ids), t.expand(n))
+        x = x + (s - t) * v.float()
+        ids = unmask_step(ids, logits.float().log_softmax(-1), float(t), float(s), num_steps - i, "ancestral",
+                          vocabulary.mask_id, generator)
+    return x, ids
+
+
+def vocabulary_device(model):
+    return next(model.parameters()).device
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation, plots and evaluation outputs
+# ----------------------------------------------------------------------------------------------------------------
+class Sampling:
+    """Everything the samplers need besides the model: tokenizer, vocabulary, frozen encoder, image space."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def prompt_ids(ctx, prompts):
+    return ctx.vocabulary.compact(tokenize(ctx.tokenizer, prompts, ctx.max_text_length)).to(ctx.device)
+
+
+def validation_prompts(ctx):
+    if ctx.dataset == "mnist":
+        return [ctx.caption_template.format(w) for w in DIGIT_WORDS]
+    return ctx.val_captions[:8]
+
+
+def generate_images(model, ctx, prompts, guidance_scale, seed, num_steps):
+    generator = torch.Generator(ctx.device).manual_seed(seed)
+    x = sample_images(model, ctx.frozen_encoder, prompt_ids(ctx, prompts), ctx.shape, guidance_scale, num_steps,
+                      generator)
+    return to_images(x, ctx.kind, ctx.vae, ctx.scaling)
+
+
+def generate_captions(model, ctx, x0, seed):
+    generator = torch.Generator(ctx.device).manual_seed(seed)
+    ids = sample_captions(model, ctx.frozen_encoder, x0.to(ctx.device), ctx.vocabulary, ctx.max_text_length,
+                          ctx.text_guidance_scale, ctx.text_inference_steps, ctx.text_sampler, generator)
+    return ctx.vocabulary.decode(ctx.tokenizer, ids)
+
+
+def show(images):
+    """uint8 [C, H, W] -> array for imshow."""
+    image = images.permute(1, 2, 0).numpy()
+    return image[..., 0] if image.shape[-1] == 1 else image[..., :3]
+
+
+def log_validation(model, ctx, args, step, per_prompt=4):
+    """samples/step-<step>.png: prompts x guidance scales; samples/step-<step>.txt: captions of held-out images
+    and of joint samples."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples_dir = Path(args.output_dir) / "samples"
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    prompts = validation_prompts(ctx)
+    scales = args.validation_guidance_scales
+    fig, axes = plt.subplots(len(prompts), len(scales), figsize=(1.3 * per_prompt * len(scales), 1.3 * len(prompts)),
+                             squeeze=False)
+    for j, scale in enumerate(scales):
+        images = generate_images(model, ctx, [p for p in prompts for _ in range(per_prompt)], scale, args.seed,
+                                 args.num_inference_steps)
+        for i, prompt in enumerate(prompts):
+            row = images[i * per_prompt:(i + 1) * per_prompt]
+            axes[i, j].imshow(np.concatenate([show(im) for im in row], axis=1), cmap="gray", vmin=0, vmax=255)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            if i == 0:
+                axes[i, j].set_title(f"guidance {scale:g}", fontsize=9)
+            if j == 0:
+                axes[i, j].set_ylabel(prompt[:40], fontsize=7, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    fig.savefig(samples_dir / f"step-{step}.png", dpi=80)
+    plt.close(fig)
+
+    lines = [f"# step {step}: captions generated for {ctx.val_source} (text guidance {ctx.text_guidance_scale:g}, "
+             f"{ctx.text_sampler} sampler, {ctx.text_inference_steps} steps)"]
+    if ctx.val_x0 is not None:
+        generated = generate_captions(model, ctx, ctx.val_x0, args.seed)
+        lines += [f"{i}\ttrue: {true}\tgenerated: {gen}"
+                  for i, (true, gen) in enumerate(zip(ctx.val_captions, generated, strict=True))]
+    generator = torch.Generator(ctx.device).manual_seed(args.seed)
+    _, ids = sample_joint(model, ctx.frozen_encoder, 4, ctx.shape, ctx.vocabulary, ctx.max_text_length,
+                          args.num_inference_steps, generator)
+    lines += ["# joint samples (image and caption generated together)"]
+    lines += [f"joint {i}\t{c}" for i, c in enumerate(ctx.vocabulary.decode(ctx.tokenizer, ids))]
+    (samples_dir / f"step-{step}.txt").write_text("\n".join(lines) + "\n")
+
+
+def plot_loss(metrics_path, out_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("loss", "image_loss", "text_loss"):
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=80)
+    plt.close(fig)
+
+
+def write_eval_outputs(model, ctx, args, output_dir):
+    """MNIST: eval_samples.npz (text-to-image, balanced digits) and captions.jsonl (image-to-text, test images)."""
+    summary = {}
+    if ctx.kind != "pixels" and (args.num_eval_samples or args.num_eval_captions):
+        print("warning: --num_eval_samples/--num_eval_captions: MNIST in pixel space only; skipped", file=sys.stderr)
+        return summary
+    if args.num_eval_samples:
+        labels = torch.arange(args.num_eval_samples) % 10
+        start, chunks = time.perf_counter(), []
+        for i, batch in enumerate(labels.split(args.eval_batch_size)):
+            prompts = [ctx.caption_template.format(DIGIT_WORDS[d]) for d in batch]
+            chunks.append(generate_images(model, ctx, prompts, args.guidance_scale, args.seed + 1 + i,
+                                         args.num_inference_steps)[:, 0])
+        summary["sample_seconds"] = time.perf_counter() - start
+        np.savez_compressed(output_dir / "eval_samples.npz", images=torch.cat(chunks).numpy(),
+                            labels=labels.numpy(), guidance_scale=args.guidance_scale,
+                            num_inference_steps=args.num_inference_steps, sample_seconds=summary["sample_seconds"])
+    if args.num_eval_captions:
+        test_images, test_labels = load_mnist(Path(args.data_root), train=False)
+        n = min(args.num_eval_captions, len(test_images))
+        start = time.perf_counter()
+        with (output_dir / "captions.jsonl").open("w") as f:
+            for i, batch in enumerate(torch.arange(n).split(args.eval_batch_size)):
+                x0 = test_images[batch].float().div(127.5).sub(1.0)
+                for index, caption in zip(batch.tolist(), generate_captions(model, ctx, x0, args.seed + i),
+                                          strict=True):
+                    f.write(json.dumps({"index": index, "digit": int(test_labels[index]), "caption": caption}) + "\n")
+        summary["caption_seconds"] = time.perf_counter() - start
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and export
+# ----------------------------------------------------------------------------------------------------------------
+def save_checkpoint(accelerator, args, model, ema, train_rng, global_step):
+    """accelerate's save_state plus the EMA and the objective's RNG, written to a temp folder then renamed."""
+    output_dir = Path(args.output_dir)
+    final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise RuntimeError(f"step {global_step}: the weights are not finite; checkpoint not written")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    # Model (safetensors), optimizer, LR schedule, data sampler and the global RNGs of every process.
+    accelerator.save_state(str(tmp))
+    save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
+    if accelerator.is_main_process:
+        state = {"script": SCRIPT, "global_step": global_step, "ema": None}
+        if ema is not None:
+            ema_state = ema.state_dict()
+            shadow = ema_state.pop("shadow_params")
+            save_file({str(i): p.contiguous() for i, p in enumerate(shadow)}, tmp / "ema.safetensors")
+            state["ema"] = ema_state
+        (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic: a crash never leaves a half-written checkpoint-<step>
+        if args.checkpoints_total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(output_dir):
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "training_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def load_checkpoint(accelerator, path, ema, train_rng):
+    """Restore everything save_checkpoint wrote; returns the global step. Nothing loaded can run code."""
+    state = json.loads((path / "training_state.json").read_text())
+    if state.get("script") != SCRIPT:
+        fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not {SCRIPT}")
+    accelerator.load_state(str(path))  # safetensors + torch.load(weights_only=True)
+    train_rng.set_state(load_file(path / f"train_rng_{accelerator.process_index}.safetensors")["state"])
+    if ema is not None:
+        if state["ema"] is None:
+            fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
+        shadow = load_file(path / "ema.safetensors")
+        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+    return state["global_step"]
+
+
+def export_model(model, ctx, args, output_dir):
+    """model.safetensors (EMA weights) + export_config.json: all this script needs to rebuild and prompt it."""
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, output_dir / EXPORT_WEIGHTS)
+    config = {"script": SCRIPT, "mmdit": model.mmdit.config, "tokenizer": args.tokenizer,
+              "text_encoder": args.text_encoder, "max_text_length": args.max_text_length,
+              "vocabulary": ctx.vocabulary.ids.tolist(), "dataset": args.dataset, "data_root": args.data_root,
+              "caption_template": args.caption_template, "kind": ctx.kind, "shape": list(ctx.shape),
+              "vae": ctx.vae_name, "latent_scaling": list(ctx.scaling) if ctx.scaling else None,
+              "guidance_scale": args.guidance_scale, "text_guidance_scale": args.text_guidance_scale,
+              "num_inference_steps": args.num_inference_steps, "text_sampler": args.text_sampler,
+              "text_inference_steps": ctx.text_inference_steps, "validation_prompts": validation_prompts(ctx)}
+    (output_dir / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def write_run_config(args, accelerator):
+    import accelerate
+    import diffusers
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    config = {"args": vars(args), "git_commit": commit, "num_processes": accelerator.num_processes,
+              "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, accelerate)}}
+    (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2))
+
+
+def install_stop_handler():
+    """SIGTERM/SIGINT ask for a checkpoint at the next step boundary, then a clean exit (pre-emptible clusters)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building the text side and the model from flags or from an export
+# ----------------------------------------------------------------------------------------------------------------
+def resolve_dim_text(args):
+    """--dim_text must equal a frozen encoder's hidden size; checked before the encoder's weights load."""
+    if args.text_encoder == "learned":
+        return args.dim_text or 128
+    hidden = text_encoder_hidden_size(args.text_encoder)
+    if args.dim_text is not None and args.dim_text != hidden:
+        fail(f"--dim_text {args.dim_text} does not match the hidden size of --text_encoder {args.text_encoder} "
+             f"({hidden}): pass --dim_text {hidden}")
+    return hidden
+
+
+def build_model(mmdit_config, text_encoder, num_tokens, max_text_length):
+    mmdit = MMDiT(**mmdit_config)
+    text_input = (TextTokenEncoder(num_tokens, max_text_length, mmdit_config["dim_text"])
+                  if text_encoder == "learned" else None)
+    return TextImageModel(mmdit, text_input)
+
+
+def generate_from_export(args, accelerator):
+    export = Path(args.sample_from)
+    config = json.loads((export / EXPORT_CONFIG).read_text())
+    if config.get("script") != SCRIPT:
+        fail(f"--sample_from {export}: exported by {config.get('script')}, not {SCRIPT}")
+    device = accelerator.device
+    tokenizer = load_tokenizer(config["tokenizer"])
+    vocabulary = Vocabulary(config["vocabulary"], tokenizer.pad_token_id)
+    model = build_model(config["mmdit"], config["text_encoder"], vocabulary.size + 1, config["max_text_length"])
+    model.load_state_dict(load_file(export / EXPORT_WEIGHTS))
+    model.to(device).eval()
+    frozen = None if config["text_encoder"] == "learned" else BertTextEncoder(config["text_encoder"], vocabulary)
+    vae = load_vae(config["vae"]).to(device) if config["vae"] else None
+    args.data_root = args.data_root or config["data_root"]
+    args.dataset, args.caption_template = config["dataset"], config["caption_template"]
+    val_x0, val_captions, val_source = None, [], "no held-out images"
+    if config["dataset"] == "mnist" and Path(args.data_root or "", "MNIST", "raw").is_dir():
+        test_images, test_labels = load_mnist(Path(args.data_root), train=False)
+        val_x0 = test_images[:args.num_validation_images].float().div(127.5).sub(1.0)
+        val_captions = [mnist_caption(args.caption_template, d) for d in test_labels[:args.num_validation_images]]
+        val_source = "MNIST test images"
+    ctx = Sampling(tokenizer=tokenizer, vocabulary=vocabulary, frozen_encoder=frozen and frozen.to(device),
+                   max_text_length=config["max_text_length"], device=device, shape=tuple(config["shape"]),
+                   kind=config["kind"], vae=vae, scaling=config["latent_scaling"], dataset=config["dataset"],
+                   caption_template=config["caption_template"], val_captions=val_captions or
+                   config["validation_prompts"], val_x0=val_x0, val_source=val_source,
+                   text_guidance_scale=args.text_guidance_scale, text_sampler=args.text_sampler,
+                   text_inference_steps=args.text_inference_steps or config["max_text_length"])
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        log_validation(model, ctx, args, "export")
+        if (args.num_eval_samples or args.num_eval_captions) and config["dataset"] != "mnist":
+            fail("--num_eval_samples/--num_eval_captions: only for a model trained on MNIST")
+        summary = write_eval_outputs(model, ctx, args, output_dir)
+        if summary:
+            (output_dir / "sample_summary.json").write_text(json.dumps(summary, indent=2))
+            print(f"wrote evaluation outputs to {output_dir}: {summary}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+def main(args):
+    check_args(args)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # "auto" is CPU without CUDA; then several processes (torchrun, accelerate launch) talk over gloo.
+        cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, "logs")),
+        # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.sample_from:
+        return generate_from_export(args, accelerator)
+    dim_text = resolve_dim_text(args)
+    tokenizer = load_tokenizer(args.tokenizer)
+    set_seed(args.seed)  # same initial weights on every process
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(args, accelerator)
+
+    # ---- Data: images (or VAE posteriors) and the caption table, tokenized once -------------------------------
+    vae_name = args.vae
+    vae = load_vae(args.vae).to(accelerator.device) if args.vae else None
+    data = build_dataset(args, vae)
+    if data.vae_info is not None:  # shards: their VAE decodes the samples
+        vae_name = vae_name or data.vae_info["name_or_path"]
+        vae = vae or load_vae(vae_name, "--data_root index.json vae").to(accelerator.device)
+    scaling = latent_scaling(vae) if vae is not None else None
+    if data.shape[-1] % args.patch_size or data.shape[-2] % args.patch_size:
+        fail(f"--patch_size {args.patch_size}: does not divide the {data.shape[-2]}x{data.shape[-1]} image grid")
+    token_ids = tokenize(tokenizer, data.captions, args.max_text_length)
+    vocabulary = Vocabulary.from_captions(tokenizer, token_ids)
+    caption_tokens = vocabulary.compact(token_ids).to(accelerator.device)  # [distinct captions, L]
+    train_dataloader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data.tensors),
+                                                   batch_size=args.train_batch_size, shuffle=True,
+                                                   drop_last=len(data.tensors[0]) >= args.train_batch_size,
+                                                   num_workers=args.dataloader_num_workers)
+
+    # ---- Models: MMDiT (+ learned text embedding), or a frozen BERT as the caption's input embedding ----------
+    frozen = None
+    if args.text_encoder != "learned":
+        frozen = BertTextEncoder(args.text_encoder, vocabulary).to(accelerator.device)
+    mmdit_config = dict(in_channels=data.shape[0], image_size=data.shape[-1], patch_size=args.patch_size,
+                        dim_image=args.dim_image, dim_text=dim_text, text_out_dim=vocabulary.size, depth=args.depth,
+                        num_heads=args.num_heads, mlp_ratio=args.mlp_ratio)
+    model = build_model(mmdit_config, args.text_encoder, vocabulary.size + 1, args.max_text_length)
+    model.mmdit.gradient_checkpointing = args.gradient_checkpointing
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(model.parameters(), decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0,
+                       power=args.ema_power, foreach=True)
+        ema.to(accelerator.device)
+    accelerator.print(f"MMDiT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M trained parameters; "
+                      f"{len(data.tensors[0])} examples ({args.dataset}, {data.kind} {data.shape}), "
+                      f"{len(data.captions)} distinct captions, {vocabulary.size} caption tokens")
+    ctx = Sampling(tokenizer=tokenizer, vocabulary=vocabulary, frozen_encoder=frozen,
+                   max_text_length=args.max_text_length, device=accelerator.device, shape=data.shape,
+                   kind=data.kind, vae=vae, vae_name=vae_name, scaling=scaling, dataset=args.dataset,
+                   caption_template=args.caption_template, val_captions=data.val_captions,
+                   val_x0=validation_images(data, scaling), val_source=data.val_source,
+                   text_guidance_scale=args.text_guidance_scale, text_sampler=args.text_sampler,
+                   text_inference_steps=args.text_inference_steps or args.max_text_length)
+
+    # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay)
+    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    # The prepared scheduler steps once per process at every optimizer step: scale its lengths to match.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    lr_scheduler = accelerator.prepare(lr_scheduler)
+    # Every random draw of the objective comes from this generator, saved in each checkpoint. The global RNG
+    # cannot be trusted for exact resume: each DataLoader iterator draws its base seed from it.
+    train_rng = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
+
+    # ---- Resume -----------------------------------------------------------------------------------------------
+    global_step = 0
+    if args.resume_from_checkpoint:
+        found = list_checkpoints(output_dir)
+        path = found[-1] if args.resume_from_checkpoint == "latest" and found else None
+        path = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint != "latest" else path
+        if path is None:
+            accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
+        else:
+            global_step = load_checkpoint(accelerator, path, ema, train_rng)
+            accelerator.print(f"resumed from {path} at step {global_step}")
+    first_epoch = global_step // steps_per_epoch
+    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("train_image_discrete", config={k: str(v) for k, v in vars(args).items()})
+
+    # ---- Training loop ----------------------------------------------------------------------------------------
+    stop = install_stop_handler()
+    metrics_path = output_dir / "metrics.jsonl"
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
+                    desc="train")
+    sums = torch.zeros(3, device=accelerator.device)  # image loss, text loss, examples
+    nonfinite_in_a_row, window_start, window_samples = 0, time.perf_counter(), 0
+    train_start = time.perf_counter()
+    for epoch in range(first_epoch, num_epochs):
+        model.train()
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == first_epoch and batches_to_skip:
+            batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        for mean, std, caption_index in batches:
+            with accelerator.accumulate(model):
+                x0 = to_model_input(mean, std, data.kind, scaling, train_rng)
+                image_loss, text_loss = training_step(model, frozen, x0, caption_tokens[caption_index], vocabulary,
+                                                      args, train_rng)
+                loss = (image_loss.sum() + args.text_loss_weight * text_loss.sum()) / x0.shape[0]
+                accelerator.backward(loss)
+                finite = True
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+                    # The norm is the same on every process (gradients are already all-reduced). fp16's scaler
+                    # skips overflowing steps itself.
+                    finite = bool(torch.isfinite(grad_norm)) or args.mixed_precision == "fp16"
+                if finite:
+                    optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            sums += torch.stack([image_loss.detach().sum(), text_loss.detach().sum(),
+                                 torch.tensor(float(x0.shape[0]), device=x0.device)])
+            window_samples += x0.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+
+            # -- one optimizer step done
+            global_step += 1
+            progress.update(1)
+            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+            if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                accelerator.print(f"error: {nonfinite_in_a_row} steps in a row with a non-finite gradient at step "
+                                  f"{global_step}; lower --learning_rate. The last checkpoint is intact.")
+                sys.exit(1)
+            if ema is not None and finite:
+                ema.step(model.parameters())
+
+            if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+                totals = accelerator.reduce(sums, "sum").cpu()
+                elapsed = time.perf_counter() - window_start
+                image_l, text_l = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+                row = {"step": global_step, "epoch": epoch, "loss": image_l + args.text_loss_weight * text_l,
+                       "image_loss": image_l, "text_loss": text_l, "lr": lr_scheduler.get_last_lr()[0],
+                       "grad_norm": float(grad_norm), "samples_per_s": window_samples / max(elapsed, 1e-9),
+                       "nonfinite_in_a_row": nonfinite_in_a_row}
+                if accelerator.is_main_process:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    progress.set_postfix(image=f"{image_l:.4f}", text=f"{text_l:.4f}",
+                                         samples_s=f"{row['samples_per_s']:.0f}")
+                accelerator.log(row, step=global_step)
+                sums.zero_()
+                window_start, window_samples = time.perf_counter(), 0
+
+            stop_now = stop.is_set()
+            if accelerator.num_processes > 1:  # every process must agree before the collective save
+                stop_now = bool(accelerator.reduce(torch.tensor(float(stop_now), device=accelerator.device), "max"))
+            if (global_step % args.checkpointing_steps == 0 or stop_now) and global_step < max_train_steps:
+                path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step)
+                accelerator.print(f"\nsaved {path}")
+            if stop_now:
+                accelerator.print(f"stop requested: exiting at step {global_step}; resume with "
+                                  f"--resume_from_checkpoint latest")
+                accelerator.end_training()
+                return
+            if global_step % args.validation_steps == 0 and global_step < max_train_steps \
+                    and accelerator.is_main_process:
+                if ema is not None:
+                    ema.store(model.parameters())
+                    ema.copy_to(model.parameters())
+                log_validation(accelerator.unwrap_model(model).eval(), ctx, args, global_step)
+                plot_loss(metrics_path, output_dir / "loss.png")
+                if ema is not None:
+                    ema.restore(model.parameters())
+                model.train()
+            if global_step >= max_train_steps:
+                break
+    progress.close()
+    train_seconds = time.perf_counter() - train_start
+
+    # ---- Final checkpoint, samples and export (EMA weights) ---------------------------------------------------
+    save_checkpoint(accelerator, args, model, ema, train_rng, global_step)
+    if accelerator.is_main_process:
+        final_model = accelerator.unwrap_model(model).eval()
+        if ema is not None:
+            ema.copy_to(final_model.parameters())
+        export_model(final_model, ctx, args, output_dir)
+        log_validation(final_model, ctx, args, global_step)
+        plot_loss(metrics_path, output_dir / "loss.png")
+        summary = {"global_step": global_step, "train_seconds": train_seconds}
+        if args.dataset == "mnist":
+            summary.update(write_eval_outputs(final_model, ctx, args, output_dir))
+        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        accelerator.print(f"done: step {global_step}, {train_seconds / 60:.1f} min of training; export in {output_dir}")
+    accelerator.end_training()
+
+
+def validation_images(data, scaling):
+    """Held-out images in the model's space (the posterior mean for latents), or None."""
+    if data.val_latent_mean is not None:
+        scale, shift = scaling
+        return (data.val_latent_mean - shift) * scale
+    if data.val_pixels is None:
+        return None
+    return data.val_pixels.float().div(127.5).sub(1.0)
+
+
+if __name__ == "__main__":
+    main(parse_args())
