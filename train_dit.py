@@ -1,0 +1,1148 @@
+"""Train a Diffusion Transformer (DiT), class- or text-conditioned, with the DDPM or the rectified-flow objective.
+
+Class conditioning uses diffusers' DiTTransformer2DModel (adaLN-Zero, Peebles & Xie 2023); text conditioning a
+cross-attention DiT (PixArtTransformer2DModel) reading a frozen text encoder. Inputs are VAE latents (online,
+or precomputed by prepare_data_multi_gpu.py) or pixels (`--vae_name_or_path none`, small images).
+`--objective ddpm`: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, MSE on eps (as DiT, which also learns the
+variance; we keep it fixed and sample with DPM-Solver++). `--objective flow`: x_s = (1 - s) x_0 + s eps,
+MSE on the velocity eps - x_0, s drawn logit-normal (SD3). The condition is replaced by the null class (or
+the empty prompt) with --cond_dropout_prob, so the unconditional branch that guidance uses is trained.
+
+    python train_dit.py --dataset_name mnist --data_root ./dataset_cache --vae_name_or_path none --resolution 32
+    accelerate launch train_dit.py --train_data_dir imagenet/train --model DiT-XL/2 --mixed_precision bf16
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PixArtTransformer2DModel,
+)
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling, compute_snr
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+# The paper's models (Peebles & Xie 2023, table 1): depth, hidden size, heads. "/p" in the name is the patch size.
+PRESETS = {"DiT-S": (12, 384, 6), "DiT-B": (12, 768, 12), "DiT-L": (24, 1024, 16), "DiT-XL": (28, 1152, 16)}
+MNIST_SIZE = 28
+EXPORT_CONFIG = "export_config.json"
+NEGATABLE = {"use_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
+DEFAULT_TEXT_ENCODER = "openai/clip-vit-base-patch32"
+PIPELINE_NULL_CLASS = 1000  # DiTPipeline hard-codes the null class id as 1000 (ImageNet's class count)
+
+
+def fail(message):
+    """A user mistake: one line naming the flag or file and the fix, exit code 2, before any heavy work."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def int_list(text):
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def float_list(text):
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    g = parser.add_argument_group("data (one of --dataset_name, --train_data_dir, --precomputed_data_dir)")
+    g.add_argument("--dataset_name", default=None,
+                   help='A datasets hub name or local dataset; "mnist" reads torchvision MNIST from --data_root.')
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--data_root", default="./dataset_cache",
+                   help="For --dataset_name mnist: the folder holding MNIST/raw (downloaded there when online).")
+    g.add_argument("--train_data_dir", default=None,
+                   help="An ImageNet-style folder (one subfolder per class) and/or images with metadata.jsonl.")
+    g.add_argument("--precomputed_data_dir", default=None,
+                   help="Shards written by prepare_data_multi_gpu.py: no VAE or text encoder runs during training.")
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--label_column", default="label")
+    g.add_argument("--caption_column", default="text")
+    g.add_argument("--caption_template", default="A handwritten digit {}", help="MNIST captions; {} is the digit.")
+    g.add_argument("--resolution", type=int, default=256,
+                   help="Image side in pixels (resize + center crop; MNIST is padded from 28 to this size).")
+    g.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random (as DiT).")
+    g.add_argument("--max_samples", type=int, default=None, help="Truncate the training set to N examples.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    g = parser.add_argument_group("models")
+    g.add_argument("--model", default="DiT-XL/2", help=f"Preset {sorted(PRESETS)} + '/2', '/4' or '/8' (patch size).")
+    g.add_argument("--depth", type=int, default=None, help="Override the preset's number of blocks.")
+    g.add_argument("--hidden_size", type=int, default=None, help="Override the preset's width.")
+    g.add_argument("--num_heads", type=int, default=None, help="Override the preset's attention heads.")
+    g.add_argument("--patch_size", type=int, default=None, help="Override the preset's patch size.")
+    g.add_argument("--conditioning", choices=["class", "text"], default="class")
+    g.add_argument("--num_classes", type=int, default=None, help="Class count; default: read from the data.")
+    g.add_argument("--vae_name_or_path", default="stabilityai/sd-vae-ft-ema",
+                   help='Frozen AutoencoderKL (hub id or folder, a "vae" subfolder is found); "none" = pixel space.')
+    g.add_argument("--text_encoder_name_or_path", default=None,
+                   help="Frozen text encoder for --conditioning text (CLIP text, BERT family, T5 encoder). Default "
+                        f"{DEFAULT_TEXT_ENCODER}; with --sample_from, the export's encoder.")
+    g.add_argument("--tokenizer_max_length", type=int, default=77, help="Tokens per caption (padded/truncated).")
+
+    g = parser.add_argument_group("objective")
+    g.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm")
+    g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon", help="ddpm only.")
+    g.add_argument("--beta_schedule", default="linear", help="ddpm: DDPMScheduler betas (DiT: linear 1e-4..0.02).")
+    g.add_argument("--snr_gamma", type=float, default=0.0, help="ddpm: min-SNR loss weighting; 0 = plain MSE.")
+    g.add_argument("--num_train_timesteps", type=int, default=1000)
+    g.add_argument("--weighting_scheme", choices=["logit_normal", "uniform", "mode"], default="logit_normal",
+                   help="flow: density of the noise level s during training (diffusers' SD3 helper).")
+    g.add_argument("--logit_mean", type=float, default=0.0)
+    g.add_argument("--logit_std", type=float, default=1.0)
+    g.add_argument("--mode_scale", type=float, default=1.29)
+    g.add_argument("--flow_shift", type=float, default=1.0,
+                   help="flow: s -> shift*s / (1 + (shift-1)*s) in training and sampling; > 1 favours high noise.")
+    g.add_argument("--cond_dropout_prob", type=float, default=0.1,
+                   help="Probability of replacing the class by the null class (or the caption by the empty prompt).")
+
+    g = parser.add_argument_group("optimisation (defaults: DiT's AdamW 1e-4, constant, EMA 0.9999)")
+    g.add_argument("--output_dir", default="output_dit")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--train_batch_size", "--batch_size", type=int, default=32,
+                   help="Batch size per process (DiT: 256 in total over 8 GPUs).")
+    g.add_argument("--num_train_epochs", "--epochs", "--num_epochs", type=int, default=80)
+    g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs when set.")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--lr_scheduler", default="constant",
+                   help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--max_nonfinite_steps", type=int, default=10,
+                   help="Stop after this many optimizer steps in a row with a non-finite gradient (read when logging).")
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="Keep an EMA of the weights (a copy at the start, with warmup) for samples and the export.")
+    g.add_argument("--ema_decay", type=float, default=0.9999, help="Largest EMA decay, reached after the warmup.")
+    g.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
+
+    g = parser.add_argument_group("speed and memory")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="Default attention is PyTorch SDPA (flash/memory-efficient kernels on GPU).")
+    g.add_argument("--torch_compile", action="store_true", help="torch.compile the transformer's forward.")
+
+    g = parser.add_argument_group("sampling and evaluation")
+    g.add_argument("--guidance_scale", type=float, default=1.5,
+                   help="uncond + s * (cond - uncond) on all channels; 1 = no guidance. Used for --num_eval_samples.")
+    g.add_argument("--guidance_interval", type=float_list, default=None,
+                   help="LO,HI: guide only while the noise level t/T is in [LO, HI] (Kynkaanniemi et al. 2024).")
+    g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 1.5, 4.0],
+                   help="Columns of the validation grid.")
+    g.add_argument("--validation_class_ids", type=int_list, default=None, help="Rows of the grid (default 0..9).")
+    g.add_argument("--validation_prompts", nargs="+", default=None,
+                   help="Rows of the grid for --conditioning text (default: the first captions of the data).")
+    g.add_argument("--num_inference_steps", type=int, default=25, help="DPM-Solver++ (ddpm) or Euler (flow) steps.")
+    g.add_argument("--num_eval_samples", type=int, default=0,
+                   help="Write N samples (balanced over the classes) to <output_dir>/eval_samples.npz at the end.")
+    g.add_argument("--eval_batch_size", type=int, default=250)
+    g.add_argument("--sample_from", default=None, help="Generate from an export folder (no training).")
+
+    g = parser.add_argument_group("logging and checkpoints")
+    g.add_argument("--logging_steps", type=int, default=100, help="Also how often the host reads device values.")
+    g.add_argument("--validation_steps", type=int, default=5000)
+    g.add_argument("--checkpointing_steps", type=int, default=5000)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return parser.parse_args([underscore_flag(a) for a in argv])
+
+
+def underscore_flag(arg):
+    """Every flag also accepts its hyphen spelling: --max-samples == --max_samples, --no-use-ema == --no-use_ema."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    negation = "no-" if name.startswith(("no-", "no_")) and name[3:].replace("-", "_") in NEGATABLE else ""
+    return "--" + negation + name[len(negation):].replace("-", "_") + eq + value
+
+
+def model_shape(args):
+    """(depth, hidden, heads, patch) from --model and the explicit overrides."""
+    name, _, patch = args.model.partition("/")
+    if name not in PRESETS or patch not in ("2", "4", "8"):
+        fail(f"--model {args.model}: unknown preset; use one of "
+             f"{', '.join(f'{n}/{p}' for n in PRESETS for p in (2, 4, 8))}")
+    depth, hidden, heads = PRESETS[name]
+    return (args.depth or depth, args.hidden_size or hidden, args.num_heads or heads, args.patch_size or int(patch))
+
+
+def check_args(args):
+    """Cheap checks of the flags, before any dataset or model is loaded."""
+    if args.sample_from:
+        if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
+            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run")
+    else:
+        sources = [s for s in ("dataset_name", "train_data_dir", "precomputed_data_dir") if getattr(args, s)]
+        if len(sources) != 1:
+            fail("give exactly one of --dataset_name, --train_data_dir, --precomputed_data_dir "
+                 f"(got {', '.join('--' + s for s in sources) or 'none'})")
+        for flag in ("train_data_dir", "precomputed_data_dir"):
+            if getattr(args, flag) and not Path(getattr(args, flag)).is_dir():
+                fail(f"--{flag} {getattr(args, flag)}: no such folder")
+        if args.precomputed_data_dir and not (Path(args.precomputed_data_dir) / "index.json").is_file():
+            fail(f"--precomputed_data_dir {args.precomputed_data_dir}: no index.json; write the folder with "
+                 f"prepare_data_multi_gpu.py (an interrupted run writes index.json only when all shards are done)")
+    depth, hidden, heads, patch = model_shape(args)
+    if hidden % heads:
+        fail(f"--hidden_size {hidden} is not divisible by --num_heads {heads}")
+    if args.max_samples is not None and args.max_samples < 1:
+        fail(f"--max_samples {args.max_samples}: must be at least 1 (leave it out to use the whole dataset)")
+    if args.mixed_precision == "fp16" and (args.device == "cpu" or not torch.cuda.is_available()):
+        fail("--mixed_precision fp16 needs a CUDA GPU: use --mixed_precision bf16 or no on this machine")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    if not 0.0 <= args.cond_dropout_prob < 1.0:
+        fail(f"--cond_dropout_prob {args.cond_dropout_prob}: must be in [0, 1)")
+    if args.guidance_interval is not None and (len(args.guidance_interval) != 2 or not
+                                               0 <= args.guidance_interval[0] < args.guidance_interval[1] <= 1):
+        fail(f"--guidance_interval {args.guidance_interval}: give LO,HI with 0 <= LO < HI <= 1")
+    if args.flow_shift <= 0:
+        fail(f"--flow_shift {args.flow_shift}: must be positive")
+    if args.enable_xformers_memory_efficient_attention:
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            fail("--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers); "
+                 "without the flag the model uses PyTorch SDPA")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
+            fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data. Every example is a dict: "pixels" [C, R, R] in [-1, 1] (or, precomputed, "latent_mean"/"latent_std"),
+# "label" (class id) and "caption" (or, precomputed, "text_states"/"text_mask").
+# ----------------------------------------------------------------------------------------------------------------
+class MNISTDataset(torch.utils.data.Dataset):
+    """torchvision MNIST held in memory, each digit padded from 28 to the resolution on a black border."""
+
+    def __init__(self, args, channels):
+        try:
+            mnist = torchvision.datasets.MNIST(args.data_root, train=True, download=False)
+        except RuntimeError:
+            try:
+                mnist = torchvision.datasets.MNIST(args.data_root, train=True, download=True)
+            except Exception as e:  # offline, proxy, disk full: all end the same way
+                fail(f"--data_root {args.data_root}: MNIST is not there and could not be downloaded "
+                     f"({type(e).__name__}); point --data_root at a folder holding MNIST/raw")
+        n = len(mnist) if args.max_samples is None else min(args.max_samples, len(mnist))
+        pad = (args.resolution - MNIST_SIZE) // 2
+        images = mnist.data[:n].float().div(127.5).sub(1.0).unsqueeze(1)  # white digit on black, in [-1, 1]
+        self.images = F.pad(images, (pad, pad, pad, pad), value=-1.0).expand(-1, channels, -1, -1)
+        self.labels = mnist.targets[:n].long()
+        self.label_names = [str(d) for d in range(10)]
+        self.template = args.caption_template
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        label = int(self.labels[i])
+        return {"pixels": self.images[i], "label": label, "caption": self.template.format(label)}
+
+
+class HFImageDataset(torch.utils.data.Dataset):
+    """A datasets table (hub, local, or imagefolder): images resized, center-cropped (as ADM/DiT), in [-1, 1].
+    Images are decoded here, so an unreadable one is skipped (None, dropped by `collate`) instead of a crash."""
+
+    def __init__(self, table, args, channels):
+        from datasets import Image
+        self.table = table.cast_column(args.image_column, Image(decode=False))
+        self.args, self.channels = args, channels
+        feature = table.features.get(args.label_column)
+        self.label_names = getattr(feature, "names", None)
+        self.transform = torchvision.transforms.Compose([
+            torchvision.transforms.Resize(args.resolution, torchvision.transforms.InterpolationMode.BICUBIC),
+            torchvision.transforms.CenterCrop(args.resolution),
+            torchvision.transforms.ToTensor(),
+            torchvision.transforms.Normalize([0.5], [0.5]),
+        ])
+
+    def __len__(self):
+        return len(self.table)
+
+    def __getitem__(self, i):
+        import io
+
+        from PIL import Image, UnidentifiedImageError
+        row = self.table[i]
+        image = row[self.args.image_column]
+        try:
+            image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+            image = image.convert("RGB" if self.channels == 3 else "L")
+            pixels = self.transform(image)
+        except (OSError, UnidentifiedImageError, ValueError):
+            return None
+        label = int(row[self.args.label_column]) if self.args.label_column in row else -1
+        return {"pixels": pixels, "label": label, "caption": str(row.get(self.args.caption_column) or "")}
+
+
+class PrecomputedDataset(torch.utils.data.Dataset):
+    """Rows of the safetensors shards of prepare_data_multi_gpu.py (docs/precomputed_format.md), read lazily
+    through memory maps: a dataset larger than RAM works. The latent itself is drawn later, in training_step."""
+
+    def __init__(self, root, index, text_key, max_samples):
+        self.root, self.text_key = Path(root), text_key
+        self.files, counts = [], []
+        for shard in index["shards"]:
+            self.files.append(self.root / shard["file"])
+            counts.append(shard["num_examples"])
+        self.starts = np.cumsum([0] + counts)
+        self.length = int(self.starts[-1]) if max_samples is None else min(max_samples, int(self.starts[-1]))
+        self.keys = ["latent_mean", "latent_std"] + (["latent_mean_flipped", "latent_std_flipped"]
+                                                     if index.get("random_flip") else [])
+        self.keys += ["label"] if "label" in index["tensors"] else []
+        if text_key:
+            self.keys += [f"{text_key}.hidden_states", f"{text_key}.attention_mask"]
+        self.label_names = index.get("label_names")
+        self.handles = {}  # opened per process (a DataLoader worker cannot inherit them)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        s = int(np.searchsorted(self.starts, i, side="right") - 1)
+        if s not in self.handles:
+            self.handles[s] = safe_open(str(self.files[s]), framework="pt")
+        row, handle = i - int(self.starts[s]), self.handles[s]
+        item = {k: handle.get_slice(k)[row:row + 1][0] for k in self.keys}
+        out = {"latent_mean": item["latent_mean"].float(), "latent_std": item["latent_std"].float(),
+               "label": int(item["label"]) if "label" in item else -1}
+        if "latent_mean_flipped" in item:
+            out["latent_mean_flipped"] = item["latent_mean_flipped"].float()
+            out["latent_std_flipped"] = item["latent_std_flipped"].float()
+        if self.text_key:
+            out["text_states"] = item[f"{self.text_key}.hidden_states"].float()
+            out["text_mask"] = item[f"{self.text_key}.attention_mask"].long()
+        return out
+
+
+def collate(examples):
+    """Stack a batch, dropping (and counting) the examples whose image could not be read."""
+    kept = [e for e in examples if e is not None]
+    return {**(torch.utils.data.default_collate(kept) if kept else {}), "skipped": len(examples) - len(kept)}
+
+
+def read_precomputed_index(args):
+    index = json.loads((Path(args.precomputed_data_dir) / "index.json").read_text())
+    flag = f"--precomputed_data_dir {args.precomputed_data_dir}"
+    if index.get("format") != "precomputed-diffusion-shards" or index.get("version") != 1:
+        fail(f"{flag}: index.json is not version 1 of prepare_data_multi_gpu.py's format")
+    if index.get("vae") is None:
+        fail(f"{flag}: the shards hold no VAE latents; run prepare_data_multi_gpu.py with a VAE")
+    if args.conditioning == "text" and not index.get("text_encoders"):
+        fail(f"{flag}: no text encoder states in the shards; prepare them with --text_encoder_name_or_path")
+    if args.conditioning == "class" and "label" not in index.get("tensors", {}):
+        fail(f"{flag}: the shards hold no class labels; use --conditioning text or a labelled source")
+    return index
+
+
+def build_dataset(args, channels):
+    """The training set for the chosen source, truncated to --max_samples, and its class names."""
+    if args.precomputed_data_dir:
+        index = read_precomputed_index(args)
+        text_key = index["text_encoders"][0]["key"] if args.conditioning == "text" else None
+        return PrecomputedDataset(args.precomputed_data_dir, index, text_key, args.max_samples)
+    if args.dataset_name == "mnist":
+        if args.resolution < MNIST_SIZE or (args.resolution - MNIST_SIZE) % 2:
+            fail(f"--resolution {args.resolution}: MNIST is padded from 28, use 28 + an even number (32 is usual)")
+        return MNISTDataset(args, channels)
+    from datasets import load_dataset
+    if args.train_data_dir:
+        table = load_dataset("imagefolder", data_dir=args.train_data_dir, split="train")
+    else:
+        table = load_dataset(args.dataset_name, args.dataset_config_name, split="train")
+    wanted = [args.image_column] + ([args.caption_column] if args.conditioning == "text" else [args.label_column])
+    for column, flag in zip(wanted, ["--image_column", "--caption_column" if args.conditioning == "text"
+                                     else "--label_column"], strict=True):
+        if column not in table.column_names:
+            fail(f"{flag} {column}: not a column of the dataset; it has {', '.join(table.column_names)}")
+    if args.max_samples is not None:
+        table = table.select(range(min(args.max_samples, len(table))))
+    if len(table) == 0:
+        fail("the dataset is empty")
+    return HFImageDataset(table, args, channels)
+
+
+def first_captions(dataset, k=10):
+    """Validation prompts when none are given: the first k distinct captions of the data."""
+    if isinstance(dataset, MNISTDataset):
+        return [dataset.template.format(d) for d in range(k)]
+    return list(dict.fromkeys(dataset.table[:256][dataset.args.caption_column]))[:k]
+
+
+def count_classes(dataset):
+    if isinstance(dataset, MNISTDataset):
+        return 10
+    if dataset.label_names:
+        return len(dataset.label_names)
+    if isinstance(dataset, HFImageDataset):
+        return int(max(dataset.table[dataset.args.label_column])) + 1
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+def load_vae(name_or_path):
+    """A frozen AutoencoderKL from its own folder or from the vae/ subfolder of a pipeline; None for pixels."""
+    if name_or_path.lower() == "none":
+        return None
+    sub = "vae" if (Path(name_or_path) / "vae" / "config.json").is_file() else None
+    try:
+        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder=sub)
+    except (OSError, ValueError) as e:
+        fail(f"--vae_name_or_path {name_or_path}: cannot load an AutoencoderKL ({type(e).__name__}); pass its "
+             f"folder (config.json + weights), a pipeline folder with vae/, a hub id when online, or none")
+    return vae.requires_grad_(False).eval()
+
+
+def load_text_encoder(name_or_path):
+    """Tokenizer + frozen encoder through the Auto classes; a full CLIP checkpoint gives its text tower only."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        fail(f"--text_encoder_name_or_path {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder "
+             f"with config.json and the tokenizer files, or a hub id when online")
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    model_cls = {"clip": CLIPTextModel, "t5": T5EncoderModel, "mt5": T5EncoderModel}.get(config.model_type, AutoModel)
+    return tokenizer, model_cls.from_pretrained(name_or_path).requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts, max_length, device):
+    """Last hidden states [n, L, D] and attention masks [n, L] (1 = token, 0 = padding)."""
+    tokens = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
+                       return_tensors="pt")
+    states = text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))[0]
+    return states.float(), tokens.attention_mask.to(device)
+
+
+def build_transformer(args, in_channels, sample_size, num_classes, caption_channels):
+    """DiT with the preset's shape. Class: adaLN-Zero blocks whose label table has one extra row, the null class
+    at id num_classes. Text: the same blocks with cross-attention to the projected caption states (PixArt-alpha).
+    out_channels = in_channels: the variance is fixed, not learned (DiT's second half of channels is dropped)."""
+    depth, hidden, heads, patch = model_shape(args)
+    common = dict(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=in_channels,
+                  out_channels=in_channels, num_layers=depth, sample_size=sample_size, patch_size=patch)
+    if args.conditioning == "class":
+        model = DiTTransformer2DModel(num_embeds_ada_norm=num_classes, **common)
+    else:
+        model = PixArtTransformer2DModel(cross_attention_dim=hidden, caption_channels=caption_channels,
+                                         use_additional_conditions=False, **common)
+    return disable_label_dropout(model)
+
+
+def disable_label_dropout(model):
+    """diffusers' LabelEmbedding drops labels by itself in train mode, independently in every block (each DiT block
+    has its own embedding), from the global RNG. Guidance dropout is done once per example in training_step."""
+    for module in model.modules():
+        if hasattr(module, "token_drop"):
+            module.dropout_prob = 0.0
+    return model
+
+
+def condition_kwargs(model, cond):
+    """Model keyword arguments for a condition dict (class labels, or caption states and mask)."""
+    if "class_labels" in cond:
+        return {"class_labels": cond["class_labels"]}
+    return {"encoder_hidden_states": cond["states"], "encoder_attention_mask": cond["mask"],
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+
+def drop_condition(cond, null, drop):
+    """Replace the condition of the examples where `drop` is True by the null condition (batch of one)."""
+    out = {}
+    for key, value in cond.items():
+        mask = drop.view(-1, *([1] * (value.dim() - 1)))
+        out[key] = torch.where(mask, null[key].expand_as(value).to(value.dtype), value)
+    return out
+
+
+def null_and_cond(cond, null):
+    """[unconditional; conditional] along the batch, for one model call per guided step."""
+    return {k: torch.cat([null[k].expand_as(v).to(v.dtype), v]) for k, v in cond.items()}
+
+
+def build_noise_scheduler(args):
+    if args.objective == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=args.num_train_timesteps, shift=args.flow_shift)
+    return DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
+                         prediction_type=args.prediction_type, clip_sample=False)
+
+
+def build_sampler(args, noise_scheduler, pixel_space):
+    """flow: Euler on the (shifted) straight path. ddpm: second-order DPM-Solver++ on the training schedule; in
+    pixel space its data prediction is clipped to [-1, 1]: at t=T the linear schedule has sqrt(abar) ~ 6e-3, so
+    x0 = (x_t - sigma * eps) / sqrt(abar) multiplies epsilon errors by ~150."""
+    if args.objective == "flow":
+        return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
+    return DPMSolverMultistepScheduler.from_config(noise_scheduler.config, algorithm_type="dpmsolver++",
+                                                   solver_order=2, final_sigmas_type="zero",
+                                                   thresholding=pixel_space, sample_max_value=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Objective and sampler
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def batch_to_inputs(batch, vae, vae_scale, generator, args):
+    """The clean model input x_0 of a batch: pixels, or a latent drawn afresh from the VAE posterior (online or
+    stored), scaled as diffusers does; random flips drawn here from `generator`, so resume stays exact."""
+    device = generator.device
+    if "latent_mean" in batch:  # precomputed
+        mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+        if "latent_mean_flipped" in batch:
+            flip = (torch.rand(mean.shape[0], generator=generator, device=device) < 0.5).view(-1, 1, 1, 1)
+            mean = torch.where(flip, batch["latent_mean_flipped"].to(device), mean)
+            std = torch.where(flip, batch["latent_std_flipped"].to(device), std)
+    else:
+        pixels = batch["pixels"].to(device)
+        if args.random_flip:
+            flip = (torch.rand(pixels.shape[0], generator=generator, device=device) < 0.5).view(-1, 1, 1, 1)
+            pixels = torch.where(flip, pixels.flip(-1), pixels)
+        if vae is None:
+            return pixels
+        posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
+        mean, std = posterior.mean.float(), posterior.std.float()
+    latents = mean + std * torch.randn(mean.shape, generator=generator, device=device)
+    return (latents - vae_scale["shift_factor"]) * vae_scale["scaling_factor"]
+
+
+def training_step(model, noise_scheduler, x0, cond, null, args, generator):
+    """Noise a batch at random levels, drop conditions for guidance; per-sample losses and noise levels in [0, 1]."""
+    n, device = x0.shape[0], x0.device
+    noise = torch.randn(x0.shape, generator=generator, device=device)
+    # Classifier-free guidance: the unconditional branch is the same network reading the null condition.
+    drop = torch.rand(n, generator=generator, device=device) < args.cond_dropout_prob
+    cond = drop_condition(cond, null, drop)
+    num_t = noise_scheduler.config.num_train_timesteps
+    if args.objective == "flow":
+        u = compute_density_for_timestep_sampling(args.weighting_scheme, n, args.logit_mean, args.logit_std,
+                                                  args.mode_scale, device=device, generator=generator)
+        sigma = args.flow_shift * u / (1 + (args.flow_shift - 1) * u)  # the sampler's shift, so both agree
+        s = sigma.view(-1, 1, 1, 1)
+        noisy = (1 - s) * x0 + s * noise  # a straight line from data (s=0) to noise (s=1)
+        target = noise - x0  # its velocity d x_s / d s
+        timesteps, level = sigma * num_t, sigma
+    else:
+        timesteps = torch.randint(0, num_t, (n,), generator=generator, device=device)
+        noisy = noise_scheduler.add_noise(x0, noise, timesteps)  # variance preserving
+        target = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, timesteps)
+        level = timesteps.float() / num_t
+    pred = model(noisy, timestep=timesteps, **condition_kwargs(model, cond)).sample
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if args.objective == "ddpm" and args.snr_gamma:  # min(SNR, gamma) in x0 units over the target's own weight
+        snr = compute_snr(noise_scheduler, timesteps)
+        base = snr if args.prediction_type == "epsilon" else snr + 1
+        per_sample = per_sample * snr.clamp(max=args.snr_gamma) / base
+    return per_sample, level
+
+
+@torch.no_grad()
+def sample(model, sampler, cond, null, shape, guidance_scale, num_inference_steps, generator, guidance_interval=None):
+    """Generate model inputs of `shape` (pixels or scaled latents) with classifier-free guidance on all channels,
+    optionally only inside a noise-level interval. Both samplers start from unit-variance noise."""
+    device, dtype = generator.device, next(model.parameters()).dtype
+    x = torch.randn(shape, generator=generator, device=device)
+    both = null_and_cond(cond, null)
+    num_t = sampler.config.num_train_timesteps
+    sampler.set_timesteps(num_inference_steps, device=device)
+    for t in sampler.timesteps:
+        level = float(t) / num_t
+        guided = guidance_scale != 1.0 and (guidance_interval is None
+                                            or guidance_interval[0] <= level <= guidance_interval[1])
+        x_in = torch.cat([x, x]) if guided else x
+        kwargs = condition_kwargs(model, both if guided else cond)
+        kwargs = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kwargs.items()}
+        pred = model(x_in.to(dtype), timestep=t.expand(x_in.shape[0]), **kwargs).sample.float()
+        if guided:
+            uncond, conditional = pred.chunk(2)
+            pred = uncond + guidance_scale * (conditional - uncond)
+        x = sampler.step(pred, t, x).prev_sample
+    return x
+
+
+@torch.no_grad()
+def decode(x, vae, vae_scale):
+    """Model inputs -> images in [-1, 1]."""
+    if vae is not None:
+        x = vae.decode((x / vae_scale["scaling_factor"] + vae_scale["shift_factor"]).to(vae.dtype)).sample.float()
+    return x.clamp(-1, 1)
+
+
+def to_uint8(images, crop):
+    """[n, C, R, R] in [-1, 1] -> uint8 [n, R', R'] (one channel) or [n, R', R', 3]; `crop` removes the MNIST pad."""
+    if crop:
+        images = images[..., crop:-crop, crop:-crop]
+    images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+    return images[:, 0] if images.shape[1] == 1 else images.permute(0, 2, 3, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation, plots and evaluation samples
+# ----------------------------------------------------------------------------------------------------------------
+class ImageGenerator:
+    """Everything sampling needs, from training or from an export."""
+
+    def __init__(self, model, sampler, vae, vae_scale, null, shape, crop):
+        self.model, self.sampler, self.vae, self.vae_scale = model, sampler, vae, vae_scale
+        self.null, self.shape, self.crop = null, shape, crop
+        self.device = next(iter(null.values())).device
+
+    def images(self, cond, n, guidance_scale, args, generator):
+        x = sample(self.model, self.sampler, cond, self.null, (n, *self.shape), guidance_scale,
+                   args.num_inference_steps, generator, args.guidance_interval)
+        return to_uint8(decode(x, self.vae, self.vae_scale), self.crop)
+
+
+def log_validation(gen, rows, args, path, per_row=4):
+    """Grid: one row per class or prompt, one panel per guidance scale, labelled; written to `path`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, cond = rows
+    n = len(names)
+    repeated = {k: v.repeat_interleave(per_row, dim=0) for k, v in cond.items()}
+    scales = args.validation_guidance_scales
+    fig, axes = plt.subplots(1, len(scales), figsize=(1.6 * per_row * len(scales) + 2, 1.4 * n + 0.6), squeeze=False)
+    for ax, scale in zip(axes[0], scales, strict=True):
+        generator = torch.Generator(gen.device).manual_seed(args.seed)  # same noise in every panel and step
+        images = gen.images(repeated, n * per_row, scale, args, generator)
+        h, w = images.shape[1:3]
+        grid = images.view(n, per_row, h, w, -1).permute(0, 2, 1, 3, 4).reshape(n * h, per_row * w, -1)
+        ax.imshow(grid.squeeze(-1).numpy(), cmap="gray" if grid.shape[-1] == 1 else None, vmin=0, vmax=255)
+        ax.set_title(f"guidance {scale:g}")
+        ax.set_xticks([])
+        ax.set_yticks([h * (i + 0.5) for i in range(n)])
+        ax.set_yticklabels([str(s)[:40] for s in names] if ax is axes[0][0] else [])
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_loss(metrics_path, out_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
+    for k in sorted(k for k in rows[-1] if k.startswith("loss_t")):  # loss per noise-level bin, as minRF logs it
+        ax.plot([r["step"] for r in rows], [r.get(k, float("nan")) for r in rows], lw=0.8, label=k)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=80)
+    plt.close(fig)
+
+
+def write_eval_samples(gen, num_classes, args, path):
+    """N class-conditional samples balanced over the classes at --guidance_scale: images uint8, labels [N]."""
+    labels = torch.arange(args.num_eval_samples, device=gen.device) % num_classes
+    generator = torch.Generator(gen.device).manual_seed(args.seed + 1)
+    start, chunks = time.perf_counter(), []
+    for batch in labels.split(args.eval_batch_size):
+        chunks.append(gen.images({"class_labels": batch}, len(batch), args.guidance_scale, args, generator))
+    seconds = time.perf_counter() - start
+    np.savez_compressed(path, images=torch.cat(chunks).numpy(), labels=labels.cpu().numpy(),
+                        guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
+                        sample_seconds=seconds)
+    return seconds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and export
+# ----------------------------------------------------------------------------------------------------------------
+def save_checkpoint(accelerator, args, model, ema, train_rng, global_step):
+    """accelerate's save_state plus the EMA and the objective's RNG, written to a temp folder then renamed."""
+    output_dir = Path(args.output_dir)
+    final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise RuntimeError(f"step {global_step}: the weights are not finite; checkpoint not written")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    # Model (safetensors), optimizer, LR schedule, data sampler and the global RNGs of every process.
+    accelerator.save_state(str(tmp))
+    save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
+    if accelerator.is_main_process:
+        state = {"script": "train_dit.py", "global_step": global_step, "model": args.model,
+                 "conditioning": args.conditioning, "ema": None}
+        if ema is not None:
+            ema_state = ema.state_dict()
+            shadow = ema_state.pop("shadow_params")
+            save_file({str(i): p.contiguous() for i, p in enumerate(shadow)}, tmp / "ema.safetensors")
+            state["ema"] = ema_state
+        (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic: a crash never leaves a half-written checkpoint-<step>
+        if args.checkpoints_total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(output_dir):
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "training_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def load_checkpoint(accelerator, path, ema, train_rng, args):
+    """Restore everything save_checkpoint wrote; returns the global step. Nothing loaded can run code."""
+    state = json.loads((path / "training_state.json").read_text())
+    if state.get("script") != "train_dit.py":
+        fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not train_dit.py")
+    if (state["model"], state["conditioning"]) != (args.model, args.conditioning):
+        fail(f"--resume_from_checkpoint {path}: a {state['model']} {state['conditioning']} model; pass the same "
+             f"--model and --conditioning")
+    accelerator.load_state(str(path))  # safetensors + torch.load(weights_only=True)
+    train_rng.set_state(load_file(path / f"train_rng_{accelerator.process_index}.safetensors")["state"])
+    if ema is not None:
+        if state["ema"] is None:
+            fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
+        shadow = load_file(path / "ema.safetensors")
+        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+    return state["global_step"]
+
+
+def widen_label_tables(model, num_classes):
+    """A copy of a class-conditional DiT whose label tables have rows for 1000 classes + the null class at 1000,
+    where DiTPipeline looks for it; rows num_classes..999 repeat the null row. Sampling is unchanged."""
+    config = dict(model.config)
+    config["num_embeds_ada_norm"] = PIPELINE_NULL_CLASS
+    wide = DiTTransformer2DModel.from_config(config)
+    state = model.state_dict()
+    for key, table in state.items():
+        if key.endswith("class_embedder.embedding_table.weight"):
+            rows = table[num_classes:num_classes + 1].expand(PIPELINE_NULL_CLASS + 1 - num_classes, -1)
+            state[key] = torch.cat([table[:num_classes], rows])
+    wide.load_state_dict(state)
+    return wide
+
+
+def export_model(model, sampler, vae, args, meta, output_dir):
+    """diffusers save_pretrained layout with the EMA weights: transformer/ + scheduler/ (+ vae/), and
+    export_config.json (conditioning, labels, text encoder, input layout). A class-conditional latent ddpm
+    model is written as a DiTPipeline (model_index.json), loadable with DiTPipeline.from_pretrained."""
+    model = model.float()
+    if args.conditioning == "class" and meta["num_classes"] < PIPELINE_NULL_CLASS:
+        model = widen_label_tables(model, meta["num_classes"])
+    if args.conditioning == "class" and vae is not None and args.objective == "ddpm":
+        id2label = {i: name for i, name in enumerate(meta["label_names"] or range(meta["num_classes"]))}
+        pipeline = DiTPipeline(transformer=model, vae=vae.float(), scheduler=sampler, id2label=id2label)
+        pipeline.save_pretrained(output_dir)
+    else:
+        model.save_pretrained(output_dir / "transformer")
+        sampler.save_pretrained(output_dir / "scheduler")
+        if vae is not None:
+            vae.save_pretrained(output_dir / "vae")
+    (output_dir / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2))
+
+
+def write_run_config(args, accelerator):
+    import accelerate
+    import diffusers
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    config = {"args": vars(args), "git_commit": commit, "num_processes": accelerator.num_processes,
+              "versions": {m.__name__: m.__version__ for m in (torch, torchvision, diffusers, transformers,
+                                                                accelerate)}}
+    (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2))
+
+
+def install_stop_handler():
+    """SIGTERM/SIGINT ask for a checkpoint at the next step boundary, then a clean exit (pre-emptible clusters)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling from an export, without training
+# ----------------------------------------------------------------------------------------------------------------
+def generate_from_export(args, accelerator):
+    export = Path(args.sample_from)
+    meta = json.loads((export / EXPORT_CONFIG).read_text())
+    device = accelerator.device
+    model_cls = DiTTransformer2DModel if meta["conditioning"] == "class" else PixArtTransformer2DModel
+    model = model_cls.from_pretrained(export / "transformer").to(device).eval()
+    scheduler_cls = FlowMatchEulerDiscreteScheduler if meta["objective"] == "flow" else DPMSolverMultistepScheduler
+    sampler = scheduler_cls.from_pretrained(export / "scheduler")
+    vae = load_vae(str(export)) if meta["vae"] else None
+    if vae is not None:
+        vae.to(device)
+    if meta["conditioning"] == "class":
+        null = {"class_labels": torch.tensor([model.config.num_embeds_ada_norm], device=device)}
+        ids = args.validation_class_ids or list(range(min(meta["num_classes"], 10)))
+        names = [meta["label_names"][i] if meta["label_names"] else str(i) for i in ids]
+        rows = (names, {"class_labels": torch.tensor(ids, device=device)})
+    else:
+        tokenizer, text_encoder = load_text_encoder(args.text_encoder_name_or_path or meta["text_encoder"])
+        text_encoder.to(device)
+        states, mask = encode_prompts(tokenizer, text_encoder, [""], meta["tokenizer_max_length"], device)
+        null = {"states": states, "mask": mask}
+        prompts = args.validation_prompts or meta["validation_prompts"]
+        states, mask = encode_prompts(tokenizer, text_encoder, prompts, meta["tokenizer_max_length"], device)
+        rows = (prompts, {"states": states, "mask": mask})
+    gen = ImageGenerator(model, sampler, vae, meta["vae_scale"], null, meta["input_shape"], meta["crop"])
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        log_validation(gen, rows, args, output_dir / "samples" / "export.png")
+        if args.num_eval_samples and meta["conditioning"] == "class":
+            seconds = write_eval_samples(gen, meta["num_classes"], args, output_dir / "eval_samples.npz")
+            print(f"wrote {args.num_eval_samples} samples to {output_dir / 'eval_samples.npz'} in {seconds:.1f}s")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+def main(args):
+    check_args(args)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # "auto" is CPU without CUDA; then several processes (torchrun, accelerate launch) talk over gloo.
+        cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, "logs")),
+        # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.sample_from:
+        return generate_from_export(args, accelerator)
+    set_seed(args.seed)  # same initial weights on every process
+    output_dir = Path(args.output_dir)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # ---- Frozen VAE (or pixels) and the input layout ----------------------------------------------------------
+    index = read_precomputed_index(args) if args.precomputed_data_dir else None
+    vae_name = index["vae"]["name_or_path"] if index else args.vae_name_or_path
+    vae = load_vae(vae_name)  # with precomputed latents it only decodes samples
+    if index:
+        vae_scale = {"scaling_factor": index["vae"]["scaling_factor"],
+                     "shift_factor": index["vae"].get("shift_factor") or 0.0}
+        resolution = index["resolution"]
+        shape = [index["vae"]["latent_channels"], index["vae"]["latent_size"], index["vae"]["latent_size"]]
+        factor = resolution // shape[1]
+        image_channels = 3
+    elif vae is not None:
+        vae_scale = {"scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.shift_factor or 0.0}
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        shape = [vae.config.latent_channels, args.resolution // factor, args.resolution // factor]
+        image_channels, resolution = vae.config.in_channels, args.resolution
+    else:
+        vae_scale, factor, resolution = {"scaling_factor": 1.0, "shift_factor": 0.0}, 1, args.resolution
+        image_channels = 1 if args.dataset_name == "mnist" else 3
+        shape = [image_channels, resolution, resolution]
+    if vae is not None:
+        vae.to(device, dtype=weight_dtype)
+    patch = model_shape(args)[3]
+    if resolution % (factor * patch):
+        fail(f"--resolution {resolution}: must be divisible by the patch size x the VAE factor = {patch} x {factor}")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(args, accelerator)
+
+    # ---- Data -------------------------------------------------------------------------------------------------
+    dataset = build_dataset(args, image_channels)
+    num_classes = None
+    if args.conditioning == "class":
+        found = count_classes(dataset)
+        if found is None:
+            fail("the data has no class labels: pass --num_classes or use --conditioning text")
+        if args.num_classes is not None and args.num_classes != found:
+            fail(f"--num_classes {args.num_classes}: the data has {found} classes; drop the flag or fix it")
+        num_classes = found
+    train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
+                                                   drop_last=len(dataset) >= args.train_batch_size,
+                                                   num_workers=args.dataloader_num_workers, collate_fn=collate)
+
+    # ---- Conditions: class ids, or a frozen text encoder (not needed with precomputed states) -----------------
+    tokenizer = text_encoder = None
+    if args.conditioning == "class":
+        null = {"class_labels": torch.tensor([num_classes], device=device)}
+        caption_channels = None
+        ids = args.validation_class_ids or list(range(min(num_classes, 10)))
+        names = [dataset.label_names[i] if dataset.label_names else str(i) for i in ids]
+        validation_rows = (names, {"class_labels": torch.tensor(ids, device=device)})
+    elif index:
+        empty = load_file(Path(args.precomputed_data_dir) / "empty_prompt.safetensors")
+        key = index["text_encoders"][0]["key"]
+        null = {"states": empty[f"{key}.hidden_states"].float().to(device),
+                "mask": empty[f"{key}.attention_mask"].long().to(device)}
+        caption_channels = null["states"].shape[-1]
+        first = [dataset[i] for i in range(min(4, len(dataset)))]
+        with safe_open(str(dataset.files[0]), framework="pt") as f:
+            names = json.loads(f.metadata()["captions"])[:len(first)]
+        validation_rows = (names, {"states": torch.stack([e["text_states"] for e in first]).to(device),
+                                   "mask": torch.stack([e["text_mask"] for e in first]).to(device)})
+    else:
+        tokenizer, text_encoder = load_text_encoder(args.text_encoder_name_or_path or DEFAULT_TEXT_ENCODER)
+        text_encoder.to(device, dtype=weight_dtype)
+        states, mask = encode_prompts(tokenizer, text_encoder, [""], args.tokenizer_max_length, device)
+        null = {"states": states, "mask": mask}
+        caption_channels = states.shape[-1]
+        prompts = args.validation_prompts or first_captions(dataset)
+        states, mask = encode_prompts(tokenizer, text_encoder, prompts, args.tokenizer_max_length, device)
+        validation_rows = (prompts, {"states": states, "mask": mask})
+
+    # ---- Model, noise schedule, EMA ---------------------------------------------------------------------------
+    model = build_transformer(args, shape[0], shape[1], num_classes, caption_channels)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        model.enable_xformers_memory_efficient_attention()
+    noise_scheduler = build_noise_scheduler(args)
+    sampler = build_sampler(args, noise_scheduler, pixel_space=vae_name.lower() == "none")
+    ema = None
+    if args.use_ema:  # starts as a copy of the initial weights
+        ema = EMAModel(model.parameters(), decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0,
+                       power=args.ema_power, foreach=True)
+        ema.to(device)
+    accelerator.print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+                      f"input {shape} ({'pixels' if factor == 1 else 'latents'}), {len(dataset)} examples")
+
+    # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
+    # Fused AdamW (one kernel for all tensors) also lets a non-finite step be skipped on the device: the host
+    # never waits for the gradient norm (see `found_inf` below). Without it the check syncs every step.
+    fused = device.type in ("cuda", "cpu") and args.mixed_precision != "fp16"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, fused=fused)
+    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    if args.torch_compile:
+        model.compile()  # in place: state_dict keys (checkpoints, export) stay those of the plain model
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    # The prepared scheduler steps once per process at every optimizer step: scale its lengths to match.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    lr_scheduler = accelerator.prepare(lr_scheduler)
+    # Every random draw of the objective comes from this generator, saved in each checkpoint. The global RNG
+    # cannot be trusted for exact resume: each DataLoader iterator draws its base seed from it.
+    train_rng = torch.Generator(device).manual_seed(args.seed * 1000 + accelerator.process_index)
+
+    # ---- Resume -----------------------------------------------------------------------------------------------
+    global_step = 0
+    if args.resume_from_checkpoint:
+        found = list_checkpoints(output_dir)
+        path = found[-1] if args.resume_from_checkpoint == "latest" and found else None
+        path = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint != "latest" else path
+        if path is None:
+            accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
+        else:
+            global_step = load_checkpoint(accelerator, path, ema, train_rng, args)
+            accelerator.print(f"resumed from {path} at step {global_step}")
+    first_epoch = global_step // steps_per_epoch
+    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("train_dit", config={k: str(v) for k, v in vars(args).items()})
+
+    # ---- Training loop: the host reads device values only every --logging_steps -------------------------------
+    stop = install_stop_handler()
+    metrics_path = output_dir / "metrics.jsonl"
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
+                    desc="train")
+    num_bins = 4  # loss per quarter of the noise-level range: where the model still has to learn
+    bin_loss = torch.zeros(num_bins, device=device)
+    bin_count = torch.zeros(num_bins, device=device)
+    nonfinite_run = torch.zeros((), device=device)  # optimizer steps in a row with a non-finite gradient
+    nonfinite_total = torch.zeros((), device=device)
+    skipped_images, window_start, window_samples = 0, time.perf_counter(), 0
+    train_start = time.perf_counter()
+    for epoch in range(first_epoch, num_epochs):
+        model.train()
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == first_epoch and batches_to_skip:
+            batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        for batch in batches:
+            skipped_images += batch.pop("skipped")
+            if not batch:  # every image of the batch was unreadable
+                continue
+            with accelerator.accumulate(model):
+                x0 = batch_to_inputs(batch, vae, vae_scale, train_rng, args)
+                if args.conditioning == "class":
+                    cond = {"class_labels": batch["label"].to(device)}
+                elif "text_states" in batch:
+                    cond = {"states": batch["text_states"].to(device), "mask": batch["text_mask"].to(device)}
+                else:
+                    states, mask = encode_prompts(tokenizer, text_encoder, batch["caption"],
+                                                  args.tokenizer_max_length, device)
+                    cond = {"states": states, "mask": mask}
+                per_sample, level = training_step(model, noise_scheduler, x0, cond, null, args, train_rng)
+                accelerator.backward(per_sample.mean())
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+                    nonfinite = (~torch.isfinite(grad_norm)).float()  # same on every process (all-reduced grads)
+                    if fused:  # the fused kernel skips the update (and its step count) where found_inf is 1
+                        optimizer.optimizer.found_inf = nonfinite
+                    elif args.mixed_precision != "fp16" and nonfinite.item():  # fp16's scaler skips by itself
+                        optimizer.zero_grad(set_to_none=True)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            bins = (level * num_bins).long().clamp(0, num_bins - 1)
+            bin_loss.index_add_(0, bins, per_sample.detach().float())
+            bin_count.index_add_(0, bins, torch.ones_like(per_sample, dtype=torch.float))
+            window_samples += x0.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+
+            # -- one optimizer step done
+            global_step += 1
+            progress.update(1)
+            nonfinite_run = nonfinite_run * nonfinite + nonfinite
+            nonfinite_total += nonfinite
+            if ema is not None:
+                ema.step(model.parameters())  # a skipped step left the weights as they were
+
+            if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+                totals = accelerator.reduce(torch.cat([bin_loss, bin_count]), "sum").cpu()
+                elapsed = time.perf_counter() - window_start
+                losses, counts = totals[:num_bins], totals[num_bins:2 * num_bins]
+                in_a_row = int(nonfinite_run.item())
+                row = {"step": global_step, "epoch": epoch, "loss": (losses.sum() / counts.sum().clamp(min=1)).item(),
+                       "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "samples_per_s": window_samples / max(elapsed, 1e-9),
+                       "nonfinite_steps": int(nonfinite_total.item()), "skipped_images": skipped_images}
+                row.update({f"loss_t{i}": (losses[i] / counts[i]).item() for i in range(num_bins) if counts[i] > 0})
+                if accelerator.is_main_process:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    progress.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.0f}")
+                accelerator.log(row, step=global_step)
+                bin_loss.zero_()
+                bin_count.zero_()
+                window_start, window_samples = time.perf_counter(), 0
+                if in_a_row >= args.max_nonfinite_steps:
+                    accelerator.print(f"error: {in_a_row} steps in a row with a non-finite gradient at step "
+                                      f"{global_step}; lower --learning_rate. The last checkpoint is intact.")
+                    sys.exit(1)
+
+            # One process reads its own flag; several must agree before the collective save, which needs a
+            # collective, so they compare flags only at logging steps.
+            stop_now = stop.is_set()
+            if accelerator.num_processes > 1:
+                stop_now = global_step % args.logging_steps == 0 and bool(
+                    accelerator.reduce(torch.tensor(float(stop_now), device=device), "max"))
+            if (global_step % args.checkpointing_steps == 0 or stop_now) and global_step < max_train_steps:
+                path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step)
+                accelerator.print(f"\nsaved {path}")
+            if stop_now:
+                accelerator.print(f"stop requested: exiting at step {global_step}; resume with "
+                                  f"--resume_from_checkpoint latest")
+                accelerator.end_training()
+                return
+            if global_step % args.validation_steps == 0 and global_step < max_train_steps \
+                    and accelerator.is_main_process:
+                if ema is not None:
+                    ema.store(model.parameters())
+                    ema.copy_to(model.parameters())
+                gen = ImageGenerator(accelerator.unwrap_model(model).eval(), sampler, vae, vae_scale, null, shape,
+                                crop_of(args, index))
+                log_validation(gen, validation_rows, args, output_dir / "samples" / f"step-{global_step}.png")
+                plot_loss(metrics_path, output_dir / "loss.png")
+                if ema is not None:
+                    ema.restore(model.parameters())
+                model.train()
+            if global_step >= max_train_steps:
+                break
+    progress.close()
+    train_seconds = time.perf_counter() - train_start
+    if skipped_images:
+        accelerator.print(f"warning: {skipped_images} unreadable images were skipped")
+
+    # ---- Final checkpoint, samples and export (EMA weights) ---------------------------------------------------
+    save_checkpoint(accelerator, args, model, ema, train_rng, global_step)
+    if accelerator.is_main_process:
+        final_model = accelerator.unwrap_model(model).eval()
+        if ema is not None:
+            ema.copy_to(final_model.parameters())
+        meta = {"conditioning": args.conditioning, "objective": args.objective, "model": args.model,
+                "num_classes": num_classes, "label_names": getattr(dataset, "label_names", None),
+                "vae": None if vae is None else vae_name, "vae_scale": vae_scale, "input_shape": shape,
+                "resolution": resolution, "crop": crop_of(args, index), "guidance_scale": args.guidance_scale,
+                "text_encoder": (args.text_encoder_name_or_path or DEFAULT_TEXT_ENCODER)
+                if args.conditioning == "text" else None,
+                "tokenizer_max_length": args.tokenizer_max_length,
+                "validation_prompts": validation_rows[0] if args.conditioning == "text" else None}
+        gen = ImageGenerator(final_model, sampler, vae, vae_scale, null, shape, meta["crop"])
+        log_validation(gen, validation_rows, args, output_dir / "samples" / f"step-{global_step}.png")
+        plot_loss(metrics_path, output_dir / "loss.png")
+        summary = {"global_step": global_step, "train_seconds": train_seconds}
+        if args.num_eval_samples and args.conditioning == "class":
+            summary["sample_seconds"] = write_eval_samples(gen, num_classes, args, output_dir / "eval_samples.npz")
+        export_model(final_model, sampler, vae, args, meta, output_dir)
+        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        accelerator.print(f"done: step {global_step}, {train_seconds / 60:.1f} min of training; export in {output_dir}")
+    accelerator.end_training()
+
+
+def crop_of(args, index):
+    """Border to remove from generated images: the padding added to 28x28 MNIST digits."""
+    return (args.resolution - MNIST_SIZE) // 2 if args.dataset_name == "mnist" and index is None else 0
+
+
+if __name__ == "__main__":
+    main(parse_args())
