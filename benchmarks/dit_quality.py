@@ -32,9 +32,12 @@ COMMON = ["--dataset_name", "mnist", "--vae_name_or_path", "none", "--resolution
           "--train_batch_size", "128", "--learning_rate", "1e-3", "--adam_beta2", "0.99", "--lr_scheduler", "cosine",
           "--lr_warmup_steps", "100", "--ema_decay", "0.999", "--cond_dropout_prob", "0.1",
           "--validation_steps", "100000", "--checkpointing_steps", "100000", "--logging_steps", "50"]
+# ddpm in pixel space uses what train_mnist.py measured to work there: squared-cosine betas, v-prediction and
+# min-SNR-5 weighting (DiT's own linear betas + epsilon are tuned for VAE latents).
 RECIPES = {
-    "flow": [*COMMON, "--objective", "flow", "--max_train_steps", "800"],
-    "ddpm": [*COMMON, "--objective", "ddpm", "--max_train_steps", "800"],
+    "flow": [*COMMON, "--objective", "flow", "--max_train_steps", "600"],
+    "ddpm": [*COMMON, "--objective", "ddpm", "--max_train_steps", "600", "--beta_schedule", "squaredcos_cap_v2",
+             "--prediction_type", "v_prediction", "--snr_gamma", "5"],
 }
 
 
