@@ -1,0 +1,1014 @@
+"""Train a Stable-Diffusion-style latent diffusion model: frozen VAE + frozen text encoder + UNet2DConditionModel.
+
+Images are encoded by the VAE (online, or once by prepare_data_multi_gpu.py: --precomputed_data_dir), captions by
+the text encoder; the UNet learns to denoise z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps under the folder's DDPM
+schedule, MSE on eps or v (optionally min-SNR weighted). The folder's UNet is fine-tuned, or --unet_from_scratch
+trains a new one. Each step replaces a caption by the empty prompt with --cond_dropout_prob, so classifier-free
+guidance works. The result is a StableDiffusionPipeline folder (EMA UNet, fp32) that diffusers loads alone.
+
+    accelerate launch train_ldm_sd.py --mixed_precision bf16
+    python train_ldm_sd.py --precomputed_data_dir shards --pretrained_model_name_or_path SD_FOLDER --unet_from_scratch
+"""
+
+import argparse
+import bisect
+import io
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torchvision import transforms
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_DATASET = "lambdalabs/naruto-blip-captions"
+NEGATABLE = {"use_ema", "ema_warmup"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
+
+# Named UNet sizes for --unet_from_scratch. in/out channels, cross_attention_dim and sample_size always come from
+# the VAE and the text encoder.
+UNET_PRESETS = {
+    "sd15": dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, attention_head_dim=8,
+                 down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3),
+    "small": dict(block_out_channels=[64, 128, 256], layers_per_block=1, attention_head_dim=8, norm_num_groups=32,
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
+    "mnist-small": dict(block_out_channels=[64, 128, 128], layers_per_block=1, attention_head_dim=16,
+                        norm_num_groups=16,
+                        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
+    "tiny": dict(block_out_channels=[16, 32], layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"]),
+}
+
+
+def fail(message):
+    """A user mistake: one line naming the flag or file and the fix, exit code 2, before any heavy work."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def float_list(text):
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    g = parser.add_argument_group("models")
+    g.add_argument("--pretrained_model_name_or_path", default=None,
+                   help=f"Stable Diffusion layout (tokenizer/ text_encoder/ vae/ unet/ scheduler/), hub id or folder. "
+                        f"Default {DEFAULT_MODEL}.")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None, help='Weights variant of the folder, e.g. "fp16".')
+    g.add_argument("--unet_from_scratch", action="store_true",
+                   help="Train a new UNet (size from --unet_config) on the folder's frozen VAE, text encoder and "
+                        "scheduler, instead of fine-tuning the folder's UNet.")
+    g.add_argument("--unet_config", default="small",
+                   help=f"With --unet_from_scratch: a UNet2DConditionModel config JSON, or one of "
+                        f"{', '.join(UNET_PRESETS)}.")
+    g.add_argument("--vae_name_or_path", default=None, help="Overrides the folder's VAE.")
+    g.add_argument("--text_encoder_name_or_path", default=None,
+                   help="Overrides the folder's text encoder and tokenizer (CLIP text, BERT family, T5 encoder).")
+    g.add_argument("--tokenizer_max_length", type=int, default=None,
+                   help="Tokens per caption (default: the tokenizer's model_max_length, at most the encoder's "
+                        "positions). Written into the exported tokenizer so the pipeline pads the same way.")
+
+    g = parser.add_argument_group("data (one of --dataset_name, --train_data_dir, --precomputed_data_dir)")
+    g.add_argument("--dataset_name", default=None,
+                   help=f"datasets hub id, local dataset or save_to_disk folder. Default {DEFAULT_DATASET} when no "
+                        f"data flag is given.")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--streaming", action="store_true", help="Stream --dataset_name (needs --max_train_steps).")
+    g.add_argument("--train_data_dir", "--data_root", default=None, help="Imagefolder with metadata.jsonl captions.")
+    g.add_argument("--precomputed_data_dir", default=None,
+                   help="Shards of prepare_data_multi_gpu.py: the VAE and text encoder do not run during training.")
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--caption_column", default="text")
+    g.add_argument("--max_samples", type=int, default=None, help="Truncate the training set to N examples.")
+    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--center_crop", action="store_true", help="Center crop instead of a random crop.")
+    g.add_argument("--random_flip", action="store_true", help="Mirror images at random (afresh every step).")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    g = parser.add_argument_group("objective")
+    g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default=None,
+                   help="Default: the folder's scheduler's.")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="Min-SNR loss weighting (Hang et al. 2023); 5 is the paper's value. Default: plain MSE.")
+    g.add_argument("--noise_offset", type=float, default=0.0, help="Adds offset * N(0,1) per channel to the noise.")
+    g.add_argument("--input_perturbation", type=float, default=0.0,
+                   help="Noise the input with eps + p * N(0,1) while the target stays eps (Ning et al. 2023).")
+    g.add_argument("--rescale_betas_zero_snr", action="store_true",
+                   help="Rescale the schedule to zero terminal SNR (Lin et al. 2023); use with v_prediction.")
+    g.add_argument("--cond_dropout_prob", "--proportion_empty_prompts", type=float, default=0.1,
+                   help="Probability of replacing a caption by the empty prompt, drawn afresh at every step.")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--output_dir", default="output_ldm_sd")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--train_batch_size", "--batch_size", type=int, default=1, help="Batch size per process.")
+    g.add_argument("--num_train_epochs", "--epochs", "--num_epochs", type=int, default=50)
+    g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs when set.")
+    g.add_argument("--learning_rate", type=float, default=1e-5)
+    g.add_argument("--scale_lr", action="store_true",
+                   help="Multiply the learning rate by processes x accumulation x batch size.")
+    g.add_argument("--lr_scheduler", default="constant",
+                   help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=4)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA).")
+    g.add_argument("--max_nonfinite_steps", type=int, default=10,
+                   help="Stop after this many optimizer steps in a row with a non-finite gradient.")
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="Keep an EMA of the UNet for validation and the export.")
+    g.add_argument("--ema_decay", type=float, default=0.9999, help="Largest EMA decay.")
+    g.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="Warm the decay up: 1 - (1 + step) ** -ema_power.")
+    g.add_argument("--ema_power", type=float, default=2 / 3)
+    g.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights in CPU memory between steps.")
+    g.add_argument("--foreach_ema", action="store_true", help="Update the EMA with torch._foreach ops (faster).")
+
+    g = parser.add_argument_group("speed and memory")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="The UNet trains in fp32 under autocast; the frozen VAE and text encoder are cast to it.")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+
+    g = parser.add_argument_group("validation")
+    g.add_argument("--validation_prompts", nargs="+", default=None,
+                   help="Default: the captions of the first 4 training examples.")
+    g.add_argument("--num_validation_images", type=int, default=2, help="Images per prompt and guidance scale.")
+    g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 3.0, 7.5],
+                   help="Columns of the validation grid.")
+    g.add_argument("--guidance_scale", type=float, default=7.5, help="Written as the export's suggestion.")
+    g.add_argument("--num_inference_steps", type=int, default=25, help="DPM-Solver++ steps of the validation.")
+    g.add_argument("--validation_steps", type=int, default=500)
+
+    g = parser.add_argument_group("logging and checkpoints")
+    g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return parser.parse_args([underscore_flag(a) for a in argv])
+
+
+def underscore_flag(arg):
+    """Every flag also accepts its hyphen spelling: --max-samples == --max_samples, --no-use-ema == --no-use_ema."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    negation = "no-" if name.startswith(("no-", "no_")) and name[3:].replace("-", "_") in NEGATABLE else ""
+    return "--" + negation + name[len(negation):].replace("-", "_") + eq + value
+
+
+def check_args(args):
+    """Cheap checks of the flags and paths, before any dataset or model is loaded."""
+    sources = [s for s in ("dataset_name", "train_data_dir", "precomputed_data_dir") if getattr(args, s)]
+    if len(sources) > 1:
+        fail(f"give one of --dataset_name, --train_data_dir, --precomputed_data_dir (got {', '.join(sources)})")
+    if not sources:
+        args.dataset_name = DEFAULT_DATASET
+    args.pretrained_model_name_or_path = args.pretrained_model_name_or_path or DEFAULT_MODEL
+    if args.train_data_dir and not Path(args.train_data_dir).is_dir():
+        fail(f"--train_data_dir {args.train_data_dir}: no such folder")
+    if args.precomputed_data_dir and not (Path(args.precomputed_data_dir) / "index.json").is_file():
+        fail(f"--precomputed_data_dir {args.precomputed_data_dir}: no index.json; write the folder with "
+             f"prepare_data_multi_gpu.py (an interrupted run writes index.json only when every shard is done)")
+    if args.streaming and not args.dataset_name:
+        fail("--streaming applies to --dataset_name only")
+    if args.streaming and not args.max_train_steps:
+        fail("--streaming: a stream has no known length; give --max_train_steps")
+    if args.resolution % 8:
+        fail(f"--resolution {args.resolution}: must be divisible by 8 (the VAE and StableDiffusionPipeline need "
+             f"it); try {max(8, args.resolution // 8 * 8)}")
+    if args.max_samples is not None and args.max_samples < 1:
+        fail(f"--max_samples {args.max_samples}: must be at least 1 (leave it out to use the whole dataset)")
+    if not 0.0 <= args.cond_dropout_prob < 1.0:
+        fail(f"--cond_dropout_prob {args.cond_dropout_prob}: must be in [0, 1)")
+    if args.mixed_precision == "fp16" and (args.device == "cpu" or not torch.cuda.is_available()):
+        fail("--mixed_precision fp16 needs a CUDA GPU: use --mixed_precision bf16 or no on this machine")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    if args.unet_from_scratch and args.unet_config not in UNET_PRESETS and not Path(args.unet_config).is_file():
+        fail(f"--unet_config {args.unet_config}: neither a JSON file nor a preset ({', '.join(UNET_PRESETS)})")
+    if args.enable_xformers_memory_efficient_attention:
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            fail("--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers "
+                 "built for your torch; PyTorch's SDPA attention is used without the flag)")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            fail("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
+            fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data. Online examples are {"pixel_values", "input_ids", "attention_mask", "num_bad"}; precomputed ones
+# {"latent_mean", "latent_std"[, "..._flipped"], "hidden_states"}.
+# ----------------------------------------------------------------------------------------------------------------
+def decode_image(raw, mode):
+    """PIL image from a datasets {"path", "bytes"} dict, a PIL image or a path; None when unreadable."""
+    try:
+        if isinstance(raw, Image.Image):
+            image = raw
+        elif isinstance(raw, dict):
+            image = Image.open(io.BytesIO(raw["bytes"])) if raw.get("bytes") else Image.open(raw["path"])
+        else:
+            image = Image.open(raw)
+        image.load()
+        return image.convert(mode)
+    except Exception:  # truncated, not an image, missing file: skipped and counted
+        return None
+
+
+class ImageCaptions:
+    """Turns a source row into a training example: decode, resize, crop (center, or random with a seed of
+    (seed, example, epoch) so that a resumed run crops the same way), tokenize."""
+
+    def __init__(self, args, tokenizer, max_length, mode):
+        self.args, self.tokenizer, self.max_length, self.mode = args, tokenizer, max_length, mode
+        self.resize = transforms.Resize(args.resolution, interpolation=transforms.InterpolationMode.BILINEAR)
+        self.to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+        self.epoch = 0
+
+    def example(self, image, caption, position):
+        rng = random.Random((self.args.seed * 1_000_003 + position) * 10_007 + self.epoch)
+        if isinstance(caption, (list, tuple)):  # several captions per image: a fresh choice every epoch
+            caption = rng.choice(caption) if caption else ""
+        image = self.resize(image)
+        w, h, r = image.size[0], image.size[1], self.args.resolution
+        top, left = ((h - r) // 2, (w - r) // 2) if self.args.center_crop else (rng.randint(0, h - r),
+                                                                                rng.randint(0, w - r))
+        tokens = self.tokenizer(caption or "", padding="max_length", max_length=self.max_length, truncation=True,
+                                return_tensors="pt")
+        return {"pixel_values": self.to_tensor(image.crop((left, top, left + r, top + r))),
+                "input_ids": tokens.input_ids[0], "attention_mask": tokens.attention_mask[0]}
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """A map-style datasets.Dataset (images not decoded by datasets). An unreadable image is replaced by the next
+    readable one and counted, so batches keep their size."""
+
+    def __init__(self, ds, make):
+        self.ds, self.make = ds, make
+
+    def __len__(self):
+        return len(self.ds)
+
+    def set_epoch(self, epoch):
+        self.make.epoch = epoch
+
+    def __getitem__(self, i):
+        args = self.make.args
+        for bad in range(len(self)):
+            j = (i + bad) % len(self)
+            row = self.ds[j]
+            image = decode_image(row[args.image_column], self.make.mode)
+            if image is not None:
+                return {**self.make.example(image, row[args.caption_column], j), "num_bad": bad}
+        raise RuntimeError("no image of the dataset is readable")
+
+
+class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
+    def __init__(self, ds, make):
+        self.ds, self.make = ds, make
+
+    def set_epoch(self, epoch):
+        self.make.epoch = epoch
+        self.ds.set_epoch(epoch)
+
+    def __iter__(self):
+        args, bad = self.make.args, 0
+        for position, row in enumerate(self.ds):
+            image = decode_image(row[args.image_column], self.make.mode)
+            if image is None:
+                bad += 1
+                continue
+            yield {**self.make.example(image, row[args.caption_column], position), "num_bad": bad}
+            bad = 0
+
+
+class PrecomputedDataset(torch.utils.data.Dataset):
+    """Rows of the shards of prepare_data_multi_gpu.py (docs/precomputed_format.md), read through mmap."""
+
+    def __init__(self, root, index, max_samples):
+        self.files = [Path(root) / s["file"] for s in index["shards"]]
+        counts = [s["num_examples"] for s in index["shards"]]
+        self.offsets = [0]
+        for c in counts:
+            self.offsets.append(self.offsets[-1] + c)
+        self.length = self.offsets[-1] if max_samples is None else min(max_samples, self.offsets[-1])
+        self.keys = ["latent_mean", "latent_std"] + (["latent_mean_flipped", "latent_std_flipped"]
+                                                      if index.get("random_flip") else [])
+        self.text_key = index["text_encoders"][0]["key"]
+        self.handles = {}
+
+    def __len__(self):
+        return self.length
+
+    def __getstate__(self):  # safetensors handles do not pickle (DataLoader workers): each worker opens its own
+        return {**self.__dict__, "handles": {}}
+
+    def __getitem__(self, i):
+        s = bisect.bisect_right(self.offsets, i) - 1
+        if s not in self.handles:
+            self.handles[s] = safe_open(str(self.files[s]), framework="pt")
+        f, r = self.handles[s], i - self.offsets[s]
+        item = {k: f.get_slice(k)[r:r + 1][0] for k in self.keys}
+        item["hidden_states"] = f.get_slice(f"{self.text_key}.hidden_states")[r:r + 1][0]
+        return item
+
+    def captions(self, k):
+        with safe_open(str(self.files[0]), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("captions", "[]"))[:k]
+
+
+def read_precomputed_index(args):
+    index = json.loads((Path(args.precomputed_data_dir) / "index.json").read_text())
+    flag = f"--precomputed_data_dir {args.precomputed_data_dir}"
+    if index.get("format") != "precomputed-diffusion-shards" or index.get("version") != 1:
+        fail(f"{flag}: not a version-1 folder of prepare_data_multi_gpu.py (format {index.get('format')!r})")
+    if not index.get("vae"):
+        fail(f"{flag}: the shards hold no VAE latents; run prepare_data_multi_gpu.py with a VAE")
+    if not index.get("text_encoders"):
+        fail(f"{flag}: the shards hold no text encoder states; run prepare_data_multi_gpu.py with a text encoder")
+    if args.random_flip and not index.get("random_flip"):
+        fail(f"{flag}: --random_flip needs flipped latents; prepare the shards with --random_flip")
+    return index
+
+
+def load_hf_dataset(args):
+    """The datasets.Dataset (or IterableDataset) of --dataset_name / --train_data_dir, images left undecoded."""
+    import datasets
+
+    try:
+        if args.train_data_dir:
+            ds = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, split="train")
+        elif Path(args.dataset_name).is_dir() and (Path(args.dataset_name) / "state.json").is_file():
+            ds = datasets.load_from_disk(args.dataset_name)
+        else:
+            ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train",
+                                       streaming=args.streaming)
+    except (OSError, ValueError, FileNotFoundError) as e:
+        flag = "--train_data_dir" if args.train_data_dir else "--dataset_name"
+        fail(f"{flag} {args.train_data_dir or args.dataset_name}: cannot load it ({type(e).__name__}: "
+             f"{str(e).splitlines()[0][:200] if str(e) else ''})")
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"]
+    columns = list(ds.column_names or (ds.features or {}).keys())
+    for flag in ("image_column", "caption_column"):
+        if getattr(args, flag) not in columns:
+            fail(f"--{flag} {getattr(args, flag)!r}: not a column of the dataset; columns: {', '.join(columns)}")
+    ds = ds.select_columns([args.image_column, args.caption_column])
+    ds = ds.cast_column(args.image_column, datasets.Image(decode=False))
+    if args.streaming:
+        ds = ds.shuffle(seed=args.seed, buffer_size=1000)
+        return ds.take(args.max_samples) if args.max_samples else ds
+    if len(ds) == 0:
+        fail("the dataset is empty")
+    return ds.select(range(min(args.max_samples, len(ds)))) if args.max_samples else ds
+
+
+def build_dataset(args, tokenizer, max_length, vae_channels, index):
+    """The training dataset and up to 4 of its captions (the default validation prompts)."""
+    if index is not None:
+        dataset = PrecomputedDataset(args.precomputed_data_dir, index, args.max_samples)
+        return dataset, dataset.captions(4)
+    ds = load_hf_dataset(args)
+    make = ImageCaptions(args, tokenizer, max_length, "L" if vae_channels == 1 else "RGB")
+    if args.streaming:
+        return StreamingImageCaptionDataset(ds, make), [str(r[args.caption_column]) for r in ds.take(4)]
+    first = ds[:4][args.caption_column]
+    return ImageCaptionDataset(ds, make), [c[0] if isinstance(c, list) else str(c) for c in first]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+def load_text_encoder(args):
+    """Tokenizer + frozen text encoder: the folder's, or --text_encoder_name_or_path's."""
+    path, sub = ((args.text_encoder_name_or_path, "") if args.text_encoder_name_or_path
+                 else (args.pretrained_model_name_or_path, "text_encoder"))
+    flag = "--text_encoder_name_or_path" if args.text_encoder_name_or_path else "--pretrained_model_name_or_path"
+    try:
+        config = AutoConfig.from_pretrained(path, subfolder=sub, revision=args.revision)
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer" if sub else "", revision=args.revision)
+    except (OSError, ValueError) as e:
+        fail(f"{flag} {path}: cannot load a text encoder and tokenizer from it ({type(e).__name__}); pass a folder "
+             f"in Stable Diffusion layout (or with config.json and tokenizer files), or a hub id when online")
+    model_cls = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel}.get(
+        config.model_type, AutoModel)
+    model = model_cls.from_pretrained(path, subfolder=sub, revision=args.revision,
+                                      variant=args.variant if sub else None)
+    return tokenizer, model.requires_grad_(False).eval()
+
+
+def load_vae(args):
+    path, sub = ((args.vae_name_or_path, None) if args.vae_name_or_path
+                 else (args.pretrained_model_name_or_path, "vae"))
+    try:
+        vae = AutoencoderKL.from_pretrained(path, subfolder=sub, revision=args.revision,
+                                            variant=args.variant if sub else None)
+    except (OSError, ValueError) as e:
+        flag = "--vae_name_or_path" if args.vae_name_or_path else "--pretrained_model_name_or_path"
+        fail(f"{flag} {path}: cannot load an AutoencoderKL from it ({type(e).__name__})")
+    return vae.requires_grad_(False).eval()
+
+
+def build_unet(args, latent_channels, latent_size, cross_attention_dim):
+    """The folder's UNet (fine-tuning) or a new one of --unet_config (from scratch)."""
+    if not args.unet_from_scratch:
+        try:
+            unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
+                                                        revision=args.revision, variant=args.variant)
+        except (OSError, ValueError) as e:
+            fail(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no loadable unet/ "
+                 f"({type(e).__name__}); add --unet_from_scratch to train a new UNet")
+        if unet.config.in_channels != latent_channels or unet.config.cross_attention_dim != cross_attention_dim:
+            fail(f"--pretrained_model_name_or_path: its UNet reads {unet.config.in_channels} channels and "
+                 f"{unet.config.cross_attention_dim}-d text, the VAE gives {latent_channels} and the text encoder "
+                 f"{cross_attention_dim}; use matching components or --unet_from_scratch")
+        return unet
+    if args.unet_config in UNET_PRESETS:
+        config = dict(UNET_PRESETS[args.unet_config])
+    else:
+        config = {k: v for k, v in json.loads(Path(args.unet_config).read_text()).items() if not k.startswith("_")}
+    levels = len(config["block_out_channels"])
+    if latent_size % 2 ** (levels - 1):
+        fail(f"--resolution {args.resolution}: {latent_size}x{latent_size} latents cannot be halved "
+             f"{levels - 1} times by the UNet of --unet_config; pick a resolution whose latent size divides by "
+             f"{2 ** (levels - 1)}")
+    config.update(in_channels=latent_channels, out_channels=latent_channels, sample_size=latent_size,
+                  cross_attention_dim=cross_attention_dim)
+    return UNet2DConditionModel(**config)
+
+
+def build_noise_scheduler(args):
+    """The folder's DDPM schedule, with --prediction_type and --rescale_betas_zero_snr applied."""
+    try:
+        config = DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                           revision=args.revision)
+    except (OSError, ValueError) as e:
+        fail(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no scheduler/ "
+             f"({type(e).__name__})")
+    overrides = {}
+    if args.prediction_type:
+        overrides["prediction_type"] = args.prediction_type
+    if args.rescale_betas_zero_snr:  # zero terminal SNR needs trailing timesteps when sampling (Lin et al. 2023)
+        overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return DDPMScheduler.from_config(config, **overrides)
+
+
+def build_sampler(noise_scheduler):
+    """DPM-Solver++ (2M) on the training schedule: the validation and exported sampler."""
+    return DPMSolverMultistepScheduler.from_config(noise_scheduler.config, algorithm_type="dpmsolver++",
+                                                   solver_order=2)
+
+
+def text_uses_mask(text_encoder):
+    """StableDiffusionPipeline passes the attention mask only when the config says so: training does the same."""
+    return bool(getattr(text_encoder.config, "use_attention_mask", False))
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts, max_length, device):
+    """Text states [n, L, D] exactly as StableDiffusionPipeline computes them."""
+    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    mask = tokens.attention_mask.to(device) if text_uses_mask(text_encoder) else None
+    return text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0].float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Objective
+# ----------------------------------------------------------------------------------------------------------------
+def coin(n, p, generator, device):
+    return torch.rand(n, generator=generator, device=device) < p
+
+
+@torch.no_grad()
+def batch_to_latents(batch, vae, latent_info, args, generator, weight_dtype):
+    """z_0 = (mean + std * N(0,1) - shift) * scale: a fresh draw from the posterior at every step."""
+    device = generator.device
+    if "pixel_values" in batch:
+        x = batch["pixel_values"].to(device)
+        if args.random_flip:
+            x = torch.where(coin(len(x), 0.5, generator, device)[:, None, None, None], x.flip(-1), x)
+        posterior = vae.encode(x.to(weight_dtype)).latent_dist
+        mean, std = posterior.mean.float(), posterior.std.float()
+    else:
+        mean, std = batch["latent_mean"].to(device).float(), batch["latent_std"].to(device).float()
+        if args.random_flip:
+            flip = coin(len(mean), 0.5, generator, device)[:, None, None, None]
+            mean = torch.where(flip, batch["latent_mean_flipped"].to(device).float(), mean)
+            std = torch.where(flip, batch["latent_std_flipped"].to(device).float(), std)
+    eps = torch.randn(mean.shape, generator=generator, device=device)
+    return (mean + std * eps - latent_info["shift_factor"]) * latent_info["scaling_factor"]
+
+
+@torch.no_grad()
+def batch_to_text_states(batch, text_encoder, empty_states, args, generator):
+    """Caption states, each replaced by the empty prompt's with probability --cond_dropout_prob (afresh per step)."""
+    device = generator.device
+    if "hidden_states" in batch:
+        states = batch["hidden_states"].to(device).float()
+    else:
+        mask = batch["attention_mask"].to(device) if text_uses_mask(text_encoder) else None
+        states = text_encoder(batch["input_ids"].to(device), attention_mask=mask)[0].float()
+    drop = coin(len(states), args.cond_dropout_prob, generator, device)[:, None, None]
+    return torch.where(drop, empty_states.to(states.dtype), states)
+
+
+def training_step(unet, noise_scheduler, latents, states, args, generator):
+    """Noise latents at random timesteps; return per-sample losses and the timesteps."""
+    n, device = latents.shape[0], latents.device
+    noise = torch.randn(latents.shape, generator=generator, device=device)
+    if args.noise_offset:  # https://www.crosslabs.org/blog/diffusion-with-offset-noise
+        noise = noise + args.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=generator,
+                                                        device=device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator,
+                              device=device)
+    model_input_noise = noise
+    if args.input_perturbation:
+        model_input_noise = noise + args.input_perturbation * torch.randn(noise.shape, generator=generator,
+                                                                          device=device)
+    noisy = noise_scheduler.add_noise(latents, model_input_noise, timesteps)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, encoder_hidden_states=states).sample
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if args.snr_gamma:  # min(SNR, gamma) in x0 units, divided by what the target's loss already weighs: SNR or SNR+1
+        snr = compute_snr(noise_scheduler, timesteps)
+        base = snr if noise_scheduler.config.prediction_type == "epsilon" else snr + 1
+        per_sample = per_sample * snr.clamp(max=args.snr_gamma) / base
+    return per_sample, timesteps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation, plots
+# ----------------------------------------------------------------------------------------------------------------
+def make_pipeline(vae, text_encoder, tokenizer, unet, sampler):
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=sampler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@torch.no_grad()
+def log_validation(pipeline, prompts, args, path, accelerator):
+    """Grid: one row per prompt, one panel per guidance scale (--num_validation_images each), fixed seed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    scales, k = args.validation_guidance_scales, args.num_validation_images
+    fig, axes = plt.subplots(len(prompts), len(scales), figsize=(2.2 * k * len(scales), 2.4 * len(prompts)),
+                             squeeze=False)
+    for col, scale in enumerate(scales):
+        generator = torch.Generator(accelerator.device).manual_seed(args.seed)  # same noise in every panel
+        with accelerator.autocast():
+            images = pipeline([p for p in prompts for _ in range(k)], height=args.resolution, width=args.resolution,
+                              num_inference_steps=args.num_inference_steps, guidance_scale=scale,
+                              generator=generator, output_type="np").images
+        for row, prompt in enumerate(prompts):
+            strip = np.concatenate(list(images[row * k:(row + 1) * k]), axis=1)
+            ax = axes[row][col]
+            ax.imshow(strip.squeeze(-1) if strip.shape[-1] == 1 else strip, cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"guidance {scale:g}", fontsize=9)
+            if col == 0:
+                ax.set_ylabel(prompt[:40], fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_loss(metrics_path, out_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
+    for k in sorted(k for k in rows[-1] if k.startswith("loss_t")):  # loss per quarter of the timestep range
+        ax.plot([r["step"] for r in rows], [r.get(k, float("nan")) for r in rows], lw=0.8, label=k)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=80)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and export
+# ----------------------------------------------------------------------------------------------------------------
+def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position):
+    """accelerate's save_state plus the EMA, the objective's RNG and the data position, in a temp folder renamed
+    when complete."""
+    output_dir = Path(args.output_dir)
+    final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
+    if not all(torch.isfinite(p).all() for p in unet.parameters()):
+        raise RuntimeError(f"step {global_step}: the weights are not finite; checkpoint not written")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # model (safetensors), optimizer, LR schedule, sampler, global RNGs
+    save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
+    if accelerator.is_main_process:
+        state = {"script": "train_ldm_sd.py", "global_step": global_step, "epoch": position[0],
+                 "batches_in_epoch": position[1], "ema": None}
+        if ema is not None:
+            ema_state = ema.state_dict()
+            shadow = ema_state.pop("shadow_params")
+            save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(shadow)}, tmp / "ema.safetensors")
+            state["ema"] = ema_state
+        (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic: a crash never leaves a half-written checkpoint-<step>
+        if args.checkpoints_total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(output_dir):
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "training_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def load_checkpoint(accelerator, path, ema, train_rng):
+    """Restore everything save_checkpoint wrote; returns the state dict. Nothing loaded can run code."""
+    state = json.loads((path / "training_state.json").read_text())
+    if state.get("script") != "train_ldm_sd.py":
+        fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not train_ldm_sd.py")
+    try:
+        accelerator.load_state(str(path))  # safetensors + torch.load(weights_only=True)
+    except RuntimeError as e:
+        fail(f"--resume_from_checkpoint {path}: does not fit this model ({str(e).splitlines()[0][:160]})")
+    train_rng.set_state(load_file(path / f"train_rng_{accelerator.process_index}.safetensors")["state"])
+    if ema is not None:
+        if state["ema"] is None:
+            fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
+        shadow = load_file(path / "ema.safetensors")
+        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+    return state
+
+
+def export_model(unet, sampler, tokenizer, max_length, args, output_dir):
+    """StableDiffusionPipeline.save_pretrained(output_dir): EMA UNet in fp32, the frozen parts reloaded in fp32."""
+    tokenizer.model_max_length = max_length  # the pipeline pads prompts to this, as training did
+    _, text_encoder = load_text_encoder(args)
+    if unet.dtype != torch.float32:
+        unet.to(torch.float32)
+    pipeline = make_pipeline(load_vae(args), text_encoder, tokenizer, unet, sampler)
+    pipeline.save_pretrained(output_dir)
+    return pipeline
+
+
+def write_run_config(args, accelerator, extra):
+    import accelerate
+    import datasets
+    import diffusers
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    config = {"args": vars(args), "git_commit": commit, "num_processes": accelerator.num_processes, **extra,
+              "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, accelerate, datasets)}}
+    (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
+
+
+def install_stop_handler():
+    """SIGTERM/SIGINT ask for a checkpoint at the next step boundary, then a clean exit (pre-emptible clusters)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+def main(args):
+    check_args(args)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # "auto" is CPU without CUDA; then several processes (torchrun, accelerate launch) talk over gloo.
+        cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, "logs")),
+        # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    set_seed(args.seed)  # same initial weights on every process
+    output_dir = Path(args.output_dir)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # ---- Frozen VAE and text encoder, noise schedule ----------------------------------------------------------
+    index = read_precomputed_index(args) if args.precomputed_data_dir else None
+    tokenizer, text_encoder = load_text_encoder(args)
+    vae = load_vae(args)
+    noise_scheduler = build_noise_scheduler(args)
+    sampler = build_sampler(noise_scheduler)
+    hidden = text_encoder.config.hidden_size
+    max_length = args.tokenizer_max_length or min(tokenizer.model_max_length,
+                                                  getattr(text_encoder.config, "max_position_embeddings", 512))
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_info = {"scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.get("shift_factor") or 0.0}
+    if index is not None:  # the shards decide resolution, scale and text length; they must fit the export's parts
+        flag = f"--precomputed_data_dir {args.precomputed_data_dir}"
+        enc = index["text_encoders"][0]
+        if enc["hidden_size"] != hidden or index["vae"]["latent_channels"] != vae.config.latent_channels:
+            fail(f"{flag}: shards of {enc['hidden_size']}-d text and {index['vae']['latent_channels']}-channel latents "
+                 f"do not fit this text encoder ({hidden}-d) and VAE ({vae.config.latent_channels} channels)")
+        if enc.get("use_attention_mask", text_uses_mask(text_encoder)) != text_uses_mask(text_encoder) or \
+                enc.get("prefix"):
+            fail(f"{flag}: the text states were encoded unlike StableDiffusionPipeline does (attention mask or "
+                 f"prefix); prepare them with --text_encoder_attention_mask auto and no --text_prefix")
+        if abs(index["vae"]["scaling_factor"] - vae.config.scaling_factor) > 1e-6 * vae.config.scaling_factor:
+            fail(f"{flag}: encoded with a VAE of scaling factor {index['vae']['scaling_factor']}, but this VAE has "
+                 f"{vae.config.scaling_factor}; pass the VAE the shards were made with (--vae_name_or_path)")
+        args.resolution, max_length = index["resolution"], enc["max_length"]
+        latent_info = {"scaling_factor": index["vae"]["scaling_factor"],
+                       "shift_factor": index["vae"].get("shift_factor") or 0.0}
+    for frozen in (vae, text_encoder):  # frozen models in the weight dtype (.to(dtype) only when it changes one)
+        frozen.to(accelerator.device)
+        if weight_dtype != torch.float32:
+            frozen.to(weight_dtype)
+    if args.enable_xformers_memory_efficient_attention:
+        vae.enable_xformers_memory_efficient_attention()
+
+    # ---- Data -------------------------------------------------------------------------------------------------
+    dataset, first_captions = build_dataset(args, tokenizer, max_length, vae.config.in_channels, index)
+    prompts = args.validation_prompts or first_captions
+    if not isinstance(dataset, torch.utils.data.IterableDataset) and len(dataset) == 0:
+        fail("the dataset is empty")
+    streaming = isinstance(dataset, torch.utils.data.IterableDataset)
+    train_dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, shuffle=not streaming,
+        drop_last=not streaming and len(dataset) >= args.train_batch_size, num_workers=args.dataloader_num_workers)
+    empty_states = encode_prompts(tokenizer, text_encoder, [""], max_length, accelerator.device)
+    if index is not None:
+        empty = load_file(Path(args.precomputed_data_dir) / "empty_prompt.safetensors")
+        empty_states = empty[f"{index['text_encoders'][0]['key']}.hidden_states"].to(accelerator.device).float()
+
+    # ---- UNet, EMA --------------------------------------------------------------------------------------------
+    unet = build_unet(args, vae.config.latent_channels, args.resolution // factor, hidden)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=args.ema_warmup, inv_gamma=1.0,
+                       power=args.ema_power, foreach=args.foreach_ema, model_cls=UNet2DConditionModel,
+                       model_config=unet.config)
+        ema.to("cpu" if args.offload_ema else accelerator.device)
+    accelerator.print(f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters "
+                      f"({'from scratch' if args.unet_from_scratch else 'fine-tuned'}); latents "
+                      f"{vae.config.latent_channels}x{args.resolution // factor}x{args.resolution // factor}; text "
+                      f"{max_length}x{hidden}; data: {'precomputed' if index else 'encoded online'}")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(args, accelerator, {"tokenizer_max_length": max_length, "latent": latent_info})
+
+    # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = optimizer_cls(unet.parameters(), lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
+    if streaming:
+        steps_per_epoch = None
+        max_train_steps, num_epochs = args.max_train_steps, 10**9
+    else:
+        steps_per_epoch = max(1, math.ceil(len(train_dataloader) / args.gradient_accumulation_steps))
+        max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+        num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    # The prepared scheduler steps once per process at every optimizer step: scale its lengths to match.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    lr_scheduler = accelerator.prepare(lr_scheduler)
+    # Every random draw of the objective (flip, posterior sample, caption dropout, noise, timesteps) comes from this
+    # generator, saved in each checkpoint: the global RNG also seeds every DataLoader iterator, so it cannot be.
+    train_rng = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
+
+    # ---- Resume -----------------------------------------------------------------------------------------------
+    global_step, first_epoch, batches_to_skip = 0, 0, 0
+    if args.resume_from_checkpoint:
+        found = list_checkpoints(output_dir)
+        path = found[-1] if args.resume_from_checkpoint == "latest" and found else None
+        path = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint != "latest" else path
+        if path is None:
+            accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
+        else:
+            state = load_checkpoint(accelerator, path, ema, train_rng)
+            global_step, first_epoch, batches_to_skip = state["global_step"], state["epoch"], state["batches_in_epoch"]
+            accelerator.print(f"resumed from {path} at step {global_step}")
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("train_ldm_sd", config={k: str(v) for k, v in vars(args).items()})
+
+    # ---- Training loop ----------------------------------------------------------------------------------------
+    stop = install_stop_handler()
+    metrics_path = output_dir / "metrics.jsonl"
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
+                    desc="train")
+    num_bins = 4  # loss per quarter of the timestep range: where the model still has to learn
+    bin_loss = torch.zeros(num_bins, device=accelerator.device)
+    bin_count = torch.zeros(num_bins, device=accelerator.device)
+    nonfinite_in_a_row, num_bad, warned_bad = 0, 0, False
+    window_start, window_samples, grad_norm = time.perf_counter(), 0, float("nan")
+    train_start = time.perf_counter()
+    epoch, batches_in_epoch = first_epoch, batches_to_skip
+    for epoch in range(first_epoch, num_epochs):
+        unet.train()
+        train_dataloader.set_epoch(epoch)
+        batches, batches_in_epoch = train_dataloader, 0
+        if epoch == first_epoch and batches_to_skip:
+            batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+            batches_in_epoch = batches_to_skip
+        for batch in batches:
+            batches_in_epoch += 1
+            if "num_bad" in batch:
+                num_bad += int(batch["num_bad"].sum())
+                if num_bad and not warned_bad:
+                    accelerator.print(f"warning: unreadable images are skipped ({num_bad} so far; total at the end)")
+                    warned_bad = True
+            with accelerator.accumulate(unet):
+                latents = batch_to_latents(batch, vae, latent_info, args, train_rng, weight_dtype)
+                states = batch_to_text_states(batch, text_encoder, empty_states, args, train_rng)
+                per_sample, timesteps = training_step(unet, noise_scheduler, latents, states, args, train_rng)
+                accelerator.backward(per_sample.mean())
+                finite = True
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm or float("inf"))
+                    # Gradients are already all-reduced: every process sees the same norm. fp16's scaler skips
+                    # overflowing steps itself.
+                    finite = bool(torch.isfinite(grad_norm)) or args.mixed_precision == "fp16"
+                if finite:
+                    optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            bins = (timesteps * num_bins // noise_scheduler.config.num_train_timesteps).clamp(max=num_bins - 1)
+            bin_loss.index_add_(0, bins, per_sample.detach())
+            bin_count.index_add_(0, bins, torch.ones_like(per_sample))
+            window_samples += latents.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+
+            # -- one optimizer step done
+            global_step += 1
+            progress.update(1)
+            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+            if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                accelerator.print(f"error: {nonfinite_in_a_row} steps in a row with a non-finite gradient at step "
+                                  f"{global_step}; lower --learning_rate. The last checkpoint is intact.")
+                sys.exit(1)
+            if ema is not None and finite:
+                if args.offload_ema:
+                    ema.to(accelerator.device)
+                ema.step(unet.parameters())
+                if args.offload_ema:
+                    ema.to("cpu")
+
+            if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+                totals = accelerator.reduce(torch.stack([bin_loss, bin_count]), "sum").cpu()
+                elapsed = time.perf_counter() - window_start
+                row = {"step": global_step, "epoch": epoch,
+                       "loss": (totals[0].sum() / totals[1].sum().clamp(min=1)).item(),
+                       "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "samples_per_s": window_samples / max(elapsed, 1e-9), "nonfinite_in_a_row": nonfinite_in_a_row}
+                row.update({f"loss_t{i}": (totals[0, i] / totals[1, i]).item()
+                            for i in range(num_bins) if totals[1, i] > 0})
+                if accelerator.is_main_process:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    progress.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
+                accelerator.log(row, step=global_step)
+                bin_loss.zero_()
+                bin_count.zero_()
+                window_start, window_samples = time.perf_counter(), 0
+
+            stop_now = stop.is_set()
+            if accelerator.num_processes > 1:  # every process must agree before the collective save
+                stop_now = bool(accelerator.reduce(torch.tensor(float(stop_now), device=accelerator.device), "max"))
+            if (global_step % args.checkpointing_steps == 0 or stop_now) and global_step < max_train_steps:
+                path = save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, (epoch, batches_in_epoch))
+                accelerator.print(f"\nsaved {path}")
+            if stop_now:
+                accelerator.print(f"stop requested: exiting at step {global_step}; resume with "
+                                  f"--resume_from_checkpoint latest")
+                accelerator.end_training()
+                return
+            if global_step % args.validation_steps == 0 and global_step < max_train_steps \
+                    and accelerator.is_main_process:
+                if ema is not None:
+                    ema.store(unet.parameters())
+                    ema.copy_to(unet.parameters())
+                pipeline = make_pipeline(vae, text_encoder, tokenizer, accelerator.unwrap_model(unet).eval(), sampler)
+                log_validation(pipeline, prompts, args, output_dir / "samples" / f"step-{global_step}.png",
+                               accelerator)
+                plot_loss(metrics_path, output_dir / "loss.png")
+                if ema is not None:
+                    ema.restore(unet.parameters())
+                unet.train()
+            if global_step >= max_train_steps:
+                break
+        if global_step >= max_train_steps:
+            break
+    progress.close()
+    train_seconds = time.perf_counter() - train_start
+    num_bad = int(accelerator.reduce(torch.tensor(num_bad, device=accelerator.device), "sum"))
+    if num_bad:
+        accelerator.print(f"warning: {num_bad} unreadable images were skipped")
+
+    # ---- Final checkpoint, export (EMA weights, fp32) and samples ---------------------------------------------
+    save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, (epoch, batches_in_epoch))
+    if accelerator.is_main_process:
+        final_unet = accelerator.unwrap_model(unet).eval()
+        if ema is not None:
+            ema.copy_to(final_unet.parameters())
+        pipeline = export_model(final_unet, sampler, tokenizer, max_length, args, output_dir)
+        pipeline.to(accelerator.device)
+        log_validation(pipeline, prompts, args, output_dir / "samples" / f"step-{global_step}.png", accelerator)
+        plot_loss(metrics_path, output_dir / "loss.png")
+        summary = {"global_step": global_step, "train_seconds": train_seconds, "num_bad_images": num_bad}
+        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        accelerator.print(f"done: step {global_step}, {train_seconds / 60:.1f} min of training; "
+                          f"StableDiffusionPipeline in {output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
