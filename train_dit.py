@@ -467,7 +467,30 @@ def build_transformer(args, in_channels, sample_size, num_classes, caption_chann
     else:
         model = PixArtTransformer2DModel(cross_attention_dim=hidden, caption_channels=caption_channels,
                                          use_additional_conditions=False, **common)
-    return disable_label_dropout(model)
+    return disable_label_dropout(initialize_weights(model))
+
+
+@torch.no_grad()
+def initialize_weights(model):
+    """DiT's initialisation, which diffusers leaves out (its classes expect pretrained weights): Xavier-uniform
+    linear layers and patch projection, N(0, 0.02) embeddings, and zeros for every adaLN modulation, the final
+    layer and (text) the cross-attention output, so each block starts as the identity: the "Zero" of adaLN-Zero."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    patch = model.pos_embed.proj
+    torch.nn.init.xavier_uniform_(patch.weight.view(patch.weight.shape[0], -1))
+    torch.nn.init.zeros_(patch.bias)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) or (
+                isinstance(module, torch.nn.Linear) and ("timestep_embedder" in name or "caption_projection" in name)):
+            torch.nn.init.normal_(module.weight, std=0.02)
+        if name.endswith(("norm1.linear", "proj_out_1", "proj_out_2", "attn2.to_out.0")) or name == "proj_out":
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    return model
 
 
 def disable_label_dropout(model):

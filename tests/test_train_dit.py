@@ -156,3 +156,31 @@ def test_bad_input_is_one_line_exit_2(case, tiny_mnist, tmp_path):
     proc = run_script(SCRIPT, *FAST, *args, "--max_train_steps", "1", "--output_dir", tmp_path / "o", expect_rc=2)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+
+
+def test_label_dropout_happens_once_per_example_not_per_block():
+    """diffusers' LabelEmbedding drops labels by itself in train mode, independently in each DiT block and from the
+    global RNG; train_dit.py switches that off and drops whole examples to the null class in training_step."""
+    import sys
+
+    from conftest import REPO
+    sys.path.insert(0, str(REPO))
+    import train_dit
+
+    args = train_dit.parse_args([*TINY, "--dataset_name", "mnist"])
+    model = train_dit.build_transformer(args, 1, 32, 10, None).train()
+    assert model(torch.randn(2, 1, 32, 32), timestep=torch.tensor([1, 999]),
+                 class_labels=torch.tensor([0, 1])).sample.abs().max() == 0  # adaLN-Zero: DiT's init, output 0
+    with torch.no_grad():  # leave the zero init, so that labels change the output
+        for p in model.parameters():
+            p.normal_(std=0.05)
+    x, t = torch.randn(64, 1, 32, 32), torch.randint(0, 1000, (64,))
+    labels = torch.full((64,), 3)
+    torch.manual_seed(0)
+    first = model(x, timestep=t, class_labels=labels).sample
+    torch.manual_seed(1)
+    assert torch.equal(first, model(x, timestep=t, class_labels=labels).sample)  # no hidden random drop
+    null = {"class_labels": torch.tensor([10])}
+    drop = torch.arange(64) % 2 == 0
+    dropped = train_dit.drop_condition({"class_labels": labels}, null, drop)["class_labels"]
+    assert dropped.tolist() == [10 if d else 3 for d in drop.tolist()]
