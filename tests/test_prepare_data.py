@@ -1,0 +1,130 @@
+"""prepare_data_multi_gpu.py: two real processes, the shard format, re-runs, bad images, sources; then training
+train_ldm_sd.py from the shards it wrote."""
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import run_script
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_train_ldm_sd import FAST, tiny_sd  # noqa: F401  (the tiny Stable Diffusion folder fixture)
+
+SCRIPT = "prepare_data_multi_gpu.py"
+
+
+def shard_tensors(folder):
+    index = json.loads((folder / "index.json").read_text())
+    return index, [load_file(folder / s["file"]) for s in index["shards"]]
+
+
+def test_two_processes_write_the_format_then_train_from_it(tiny_sd, tiny_imagefolder, tmp_path):  # noqa: F811
+    shards = tmp_path / "shards"
+    common = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", tiny_imagefolder, "--resolution", "32",
+              "--random_flip", "--shard_size", "5", "--batch_size", "3"]
+    proc = run_script(SCRIPT, *common, "--output_dir", shards, launcher="accelerate")
+    assert "with 2 process(es)" in proc.stdout and "rank 1: encoded 5 images" in proc.stdout
+    index, tensors = shard_tensors(shards)
+    assert index["format"] == "precomputed-diffusion-shards" and index["version"] == 1
+    assert index["num_examples"] == 12 and index["num_skipped"] == 0 and index["shard_size"] == 5
+    assert [s["num_examples"] for s in index["shards"]] == [5, 5, 2]
+    assert index["vae"]["latent_channels"] == 4 and index["vae"]["latent_size"] == 16 and index["random_flip"]
+    enc = index["text_encoders"][0]
+    assert enc["key"] == "text_encoder" and enc["max_length"] == 16 and enc["hidden_size"] == 32
+    assert enc["use_attention_mask"] is False  # as StableDiffusionPipeline runs CLIP
+    assert index["tensors"]["latent_mean"] == {"shape": [4, 16, 16], "dtype": "float16"}
+    assert index["tensors"]["text_encoder.hidden_states"] == {"shape": [16, 32], "dtype": "float16"}
+    assert index["tensors"]["text_encoder.pooled"]["shape"] == [32]
+    assert torch.cat([t["index"] for t in tensors]).tolist() == list(range(12))
+    assert all((t["latent_std"] > 0).all() and not torch.equal(t["latent_mean"], t["latent_mean_flipped"])
+               for t in tensors)
+    with safe_open(str(shards / "shard-00000.safetensors"), framework="pt") as f:
+        captions = json.loads(f.metadata()["captions"])
+    assert captions[1] == "a red square" and len(captions) == 5  # metadata.jsonl order
+    empty = load_file(shards / "empty_prompt.safetensors")
+    assert empty["text_encoder.hidden_states"].shape == (1, 16, 32)
+
+    # One process writes the same shards as two (the assignment depends on nothing else).
+    single = tmp_path / "single"
+    run_script(SCRIPT, *common, "--output_dir", single)
+    for a, b in zip(tensors, shard_tensors(single)[1], strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # Train from the shards: neither the VAE nor the text encoder runs per step.
+    out = tmp_path / "run"
+    proc = run_script("train_ldm_sd.py", "--pretrained_model_name_or_path", tiny_sd, "--precomputed_data_dir",
+                      shards, "--output_dir", out, *FAST, "--unet_from_scratch", "--unet_config", "tiny",
+                      "--random_flip", "--max_train_steps", "2", "--cond_dropout_prob", "0.3")
+    assert "data: precomputed" in proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert (out / "model_index.json").is_file() and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_rerun_skips_finished_shards_redoes_partial_and_counts_bad_images(tiny_sd, tiny_imagefolder,  # noqa: F811
+                                                                           tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(tiny_imagefolder, images)
+    (images / "005.png").write_bytes(b"not a png")  # unreadable: skipped and counted
+    shards = tmp_path / "shards"
+    args = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", images, "--resolution", "32",
+            "--shard_size", "4", "--output_dir", shards, "--latent_dtype", "float32"]
+    proc = run_script(SCRIPT, *args)
+    assert "1 unreadable images were skipped" in proc.stderr
+    index, tensors = shard_tensors(shards)
+    assert index["num_examples"] == 11 and index["num_skipped"] == 1
+    assert 5 not in tensors[1]["index"].tolist() and len(tensors[1]["index"]) == 3
+    assert index["tensors"]["latent_mean"]["dtype"] == "float32" and "latent_mean_flipped" not in tensors[0]
+
+    first = shards / "shard-00000.safetensors"
+    os.utime(first, (1, 1))  # a finished shard is left alone
+    before = tensors[2]
+    (shards / "shard-00002.safetensors").rename(shards / "shard-00002.safetensors.tmp")  # a partial shard: redone
+    proc = run_script(SCRIPT, *args)
+    assert "encoded 4 images" in proc.stdout
+    assert first.stat().st_mtime == 1 and not (shards / "shard-00002.safetensors.tmp").exists()
+    after = load_file(shards / "shard-00002.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((shards / "index.json").read_text())["num_skipped"] == 1  # counted from the shards on disk
+
+
+def test_mnist_and_captions_json_sources_with_two_text_encoders(tiny_vae, tiny_clip, tiny_bert, tiny_mnist,
+                                                                tiny_imagefolder, tmp_path):
+    encoders = ["--vae_name_or_path", tiny_vae, "--text_encoder_name_or_path", tiny_clip,
+                "--text_encoder_name_or_path", tiny_bert, "--tokenizer_max_length", "8", "--resolution", "32"]
+    mnist = tmp_path / "mnist"
+    run_script(SCRIPT, "--mnist_root", tiny_mnist, "--max_samples", "12", "--output_dir", mnist, *encoders)
+    index, tensors = shard_tensors(mnist)
+    assert index["source"]["kind"] == "mnist" and index["label_names"] == [str(d) for d in range(10)]
+    assert tensors[0]["label"].tolist() == [d % 10 for d in range(12)]  # the fake digits are 0, 1, ..., 9, 0, 1
+    assert [e["key"] for e in index["text_encoders"]] == ["text_encoder", "text_encoder_2"]
+    assert tensors[0]["text_encoder_2.input_ids"].shape == (12, 8) and "text_encoder_2.pooled" in tensors[0]
+    with safe_open(str(mnist / "shard-00000.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["captions"])[3] == "A handwritten digit 3"
+
+    entries = [{"image": str(tiny_imagefolder / f"{i:03d}.png"), "caption": f"picture {i}"} for i in range(3)]
+    entries.append({"image": "missing.png", "caption": "gone"})
+    (tmp_path / "captions.json").write_text(json.dumps(entries))
+    coco = tmp_path / "coco"
+    run_script(SCRIPT, "--captions_json", tmp_path / "captions.json", "--output_dir", coco, *encoders)
+    index, tensors = shard_tensors(coco)
+    assert index["source"]["kind"] == "coco_json" and index["num_examples"] == 3 and index["num_skipped"] == 1
+    assert index["label_names"] is None and "label" not in tensors[0]
+
+
+@pytest.mark.parametrize("case", ["resolution", "caption_column"])
+def test_bad_input_is_one_line_exit_2(case, tiny_vae, tiny_clip, tiny_imagefolder, tmp_path):
+    args = ["--vae_name_or_path", tiny_vae, "--text_encoder_name_or_path", tiny_clip, "--resolution", "32",
+            "--output_dir", tmp_path / "out", "--train_data_dir", tiny_imagefolder]
+    flag = {"resolution": "--resolution", "caption_column": "--caption_column"}[case]
+    if case == "resolution":
+        args[args.index("--resolution") + 1] = "30"
+    else:
+        args += ["--caption_column", "prompt"]
+    proc = run_script(SCRIPT, *args, expect_rc=2, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and flag in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

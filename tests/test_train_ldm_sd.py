@@ -1,0 +1,145 @@
+"""Smoke, resume, export and bad-input tests of train_ldm_sd.py, run as users run it (subprocess, offline, CPU)."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from conftest import run_script
+from safetensors.torch import load_file
+
+SCRIPT = "train_ldm_sd.py"
+FAST = ["--resolution", "32", "--train_batch_size", "4", "--gradient_accumulation_steps", "1",
+        "--learning_rate", "1e-3", "--num_inference_steps", "2", "--validation_guidance_scales", "1,3",
+        "--num_validation_images", "1", "--validation_prompts", "a red square", "a blue circle",
+        "--logging_steps", "1", "--dataloader_num_workers", "0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory, tiny_clip, tiny_vae):
+    """A StableDiffusionPipeline folder: tiny CLIP text encoder (16 tokens), tiny VAE, tiny UNet, DDPM schedule."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_clip)
+    tokenizer.model_max_length = 16
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, norm_num_groups=8, attention_head_dim=8, cross_attention_dim=32,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              steps_offset=1)
+    StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(tiny_vae),
+                            text_encoder=CLIPTextModel.from_pretrained(tiny_clip), tokenizer=tokenizer, unet=unet,
+                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(path)
+    return path
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def load_weights(checkpoint, name):
+    return load_file(checkpoint / name)
+
+
+def test_finetune_two_steps_then_export_makes_an_image(tiny_sd, tiny_imagefolder, tmp_path):
+    out = tmp_path / "run"
+    run_script(SCRIPT, "--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", tiny_imagefolder,
+               "--output_dir", out, *FAST, "--max_train_steps", "2", "--random_flip", "--snr_gamma", "5",
+               "--noise_offset", "0.05", "--input_perturbation", "0.1", "--proportion_empty_prompts", "0.5")
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+    assert all((out / "checkpoint-2" / f).is_file() for f in ("model.safetensors", "ema.safetensors"))
+    assert (out / "samples" / "step-2.png").stat().st_size > 1000 and (out / "loss.png").is_file()
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["args"]["max_train_steps"] == 2 and config["args"]["cond_dropout_prob"] == 0.5
+
+    # The export is a StableDiffusionPipeline folder that diffusers loads alone, EMA UNet in fp32.
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert pipe.unet.dtype == torch.float32 and pipe.tokenizer.model_max_length == 16
+    image = pipe("a red square", num_inference_steps=2, height=32, width=32, guidance_scale=3.0,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (32, 32, 3) and (image >= 0).all() and (image <= 1).all()
+    # Fine-tuned: the export's UNet has the folder's architecture, and its weights are the EMA's, not the raw ones.
+    original = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    assert pipe.unet.config.block_out_channels == original.config.block_out_channels
+    ema = load_weights(out / "checkpoint-2", "ema.safetensors")
+    exported = [p.detach() for p in pipe.unet.parameters()]
+    assert len(ema) == len(exported) and all(torch.equal(ema[str(i)], p) for i, p in enumerate(exported))
+
+
+def test_from_scratch_max_samples_whole_pipeline(tiny_sd, tiny_imagefolder, tmp_path):
+    out = tmp_path / "run"
+    # Hyphen spellings and the seed aliases are accepted.
+    run_script(SCRIPT, "--pretrained-model-name-or-path", tiny_sd, "--data-root", tiny_imagefolder, "--output-dir",
+               out, *FAST, "--unet-from-scratch", "--unet-config", "tiny", "--max-samples", "10", "--epochs", "2",
+               "--batch-size", "4", "--checkpointing-steps", "3", "--validation_steps", "2",
+               "--center_crop", "--prediction_type", "v_prediction", "--rescale_betas_zero_snr")
+    # 10 samples, batch 4, drop_last: 2 steps per epoch, 2 epochs.
+    assert json.loads((out / "train_summary.json").read_text())["global_step"] == 4
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert (out / "samples" / "step-2.png").is_file() and (out / "samples" / "step-4.png").is_file()
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    assert list(unet.config.block_out_channels) == [16, 32] and unet.config.cross_attention_dim == 32
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"]
+
+
+def test_resume_matches_uninterrupted_run_and_total_limit(tiny_sd, tiny_imagefolder, tmp_path):
+    straight = tmp_path / "straight"
+    args = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", tiny_imagefolder, "--output_dir",
+            straight, *FAST, "--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "2",
+            "--validation_steps", "100", "--random_flip", "--ema_power", "1.0", "--lr_scheduler", "cosine",
+            "--lr_warmup_steps", "1"]
+    run_script(SCRIPT, *args)
+    # Resume in a fresh folder from the step-2 checkpoint, mid-epoch (12 images / batch 2 = 6 steps per epoch).
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    args[args.index(straight)] = resumed
+    args[args.index("--checkpointing_steps") + 1] = "1"
+    proc = run_script(SCRIPT, *args, "--resume_from_checkpoint", "latest", "--checkpoints_total_limit", "2")
+    assert "resumed from" in proc.stdout and "step 2" in proc.stdout
+    assert [r["step"] for r in read_metrics(resumed)] == [3, 4]
+    # --checkpoints_total_limit 2 pruned checkpoint-2 once checkpoint-3 and checkpoint-4 were complete.
+    assert sorted(p.name for p in resumed.iterdir() if "checkpoint" in p.name) == ["checkpoint-3", "checkpoint-4"]
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_weights(straight / "checkpoint-4", name), load_weights(resumed / "checkpoint-4", name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+    # The comparison is sharp only if steps 3 and 4 moved the weights.
+    w2, w4 = (load_weights(straight / f"checkpoint-{s}", "model.safetensors") for s in (2, 4))
+    assert any(not torch.equal(w2[k], w4[k]) for k in w2)
+
+
+@pytest.mark.parametrize("case", ["caption_column", "missing_folder", "resolution", "xformers", "bitsandbytes"])
+def test_bad_input_is_one_line_exit_2(case, tiny_sd, tiny_imagefolder, tmp_path):
+    args = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", tiny_imagefolder, "--output_dir",
+            tmp_path / "run", *FAST, "--max_train_steps", "1"]
+    flag = {"caption_column": "--caption_column", "missing_folder": "--train_data_dir", "resolution": "--resolution",
+            "xformers": "--enable_xformers_memory_efficient_attention", "bitsandbytes": "--use_8bit_adam"}[case]
+    if case == "caption_column":
+        args += ["--caption_column", "caption"]
+    elif case == "missing_folder":
+        args[args.index("--train_data_dir") + 1] = tmp_path / "no-such-folder"
+    elif case == "resolution":
+        args[args.index("--resolution") + 1] = "36"
+    else:
+        args += [flag]
+    proc = run_script(SCRIPT, *args, expect_rc=2, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and flag in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    if case == "caption_column":  # the message names the columns that exist
+        assert "image" in errors[0] and "text" in errors[0]
