@@ -100,6 +100,9 @@ def parse_args(argv=None):
     g.add_argument("--num_heads", type=int, default=None, help="Override the preset's attention heads.")
     g.add_argument("--patch_size", type=int, default=None, help="Override the preset's patch size.")
     g.add_argument("--conditioning", choices=["class", "text"], default="class")
+    g.add_argument("--weight_init", choices=["adaln_zero", "pytorch"], default="adaln_zero",
+                   help="adaln_zero: DiT's (identity blocks, N(0, 0.02) embeddings), best in long runs; pytorch: "
+                        "diffusers' defaults, faster to pick up the class in short runs (docs/dit.md).")
     g.add_argument("--num_classes", type=int, default=None, help="Class count; default: read from the data.")
     g.add_argument("--vae_name_or_path", default="stabilityai/sd-vae-ft-ema",
                    help='Frozen AutoencoderKL (hub id or folder, a "vae" subfolder is found); "none" = pixel space.')
@@ -467,7 +470,7 @@ def build_transformer(args, in_channels, sample_size, num_classes, caption_chann
     else:
         model = PixArtTransformer2DModel(cross_attention_dim=hidden, caption_channels=caption_channels,
                                          use_additional_conditions=False, **common)
-    return disable_label_dropout(initialize_weights(model))
+    return disable_label_dropout(initialize_weights(model) if args.weight_init == "adaln_zero" else model)
 
 
 @torch.no_grad()
@@ -930,11 +933,11 @@ def main(args):
     num_classes = None
     if args.conditioning == "class":
         found = count_classes(dataset)
-        if found is None:
-            fail("the data has no class labels: pass --num_classes or use --conditioning text")
-        if args.num_classes is not None and args.num_classes != found:
+        if found is None and args.num_classes is None:
+            fail("--num_classes: the data does not say how many classes it has; pass it")
+        if found is not None and args.num_classes not in (None, found):
             fail(f"--num_classes {args.num_classes}: the data has {found} classes; drop the flag or fix it")
-        num_classes = found
+        num_classes = found or args.num_classes
     train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
                                                    drop_last=len(dataset) >= args.train_batch_size,
                                                    num_workers=args.dataloader_num_workers, collate_fn=collate)
