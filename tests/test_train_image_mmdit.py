@@ -1,0 +1,294 @@
+"""Tests of train_image_discrete.py and train_image_continuous.py: the seed commands with tiny sizes, both text
+encoder options, shards, exact resume, two processes, bad input; and the MDLM objective and samplers in-process."""
+
+import importlib.util
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, run_script
+from safetensors.torch import load_file, save_file
+
+DISCRETE, CONTINUOUS = "train_image_discrete.py", "train_image_continuous.py"
+TINY = ["--dim-image", "32", "--depth", "1", "--num-heads", "2", "--num-inference-steps", "2",
+        "--validation-guidance-scales", "1,2", "--logging-steps", "1", "--max-text-length", "8",
+        "--num-validation-images", "3", "--device", "cpu"]
+
+
+def text_flags(script, tiny_bert, frozen=False):
+    if script == DISCRETE:
+        return ["--tokenizer", tiny_bert] + (["--text-encoder", tiny_bert, "--dim-text", "32"] if frozen else
+                                             ["--dim-text", "32"])
+    return ["--text-encoder", tiny_bert, "--dim-text", "32"]
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def load_module(script):
+    spec = importlib.util.spec_from_file_location(script[:-3], REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script", [DISCRETE, CONTINUOUS])
+def test_seed_command_whole_pipeline_then_sample_only(script, tiny_mnist, tiny_bert, tmp_path):
+    out = tmp_path / "run"
+    # The seed command with tiny sizes (hyphen spellings and seed aliases), then generation from the export.
+    run_script(script, "--data-root", tiny_mnist, "--epochs", "2", "--batch-size", "4", "--max-samples", "10",
+               *text_flags(script, tiny_bert), *TINY, "--output-dir", out, "--checkpointing-steps", "3")
+    # 10 samples, batch 4, drop_last: 2 steps per epoch, 2 epochs.
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["image_loss"]) and math.isfinite(r["text_loss"]) for r in rows)
+    assert sum(r["text_loss"] for r in rows) > 0 and sum(r["image_loss"] for r in rows) > 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert (out / "samples" / "step-4.png").stat().st_size > 1000 and (out / "loss.png").is_file()
+    captions = (out / "samples" / "step-4.txt").read_text().splitlines()
+    assert "MNIST test images" in captions[0] and sum("true: a handwritten digit" in c for c in captions) == 3
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["args"]["num_train_epochs"] == 2 and config["args"]["max_samples"] == 10
+    export = json.loads((out / "export_config.json").read_text())
+    weights = load_file(out / "model.safetensors")
+    assert export["script"] == script and all(torch.isfinite(w).all() for w in weights.values())
+    if script == CONTINUOUS:  # the standardisation statistics travel with the weights
+        assert weights["text_mean"].shape == (32,) and (weights["text_std"] > 0).all()
+        assert not torch.equal(weights["text_std"], torch.ones(32))
+
+    again = tmp_path / "from-export"
+    run_script(script, "--sample-only", out, "--data-root", tiny_mnist, "--output-dir", again,
+               "--num-eval-samples", "10", "--num-eval-captions", "5", "--num-inference-steps", "2",
+               "--validation-guidance-scales", "1", "--device", "cpu")
+    evals = np.load(again / "eval_samples.npz")
+    assert evals["images"].shape == (10, 28, 28) and evals["images"].dtype == np.uint8
+    assert sorted(evals["labels"].tolist()) == list(range(10))
+    lines = [json.loads(line) for line in (again / "captions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in lines] == list(range(5)) and all(isinstance(r["caption"], str) for r in lines)
+    assert [r["digit"] for r in lines] == [0, 1, 2, 3, 4]  # tiny_mnist's test labels are index % 10
+    assert (again / "samples" / "step-export.png").is_file()
+
+
+@pytest.mark.parametrize("script", [DISCRETE, CONTINUOUS])
+def test_imagefolder_frozen_encoder_counts_missing_images(script, tiny_imagefolder, tiny_bert, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_imagefolder, data)
+    with open(data / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "missing.png", "text": "a red square"}) + "\n")
+    out = tmp_path / "run"
+    proc = run_script(script, "--data_root", data, *text_flags(script, tiny_bert, frozen=True), *TINY,
+                      "--max_train_steps", "2", "--train_batch_size", "4", "--output_dir", out)
+    assert "skipped 1 of 13 images" in proc.stderr  # counted, never a blank image
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    export = json.loads((out / "export_config.json").read_text())
+    assert export["text_encoder"] == str(tiny_bert) and export["shape"] == [3, 32, 32]
+    if script == DISCRETE:  # the frozen encoder is not part of the trained weights
+        assert not any(k.startswith("text_input") or "bert" in k for k in load_file(out / "model.safetensors"))
+
+
+def write_shards(root, tiny_vae, n=10):
+    """Shards as docs/precomputed_format.md describes them (what prepare_data_multi_gpu.py writes)."""
+    root.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    captions = [f"a {'red' if i % 2 else 'blue'} square" for i in range(n)]
+    shards = []
+    for s, start in enumerate(range(0, n, 6)):
+        rows = list(range(start, min(start + 6, n)))
+        tensors = {"index": torch.tensor(rows), "latent_mean": torch.randn(len(rows), 4, 16, 16, generator=rng),
+                   "latent_std": torch.full((len(rows), 4, 16, 16), 0.1)}
+        save_file(tensors, root / f"shard-{s:05d}.safetensors",
+                  metadata={"captions": json.dumps([captions[i] for i in rows])})
+        shards.append({"file": f"shard-{s:05d}.safetensors", "num_examples": len(rows)})
+    index = {"format": "precomputed-diffusion-shards", "version": 1, "num_examples": n, "num_skipped": 0,
+             "shard_size": 6, "shards": shards, "source": {"kind": "imagefolder", "path": "x", "split": "train"},
+             "resolution": 32, "center_crop": False, "random_flip": False,
+             "vae": {"name_or_path": str(tiny_vae), "scaling_factor": 0.18215, "shift_factor": 0.0,
+                     "latent_channels": 4, "latent_size": 16, "dtype": "float32"},
+             "text_encoders": [], "label_names": None,
+             "tensors": {"latent_mean": {"shape": [4, 16, 16], "dtype": "float32"}}}
+    (root / "index.json").write_text(json.dumps(index))
+
+
+def test_discrete_reads_precomputed_shards(tiny_vae, tiny_bert, tmp_path):
+    shards = tmp_path / "shards"
+    write_shards(shards, tiny_vae)
+    out = tmp_path / "run"
+    proc = run_script(DISCRETE, "--data-root", shards, *text_flags(DISCRETE, tiny_bert), *TINY, "--max-train-steps",
+                      "2", "--batch-size", "4", "--output-dir", out)
+    assert "10 examples (precomputed, latents (4, 16, 16))" in proc.stdout
+    assert (out / "samples" / "step-2.png").is_file()  # decoded through the shards' VAE
+    export = json.loads((out / "export_config.json").read_text())
+    assert export["vae"] == str(tiny_vae) and export["kind"] == "latents"
+
+
+@pytest.mark.parametrize("script", [DISCRETE, CONTINUOUS])
+def test_resume_matches_uninterrupted_run(script, tiny_mnist, tiny_bert, tmp_path):
+    straight = tmp_path / "straight"
+    args = ["--data-root", tiny_mnist, *text_flags(script, tiny_bert), *TINY, "--max_train_steps", "4",
+            "--checkpointing_steps", "2", "--lr_warmup_steps", "1", "--ema_power", "1.0", "--train_batch_size", "8",
+            "--validation_steps", "100", "--output_dir", straight]
+    run_script(script, *args)
+    # Resume in a fresh folder from the step-2 checkpoint (mid-epoch: 64 samples / batch 8 = 8 steps per epoch).
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    args[args.index(straight)] = resumed
+    proc = run_script(script, *args, "--resume_from_checkpoint", "latest")
+    assert "resumed from" in proc.stdout and "step 2" in proc.stdout
+    assert [r["step"] for r in read_metrics(resumed)] == [3, 4]
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(straight / "checkpoint-4" / name), load_file(resumed / "checkpoint-4" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+    w2 = load_file(straight / "checkpoint-2" / "model.safetensors")
+    w4 = load_file(straight / "checkpoint-4" / "model.safetensors")
+    assert any(not torch.equal(w2[k], w4[k]) for k in w2)  # training moved the weights: the comparison is sharp
+
+
+@pytest.mark.parametrize("script", [DISCRETE, CONTINUOUS])
+def test_two_processes(script, tiny_mnist, tiny_bert, tmp_path):
+    out = tmp_path / "run"
+    run_script(script, "--data_root", tiny_mnist, *text_flags(script, tiny_bert), *TINY[:-2], "--device", "auto",
+               "--max_train_steps", "2", "--train_batch_size", "4", "--output_dir", out, launcher="accelerate")
+    assert json.loads((out / "run_config.json").read_text())["num_processes"] == 2
+    for rank in (0, 1):
+        assert (out / "checkpoint-2" / f"train_rng_{rank}.safetensors").is_file()
+    assert [r["step"] for r in read_metrics(out)] == [1, 2] and (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("script", [DISCRETE, CONTINUOUS])
+@pytest.mark.parametrize("case", ["dim_text_mismatch", "missing_data_root"])
+def test_bad_input_is_one_line_exit_2(script, case, tiny_mnist, tiny_bert, tmp_path):
+    args = ["--data-root", tiny_mnist, *text_flags(script, tiny_bert, frozen=True), *TINY, "--max-train-steps", "1",
+            "--output-dir", tmp_path / "run"]
+    if case == "dim_text_mismatch":
+        args[args.index("--dim-text") + 1] = "768"
+        flag = "--dim_text 768"
+    else:
+        args[args.index("--data-root") + 1] = tmp_path / "nowhere"
+        flag = "--data_root"
+    proc = run_script(script, *args, expect_rc=2, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and flag in errors[0], proc.stderr[-2000:]
+    if case == "dim_text_mismatch":
+        assert "(32)" in errors[0] and "pass --dim_text 32" in errors[0]  # says the encoder's size
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoint-1").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-process: the MDLM objective and samplers of train_image_discrete.py
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def discrete():
+    return load_module(DISCRETE)
+
+
+@pytest.fixture(scope="module")
+def vocabulary(discrete, tiny_bert):
+    tokenizer = discrete.load_tokenizer(str(tiny_bert))
+    ids = discrete.tokenize(tokenizer, ["a handwritten digit seven", "a digit one"], 8)
+    return tokenizer, discrete.Vocabulary.from_captions(tokenizer, ids), ids
+
+
+def test_vocabulary_mask_is_not_pad_and_never_predicted(discrete, vocabulary):
+    tokenizer, vocab, ids = vocabulary
+    assert vocab.mask_id != vocab.pad_id and vocab.mask_id == vocab.size
+    assert vocab.ids[vocab.mask_id] == tokenizer.mask_token_id and vocab.ids[vocab.pad_id] == tokenizer.pad_token_id
+    compact = vocab.compact(ids)
+    assert (compact < vocab.size).all() and (compact == vocab.pad_id).any()
+    assert vocab.decode(tokenizer, compact) == ["a handwritten digit seven", "a digit one"]
+    # The model's caption head has one logit per real token: the mask cannot be predicted.
+    mmdit = discrete.MMDiT(1, 8, 4, 16, 16, vocab.size, 1, 2)
+    model = discrete.TextImageModel(mmdit, discrete.TextTokenEncoder(vocab.size + 1, 8, 16))
+    _, logits = model(torch.randn(2, 1, 8, 8), torch.rand(2), torch.full((2, 8), vocab.mask_id), torch.ones(2))
+    assert logits.shape == (2, 8, vocab.size)
+
+
+class RecordingModel(torch.nn.Module):
+    """Stands in for the MMDiT: uniform logits (cross-entropy log K per token), records the caption it read."""
+
+    def __init__(self, num_tokens):
+        super().__init__()
+        self.mmdit = torch.nn.Module()
+        self.mmdit.patch_size = 4
+        self.num_tokens = num_tokens
+
+    def forward(self, image, t_image, text, t_text, key_mask=None):
+        self.seen = (text.clone(), t_text.clone(), key_mask)
+        return torch.zeros_like(image), torch.zeros(*text.shape, self.num_tokens)
+
+
+def test_mdlm_loss_masked_tokens_weighted_by_one_over_t(discrete, vocabulary):
+    _, vocab, ids = vocabulary
+    args = discrete.parse_args(["--data_root", "x", "--image_clean_prob", "0", "--text_clean_prob", "0",
+                                "--cond_dropout_prob", "0"])
+    n = 64
+    clean = vocab.compact(ids)[torch.arange(n) % 2]
+    model = RecordingModel(vocab.size)
+    generator = torch.Generator().manual_seed(0)
+    _, text_loss = discrete.training_step(model, None, torch.randn(n, 1, 8, 8), clean, vocab, args, generator)
+    noisy, t, key_mask = model.seen
+    masked = noisy == vocab.mask_id
+    assert key_mask is None  # nothing dropped: no key-padding mask at all
+    # Unmasked tokens are the clean ones; masked ones are the mask id, pads included (EOS padding learns length).
+    assert torch.equal(noisy[~masked], clean[~masked]) and masked[clean == vocab.pad_id].any()
+    # Antithetic t: one uniform shifted by i/n, so the sorted t are evenly spaced.
+    spacing = t.sort().values.diff()
+    assert torch.allclose(spacing, torch.full_like(spacing, (1 - args.min_text_t) / n), atol=1e-5)
+    # Cross-entropy (log K per masked token), averaged over positions, weighted by 1/t.
+    expected = masked.sum(1) * math.log(vocab.size) / ids.shape[1] / t
+    assert torch.allclose(text_loss, expected, rtol=1e-5)
+    # Masking rate follows t.
+    assert abs(masked.float().mean().item() - t.mean().item()) < 0.1
+
+
+def test_dropped_modalities_are_removed_from_attention(discrete, vocabulary):
+    _, vocab, ids = vocabulary
+    args = discrete.parse_args(["--data_root", "x", "--image_clean_prob", "0", "--text_clean_prob", "0",
+                                "--cond_dropout_prob", "0.45"])
+    model = RecordingModel(vocab.size)
+    n = 64
+    image_loss, text_loss = discrete.training_step(model, None, torch.randn(n, 1, 8, 8),
+                                                   vocab.compact(ids)[torch.arange(n) % 2], vocab, args,
+                                                   torch.Generator().manual_seed(1))
+    _, _, key_mask = model.seen
+    image_kept, text_kept = key_mask[:, 0], key_mask[:, -1]
+    assert not (~image_kept & ~text_kept).any() and (~image_kept).any() and (~text_kept).any()
+    assert (image_loss[~image_kept] == 0).all() and (text_loss[~text_kept] == 0).all()
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "confidence"])
+def test_samplers_carry_over_unmasked_tokens(discrete, sampler):
+    mask_id, n, length, steps = 9, 16, 8, 4
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.full((n, length), mask_id)
+    history = [ids]
+    for i in range(steps):
+        t, s = 1 - i / steps, 1 - (i + 1) / steps
+        log_probs = torch.randn(n, length, mask_id, generator=generator).log_softmax(-1)
+        ids = discrete.unmask_step(ids, log_probs, t, s, steps - i, sampler, mask_id, generator)
+        history.append(ids)
+    for before, after in zip(history[:-1], history[1:], strict=True):
+        revealed = before != mask_id
+        assert torch.equal(after[revealed], before[revealed])  # never changed once unmasked
+    assert (ids != mask_id).all()  # s = 0 at the last step: everything revealed, no mask ever emitted
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-process: train_image_continuous.py's text statistics and retrieval
+# ---------------------------------------------------------------------------------------------------------------
+def test_continuous_standardisation_and_retrieval():
+    continuous = load_module(CONTINUOUS)
+    table = torch.randn(5, 4, 6) * 3 + 2
+    caption_ids = torch.tensor([0, 0, 0, 1, 2, 3, 4, 4])
+    mean, std = continuous.text_statistics(table, caption_ids)
+    examples = (table[caption_ids] - mean) / std
+    assert torch.allclose(examples.mean(dim=(0, 1)), torch.zeros(6), atol=1e-5)
+    assert torch.allclose(examples.var(dim=(0, 1), unbiased=False), torch.ones(6), atol=1e-4)
+    captions = [f"caption {i}" for i in range(5)]
+    assert continuous.nearest_captions(table + 0.01 * torch.randn(5, 4, 6), table, captions) == captions
