@@ -377,10 +377,10 @@ def read_precomputed_index(args):
     return index
 
 
-def build_dataset(args, channels):
-    """The training set for the chosen source, truncated to --max_samples, and its class names."""
-    if args.precomputed_data_dir:
-        index = read_precomputed_index(args)
+def build_dataset(args, channels, index):
+    """The training set for the chosen source (`index`: the precomputed index.json or None), truncated to
+    --max_samples."""
+    if index is not None:
         text_key = index["text_encoders"][0]["key"] if args.conditioning == "text" else None
         return PrecomputedDataset(args.precomputed_data_dir, index, text_key, args.max_samples)
     if args.dataset_name == "mnist":
@@ -505,7 +505,7 @@ def disable_label_dropout(model):
     return model
 
 
-def condition_kwargs(model, cond):
+def condition_kwargs(cond):
     """Model keyword arguments for a condition dict (class labels, or caption states and mask)."""
     if "class_labels" in cond:
         return {"class_labels": cond["class_labels"]}
@@ -593,7 +593,7 @@ def training_step(model, noise_scheduler, x0, cond, null, args, generator):
         noisy = noise_scheduler.add_noise(x0, noise, timesteps)  # variance preserving
         target = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, timesteps)
         level = timesteps.float() / num_t
-    pred = model(noisy, timestep=timesteps, **condition_kwargs(model, cond)).sample
+    pred = model(noisy, timestep=timesteps, **condition_kwargs(cond)).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if args.objective == "ddpm" and args.snr_gamma:  # min(SNR, gamma) in x0 units over the target's own weight
         snr = compute_snr(noise_scheduler, timesteps)
@@ -608,7 +608,10 @@ def sample(model, sampler, cond, null, shape, guidance_scale, num_inference_step
     optionally only inside a noise-level interval. Both samplers start from unit-variance noise."""
     device, dtype = generator.device, next(model.parameters()).dtype
     x = torch.randn(shape, generator=generator, device=device)
-    both = null_and_cond(cond, null)
+    # The model's condition arguments for a plain step and for a guided one ([unconditional; conditional]).
+    plain, both = ({k: v.to(dtype) if v.is_floating_point() else v for k, v in c.items()}
+                   for c in (cond, null_and_cond(cond, null)))
+    plain, both = condition_kwargs(plain), condition_kwargs(both)
     num_t = sampler.config.num_train_timesteps
     sampler.set_timesteps(num_inference_steps, device=device)
     for t in sampler.timesteps:
@@ -616,9 +619,7 @@ def sample(model, sampler, cond, null, shape, guidance_scale, num_inference_step
         guided = guidance_scale != 1.0 and (guidance_interval is None
                                             or guidance_interval[0] <= level <= guidance_interval[1])
         x_in = torch.cat([x, x]) if guided else x
-        kwargs = condition_kwargs(model, both if guided else cond)
-        kwargs = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kwargs.items()}
-        pred = model(x_in.to(dtype), timestep=t.expand(x_in.shape[0]), **kwargs).sample.float()
+        pred = model(x_in.to(dtype), timestep=t.expand(x_in.shape[0]), **(both if guided else plain)).sample.float()
         if guided:
             uncond, conditional = pred.chunk(2)
             pred = uncond + guidance_scale * (conditional - uncond)
@@ -929,7 +930,7 @@ def main(args):
         write_run_config(args, accelerator)
 
     # ---- Data -------------------------------------------------------------------------------------------------
-    dataset = build_dataset(args, image_channels)
+    dataset = build_dataset(args, image_channels, index)
     num_classes = None
     if args.conditioning == "class":
         found = count_classes(dataset)

@@ -103,9 +103,8 @@ def main(args):
     docs = Path(args.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
     (docs / f"dit_quality_{args.objective}.json").write_text(json.dumps(report, indent=2) + "\n")
-    shutil.copyfile(model_dir / "samples" / sorted((model_dir / "samples").iterdir(),
-                                                  key=lambda p: p.stat().st_mtime)[-1].name,
-                    docs / f"dit_samples_{args.objective}.png")
+    final_grid = max((model_dir / "samples").glob("step-*.png"), key=lambda p: int(p.stem.split("-")[1]))
+    shutil.copyfile(final_grid, docs / f"dit_samples_{args.objective}.png")
     print(f"class_accuracy={headline['class_accuracy']:.4f} fid_ratio={headline['fid_ratio']:.3f} "
           f"train_minutes={train_seconds / 60:.2f} sample_seconds={headline['sample_seconds']:.1f}")
 

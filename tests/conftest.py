@@ -48,6 +48,18 @@ def run_script(script, *args, launcher="python", expect_rc=0, timeout=600, env=N
     return proc
 
 
+def assert_same_weights(checkpoint_a, checkpoint_b, names=("model.safetensors", "ema.safetensors")):
+    """Bitwise equality of the model (and EMA) safetensors of two checkpoint folders: the exact-resume check."""
+    import torch
+    from safetensors.torch import load_file
+
+    for name in names:
+        a, b = load_file(checkpoint_a / name), load_file(checkpoint_b / name)
+        assert a.keys() == b.keys(), name
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tiny text encoders
 # ---------------------------------------------------------------------------------------------------------------

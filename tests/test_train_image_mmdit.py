@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_script
+from conftest import REPO, assert_same_weights, run_script
 from safetensors.torch import load_file, save_file
 
 DISCRETE, CONTINUOUS = "train_image_discrete.py", "train_image_continuous.py"
@@ -140,11 +140,7 @@ def test_resume_matches_uninterrupted_run(script, tiny_mnist, tiny_bert, tmp_pat
     proc = run_script(script, *args, "--resume_from_checkpoint", "latest")
     assert "resumed from" in proc.stdout and "step 2" in proc.stdout
     assert [r["step"] for r in read_metrics(resumed)] == [3, 4]
-    for name in ("model.safetensors", "ema.safetensors"):
-        a, b = load_file(straight / "checkpoint-4" / name), load_file(resumed / "checkpoint-4" / name)
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+    assert_same_weights(straight / "checkpoint-4", resumed / "checkpoint-4")
     w2 = load_file(straight / "checkpoint-2" / "model.safetensors")
     w4 = load_file(straight / "checkpoint-4" / "model.safetensors")
     assert any(not torch.equal(w2[k], w4[k]) for k in w2)  # training moved the weights: the comparison is sharp
