@@ -6,7 +6,11 @@ encoder (--text_encoder, any transformers AutoModel: BERT family, e5 with --text
 standardised per dimension with a mean and std computed on the training captions and stored in the model's
 buffers (so in every checkpoint and in the export). Image tokens are p x p patches of pixels or VAE latents.
 Both modalities are noised with one variance-preserving schedule (squared-cosine betas, 1000 steps) at
-independent timesteps; the loss is the epsilon-prediction MSE on both. Per example one modality is sometimes
+independent timesteps; the loss is the MSE of the network's prediction on both: v (--prediction_type
+v_prediction, the default) or epsilon (UniDiffuser's choice). Epsilon fails on captions at this scale, measured
+(docs/mmdit.md): a caption's 8x384 numbers identify it among the training captions while the per-dimension SNR is
+still ~1e-3, where an epsilon error costs almost nothing, so the network never learns to read the image; v puts
+the weight of an x0 error there. Per example one modality is sometimes
 clean and sometimes at full noise, so text-to-image, image-to-text, joint and both unconditional models are
 trained; guidance in each direction uses the other modality at full noise as the unconditional branch.
 
@@ -91,6 +95,8 @@ def parse_args(argv=None):
     g.add_argument("--depth", type=int, default=6, help="MMDiT blocks.")
     g.add_argument("--num_heads", type=int, default=4)
     g.add_argument("--mlp_ratio", type=float, default=4.0)
+    g.add_argument("--pooled_text", action=argparse.BooleanOptionalAction, default=True,
+                   help="Add an MLP of the mean text input to the adaLN conditioning (SD3's pooled text vector).")
     g.add_argument("--text_encoder", default="bert-base-uncased",
                    help="Frozen text encoder (hub id or folder with its tokenizer): any transformers AutoModel.")
     g.add_argument("--text_prefix", default="", help='Prepended to every caption, e.g. "query: " for e5 models.')
@@ -106,9 +112,13 @@ def parse_args(argv=None):
                    help="Per example and modality: put it at full noise (unconditional branch of guidance).")
     g.add_argument("--num_train_timesteps", type=int, default=1000)
     g.add_argument("--beta_schedule", default="squaredcos_cap_v2", help="DDPMScheduler beta schedule.")
+    g.add_argument("--prediction_type", default="v_prediction", choices=["v_prediction", "epsilon"],
+                   help="What the network predicts for both modalities (MSE on it). epsilon is UniDiffuser's; it "
+                        "leaves the image unread by the caption stream on MNIST (image-to-text at chance).")
     g.add_argument("--text_clip_value", type=float, default=5.0,
                    help="Samplers clip the caption's predicted x0 to +-this (standardised units), as the image's "
-                        "is clipped to [-1, 1]: near t=T, x0 = (x_t - sigma eps) / alpha multiplies eps errors.")
+                        "is clipped to [-1, 1]: with epsilon, x0 = (x_t - sigma eps) / alpha multiplies its errors "
+                        "near t=T.")
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--output_dir", default="output_image_continuous")
@@ -514,18 +524,23 @@ class FinalLayer(nn.Module):
 class MMDiT(nn.Module):
     """Image tokens and text embeddings [b, L, dim_text] in, image prediction [b, C, H, W] and per-token text
     outputs [b, L, text_out_dim] out. Each modality has its own timestep embedding; their sum conditions every
-    adaLN, so the network knows both noise levels. Zero-init as DiT: adaLN and final layers start at zero."""
+    adaLN, so the network knows both noise levels. With pooled_text (SD3's pooled text vector), an MLP of the mean
+    of the text inputs that are attended to is added to that sum: the caption then modulates every image block
+    directly, as a class label does in DiT, instead of only through attention. Zero-init as DiT: adaLN and final
+    layers start at zero."""
 
     def __init__(self, in_channels, image_size, patch_size, dim_image, dim_text, text_out_dim, depth, num_heads,
-                 mlp_ratio=4.0):
+                 mlp_ratio=4.0, pooled_text=False):
         super().__init__()
         self.config = dict(in_channels=in_channels, image_size=image_size, patch_size=patch_size,
                            dim_image=dim_image, dim_text=dim_text, text_out_dim=text_out_dim, depth=depth,
-                           num_heads=num_heads, mlp_ratio=mlp_ratio)
+                           num_heads=num_heads, mlp_ratio=mlp_ratio, pooled_text=pooled_text)
         self.patch_size, self.in_channels = patch_size, in_channels
         self.patch_encoder = ImagePatchEncoder(in_channels, image_size, patch_size, dim_image)
         self.image_time = nn.Sequential(Timesteps(256, True, 0), TimestepEmbedding(256, dim_image))
         self.text_time = nn.Sequential(Timesteps(256, True, 0), TimestepEmbedding(256, dim_image))
+        self.text_pool = nn.Sequential(nn.Linear(dim_text, dim_image), nn.SiLU(),
+                                       nn.Linear(dim_image, dim_image)) if pooled_text else None
         self.blocks = nn.ModuleList(MMDiTBlock(dim_image, dim_text, num_heads, mlp_ratio) for _ in range(depth))
         self.image_final = FinalLayer(dim_image, patch_size * patch_size * in_channels, dim_image)
         self.text_final = FinalLayer(dim_text, text_out_dim, dim_image)
@@ -549,6 +564,11 @@ class MMDiT(nn.Module):
         """t_image, t_text in [0, 1] (0 = clean); key_mask [b, n_image + L] bool or None."""
         x = self.patch_encoder(image)
         c = self.image_time(t_image * 1000) + self.text_time(t_text * 1000)
+        if self.text_pool is not None:  # mean over the attended text tokens (none: zeros, a dropped caption)
+            keep = torch.ones(text.shape[:2], device=text.device) if key_mask is None else \
+                key_mask[:, -text.shape[1]:].to(text.dtype)
+            pooled = (text * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
+            c = c + self.text_pool(pooled)
         y = text
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -701,15 +721,24 @@ def noise_modality(noise_scheduler, x0, clean, dropped, generator):
     return x_t, eps, t
 
 
+def training_target(noise_scheduler, x0, eps, t):
+    """epsilon, or v = sqrt(abar) eps - sqrt(1 - abar) x0 (in x0 units its MSE weighs SNR + 1, not SNR)."""
+    if noise_scheduler.config.prediction_type == "epsilon":
+        return eps
+    return noise_scheduler.get_velocity(x0, eps, t)
+
+
 def training_step(model, noise_scheduler, x0, e0, args, generator):
-    """UniDiffuser: both modalities noised at independent timesteps, epsilon MSE on each noised modality."""
+    """UniDiffuser: both modalities noised at independent timesteps, MSE of the prediction on each noised one."""
     n, num_t = x0.shape[0], noise_scheduler.config.num_train_timesteps
     image_clean, text_clean, text_dropped, image_dropped = draw_modalities(n, args, generator, x0.device)
     x_t, eps_image, t_image = noise_modality(noise_scheduler, x0, image_clean, image_dropped, generator)
     e_t, eps_text, t_text = noise_modality(noise_scheduler, e0, text_clean, text_dropped, generator)
     pred_image, pred_text = model(x_t, t_image.float() / num_t, e_t, t_text.float() / num_t)
-    image_loss = F.mse_loss(pred_image.float(), eps_image.float(), reduction="none").mean(dim=(1, 2, 3))
-    text_loss = F.mse_loss(pred_text.float(), eps_text.float(), reduction="none").mean(dim=(1, 2))
+    target_image = training_target(noise_scheduler, x0, eps_image, t_image)
+    target_text = training_target(noise_scheduler, e0, eps_text, t_text)
+    image_loss = F.mse_loss(pred_image.float(), target_image.float(), reduction="none").mean(dim=(1, 2, 3))
+    text_loss = F.mse_loss(pred_text.float(), target_text.float(), reduction="none").mean(dim=(1, 2))
     return image_loss * (~image_clean & ~image_dropped), text_loss * (~text_clean & ~text_dropped)
 
 
@@ -718,20 +747,23 @@ def training_step(model, noise_scheduler, x0, e0, args, generator):
 # ----------------------------------------------------------------------------------------------------------------
 def build_noise_scheduler(args):
     return DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
-                         prediction_type="epsilon", clip_sample=False)
+                         prediction_type=args.prediction_type, clip_sample=False)
 
 
 def build_sampler(noise_scheduler_config):
-    """DPM-Solver++ (2nd order) fed with x0 that the samplers compute from epsilon and clip themselves: one
+    """DPM-Solver++ (2nd order) fed with x0 that the samplers compute from the prediction and clip: one
     instance per modality, since the caption's clip range is not the image's (thresholding is per sample)."""
     return DPMSolverMultistepScheduler.from_config(noise_scheduler_config, algorithm_type="dpmsolver++",
                                                    solver_order=2, final_sigmas_type="zero",
                                                    prediction_type="sample")
 
 
-def x0_from_eps(x_t, eps, t, alphas_cumprod, clip):
-    abar = alphas_cumprod[t].to(x_t.device).view(-1, *[1] * (x_t.ndim - 1))
-    return ((x_t - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-clip, clip)
+def x0_from_prediction(x_t, pred, t, ctx, clip):
+    """x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), or sqrt(abar) x_t - sqrt(1 - abar) v; clipped to +-clip."""
+    abar = ctx.alphas_cumprod[t].to(x_t.device).view(-1, *[1] * (x_t.ndim - 1))
+    if ctx.prediction_type == "epsilon":
+        return ((x_t - (1 - abar).sqrt() * pred) / abar.sqrt()).clamp(-clip, clip)
+    return (abar.sqrt() * x_t - (1 - abar).sqrt() * pred).clamp(-clip, clip)
 
 
 def guide(pred, scale):
@@ -755,8 +787,8 @@ def sample_images(model, ctx, e0, guidance_scale, num_steps, generator):
     sampler.set_timesteps(num_steps, device=device)
     for t in sampler.timesteps:
         x_in = torch.cat([x, x]) if guided else x
-        eps, _ = model(x_in, (t.float() / num_t).expand(x_in.shape[0]), text, t_text)
-        x0 = x0_from_eps(x, guide(eps, guidance_scale), t.expand(n), ctx.alphas_cumprod, ctx.image_clip)
+        pred, _ = model(x_in, (t.float() / num_t).expand(x_in.shape[0]), text, t_text)
+        x0 = x0_from_prediction(x, guide(pred, guidance_scale), t.expand(n), ctx, ctx.image_clip)
         x = sampler.step(x0, t, x).prev_sample
     return x
 
@@ -775,8 +807,8 @@ def sample_captions(model, ctx, x0, guidance_scale, num_steps, generator):
     sampler.set_timesteps(num_steps, device=device)
     for t in sampler.timesteps:
         e_in = torch.cat([e, e]) if guided else e
-        _, eps = model(images, t_image, e_in, (t.float() / num_t).expand(e_in.shape[0]))
-        e0 = x0_from_eps(e, guide(eps, guidance_scale), t.expand(n), ctx.alphas_cumprod, ctx.text_clip)
+        _, pred = model(images, t_image, e_in, (t.float() / num_t).expand(e_in.shape[0]))
+        e0 = x0_from_prediction(e, guide(pred, guidance_scale), t.expand(n), ctx, ctx.text_clip)
         e = sampler.step(e0, t, e).prev_sample
     return e
 
@@ -793,9 +825,9 @@ def sample_joint(model, ctx, n, num_steps, generator):
     text_sampler.set_timesteps(num_steps, device=device)
     for t in image_sampler.timesteps:
         tt = (t.float() / num_t).expand(n)
-        eps_image, eps_text = model(x, tt, e, tt)
-        x0 = x0_from_eps(x, eps_image.float(), t.expand(n), ctx.alphas_cumprod, ctx.image_clip)
-        e0 = x0_from_eps(e, eps_text.float(), t.expand(n), ctx.alphas_cumprod, ctx.text_clip)
+        pred_image, pred_text = model(x, tt, e, tt)
+        x0 = x0_from_prediction(x, pred_image.float(), t.expand(n), ctx, ctx.image_clip)
+        e0 = x0_from_prediction(e, pred_text.float(), t.expand(n), ctx, ctx.text_clip)
         x, e = image_sampler.step(x0, t, x).prev_sample, text_sampler.step(e0, t, e).prev_sample
     return x, e
 
@@ -998,7 +1030,8 @@ def export_model(model, ctx, args, output_dir):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, output_dir / EXPORT_WEIGHTS)
     config = {"script": SCRIPT, "mmdit": model.mmdit.config, "text_encoder": args.text_encoder,
               "text_prefix": args.text_prefix, "max_text_length": args.max_text_length,
-              "noise_scheduler": dict(ctx.sampler.config), "text_clip_value": args.text_clip_value,
+              "noise_scheduler": dict(ctx.sampler.config), "prediction_type": ctx.prediction_type,
+              "text_clip_value": args.text_clip_value,
               "retrieval_captions": ctx.retrieval_captions, "dataset": args.dataset, "data_root": args.data_root,
               "caption_template": args.caption_template, "kind": ctx.kind, "shape": list(ctx.shape),
               "vae": ctx.vae_name, "latent_scaling": list(ctx.scaling) if ctx.scaling else None,
@@ -1080,7 +1113,8 @@ def generate_from_export(args, accelerator):
     sampler = build_sampler(config["noise_scheduler"])
     ctx = Sampling(text_encoder=text_encoder, retrieval_table=table, retrieval_captions=config["retrieval_captions"],
                    mlm_head=mlm_head, text_decoder=args.text_decoder, sampler=sampler,
-                   alphas_cumprod=sampler.alphas_cumprod, image_clip=1.0 if config["kind"] == "pixels" else 1e4,
+                   alphas_cumprod=sampler.alphas_cumprod, prediction_type=config["prediction_type"],
+                   image_clip=1.0 if config["kind"] == "pixels" else 1e4,
                    text_clip=config["text_clip_value"], max_text_length=config["max_text_length"],
                    dim_text=config["mmdit"]["dim_text"], device=device, shape=tuple(config["shape"]),
                    kind=config["kind"], vae=vae, scaling=config["latent_scaling"], dataset=config["dataset"],
@@ -1147,7 +1181,7 @@ def main(args):
     caption_states = text_encoder(data.captions)  # [distinct captions, L, D]
     mmdit_config = dict(in_channels=data.shape[0], image_size=data.shape[-1], patch_size=args.patch_size,
                         dim_image=args.dim_image, dim_text=dim_text, text_out_dim=dim_text, depth=args.depth,
-                        num_heads=args.num_heads, mlp_ratio=args.mlp_ratio)
+                        num_heads=args.num_heads, mlp_ratio=args.mlp_ratio, pooled_text=args.pooled_text)
     model = build_model(mmdit_config, args.max_text_length).to(accelerator.device)
     model.text_mean, model.text_std = text_statistics(caption_states, data.tensors[2])
     caption_embeddings = model.standardise(caption_states)
@@ -1169,6 +1203,7 @@ def main(args):
     ctx = Sampling(text_encoder=text_encoder, retrieval_table=caption_embeddings[:args.max_retrieval_captions],
                    retrieval_captions=retrieval_captions, mlm_head=mlm_head, text_decoder=args.text_decoder,
                    sampler=sampler, alphas_cumprod=noise_scheduler.alphas_cumprod,
+                   prediction_type=args.prediction_type,
                    image_clip=1.0 if data.kind == "pixels" else 1e4, text_clip=args.text_clip_value,
                    max_text_length=args.max_text_length, dim_text=dim_text, device=accelerator.device,
                    shape=data.shape, kind=data.kind, vae=vae, vae_name=vae_name, scaling=scaling,

@@ -91,6 +91,8 @@ def parse_args(argv=None):
     g.add_argument("--depth", type=int, default=6, help="MMDiT blocks.")
     g.add_argument("--num_heads", type=int, default=4)
     g.add_argument("--mlp_ratio", type=float, default=4.0)
+    g.add_argument("--pooled_text", action=argparse.BooleanOptionalAction, default=True,
+                   help="Add an MLP of the mean text input to the adaLN conditioning (SD3's pooled text vector).")
     g.add_argument("--tokenizer", default="bert-base-uncased", help="Tokenizer (hub id or folder).")
     g.add_argument("--text_encoder", default="learned",
                    help='"learned" (token + position embeddings trained here) or a frozen BERT-family model '
@@ -512,18 +514,23 @@ class FinalLayer(nn.Module):
 class MMDiT(nn.Module):
     """Image tokens and text embeddings [b, L, dim_text] in, image prediction [b, C, H, W] and per-token text
     outputs [b, L, text_out_dim] out. Each modality has its own timestep embedding; their sum conditions every
-    adaLN, so the network knows both noise levels. Zero-init as DiT: adaLN and final layers start at zero."""
+    adaLN, so the network knows both noise levels. With pooled_text (SD3's pooled text vector), an MLP of the mean
+    of the text inputs that are attended to is added to that sum: the caption then modulates every image block
+    directly, as a class label does in DiT, instead of only through attention. Zero-init as DiT: adaLN and final
+    layers start at zero."""
 
     def __init__(self, in_channels, image_size, patch_size, dim_image, dim_text, text_out_dim, depth, num_heads,
-                 mlp_ratio=4.0):
+                 mlp_ratio=4.0, pooled_text=False):
         super().__init__()
         self.config = dict(in_channels=in_channels, image_size=image_size, patch_size=patch_size,
                            dim_image=dim_image, dim_text=dim_text, text_out_dim=text_out_dim, depth=depth,
-                           num_heads=num_heads, mlp_ratio=mlp_ratio)
+                           num_heads=num_heads, mlp_ratio=mlp_ratio, pooled_text=pooled_text)
         self.patch_size, self.in_channels = patch_size, in_channels
         self.patch_encoder = ImagePatchEncoder(in_channels, image_size, patch_size, dim_image)
         self.image_time = nn.Sequential(Timesteps(256, True, 0), TimestepEmbedding(256, dim_image))
         self.text_time = nn.Sequential(Timesteps(256, True, 0), TimestepEmbedding(256, dim_image))
+        self.text_pool = nn.Sequential(nn.Linear(dim_text, dim_image), nn.SiLU(),
+                                       nn.Linear(dim_image, dim_image)) if pooled_text else None
         self.blocks = nn.ModuleList(MMDiTBlock(dim_image, dim_text, num_heads, mlp_ratio) for _ in range(depth))
         self.image_final = FinalLayer(dim_image, patch_size * patch_size * in_channels, dim_image)
         self.text_final = FinalLayer(dim_text, text_out_dim, dim_image)
@@ -547,6 +554,11 @@ class MMDiT(nn.Module):
         """t_image, t_text in [0, 1] (0 = clean); key_mask [b, n_image + L] bool or None."""
         x = self.patch_encoder(image)
         c = self.image_time(t_image * 1000) + self.text_time(t_text * 1000)
+        if self.text_pool is not None:  # mean over the attended text tokens (none: zeros, a dropped caption)
+            keep = torch.ones(text.shape[:2], device=text.device) if key_mask is None else \
+                key_mask[:, -text.shape[1]:].to(text.dtype)
+            pooled = (text * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
+            c = c + self.text_pool(pooled)
         y = text
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -1156,7 +1168,7 @@ def main(args):
         frozen = BertTextEncoder(args.text_encoder, vocabulary).to(accelerator.device)
     mmdit_config = dict(in_channels=data.shape[0], image_size=data.shape[-1], patch_size=args.patch_size,
                         dim_image=args.dim_image, dim_text=dim_text, text_out_dim=vocabulary.size, depth=args.depth,
-                        num_heads=args.num_heads, mlp_ratio=args.mlp_ratio)
+                        num_heads=args.num_heads, mlp_ratio=args.mlp_ratio, pooled_text=args.pooled_text)
     model = build_model(mmdit_config, args.text_encoder, vocabulary.size + 1, args.max_text_length)
     model.mmdit.gradient_checkpointing = args.gradient_checkpointing
     ema = None

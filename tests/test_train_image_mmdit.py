@@ -288,3 +288,38 @@ def test_continuous_standardisation_and_retrieval():
     assert torch.allclose(examples.var(dim=(0, 1), unbiased=False), torch.ones(6), atol=1e-4)
     captions = [f"caption {i}" for i in range(5)]
     assert continuous.nearest_captions(table + 0.01 * torch.randn(5, 4, 6), table, captions) == captions
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_continuous_prediction_recovers_x0(prediction_type):
+    # The sampler's x0 from an exact training target is the clean input, for both parameterisations.
+    continuous = load_module(CONTINUOUS)
+    args = continuous.parse_args(["--prediction_type", prediction_type])
+    scheduler = continuous.build_noise_scheduler(args)
+    x0, eps = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    t = torch.tensor([0, 250, 600, 900])
+    target = continuous.training_target(scheduler, x0, eps, t)
+    assert torch.equal(target, eps) == (prediction_type == "epsilon")
+    ctx = continuous.Sampling(alphas_cumprod=scheduler.alphas_cumprod, prediction_type=prediction_type)
+    recovered = continuous.x0_from_prediction(scheduler.add_noise(x0, eps, t), target, t, ctx, clip=1e4)
+    assert torch.allclose(recovered, x0, atol=1e-4)
+
+
+@pytest.mark.parametrize("script", [DISCRETE, CONTINUOUS])
+def test_pooled_text_leaves_a_dropped_caption_unseen(script):
+    # The pooled text vector conditions every block, so it must also ignore a caption the key mask removes:
+    # otherwise the unconditional branch of guidance would still see the prompt.
+    module = load_module(script)
+    torch.manual_seed(0)
+    mmdit = module.MMDiT(1, 8, 4, dim_image=16, dim_text=12, text_out_dim=5, depth=1, num_heads=2, pooled_text=True)
+    with torch.no_grad():
+        for p in mmdit.parameters():  # leave the zero init, or every output is zero
+            p.normal_(0, 0.3)
+    image, t = torch.randn(2, 1, 8, 8), torch.full((2,), 0.5)
+    text_a, text_b = torch.randn(2, 3, 12), torch.randn(2, 3, 12)
+    drop = torch.tensor([[True] * 4 + [False] * 3] * 2)
+    out_a, _ = mmdit(image, t, text_a, t, drop)
+    out_b, _ = mmdit(image, t, text_b, t, drop)
+    assert torch.allclose(out_a, out_b, atol=1e-6)
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    assert not torch.allclose(mmdit(image, t, text_a, t, keep)[0], mmdit(image, t, text_b, t, keep)[0], atol=1e-3)
