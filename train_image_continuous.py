@@ -565,9 +565,11 @@ class MMDiT(nn.Module):
         x = self.patch_encoder(image)
         c = self.image_time(t_image * 1000) + self.text_time(t_text * 1000)
         if self.text_pool is not None:  # mean over the attended text tokens (none: zeros, a dropped caption)
-            keep = torch.ones(text.shape[:2], device=text.device) if key_mask is None else \
-                key_mask[:, -text.shape[1]:].to(text.dtype)
-            pooled = (text * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
+            if key_mask is None:
+                pooled = text.mean(1)
+            else:
+                keep = key_mask[:, -text.shape[1]:, None].to(text.dtype)
+                pooled = (text * keep).sum(1) / keep.sum(1).clamp(min=1)
             c = c + self.text_pool(pooled)
         y = text
         for block in self.blocks:

@@ -48,6 +48,17 @@ def run_script(script, *args, launcher="python", expect_rc=0, timeout=600, env=N
     return proc
 
 
+def resume_in_new_folder(script, args, straight, resumed, step=2, extra=()):
+    """Copy checkpoint-<step> of the run in `straight` into a fresh `resumed` folder and run the same `args` there
+    (output dir swapped) with --resume_from_checkpoint latest; returns the finished process."""
+    import shutil
+
+    resumed.mkdir()
+    shutil.copytree(straight / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
+    args = [resumed if a == straight else a for a in args]
+    return run_script(script, *args, "--resume_from_checkpoint", "latest", *extra)
+
+
 def assert_same_weights(checkpoint_a, checkpoint_b, names=("model.safetensors", "ema.safetensors")):
     """Bitwise equality of the model (and EMA) safetensors of two checkpoint folders: the exact-resume check."""
     import torch

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_same_weights, run_script
+from conftest import REPO, assert_same_weights, resume_in_new_folder, run_script
 from safetensors.torch import load_file, save_file
 
 DISCRETE, CONTINUOUS = "train_image_discrete.py", "train_image_continuous.py"
@@ -134,10 +134,7 @@ def test_resume_matches_uninterrupted_run(script, tiny_mnist, tiny_bert, tmp_pat
     run_script(script, *args)
     # Resume in a fresh folder from the step-2 checkpoint (mid-epoch: 64 samples / batch 8 = 8 steps per epoch).
     resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    args[args.index(straight)] = resumed
-    proc = run_script(script, *args, "--resume_from_checkpoint", "latest")
+    proc = resume_in_new_folder(script, args, straight, resumed)
     assert "resumed from" in proc.stdout and "step 2" in proc.stdout
     assert [r["step"] for r in read_metrics(resumed)] == [3, 4]
     assert_same_weights(straight / "checkpoint-4", resumed / "checkpoint-4")

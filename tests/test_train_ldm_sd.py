@@ -2,11 +2,10 @@
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import resume_in_new_folder, run_script
 from safetensors.torch import load_file
 
 SCRIPT = "train_ldm_sd.py"
@@ -104,11 +103,8 @@ def test_resume_matches_uninterrupted_run_and_total_limit(tiny_sd, tiny_imagefol
     run_script(SCRIPT, *args)
     # Resume in a fresh folder from the step-2 checkpoint, mid-epoch (12 images / batch 2 = 6 steps per epoch).
     resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    args[args.index(straight)] = resumed
     args[args.index("--checkpointing_steps") + 1] = "1"
-    proc = run_script(SCRIPT, *args, "--resume_from_checkpoint", "latest", "--checkpoints_total_limit", "2")
+    proc = resume_in_new_folder(SCRIPT, args, straight, resumed, extra=("--checkpoints_total_limit", "2"))
     assert "resumed from" in proc.stdout and "step 2" in proc.stdout
     assert [r["step"] for r in read_metrics(resumed)] == [3, 4]
     # --checkpoints_total_limit 2 pruned checkpoint-2 once checkpoint-3 and checkpoint-4 were complete.

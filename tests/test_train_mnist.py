@@ -2,7 +2,6 @@
 
 import json
 import math
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import OFFLINE_ENV, REPO, assert_same_weights, run_script
+from conftest import OFFLINE_ENV, REPO, assert_same_weights, resume_in_new_folder, run_script
 from safetensors.torch import load_file
 
 SCRIPT = "train_mnist.py"
@@ -102,10 +101,7 @@ def test_resume_matches_uninterrupted_run(tiny_mnist, tiny_clip, tmp_path):
     run_script(SCRIPT, *args)
     # Resume in a fresh folder from the step-2 checkpoint (mid-epoch: 64 samples / batch 8 = 8 steps per epoch).
     resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    args[args.index(straight)] = resumed
-    proc = run_script(SCRIPT, *args, "--resume_from_checkpoint", "latest")
+    proc = resume_in_new_folder(SCRIPT, args, straight, resumed)
     assert "resumed from" in proc.stdout and "step 2" in proc.stdout
     assert [r["step"] for r in read_metrics(resumed)] == [3, 4]
     assert_same_weights(straight / "checkpoint-4", resumed / "checkpoint-4")
