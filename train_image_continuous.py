@@ -5,14 +5,16 @@ or both at once (UniDiffuser, Bao et al. 2023). A caption is the sequence of las
 encoder (--text_encoder, any transformers AutoModel: BERT family, e5 with --text_prefix "query: ", T5 encoder),
 standardised per dimension with a mean and std computed on the training captions and stored in the model's
 buffers (so in every checkpoint and in the export). Image tokens are p x p patches of pixels or VAE latents.
-Both modalities are noised with one variance-preserving schedule (squared-cosine betas, 1000 steps) at
+Both modalities are noised with a variance-preserving schedule (squared-cosine betas, 1000 steps) at
 independent timesteps; the loss is the MSE of the network's prediction on both: v (--prediction_type
-v_prediction, the default) or epsilon (UniDiffuser's choice). Epsilon fails on captions at this scale, measured
-(docs/mmdit.md): a caption's 8x384 numbers identify it among the training captions while the per-dimension SNR is
-still ~1e-3, where an epsilon error costs almost nothing, so the network never learns to read the image; v puts
-the weight of an x0 error there. Per example one modality is sometimes
-clean and sometimes at full noise, so text-to-image, image-to-text, joint and both unconditional models are
-trained; guidance in each direction uses the other modality at full noise as the unconditional branch.
+v_prediction, the default) or epsilon (UniDiffuser's choice). A caption's 8x384 numbers identify it among the
+training captions at noise levels where a 28x28 digit is long gone (benchmarks/caption_noise.py), so the caption
+gets the image's timesteps with every SNR divided by --text_shift^2 (SD3's shift): the noisy caption then stops
+naming itself where the image stops showing its digit, and image-to-text has timesteps to be learned at. Epsilon
+failed on captions at shift 1, measured (docs/mmdit.md): there an epsilon error costs almost nothing where the
+caption is decided. Per example one modality is sometimes clean and sometimes at full noise, so text-to-image,
+image-to-text, joint and both unconditional models are trained; guidance in each direction uses the other
+modality at full noise as the unconditional branch.
 
 Caption decoding: a generated embedding sequence is turned into text by nearest-caption retrieval over the
 distinct training captions (L2 in the standardised space; the default, --text_decoder retrieval), and, where the
@@ -97,6 +99,9 @@ def parse_args(argv=None):
     g.add_argument("--mlp_ratio", type=float, default=4.0)
     g.add_argument("--pooled_text", action=argparse.BooleanOptionalAction, default=True,
                    help="Add an MLP of the mean text input to the adaLN conditioning (SD3's pooled text vector).")
+    g.add_argument("--weight_init", choices=["adaln_zero", "pytorch"], default="adaln_zero",
+                   help="adaln_zero: DiT's (identity blocks, zero outputs), best in long runs; pytorch: PyTorch's "
+                        "layer defaults, faster to learn in short runs (docs/mmdit.md).")
     g.add_argument("--text_encoder", default="bert-base-uncased",
                    help="Frozen text encoder (hub id or folder with its tokenizer): any transformers AutoModel.")
     g.add_argument("--text_prefix", default="", help='Prepended to every caption, e.g. "query: " for e5 models.')
@@ -115,6 +120,11 @@ def parse_args(argv=None):
     g.add_argument("--prediction_type", default="v_prediction", choices=["v_prediction", "epsilon"],
                    help="What the network predicts for both modalities (MSE on it). epsilon is UniDiffuser's; it "
                         "leaves the image unread by the caption stream on MNIST (image-to-text at chance).")
+    g.add_argument("--text_shift", type=float, default=5.0,
+                   help="The caption's schedule is the image's with every SNR divided by shift^2 (SD3's shift). At 1, "
+                        "a caption's 8x384 numbers still name it at t = 0.9T, where the image is noise, so the caption "
+                        "stream needs the image only at the last steps; 5 makes MNIST captions lose their identity "
+                        "at the rate MNIST images lose their digit (benchmarks/caption_noise.py).")
     g.add_argument("--text_clip_value", type=float, default=5.0,
                    help="Samplers clip the caption's predicted x0 to +-this (standardised units), as the image's "
                         "is clipped to [-1, 1]: with epsilon, x0 = (x_t - sigma eps) / alpha multiplies its errors "
@@ -211,6 +221,8 @@ def check_args(args):
             fail(f"--{name} {getattr(args, name)}: must be in [0, 1)")
     if args.image_clean_prob + args.text_clean_prob + 2 * args.cond_dropout_prob > 1.0:
         fail("--image_clean_prob + --text_clean_prob + 2 * --cond_dropout_prob must be at most 1")
+    if args.text_shift <= 0:
+        fail(f"--text_shift {args.text_shift}: must be positive (1: the caption has the image's schedule)")
     if args.dim_image % args.num_heads:
         fail(f"--dim_image {args.dim_image}: must be divisible by --num_heads {args.num_heads}")
     if args.resolution % args.patch_size:
@@ -526,11 +538,11 @@ class MMDiT(nn.Module):
     outputs [b, L, text_out_dim] out. Each modality has its own timestep embedding; their sum conditions every
     adaLN, so the network knows both noise levels. With pooled_text (SD3's pooled text vector), an MLP of the mean
     of the text inputs that are attended to is added to that sum: the caption then modulates every image block
-    directly, as a class label does in DiT, instead of only through attention. Zero-init as DiT: adaLN and final
-    layers start at zero."""
+    directly, as a class label does in DiT, instead of only through attention. Zero-init as DiT (adaln_zero): adaLN
+    and final layers start at zero."""
 
     def __init__(self, in_channels, image_size, patch_size, dim_image, dim_text, text_out_dim, depth, num_heads,
-                 mlp_ratio=4.0, pooled_text=False):
+                 mlp_ratio=4.0, pooled_text=False, adaln_zero=True):
         super().__init__()
         self.config = dict(in_channels=in_channels, image_size=image_size, patch_size=patch_size,
                            dim_image=dim_image, dim_text=dim_text, text_out_dim=text_out_dim, depth=depth,
@@ -545,7 +557,8 @@ class MMDiT(nn.Module):
         self.image_final = FinalLayer(dim_image, patch_size * patch_size * in_channels, dim_image)
         self.text_final = FinalLayer(dim_text, text_out_dim, dim_image)
         self.gradient_checkpointing = False
-        self.initialize_weights()
+        if adaln_zero:  # else PyTorch's defaults (--weight_init pytorch); irrelevant when weights are loaded
+            self.initialize_weights()
 
     def initialize_weights(self):
         for module in self.modules():
@@ -656,6 +669,9 @@ class TextImageModel(nn.Module):
     def standardise(self, states):
         return (states - self.text_mean) / self.text_std
 
+    def unstandardise(self, e):
+        return e * self.text_std + self.text_mean
+
 
 class MaskedLMHead:
     """The encoder's masked-LM head (e.g. BertForMaskedLM's `cls`), when its weights are in the folder."""
@@ -730,15 +746,15 @@ def training_target(noise_scheduler, x0, eps, t):
     return noise_scheduler.get_velocity(x0, eps, t)
 
 
-def training_step(model, noise_scheduler, x0, e0, args, generator):
+def training_step(model, noise_scheduler, text_scheduler, x0, e0, args, generator):
     """UniDiffuser: both modalities noised at independent timesteps, MSE of the prediction on each noised one."""
     n, num_t = x0.shape[0], noise_scheduler.config.num_train_timesteps
     image_clean, text_clean, text_dropped, image_dropped = draw_modalities(n, args, generator, x0.device)
     x_t, eps_image, t_image = noise_modality(noise_scheduler, x0, image_clean, image_dropped, generator)
-    e_t, eps_text, t_text = noise_modality(noise_scheduler, e0, text_clean, text_dropped, generator)
+    e_t, eps_text, t_text = noise_modality(text_scheduler, e0, text_clean, text_dropped, generator)
     pred_image, pred_text = model(x_t, t_image.float() / num_t, e_t, t_text.float() / num_t)
     target_image = training_target(noise_scheduler, x0, eps_image, t_image)
-    target_text = training_target(noise_scheduler, e0, eps_text, t_text)
+    target_text = training_target(text_scheduler, e0, eps_text, t_text)
     image_loss = F.mse_loss(pred_image.float(), target_image.float(), reduction="none").mean(dim=(1, 2, 3))
     text_loss = F.mse_loss(pred_text.float(), target_text.float(), reduction="none").mean(dim=(1, 2))
     return image_loss * (~image_clean & ~image_dropped), text_loss * (~text_clean & ~text_dropped)
@@ -752,18 +768,30 @@ def build_noise_scheduler(args):
                          prediction_type=args.prediction_type, clip_sample=False)
 
 
-def build_sampler(noise_scheduler_config):
+def text_betas(config, shift):
+    """The caption's schedule: the image's timesteps with every SNR abar / (1 - abar) divided by shift^2, as betas
+    (None at shift 1: the image's). The same as diffusing the caption scaled by 1 / shift and renormalising x_t to
+    unit variance (Chen et al. 2023), so the network's input and v target keep unit scale."""
+    if shift == 1.0:
+        return None
+    abar = DDPMScheduler(num_train_timesteps=config["num_train_timesteps"],
+                         beta_schedule=config["beta_schedule"]).alphas_cumprod.double()
+    abar = abar / (abar + shift ** 2 * (1 - abar))
+    return (1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])).tolist()
+
+
+def build_sampler(noise_scheduler_config, **overrides):
     """DPM-Solver++ (2nd order) fed with x0 that the samplers compute from the prediction and clip: one
     instance per modality, since the caption's clip range is not the image's (thresholding is per sample)."""
     return DPMSolverMultistepScheduler.from_config(noise_scheduler_config, algorithm_type="dpmsolver++",
                                                    solver_order=2, final_sigmas_type="zero",
-                                                   prediction_type="sample")
+                                                   prediction_type="sample", **overrides)
 
 
-def x0_from_prediction(x_t, pred, t, ctx, clip):
+def x0_from_prediction(x_t, pred, t, alphas_cumprod, prediction_type, clip):
     """x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), or sqrt(abar) x_t - sqrt(1 - abar) v; clipped to +-clip."""
-    abar = ctx.alphas_cumprod[t].to(x_t.device).view(-1, *[1] * (x_t.ndim - 1))
-    if ctx.prediction_type == "epsilon":
+    abar = alphas_cumprod[t].to(x_t.device).view(-1, *[1] * (x_t.ndim - 1))
+    if prediction_type == "epsilon":
         return ((x_t - (1 - abar).sqrt() * pred) / abar.sqrt()).clamp(-clip, clip)
     return (abar.sqrt() * x_t - (1 - abar).sqrt() * pred).clamp(-clip, clip)
 
@@ -790,7 +818,8 @@ def sample_images(model, ctx, e0, guidance_scale, num_steps, generator):
     for t in sampler.timesteps:
         x_in = torch.cat([x, x]) if guided else x
         pred, _ = model(x_in, (t.float() / num_t).expand(x_in.shape[0]), text, t_text)
-        x0 = x0_from_prediction(x, guide(pred, guidance_scale), t.expand(n), ctx, ctx.image_clip)
+        x0 = x0_from_prediction(x, guide(pred, guidance_scale), t.expand(n), sampler.alphas_cumprod,
+                                ctx.prediction_type, ctx.image_clip)
         x = sampler.step(x0, t, x).prev_sample
     return x
 
@@ -805,12 +834,13 @@ def sample_captions(model, ctx, x0, guidance_scale, num_steps, generator):
     images = torch.cat([x0, torch.randn(x0.shape, generator=generator, device=device)]) if guided else x0
     t_image = torch.cat([torch.zeros(n, device=device), torch.full((n,), (num_t - 1) / num_t, device=device)]) \
         if guided else torch.zeros(n, device=device)
-    sampler = DPMSolverMultistepScheduler.from_config(ctx.sampler.config)
+    sampler = DPMSolverMultistepScheduler.from_config(ctx.text_sampler.config)
     sampler.set_timesteps(num_steps, device=device)
     for t in sampler.timesteps:
         e_in = torch.cat([e, e]) if guided else e
         _, pred = model(images, t_image, e_in, (t.float() / num_t).expand(e_in.shape[0]))
-        e0 = x0_from_prediction(e, guide(pred, guidance_scale), t.expand(n), ctx, ctx.text_clip)
+        e0 = x0_from_prediction(e, guide(pred, guidance_scale), t.expand(n), sampler.alphas_cumprod,
+                                ctx.prediction_type, ctx.text_clip)
         e = sampler.step(e0, t, e).prev_sample
     return e
 
@@ -822,14 +852,16 @@ def sample_joint(model, ctx, n, num_steps, generator):
     x = torch.randn((n, *ctx.shape), generator=generator, device=device)
     e = torch.randn((n, ctx.max_text_length, ctx.dim_text), generator=generator, device=device)
     image_sampler = DPMSolverMultistepScheduler.from_config(ctx.sampler.config)
-    text_sampler = DPMSolverMultistepScheduler.from_config(ctx.sampler.config)
+    text_sampler = DPMSolverMultistepScheduler.from_config(ctx.text_sampler.config)
     image_sampler.set_timesteps(num_steps, device=device)
     text_sampler.set_timesteps(num_steps, device=device)
     for t in image_sampler.timesteps:
         tt = (t.float() / num_t).expand(n)
         pred_image, pred_text = model(x, tt, e, tt)
-        x0 = x0_from_prediction(x, pred_image.float(), t.expand(n), ctx, ctx.image_clip)
-        e0 = x0_from_prediction(e, pred_text.float(), t.expand(n), ctx, ctx.text_clip)
+        x0 = x0_from_prediction(x, pred_image.float(), t.expand(n), image_sampler.alphas_cumprod,
+                                ctx.prediction_type, ctx.image_clip)
+        e0 = x0_from_prediction(e, pred_text.float(), t.expand(n), text_sampler.alphas_cumprod,
+                                ctx.prediction_type, ctx.text_clip)
         x, e = image_sampler.step(x0, t, x).prev_sample, text_sampler.step(e0, t, e).prev_sample
     return x, e
 
@@ -862,7 +894,7 @@ def generate_images(model, ctx, prompts, guidance_scale, seed, num_steps):
 
 def decode_captions(model, ctx, e, decoder):
     if decoder == "mlm":
-        return ctx.mlm_head.decode(e * model.text_std + model.text_mean)
+        return ctx.mlm_head.decode(model.unstandardise(e))
     return nearest_captions(e, ctx.retrieval_table, ctx.retrieval_captions)
 
 
@@ -1033,7 +1065,7 @@ def export_model(model, ctx, args, output_dir):
     config = {"script": SCRIPT, "mmdit": model.mmdit.config, "text_encoder": args.text_encoder,
               "text_prefix": args.text_prefix, "max_text_length": args.max_text_length,
               "noise_scheduler": dict(ctx.sampler.config), "prediction_type": ctx.prediction_type,
-              "text_clip_value": args.text_clip_value,
+              "text_shift": args.text_shift, "text_clip_value": args.text_clip_value,
               "retrieval_captions": ctx.retrieval_captions, "dataset": args.dataset, "data_root": args.data_root,
               "caption_template": args.caption_template, "kind": ctx.kind, "shape": list(ctx.shape),
               "vae": ctx.vae_name, "latent_scaling": list(ctx.scaling) if ctx.scaling else None,
@@ -1078,8 +1110,8 @@ def resolve_dim_text(args):
     return hidden
 
 
-def build_model(mmdit_config, max_text_length):
-    return TextImageModel(MMDiT(**mmdit_config), max_text_length)
+def build_model(mmdit_config, max_text_length, adaln_zero=True):
+    return TextImageModel(MMDiT(**mmdit_config, adaln_zero=adaln_zero), max_text_length)
 
 
 def text_side(model, text_encoder, captions, decoder, device):
@@ -1113,9 +1145,11 @@ def generate_from_export(args, accelerator):
         val_captions = [mnist_caption(args.caption_template, d) for d in test_labels[:args.num_validation_images]]
         val_source = "MNIST test images"
     sampler = build_sampler(config["noise_scheduler"])
+    text_sampler = build_sampler(config["noise_scheduler"],  # text_shift 1 for exports from before the flag
+                                 trained_betas=text_betas(config["noise_scheduler"], config.get("text_shift", 1.0)))
     ctx = Sampling(text_encoder=text_encoder, retrieval_table=table, retrieval_captions=config["retrieval_captions"],
                    mlm_head=mlm_head, text_decoder=args.text_decoder, sampler=sampler,
-                   alphas_cumprod=sampler.alphas_cumprod, prediction_type=config["prediction_type"],
+                   text_sampler=text_sampler, prediction_type=config["prediction_type"],
                    image_clip=1.0 if config["kind"] == "pixels" else 1e4,
                    text_clip=config["text_clip_value"], max_text_length=config["max_text_length"],
                    dim_text=config["mmdit"]["dim_text"], device=device, shape=tuple(config["shape"]),
@@ -1184,12 +1218,15 @@ def main(args):
     mmdit_config = dict(in_channels=data.shape[0], image_size=data.shape[-1], patch_size=args.patch_size,
                         dim_image=args.dim_image, dim_text=dim_text, text_out_dim=dim_text, depth=args.depth,
                         num_heads=args.num_heads, mlp_ratio=args.mlp_ratio, pooled_text=args.pooled_text)
-    model = build_model(mmdit_config, args.max_text_length).to(accelerator.device)
+    model = build_model(mmdit_config, args.max_text_length, adaln_zero=args.weight_init == "adaln_zero")
+    model = model.to(accelerator.device)
     model.text_mean, model.text_std = text_statistics(caption_states, data.tensors[2])
     caption_embeddings = model.standardise(caption_states)
     model.mmdit.gradient_checkpointing = args.gradient_checkpointing
     noise_scheduler = build_noise_scheduler(args)
-    sampler = build_sampler(noise_scheduler.config)
+    text_scheduler = DDPMScheduler.from_config(noise_scheduler.config,
+                                               trained_betas=text_betas(noise_scheduler.config, args.text_shift))
+    sampler, text_sampler = build_sampler(noise_scheduler.config), build_sampler(text_scheduler.config)
     ema = None
     if args.use_ema:
         ema = EMAModel(model.parameters(), decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0,
@@ -1204,9 +1241,10 @@ def main(args):
         fail(f"--text_decoder mlm: {args.text_encoder} has no masked-LM head weights; use retrieval")
     ctx = Sampling(text_encoder=text_encoder, retrieval_table=caption_embeddings[:args.max_retrieval_captions],
                    retrieval_captions=retrieval_captions, mlm_head=mlm_head, text_decoder=args.text_decoder,
-                   sampler=sampler, alphas_cumprod=noise_scheduler.alphas_cumprod,
+                   sampler=sampler, text_sampler=text_sampler,
                    prediction_type=args.prediction_type,
-                   image_clip=1.0 if data.kind == "pixels" else 1e4, text_clip=args.text_clip_value,
+                   image_clip=1.0 if data.kind == "pixels" else 1e4,
+                   text_clip=args.text_clip_value,
                    max_text_length=args.max_text_length, dim_text=dim_text, device=accelerator.device,
                    shape=data.shape, kind=data.kind, vae=vae, vae_name=vae_name, scaling=scaling,
                    dataset=args.dataset, caption_template=args.caption_template, val_captions=data.val_captions,
@@ -1262,8 +1300,8 @@ def main(args):
         for mean, std, caption_index in batches:
             with accelerator.accumulate(model):
                 x0 = to_model_input(mean, std, data.kind, scaling, train_rng)
-                image_loss, text_loss = training_step(model, noise_scheduler, x0, caption_embeddings[caption_index],
-                                                      args, train_rng)
+                image_loss, text_loss = training_step(model, noise_scheduler, text_scheduler, x0,
+                                                      caption_embeddings[caption_index], args, train_rng)
                 loss = (image_loss.sum() + args.text_loss_weight * text_loss.sum()) / x0.shape[0]
                 accelerator.backward(loss)
                 finite = True

@@ -93,6 +93,9 @@ def parse_args(argv=None):
     g.add_argument("--mlp_ratio", type=float, default=4.0)
     g.add_argument("--pooled_text", action=argparse.BooleanOptionalAction, default=True,
                    help="Add an MLP of the mean text input to the adaLN conditioning (SD3's pooled text vector).")
+    g.add_argument("--weight_init", choices=["adaln_zero", "pytorch"], default="adaln_zero",
+                   help="adaln_zero: DiT's (identity blocks, zero outputs), best in long runs; pytorch: PyTorch's "
+                        "layer defaults, faster to learn in short runs (docs/mmdit.md).")
     g.add_argument("--tokenizer", default="bert-base-uncased", help="Tokenizer (hub id or folder).")
     g.add_argument("--text_encoder", default="learned",
                    help='"learned" (token + position embeddings trained here) or a frozen BERT-family model '
@@ -102,10 +105,11 @@ def parse_args(argv=None):
     g = parser.add_argument_group("objective")
     g.add_argument("--text_loss_weight", type=float, default=4.0,
                    help="Weight of the MDLM loss (it averages over all positions, most of them easy).")
-    g.add_argument("--image_clean_prob", type=float, default=0.35,
+    g.add_argument("--image_clean_prob", type=float, default=0.3,
                    help="Per example: the image is clean (trains image-to-text).")
-    g.add_argument("--text_clean_prob", type=float, default=0.3,
-                   help="Per example: the caption is clean (trains text-to-image).")
+    g.add_argument("--text_clean_prob", type=float, default=0.45,
+                   help="Per example: the caption is clean (trains text-to-image; the image learns slower than "
+                        "the caption, docs/mmdit.md). What is left after these and the two dropouts is joint.")
     g.add_argument("--cond_dropout_prob", type=float, default=0.1,
                    help="Per example and modality: drop it from the attention (unconditional branch of guidance).")
     g.add_argument("--min_text_t", type=float, default=1e-3, help="Smallest masking rate; bounds the 1/t weight.")
@@ -516,11 +520,11 @@ class MMDiT(nn.Module):
     outputs [b, L, text_out_dim] out. Each modality has its own timestep embedding; their sum conditions every
     adaLN, so the network knows both noise levels. With pooled_text (SD3's pooled text vector), an MLP of the mean
     of the text inputs that are attended to is added to that sum: the caption then modulates every image block
-    directly, as a class label does in DiT, instead of only through attention. Zero-init as DiT: adaLN and final
-    layers start at zero."""
+    directly, as a class label does in DiT, instead of only through attention. Zero-init as DiT (adaln_zero): adaLN
+    and final layers start at zero."""
 
     def __init__(self, in_channels, image_size, patch_size, dim_image, dim_text, text_out_dim, depth, num_heads,
-                 mlp_ratio=4.0, pooled_text=False):
+                 mlp_ratio=4.0, pooled_text=False, adaln_zero=True):
         super().__init__()
         self.config = dict(in_channels=in_channels, image_size=image_size, patch_size=patch_size,
                            dim_image=dim_image, dim_text=dim_text, text_out_dim=text_out_dim, depth=depth,
@@ -535,7 +539,8 @@ class MMDiT(nn.Module):
         self.image_final = FinalLayer(dim_image, patch_size * patch_size * in_channels, dim_image)
         self.text_final = FinalLayer(dim_text, text_out_dim, dim_image)
         self.gradient_checkpointing = False
-        self.initialize_weights()
+        if adaln_zero:  # else PyTorch's defaults (--weight_init pytorch); irrelevant when weights are loaded
+            self.initialize_weights()
 
     def initialize_weights(self):
         for module in self.modules():
@@ -624,11 +629,12 @@ def tokenize(tokenizer, captions, max_length):
 class TextTokenEncoder(nn.Module):
     """Learned input embedding of the (partly masked) caption: token + position embeddings."""
 
-    def __init__(self, num_tokens, max_length, dim):
+    def __init__(self, num_tokens, max_length, dim, adaln_zero=True):
         super().__init__()
         self.token = nn.Embedding(num_tokens, dim)
         self.position = nn.Parameter(torch.randn(1, max_length, dim) * 0.02)
-        nn.init.normal_(self.token.weight, std=0.02)
+        if adaln_zero:  # DiT's N(0, 0.02) for its label table; else nn.Embedding's N(0, 1)
+            nn.init.normal_(self.token.weight, std=0.02)
 
     def forward(self, ids):
         return self.token(ids) + self.position[:, :ids.shape[1]]
@@ -1071,9 +1077,9 @@ def resolve_dim_text(args):
     return hidden
 
 
-def build_model(mmdit_config, text_encoder, num_tokens, max_text_length):
-    mmdit = MMDiT(**mmdit_config)
-    text_input = (TextTokenEncoder(num_tokens, max_text_length, mmdit_config["dim_text"])
+def build_model(mmdit_config, text_encoder, num_tokens, max_text_length, adaln_zero=True):
+    mmdit = MMDiT(**mmdit_config, adaln_zero=adaln_zero)
+    text_input = (TextTokenEncoder(num_tokens, max_text_length, mmdit_config["dim_text"], adaln_zero)
                   if text_encoder == "learned" else None)
     return TextImageModel(mmdit, text_input)
 
@@ -1171,7 +1177,8 @@ def main(args):
     mmdit_config = dict(in_channels=data.shape[0], image_size=data.shape[-1], patch_size=args.patch_size,
                         dim_image=args.dim_image, dim_text=dim_text, text_out_dim=vocabulary.size, depth=args.depth,
                         num_heads=args.num_heads, mlp_ratio=args.mlp_ratio, pooled_text=args.pooled_text)
-    model = build_model(mmdit_config, args.text_encoder, vocabulary.size + 1, args.max_text_length)
+    model = build_model(mmdit_config, args.text_encoder, vocabulary.size + 1, args.max_text_length,
+                        adaln_zero=args.weight_init == "adaln_zero")
     model.mmdit.gradient_checkpointing = args.gradient_checkpointing
     ema = None
     if args.use_ema:

@@ -42,13 +42,17 @@ DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 
 # Training recipes on top of the scripts' defaults (MMDiT 128 wide, 6 blocks, 4x4 pixel patches: 49 image tokens,
 # 8 caption tokens), each sized to stay within 20 minutes on 2 CPU cores. Validation and checkpoint at the end only.
-COMMON = ["--max_text_length", "8", "--validation_steps", "100000", "--checkpointing_steps", "100000"]
+# Batch 32 and PyTorch's init: at this budget optimizer steps, not images, limit a small transformer, and adaLN-Zero
+# is the slowest start (docs/dit.md, docs/mmdit.md).
+COMMON = ["--max_text_length", "8", "--validation_steps", "100000", "--checkpointing_steps", "100000",
+          "--train_batch_size", "32", "--weight_init", "pytorch"]
 SAMPLING = {"discrete": ["--text_inference_steps", "4"], "continuous": []}  # used by training and --skip_training
 RECIPES = {
-    # 2600 steps of batch 64 (2.8 epochs) at ~145 samples/s (2800 steps took 20.7 min).
-    "discrete": COMMON + ["--max_train_steps", "2600"],
-    # The text stream is as wide as MiniLM's 384: ~1.8x the compute per example. 1450 steps of batch 64.
-    "continuous": COMMON + ["--max_train_steps", "1450"],
+    # 4400 steps of batch 32 (2.3 epochs) at ~153 samples/s: 16.0 min.
+    "discrete": COMMON + ["--max_train_steps", "4400"],
+    # The text stream is as wide as MiniLM's 384: ~1.5x the compute per example. 2900 steps of batch 32 at ~105
+    # samples/s: 14.6 min.
+    "continuous": COMMON + ["--max_train_steps", "2900"],
 }
 
 

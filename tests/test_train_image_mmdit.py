@@ -59,6 +59,7 @@ def test_seed_command_whole_pipeline_then_sample_only(script, tiny_mnist, tiny_b
     if script == CONTINUOUS:  # the standardisation statistics travel with the weights
         assert weights["text_mean"].shape == (32,) and (weights["text_std"] > 0).all()
         assert not torch.equal(weights["text_std"], torch.ones(32))
+        assert export["text_shift"] == 5.0  # the default, read back by --sample-only
 
     again = tmp_path / "from-export"
     run_script(script, "--sample-only", out, "--data-root", tiny_mnist, "--output-dir", again,
@@ -285,6 +286,27 @@ def test_continuous_standardisation_and_retrieval():
     assert torch.allclose(examples.var(dim=(0, 1), unbiased=False), torch.ones(6), atol=1e-4)
     captions = [f"caption {i}" for i in range(5)]
     assert continuous.nearest_captions(table + 0.01 * torch.randn(5, 4, 6), table, captions) == captions
+    mmdit = continuous.MMDiT(1, 8, 4, dim_image=16, dim_text=6, text_out_dim=6, depth=1, num_heads=2)
+    model = continuous.TextImageModel(mmdit, max_text_length=4)
+    model.text_mean, model.text_std = mean, std
+    assert torch.allclose(model.unstandardise(model.standardise(table)), table, atol=1e-4)
+
+
+def test_continuous_text_shift_divides_every_snr():
+    # --text_shift s: the caption's schedule has the image's timesteps with SNR / s^2, in training and sampling.
+    continuous = load_module(CONTINUOUS)
+    image = continuous.build_noise_scheduler(continuous.parse_args([]))
+    betas = continuous.text_betas(image.config, 5.0)
+    text = continuous.DDPMScheduler.from_config(image.config, trained_betas=betas)
+    sampler = continuous.build_sampler(text.config)
+
+    def snr(abar):
+        return abar.double() / (1 - abar.double())
+
+    ratio = snr(image.alphas_cumprod) / snr(text.alphas_cumprod)
+    assert torch.allclose(ratio, torch.full_like(ratio, 25.0), rtol=1e-3)
+    assert torch.equal(sampler.alphas_cumprod, text.alphas_cumprod)
+    assert continuous.text_betas(image.config, 1.0) is None
 
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
@@ -297,9 +319,23 @@ def test_continuous_prediction_recovers_x0(prediction_type):
     t = torch.tensor([0, 250, 600, 900])
     target = continuous.training_target(scheduler, x0, eps, t)
     assert torch.equal(target, eps) == (prediction_type == "epsilon")
-    ctx = continuous.Sampling(alphas_cumprod=scheduler.alphas_cumprod, prediction_type=prediction_type)
-    recovered = continuous.x0_from_prediction(scheduler.add_noise(x0, eps, t), target, t, ctx, clip=1e4)
+    recovered = continuous.x0_from_prediction(scheduler.add_noise(x0, eps, t), target, t, scheduler.alphas_cumprod,
+                                              prediction_type, clip=1e4)
     assert torch.allclose(recovered, x0, atol=1e-4)
+
+
+@pytest.mark.parametrize("script", [DISCRETE, CONTINUOUS])
+def test_weight_init_adaln_zero_starts_at_zero_output_pytorch_does_not(script):
+    module = load_module(script)
+    image, t, text = torch.randn(2, 1, 8, 8), torch.full((2,), 0.5), torch.randn(2, 3, 12)
+    outputs = {}
+    for adaln_zero in (True, False):
+        torch.manual_seed(0)
+        mmdit = module.MMDiT(1, 8, 4, dim_image=16, dim_text=12, text_out_dim=5, depth=2, num_heads=2,
+                             adaln_zero=adaln_zero)
+        outputs[adaln_zero] = mmdit(image, t, text, t)
+    assert all(out.abs().max() == 0 for out in outputs[True])  # DiT's: every block and output layer at zero
+    assert all(out.abs().mean() > 1e-3 for out in outputs[False])
 
 
 @pytest.mark.parametrize("script", [DISCRETE, CONTINUOUS])
