@@ -105,12 +105,12 @@ def parse_args(argv=None):
     g = parser.add_argument_group("objective")
     g.add_argument("--text_loss_weight", type=float, default=4.0,
                    help="Weight of the MDLM loss (it averages over all positions, most of them easy).")
-    g.add_argument("--image_clean_prob", type=float, default=0.3,
+    g.add_argument("--image_clean_prob", type=float, default=0.35,
                    help="Per example: the image is clean (trains image-to-text).")
     g.add_argument("--text_clean_prob", type=float, default=0.45,
                    help="Per example: the caption is clean (trains text-to-image; the image learns slower than "
                         "the caption, docs/mmdit.md). What is left after these and the two dropouts is joint.")
-    g.add_argument("--cond_dropout_prob", type=float, default=0.1,
+    g.add_argument("--cond_dropout_prob", type=float, default=0.075,
                    help="Per example and modality: drop it from the attention (unconditional branch of guidance).")
     g.add_argument("--min_text_t", type=float, default=1e-3, help="Smallest masking rate; bounds the 1/t weight.")
 
@@ -145,7 +145,8 @@ def parse_args(argv=None):
                    help="Accepted for uniformity; attention is torch SDPA, which picks its fastest kernel itself.")
 
     g = parser.add_argument_group("sampling and evaluation")
-    g.add_argument("--guidance_scale", type=float, default=2.0, help="Text-to-image guidance (1 = none).")
+    g.add_argument("--guidance_scale", type=float, default=3.0,
+                   help="Text-to-image guidance (1 = none). On MNIST 3 beats 2 in accuracy and fid (docs/mmdit.md).")
     g.add_argument("--text_guidance_scale", type=float, default=1.5, help="Image-to-text guidance (1 = none).")
     g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 2.0, 4.0],
                    help="Columns of the text-to-image validation grid.")

@@ -13,6 +13,8 @@ Usage, from the repository root::
     python benchmarks/mmdit_quality.py --script discrete --data_root ../shared/datasets --output_dir OUT
     python benchmarks/mmdit_quality.py --script continuous --data_root ../shared/datasets --output_dir OUT \\
         --text_encoder_name_or_path ENC -- --learning_rate 5e-4      # extra trainer flags after "--"
+    python benchmarks/mmdit_quality.py --script discrete --output_dir OUT --skip_training \\
+        --guidance_scales 2,3,4 --text_guidance_scales 1.5,3      # sweep sampling knobs on OUT/model
 
 Writes OUT/model/ (the training run and its export), OUT/eval_samples.npz (images uint8 [N, 28, 28], labels [N]
 = prompted digit), OUT/captions.jsonl (index, digit, caption per test image) and docs/mmdit_quality_<script>.json,
@@ -48,7 +50,7 @@ COMMON = ["--max_text_length", "8", "--validation_steps", "100000", "--checkpoin
           "--train_batch_size", "32", "--weight_init", "pytorch"]
 SAMPLING = {"discrete": ["--text_inference_steps", "4"], "continuous": []}  # used by training and --skip_training
 RECIPES = {
-    # 4400 steps of batch 32 (2.3 epochs) at ~153 samples/s: 16.0 min.
+    # 4400 steps of batch 32 (2.3 epochs) at ~153 samples/s: 16.0 min (session 4's machine; 26-29 min on session 5's).
     "discrete": COMMON + ["--max_train_steps", "4400"],
     # The text stream is as wide as MiniLM's 384: ~1.5x the compute per example. 2900 steps of batch 32 at ~105
     # samples/s: 14.6 min.
@@ -75,6 +77,11 @@ def parse_args(argv=None):
                         help="MNIST test images to caption; default 10000 (discrete: 4 unmasking steps each) or "
                              "2000 (continuous: 20 guided DPM-Solver steps each, about 25 minutes for 10000).")
     parser.add_argument("--skip_training", action="store_true", help="Reuse OUT/model; sample from its export.")
+    parser.add_argument("--guidance_scales", type=float_list, default=[],
+                        help="Sweep (with --skip_training): text-to-image guidance scales, 1000 samples each; "
+                             "writes docs/mmdit_guidance_<script>.json instead of the main report.")
+    parser.add_argument("--text_guidance_scales", type=float_list, default=[],
+                        help="Sweep (with --skip_training): image-to-text guidance scales, --num_eval_captions each.")
     parser.add_argument("--score_only", action="store_true",
                         help="Only score OUT/eval_samples.npz and OUT/captions.jsonl (or those in OUT/model).")
     parser.add_argument("--judge_path", default=str(REPO_ROOT / "benchmarks" / ".cache" / "mnist_judge.safetensors"))
@@ -83,7 +90,13 @@ def parse_args(argv=None):
     args.trainer_args = extra
     args.output_dir = Path(args.output_dir or REPO_ROOT / "output" / f"mmdit_quality_{args.script}")
     args.num_eval_captions = args.num_eval_captions or {"discrete": 10000, "continuous": 2000}[args.script]
+    if (args.guidance_scales or args.text_guidance_scales) and not args.skip_training:
+        parser.error("--guidance_scales/--text_guidance_scales sample from a trained OUT/model: add --skip_training")
     return args
+
+
+def float_list(text):
+    return [float(v) for v in text.split(",") if v.strip()]
 
 
 def default_encoder():
@@ -116,6 +129,36 @@ def run(command):
     subprocess.run(command, cwd=REPO_ROOT, check=True)
 
 
+def sweep(args, mq):
+    """One sampling run per guidance scale from the export in OUT/model; each direction at the other's default."""
+    model_dir, rows = args.output_dir / "model", []
+    judge, _ = mq.get_judge(args.judge_path, args.data_root)
+    scorer = mq.Scorer(judge, args.data_root)
+    runs = [("guidance_scale", g, args.num_eval_samples, 0) for g in args.guidance_scales]
+    runs += [("text_guidance_scale", g, 0, args.num_eval_captions) for g in args.text_guidance_scales]
+    for flag, scale, num_samples, num_captions in runs:
+        folder = args.output_dir / f"{flag}-{scale:g}"
+        run([sys.executable, str(REPO_ROOT / SCRIPTS[args.script]), "--sample_only", str(model_dir),
+             "--data_root", args.data_root, "--output_dir", str(folder), *SAMPLING[args.script],
+             "--num_eval_samples", str(num_samples), "--num_eval_captions", str(num_captions),
+             "--eval_batch_size", "500", f"--{flag}", str(scale), *args.trainer_args])
+        row = {flag: scale}
+        if num_samples:
+            scores = scorer.score(*mq.load_samples(folder / "eval_samples.npz")[:2])
+            row.update(t2i_accuracy=scores["prompt_accuracy"], fid_ratio=scores["fid_ratio"],
+                       num_eval_samples=scores["num_samples"])
+        else:
+            row["i2t_accuracy"], row["num_eval_captions"] = caption_accuracy(folder / "captions.jsonl")
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    report = {"script": SCRIPTS[args.script], "model": str(model_dir), "sweep": rows,
+              "trainer_args": json.loads((model_dir / "run_config.json").read_text())["args"],
+              "date": time.strftime("%Y-%m-%d %H:%M")}
+    docs = Path(args.docs_dir)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / f"mmdit_guidance_{args.script}.json").write_text(json.dumps(report, indent=2, default=str))
+
+
 def main(args):
     script = SCRIPTS[args.script]
     model_dir = args.output_dir / "model"
@@ -125,6 +168,8 @@ def main(args):
     eval_flags = ["--num_eval_samples", str(args.num_eval_samples), "--num_eval_captions",
                   str(args.num_eval_captions), "--eval_batch_size", "500"]
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    if args.guidance_scales or args.text_guidance_scales:
+        return sweep(args, load_mnist_quality())
     if not args.skip_training and not args.score_only:
         # The training run writes the evaluation files from its final (EMA) export as it ends.
         run([sys.executable, str(REPO_ROOT / script), "--data_root", args.data_root, "--output_dir", str(model_dir),
