@@ -145,8 +145,9 @@ def parse_args(argv=None):
                    help="Accepted for uniformity; attention is torch SDPA, which picks its fastest kernel itself.")
 
     g = parser.add_argument_group("sampling and evaluation")
-    g.add_argument("--guidance_scale", type=float, default=3.0,
-                   help="Text-to-image guidance (1 = none). On MNIST 3 beats 2 in accuracy and fid (docs/mmdit.md).")
+    g.add_argument("--guidance_scale", type=float, default=4.5,
+                   help="Text-to-image guidance (1 = none). On MNIST: 96.5%% prompt accuracy at 4.5, 92.6%% at 3 "
+                        "(best fid), 2 much worse (docs/mmdit.md).")
     g.add_argument("--text_guidance_scale", type=float, default=1.5, help="Image-to-text guidance (1 = none).")
     g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 2.0, 4.0],
                    help="Columns of the text-to-image validation grid.")
