@@ -129,19 +129,26 @@ def run(command):
     subprocess.run(command, cwd=REPO_ROOT, check=True)
 
 
+def eval_flags(num_samples, num_captions):
+    return ["--num_eval_samples", str(num_samples), "--num_eval_captions", str(num_captions), "--eval_batch_size", "500"]
+
+
+def sample_from_export(args, folder, flags):
+    """Sample and caption from the export in OUT/model into folder (the trainer's --sample_only)."""
+    run([sys.executable, str(REPO_ROOT / SCRIPTS[args.script]), "--sample_only", str(args.output_dir / "model"),
+         "--data_root", args.data_root, "--output_dir", str(folder), *SAMPLING[args.script], *flags,
+         *args.trainer_args])
+
+
 def sweep(args, mq):
     """One sampling run per guidance scale from the export in OUT/model; each direction at the other's default."""
     model_dir, rows = args.output_dir / "model", []
-    judge, _ = mq.get_judge(args.judge_path, args.data_root)
-    scorer = mq.Scorer(judge, args.data_root)
+    scorer = mq.Scorer(mq.get_judge(args.judge_path, args.data_root)[0], args.data_root)
     runs = [("guidance_scale", g, args.num_eval_samples, 0) for g in args.guidance_scales]
     runs += [("text_guidance_scale", g, 0, args.num_eval_captions) for g in args.text_guidance_scales]
     for flag, scale, num_samples, num_captions in runs:
         folder = args.output_dir / f"{flag}-{scale:g}"
-        run([sys.executable, str(REPO_ROOT / SCRIPTS[args.script]), "--sample_only", str(model_dir),
-             "--data_root", args.data_root, "--output_dir", str(folder), *SAMPLING[args.script],
-             "--num_eval_samples", str(num_samples), "--num_eval_captions", str(num_captions),
-             "--eval_batch_size", "500", f"--{flag}", str(scale), *args.trainer_args])
+        sample_from_export(args, folder, [*eval_flags(num_samples, num_captions), f"--{flag}", str(scale)])
         row = {flag: scale}
         if num_samples:
             scores = scorer.score(*mq.load_samples(folder / "eval_samples.npz")[:2])
@@ -165,20 +172,18 @@ def main(args):
     encoder = args.text_encoder_name_or_path or default_encoder()
     encoder_flags = [] if encoder is None else (["--text_encoder", encoder] if args.script == "continuous"
                                                 else ["--tokenizer", encoder])
-    eval_flags = ["--num_eval_samples", str(args.num_eval_samples), "--num_eval_captions",
-                  str(args.num_eval_captions), "--eval_batch_size", "500"]
+    flags = eval_flags(args.num_eval_samples, args.num_eval_captions)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     if args.guidance_scales or args.text_guidance_scales:
         return sweep(args, load_mnist_quality())
     if not args.skip_training and not args.score_only:
         # The training run writes the evaluation files from its final (EMA) export as it ends.
         run([sys.executable, str(REPO_ROOT / script), "--data_root", args.data_root, "--output_dir", str(model_dir),
-             *encoder_flags, *RECIPES[args.script], *SAMPLING[args.script], *eval_flags, *args.trainer_args])
+             *encoder_flags, *RECIPES[args.script], *SAMPLING[args.script], *flags, *args.trainer_args])
         for name in ("eval_samples.npz", "captions.jsonl"):
             shutil.copy(model_dir / name, args.output_dir / name)
     elif args.skip_training:
-        run([sys.executable, str(REPO_ROOT / script), "--sample_only", str(model_dir), "--data_root", args.data_root,
-             "--output_dir", str(args.output_dir), *SAMPLING[args.script], *eval_flags, *args.trainer_args])
+        sample_from_export(args, args.output_dir, flags)
     else:
         for name in ("eval_samples.npz", "captions.jsonl"):
             if not (args.output_dir / name).is_file():
