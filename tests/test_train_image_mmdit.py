@@ -59,7 +59,7 @@ def test_seed_command_whole_pipeline_then_sample_only(script, tiny_mnist, tiny_b
     if script == CONTINUOUS:  # the standardisation statistics travel with the weights
         assert weights["text_mean"].shape == (32,) and (weights["text_std"] > 0).all()
         assert not torch.equal(weights["text_std"], torch.ones(32))
-        assert export["text_shift"] == 5.0  # the default, read back by --sample-only
+        assert export["text_shift"] == 20.0  # the default, read back by --sample-only
 
     again = tmp_path / "from-export"
     run_script(script, "--sample-only", out, "--data-root", tiny_mnist, "--output-dir", again,
