@@ -167,6 +167,8 @@ def sweep(args, mq):
 
 
 def main(args):
+    if args.guidance_scales or args.text_guidance_scales:
+        return sweep(args, load_mnist_quality())
     script = SCRIPTS[args.script]
     model_dir = args.output_dir / "model"
     encoder = args.text_encoder_name_or_path or default_encoder()
@@ -174,8 +176,6 @@ def main(args):
                                                 else ["--tokenizer", encoder])
     flags = eval_flags(args.num_eval_samples, args.num_eval_captions)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    if args.guidance_scales or args.text_guidance_scales:
-        return sweep(args, load_mnist_quality())
     if not args.skip_training and not args.score_only:
         # The training run writes the evaluation files from its final (EMA) export as it ends.
         run([sys.executable, str(REPO_ROOT / script), "--data_root", args.data_root, "--output_dir", str(model_dir),
