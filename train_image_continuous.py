@@ -3,8 +3,12 @@
 The same network generates an image from a caption (text-to-image) and a caption from an image (image-to-text),
 or both at once (UniDiffuser, Bao et al. 2023). A caption is the sequence of last hidden states of a frozen text
 encoder (--text_encoder, any transformers AutoModel: BERT family, e5 with --text_prefix "query: ", T5 encoder),
-standardised per dimension with a mean and std computed on the training captions and stored in the model's
-buffers (so in every checkpoint and in the export). Image tokens are p x p patches of pixels or VAE latents.
+standardised per dimension with a mean and std computed on the training captions, then projected on their top
+--text_latent_dim principal directions (64: 99.9% of the variance of the MNIST captions' 8x384 numbers; the
+projection keeps the distances between captions, and the text stream is 64 wide, not 384). Statistics and
+projection are computed once on the data and stored in the model's buffers (so in every checkpoint and in the
+export): UniDiffuser's low-dimensional text embedding, without training one. Image tokens are p x p patches of
+pixels or VAE latents.
 Both modalities are noised with a variance-preserving schedule (squared-cosine betas, 1000 steps) at
 independent timesteps; the loss is the MSE of the network's prediction on both: v (--prediction_type
 v_prediction, the default) or epsilon (UniDiffuser's choice). A caption's 8x384 numbers identify it among the
@@ -17,7 +21,7 @@ image-to-text, joint and both unconditional models are trained; guidance in each
 modality at full noise as the unconditional branch.
 
 Caption decoding: a generated embedding sequence is turned into text by nearest-caption retrieval over the
-distinct training captions (L2 in the standardised space; the default, --text_decoder retrieval), and, where the
+distinct training captions (L2 in the projected space; the default, --text_decoder retrieval), and, where the
 encoder folder also holds a masked-LM head (BertForMaskedLM weights), by that head's argmax token at every
 position (--text_decoder mlm). The validation file lists both when the head exists.
 
@@ -93,7 +97,11 @@ def parse_args(argv=None):
     g.add_argument("--patch_size", type=int, default=4, help="Image tokens are p x p patches (MNIST 28x28, p=4: 49).")
     g.add_argument("--dim_image", type=int, default=128, help="Width of the image stream (and of attention).")
     g.add_argument("--dim_text", type=int, default=None,
-                   help="Width of the text stream: must be the text encoder's hidden size (the default).")
+                   help="The text encoder's hidden size (the default; checked before the encoder loads).")
+    g.add_argument("--text_latent_dim", type=int, default=None,
+                   help="Diffuse the caption in its top-N principal directions (computed on the training captions, "
+                        "stored in the model); N is the width of the text stream. Default 64 (UniDiffuser's text "
+                        "embedding width), or the encoder's hidden size if smaller; 0: all of the hidden size.")
     g.add_argument("--depth", type=int, default=6, help="MMDiT blocks.")
     g.add_argument("--num_heads", type=int, default=4)
     g.add_argument("--mlp_ratio", type=float, default=4.0)
@@ -108,7 +116,9 @@ def parse_args(argv=None):
     g.add_argument("--max_text_length", type=int, default=16, help="Caption tokens, special tokens and pads included.")
 
     g = parser.add_argument_group("objective")
-    g.add_argument("--text_loss_weight", type=float, default=1.0, help="Weight of the caption-embedding MSE.")
+    g.add_argument("--text_loss_weight", type=float, default=1.0,
+                   help="Weight of the caption-embedding MSE (averaged over the encoder's hidden size, not the "
+                        "latent's: see training_step).")
     g.add_argument("--image_clean_prob", type=float, default=0.4,
                    help="Per example: the image is clean (trains image-to-text).")
     g.add_argument("--text_clean_prob", type=float, default=0.4,
@@ -163,11 +173,11 @@ def parse_args(argv=None):
 
     g = parser.add_argument_group("sampling and evaluation")
     g.add_argument("--guidance_scale", type=float, default=4.5,
-                   help="Text-to-image guidance (1 = none). On MNIST: 90%% prompt accuracy at 4.5, 76%% at 2; at "
-                        "--text_shift 10, 86%% at 4.5 and at 6, 82%% at 3 (docs/mmdit.md).")
+                   help="Text-to-image guidance (1 = none). On MNIST, with 384-d captions (session 6): 90%% prompt "
+                        "accuracy at 4.5, 90%% at 6, 76%% at 2 (docs/mmdit.md).")
     g.add_argument("--text_guidance_scale", type=float, default=3.0,
-                   help="Image-to-text guidance (1 = none). On MNIST: 93.6%% caption accuracy at 3, 92.8%% at 1.5; at "
-                        "--text_shift 10, 91.4%% at 3, 89.9%% at 1.5, 92.0%% at 5 (docs/mmdit.md).")
+                   help="Image-to-text guidance (1 = none). On MNIST, with 384-d captions (session 6): 93.6%% caption "
+                        "accuracy at 3, 94.0%% at 5, 92.8%% at 1.5 (docs/mmdit.md).")
     g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 2.0, 4.0],
                    help="Columns of the text-to-image validation grid.")
     g.add_argument("--num_inference_steps", type=int, default=20, help="DPM-Solver++ steps (both modalities).")
@@ -655,27 +665,52 @@ def text_statistics(table, caption_ids):
     return mean, std
 
 
+def text_basis(standardised, caption_ids, latent_dim):
+    """The top latent_dim principal directions [D, latent_dim] of the standardised caption tokens (weighted as in
+    text_statistics), orthonormal, and the share of the variance they hold; latent_dim 0 keeps all D dimensions
+    as they are (the identity). An orthonormal projection keeps distances between captions, so a caption is as
+    recognisable under a given noise level as in the full space, while the dropped directions, which the
+    captions barely use, no longer cost compute."""
+    dim = standardised.shape[-1]
+    if latent_dim == 0:
+        return torch.eye(dim, device=standardised.device), 1.0
+    weights = torch.bincount(caption_ids.cpu(), minlength=len(standardised)).double().to(standardised.device)
+    tokens = standardised.double().flatten(0, 1)  # [n * L, D]
+    token_weights = weights.repeat_interleave(standardised.shape[1])[:, None]
+    covariance = (tokens * token_weights).T @ tokens / token_weights.sum()
+    values, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
+    kept = float(values.flip(-1)[:latent_dim].sum() / values.sum().clamp(min=1e-12))
+    return vectors.flip(-1)[:, :latent_dim].float().contiguous(), kept
+
+
 class TextImageModel(nn.Module):
     """What is trained: the MMDiT and a learned position embedding added to the noisy caption embeddings (at
-    high noise nothing else tells the text stream which token is which). The standardisation statistics are
-    buffers: saved with every checkpoint and the export."""
+    high noise nothing else tells the text stream which token is which). The caption is diffused in a latent
+    space: standardised states projected on text_basis (`--text_latent_dim`). The standardisation statistics and
+    the basis are buffers: saved with every checkpoint and the export."""
 
-    def __init__(self, mmdit, max_text_length):
+    def __init__(self, mmdit, max_text_length, encoder_dim):
         super().__init__()
-        dim = mmdit.config["dim_text"]
+        dim = mmdit.config["dim_text"]  # the latent (= text stream) width
         self.mmdit = mmdit
         self.text_position = nn.Parameter(torch.randn(1, max_text_length, dim) * 0.02)
-        self.register_buffer("text_mean", torch.zeros(dim))
-        self.register_buffer("text_std", torch.ones(dim))
+        self.register_buffer("text_mean", torch.zeros(encoder_dim))
+        self.register_buffer("text_std", torch.ones(encoder_dim))
+        self.register_buffer("text_basis", torch.eye(encoder_dim, dim))
 
     def forward(self, image, t_image, text, t_text, key_mask=None):
         return self.mmdit(image, t_image, text + self.text_position[:, :text.shape[1]], t_text, key_mask)
 
     def standardise(self, states):
-        return (states - self.text_mean) / self.text_std
+        """Encoder states [.., D] -> latent [.., latent_dim]."""
+        return ((states - self.text_mean) / self.text_std) @ self.text_basis
 
     def unstandardise(self, e):
-        return e * self.text_std + self.text_mean
+        return (e @ self.text_basis.T) * self.text_std + self.text_mean
+
+    def clip_text(self, e, clip):
+        """Clip a predicted caption to +-clip in standardised units of the encoder's dimensions."""
+        return (e @ self.text_basis.T).clamp(-clip, clip) @ self.text_basis
 
 
 class MaskedLMHead:
@@ -714,7 +749,7 @@ class MaskedLMHead:
 
 
 def nearest_captions(generated, table, captions):
-    """Nearest-caption retrieval: the training caption whose standardised embedding is closest in L2."""
+    """Nearest-caption retrieval: the training caption whose latent embedding is closest in L2."""
     distances = torch.cdist(generated.flatten(1).float(), table.flatten(1).float())
     return [captions[i] for i in distances.argmin(dim=1).tolist()]
 
@@ -751,8 +786,12 @@ def training_target(noise_scheduler, x0, eps, t):
     return noise_scheduler.get_velocity(x0, eps, t)
 
 
-def training_step(model, noise_scheduler, text_scheduler, x0, e0, args, generator):
-    """UniDiffuser: both modalities noised at independent timesteps, MSE of the prediction on each noised one."""
+def training_step(model, noise_scheduler, text_scheduler, x0, e0, encoder_dim, args, generator):
+    """UniDiffuser: both modalities noised at independent timesteps, MSE of the prediction on each noised one.
+    The caption's squared error is summed over its latent dimensions and divided by the encoder's encoder_dim, not
+    by the latent's: the text loss then weighs what it weighed in the full space (the dropped directions hold
+    0.07% of the MNIST captions' variance), whatever --text_latent_dim is. Averaged over the 64 latent dimensions
+    (6x the weight) it cost text-to-image 94.9% -> 83.6% on MNIST (docs/mmdit.md)."""
     n, num_t = x0.shape[0], noise_scheduler.config.num_train_timesteps
     image_clean, text_clean, text_dropped, image_dropped = draw_modalities(n, args, generator, x0.device)
     x_t, eps_image, t_image = noise_modality(noise_scheduler, x0, image_clean, image_dropped, generator)
@@ -761,7 +800,8 @@ def training_step(model, noise_scheduler, text_scheduler, x0, e0, args, generato
     target_image = training_target(noise_scheduler, x0, eps_image, t_image)
     target_text = training_target(text_scheduler, e0, eps_text, t_text)
     image_loss = F.mse_loss(pred_image.float(), target_image.float(), reduction="none").mean(dim=(1, 2, 3))
-    text_loss = F.mse_loss(pred_text.float(), target_text.float(), reduction="none").mean(dim=(1, 2))
+    text_loss = F.mse_loss(pred_text.float(), target_text.float(), reduction="none").sum(dim=(1, 2))
+    text_loss = text_loss / (e0.shape[1] * encoder_dim)
     return image_loss * (~image_clean & ~image_dropped), text_loss * (~text_clean & ~text_dropped)
 
 
@@ -793,12 +833,14 @@ def build_sampler(noise_scheduler_config, **overrides):
                                                    prediction_type="sample", **overrides)
 
 
-def x0_from_prediction(x_t, pred, t, alphas_cumprod, prediction_type, clip):
+def x0_from_prediction(x_t, pred, t, alphas_cumprod, prediction_type, clip=None):
     """x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), or sqrt(abar) x_t - sqrt(1 - abar) v; clipped to +-clip."""
     abar = alphas_cumprod[t].to(x_t.device).view(-1, *[1] * (x_t.ndim - 1))
     if prediction_type == "epsilon":
-        return ((x_t - (1 - abar).sqrt() * pred) / abar.sqrt()).clamp(-clip, clip)
-    return (abar.sqrt() * x_t - (1 - abar).sqrt() * pred).clamp(-clip, clip)
+        x0 = (x_t - (1 - abar).sqrt() * pred) / abar.sqrt()
+    else:
+        x0 = abar.sqrt() * x_t - (1 - abar).sqrt() * pred
+    return x0 if clip is None else x0.clamp(-clip, clip)
 
 
 def guide(pred, scale):
@@ -844,8 +886,8 @@ def sample_captions(model, ctx, x0, guidance_scale, num_steps, generator):
     for t in sampler.timesteps:
         e_in = torch.cat([e, e]) if guided else e
         _, pred = model(images, t_image, e_in, (t.float() / num_t).expand(e_in.shape[0]))
-        e0 = x0_from_prediction(e, guide(pred, guidance_scale), t.expand(n), sampler.alphas_cumprod,
-                                ctx.prediction_type, ctx.text_clip)
+        e0 = model.clip_text(x0_from_prediction(e, guide(pred, guidance_scale), t.expand(n),
+                                                sampler.alphas_cumprod, ctx.prediction_type), ctx.text_clip)
         e = sampler.step(e0, t, e).prev_sample
     return e
 
@@ -865,8 +907,8 @@ def sample_joint(model, ctx, n, num_steps, generator):
         pred_image, pred_text = model(x, tt, e, tt)
         x0 = x0_from_prediction(x, pred_image.float(), t.expand(n), image_sampler.alphas_cumprod,
                                 ctx.prediction_type, ctx.image_clip)
-        e0 = x0_from_prediction(e, pred_text.float(), t.expand(n), text_sampler.alphas_cumprod,
-                                ctx.prediction_type, ctx.text_clip)
+        e0 = model.clip_text(x0_from_prediction(e, pred_text.float(), t.expand(n), text_sampler.alphas_cumprod,
+                                                ctx.prediction_type), ctx.text_clip)
         x, e = image_sampler.step(x0, t, x).prev_sample, text_sampler.step(e0, t, e).prev_sample
     return x, e
 
@@ -1112,11 +1154,14 @@ def resolve_dim_text(args):
     if args.dim_text is not None and args.dim_text != hidden:
         fail(f"--dim_text {args.dim_text} does not match the hidden size of --text_encoder {args.text_encoder} "
              f"({hidden}): pass --dim_text {hidden}")
+    if args.text_latent_dim is not None and not 0 <= args.text_latent_dim <= hidden:
+        fail(f"--text_latent_dim {args.text_latent_dim}: must be in [0, {hidden}], the hidden size of "
+             f"--text_encoder {args.text_encoder} (0: all of it)")
     return hidden
 
 
-def build_model(mmdit_config, max_text_length, adaln_zero=True):
-    return TextImageModel(MMDiT(**mmdit_config, adaln_zero=adaln_zero), max_text_length)
+def build_model(mmdit_config, max_text_length, encoder_dim, adaln_zero=True):
+    return TextImageModel(MMDiT(**mmdit_config, adaln_zero=adaln_zero), max_text_length, encoder_dim)
 
 
 def text_side(model, text_encoder, captions, decoder, device):
@@ -1134,8 +1179,9 @@ def generate_from_export(args, accelerator):
     if config.get("script") != SCRIPT:
         fail(f"--sample_from {export}: exported by {config.get('script')}, not {SCRIPT}")
     device = accelerator.device
-    model = build_model(config["mmdit"], config["max_text_length"])
-    model.load_state_dict(load_file(export / EXPORT_WEIGHTS))
+    weights = load_file(export / EXPORT_WEIGHTS)
+    model = build_model(config["mmdit"], config["max_text_length"], weights["text_mean"].numel())
+    model.load_state_dict(weights)
     model.to(device).eval()
     text_encoder = BertTextEncoder(config["text_encoder"], config["text_prefix"], config["max_text_length"]).to(device)
     text_encoder.name_or_path = config["text_encoder"]
@@ -1220,13 +1266,16 @@ def main(args):
     text_encoder = BertTextEncoder(args.text_encoder, args.text_prefix, args.max_text_length).to(accelerator.device)
     text_encoder.name_or_path = args.text_encoder
     caption_states = text_encoder(data.captions)  # [distinct captions, L, D]
+    latent_dim = min(64, dim_text) if args.text_latent_dim is None else args.text_latent_dim or dim_text
     mmdit_config = dict(in_channels=data.shape[0], image_size=data.shape[-1], patch_size=args.patch_size,
-                        dim_image=args.dim_image, dim_text=dim_text, text_out_dim=dim_text, depth=args.depth,
+                        dim_image=args.dim_image, dim_text=latent_dim, text_out_dim=latent_dim, depth=args.depth,
                         num_heads=args.num_heads, mlp_ratio=args.mlp_ratio, pooled_text=args.pooled_text)
-    model = build_model(mmdit_config, args.max_text_length, adaln_zero=args.weight_init == "adaln_zero")
+    model = build_model(mmdit_config, args.max_text_length, dim_text, adaln_zero=args.weight_init == "adaln_zero")
     model = model.to(accelerator.device)
     model.text_mean, model.text_std = text_statistics(caption_states, data.tensors[2])
-    caption_embeddings = model.standardise(caption_states)
+    model.text_basis, kept = text_basis((caption_states - model.text_mean) / model.text_std, data.tensors[2],
+                                        0 if latent_dim == dim_text else latent_dim)
+    caption_embeddings = model.standardise(caption_states)  # [distinct captions, L, latent_dim]
     model.mmdit.gradient_checkpointing = args.gradient_checkpointing
     noise_scheduler = build_noise_scheduler(args)
     text_scheduler = DDPMScheduler.from_config(noise_scheduler.config,
@@ -1239,7 +1288,8 @@ def main(args):
         ema.to(accelerator.device)
     accelerator.print(f"MMDiT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M trained parameters; "
                       f"{len(data.tensors[0])} examples ({args.dataset}, {data.kind} {data.shape}), "
-                      f"{len(data.captions)} distinct captions, text states {tuple(caption_states.shape[1:])}")
+                      f"{len(data.captions)} distinct captions, text states {tuple(caption_states.shape[1:])} diffused "
+                      f"in {latent_dim} dimensions ({100 * kept:.2f}% of their variance)")
     retrieval_captions = data.captions[:args.max_retrieval_captions]
     mlm_head = MaskedLMHead.load(args.text_encoder, text_encoder.tokenizer)
     if args.text_decoder == "mlm" and mlm_head is None:
@@ -1250,15 +1300,17 @@ def main(args):
                    prediction_type=args.prediction_type,
                    image_clip=1.0 if data.kind == "pixels" else 1e4,
                    text_clip=args.text_clip_value,
-                   max_text_length=args.max_text_length, dim_text=dim_text, device=accelerator.device,
+                   max_text_length=args.max_text_length, dim_text=latent_dim, device=accelerator.device,
                    shape=data.shape, kind=data.kind, vae=vae, vae_name=vae_name, scaling=scaling,
                    dataset=args.dataset, caption_template=args.caption_template, val_captions=data.val_captions,
                    val_x0=validation_images(data, scaling), val_source=data.val_source,
                    text_guidance_scale=args.text_guidance_scale, num_inference_steps=args.num_inference_steps)
 
     # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
+    # Fused AdamW: one kernel for all tensors, on CPU too (the per-tensor loop took 6% of a CPU step, docs/mmdit.md).
+    fused = accelerator.device.type in ("cuda", "cpu") and args.mixed_precision != "fp16"
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay)
+                                  weight_decay=args.adam_weight_decay, fused=fused)
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -1306,7 +1358,7 @@ def main(args):
             with accelerator.accumulate(model):
                 x0 = to_model_input(mean, std, data.kind, scaling, train_rng)
                 image_loss, text_loss = training_step(model, noise_scheduler, text_scheduler, x0,
-                                                      caption_embeddings[caption_index], args, train_rng)
+                                                      caption_embeddings[caption_index], dim_text, args, train_rng)
                 loss = (image_loss.sum() + args.text_loss_weight * text_loss.sum()) / x0.shape[0]
                 accelerator.backward(loss)
                 finite = True

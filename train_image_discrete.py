@@ -1199,8 +1199,10 @@ def main(args):
                    text_inference_steps=args.text_inference_steps or args.max_text_length)
 
     # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
+    # Fused AdamW: one kernel for all tensors, on CPU too (the per-tensor loop took 6% of a CPU step, docs/mmdit.md).
+    fused = accelerator.device.type in ("cuda", "cpu") and args.mixed_precision != "fp16"
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay)
+                                  weight_decay=args.adam_weight_decay, fused=fused)
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch

@@ -30,8 +30,9 @@ def main():
     tc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tc)
     config = json.loads((Path(args.export) / tc.EXPORT_CONFIG).read_text())
-    model = tc.build_model(config["mmdit"], config["max_text_length"])
-    model.load_state_dict(load_file(Path(args.export) / tc.EXPORT_WEIGHTS))
+    weights = load_file(Path(args.export) / tc.EXPORT_WEIGHTS)
+    model = tc.build_model(config["mmdit"], config["max_text_length"], weights["text_mean"].numel())
+    model.load_state_dict(weights)
     model.eval()
     encoder = tc.BertTextEncoder(config["text_encoder"], config["text_prefix"], config["max_text_length"])
     captions = config["retrieval_captions"]

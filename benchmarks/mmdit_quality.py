@@ -52,9 +52,9 @@ SAMPLING = {"discrete": ["--text_inference_steps", "4"], "continuous": []}  # us
 RECIPES = {
     # 4400 steps of batch 32 (2.3 epochs) at ~153 samples/s: 16.0 min (session 4's machine; 26-29 min on session 5's).
     "discrete": COMMON + ["--max_train_steps", "4400"],
-    # The text stream is as wide as MiniLM's 384: ~1.5x the compute per example. 2900 steps of batch 32 at ~105
-    # samples/s: 14.6 min (session 4's machine; not re-timed on session 5's slower one).
-    "continuous": COMMON + ["--max_train_steps", "2900"],
+    # Captions diffused in their top 64 principal directions (--text_latent_dim, the default), so the text stream
+    # is 64 wide, not MiniLM's 384: 4400 steps of batch 32 (session 7; 2900 when it was 384 wide).
+    "continuous": COMMON + ["--max_train_steps", "4400"],
 }
 
 

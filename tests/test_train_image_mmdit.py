@@ -4,6 +4,7 @@ encoder options, shards, exact resume, two processes, bad input; and the MDLM ob
 import importlib.util
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -60,6 +61,8 @@ def test_seed_command_whole_pipeline_then_sample_only(script, tiny_mnist, tiny_b
         assert weights["text_mean"].shape == (32,) and (weights["text_std"] > 0).all()
         assert not torch.equal(weights["text_std"], torch.ones(32))
         assert export["text_shift"] == 20.0  # the default, read back by --sample-only
+        # The default latent width is 64, capped at the encoder's hidden size (32 here): all of it, unrotated.
+        assert export["mmdit"]["dim_text"] == 32 and torch.equal(weights["text_basis"], torch.eye(32))
 
     again = tmp_path / "from-export"
     run_script(script, "--sample-only", out, "--data-root", tiny_mnist, "--output-dir", again,
@@ -129,7 +132,8 @@ def test_discrete_reads_precomputed_shards(tiny_vae, tiny_bert, tmp_path):
 @pytest.mark.parametrize("script", [DISCRETE, CONTINUOUS])
 def test_resume_matches_uninterrupted_run(script, tiny_mnist, tiny_bert, tmp_path):
     straight = tmp_path / "straight"
-    args = ["--data-root", tiny_mnist, *text_flags(script, tiny_bert), *TINY, "--max_train_steps", "4",
+    latent = ["--text-latent-dim", "16"] if script == CONTINUOUS else []  # a projected caption, 32 -> 16
+    args = ["--data-root", tiny_mnist, *text_flags(script, tiny_bert), *latent, *TINY, "--max_train_steps", "4",
             "--checkpointing_steps", "2", "--lr_warmup_steps", "1", "--ema_power", "1.0", "--train_batch_size", "8",
             "--validation_steps", "100", "--output_dir", straight]
     run_script(script, *args)
@@ -137,11 +141,15 @@ def test_resume_matches_uninterrupted_run(script, tiny_mnist, tiny_bert, tmp_pat
     resumed = tmp_path / "resumed"
     proc = resume_in_new_folder(script, args, straight, resumed)
     assert "resumed from" in proc.stdout and "step 2" in proc.stdout
+    if script == CONTINUOUS:  # the share of the caption variance the projection keeps is printed
+        assert re.search(r"diffused in 16 dimensions \(\d+\.\d\d% of their variance\)", proc.stdout)
     assert [r["step"] for r in read_metrics(resumed)] == [3, 4]
     assert_same_weights(straight / "checkpoint-4", resumed / "checkpoint-4")
     w2 = load_file(straight / "checkpoint-2" / "model.safetensors")
     w4 = load_file(straight / "checkpoint-4" / "model.safetensors")
     assert any(not torch.equal(w2[k], w4[k]) for k in w2)  # training moved the weights: the comparison is sharp
+    if script == CONTINUOUS:
+        assert w4["text_basis"].shape == (32, 16) and torch.equal(w2["text_basis"], w4["text_basis"])
 
 
 @pytest.mark.parametrize("script", [DISCRETE, CONTINUOUS])
@@ -155,14 +163,18 @@ def test_two_processes(script, tiny_mnist, tiny_bert, tmp_path):
     assert [r["step"] for r in read_metrics(out)] == [1, 2] and (out / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("script", [DISCRETE, CONTINUOUS])
-@pytest.mark.parametrize("case", ["dim_text_mismatch", "missing_data_root"])
+@pytest.mark.parametrize("script,case", [(script, case) for script in (DISCRETE, CONTINUOUS)
+                                         for case in ("dim_text_mismatch", "missing_data_root")]
+                         + [(CONTINUOUS, "text_latent_dim_too_large")])
 def test_bad_input_is_one_line_exit_2(script, case, tiny_mnist, tiny_bert, tmp_path):
     args = ["--data-root", tiny_mnist, *text_flags(script, tiny_bert, frozen=True), *TINY, "--max-train-steps", "1",
             "--output-dir", tmp_path / "run"]
     if case == "dim_text_mismatch":
         args[args.index("--dim-text") + 1] = "768"
         flag = "--dim_text 768"
+    elif case == "text_latent_dim_too_large":
+        args += ["--text-latent-dim", "33"]
+        flag = "--text_latent_dim 33: must be in [0, 32]"
     else:
         args[args.index("--data-root") + 1] = tmp_path / "nowhere"
         flag = "--data_root"
@@ -287,9 +299,61 @@ def test_continuous_standardisation_and_retrieval():
     captions = [f"caption {i}" for i in range(5)]
     assert continuous.nearest_captions(table + 0.01 * torch.randn(5, 4, 6), table, captions) == captions
     mmdit = continuous.MMDiT(1, 8, 4, dim_image=16, dim_text=6, text_out_dim=6, depth=1, num_heads=2)
-    model = continuous.TextImageModel(mmdit, max_text_length=4)
+    model = continuous.TextImageModel(mmdit, max_text_length=4, encoder_dim=6)
     model.text_mean, model.text_std = mean, std
     assert torch.allclose(model.unstandardise(model.standardise(table)), table, atol=1e-4)
+
+
+def test_continuous_text_basis_keeps_what_tells_captions_apart():
+    continuous = load_module(CONTINUOUS)
+    generator = torch.Generator().manual_seed(0)
+    # 6 captions x 3 tokens in 10 dimensions whose tokens span only 4 directions (plus a constant offset).
+    directions = torch.linalg.qr(torch.randn(10, 4, generator=generator))[0]
+    table = torch.randn(6, 3, 4, generator=generator) * torch.tensor([5.0, 3.0, 2.0, 1.0]) @ directions.T + 0.5
+    caption_ids = torch.tensor([0, 1, 2, 3, 4, 5, 5, 5])
+    mean, std = continuous.text_statistics(table, caption_ids)
+    standardised = (table - mean) / std
+    basis, kept = continuous.text_basis(standardised, caption_ids, 4)
+    assert basis.shape == (10, 4) and torch.allclose(basis.T @ basis, torch.eye(4), atol=1e-5)
+    assert kept == pytest.approx(1.0, abs=1e-6)  # the table has rank 4
+    identity, share = continuous.text_basis(standardised, caption_ids, 0)
+    assert torch.equal(identity, torch.eye(10)) and share == 1.0
+    mmdit = continuous.MMDiT(1, 8, 4, dim_image=16, dim_text=4, text_out_dim=4, depth=1, num_heads=2)
+    model = continuous.TextImageModel(mmdit, max_text_length=3, encoder_dim=10)
+    model.text_mean, model.text_std, model.text_basis = mean, std, basis
+    latent = model.standardise(table)  # [6, 3, 4]: the whole table lives in 4 directions, nothing is lost
+    assert latent.shape == (6, 3, 4) and torch.allclose(model.unstandardise(latent), table, atol=1e-4)
+    assert torch.allclose(torch.cdist(latent.flatten(1), latent.flatten(1)),
+                          torch.cdist(standardised.flatten(1), standardised.flatten(1)), atol=1e-3)
+    # Two directions keep the two of largest variance: more than any other pair of the four.
+    examples = standardised[caption_ids].flatten(0, 1)  # every token of every example, as the basis weighs them
+    top2, share = continuous.text_basis(standardised, caption_ids, 2)
+    kept = (examples @ top2).pow(2).sum()
+    assert kept > 0.5 * examples.pow(2).sum() and kept > (examples @ basis[:, 2:]).pow(2).sum()
+    assert share == pytest.approx(float(kept / examples.pow(2).sum()), rel=1e-4)
+    # Samplers clip in standardised units of the encoder's dimensions (then project back: no longer than that).
+    clipped = model.clip_text(latent * 100, 5.0)
+    assert clipped.shape == latent.shape and (clipped.norm(dim=-1) <= 5.0 * 10 ** 0.5 + 1e-4).all()
+    assert torch.equal(model.clip_text(latent, 1e4), latent @ basis.T @ basis)
+
+
+def test_continuous_text_loss_is_averaged_over_the_encoder_dimensions():
+    # A caption in a 4-d latent of a 16-d encoder: the summed squared error is divided by 16, not 4, so the text
+    # loss weighs what it did in the full space whatever --text_latent_dim is. A model that predicts zeros
+    # against epsilon targets has a per-example loss of sum(eps^2) / (L * 16), about 4 / 16.
+    continuous = load_module(CONTINUOUS)
+    args = continuous.parse_args(["--prediction_type", "epsilon", "--image_clean_prob", "0", "--text_clean_prob", "0",
+                                  "--cond_dropout_prob", "0"])
+    scheduler = continuous.build_noise_scheduler(args)
+
+    def zeros(image, t_image, text, t_text):
+        return torch.zeros_like(image), torch.zeros_like(text)
+
+    generator = torch.Generator().manual_seed(0)
+    image_loss, text_loss = continuous.training_step(zeros, scheduler, scheduler, torch.zeros(512, 1, 8, 8),
+                                                     torch.zeros(512, 8, 4), 16, args, generator)
+    assert text_loss.shape == (512,) and abs(float(text_loss.mean()) - 4 / 16) < 0.01
+    assert abs(float(image_loss.mean()) - 1.0) < 0.05  # the image's MSE stays a per-element mean
 
 
 def test_continuous_text_shift_divides_every_snr():
