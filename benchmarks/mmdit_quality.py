@@ -6,7 +6,9 @@ digit seven" (a fixed recipe, below), then scores, with the judge classifier of 
 * text-to-image: `t2i_accuracy`, the fraction of 1000 generated digits (100 per prompt) that the judge classifies
   as the prompted digit (and `fid_ratio`, as in mnist_quality.py);
 * image-to-text: `i2t_accuracy`, the fraction of MNIST test images whose generated caption names their digit (the
-  caption must contain exactly one digit word, zero..nine, and it must be the right one).
+  caption must contain exactly one digit word, zero..nine, and it must be the right one);
+* joint generation: `joint_agreement`, the fraction of 1000 (image, caption) pairs generated together whose image
+  the judge reads as the digit their caption names (and the images' `joint_fid_ratio`).
 
 Usage, from the repository root::
 
@@ -17,7 +19,8 @@ Usage, from the repository root::
         --guidance_scales 2,3,4 --text_guidance_scales 1.5,3      # sweep sampling knobs on OUT/model
 
 Writes OUT/model/ (the training run and its export), OUT/eval_samples.npz (images uint8 [N, 28, 28], labels [N]
-= prompted digit), OUT/captions.jsonl (index, digit, caption per test image) and docs/mmdit_quality_<script>.json,
+= prompted digit), OUT/captions.jsonl (index, digit, caption per test image), OUT/eval_joint.npz (images uint8
+[N, 28, 28], captions [N]) and docs/mmdit_quality_<script>.json,
 and prints as its last line::
 
     t2i_accuracy=<x> i2t_accuracy=<y> train_minutes=<m>
@@ -76,6 +79,8 @@ def parse_args(argv=None):
     parser.add_argument("--num_eval_captions", type=int, default=None,
                         help="MNIST test images to caption; default 10000 (discrete: 4 unmasking steps each) or "
                              "2000 (continuous: 20 guided DPM-Solver steps each, about 25 minutes for 10000).")
+    parser.add_argument("--num_eval_joint", type=int, default=1000,
+                        help="Jointly generated (image, caption) pairs, scored for agreement (0: none).")
     parser.add_argument("--skip_training", action="store_true", help="Reuse OUT/model; sample from its export.")
     parser.add_argument("--guidance_scales", type=float_list, default=[],
                         help="Sweep (with --skip_training): text-to-image guidance scales, 1000 samples each; "
@@ -124,13 +129,25 @@ def caption_accuracy(path):
     return float(np.mean([caption_digit(r["caption"]) == r["digit"] for r in rows])), len(rows)
 
 
+def joint_scores(path, scorer):
+    """Joint generation: the share of pairs whose image the judge reads as the digit their caption names, the
+    images' fid_ratio, and how many pairs each digit got (a collapse to a few digits shows there)."""
+    with np.load(path) as data:
+        images, captions = np.asarray(data["images"]), data["captions"].tolist()
+    digits = np.array([-1 if d is None else d for d in map(caption_digit, captions)])
+    scores = scorer.score(images, digits)
+    return {"joint_agreement": scores["prompt_accuracy"], "joint_fid_ratio": scores["fid_ratio"],
+            "num_eval_joint": len(images), "joint_digit_counts": np.bincount(digits + 1, minlength=11).tolist()}
+
+
 def run(command):
     print("+ " + " ".join(command), flush=True)
     subprocess.run(command, cwd=REPO_ROOT, check=True)
 
 
-def eval_flags(num_samples, num_captions):
-    return ["--num_eval_samples", str(num_samples), "--num_eval_captions", str(num_captions), "--eval_batch_size", "500"]
+def eval_flags(num_samples, num_captions, num_joint=0):
+    return ["--num_eval_samples", str(num_samples), "--num_eval_captions", str(num_captions),
+            "--num_eval_joint", str(num_joint), "--eval_batch_size", "500"]
 
 
 def sample_from_export(args, folder, flags):
@@ -174,24 +191,27 @@ def main(args):
     encoder = args.text_encoder_name_or_path or default_encoder()
     encoder_flags = [] if encoder is None else (["--text_encoder", encoder] if args.script == "continuous"
                                                 else ["--tokenizer", encoder])
-    flags = eval_flags(args.num_eval_samples, args.num_eval_captions)
+    flags = eval_flags(args.num_eval_samples, args.num_eval_captions, args.num_eval_joint)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     if not args.skip_training and not args.score_only:
         # The training run writes the evaluation files from its final (EMA) export as it ends.
         run([sys.executable, str(REPO_ROOT / script), "--data_root", args.data_root, "--output_dir", str(model_dir),
              *encoder_flags, *RECIPES[args.script], *SAMPLING[args.script], *flags, *args.trainer_args])
-        for name in ("eval_samples.npz", "captions.jsonl"):
-            shutil.copy(model_dir / name, args.output_dir / name)
+        for name in ("eval_samples.npz", "captions.jsonl", "eval_joint.npz"):
+            if (model_dir / name).is_file():
+                shutil.copy(model_dir / name, args.output_dir / name)
     elif args.skip_training:
         sample_from_export(args, args.output_dir, flags)
     else:
-        for name in ("eval_samples.npz", "captions.jsonl"):
-            if not (args.output_dir / name).is_file():
+        for name in ("eval_samples.npz", "captions.jsonl", "eval_joint.npz"):
+            if not (args.output_dir / name).is_file() and (model_dir / name).is_file():
                 shutil.copy(model_dir / name, args.output_dir / name)
 
     mq = load_mnist_quality()
     judge, judge_accuracy = mq.get_judge(args.judge_path, args.data_root)
-    scores = mq.Scorer(judge, args.data_root).score(*mq.load_samples(args.output_dir / "eval_samples.npz")[:2])
+    scorer = mq.Scorer(judge, args.data_root)
+    scores = scorer.score(*mq.load_samples(args.output_dir / "eval_samples.npz")[:2])
+    joint = joint_scores(args.output_dir / "eval_joint.npz", scorer) if args.num_eval_joint else {}
     i2t, num_captions = caption_accuracy(args.output_dir / "captions.jsonl")
     summary = json.loads((model_dir / "train_summary.json").read_text())
     run_config = json.loads((model_dir / "run_config.json").read_text())
@@ -200,13 +220,15 @@ def main(args):
               "num_eval_samples": scores["num_samples"], "i2t_accuracy": i2t, "num_eval_captions": num_captions,
               "judge_accuracy": judge_accuracy, "train_minutes": train_minutes,
               "train_steps": summary["global_step"], "sample_seconds": summary.get("sample_seconds"),
-              "caption_seconds": summary.get("caption_seconds"), "trainer_args": run_config["args"],
+              "caption_seconds": summary.get("caption_seconds"), **joint, "trainer_args": run_config["args"],
               "date": time.strftime("%Y-%m-%d %H:%M")}
     docs = Path(args.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
     (docs / f"mmdit_quality_{args.script}.json").write_text(json.dumps(report, indent=2, default=str))
     print(f"fid_ratio={scores['fid_ratio']:.3f} judge_accuracy={judge_accuracy:.4f} "
-          f"captions={num_captions} samples={scores['num_samples']}")
+          f"captions={num_captions} samples={scores['num_samples']}"
+          + (f" joint_agreement={joint['joint_agreement']:.4f} joint_fid_ratio={joint['joint_fid_ratio']:.3f}"
+             if joint else ""))
     print(f"t2i_accuracy={scores['prompt_accuracy']:.4f} i2t_accuracy={i2t:.4f} train_minutes={train_minutes:.1f}")
 
 

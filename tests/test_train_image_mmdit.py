@@ -60,20 +60,23 @@ def test_seed_command_whole_pipeline_then_sample_only(script, tiny_mnist, tiny_b
     if script == CONTINUOUS:  # the standardisation statistics travel with the weights
         assert weights["text_mean"].shape == (32,) and (weights["text_std"] > 0).all()
         assert not torch.equal(weights["text_std"], torch.ones(32))
-        assert export["text_shift"] == 20.0  # the default, read back by --sample-only
+        assert export["text_shift"] == 40.0  # the default, read back by --sample-only
         # The default latent width is 64, capped at the encoder's hidden size (32 here): all of it, unrotated.
         assert export["mmdit"]["dim_text"] == 32 and torch.equal(weights["text_basis"], torch.eye(32))
 
     again = tmp_path / "from-export"
     run_script(script, "--sample-only", out, "--data-root", tiny_mnist, "--output-dir", again,
-               "--num-eval-samples", "10", "--num-eval-captions", "5", "--num-inference-steps", "2",
-               "--validation-guidance-scales", "1", "--device", "cpu")
+               "--num-eval-samples", "10", "--num-eval-captions", "5", "--num-eval-joint", "3",
+               "--num-inference-steps", "2", "--validation-guidance-scales", "1", "--device", "cpu")
     evals = np.load(again / "eval_samples.npz")
     assert evals["images"].shape == (10, 28, 28) and evals["images"].dtype == np.uint8
     assert sorted(evals["labels"].tolist()) == list(range(10))
     lines = [json.loads(line) for line in (again / "captions.jsonl").read_text().splitlines()]
     assert [r["index"] for r in lines] == list(range(5)) and all(isinstance(r["caption"], str) for r in lines)
     assert [r["digit"] for r in lines] == [0, 1, 2, 3, 4]  # tiny_mnist's test labels are index % 10
+    joint = np.load(again / "eval_joint.npz")
+    assert joint["images"].shape == (3, 28, 28) and joint["images"].dtype == np.uint8
+    assert len(joint["captions"]) == 3 and all(isinstance(c, str) for c in joint["captions"].tolist())
     assert (again / "samples" / "step-export.png").is_file()
 
 
@@ -283,6 +286,28 @@ def test_samplers_carry_over_unmasked_tokens(discrete, sampler):
         revealed = before != mask_id
         assert torch.equal(after[revealed], before[revealed])  # never changed once unmasked
     assert (ids != mask_id).all()  # s = 0 at the last step: everything revealed, no mask ever emitted
+
+
+def test_discrete_joint_draws_the_caption_without_the_image_then_the_image_from_it(discrete, vocabulary):
+    _, vocab, _ = vocabulary
+    torch.manual_seed(0)
+    config = dict(in_channels=1, image_size=8, patch_size=4, dim_image=16, dim_text=16, text_out_dim=vocab.size,
+                  depth=1, num_heads=2)
+    model = discrete.build_model(config, "learned", vocab.size + 1, 8, adaln_zero=False).eval()
+    calls, forward = [], model.forward
+
+    def spy(image, t_image, text, t_text, key_mask=None):
+        calls.append((t_image, text, t_text, key_mask))
+        return forward(image, t_image, text, t_text, key_mask)
+
+    model.forward = spy
+    x, ids = discrete.sample_joint(model, None, 3, (1, 8, 8), vocab, 8, 2.0, 5, 4, torch.Generator().manual_seed(0))
+    assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all() and (ids != vocab.mask_id).all()
+    assert len(calls) == 4 + 5  # 4 unmasking steps, then 5 guided Euler steps
+    for t_image, _, _, key_mask in calls[:4]:  # the caption: the image dropped, as in training
+        assert (t_image == 1).all() and not key_mask[:, :4].any() and key_mask[:, 4:].all()
+    for _, text, t_text, _ in calls[4:]:  # the image: from the finished caption, clean, and the caption dropped
+        assert torch.equal(text[:3], ids) and (t_text[:3] == 0).all() and (t_text[3:] == 1).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------
