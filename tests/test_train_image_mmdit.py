@@ -57,10 +57,14 @@ def test_seed_command_whole_pipeline_then_sample_only(script, tiny_mnist, tiny_b
     export = json.loads((out / "export_config.json").read_text())
     weights = load_file(out / "model.safetensors")
     assert export["script"] == script and all(torch.isfinite(w).all() for w in weights.values())
+    if script == DISCRETE:  # no conv stem by default (docs/mmdit.md)
+        assert export["mmdit"]["stem_channels"] == 0 and not any(".stem." in k for k in weights)
     if script == CONTINUOUS:  # the standardisation statistics travel with the weights
         assert weights["text_mean"].shape == (32,) and (weights["text_std"] > 0).all()
         assert not torch.equal(weights["text_std"], torch.ones(32))
         assert export["text_shift"] == 40.0  # the default, read back by --sample-only
+        assert export["mmdit"]["stem_channels"] == 32  # the default conv stem, rebuilt by --sample-only
+        assert weights["mmdit.patch_encoder.stem.0.weight"].shape == (32, 1, 3, 3)
         # The default latent width is 64, capped at the encoder's hidden size (32 here): all of it, unrotated.
         assert export["mmdit"]["dim_text"] == 32 and torch.equal(weights["text_basis"], torch.eye(32))
 
@@ -445,3 +449,20 @@ def test_pooled_text_leaves_a_dropped_caption_unseen(script):
     assert torch.allclose(out_a, out_b, atol=1e-6)
     keep = torch.ones(2, 7, dtype=torch.bool)
     assert not torch.allclose(mmdit(image, t, text_a, t, keep)[0], mmdit(image, t, text_b, t, keep)[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("script", [DISCRETE, CONTINUOUS])
+def test_conv_stem_lets_a_patch_token_see_its_neighbours_edge(script):
+    # Without the stem a 4x4 patch token depends on its own 16 pixels only; the 3x3 stem widens that by one pixel.
+    module = load_module(script)
+    torch.manual_seed(0)
+    image = torch.randn(1, 1, 8, 8)
+    nudged = image.clone()
+    nudged[0, 0, 0, 4] += 1.0  # the left edge pixel of the top-right patch, next to the top-left patch
+    for stem_channels, sees in ((0, False), (6, True)):
+        encoder = module.ImagePatchEncoder(1, 8, 4, 16, stem_channels)
+        tokens, moved = encoder(image), encoder(nudged)
+        assert tokens.shape == (1, 4, 16)
+        assert not torch.equal(tokens[0, 1], moved[0, 1])  # the nudged patch itself
+        assert (not torch.equal(tokens[0, 0], moved[0, 0])) == sees  # its left neighbour
+        assert torch.equal(tokens[0, 2:], moved[0, 2:])  # the bottom row is out of reach either way
