@@ -79,7 +79,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_eval_samples", type=int, default=1000, help="Text-to-image samples (balanced).")
     parser.add_argument("--num_eval_captions", type=int, default=10000,
                         help="The first N MNIST test images to caption; default all 10000 (continuous: 20 guided "
-                             "DPM-Solver steps each, about 20 minutes). The first 5000 are harder than the last "
+                             "DPM-Solver steps each, about 17 minutes alone). The first 5000 are harder than the last "
                              "5000 (docs/mmdit.md), so a smaller N reads low.")
     parser.add_argument("--num_eval_joint", type=int, default=1000,
                         help="Jointly generated (image, caption) pairs, scored for agreement (0: none).")
@@ -224,7 +224,8 @@ def main(args):
               "i2t_accuracy_first_2000": caption_accuracy(args.output_dir / "captions.jsonl", first=2000)[0],
               "judge_accuracy": judge_accuracy, "train_minutes": train_minutes,
               "train_steps": summary["global_step"], "sample_seconds": summary.get("sample_seconds"),
-              "caption_seconds": summary.get("caption_seconds"), **joint, "trainer_args": run_config["args"],
+              "caption_seconds": summary.get("caption_seconds"), "joint_seconds": summary.get("joint_seconds"), **joint,
+              "trainer_args": run_config["args"],
               "date": time.strftime("%Y-%m-%d %H:%M")}
     docs = Path(args.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
