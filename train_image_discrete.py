@@ -119,7 +119,11 @@ def parse_args(argv=None):
                         "text-to-image or image-to-text, docs/mmdit.md).")
     g.add_argument("--cond_dropout_prob", type=float, default=0.0625,
                    help="Per example and modality: drop it from the attention (unconditional branch of guidance).")
-    g.add_argument("--min_text_t", type=float, default=1e-3, help="Smallest masking rate; bounds the 1/t weight.")
+    g.add_argument("--text_schedule", choices=["linear", "square", "cosine"], default="linear",
+                   help="Masking rate t of a caption, u uniform: linear t = u (alpha = 1 - u, weight 1/u), square "
+                        "t = u^2 (weight 2/u) or cosine t = sin(pi u / 2) (weight (pi/2) / tan(pi u / 2)). The same "
+                        "ELBO; on MNIST neither beat linear (docs/mmdit.md, session 10).")
+    g.add_argument("--min_text_t", type=float, default=1e-3, help="Smallest u of --text_schedule; bounds the weight.")
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--output_dir", default="output_image_discrete")
@@ -734,9 +738,16 @@ def training_step(model, frozen_encoder, x0, ids, vocabulary, args, generator):
     eps = torch.randn(x0.shape, generator=generator, device=device)
     t4 = t_image.view(-1, 1, 1, 1)
     x_t = (1 - t4) * x0 + t4 * eps
-    # Caption: antithetic t (one uniform, shifted by i/n), each token masked with probability t.
+    # Caption: antithetic u (one uniform, shifted by i/n); each token masked with probability t = 1 - alpha_u,
+    # weighted by -alpha'_u / (1 - alpha_u): linear t = u, weight 1/u; square t = u^2, weight 2u / u^2 = 2/u.
     u = torch.rand(1, generator=generator, device=device)
-    t_text = (u + torch.arange(n, device=device) / n) % 1.0 * (1 - args.min_text_t) + args.min_text_t
+    u = (u + torch.arange(n, device=device) / n) % 1.0 * (1 - args.min_text_t) + args.min_text_t
+    if args.text_schedule == "linear":
+        t_text, weight = u, 1 / u
+    elif args.text_schedule == "square":
+        t_text, weight = u**2, 2 / u
+    else:  # cosine: alpha = 1 - sin(pi u / 2), MaskGIT's mask ratio; more examples at high masking rates
+        t_text, weight = torch.sin(math.pi / 2 * u), math.pi / 2 / torch.tan(math.pi / 2 * u)
     t_text = torch.where(text_clean, 0.0, torch.where(text_dropped, 1.0, t_text))
     masked = torch.rand(ids.shape, generator=generator, device=device) < t_text[:, None]
     noisy_ids = torch.where(masked, vocabulary.mask_id, ids)
@@ -744,9 +755,9 @@ def training_step(model, frozen_encoder, x0, ids, vocabulary, args, generator):
     pred, logits = model(x_t, t_image, text_states(model, frozen_encoder, noisy_ids), t_text, key_mask)
     image_loss = F.mse_loss(pred.float(), (eps - x0).float(), reduction="none").mean(dim=(1, 2, 3))
     image_loss = image_loss * (~image_clean & ~image_dropped)
-    # MDLM: cross-entropy on masked tokens, weighted by -alpha'_t / (1 - alpha_t) = 1/t, averaged over positions.
+    # MDLM: cross-entropy on masked tokens, weighted as above, averaged over positions.
     ce = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none")
-    text_loss = (ce * masked).sum(dim=1) / ids.shape[1] / t_text.clamp(min=args.min_text_t)
+    text_loss = (ce * masked).sum(dim=1) / ids.shape[1] * weight
     text_loss = text_loss * (~text_clean & ~text_dropped)
     return image_loss, text_loss
 
