@@ -4,7 +4,8 @@ The same network generates an image from a caption (text-to-image) and a caption
 or both at once. Image tokens (p x p patches of pixels or VAE latents) follow rectified flow: x_t = (1 - t) x_0 +
 t eps, MSE on the velocity eps - x_0. Caption tokens follow absorbing-state masked diffusion (MDLM, Sahoo et al.
 2024): each token is replaced by the mask token with probability t (alpha_t = 1 - t), the loss is the
-cross-entropy on masked tokens weighted by -alpha'_t / (1 - alpha_t) = 1/t, with antithetic t over the batch.
+cross-entropy on masked tokens weighted by -alpha'_t / (1 - alpha_t) = 1/t, with antithetic t over the batch
+(--text_schedule square or cosine: other alpha, the same ELBO).
 Each modality has its own timestep; per example one modality is sometimes clean and sometimes dropped from the
 attention entirely, so text-to-image, image-to-text, joint and both unconditional models are trained, and
 guidance works in both directions. Joint generation draws the caption first (the image dropped), then the image
@@ -738,15 +739,16 @@ def training_step(model, frozen_encoder, x0, ids, vocabulary, args, generator):
     eps = torch.randn(x0.shape, generator=generator, device=device)
     t4 = t_image.view(-1, 1, 1, 1)
     x_t = (1 - t4) * x0 + t4 * eps
-    # Caption: antithetic u (one uniform, shifted by i/n); each token masked with probability t = 1 - alpha_u,
-    # weighted by -alpha'_u / (1 - alpha_u): linear t = u, weight 1/u; square t = u^2, weight 2u / u^2 = 2/u.
+    # Caption: antithetic u (one uniform, shifted by i/n); each token masked with probability t = 1 - alpha_u and
+    # its loss weighted by -alpha'_u / (1 - alpha_u) (--text_schedule): linear (t = u, 1/u), square (t = u^2,
+    # 2u / u^2 = 2/u) or cosine (t = sin(pi u / 2), MaskGIT's mask ratio: (pi/2) cos / sin).
     u = torch.rand(1, generator=generator, device=device)
     u = (u + torch.arange(n, device=device) / n) % 1.0 * (1 - args.min_text_t) + args.min_text_t
     if args.text_schedule == "linear":
         t_text, weight = u, 1 / u
     elif args.text_schedule == "square":
         t_text, weight = u**2, 2 / u
-    else:  # cosine: alpha = 1 - sin(pi u / 2), MaskGIT's mask ratio; more examples at high masking rates
+    else:
         t_text, weight = torch.sin(math.pi / 2 * u), math.pi / 2 / torch.tan(math.pi / 2 * u)
     t_text = torch.where(text_clean, 0.0, torch.where(text_dropped, 1.0, t_text))
     masked = torch.rand(ids.shape, generator=generator, device=device) < t_text[:, None]
