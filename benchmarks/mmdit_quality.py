@@ -46,7 +46,7 @@ SCRIPTS = {"discrete": "train_image_discrete.py", "continuous": "train_image_con
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 # Training recipes on top of the scripts' defaults (MMDiT 128 wide, 6 blocks, 4x4 pixel patches: 49 image tokens, after
-# a 32-channel 3x3 conv stem in the continuous script; 8 caption tokens), each sized to stay within 20 minutes on
+# a 3x3 conv stem of 32 channels (continuous) or 4 (discrete); 8 caption tokens), each sized to stay within 20 minutes on
 # 2 CPU cores. Validation and checkpoint at the end only.
 # Batch 32 and PyTorch's init: at this budget optimizer steps, not images, limit a small transformer, and adaLN-Zero
 # is the slowest start (docs/dit.md, docs/mmdit.md).

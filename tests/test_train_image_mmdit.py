@@ -58,8 +58,9 @@ def test_seed_command_whole_pipeline_then_sample_only(script, tiny_mnist, tiny_b
     export = json.loads((out / "export_config.json").read_text())
     weights = load_file(out / "model.safetensors")
     assert export["script"] == script and all(torch.isfinite(w).all() for w in weights.values())
-    if script == DISCRETE:  # no conv stem by default (docs/mmdit.md)
-        assert export["mmdit"]["stem_channels"] == 0 and not any(".stem." in k for k in weights)
+    if script == DISCRETE:  # a 4-channel conv stem by default (docs/mmdit.md), rebuilt by --sample-only
+        assert export["mmdit"]["stem_channels"] == 4
+        assert weights["mmdit.patch_encoder.stem.0.weight"].shape == (4, 1, 3, 3)
     if script == CONTINUOUS:  # the standardisation statistics travel with the weights
         assert weights["text_mean"].shape == (32,) and (weights["text_std"] > 0).all()
         assert not torch.equal(weights["text_std"], torch.ones(32))
