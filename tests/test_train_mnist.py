@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,7 +60,8 @@ def test_two_steps_python_clip(tiny_mnist, tiny_clip, tmp_path):
 
 def test_two_steps_accelerate_two_processes_bert(tiny_mnist, tiny_bert, tmp_path):
     out = tmp_path / "run"
-    run_script(SCRIPT, *common(tiny_mnist, tiny_bert, out), "--max_train_steps", "2", launcher="accelerate")
+    run_script(SCRIPT, *common(tiny_mnist, tiny_bert, out), "--max_train_steps", "2", "--checkpointing_steps", "1",
+               launcher="accelerate")
     config = json.loads((out / "run_config.json").read_text())
     assert config["num_processes"] == 2
     checkpoint = out / "checkpoint-2"
@@ -70,6 +72,17 @@ def test_two_steps_accelerate_two_processes_bert(tiny_mnist, tiny_bert, tmp_path
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
     # 16 samples per step: 8 per process.
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+    # The 2-process run resumed on 1 process: same step, learning rate and data position (in batches of 8).
+    one = tmp_path / "one"
+    shutil.copytree(out / "checkpoint-1", one / "checkpoint-1")
+    proc = run_script(SCRIPT, *common(tiny_mnist, tiny_bert, one), "--max_train_steps", "2",
+                      "--resume_from_checkpoint", "latest")
+    assert "written by 2 processes, resumed on 1" in proc.stdout
+    assert [r["step"] for r in read_metrics(one)] == [2]
+    assert read_metrics(one)[0]["lr"] == rows[1]["lr"]
+    state = json.loads((one / "checkpoint-2" / "training_state.json").read_text())
+    assert (state["num_processes"], state["epoch"], state["epoch_batches"]) == (1, 0, 3)  # 2 batches, then 1
 
 
 def test_max_samples_whole_pipeline_then_sample_from_export(tiny_mnist, tiny_clip, tmp_path):
@@ -110,6 +123,18 @@ def test_resume_matches_uninterrupted_run(tiny_mnist, tiny_clip, tmp_path):
     w2, w4 = load_file(straight / "checkpoint-2" / "model.safetensors"), load_file(straight / "checkpoint-4" /
                                                                                    "model.safetensors")
     assert any(not torch.equal(w2[k], w4[k]) for k in w2)
+
+    # The 1-process run resumed on 2 processes: same steps and learning rates, data position in batches of 8
+    # (2 before, then 2 steps of 2 processes), new random streams (not bitwise).
+    two = tmp_path / "two"
+    shutil.copytree(straight / "checkpoint-2", two / "checkpoint-2")
+    args = [two if a == straight else a for a in args]
+    run_script(SCRIPT, *args, "--resume_from_checkpoint", "latest", launcher="accelerate")
+    rows = read_metrics(two)
+    assert [r["step"] for r in rows] == [3, 4]
+    assert [r["lr"] for r in rows] == [r["lr"] for r in read_metrics(straight)[2:]]
+    state = json.loads((two / "checkpoint-4" / "training_state.json").read_text())
+    assert (state["num_processes"], state["epoch"], state["epoch_batches"]) == (2, 0, 6)
 
 
 def test_sigterm_saves_checkpoint_and_exits_zero(tiny_mnist, tiny_clip, tmp_path):
@@ -163,3 +188,63 @@ def test_bad_input_is_one_line_exit_2(case, tiny_mnist, tiny_clip, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and flag in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_bf16_from_the_flag_or_from_accelerate(tiny_mnist, tiny_clip, tmp_path):
+    """bf16 autocast runs on CPU; the precision accelerate resolves (flag, or the launcher's environment when the
+    flag is left out) is the one recorded."""
+    flag, env = tmp_path / "flag", tmp_path / "env"
+    run_script(SCRIPT, *common(tiny_mnist, tiny_clip, flag), "--max_train_steps", "2", "--mixed_precision", "bf16",
+               "--validation_steps", "100")
+    # What `accelerate launch --mixed_precision bf16` (or an accelerate config set to bf16) hands the script.
+    run_script(SCRIPT, *common(tiny_mnist, tiny_clip, env), "--max_train_steps", "2", "--validation_steps", "100",
+               env={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    for out in (flag, env):
+        assert json.loads((out / "run_config.json").read_text())["mixed_precision"] == "bf16"
+        assert all(math.isfinite(r["loss"]) for r in read_metrics(out))
+        unet = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in unet.values())
+
+
+def test_divergence_stops_with_a_message_and_finite_checkpoints(tiny_mnist, tiny_clip, tmp_path):
+    """Non-finite gradients skip the update on the device and are counted; a long enough run of them stops the run
+    (exit 1) with the weights of the last good step."""
+    out = tmp_path / "run"
+    proc = run_script(SCRIPT, *common(tiny_mnist, tiny_clip, out), "--max_train_steps", "40", "--learning_rate", "1e6",
+                      "--lr_warmup_steps", "0", "--max_grad_norm", "0", "--max_nonfinite_steps", "3",
+                      "--checkpointing_steps", "1", "--validation_steps", "100", "--no-use_ema", expect_rc=1)
+    assert "non-finite gradient" in proc.stdout + proc.stderr
+    rows = read_metrics(out)
+    assert rows[-1]["nonfinite_steps"] >= 3 and rows[-1]["step"] < 40
+    for checkpoint in out.glob("checkpoint-*"):
+        assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values())
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tiny_mnist, tiny_clip, tmp_path):
+    """A signal that reaches one rank only (as a node's pre-emption does) stops every rank within a step, at the
+    same step, with one checkpoint and exit code 0, although no rank logs or checkpoints on its own until 1000."""
+    import psutil
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--multi_gpu", "--dynamo_backend", "no", str(REPO / SCRIPT),
+           *map(str, common(tiny_mnist, tiny_clip, out)), "--max_train_steps", "1000", "--logging_steps", "1000",
+           "--checkpointing_steps", "1000", "--validation_steps", "1000"]
+    env = {**__import__("os").environ, **OFFLINE_ENV, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    ranks = []
+    while len(ranks) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if SCRIPT in " ".join(p.cmdline())]
+    while not (out / "run_config.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)  # the stop handler is in place before run_config.json is written
+    ranks[-1].send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1, output[-3000:]
+    assert {p.name for p in checkpoints[0].glob("train_rng_*")} == {"train_rng_0.safetensors",
+                                                                    "train_rng_1.safetensors"}
+    assert 1 <= json.loads((checkpoints[0] / "training_state.json").read_text())["global_step"] < 1000
