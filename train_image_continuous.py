@@ -32,6 +32,7 @@ position (--text_decoder mlm). The validation file lists both when the head exis
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -47,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed
 from diffusers.optimization import get_scheduler
@@ -169,7 +170,8 @@ def parse_args(argv=None):
     g.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
 
     g = parser.add_argument_group("speed and memory")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="Autocast precision; fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag.")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -234,8 +236,6 @@ def check_args(args):
         fail(f"--max_samples {args.max_samples}: must be at least 1 (leave it out to use the whole dataset)")
     if "{}" not in args.caption_template:
         fail(f"--caption_template {args.caption_template!r}: must contain {{}} where the digit's word goes")
-    if args.mixed_precision == "fp16" and (args.device == "cpu" or not torch.cuda.is_available()):
-        fail("--mixed_precision fp16 needs a CUDA GPU: use --mixed_precision bf16 or no on this machine")
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
     for name in ("image_clean_prob", "text_clean_prob", "cond_dropout_prob"):
@@ -256,6 +256,16 @@ def check_args(args):
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
             fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
+
+
+def check_accelerator(accelerator):
+    """Checks of what accelerate resolved from the flags, its config file and the launcher, before heavy work."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
+        fail("--mixed_precision fp16 (from the flag or accelerate's config) needs a CUDA GPU: use bf16 or no here")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        fail("DeepSpeed is not supported by this script: launch it with DDP (accelerate launch --multi_gpu)")
+    if accelerator.distributed_type == DistributedType.FSDP:
+        fail("FSDP is not supported by this script (its EMA needs whole weights): launch it with DDP (--multi_gpu)")
 
 
 def detect_dataset(args):
@@ -851,13 +861,21 @@ def build_sampler(noise_scheduler_config, **overrides):
 
 
 def x0_from_prediction(x_t, pred, t, alphas_cumprod, prediction_type, clip=None):
-    """x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), or sqrt(abar) x_t - sqrt(1 - abar) v; clipped to +-clip."""
+    """x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), or sqrt(abar) x_t - sqrt(1 - abar) v; clipped to +-clip.
+    alphas_cumprod must be on t's device: a scheduler keeps its table on the CPU while set_timesteps(device=...)
+    puts the timesteps on the GPU, so the samplers move the table once per call (sampler_table)."""
     abar = alphas_cumprod[t].to(x_t.device).view(-1, *[1] * (x_t.ndim - 1))
     if prediction_type == "epsilon":
         x0 = (x_t - (1 - abar).sqrt() * pred) / abar.sqrt()
     else:
         x0 = abar.sqrt() * x_t - (1 - abar).sqrt() * pred
     return x0 if clip is None else x0.clamp(-clip, clip)
+
+
+def sampler_table(sampler, device):
+    """The sampler's alphas_cumprod on the device its timesteps live on: copied once per sampling call, not
+    indexed across devices at every step (a CPU table indexed with CUDA timesteps is an error)."""
+    return sampler.alphas_cumprod.to(device)
 
 
 def guide(pred, scale):
@@ -879,11 +897,12 @@ def sample_images(model, ctx, e0, guidance_scale, num_steps, generator):
         if guided else torch.zeros(n, device=device)
     sampler = DPMSolverMultistepScheduler.from_config(ctx.sampler.config)
     sampler.set_timesteps(num_steps, device=device)
+    alphas_cumprod = sampler_table(sampler, device)
     for t in sampler.timesteps:
         x_in = torch.cat([x, x]) if guided else x
         pred, _ = model(x_in, (t.float() / num_t).expand(x_in.shape[0]), text, t_text)
-        x0 = x0_from_prediction(x, guide(pred, guidance_scale), t.expand(n), sampler.alphas_cumprod,
-                                ctx.prediction_type, ctx.image_clip)
+        x0 = x0_from_prediction(x, guide(pred, guidance_scale), t.expand(n), alphas_cumprod, ctx.prediction_type,
+                                ctx.image_clip)
         x = sampler.step(x0, t, x).prev_sample
     return x
 
@@ -900,11 +919,12 @@ def sample_captions(model, ctx, x0, guidance_scale, num_steps, generator):
         if guided else torch.zeros(n, device=device)
     sampler = DPMSolverMultistepScheduler.from_config(ctx.text_sampler.config)
     sampler.set_timesteps(num_steps, device=device)
+    alphas_cumprod = sampler_table(sampler, device)
     for t in sampler.timesteps:
         e_in = torch.cat([e, e]) if guided else e
         _, pred = model(images, t_image, e_in, (t.float() / num_t).expand(e_in.shape[0]))
-        e0 = model.clip_text(x0_from_prediction(e, guide(pred, guidance_scale), t.expand(n),
-                                                sampler.alphas_cumprod, ctx.prediction_type), ctx.text_clip)
+        e0 = model.clip_text(x0_from_prediction(e, guide(pred, guidance_scale), t.expand(n), alphas_cumprod,
+                                                ctx.prediction_type), ctx.text_clip)
         e = sampler.step(e0, t, e).prev_sample
     return e
 
@@ -924,10 +944,11 @@ def sample_joint(model, ctx, n, guidance_scale, num_steps, generator):
     t_image = torch.full((n,), (num_t - 1) / num_t, device=device)
     sampler = DPMSolverMultistepScheduler.from_config(ctx.text_sampler.config)
     sampler.set_timesteps(num_steps, device=device)
+    alphas_cumprod = sampler_table(sampler, device)
     for t in sampler.timesteps:
         _, pred = model(no_image, t_image, e, (t.float() / num_t).expand(n))
-        e0 = model.clip_text(x0_from_prediction(e, pred.float(), t.expand(n), sampler.alphas_cumprod,
-                                                ctx.prediction_type), ctx.text_clip)
+        e0 = model.clip_text(x0_from_prediction(e, pred.float(), t.expand(n), alphas_cumprod, ctx.prediction_type),
+                             ctx.text_clip)
         e = sampler.step(e0, t, e).prev_sample
     index = nearest_caption_index(e, ctx.retrieval_table)
     e = ctx.retrieval_table[index].to(e)
@@ -1031,6 +1052,8 @@ def plot_loss(metrics_path, out_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not metrics_path.is_file():  # validation before the first logging step
+        return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not rows:
         return
@@ -1090,8 +1113,9 @@ def write_eval_outputs(model, ctx, args, output_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and export
 # ----------------------------------------------------------------------------------------------------------------
-def save_checkpoint(accelerator, args, model, ema, train_rng, global_step):
-    """accelerate's save_state plus the EMA and the objective's RNG, written to a temp folder then renamed."""
+def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position):
+    """accelerate's save_state plus the EMA, the objective's RNG and the data position, written to a temp folder
+    then renamed. `position` is (epoch, batches of --train_batch_size consumed in it by all processes)."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -1099,11 +1123,12 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step):
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    # Model (safetensors), optimizer, LR schedule, data sampler and the global RNGs of every process.
+    # Model (safetensors), optimizer, data sampler and the global RNGs of every process.
     accelerator.save_state(str(tmp))
     save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
     if accelerator.is_main_process:
-        state = {"script": SCRIPT, "global_step": global_step, "ema": None}
+        state = {"script": SCRIPT, "global_step": global_step, "num_processes": accelerator.num_processes,
+                 "epoch": position[0], "epoch_batches": position[1], "ema": None}
         if ema is not None:
             ema_state = ema.state_dict()
             shadow = ema_state.pop("shadow_params")
@@ -1127,19 +1152,30 @@ def list_checkpoints(output_dir):
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def load_checkpoint(accelerator, path, ema, train_rng):
-    """Restore everything save_checkpoint wrote; returns the global step. Nothing loaded can run code."""
+def load_checkpoint(accelerator, path, ema, train_rng, args):
+    """Restore everything save_checkpoint wrote; returns training_state.json. Nothing loaded can run code.
+
+    A checkpoint of N processes resumes on M != N at the same step, learning rate and number of samples seen
+    (weights, optimizer and EMA are the same on every process); the random streams of the objective are derived
+    anew for the M processes, so the run is not bitwise the one it would have been on N."""
     state = json.loads((path / "training_state.json").read_text())
     if state.get("script") != SCRIPT:
         fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not {SCRIPT}")
+    if ema is not None and state["ema"] is None:
+        fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
     accelerator.load_state(str(path))  # safetensors + torch.load(weights_only=True)
-    train_rng.set_state(load_file(path / f"train_rng_{accelerator.process_index}.safetensors")["state"])
+    rank, saved = accelerator.process_index, state.get("num_processes", 1)
+    if saved == accelerator.num_processes:
+        train_rng.set_state(load_file(path / f"train_rng_{rank}.safetensors")["state"])
+    else:
+        accelerator.print(f"warning: {path} was written by {saved} processes, resumed on {accelerator.num_processes}: "
+                          f"same step, learning rate and data position, new random streams (not bitwise)")
+        train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
     if ema is not None:
-        if state["ema"] is None:
-            fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
-        shadow = load_file(path / "ema.safetensors")
+        # Straight onto the device the EMA lives on: load_state_dict keeps the tensors it is given.
+        shadow = load_file(path / "ema.safetensors", device=str(ema.shadow_params[0].device))
         ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
-    return state["global_step"]
+    return state
 
 
 def export_model(model, ctx, args, output_dir):
@@ -1170,16 +1206,42 @@ def write_run_config(args, accelerator):
     except (OSError, subprocess.SubprocessError):
         commit = None
     config = {"args": vars(args), "git_commit": commit, "num_processes": accelerator.num_processes,
+              "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
               "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, accelerate)}}
     (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2))
 
 
-def install_stop_handler():
-    """SIGTERM/SIGINT ask for a checkpoint at the next step boundary, then a clean exit (pre-emptible clusters)."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
+class StopRequest:
+    """SIGTERM/SIGINT ask for a checkpoint at a step boundary, then a clean exit (pre-emptible clusters).
+
+    Every process must stop at the same step (the save is collective), wherever the signal landed. The flags are
+    agreed over a CPU (gloo) group without blocking: each step reads the previous step's all-reduce and starts the
+    next one, so all processes stop within one step of the signal and the GPU never waits for the host."""
+
+    def __init__(self, accelerator):
+        self.event = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.event.set())
+        self.group = torch.distributed.new_group(backend="gloo") if accelerator.num_processes > 1 else None
+        self.flag, self.pending = torch.zeros(1), None
+
+    def __call__(self):
+        """True on every process, at the same step, once any process got a signal."""
+        if self.group is None:
+            return self.event.is_set()
+        agreed = False
+        if self.pending is not None:
+            self.pending.wait()
+            agreed = bool(self.flag.item())  # a CPU tensor: no device sync
+        if not agreed:
+            self.flag.fill_(float(self.event.is_set()))
+            self.pending = torch.distributed.all_reduce(self.flag, torch.distributed.ReduceOp.MAX, self.group,
+                                                        async_op=True)
+        return agreed
+
+    def close(self):
+        if self.pending is not None:
+            self.pending.wait()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1270,13 +1332,16 @@ def main(args):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, "logs")),
         # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # non_blocking: a batch from pinned memory reaches the GPU without the host waiting for the GPU's queue.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
+    check_accelerator(accelerator)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if args.sample_from:
         return generate_from_export(args, accelerator)
+    stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
     dim_text = resolve_dim_text(args)
     set_seed(args.seed)  # same initial weights on every process
     output_dir = Path(args.output_dir)
@@ -1297,7 +1362,8 @@ def main(args):
     train_dataloader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data.tensors),
                                                    batch_size=args.train_batch_size, shuffle=True,
                                                    drop_last=len(data.tensors[0]) >= args.train_batch_size,
-                                                   num_workers=args.dataloader_num_workers)
+                                                   num_workers=args.dataloader_num_workers,
+                                                   pin_memory=accelerator.device.type == "cuda")
 
     # ---- Models: frozen text encoder (the distinct captions, encoded once and standardised), MMDiT -------------
     text_encoder = BertTextEncoder(args.text_encoder, args.text_prefix, args.max_text_length).to(accelerator.device)
@@ -1345,25 +1411,18 @@ def main(args):
                    text_guidance_scale=args.text_guidance_scale, num_inference_steps=args.num_inference_steps)
 
     # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
-    # Fused AdamW: one kernel for all tensors, on CPU too (the per-tensor loop took 6% of a CPU step, docs/mmdit.md).
-    fused = accelerator.device.type in ("cuda", "cpu") and args.mixed_precision != "fp16"
+    # Fused AdamW: one kernel for all tensors, and it can skip a non-finite step on the device (found_inf below).
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, fused=fused)
+                                  weight_decay=args.adam_weight_decay, fused=True)
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    # The prepared scheduler steps once per process at every optimizer step: scale its lengths to match.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_train_steps * accelerator.num_processes)
-    lr_scheduler = accelerator.prepare(lr_scheduler)
     # Every random draw of the objective comes from this generator, saved in each checkpoint. The global RNG
     # cannot be trusted for exact resume: each DataLoader iterator draws its base seed from it.
     train_rng = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
 
     # ---- Resume -----------------------------------------------------------------------------------------------
-    global_step = 0
+    global_step, first_epoch, batches_to_skip = 0, 0, 0
     if args.resume_from_checkpoint:
         found = list_checkpoints(output_dir)
         path = found[-1] if args.resume_from_checkpoint == "latest" and found else None
@@ -1371,46 +1430,59 @@ def main(args):
         if path is None:
             accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
         else:
-            global_step = load_checkpoint(accelerator, path, ema, train_rng)
+            state = load_checkpoint(accelerator, path, ema, train_rng, args)
+            global_step, first_epoch = state["global_step"], state["epoch"]
+            # The data position in batches of this run's processes (the count may differ from the saved run's).
+            batches_to_skip = state["epoch_batches"] // accelerator.num_processes
+            if batches_to_skip >= len(train_dataloader):
+                first_epoch, batches_to_skip = first_epoch + 1, 0
             accelerator.print(f"resumed from {path} at step {global_step}")
-    first_epoch = global_step // steps_per_epoch
-    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    # Not prepared: accelerate would step it once per process and save it pickled. It counts optimizer steps
+    # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_train_steps, last_epoch=global_step - 1)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("train_image_continuous", config={k: str(v) for k, v in vars(args).items()})
 
-    # ---- Training loop ----------------------------------------------------------------------------------------
-    stop = install_stop_handler()
+    # ---- Training loop: the host reads device values only every --logging_steps -------------------------------
     metrics_path = output_dir / "metrics.jsonl"
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
                     desc="train")
     sums = torch.zeros(3, device=accelerator.device)  # image loss, text loss, examples
-    nonfinite_in_a_row, window_start, window_samples = 0, time.perf_counter(), 0
+    # Optimizer steps with a non-finite gradient: in total, in the current run, and the longest run since the
+    # last logging step (the only place the host reads them).
+    nonfinite_steps, nonfinite_run, longest_run = torch.zeros(3, device=accelerator.device).unbind()
+    window_start, window_samples = time.perf_counter(), 0
+    position = (first_epoch, batches_to_skip * accelerator.num_processes)
     train_start = time.perf_counter()
-    for epoch in range(first_epoch, num_epochs):
+    for epoch in itertools.count(first_epoch):
         model.train()
         train_dataloader.set_epoch(epoch)
         batches = train_dataloader
         if epoch == first_epoch and batches_to_skip:
             batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        epoch_batches = batches_to_skip if epoch == first_epoch else 0  # per process, for the data position
         for mean, std, caption_index in batches:
+            epoch_batches += 1
             with accelerator.accumulate(model):
                 x0 = to_model_input(mean, std, data.kind, scaling, train_rng)
                 image_loss, text_loss = training_step(model, noise_scheduler, text_scheduler, x0,
                                                       caption_embeddings[caption_index], dim_text, args, train_rng)
-                loss = (image_loss.sum() + args.text_loss_weight * text_loss.sum()) / x0.shape[0]
-                accelerator.backward(loss)
-                finite = True
+                accelerator.backward((image_loss.sum() + args.text_loss_weight * text_loss.sum()) / x0.shape[0])
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-                    # The norm is the same on every process (gradients are already all-reduced). fp16's scaler
-                    # skips overflowing steps itself.
-                    finite = bool(torch.isfinite(grad_norm)) or args.mixed_precision == "fp16"
-                if finite:
-                    optimizer.step()
-                lr_scheduler.step()
+                    # The norm is the same on every process (all-reduced gradients). A non-finite one skips the
+                    # update on the device: the fused AdamW kernel leaves weights and moments as they were where
+                    # found_inf is 1. With fp16 the GradScaler sets found_inf itself; it skips exactly the steps
+                    # whose unscaled norm is non-finite, so they are counted here too.
+                    nonfinite = (~torch.isfinite(grad_norm)).float()
+                    if accelerator.scaler is None:
+                        optimizer.optimizer.found_inf = nonfinite
+                optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            # The example count is filled on the device: a tensor built from a host number would be a copy, a sync.
             sums += torch.stack([image_loss.detach().sum(), text_loss.detach().sum(),
-                                 torch.tensor(float(x0.shape[0]), device=x0.device)])
+                                 image_loss.new_full((), x0.shape[0])])
             window_samples += x0.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
@@ -1418,22 +1490,22 @@ def main(args):
             # -- one optimizer step done
             global_step += 1
             progress.update(1)
-            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-            if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                accelerator.print(f"error: {nonfinite_in_a_row} steps in a row with a non-finite gradient at step "
-                                  f"{global_step}; lower --learning_rate. The last checkpoint is intact.")
-                sys.exit(1)
-            if ema is not None and finite:
+            lr_scheduler.step()
+            nonfinite_steps += nonfinite
+            nonfinite_run.mul_(nonfinite).add_(nonfinite)
+            torch.maximum(longest_run, nonfinite_run, out=longest_run)
+            if ema is not None:  # after a skipped step the weights did not move: averaging them again is harmless
                 ema.step(model.parameters())
 
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
                 totals = accelerator.reduce(sums, "sum").cpu()
+                total_nonfinite, longest = torch.stack([nonfinite_steps, longest_run]).tolist()
                 elapsed = time.perf_counter() - window_start
                 image_l, text_l = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
                 row = {"step": global_step, "epoch": epoch, "loss": image_l + args.text_loss_weight * text_l,
                        "image_loss": image_l, "text_loss": text_l, "lr": lr_scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "samples_per_s": window_samples / max(elapsed, 1e-9),
-                       "nonfinite_in_a_row": nonfinite_in_a_row}
+                       "grad_norm": grad_norm.item(), "samples_per_s": window_samples / max(elapsed, 1e-9),
+                       "nonfinite_steps": int(total_nonfinite)}
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -1441,13 +1513,17 @@ def main(args):
                                          samples_s=f"{row['samples_per_s']:.0f}")
                 accelerator.log(row, step=global_step)
                 sums.zero_()
+                longest_run.copy_(nonfinite_run)
                 window_start, window_samples = time.perf_counter(), 0
+                if longest >= args.max_nonfinite_steps:  # the same on every process
+                    accelerator.print(f"error: {int(longest)} steps in a row with a non-finite gradient before step "
+                                      f"{global_step}; lower --learning_rate. The last checkpoint is intact.")
+                    sys.exit(1)
 
-            stop_now = stop.is_set()
-            if accelerator.num_processes > 1:  # every process must agree before the collective save
-                stop_now = bool(accelerator.reduce(torch.tensor(float(stop_now), device=accelerator.device), "max"))
+            stop_now = stop()
+            position = (epoch, epoch_batches * accelerator.num_processes)
             if (global_step % args.checkpointing_steps == 0 or stop_now) and global_step < max_train_steps:
-                path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step)
+                path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position)
                 accelerator.print(f"\nsaved {path}")
             if stop_now:
                 accelerator.print(f"stop requested: exiting at step {global_step}; resume with "
@@ -1466,11 +1542,14 @@ def main(args):
                 model.train()
             if global_step >= max_train_steps:
                 break
+        if global_step >= max_train_steps:
+            break
+    stop.close()
     progress.close()
     train_seconds = time.perf_counter() - train_start
 
     # ---- Final checkpoint, samples and export (EMA weights) ---------------------------------------------------
-    save_checkpoint(accelerator, args, model, ema, train_rng, global_step)
+    save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position)
     if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(model).eval()
         if ema is not None:

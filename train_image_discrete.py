@@ -24,6 +24,7 @@ token. The attention's key-padding mask only removes a dropped modality.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
@@ -149,7 +150,8 @@ def parse_args(argv=None):
     g.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
 
     g = parser.add_argument_group("speed and memory")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="Autocast precision; fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag.")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -213,8 +215,6 @@ def check_args(args):
         fail(f"--max_samples {args.max_samples}: must be at least 1 (leave it out to use the whole dataset)")
     if "{}" not in args.caption_template:
         fail(f"--caption_template {args.caption_template!r}: must contain {{}} where the digit's word goes")
-    if args.mixed_precision == "fp16" and (args.device == "cpu" or not torch.cuda.is_available()):
-        fail("--mixed_precision fp16 needs a CUDA GPU: use --mixed_precision bf16 or no on this machine")
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
     for name in ("image_clean_prob", "text_clean_prob", "cond_dropout_prob"):
@@ -233,6 +233,16 @@ def check_args(args):
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
             fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
+
+
+def check_accelerator(accelerator):
+    """Checks of what accelerate resolved from the flags, its config file and the launcher, before heavy work."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
+        fail("--mixed_precision fp16 (from the flag or accelerate's config) needs a CUDA GPU: use bf16 or no here")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        fail("DeepSpeed is not supported by this script: launch it with DDP (accelerate launch --multi_gpu)")
+    if accelerator.distributed_type == DistributedType.FSDP:
+        fail("FSDP is not supported by this script (its EMA needs whole weights): launch it with DDP (--multi_gpu)")
 
 
 def detect_dataset(args):
@@ -722,9 +732,7 @@ def draw_modalities(n, args, generator, device):
 
 
 def key_padding_mask(keep_image, keep_text, num_image_tokens, text_length):
-    """[b, n_image + L] bool, False for the tokens of a dropped modality; None when nothing is dropped."""
-    if bool(keep_image.all()) and bool(keep_text.all()):
-        return None
+    """[b, n_image + L] bool, False for the tokens of a dropped modality."""
     return torch.cat([keep_image[:, None].expand(-1, num_image_tokens),
                       keep_text[:, None].expand(-1, text_length)], dim=1)
 
@@ -754,7 +762,9 @@ def training_step(model, frozen_encoder, x0, ids, vocabulary, args, generator):
     t_text = torch.where(text_clean, 0.0, torch.where(text_dropped, 1.0, t_text))
     masked = torch.rand(ids.shape, generator=generator, device=device) < t_text[:, None]
     noisy_ids = torch.where(masked, vocabulary.mask_id, ids)
-    key_mask = key_padding_mask(~image_dropped, ~text_dropped, model_num_image_tokens(model, x0), ids.shape[1])
+    key_mask = None  # nothing can be dropped: decided from the flag, as reading the draws would wait for the device
+    if args.cond_dropout_prob > 0:
+        key_mask = key_padding_mask(~image_dropped, ~text_dropped, model_num_image_tokens(model, x0), ids.shape[1])
     pred, logits = model(x_t, t_image, text_states(model, frozen_encoder, noisy_ids), t_text, key_mask)
     image_loss = F.mse_loss(pred.float(), (eps - x0).float(), reduction="none").mean(dim=(1, 2, 3))
     image_loss = image_loss * (~image_clean & ~image_dropped)
@@ -972,6 +982,8 @@ def plot_loss(metrics_path, out_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not metrics_path.is_file():  # validation before the first logging step
+        return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not rows:
         return
@@ -1031,8 +1043,9 @@ def write_eval_outputs(model, ctx, args, output_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and export
 # ----------------------------------------------------------------------------------------------------------------
-def save_checkpoint(accelerator, args, model, ema, train_rng, global_step):
-    """accelerate's save_state plus the EMA and the objective's RNG, written to a temp folder then renamed."""
+def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position):
+    """accelerate's save_state plus the EMA, the objective's RNG and the data position, written to a temp folder
+    then renamed. `position` is (epoch, batches of --train_batch_size consumed in it by all processes)."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -1040,11 +1053,12 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step):
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    # Model (safetensors), optimizer, LR schedule, data sampler and the global RNGs of every process.
+    # Model (safetensors), optimizer, data sampler and the global RNGs of every process.
     accelerator.save_state(str(tmp))
     save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
     if accelerator.is_main_process:
-        state = {"script": SCRIPT, "global_step": global_step, "ema": None}
+        state = {"script": SCRIPT, "global_step": global_step, "num_processes": accelerator.num_processes,
+                 "epoch": position[0], "epoch_batches": position[1], "ema": None}
         if ema is not None:
             ema_state = ema.state_dict()
             shadow = ema_state.pop("shadow_params")
@@ -1068,19 +1082,30 @@ def list_checkpoints(output_dir):
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def load_checkpoint(accelerator, path, ema, train_rng):
-    """Restore everything save_checkpoint wrote; returns the global step. Nothing loaded can run code."""
+def load_checkpoint(accelerator, path, ema, train_rng, args):
+    """Restore everything save_checkpoint wrote; returns training_state.json. Nothing loaded can run code.
+
+    A checkpoint of N processes resumes on M != N at the same step, learning rate and number of samples seen
+    (weights, optimizer and EMA are the same on every process); the random streams of the objective are derived
+    anew for the M processes, so the run is not bitwise the one it would have been on N."""
     state = json.loads((path / "training_state.json").read_text())
     if state.get("script") != SCRIPT:
         fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not {SCRIPT}")
+    if ema is not None and state["ema"] is None:
+        fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
     accelerator.load_state(str(path))  # safetensors + torch.load(weights_only=True)
-    train_rng.set_state(load_file(path / f"train_rng_{accelerator.process_index}.safetensors")["state"])
+    rank, saved = accelerator.process_index, state.get("num_processes", 1)
+    if saved == accelerator.num_processes:
+        train_rng.set_state(load_file(path / f"train_rng_{rank}.safetensors")["state"])
+    else:
+        accelerator.print(f"warning: {path} was written by {saved} processes, resumed on {accelerator.num_processes}: "
+                          f"same step, learning rate and data position, new random streams (not bitwise)")
+        train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
     if ema is not None:
-        if state["ema"] is None:
-            fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
-        shadow = load_file(path / "ema.safetensors")
+        # Straight onto the device the EMA lives on: load_state_dict keeps the tensors it is given.
+        shadow = load_file(path / "ema.safetensors", device=str(ema.shadow_params[0].device))
         ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
-    return state["global_step"]
+    return state
 
 
 def export_model(model, ctx, args, output_dir):
@@ -1108,16 +1133,42 @@ def write_run_config(args, accelerator):
     except (OSError, subprocess.SubprocessError):
         commit = None
     config = {"args": vars(args), "git_commit": commit, "num_processes": accelerator.num_processes,
+              "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
               "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, accelerate)}}
     (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2))
 
 
-def install_stop_handler():
-    """SIGTERM/SIGINT ask for a checkpoint at the next step boundary, then a clean exit (pre-emptible clusters)."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
+class StopRequest:
+    """SIGTERM/SIGINT ask for a checkpoint at a step boundary, then a clean exit (pre-emptible clusters).
+
+    Every process must stop at the same step (the save is collective), wherever the signal landed. The flags are
+    agreed over a CPU (gloo) group without blocking: each step reads the previous step's all-reduce and starts the
+    next one, so all processes stop within one step of the signal and the GPU never waits for the host."""
+
+    def __init__(self, accelerator):
+        self.event = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.event.set())
+        self.group = torch.distributed.new_group(backend="gloo") if accelerator.num_processes > 1 else None
+        self.flag, self.pending = torch.zeros(1), None
+
+    def __call__(self):
+        """True on every process, at the same step, once any process got a signal."""
+        if self.group is None:
+            return self.event.is_set()
+        agreed = False
+        if self.pending is not None:
+            self.pending.wait()
+            agreed = bool(self.flag.item())  # a CPU tensor: no device sync
+        if not agreed:
+            self.flag.fill_(float(self.event.is_set()))
+            self.pending = torch.distributed.all_reduce(self.flag, torch.distributed.ReduceOp.MAX, self.group,
+                                                        async_op=True)
+        return agreed
+
+    def close(self):
+        if self.pending is not None:
+            self.pending.wait()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1194,13 +1245,16 @@ def main(args):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, "logs")),
         # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Pinned batches copied without blocking: the host does not wait for the device at every batch.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
+    check_accelerator(accelerator)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if args.sample_from:
         return generate_from_export(args, accelerator)
+    stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
     dim_text = resolve_dim_text(args)
     tokenizer = load_tokenizer(args.tokenizer)
     set_seed(args.seed)  # same initial weights on every process
@@ -1225,12 +1279,14 @@ def main(args):
     train_dataloader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data.tensors),
                                                    batch_size=args.train_batch_size, shuffle=True,
                                                    drop_last=len(data.tensors[0]) >= args.train_batch_size,
-                                                   num_workers=args.dataloader_num_workers)
+                                                   num_workers=args.dataloader_num_workers,
+                                                   pin_memory=accelerator.device.type == "cuda")
 
     # ---- Models: MMDiT (+ learned text embedding), or a frozen BERT as the caption's input embedding ----------
     frozen = None
-    if args.text_encoder != "learned":
-        frozen = BertTextEncoder(args.text_encoder, vocabulary).to(accelerator.device)
+    if args.text_encoder != "learned":  # frozen: in the run's precision (bf16 or fp16 weights), states read as fp32
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        frozen = BertTextEncoder(args.text_encoder, vocabulary).to(accelerator.device, dtype=weight_dtype)
     mmdit_config = dict(in_channels=data.shape[0], image_size=data.shape[-1], patch_size=args.patch_size,
                         dim_image=args.dim_image, dim_text=dim_text, text_out_dim=vocabulary.size, depth=args.depth,
                         num_heads=args.num_heads, mlp_ratio=args.mlp_ratio, pooled_text=args.pooled_text,
@@ -1255,25 +1311,18 @@ def main(args):
                    text_inference_steps=args.text_inference_steps or args.max_text_length)
 
     # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
-    # Fused AdamW: one kernel for all tensors, on CPU too (the per-tensor loop took 6% of a CPU step, docs/mmdit.md).
-    fused = accelerator.device.type in ("cuda", "cpu") and args.mixed_precision != "fp16"
+    # Fused AdamW: one kernel for all tensors, and it can skip a non-finite step on the device (found_inf below).
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, fused=fused)
+                                  weight_decay=args.adam_weight_decay, fused=True)
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    # The prepared scheduler steps once per process at every optimizer step: scale its lengths to match.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_train_steps * accelerator.num_processes)
-    lr_scheduler = accelerator.prepare(lr_scheduler)
     # Every random draw of the objective comes from this generator, saved in each checkpoint. The global RNG
     # cannot be trusted for exact resume: each DataLoader iterator draws its base seed from it.
     train_rng = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
 
     # ---- Resume -----------------------------------------------------------------------------------------------
-    global_step = 0
+    global_step, first_epoch, batches_to_skip = 0, 0, 0
     if args.resume_from_checkpoint:
         found = list_checkpoints(output_dir)
         path = found[-1] if args.resume_from_checkpoint == "latest" and found else None
@@ -1281,46 +1330,60 @@ def main(args):
         if path is None:
             accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
         else:
-            global_step = load_checkpoint(accelerator, path, ema, train_rng)
+            state = load_checkpoint(accelerator, path, ema, train_rng, args)
+            global_step, first_epoch = state["global_step"], state["epoch"]
+            # The data position in batches of this run's processes (the count may differ from the saved run's).
+            batches_to_skip = state["epoch_batches"] // accelerator.num_processes
+            if batches_to_skip >= len(train_dataloader):
+                first_epoch, batches_to_skip = first_epoch + 1, 0
             accelerator.print(f"resumed from {path} at step {global_step}")
-    first_epoch = global_step // steps_per_epoch
-    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    # Not prepared: accelerate would step it once per process and save it pickled. It counts optimizer steps
+    # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_train_steps, last_epoch=global_step - 1)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("train_image_discrete", config={k: str(v) for k, v in vars(args).items()})
 
-    # ---- Training loop ----------------------------------------------------------------------------------------
-    stop = install_stop_handler()
+    # ---- Training loop: the host reads device values only every --logging_steps -------------------------------
     metrics_path = output_dir / "metrics.jsonl"
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
                     desc="train")
     sums = torch.zeros(3, device=accelerator.device)  # image loss, text loss, examples
-    nonfinite_in_a_row, window_start, window_samples = 0, time.perf_counter(), 0
+    # Optimizer steps with a non-finite gradient: in total, in the current run, and the longest run since the
+    # last logging step (the only place the host reads them).
+    nonfinite_steps, nonfinite_run, longest_run = torch.zeros(3, device=accelerator.device).unbind()
+    window_start, window_samples = time.perf_counter(), 0
+    position = (first_epoch, batches_to_skip * accelerator.num_processes)
     train_start = time.perf_counter()
-    for epoch in range(first_epoch, num_epochs):
+    for epoch in itertools.count(first_epoch):
         model.train()
         train_dataloader.set_epoch(epoch)
         batches = train_dataloader
         if epoch == first_epoch and batches_to_skip:
             batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        epoch_batches = batches_to_skip if epoch == first_epoch else 0  # per process, for the data position
         for mean, std, caption_index in batches:
+            epoch_batches += 1
             with accelerator.accumulate(model):
                 x0 = to_model_input(mean, std, data.kind, scaling, train_rng)
                 image_loss, text_loss = training_step(model, frozen, x0, caption_tokens[caption_index], vocabulary,
                                                       args, train_rng)
                 loss = (image_loss.sum() + args.text_loss_weight * text_loss.sum()) / x0.shape[0]
                 accelerator.backward(loss)
-                finite = True
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-                    # The norm is the same on every process (gradients are already all-reduced). fp16's scaler
-                    # skips overflowing steps itself.
-                    finite = bool(torch.isfinite(grad_norm)) or args.mixed_precision == "fp16"
-                if finite:
-                    optimizer.step()
-                lr_scheduler.step()
+                    # The norm is the same on every process (all-reduced gradients). A non-finite one skips the
+                    # update on the device: the fused AdamW kernel leaves weights and moments as they were where
+                    # found_inf is 1. With fp16 the GradScaler sets found_inf itself; it skips exactly the steps
+                    # whose unscaled norm is non-finite, so they are counted here too.
+                    nonfinite = (~torch.isfinite(grad_norm)).float()
+                    if accelerator.scaler is None:
+                        optimizer.optimizer.found_inf = nonfinite
+                optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            sums += torch.stack([image_loss.detach().sum(), text_loss.detach().sum(),
-                                 torch.tensor(float(x0.shape[0]), device=x0.device)])
+            # The example count is a fill on the device, not a copy from the host (which would wait for it).
+            sums += torch.stack([image_loss.detach().sum().float(), text_loss.detach().sum().float(),
+                                 torch.full((), float(x0.shape[0]), device=x0.device)])
             window_samples += x0.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
@@ -1328,22 +1391,22 @@ def main(args):
             # -- one optimizer step done
             global_step += 1
             progress.update(1)
-            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-            if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                accelerator.print(f"error: {nonfinite_in_a_row} steps in a row with a non-finite gradient at step "
-                                  f"{global_step}; lower --learning_rate. The last checkpoint is intact.")
-                sys.exit(1)
-            if ema is not None and finite:
+            lr_scheduler.step()
+            nonfinite_steps += nonfinite
+            nonfinite_run.mul_(nonfinite).add_(nonfinite)
+            torch.maximum(longest_run, nonfinite_run, out=longest_run)
+            if ema is not None:  # after a skipped step the weights did not move: averaging them again is harmless
                 ema.step(model.parameters())
 
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
                 totals = accelerator.reduce(sums, "sum").cpu()
+                total_nonfinite, longest = torch.stack([nonfinite_steps, longest_run]).tolist()
                 elapsed = time.perf_counter() - window_start
                 image_l, text_l = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
                 row = {"step": global_step, "epoch": epoch, "loss": image_l + args.text_loss_weight * text_l,
                        "image_loss": image_l, "text_loss": text_l, "lr": lr_scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "samples_per_s": window_samples / max(elapsed, 1e-9),
-                       "nonfinite_in_a_row": nonfinite_in_a_row}
+                       "grad_norm": grad_norm.item(), "samples_per_s": window_samples / max(elapsed, 1e-9),
+                       "nonfinite_steps": int(total_nonfinite)}
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -1351,13 +1414,17 @@ def main(args):
                                          samples_s=f"{row['samples_per_s']:.0f}")
                 accelerator.log(row, step=global_step)
                 sums.zero_()
+                longest_run.copy_(nonfinite_run)
                 window_start, window_samples = time.perf_counter(), 0
+                if longest >= args.max_nonfinite_steps:  # the same on every process
+                    accelerator.print(f"error: {int(longest)} steps in a row with a non-finite gradient before step "
+                                      f"{global_step}; lower --learning_rate. The last checkpoint is intact.")
+                    sys.exit(1)
 
-            stop_now = stop.is_set()
-            if accelerator.num_processes > 1:  # every process must agree before the collective save
-                stop_now = bool(accelerator.reduce(torch.tensor(float(stop_now), device=accelerator.device), "max"))
+            stop_now = stop()
+            position = (epoch, epoch_batches * accelerator.num_processes)
             if (global_step % args.checkpointing_steps == 0 or stop_now) and global_step < max_train_steps:
-                path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step)
+                path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position)
                 accelerator.print(f"\nsaved {path}")
             if stop_now:
                 accelerator.print(f"stop requested: exiting at step {global_step}; resume with "
@@ -1376,11 +1443,14 @@ def main(args):
                 model.train()
             if global_step >= max_train_steps:
                 break
+        if global_step >= max_train_steps:
+            break
+    stop.close()
     progress.close()
     train_seconds = time.perf_counter() - train_start
 
     # ---- Final checkpoint, samples and export (EMA weights) ---------------------------------------------------
-    save_checkpoint(accelerator, args, model, ema, train_rng, global_step)
+    save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position)
     if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(model).eval()
         if ema is not None:

@@ -161,15 +161,28 @@ def test_resume_matches_uninterrupted_run(script, tiny_mnist, tiny_bert, tmp_pat
         assert w4["text_basis"].shape == (32, 16) and torch.equal(w2["text_basis"], w4["text_basis"])
 
 
-@pytest.mark.parametrize("script", [DISCRETE, CONTINUOUS])
+@pytest.mark.parametrize("script", [DISCRETE])  # train_image_continuous.py: test_continuous_two_processes_...
 def test_two_processes(script, tiny_mnist, tiny_bert, tmp_path):
     out = tmp_path / "run"
-    run_script(script, "--data_root", tiny_mnist, *text_flags(script, tiny_bert), *TINY[:-2], "--device", "auto",
-               "--max_train_steps", "2", "--train_batch_size", "4", "--output_dir", out, launcher="accelerate")
+    args = ["--data_root", tiny_mnist, *text_flags(script, tiny_bert), *TINY[:-2], "--max_train_steps", "2",
+            "--train_batch_size", "4"]
+    run_script(script, *args, "--device", "auto", "--checkpointing_steps", "1", "--output_dir", out,
+               launcher="accelerate")
     assert json.loads((out / "run_config.json").read_text())["num_processes"] == 2
     for rank in (0, 1):
         assert (out / "checkpoint-2" / f"train_rng_{rank}.safetensors").is_file()
-    assert [r["step"] for r in read_metrics(out)] == [1, 2] and (out / "model.safetensors").is_file()
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2] and (out / "model.safetensors").is_file()
+
+    # The 2-process run resumed on 1 process: same step, learning rate and data position (in batches of 4).
+    one = tmp_path / "one"
+    shutil.copytree(out / "checkpoint-1", one / "checkpoint-1")
+    proc = run_script(script, *args, "--device", "cpu", "--output_dir", one, "--resume_from_checkpoint", "latest")
+    assert "written by 2 processes, resumed on 1" in proc.stdout
+    assert [r["step"] for r in read_metrics(one)] == [2]
+    assert read_metrics(one)[0]["lr"] == rows[1]["lr"]
+    state = json.loads((one / "checkpoint-2" / "training_state.json").read_text())
+    assert (state["num_processes"], state["epoch"], state["epoch_batches"]) == (1, 0, 3)  # 2 batches, then 1
 
 
 @pytest.mark.parametrize("script,case", [(script, case) for script in (DISCRETE, CONTINUOUS)
@@ -505,3 +518,76 @@ def test_conv_stem_lets_a_patch_token_see_its_neighbours_edge(script):
         assert not torch.equal(tokens[0, 1], moved[0, 1])  # the nudged patch itself
         assert (not torch.equal(tokens[0, 0], moved[0, 0])) == sees  # its left neighbour
         assert torch.equal(tokens[0, 2:], moved[0, 2:])  # the bottom row is out of reach either way
+
+
+def test_continuous_two_processes_then_resume_on_one(tiny_mnist, tiny_bert, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data_root", tiny_mnist, *text_flags(CONTINUOUS, tiny_bert), *TINY[:-2], "--max_train_steps", "2",
+            "--train_batch_size", "4", "--validation_steps", "100"]
+    run_script(CONTINUOUS, *args, "--device", "auto", "--checkpointing_steps", "1", "--output_dir", out,
+               launcher="accelerate")
+    assert json.loads((out / "run_config.json").read_text())["num_processes"] == 2
+    for rank in (0, 1):
+        assert (out / "checkpoint-2" / f"train_rng_{rank}.safetensors").is_file()
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2] and (out / "model.safetensors").is_file()
+
+    # The 2-process run resumed on 1 process: same step, learning rate and data position (in batches of 4).
+    one = tmp_path / "one"
+    shutil.copytree(out / "checkpoint-1", one / "checkpoint-1")
+    proc = run_script(CONTINUOUS, *args, "--device", "cpu", "--output_dir", one, "--resume_from_checkpoint", "latest")
+    assert "written by 2 processes, resumed on 1" in proc.stdout
+    assert [r["step"] for r in read_metrics(one)] == [2]
+    assert read_metrics(one)[0]["lr"] == rows[1]["lr"]
+    state = json.loads((one / "checkpoint-2" / "training_state.json").read_text())
+    assert (state["num_processes"], state["epoch"], state["epoch_batches"]) == (1, 0, 3)  # 2 batches, then 1
+
+
+def test_continuous_bf16_from_the_flag_or_from_accelerate(tiny_mnist, tiny_bert, tmp_path):
+    """bf16 autocast runs on CPU; the precision accelerate resolves (flag, or the launcher's environment when the
+    flag is left out) is the one recorded."""
+    flag, env = tmp_path / "flag", tmp_path / "env"
+    args = ["--data_root", tiny_mnist, *text_flags(CONTINUOUS, tiny_bert), *TINY, "--max_train_steps", "2",
+            "--train_batch_size", "4", "--validation_steps", "100"]
+    run_script(CONTINUOUS, *args, "--output_dir", flag, "--mixed_precision", "bf16")
+    # What `accelerate launch --mixed_precision bf16` (or an accelerate config set to bf16) hands the script.
+    run_script(CONTINUOUS, *args, "--output_dir", env, env={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    for out in (flag, env):
+        assert json.loads((out / "run_config.json").read_text())["mixed_precision"] == "bf16"
+        rows = read_metrics(out)
+        assert [r["step"] for r in rows] == [1, 2] and all(r["nonfinite_steps"] == 0 for r in rows)
+        assert all(math.isfinite(r["image_loss"]) and math.isfinite(r["text_loss"]) for r in rows)
+        weights = load_file(out / "model.safetensors")
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+        assert (out / "samples" / "step-2.png").is_file()  # the final validation sampled under bf16 autocast
+
+
+def test_discrete_bf16_from_the_flag_or_from_accelerate(tiny_mnist, tiny_bert, tmp_path):
+    """bf16 autocast runs on CPU, the frozen text encoder in bf16 too; the precision accelerate resolves (flag, or
+    the launcher's environment when the flag is left out) is the one recorded."""
+    flag, env = tmp_path / "flag", tmp_path / "env"
+    args = ["--data_root", tiny_mnist, *text_flags(DISCRETE, tiny_bert, frozen=True), *TINY, "--max_train_steps",
+            "2", "--train_batch_size", "4", "--validation_steps", "100"]
+    run_script(DISCRETE, *args, "--output_dir", flag, "--mixed_precision", "bf16")
+    # What `accelerate launch --mixed_precision bf16` (or an accelerate config set to bf16) hands the script.
+    run_script(DISCRETE, *args, "--output_dir", env, env={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    for out in (flag, env):
+        assert json.loads((out / "run_config.json").read_text())["mixed_precision"] == "bf16"
+        rows = read_metrics(out)
+        assert [r["step"] for r in rows] == [1, 2] and all(r["nonfinite_steps"] == 0 for r in rows)
+        assert all(math.isfinite(r["image_loss"]) and math.isfinite(r["text_loss"]) for r in rows)
+        weights = load_file(out / "model.safetensors")
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+        assert (out / "samples" / "step-2.png").is_file()  # the final validation sampled under bf16 autocast
+
+
+def test_discrete_frozen_encoder_in_bf16_gives_fp32_states(discrete, vocabulary, tiny_bert):
+    """A bf16 run casts the frozen encoder's weights to bf16; the states it hands the MMDiT stay fp32."""
+    _, vocab, ids = vocabulary
+    frozen = discrete.BertTextEncoder(str(tiny_bert), vocab)
+    reference = frozen(vocab.compact(ids))
+    frozen.to(dtype=torch.bfloat16)
+    assert frozen.to_tokenizer.dtype == torch.int64  # the id map is not a weight
+    assert all(p.dtype == torch.bfloat16 for p in frozen.parameters())
+    states = frozen(vocab.compact(ids))
+    assert states.dtype == torch.float32 and torch.allclose(states, reference, atol=0.1, rtol=0.05)
