@@ -4,6 +4,8 @@ The VAE's posterior (mean and std, unscaled; with --random_flip also of the mirr
 states, attention mask, pooled output and token ids of one or more frozen text encoders are stored per example,
 so that training never runs the VAE or the text encoders again. Shard s holds examples [s * shard_size,
 (s + 1) * shard_size) and is written by rank s % world_size; the main process writes index.json at the end.
+The settings that decide the shards' content are kept in settings.json: a re-run into the same --output_dir
+with the same settings skips the finished shards, one with other settings is refused.
 The format is docs/precomputed_format.md; train_ldm_sd.py and train_dit.py read it with --precomputed_data_dir.
 
     python prepare_data_multi_gpu.py --pretrained_model_name_or_path SD_FOLDER --train_data_dir imgs --output_dir shards
@@ -12,6 +14,7 @@ The format is docs/precomputed_format.md; train_ldm_sd.py and train_dit.py read 
 """
 
 import argparse
+import datetime
 import io
 import json
 import math
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors import safe_open
@@ -100,6 +104,9 @@ def parse_args(argv=None):
     g.add_argument("--batch_size", "--encode_batch_size", type=int, default=32, help="Images per encoder call.")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--ddp_timeout", type=int, default=1800,
+                   help="Seconds a process waits for the others at a synchronization point (the last one waits "
+                        "for the slowest rank's last shard) before the job is stopped.")
 
     argv = sys.argv[1:] if argv is None else list(argv)
     return parser.parse_args([underscore_flag(a) for a in argv])
@@ -133,6 +140,8 @@ def check_args(args):
              f"try {max(8, args.resolution // 8 * 8)}")
     if args.shard_size < 1 or args.batch_size < 1:
         fail("--shard_size and --batch_size must be at least 1")
+    if args.ddp_timeout < 1:
+        fail(f"--ddp_timeout {args.ddp_timeout}: must be at least 1 (seconds)")
     if args.vae_name_or_path is None and args.pretrained_model_name_or_path is None:
         fail('no VAE: pass --pretrained_model_name_or_path (SD folder) or --vae_name_or_path (or "none")')
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -141,6 +150,61 @@ def check_args(args):
     for flag in ("tokenizer_max_length", "text_prefix"):
         if getattr(args, flag) and len(getattr(args, flag)) not in (1, n):
             fail(f"--{flag}: give it once, or once per --text_encoder_name_or_path ({n})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings: the flags that decide what the shards hold and how they are numbered. --batch_size, --device,
+# --streaming, --ddp_timeout and the number of processes only change how the work is done, not its result.
+# ----------------------------------------------------------------------------------------------------------------
+CONTENT_FLAGS = ("train_data_dir", "dataset_name", "dataset_config_name", "captions_json", "mnist_root", "split",
+                 "image_column", "caption_column", "label_column", "caption_template", "max_samples", "resolution",
+                 "center_crop", "random_flip", "seed", "pretrained_model_name_or_path", "revision", "variant",
+                 "vae_name_or_path", "text_encoder_name_or_path", "tokenizer_max_length", "text_prefix",
+                 "text_encoder_attention_mask", "encoder_dtype", "latent_dtype", "text_dtype", "shard_size")
+PATH_FLAGS = ("train_data_dir", "dataset_name", "captions_json", "mnist_root", "pretrained_model_name_or_path",
+              "vae_name_or_path", "text_encoder_name_or_path")
+
+
+def content_settings(args):
+    """{flag: value} of CONTENT_FLAGS; local paths made absolute, so that "imgs" and "./imgs" are the same."""
+    def local(value):
+        return str(Path(value).resolve()) if value not in (None, "none") and Path(value).exists() else value
+
+    settings = {}
+    for flag in CONTENT_FLAGS:
+        value = getattr(args, flag)
+        if flag in PATH_FLAGS:
+            value = [local(v) for v in value] if isinstance(value, list) else local(value)
+        settings[flag] = value
+    if not args.mnist_root:
+        settings["caption_template"] = None  # only MNIST captions use it
+    return json.loads(json.dumps(settings))
+
+
+def check_settings(out_dir, settings):
+    """Refuse an --output_dir whose shards were encoded with other settings (or with unknown ones)."""
+    path = out_dir / "settings.json"
+    if not any(out_dir.glob("shard-*.safetensors*")):
+        return  # no shard yet: settings.json (if any) is written anew
+    if not path.is_file():
+        fail(f"--output_dir {out_dir}: holds shards but no settings.json, so what they were encoded with is "
+             "unknown; use another --output_dir, or delete the folder")
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        fail(f"--output_dir {out_dir}: settings.json is not readable JSON; use another --output_dir, or delete "
+             "the folder")
+    differ = [k for k in dict.fromkeys([*before, *settings]) if before.get(k) != settings.get(k)]
+    if differ:
+        changes = "; ".join(f"--{k} {json.dumps(before.get(k))} there, {json.dumps(settings.get(k))} now"
+                            for k in differ)
+        fail(f"--output_dir {out_dir}: holds shards encoded with other settings ({changes}); use another "
+             "--output_dir, or delete the folder to encode anew")
+
+
+def write_settings(out_dir, settings):
+    (out_dir / "settings.json.tmp").write_text(json.dumps(settings, indent=2))
+    os.replace(out_dir / "settings.json.tmp", out_dir / "settings.json")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,21 +261,33 @@ def open_source(args):
         label_names = list(feature.names) if hasattr(feature, "names") else None
     keep = [args.image_column, args.caption_column] + ([label_column] if label_column else [])
 
-    def rows_of(batch, start):
-        n = len(batch[args.image_column])
-        return [(batch[args.image_column][k], pick_caption(batch[args.caption_column][k], start + k, args.seed),
-                 int(batch[label_column][k]) if label_column else None) for k in range(n)]
+    def rows_of(batch, positions):
+        return [(batch[args.image_column][k], pick_caption(batch[args.caption_column][k], position, args.seed),
+                 int(batch[label_column][k]) if label_column else None) for k, position in enumerate(positions)]
 
-    if args.streaming:
-        ds = ds.select_columns(keep)
-
-        def rows():
-            for i, row in enumerate(ds):
-                yield i, rows_of({k: [v] for k, v in row.items()}, i)[0]
-        return Source(kind, path, rows, None, label_names)
     ds = ds.select_columns(keep)
+    if args.streaming:
+        source = Source(kind, path, None, None, label_names)
+
+        def rows(wanted):
+            """(position, row) of the examples with wanted(position); the stream is read in Arrow batches and the
+            other examples are never converted nor decoded. Sets source.length when the stream ends."""
+            n = 0
+            for table in ds.with_format("arrow").iter(batch_size=256):
+                if args.max_samples is not None:
+                    table = table.slice(0, args.max_samples - n)
+                take = [k for k in range(table.num_rows) if wanted(n + k)]
+                if take:
+                    positions = [n + k for k in take]
+                    yield from zip(positions, rows_of(table.take(take).to_pydict(), positions), strict=True)
+                n += table.num_rows
+                if args.max_samples is not None and n >= args.max_samples:
+                    break
+            source.length = n
+        source.rows = rows
+        return source
     length = len(ds) if args.max_samples is None else min(len(ds), args.max_samples)
-    return Source(kind, path, None, length, label_names, lambda a, b: rows_of(ds[a:b], a))
+    return Source(kind, path, None, length, label_names, lambda a, b: rows_of(ds[a:b], range(a, b)))
 
 
 def pick_caption(value, position, seed):
@@ -286,30 +362,44 @@ def image_transform(args):
     return apply
 
 
-def my_shards(source, args, rank, world, out):
-    """Yield (shard id, [(position, raw, caption, label)]) for the unfinished shards of this rank."""
-    def wanted(s):
-        return s % world == rank and not (out / f"shard-{s:05d}.safetensors").is_file()
+def finished(out, s, a, b):
+    """Whether shard s is on disk, readable, and holds exactly the examples [a, b) (rows plus skipped images)."""
+    path = out / f"shard-{s:05d}.safetensors"
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            skipped = int((f.metadata() or {}).get("num_skipped", 0))
+            index = f.get_tensor("index").tolist() if "index" in f.keys() else []
+    except Exception:  # truncated or not safetensors: encoded again
+        return False
+    return len(index) + skipped == b - a and all(a <= i < b for i in index)
 
+
+def my_shards(source, args, rank, world, out):
+    """Yield (shard id, [(position, raw, caption, label)]) for the shards of this rank that are not finished on disk.
+
+    Shard s holds the examples [s * shard_size, (s + 1) * shard_size) and belongs to rank s % world. A streamed
+    source hands out only this rank's examples and knows its length (source.length) once the stream has ended.
+    """
     if source.length is not None:
-        for s in range(math.ceil(source.length / args.shard_size)):
-            if wanted(s):
-                a, b = s * args.shard_size, min((s + 1) * args.shard_size, source.length)
+        for s in range(rank, math.ceil(source.length / args.shard_size), world):
+            a, b = s * args.shard_size, min((s + 1) * args.shard_size, source.length)
+            if not finished(out, s, a, b):
                 yield s, [(a + k, *row) for k, row in enumerate(source.get_slice(a, b))]
         return
-    current, rows = None, []
-    for i, row in source.rows():
-        if args.max_samples is not None and i >= args.max_samples:
-            break
-        s = i // args.shard_size
-        if s != current:
-            if rows:
-                yield current, rows
-            current, rows = s, []
-        if wanted(s):
-            rows.append((i, *row))
-    if rows:
-        yield current, rows
+    rows = []
+    for i, row in source.rows(lambda i: i // args.shard_size % world == rank):
+        rows.append((i, *row))
+        if len(rows) == args.shard_size:  # a shard's examples come in one run: this one is complete
+            s = i // args.shard_size
+            if not finished(out, s, s * args.shard_size, i + 1):
+                yield s, rows
+            rows = []
+    if rows:  # the stream ended inside this shard: the last, shorter shard
+        s = rows[0][0] // args.shard_size
+        if not finished(out, s, s * args.shard_size, rows[-1][0] + 1):
+            yield s, rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -329,7 +419,7 @@ def load_vae(args, device, dtype):
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.resolution % factor:
         fail(f"--resolution {args.resolution}: the VAE downsamples by {factor}; use a multiple of {factor}")
-    vae.display_name = name if sub is None else f"{name}/{sub}"
+    vae.loaded_from = {"name_or_path": name, "subfolder": sub}  # what from_pretrained loads it again with
     vae.requires_grad_(False).eval().to(device)
     return vae.to(dtype) if dtype != torch.float32 else vae
 
@@ -459,15 +549,14 @@ def write_empty_prompt(out_dir, text_encoders, args):
     save_file(tensors, str(out_dir / "empty_prompt.safetensors"))
 
 
-def write_index(out_dir, source, vae, text_encoders, args):
-    """index.json from the shards on disk (so a re-run that skipped shards counts them too). Written last."""
-    shard_files = sorted(out_dir.glob("shard-*.safetensors"))
-    if source.length is not None:
-        expected = math.ceil(source.length / args.shard_size)
-        missing = [s for s in range(expected) if not (out_dir / f"shard-{s:05d}.safetensors").is_file()]
-        if missing:
-            raise RuntimeError(f"shards {missing[:5]} are missing; re-run to finish them")
-        shard_files = [out_dir / f"shard-{s:05d}.safetensors" for s in range(expected)]
+def write_index(out_dir, source, vae, text_encoders, args, settings):
+    """index.json from the shards of this run's source length on disk (so a re-run that skipped finished shards
+    counts them too); shard files beyond that length (left by a longer source) are removed. Written last."""
+    expected = math.ceil(source.length / args.shard_size)
+    missing = [s for s in range(expected) if not (out_dir / f"shard-{s:05d}.safetensors").is_file()]
+    if missing:
+        raise RuntimeError(f"shards {missing[:5]} are missing; re-run to finish them")
+    shard_files = [out_dir / f"shard-{s:05d}.safetensors" for s in range(expected)]
     shards, skipped, tensors = [], 0, {}
     for path in shard_files:
         with safe_open(str(path), framework="pt") as f:
@@ -481,6 +570,12 @@ def write_index(out_dir, source, vae, text_encoders, args):
     total = sum(s["num_examples"] for s in shards)
     if total == 0:
         raise SystemExit(f"error: no readable example was encoded ({skipped} skipped); index.json not written")
+    stale = [p for p in sorted(out_dir.glob("shard-*.safetensors")) if p not in shard_files]
+    for path in stale:
+        path.unlink()
+    if stale:
+        print(f"removed {len(stale)} shard files beyond this source's {expected} shards ({stale[0].name}, ...)",
+              flush=True)
     dtype_names = {"f16": "float16", "f32": "float32", "bf16": "bfloat16", "i64": "int64"}
     for t in tensors.values():
         t["dtype"] = dtype_names.get(t["dtype"], t["dtype"])
@@ -490,13 +585,14 @@ def write_index(out_dir, source, vae, text_encoders, args):
         "source": {"kind": source.kind, "path": str(source.path), "split": args.split},
         "resolution": args.resolution, "center_crop": args.center_crop, "random_flip": args.random_flip,
         "vae": None if vae is None else {
-            "name_or_path": vae.display_name, "scaling_factor": vae.config.scaling_factor,
+            **vae.loaded_from, "scaling_factor": vae.config.scaling_factor,
             "shift_factor": vae.config.get("shift_factor") or 0.0, "latent_channels": vae.config.latent_channels,
             "latent_size": args.resolution // 2 ** (len(vae.config.block_out_channels) - 1),
             "dtype": args.latent_dtype},
         "text_encoders": [e.info(args.text_dtype) for e in text_encoders],
         "label_names": source.label_names,
         "tensors": tensors,
+        "settings": settings,
     }
     (out_dir / "index.json.tmp").write_text(json.dumps(index, indent=2))
     os.replace(out_dir / "index.json.tmp", out_dir / "index.json")
@@ -508,11 +604,16 @@ def write_index(out_dir, source, vae, text_encoders, args):
 # ----------------------------------------------------------------------------------------------------------------
 def main(args):
     check_args(args)
-    accelerator = Accelerator(cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()))
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     out_dir = Path(args.output_dir)
+    settings = content_settings(args)
+    check_settings(out_dir, settings)  # every process, before any model is loaded
+    accelerator = Accelerator(cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(
+                                  seconds=args.ddp_timeout))])
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
+        write_settings(out_dir, settings)  # before the first shard
         (out_dir / "index.json").unlink(missing_ok=True)  # written again at the end, when every shard is there
     accelerator.wait_for_everyone()
 
@@ -556,7 +657,7 @@ def main(args):
     if accelerator.is_main_process:
         if counts[1]:
             print(f"warning: {counts[1]} unreadable images were skipped", file=sys.stderr)
-        index = write_index(out_dir, source, vae, text_encoders, args)
+        index = write_index(out_dir, source, vae, text_encoders, args, settings)
         print(f"encoded {counts[0]} images in {wall:.1f}s: {counts[0] / max(wall, 1e-9):.1f} images/s with {world} "
               f"process(es); {index['num_examples']} examples in {len(index['shards'])} shards, "
               f"{index['num_skipped']} skipped; wrote {out_dir / 'index.json'}", flush=True)

@@ -1,6 +1,8 @@
-"""prepare_data_multi_gpu.py: two real processes, the shard format, re-runs, bad images, sources; then training
-train_ldm_sd.py from the shards it wrote."""
+"""prepare_data_multi_gpu.py: two real processes, the shard format, re-runs (same and other settings), bad images,
+sources, streaming; then training train_ldm_sd.py from the shards it wrote."""
 
+import datetime
+import importlib.util
 import json
 import math
 import os
@@ -8,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import REPO, run_script
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_train_ldm_sd import FAST, tiny_sd  # noqa: F401  (the tiny Stable Diffusion folder fixture)
@@ -21,17 +23,35 @@ def shard_tensors(folder):
     return index, [load_file(folder / s["file"]) for s in index["shards"]]
 
 
+@pytest.fixture(scope="module")
+def script():
+    """The script as a module, for the checks that run its functions in this process."""
+    spec = importlib.util.spec_from_file_location("prepare_data_multi_gpu", REPO / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_two_processes_write_the_format_then_train_from_it(tiny_sd, tiny_imagefolder, tmp_path):  # noqa: F811
     shards = tmp_path / "shards"
-    common = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", tiny_imagefolder, "--resolution", "32",
-              "--random_flip", "--shard_size", "5", "--batch_size", "3"]
-    proc = run_script(SCRIPT, *common, "--output_dir", shards, launcher="accelerate")
+    common = ["--pretrained_model_name_or_path", tiny_sd, "--resolution", "32", "--random_flip", "--shard_size", "5",
+              "--batch_size", "3"]
+    # Two processes streaming the folder: each rank takes its own shards' examples out of the stream.
+    proc = run_script(SCRIPT, *common, "--dataset_name", tiny_imagefolder, "--streaming", "--output_dir", shards,
+                      launcher="accelerate")
     assert "with 2 process(es)" in proc.stdout and "rank 1: encoded 5 images" in proc.stdout
     index, tensors = shard_tensors(shards)
     assert index["format"] == "precomputed-diffusion-shards" and index["version"] == 1
     assert index["num_examples"] == 12 and index["num_skipped"] == 0 and index["shard_size"] == 5
     assert [s["num_examples"] for s in index["shards"]] == [5, 5, 2]
     assert index["vae"]["latent_channels"] == 4 and index["vae"]["latent_size"] == 16 and index["random_flip"]
+    # The VAE is recorded as from_pretrained loads it: the SD folder plus its subfolder.
+    assert index["vae"]["name_or_path"] == str(tiny_sd) and index["vae"]["subfolder"] == "vae"
+    from diffusers import AutoencoderKL
+    AutoencoderKL.from_pretrained(index["vae"]["name_or_path"], subfolder=index["vae"]["subfolder"])
+    settings = json.loads((shards / "settings.json").read_text())
+    assert index["settings"] == settings and settings["resolution"] == 32 and settings["shard_size"] == 5
+    assert settings["dataset_name"] == str(tiny_imagefolder.resolve()) and "batch_size" not in settings
     enc = index["text_encoders"][0]
     assert enc["key"] == "text_encoder" and enc["max_length"] == 16 and enc["hidden_size"] == 32
     assert enc["use_attention_mask"] is False  # as StableDiffusionPipeline runs CLIP
@@ -47,9 +67,9 @@ def test_two_processes_write_the_format_then_train_from_it(tiny_sd, tiny_imagefo
     empty = load_file(shards / "empty_prompt.safetensors")
     assert empty["text_encoder.hidden_states"].shape == (1, 16, 32)
 
-    # One process writes the same shards as two (the assignment depends on nothing else).
+    # One process reading the folder as a whole writes the same shards (the assignment depends on nothing else).
     single = tmp_path / "single"
-    run_script(SCRIPT, *common, "--output_dir", single)
+    run_script(SCRIPT, *common, "--train_data_dir", tiny_imagefolder, "--output_dir", single)
     for a, b in zip(tensors, shard_tensors(single)[1], strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -64,8 +84,8 @@ def test_two_processes_write_the_format_then_train_from_it(tiny_sd, tiny_imagefo
     assert (out / "model_index.json").is_file() and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_rerun_skips_finished_shards_redoes_partial_and_counts_bad_images(tiny_sd, tiny_imagefolder,  # noqa: F811
-                                                                           tmp_path):
+def test_rerun_same_settings_resumes_other_settings_refused_bad_images_counted(tiny_sd,  # noqa: F811
+                                                                                 tiny_imagefolder, script, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(tiny_imagefolder, images)
     (images / "005.png").write_bytes(b"not a png")  # unreadable: skipped and counted
@@ -90,6 +110,25 @@ def test_rerun_skips_finished_shards_redoes_partial_and_counts_bad_images(tiny_s
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert json.loads((shards / "index.json").read_text())["num_skipped"] == 1  # counted from the shards on disk
 
+    # Other settings into the same folder: refused before any model loads (the model folder named does not exist),
+    # naming every differing setting; the shards and index.json are left as they were.
+    other = [a if a != tiny_sd else tmp_path / "no-model" for a in args] + ["--seed", "1"]
+    other[other.index("--shard_size") + 1] = "3"
+    proc = run_script(SCRIPT, *other, expect_rc=2)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--shard_size 4 there, 3 now" in errors[0] and "--seed 0 there, 1 now" in errors[0]
+    assert "--pretrained_model_name_or_path" in errors[0] and "another --output_dir" in errors[0]
+    assert first.stat().st_mtime == 1 and (shards / "index.json").is_file()
+
+    # Shards without settings.json (their settings are unknown) are refused too; an empty folder is not.
+    (shards / "settings.json").unlink()
+    settings = script.content_settings(script.parse_args([str(a) for a in args]))
+    with pytest.raises(SystemExit) as exit_info:
+        script.check_settings(shards, settings)
+    assert exit_info.value.code == 2
+    script.check_settings(tmp_path / "new", settings)
+
 
 def test_mnist_and_captions_json_sources_with_two_text_encoders(tiny_vae, tiny_clip, tiny_bert, tiny_mnist,
                                                                 tiny_imagefolder, tmp_path):
@@ -99,6 +138,7 @@ def test_mnist_and_captions_json_sources_with_two_text_encoders(tiny_vae, tiny_c
     run_script(SCRIPT, "--mnist_root", tiny_mnist, "--max_samples", "12", "--output_dir", mnist, *encoders)
     index, tensors = shard_tensors(mnist)
     assert index["source"]["kind"] == "mnist" and index["label_names"] == [str(d) for d in range(10)]
+    assert index["vae"]["name_or_path"] == str(tiny_vae) and index["vae"]["subfolder"] is None
     assert tensors[0]["label"].tolist() == [d % 10 for d in range(12)]  # the fake digits are 0, 1, ..., 9, 0, 1
     assert [e["key"] for e in index["text_encoders"]] == ["text_encoder", "text_encoder_2"]
     assert tensors[0]["text_encoder_2.input_ids"].shape == (12, 8) and "text_encoder_2.pooled" in tensors[0]
@@ -113,6 +153,80 @@ def test_mnist_and_captions_json_sources_with_two_text_encoders(tiny_vae, tiny_c
     index, tensors = shard_tensors(coco)
     assert index["source"]["kind"] == "coco_json" and index["num_examples"] == 3 and index["num_skipped"] == 1
     assert index["label_names"] is None and "label" not in tensors[0]
+
+
+def test_streaming_ranks_take_only_their_shards_examples(script, tiny_imagefolder, tmp_path, monkeypatch):
+    """Each rank reads the stream but converts only the examples of its own shards (shard s: rank s % world)."""
+    args = script.parse_args(["--dataset_name", str(tiny_imagefolder), "--streaming", "--shard_size", "5",
+                              "--vae_name_or_path", "none", "--output_dir", str(tmp_path)])
+    converted = []
+    pick_caption = script.pick_caption
+
+    def counted(value, position, seed):  # called once per example taken out of the stream
+        converted.append(position)
+        return pick_caption(value, position, seed)
+
+    monkeypatch.setattr(script, "pick_caption", counted)
+    taken = {}
+    for rank in (0, 1):
+        source = script.open_source(args)
+        converted.clear()
+        taken[rank] = [(s, [row[0] for row in rows]) for s, rows in script.my_shards(source, args, rank, 2, tmp_path)]
+        assert sorted(converted) == [i for _, positions in taken[rank] for i in positions]
+        assert source.length == 12  # known once the stream has ended
+    assert taken == {0: [(0, [0, 1, 2, 3, 4]), (2, [10, 11])], 1: [(1, [5, 6, 7, 8, 9])]}
+
+
+def test_streaming_rerun_after_the_source_shrank_indexes_only_this_runs_shards(tiny_vae, tiny_imagefolder, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(tiny_imagefolder, images)
+    shards = tmp_path / "shards"
+    args = ["--dataset_name", images, "--streaming", "--vae_name_or_path", tiny_vae, "--text_encoder_name_or_path",
+            "none", "--resolution", "32", "--shard_size", "4", "--output_dir", shards]
+    run_script(SCRIPT, *args)
+    index, tensors = shard_tensors(shards)
+    assert [s["num_examples"] for s in index["shards"]] == [4, 4, 4] and index["settings"]["shard_size"] == 4
+    before = tensors[0]
+
+    # The source now has 6 examples: shard 1 shrinks to [4, 6) and is encoded again, shard 2 is left over and
+    # removed; shard 0 is finished and kept.
+    lines = (images / "metadata.jsonl").read_text().splitlines()
+    (images / "metadata.jsonl").write_text("\n".join(lines[:6]) + "\n")
+    for i in range(6, 12):
+        (images / f"{i:03d}.png").unlink()
+    os.utime(shards / "shard-00000.safetensors", (1, 1))
+    proc = run_script(SCRIPT, *args)
+    assert "encoded 2 images" in proc.stdout and "removed 1 shard files" in proc.stdout
+    index, tensors = shard_tensors(shards)
+    assert index["num_examples"] == 6 and [s["file"] for s in index["shards"]] == [
+        "shard-00000.safetensors", "shard-00001.safetensors"]
+    assert not (shards / "shard-00002.safetensors").exists()
+    assert (shards / "shard-00000.safetensors").stat().st_mtime == 1
+    assert all(torch.equal(before[k], tensors[0][k]) for k in before)
+    assert tensors[1]["index"].tolist() == [4, 5]
+
+
+def test_ddp_timeout_reaches_the_process_group(script, tiny_vae, tiny_imagefolder, tmp_path, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def accelerator(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(script, "Accelerator", accelerator)
+    common = ["--train_data_dir", str(tiny_imagefolder), "--vae_name_or_path", str(tiny_vae), "--resolution", "32",
+              "--output_dir", str(tmp_path / "out")]
+    for flags, seconds in (([], 1800), (["--ddp_timeout", "7200"], 7200)):
+        with pytest.raises(Stop):
+            script.main(script.parse_args(common + flags))
+        (handler,) = [h for h in seen["kwargs_handlers"] if type(h).__name__ == "InitProcessGroupKwargs"]
+        assert handler.timeout == datetime.timedelta(seconds=seconds)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(script.parse_args(common + ["--ddp_timeout", "0"]))
+    assert exit_info.value.code == 2
 
 
 @pytest.mark.parametrize("case", ["resolution", "caption_column"])
