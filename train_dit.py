@@ -13,6 +13,7 @@ the empty prompt) with --cond_dropout_prob, so the unconditional branch that gui
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -108,8 +109,10 @@ def parse_args(argv=None):
                    help='Frozen AutoencoderKL (hub id or folder, a "vae" subfolder is found); "none" = pixel space.')
     g.add_argument("--text_encoder_name_or_path", default=None,
                    help="Frozen text encoder for --conditioning text (CLIP text, BERT family, T5 encoder). Default "
-                        f"{DEFAULT_TEXT_ENCODER}; with --sample_from, the export's encoder.")
-    g.add_argument("--tokenizer_max_length", type=int, default=77, help="Tokens per caption (padded/truncated).")
+                        f"{DEFAULT_TEXT_ENCODER}; with --precomputed_data_dir, the shards' encoder (index.json); "
+                        "with --sample_from, the export's encoder.")
+    g.add_argument("--tokenizer_max_length", type=int, default=None,
+                   help="Tokens per caption (padded/truncated). Default 77; with --precomputed_data_dir, the shards'.")
 
     g = parser.add_argument_group("objective")
     g.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm")
@@ -151,7 +154,8 @@ def parse_args(argv=None):
     g.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
 
     g = parser.add_argument_group("speed and memory")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="Autocast precision; fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag.")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -227,8 +231,6 @@ def check_args(args):
         fail(f"--hidden_size {hidden} is not divisible by --num_heads {heads}")
     if args.max_samples is not None and args.max_samples < 1:
         fail(f"--max_samples {args.max_samples}: must be at least 1 (leave it out to use the whole dataset)")
-    if args.mixed_precision == "fp16" and (args.device == "cpu" or not torch.cuda.is_available()):
-        fail("--mixed_precision fp16 needs a CUDA GPU: use --mixed_precision bf16 or no on this machine")
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
     if not 0.0 <= args.cond_dropout_prob < 1.0:
@@ -249,9 +251,20 @@ def check_args(args):
             fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
 
 
+def check_accelerator(accelerator):
+    """Checks of what accelerate resolved from the flags, its config file and the launcher, before heavy work."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
+        fail("--mixed_precision fp16 (from the flag or accelerate's config) needs a CUDA GPU: use bf16 or no here")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        fail("DeepSpeed is not supported by this script: launch it with DDP (accelerate launch --multi_gpu)")
+    if accelerator.distributed_type == DistributedType.FSDP:
+        fail("FSDP is not supported by this script (its EMA needs whole weights): launch it with DDP (--multi_gpu)")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Data. Every example is a dict: "pixels" [C, R, R] in [-1, 1] (or, precomputed, "latent_mean"/"latent_std"),
-# "label" (class id) and "caption" (or, precomputed, "text_states"/"text_mask").
+# "label" (class id) and "caption" (or, precomputed, "text_states"/"text_mask"); an image folder's examples also
+# carry "skipped" (1 when the drawn image was unreadable and the next readable one stands in for it).
 # ----------------------------------------------------------------------------------------------------------------
 class MNISTDataset(torch.utils.data.Dataset):
     """torchvision MNIST held in memory, each digit padded from 28 to the resolution on a black border."""
@@ -283,7 +296,13 @@ class MNISTDataset(torch.utils.data.Dataset):
 
 class HFImageDataset(torch.utils.data.Dataset):
     """A datasets table (hub, local, or imagefolder): images resized, center-cropped (as ADM/DiT), in [-1, 1].
-    Images are decoded here, so an unreadable one is skipped (None, dropped by `collate`) instead of a crash."""
+
+    Images are decoded here, so an unreadable one is replaced instead of crashing the run: example i stands in
+    with the next readable one (i + 1, i + 2, ...) and is counted as skipped. Every batch keeps its size, so every
+    process runs every step (a process alone with an empty batch would leave the others waiting in the gradient
+    all-reduce) and the data position of a checkpoint stays a count of batches."""
+
+    max_unreadable_in_a_row = 64
 
     def __init__(self, table, args, channels):
         from datasets import Image
@@ -302,6 +321,15 @@ class HFImageDataset(torch.utils.data.Dataset):
         return len(self.table)
 
     def __getitem__(self, i):
+        for k in range(min(self.max_unreadable_in_a_row, len(self))):
+            example = self.read((i + k) % len(self))
+            if example is not None:
+                return {**example, "skipped": int(k > 0)}
+        raise RuntimeError(f"{self.max_unreadable_in_a_row} unreadable images in a row from example {i}: check the "
+                           f"files of the dataset (--train_data_dir, --dataset_name, --image_column)")
+
+    def read(self, i):
+        """Example i, or None when its image cannot be decoded."""
         import io
 
         from PIL import Image, UnidentifiedImageError
@@ -358,9 +386,10 @@ class PrecomputedDataset(torch.utils.data.Dataset):
 
 
 def collate(examples):
-    """Stack a batch, dropping (and counting) the examples whose image could not be read."""
-    kept = [e for e in examples if e is not None]
-    return {**(torch.utils.data.default_collate(kept) if kept else {}), "skipped": len(examples) - len(kept)}
+    """Stack a batch; "skipped" is the number of its examples that stand in for an unreadable image."""
+    skipped = sum(e.get("skipped", 0) for e in examples)
+    kept = [{k: v for k, v in e.items() if k != "skipped"} for e in examples]
+    return {**torch.utils.data.default_collate(kept), "skipped": skipped}
 
 
 def read_precomputed_index(args):
@@ -375,6 +404,37 @@ def read_precomputed_index(args):
     if args.conditioning == "class" and "label" not in index.get("tensors", {}):
         fail(f"{flag}: the shards hold no class labels; use --conditioning text or a labelled source")
     return index
+
+
+def text_convention(args, index):
+    """How a caption becomes the text states the model reads: encoder, tokenizer, prefix, length, and whether the
+    encoder sees the padding mask. Online: the flags (mask on, no prefix). Precomputed: what the shards were
+    encoded with (index.json), so that the export encodes prompts the same way; a flag that contradicts the
+    shards, or shards without the padding mask that the cross-attention needs, are refused."""
+    if index is None:
+        name = args.text_encoder_name_or_path or DEFAULT_TEXT_ENCODER
+        return {"text_encoder": name, "tokenizer": name, "prefix": "", "use_attention_mask": True,
+                "tokenizer_max_length": args.tokenizer_max_length or 77}
+    flag = f"--precomputed_data_dir {args.precomputed_data_dir}"
+    entry = index["text_encoders"][0]
+    key, tensors = entry.get("key"), index.get("tensors", {})
+    mask_shape = tensors.get(f"{key}.attention_mask", {}).get("shape")
+    if f"{key}.hidden_states" not in tensors or mask_shape is None:
+        fail(f"{flag}: index.json lists no {key}.hidden_states and {key}.attention_mask; train_dit.py masks the "
+             f"caption padding with the stored mask: re-encode the shards with prepare_data_multi_gpu.py")
+    use_mask, prefix = entry.get("use_attention_mask", False), entry.get("prefix") or ""
+    if not isinstance(use_mask, bool) or not isinstance(prefix, str) or not entry.get("name_or_path") \
+            or mask_shape != [entry.get("max_length")]:
+        fail(f"{flag}: text encoder {key} in index.json has a convention train_dit.py cannot reproduce "
+             f"(name_or_path, max_length, prefix, use_attention_mask); re-encode with prepare_data_multi_gpu.py")
+    if args.text_encoder_name_or_path not in (None, entry["name_or_path"]):
+        fail(f"--text_encoder_name_or_path {args.text_encoder_name_or_path}: the shards were encoded with "
+             f"{entry['name_or_path']}; drop the flag (the export records the shards' encoder) or re-encode")
+    if args.tokenizer_max_length not in (None, entry["max_length"]):
+        fail(f"--tokenizer_max_length {args.tokenizer_max_length}: the shards hold {entry['max_length']} tokens "
+             f"per caption; drop the flag or re-encode the shards")
+    return {"text_encoder": entry["name_or_path"], "tokenizer": entry.get("tokenizer") or entry["name_or_path"],
+            "prefix": prefix, "use_attention_mask": use_mask, "tokenizer_max_length": entry["max_length"]}
 
 
 def build_dataset(args, channels, index):
@@ -424,38 +484,57 @@ def count_classes(dataset):
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
-def load_vae(name_or_path):
-    """A frozen AutoencoderKL from its own folder or from the vae/ subfolder of a pipeline; None for pixels."""
+def split_subfolder(name_or_path, subfolder=None):
+    """(name, subfolder) for from_pretrained: a hub id written as "org/repo/sub" is the repo's subfolder."""
+    parts = name_or_path.split("/")
+    if subfolder is None and len(parts) > 2 and not Path(name_or_path).exists() and "" not in parts:
+        return "/".join(parts[:2]), "/".join(parts[2:])
+    return name_or_path, subfolder
+
+
+def load_vae(name_or_path, subfolder=None, flag="--vae_name_or_path"):
+    """A frozen AutoencoderKL from its own folder or from the vae/ subfolder of a pipeline (found in a local
+    folder, or given); None for pixels."""
     if name_or_path.lower() == "none":
         return None
-    sub = "vae" if (Path(name_or_path) / "vae" / "config.json").is_file() else None
+    if subfolder is None and (Path(name_or_path) / "vae" / "config.json").is_file():
+        subfolder = "vae"
     try:
-        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder=sub)
+        name, sub = split_subfolder(name_or_path, subfolder)
+        vae = AutoencoderKL.from_pretrained(name, subfolder=sub)
     except (OSError, ValueError) as e:
-        fail(f"--vae_name_or_path {name_or_path}: cannot load an AutoencoderKL ({type(e).__name__}); pass its "
-             f"folder (config.json + weights), a pipeline folder with vae/, a hub id when online, or none")
+        fix = ("pass its folder (config.json + weights), a pipeline folder with vae/, a hub id when online, or none"
+               if flag == "--vae_name_or_path" else "make it readable here (a local folder, or a hub id when online)")
+        fail(f"{flag} {name_or_path}: cannot load an AutoencoderKL ({type(e).__name__}); {fix}")
+    vae.loaded_from = {"name_or_path": name_or_path, "subfolder": subfolder}  # what loads it again
     return vae.requires_grad_(False).eval()
 
 
-def load_text_encoder(name_or_path):
-    """Tokenizer + frozen encoder through the Auto classes; a full CLIP checkpoint gives its text tower only."""
+def load_text_encoder(name_or_path, tokenizer_name_or_path=None):
+    """Tokenizer + frozen encoder through the Auto classes; a full CLIP checkpoint gives its text tower only.
+    The tokenizer is read from the encoder's folder unless it is given (a pipeline's tokenizer/)."""
+    name, sub = split_subfolder(name_or_path)
+    tok_name, tok_sub = split_subfolder(tokenizer_name_or_path or name_or_path)
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name, subfolder=sub or "")
+        tokenizer = AutoTokenizer.from_pretrained(tok_name, subfolder=tok_sub or "")
     except (OSError, ValueError) as e:
         fail(f"--text_encoder_name_or_path {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder "
              f"with config.json and the tokenizer files, or a hub id when online")
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model_cls = {"clip": CLIPTextModel, "t5": T5EncoderModel, "mt5": T5EncoderModel}.get(config.model_type, AutoModel)
-    return tokenizer, model_cls.from_pretrained(name_or_path).requires_grad_(False).eval()
+    model_cls = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel,
+                 "mt5": T5EncoderModel, "umt5": T5EncoderModel}.get(config.model_type, AutoModel)
+    return tokenizer, model_cls.from_pretrained(name, subfolder=sub or "").requires_grad_(False).eval()
 
 
 @torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts, max_length, device):
-    """Last hidden states [n, L, D] and attention masks [n, L] (1 = token, 0 = padding)."""
-    tokens = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
-                       return_tensors="pt")
-    states = text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))[0]
-    return states.float(), tokens.attention_mask.to(device)
+def encode_prompts(tokenizer, text_encoder, prompts, text, device):
+    """Last hidden states [n, L, D] and attention masks [n, L] (1 = token, 0 = padding), encoded the way `text`
+    (see text_convention) says: its prefix before each prompt, L tokens, the mask given to the encoder or not."""
+    tokens = tokenizer([text["prefix"] + p for p in prompts], padding="max_length",
+                       max_length=text["tokenizer_max_length"], truncation=True, return_tensors="pt")
+    mask = tokens.attention_mask.to(device)
+    states = text_encoder(tokens.input_ids.to(device), attention_mask=mask if text["use_attention_mask"] else None)[0]
+    return states.float(), mask
 
 
 def build_transformer(args, in_channels, sample_size, num_classes, caption_channels):
@@ -692,6 +771,8 @@ def plot_loss(metrics_path, out_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not metrics_path.is_file():  # validation before the first logging step
+        return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not rows:
         return
@@ -724,8 +805,9 @@ def write_eval_samples(gen, num_classes, args, path):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and export
 # ----------------------------------------------------------------------------------------------------------------
-def save_checkpoint(accelerator, args, model, ema, train_rng, global_step):
-    """accelerate's save_state plus the EMA and the objective's RNG, written to a temp folder then renamed."""
+def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position):
+    """accelerate's save_state plus the EMA, the objective's RNG and the data position, written to a temp folder
+    then renamed. `position` is (epoch, batches of --train_batch_size consumed in it by all processes)."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -733,11 +815,12 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step):
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    # Model (safetensors), optimizer, LR schedule, data sampler and the global RNGs of every process.
+    # Model (safetensors), optimizer, data sampler and the global RNGs of every process.
     accelerator.save_state(str(tmp))
     save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
     if accelerator.is_main_process:
-        state = {"script": "train_dit.py", "global_step": global_step, "model": args.model,
+        state = {"script": "train_dit.py", "global_step": global_step, "num_processes": accelerator.num_processes,
+                 "epoch": position[0], "epoch_batches": position[1], "model": args.model,
                  "conditioning": args.conditioning, "ema": None}
         if ema is not None:
             ema_state = ema.state_dict()
@@ -763,21 +846,32 @@ def list_checkpoints(output_dir):
 
 
 def load_checkpoint(accelerator, path, ema, train_rng, args):
-    """Restore everything save_checkpoint wrote; returns the global step. Nothing loaded can run code."""
+    """Restore everything save_checkpoint wrote; returns training_state.json. Nothing loaded can run code.
+
+    A checkpoint of N processes resumes on M != N at the same step, learning rate and number of samples seen
+    (weights, optimizer and EMA are the same on every process); the random streams of the objective are derived
+    anew for the M processes, so the run is not bitwise the one it would have been on N."""
     state = json.loads((path / "training_state.json").read_text())
     if state.get("script") != "train_dit.py":
         fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not train_dit.py")
     if (state["model"], state["conditioning"]) != (args.model, args.conditioning):
         fail(f"--resume_from_checkpoint {path}: a {state['model']} {state['conditioning']} model; pass the same "
              f"--model and --conditioning")
+    if ema is not None and state["ema"] is None:
+        fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
     accelerator.load_state(str(path))  # safetensors + torch.load(weights_only=True)
-    train_rng.set_state(load_file(path / f"train_rng_{accelerator.process_index}.safetensors")["state"])
+    rank, saved = accelerator.process_index, state.get("num_processes", 1)
+    if saved == accelerator.num_processes:
+        train_rng.set_state(load_file(path / f"train_rng_{rank}.safetensors")["state"])
+    else:
+        accelerator.print(f"warning: {path} was written by {saved} processes, resumed on {accelerator.num_processes}: "
+                          f"same step, learning rate and data position, new random streams (not bitwise)")
+        train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
     if ema is not None:
-        if state["ema"] is None:
-            fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
-        shadow = load_file(path / "ema.safetensors")
+        # Straight onto the device the EMA lives on: load_state_dict keeps the tensors it is given.
+        shadow = load_file(path / "ema.safetensors", device=str(ema.shadow_params[0].device))
         ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
-    return state["global_step"]
+    return state
 
 
 def widen_label_tables(model, num_classes):
@@ -795,15 +889,41 @@ def widen_label_tables(model, num_classes):
     return wide
 
 
+def why_not_dit_pipeline(args, vae, meta):
+    """None when diffusers' DiTPipeline samples this model as train_dit.py does; otherwise the reason, recorded in
+    export_config.json. DiTPipeline feeds class id 1000 as the null class and decodes vae.decode(z / scale)."""
+    if args.conditioning != "class":
+        return "text-conditioned: DiTPipeline is class-conditional"
+    if vae is None:
+        return "pixel space: DiTPipeline decodes latents with a VAE"
+    if args.objective != "ddpm":
+        return "flow objective: DiTPipeline samples the ddpm objective"
+    if meta["num_classes"] > PIPELINE_NULL_CLASS:
+        return (f"{meta['num_classes']} classes: DiTPipeline uses class id {PIPELINE_NULL_CLASS} as the null "
+                f"class, here a real class (the null class is {meta['num_classes']})")
+    if meta["vae_scale"]["shift_factor"]:
+        return (f"the VAE has shift_factor {meta['vae_scale']['shift_factor']}: DiTPipeline decodes z / "
+                f"scaling_factor without adding it back")
+    return None
+
+
 def export_model(model, sampler, vae, args, meta, output_dir):
     """diffusers save_pretrained layout with the EMA weights: transformer/ + scheduler/ (+ vae/), and
     export_config.json (conditioning, labels, text encoder, input layout). A class-conditional latent ddpm
-    model is written as a DiTPipeline (model_index.json), loadable with DiTPipeline.from_pretrained."""
+    model is written as a DiTPipeline (model_index.json), loadable with DiTPipeline.from_pretrained, when that
+    pipeline samples it right (see why_not_dit_pipeline); export_config.json says which layout was written."""
     model = model.float()
     if args.conditioning == "class" and meta["num_classes"] < PIPELINE_NULL_CLASS:
-        model = widen_label_tables(model, meta["num_classes"])
-    if args.conditioning == "class" and vae is not None and args.objective == "ddpm":
-        id2label = {i: name for i, name in enumerate(meta["label_names"] or range(meta["num_classes"]))}
+        model = widen_label_tables(model, meta["num_classes"])  # in any layout: the null class is 1000
+    reason = why_not_dit_pipeline(args, vae, meta)
+    meta = {**meta, "diffusers_pipeline": None if reason else "DiTPipeline", "why_no_pipeline": reason}
+    if vae is not None:
+        meta["latents"] = ("z = (vae.encode(x).latent_dist.sample() - shift_factor) * scaling_factor, "
+                           "decoded as vae.decode(z / scaling_factor + shift_factor) (vae_scale)")
+    if reason is None:
+        # DiTPipeline splits each name on commas (ImageNet's synonyms) and needs strings.
+        names = meta["label_names"] or [str(i) for i in range(meta["num_classes"])]
+        id2label = {i: str(name) for i, name in enumerate(names)}
         pipeline = DiTPipeline(transformer=model, vae=vae.float(), scheduler=sampler, id2label=id2label)
         pipeline.save_pretrained(output_dir)
     else:
@@ -825,17 +945,43 @@ def write_run_config(args, accelerator):
     except (OSError, subprocess.SubprocessError):
         commit = None
     config = {"args": vars(args), "git_commit": commit, "num_processes": accelerator.num_processes,
+              "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
               "versions": {m.__name__: m.__version__ for m in (torch, torchvision, diffusers, transformers,
                                                                 accelerate)}}
     (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2))
 
 
-def install_stop_handler():
-    """SIGTERM/SIGINT ask for a checkpoint at the next step boundary, then a clean exit (pre-emptible clusters)."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
+class StopRequest:
+    """SIGTERM/SIGINT ask for a checkpoint at a step boundary, then a clean exit (pre-emptible clusters).
+
+    Every process must stop at the same step (the save is collective), wherever the signal landed. The flags are
+    agreed over a CPU (gloo) group without blocking: each step reads the previous step's all-reduce and starts the
+    next one, so all processes stop within one step of the signal and the GPU never waits for the host."""
+
+    def __init__(self, accelerator):
+        self.event = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.event.set())
+        self.group = torch.distributed.new_group(backend="gloo") if accelerator.num_processes > 1 else None
+        self.flag, self.pending = torch.zeros(1), None
+
+    def __call__(self):
+        """True on every process, at the same step, once any process got a signal."""
+        if self.group is None:
+            return self.event.is_set()
+        agreed = False
+        if self.pending is not None:
+            self.pending.wait()
+            agreed = bool(self.flag.item())  # a CPU tensor: no device sync
+        if not agreed:
+            self.flag.fill_(float(self.event.is_set()))
+            self.pending = torch.distributed.all_reduce(self.flag, torch.distributed.ReduceOp.MAX, self.group,
+                                                        async_op=True)
+        return agreed
+
+    def close(self):
+        if self.pending is not None:
+            self.pending.wait()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -849,7 +995,7 @@ def generate_from_export(args, accelerator):
     model = model_cls.from_pretrained(export / "transformer").to(device).eval()
     scheduler_cls = FlowMatchEulerDiscreteScheduler if meta["objective"] == "flow" else DPMSolverMultistepScheduler
     sampler = scheduler_cls.from_pretrained(export / "scheduler")
-    vae = load_vae(str(export)) if meta["vae"] else None
+    vae = load_vae(str(export), "vae", flag="--sample_from") if meta["vae"] else None
     if vae is not None:
         vae.to(device)
     if meta["conditioning"] == "class":
@@ -858,12 +1004,18 @@ def generate_from_export(args, accelerator):
         names = [meta["label_names"][i] if meta["label_names"] else str(i) for i in ids]
         rows = (names, {"class_labels": torch.tensor(ids, device=device)})
     else:
-        tokenizer, text_encoder = load_text_encoder(args.text_encoder_name_or_path or meta["text_encoder"])
+        # Prompts encoded as in training (an export without "text" was trained with the mask on and no prefix).
+        text = meta.get("text") or {"text_encoder": meta["text_encoder"], "tokenizer": meta["text_encoder"],
+                                    "prefix": "", "use_attention_mask": True,
+                                    "tokenizer_max_length": meta["tokenizer_max_length"]}
+        if args.text_encoder_name_or_path:
+            text = {**text, "text_encoder": args.text_encoder_name_or_path, "tokenizer": None}
+        tokenizer, text_encoder = load_text_encoder(text["text_encoder"], text["tokenizer"])
         text_encoder.to(device)
-        states, mask = encode_prompts(tokenizer, text_encoder, [""], meta["tokenizer_max_length"], device)
+        states, mask = encode_prompts(tokenizer, text_encoder, [""], text, device)
         null = {"states": states, "mask": mask}
         prompts = args.validation_prompts or meta["validation_prompts"]
-        states, mask = encode_prompts(tokenizer, text_encoder, prompts, meta["tokenizer_max_length"], device)
+        states, mask = encode_prompts(tokenizer, text_encoder, prompts, text, device)
         rows = (prompts, {"states": states, "mask": mask})
     gen = ImageGenerator(model, sampler, vae, meta["vae_scale"], null, meta["input_shape"], meta["crop"])
     output_dir = Path(args.output_dir)
@@ -890,11 +1042,13 @@ def main(args):
         # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    check_accelerator(accelerator)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if args.sample_from:
         return generate_from_export(args, accelerator)
+    stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
     set_seed(args.seed)  # same initial weights on every process
     output_dir = Path(args.output_dir)
     device = accelerator.device
@@ -902,8 +1056,12 @@ def main(args):
 
     # ---- Frozen VAE (or pixels) and the input layout ----------------------------------------------------------
     index = read_precomputed_index(args) if args.precomputed_data_dir else None
-    vae_name = index["vae"]["name_or_path"] if index else args.vae_name_or_path
-    vae = load_vae(vae_name)  # with precomputed latents it only decodes samples
+    text = text_convention(args, index) if args.conditioning == "text" else None
+    if index:  # the VAE the shards were encoded with: with precomputed latents it only decodes samples
+        vae = load_vae(index["vae"]["name_or_path"], index["vae"].get("subfolder"),
+                       flag=f"--precomputed_data_dir {args.precomputed_data_dir}: index.json's VAE")
+    else:
+        vae = load_vae(args.vae_name_or_path)
     if index:
         vae_scale = {"scaling_factor": index["vae"]["scaling_factor"],
                      "shift_factor": index["vae"].get("shift_factor") or 0.0}
@@ -963,13 +1121,13 @@ def main(args):
         validation_rows = (names, {"states": torch.stack([e["text_states"] for e in first]).to(device),
                                    "mask": torch.stack([e["text_mask"] for e in first]).to(device)})
     else:
-        tokenizer, text_encoder = load_text_encoder(args.text_encoder_name_or_path or DEFAULT_TEXT_ENCODER)
+        tokenizer, text_encoder = load_text_encoder(text["text_encoder"], text["tokenizer"])
         text_encoder.to(device, dtype=weight_dtype)
-        states, mask = encode_prompts(tokenizer, text_encoder, [""], args.tokenizer_max_length, device)
+        states, mask = encode_prompts(tokenizer, text_encoder, [""], text, device)
         null = {"states": states, "mask": mask}
         caption_channels = states.shape[-1]
         prompts = args.validation_prompts or first_captions(dataset)
-        states, mask = encode_prompts(tokenizer, text_encoder, prompts, args.tokenizer_max_length, device)
+        states, mask = encode_prompts(tokenizer, text_encoder, prompts, text, device)
         validation_rows = (prompts, {"states": states, "mask": mask})
 
     # ---- Model, noise schedule, EMA ---------------------------------------------------------------------------
@@ -979,7 +1137,7 @@ def main(args):
     if args.enable_xformers_memory_efficient_attention:
         model.enable_xformers_memory_efficient_attention()
     noise_scheduler = build_noise_scheduler(args)
-    sampler = build_sampler(args, noise_scheduler, pixel_space=vae_name.lower() == "none")
+    sampler = build_sampler(args, noise_scheduler, pixel_space=vae is None)
     ema = None
     if args.use_ema:  # starts as a copy of the initial weights
         ema = EMAModel(model.parameters(), decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0,
@@ -989,28 +1147,20 @@ def main(args):
                       f"input {shape} ({'pixels' if factor == 1 else 'latents'}), {len(dataset)} examples")
 
     # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
-    # Fused AdamW (one kernel for all tensors) also lets a non-finite step be skipped on the device: the host
-    # never waits for the gradient norm (see `found_inf` below). Without it the check syncs every step.
-    fused = device.type in ("cuda", "cpu") and args.mixed_precision != "fp16"
+    # Fused AdamW: one kernel for all tensors, and it can skip a non-finite step on the device (found_inf below).
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, fused=fused)
+                                  weight_decay=args.adam_weight_decay, fused=True)
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     if args.torch_compile:
         model.compile()  # in place: state_dict keys (checkpoints, export) stay those of the plain model
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    # The prepared scheduler steps once per process at every optimizer step: scale its lengths to match.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_train_steps * accelerator.num_processes)
-    lr_scheduler = accelerator.prepare(lr_scheduler)
     # Every random draw of the objective comes from this generator, saved in each checkpoint. The global RNG
     # cannot be trusted for exact resume: each DataLoader iterator draws its base seed from it.
     train_rng = torch.Generator(device).manual_seed(args.seed * 1000 + accelerator.process_index)
 
     # ---- Resume -----------------------------------------------------------------------------------------------
-    global_step = 0
+    global_step, first_epoch, batches_to_skip = 0, 0, 0
     if args.resume_from_checkpoint:
         found = list_checkpoints(output_dir)
         path = found[-1] if args.resume_from_checkpoint == "latest" and found else None
@@ -1018,35 +1168,45 @@ def main(args):
         if path is None:
             accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
         else:
-            global_step = load_checkpoint(accelerator, path, ema, train_rng, args)
+            state = load_checkpoint(accelerator, path, ema, train_rng, args)
+            global_step, first_epoch = state["global_step"], state["epoch"]
+            # The data position in batches of this run's processes (the count may differ from the saved run's).
+            batches_to_skip = state["epoch_batches"] // accelerator.num_processes
+            if batches_to_skip >= len(train_dataloader):
+                first_epoch, batches_to_skip = first_epoch + 1, 0
             accelerator.print(f"resumed from {path} at step {global_step}")
-    first_epoch = global_step // steps_per_epoch
-    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    # Not prepared: accelerate would step it once per process and save it pickled. It counts optimizer steps
+    # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_train_steps, last_epoch=global_step - 1)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("train_dit", config={k: str(v) for k, v in vars(args).items()})
 
     # ---- Training loop: the host reads device values only every --logging_steps -------------------------------
-    stop = install_stop_handler()
     metrics_path = output_dir / "metrics.jsonl"
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
                     desc="train")
     num_bins = 4  # loss per quarter of the noise-level range: where the model still has to learn
     bin_loss = torch.zeros(num_bins, device=device)
     bin_count = torch.zeros(num_bins, device=device)
-    nonfinite_run = torch.zeros((), device=device)  # optimizer steps in a row with a non-finite gradient
-    nonfinite_total = torch.zeros((), device=device)
-    skipped_images, window_start, window_samples = 0, time.perf_counter(), 0
+    # Optimizer steps with a non-finite gradient: in total, in the current run, and the longest run since the
+    # last logging step (the only place the host reads them).
+    nonfinite_steps, nonfinite_run, longest_run = torch.zeros(3, device=device).unbind()
+    # Unreadable images this process drew (each replaced by a readable one), summed over processes when logging.
+    skipped = torch.zeros((), device=device)
+    window_start, window_samples = time.perf_counter(), 0
+    position = (first_epoch, batches_to_skip * accelerator.num_processes)
     train_start = time.perf_counter()
-    for epoch in range(first_epoch, num_epochs):
+    for epoch in itertools.count(first_epoch):
         model.train()
         train_dataloader.set_epoch(epoch)
         batches = train_dataloader
         if epoch == first_epoch and batches_to_skip:
             batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        epoch_batches = batches_to_skip if epoch == first_epoch else 0  # per process, for the data position
         for batch in batches:
-            skipped_images += batch.pop("skipped")
-            if not batch:  # every image of the batch was unreadable
-                continue
+            epoch_batches += 1
+            skipped += batch.pop("skipped")  # a host number added on the device: no sync
             with accelerator.accumulate(model):
                 x0 = batch_to_inputs(batch, vae, vae_scale, train_rng, args)
                 if args.conditioning == "class":
@@ -1054,20 +1214,20 @@ def main(args):
                 elif "text_states" in batch:
                     cond = {"states": batch["text_states"].to(device), "mask": batch["text_mask"].to(device)}
                 else:
-                    states, mask = encode_prompts(tokenizer, text_encoder, batch["caption"],
-                                                  args.tokenizer_max_length, device)
+                    states, mask = encode_prompts(tokenizer, text_encoder, batch["caption"], text, device)
                     cond = {"states": states, "mask": mask}
                 per_sample, level = training_step(model, noise_scheduler, x0, cond, null, args, train_rng)
                 accelerator.backward(per_sample.mean())
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-                    nonfinite = (~torch.isfinite(grad_norm)).float()  # same on every process (all-reduced grads)
-                    if fused:  # the fused kernel skips the update (and its step count) where found_inf is 1
+                    # The norm is the same on every process (all-reduced gradients). A non-finite one skips the
+                    # update on the device: the fused AdamW kernel leaves weights and moments as they were where
+                    # found_inf is 1. With fp16 the GradScaler sets found_inf itself; it skips exactly the steps
+                    # whose unscaled norm is non-finite, so they are counted here too.
+                    nonfinite = (~torch.isfinite(grad_norm)).float()
+                    if accelerator.scaler is None:
                         optimizer.optimizer.found_inf = nonfinite
-                    elif args.mixed_precision != "fp16" and nonfinite.item():  # fp16's scaler skips by itself
-                        optimizer.zero_grad(set_to_none=True)
                 optimizer.step()
-                lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             bins = (level * num_bins).long().clamp(0, num_bins - 1)
             bin_loss.index_add_(0, bins, per_sample.detach().float())
@@ -1079,20 +1239,22 @@ def main(args):
             # -- one optimizer step done
             global_step += 1
             progress.update(1)
-            nonfinite_run = nonfinite_run * nonfinite + nonfinite
-            nonfinite_total += nonfinite
-            if ema is not None:
-                ema.step(model.parameters())  # a skipped step left the weights as they were
+            lr_scheduler.step()
+            nonfinite_steps += nonfinite
+            nonfinite_run.mul_(nonfinite).add_(nonfinite)
+            torch.maximum(longest_run, nonfinite_run, out=longest_run)
+            if ema is not None:  # after a skipped step the weights did not move: averaging them again is harmless
+                ema.step(model.parameters())
 
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
-                totals = accelerator.reduce(torch.cat([bin_loss, bin_count]), "sum").cpu()
+                totals = accelerator.reduce(torch.cat([bin_loss, bin_count, skipped.view(1)]), "sum").cpu()
+                total_nonfinite, longest = torch.stack([nonfinite_steps, longest_run]).tolist()
                 elapsed = time.perf_counter() - window_start
                 losses, counts = totals[:num_bins], totals[num_bins:2 * num_bins]
-                in_a_row = int(nonfinite_run.item())
                 row = {"step": global_step, "epoch": epoch, "loss": (losses.sum() / counts.sum().clamp(min=1)).item(),
-                       "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "samples_per_s": window_samples / max(elapsed, 1e-9),
-                       "nonfinite_steps": int(nonfinite_total.item()), "skipped_images": skipped_images}
+                       "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
+                       "samples_per_s": window_samples / max(elapsed, 1e-9), "nonfinite_steps": int(total_nonfinite),
+                       "skipped_images": int(totals[-1])}
                 row.update({f"loss_t{i}": (losses[i] / counts[i]).item() for i in range(num_bins) if counts[i] > 0})
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:
@@ -1101,20 +1263,17 @@ def main(args):
                 accelerator.log(row, step=global_step)
                 bin_loss.zero_()
                 bin_count.zero_()
+                longest_run.copy_(nonfinite_run)
                 window_start, window_samples = time.perf_counter(), 0
-                if in_a_row >= args.max_nonfinite_steps:
-                    accelerator.print(f"error: {in_a_row} steps in a row with a non-finite gradient at step "
+                if longest >= args.max_nonfinite_steps:  # the same on every process
+                    accelerator.print(f"error: {int(longest)} steps in a row with a non-finite gradient before step "
                                       f"{global_step}; lower --learning_rate. The last checkpoint is intact.")
                     sys.exit(1)
 
-            # One process reads its own flag; several must agree before the collective save, which needs a
-            # collective, so they compare flags only at logging steps.
-            stop_now = stop.is_set()
-            if accelerator.num_processes > 1:
-                stop_now = global_step % args.logging_steps == 0 and bool(
-                    accelerator.reduce(torch.tensor(float(stop_now), device=device), "max"))
+            stop_now = stop()
+            position = (epoch, epoch_batches * accelerator.num_processes)
             if (global_step % args.checkpointing_steps == 0 or stop_now) and global_step < max_train_steps:
-                path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step)
+                path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position)
                 accelerator.print(f"\nsaved {path}")
             if stop_now:
                 accelerator.print(f"stop requested: exiting at step {global_step}; resume with "
@@ -1127,7 +1286,7 @@ def main(args):
                     ema.store(model.parameters())
                     ema.copy_to(model.parameters())
                 gen = ImageGenerator(accelerator.unwrap_model(model).eval(), sampler, vae, vae_scale, null, shape,
-                                crop_of(args, index))
+                                     crop_of(args, index))
                 log_validation(gen, validation_rows, args, output_dir / "samples" / f"step-{global_step}.png")
                 plot_loss(metrics_path, output_dir / "loss.png")
                 if ema is not None:
@@ -1135,29 +1294,34 @@ def main(args):
                 model.train()
             if global_step >= max_train_steps:
                 break
+        if global_step >= max_train_steps:
+            break
+    stop.close()
     progress.close()
     train_seconds = time.perf_counter() - train_start
+    skipped_images = int(accelerator.reduce(skipped, "sum").item())
     if skipped_images:
-        accelerator.print(f"warning: {skipped_images} unreadable images were skipped")
+        accelerator.print(f"warning: {skipped_images} unreadable images were drawn, each replaced by the next "
+                          f"readable one")
 
     # ---- Final checkpoint, samples and export (EMA weights) ---------------------------------------------------
-    save_checkpoint(accelerator, args, model, ema, train_rng, global_step)
+    save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position)
     if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(model).eval()
         if ema is not None:
             ema.copy_to(final_model.parameters())
+        label_names = getattr(dataset, "label_names", None)
         meta = {"conditioning": args.conditioning, "objective": args.objective, "model": args.model,
-                "num_classes": num_classes, "label_names": getattr(dataset, "label_names", None),
-                "vae": None if vae is None else vae_name, "vae_scale": vae_scale, "input_shape": shape,
+                "num_classes": num_classes, "label_names": [str(n) for n in label_names] if label_names else None,
+                "vae": None if vae is None else vae.loaded_from, "vae_scale": vae_scale, "input_shape": shape,
                 "resolution": resolution, "crop": crop_of(args, index), "guidance_scale": args.guidance_scale,
-                "text_encoder": (args.text_encoder_name_or_path or DEFAULT_TEXT_ENCODER)
-                if args.conditioning == "text" else None,
-                "tokenizer_max_length": args.tokenizer_max_length,
+                "text_encoder": text["text_encoder"] if text else None,
+                "tokenizer_max_length": text["tokenizer_max_length"] if text else None, "text": text,
                 "validation_prompts": validation_rows[0] if args.conditioning == "text" else None}
         gen = ImageGenerator(final_model, sampler, vae, vae_scale, null, shape, meta["crop"])
         log_validation(gen, validation_rows, args, output_dir / "samples" / f"step-{global_step}.png")
         plot_loss(metrics_path, output_dir / "loss.png")
-        summary = {"global_step": global_step, "train_seconds": train_seconds}
+        summary = {"global_step": global_step, "train_seconds": train_seconds, "skipped_images": skipped_images}
         if args.num_eval_samples and args.conditioning == "class":
             summary["sample_seconds"] = write_eval_samples(gen, num_classes, args, output_dir / "eval_samples.npz")
         export_model(final_model, sampler, vae, args, meta, output_dir)

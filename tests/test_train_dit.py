@@ -1,14 +1,18 @@
 """train_dit.py run the way users run it: class/text conditioning, pixels/latents/precomputed shards, DDPM/flow,
 two processes, exact resume, exports that load in diffusers, and one-line errors for bad input."""
 
+import importlib
 import json
 import math
+import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_weights, run_script
+from conftest import REPO, assert_same_weights, run_script
 from PIL import Image
+from safetensors.torch import load_file
 
 SCRIPT = "train_dit.py"
 TINY = ["--model", "DiT-S/4", "--depth", "2", "--hidden_size", "32", "--num_heads", "2"]
@@ -19,6 +23,13 @@ PIXEL_MNIST = ["--dataset_name", "mnist", "--vae_name_or_path", "none", "--resol
 
 def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_dit():
+    """The script as a module, for in-process tests of its functions."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    return importlib.import_module("train_dit")
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +43,19 @@ def class_folder(tmp_path_factory):
             pixels = rng.integers(0, 60, size=(32, 32, 3), dtype=np.uint8)
             pixels[:, 10 * c:10 * c + 10] = 200
             Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def broken_folder(tmp_path_factory):
+    """2 classes x (1 readable RGB 32x32 image + 1 file that is not an image)."""
+    root = tmp_path_factory.mktemp("broken")
+    for c, name in enumerate(["cat", "dog"]):
+        (root / name).mkdir()
+        pixels = np.full((32, 32, 3), 40, dtype=np.uint8)
+        pixels[:, 16 * c:16 * c + 16] = 200
+        Image.fromarray(pixels).save(root / name / "good.png")
+        (root / name / "torn.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     return root
 
 
@@ -97,9 +121,11 @@ def test_text_conditional_flow_from_captions_then_sample_from(tiny_vae, tiny_cli
 
 def test_precomputed_shards_class_and_text(tiny_vae, tiny_clip, tiny_mnist, tmp_path):
     shards = tmp_path / "shards"
+    # A prefix and the mask given to the encoder: not what train_dit.py does online, so the export must say so.
     run_script("prepare_data_multi_gpu.py", "--mnist_root", tiny_mnist, "--max_samples", "12",
                "--vae_name_or_path", tiny_vae, "--text_encoder_name_or_path", tiny_clip, "--tokenizer_max_length",
-               "12", "--resolution", "32", "--shard_size", "5", "--output_dir", shards)
+               "12", "--resolution", "32", "--shard_size", "5", "--text_prefix", "a photo: ",
+               "--text_encoder_attention_mask", "on", "--output_dir", shards)
     index = json.loads((shards / "index.json").read_text())
     assert "label" in index["tensors"] and index["vae"]["latent_size"] == 16
     for conditioning in ("class", "text"):
@@ -110,17 +136,51 @@ def test_precomputed_shards_class_and_text(tiny_vae, tiny_clip, tiny_mnist, tmp_
         assert all(math.isfinite(r["loss"]) for r in metrics(out))
         assert (out / "samples" / "step-2.png").is_file()
 
+    # The text export names the shards' encoder and encodes prompts as the shards were encoded (not the flag's
+    # defaults); the VAE is recorded as from_pretrained loads it.
+    export = json.loads((tmp_path / "text" / "export_config.json").read_text())
+    assert export["vae"] == {"name_or_path": str(tiny_vae), "subfolder": None}
+    assert export["text"] == {"text_encoder": str(tiny_clip), "tokenizer": str(tiny_clip), "prefix": "a photo: ",
+                              "use_attention_mask": True, "tokenizer_max_length": 12}
+    td = train_dit()
+    tokenizer, encoder = td.load_text_encoder(export["text"]["text_encoder"], export["text"]["tokenizer"])
+    states, mask = td.encode_prompts(tokenizer, encoder, [""], export["text"], "cpu")
+    empty = load_file(shards / "empty_prompt.safetensors")
+    assert torch.equal(mask, empty["text_encoder.attention_mask"])
+    torch.testing.assert_close(states, empty["text_encoder.hidden_states"].float(), atol=1e-2, rtol=1e-2)
+    gen = tmp_path / "gen"
+    run_script(SCRIPT, "--sample_from", tmp_path / "text", "--num_inference_steps", "2",
+               "--validation_guidance_scales", "2", "--output_dir", gen)
+    assert (gen / "samples" / "export.png").is_file()
 
-def test_two_processes(tiny_mnist, tmp_path):
+
+def test_two_processes(broken_folder, tmp_path):
+    """Two processes over gloo (the stop request is agreed every step). Half the images are unreadable and batches
+    hold one image, so a process's whole batch is unreadable: it must still run the step with the other process
+    (a stand-in image), and the count is summed over the processes. Then the 2-process checkpoint resumes on 1."""
     out = tmp_path / "run"
-    run_script(SCRIPT, *PIXEL_MNIST, "--data_root", tiny_mnist, *FAST, "--objective", "flow",
-               "--max_train_steps", "2", "--output_dir", out, launcher="accelerate")
+    args = ["--train_data_dir", broken_folder, "--vae_name_or_path", "none", "--resolution", "32", *FAST,
+            "--train_batch_size", "1", "--objective", "flow", "--lr_scheduler", "constant_with_warmup",
+            "--lr_warmup_steps", "4", "--validation_steps", "100", "--max_train_steps", "2"]
+    run_script(SCRIPT, *args, "--checkpointing_steps", "1", "--output_dir", out, launcher="accelerate", timeout=300)
     config = json.loads((out / "run_config.json").read_text())
     assert config["num_processes"] == 2
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["samples_per_s"] > 0 and all(math.isfinite(r["loss"]) for r in rows)
     assert (out / "checkpoint-2" / "train_rng_1.safetensors").is_file()
+    assert rows[-1]["skipped_images"] == 2  # 4 images, 2 steps x 2 processes x 1: each drawn once
+    assert json.loads((out / "train_summary.json").read_text())["skipped_images"] == 2
+
+    # Resumed on 1 process: same step, learning rate (in optimizer steps) and data position (in batches of 1).
+    one = tmp_path / "one"
+    shutil.copytree(out / "checkpoint-1", one / "checkpoint-1")
+    proc = run_script(SCRIPT, *args, "--output_dir", one, "--resume_from_checkpoint", "latest")
+    assert "written by 2 processes, resumed on 1" in proc.stdout
+    assert [r["step"] for r in metrics(one)] == [2]
+    assert metrics(one)[0]["lr"] == rows[1]["lr"] == pytest.approx(0.5e-4)
+    state = json.loads((one / "checkpoint-2" / "training_state.json").read_text())
+    assert (state["num_processes"], state["epoch"], state["epoch_batches"]) == (1, 0, 3)  # 2 batches, then 1
 
 
 def test_resume_is_exact_and_total_limit_prunes(tiny_mnist, tmp_path):
@@ -181,3 +241,128 @@ def test_label_dropout_happens_once_per_example_not_per_block():
     drop = torch.arange(64) % 2 == 0
     dropped = train_dit.drop_condition({"class_labels": labels}, null, drop)["class_labels"]
     assert dropped.tolist() == [10 if d else 3 for d in drop.tolist()]
+
+
+def test_bf16_from_the_flag_or_from_accelerate(tiny_mnist, tmp_path):
+    """bf16 autocast runs on CPU; the precision accelerate resolves (flag, or the launcher's environment when the
+    flag is left out) is the one recorded, and the export is fp32."""
+    flag, env = tmp_path / "flag", tmp_path / "env"
+    common = [*PIXEL_MNIST, "--data_root", tiny_mnist, *FAST, "--max_train_steps", "2", "--validation_steps", "100",
+              "--validation_guidance_scales", "1"]
+    run_script(SCRIPT, *common, "--mixed_precision", "bf16", "--output_dir", flag)
+    # What `accelerate launch --mixed_precision bf16` (or an accelerate config set to bf16) hands the script.
+    run_script(SCRIPT, *common, "--output_dir", env, env={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    for out in (flag, env):
+        assert json.loads((out / "run_config.json").read_text())["mixed_precision"] == "bf16"
+        assert all(math.isfinite(r["loss"]) for r in metrics(out))
+        weights = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+
+
+def test_unreadable_images_never_leave_a_batch_empty():
+    """A batch whose every image is unreadable still has its size (stand-ins: the next readable examples) and counts
+    them, so no process skips a step alone."""
+    import io
+
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    td = train_dit()
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8)).save(buffer, format="PNG")
+    good, bad = {"bytes": buffer.getvalue(), "path": None}, {"bytes": b"not an image", "path": None}
+    table = Dataset.from_dict({"image": [bad, bad, good, bad], "label": [0, 1, 2, 3]})
+    table = table.cast_column("image", ImageFeature(decode=False))
+    args = td.parse_args(["--train_data_dir", ".", "--resolution", "32"])
+    dataset = td.HFImageDataset(table, args, 3)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, shuffle=False, collate_fn=td.collate)
+    first, second = list(loader)
+    assert first["pixels"].shape == (2, 3, 32, 32) and first["label"].tolist() == [2, 2] and first["skipped"] == 2
+    assert second["label"].tolist() == [2, 2] and second["skipped"] == 1  # example 3 wraps around to example 2
+
+
+def test_precomputed_text_convention_is_the_shards_or_refused(tiny_vae, tmp_path, capsys):
+    """Text states from shards are used with the encoder, tokenizer, prefix, length and mask setting they were
+    encoded with (index.json); flags that contradict them and shards without the padding mask are refused."""
+    td = train_dit()
+    entry = {"key": "text_encoder", "name_or_path": "org/sd/text_encoder", "tokenizer": "org/sd/tokenizer",
+             "max_length": 12, "prefix": "query: ", "use_attention_mask": False}
+    tensors = {"text_encoder.hidden_states": {"shape": [12, 32]}, "text_encoder.attention_mask": {"shape": [12]}}
+    index = {"text_encoders": [entry], "tensors": tensors}
+    common = ["--precomputed_data_dir", str(tmp_path), "--conditioning", "text"]
+    assert td.text_convention(td.parse_args(common), index) == {
+        "text_encoder": "org/sd/text_encoder", "tokenizer": "org/sd/tokenizer", "prefix": "query: ",
+        "use_attention_mask": False, "tokenizer_max_length": 12}
+    assert td.split_subfolder("org/sd/text_encoder") == ("org/sd", "text_encoder")
+    refused = {
+        "--text_encoder_name_or_path other": (common + ["--text_encoder_name_or_path", "other"], index),
+        "--tokenizer_max_length 77": (common + ["--tokenizer_max_length", "77"], index),
+        "--precomputed_data_dir": (common, {"text_encoders": [entry], "tensors": {
+            "text_encoder.hidden_states": {"shape": [12, 32]}}}),
+    }
+    for expected, (argv, bad_index) in refused.items():
+        with pytest.raises(SystemExit) as stopped:
+            td.text_convention(td.parse_args(argv), bad_index)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert stopped.value.code == 2 and len(lines) == 1 and expected in lines[0], lines
+    # index.json's VAE: name_or_path + subfolder, as from_pretrained loads it.
+    shutil.copytree(tiny_vae, tmp_path / "pipeline" / "autoencoder")
+    vae = td.load_vae(str(tmp_path / "pipeline"), "autoencoder")
+    assert vae.loaded_from == {"name_or_path": str(tmp_path / "pipeline"), "subfolder": "autoencoder"}
+
+
+def export_fixture(td, tiny_vae, num_classes, shift_factor=0.0):
+    from diffusers import AutoencoderKL
+
+    args = td.parse_args([*TINY, "--model", "DiT-S/2", "--dataset_name", "x"])
+    vae = AutoencoderKL.from_pretrained(tiny_vae)
+    if shift_factor:
+        shifted = AutoencoderKL.from_config({**vae.config, "shift_factor": shift_factor})
+        shifted.load_state_dict(vae.state_dict())
+        vae = shifted
+    model = td.build_transformer(args, 4, 16, num_classes, None)
+    sampler = td.build_sampler(args, td.build_noise_scheduler(args), pixel_space=False)
+    meta = {"conditioning": "class", "num_classes": num_classes, "label_names": None,
+            "vae_scale": {"scaling_factor": vae.config.scaling_factor, "shift_factor": shift_factor}}
+    return args, model, sampler, vae, meta
+
+
+def test_dit_pipeline_export_unnamed_classes_and_1000_plus(tiny_vae, tmp_path):
+    """Classes without names export as DiTPipeline (names "0", "1", ...); with more than 1000 classes DiTPipeline's
+    null class 1000 would be a real class, so the plain layout is written and export_config.json says why."""
+    from diffusers import DiTPipeline
+
+    td = train_dit()
+    small = tmp_path / "small"
+    args, model, sampler, vae, meta = export_fixture(td, tiny_vae, 3)
+    td.export_model(model, sampler, vae, args, meta, small)
+    assert json.loads((small / "export_config.json").read_text())["diffusers_pipeline"] == "DiTPipeline"
+    pipe = DiTPipeline.from_pretrained(small, id2label={0: "0", 1: "1", 2: "2"})
+    assert pipe.transformer.config.num_embeds_ada_norm == 1000 and pipe.get_label_ids(["2"]) == [2]
+
+    big = tmp_path / "big"
+    args, model, sampler, vae, meta = export_fixture(td, tiny_vae, 1001)
+    td.export_model(model, sampler, vae, args, meta, big)
+    export = json.loads((big / "export_config.json").read_text())
+    assert not (big / "model_index.json").exists() and export["diffusers_pipeline"] is None
+    assert "1000" in export["why_no_pipeline"]
+    assert json.loads((big / "transformer" / "config.json").read_text())["num_embeds_ada_norm"] == 1001
+    assert (big / "vae" / "config.json").is_file() and (big / "scheduler" / "scheduler_config.json").is_file()
+
+
+def test_vae_with_shift_factor_exports_plain_layout_and_decodes_with_the_shift(tiny_vae, tmp_path):
+    """DiTPipeline decodes z / scaling_factor without adding the VAE's shift_factor back: such a VAE gets the plain
+    layout, documented in export_config.json; the script's own decoding (--sample_from) adds it back."""
+    td = train_dit()
+    out = tmp_path / "export"
+    args, model, sampler, vae, meta = export_fixture(td, tiny_vae, 3, shift_factor=0.5)
+    td.export_model(model, sampler, vae, args, meta, out)
+    export = json.loads((out / "export_config.json").read_text())
+    assert not (out / "model_index.json").exists() and "shift_factor" in export["why_no_pipeline"]
+    assert "- shift_factor) * scaling_factor" in export["latents"] and export["vae_scale"]["shift_factor"] == 0.5
+    loaded = td.load_vae(str(out), "vae", flag="--sample_from")
+    assert loaded.config.shift_factor == 0.5
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = loaded.decode(z / loaded.config.scaling_factor + 0.5).sample.clamp(-1, 1)
+    torch.testing.assert_close(td.decode(z, loaded, export["vae_scale"]), expected)
