@@ -561,7 +561,8 @@ def main(args):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, "logs")),
         # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # non_blocking: a batch from pinned memory reaches the GPU without the host waiting for the GPU's queue.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
     check_accelerator(accelerator)
     if args.allow_tf32:
@@ -580,7 +581,8 @@ def main(args):
     dataset = build_dataset(args)
     train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
                                                    drop_last=len(dataset) >= args.train_batch_size,
-                                                   num_workers=args.dataloader_num_workers)
+                                                   num_workers=args.dataloader_num_workers,
+                                                   pin_memory=accelerator.device.type == "cuda")
 
     # ---- Frozen text encoder: the 10 captions and the empty prompt, encoded once ------------------------------
     text_encoder_name = args.text_encoder_name_or_path or "openai/clip-vit-base-patch32"
