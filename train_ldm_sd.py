@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -47,7 +48,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_DATASET = "lambdalabs/naruto-blip-captions"
-NEGATABLE = {"use_ema", "ema_warmup"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
+NEGATABLE = {"use_ema", "ema_warmup", "foreach_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
 
 # Named UNet sizes for --unet_from_scratch. in/out channels, cross_attention_dim and sample_size always come from
 # the VAE and the text encoder.
@@ -159,7 +160,9 @@ def parse_args(argv=None):
                    help="Warm the decay up: 1 - (1 + step) ** -ema_power.")
     g.add_argument("--ema_power", type=float, default=2 / 3)
     g.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights in CPU memory between steps.")
-    g.add_argument("--foreach_ema", action="store_true", help="Update the EMA with torch._foreach ops (faster).")
+    g.add_argument("--foreach_ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="Update the EMA with one torch._foreach call over all tensors; --no-foreach_ema: one call "
+                        "per tensor (less temporary memory).")
 
     g = parser.add_argument_group("speed and memory")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
@@ -265,16 +268,17 @@ def decode_image(raw, mode):
 
 
 class ImageCaptions:
-    """Turns a source row into a training example: decode, resize, crop (center, or random with a seed of
-    (seed, example, epoch) so that a resumed run crops the same way), tokenize."""
+    """Turns source rows into training examples: decode, resize, crop (center, or random with a seed of
+    (seed, example, epoch) so that a resumed run crops the same way), tokenize. A batch is tokenized in one call
+    and converted to tensors in one go."""
 
     def __init__(self, args, tokenizer, max_length, mode):
         self.args, self.tokenizer, self.max_length, self.mode = args, tokenizer, max_length, mode
         self.resize = transforms.Resize(args.resolution, interpolation=transforms.InterpolationMode.BILINEAR)
-        self.to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
         self.epoch = 0
 
-    def example(self, image, caption, position):
+    def crop(self, image, caption, position):
+        """The resized and cropped image and the caption of one example."""
         rng = random.Random((self.args.seed * 1_000_003 + position) * 10_007 + self.epoch)
         if isinstance(caption, (list, tuple)):  # several captions per image: a fresh choice every epoch
             caption = rng.choice(caption) if caption else ""
@@ -282,15 +286,25 @@ class ImageCaptions:
         w, h, r = image.size[0], image.size[1], self.args.resolution
         top, left = ((h - r) // 2, (w - r) // 2) if self.args.center_crop else (rng.randint(0, h - r),
                                                                                 rng.randint(0, w - r))
-        tokens = self.tokenizer(caption or "", padding="max_length", max_length=self.max_length, truncation=True,
-                                return_tensors="pt")
-        return {"pixel_values": self.to_tensor(image.crop((left, top, left + r, top + r))),
-                "input_ids": tokens.input_ids[0], "attention_mask": tokens.attention_mask[0]}
+        return image.crop((left, top, left + r, top + r)), caption or ""
+
+    def examples(self, crops):
+        """[(image, caption)] -> examples; pixels in [-1, 1] as ToTensor + Normalize([0.5], [0.5]) give them."""
+        tokens = self.tokenizer([c for _, c in crops], padding="max_length", max_length=self.max_length,
+                                truncation=True, return_tensors="pt")
+        pixels = np.stack([np.asarray(image, dtype=np.uint8).reshape(image.size[1], image.size[0], -1)
+                           for image, _ in crops])
+        pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div(255).sub_(0.5).div_(0.5)
+        return [{"pixel_values": pixels[k], "input_ids": tokens.input_ids[k],
+                 "attention_mask": tokens.attention_mask[k]} for k in range(len(crops))]
+
+    def example(self, image, caption, position):
+        return self.examples([self.crop(image, caption, position)])[0]
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """A map-style datasets.Dataset (images not decoded by datasets). An unreadable image is replaced by the next
-    readable one and counted, so batches keep their size."""
+    readable one and counted, so batches keep their size. The DataLoader reads a batch's rows in one access."""
 
     def __init__(self, ds, make):
         self.ds, self.make = ds, make
@@ -301,15 +315,31 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch):
         self.make.epoch = epoch
 
-    def __getitem__(self, i):
+    def readable(self, i, row=None):
+        """(image, caption, index, unreadable rows skipped) of the first readable row from i on; row: the i-th."""
         args = self.make.args
         for bad in range(len(self)):
             j = (i + bad) % len(self)
-            row = self.ds[j]
+            row = self.ds[j] if row is None else row
             image = decode_image(row[args.image_column], self.make.mode)
             if image is not None:
-                return {**self.make.example(image, row[args.caption_column], j), "num_bad": bad}
+                return image, row[args.caption_column], j, bad
+            row = None
         raise RuntimeError("no image of the dataset is readable")
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices):
+        args = self.make.args
+        rows = self.ds[list(indices)]
+        crops, bads = [], []
+        for k, i in enumerate(indices):
+            row = {args.image_column: rows[args.image_column][k], args.caption_column: rows[args.caption_column][k]}
+            image, caption, j, bad = self.readable(i, row)
+            crops.append(self.make.crop(image, caption, j))
+            bads.append(bad)
+        return [{**e, "num_bad": bad} for e, bad in zip(self.make.examples(crops), bads, strict=True)]
 
 
 class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
@@ -842,11 +872,11 @@ def main(args):
         lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     if args.use_8bit_adam:
         import bitsandbytes as bnb
-        optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
+        optimizer_cls, fused = bnb.optim.AdamW8bit, {}
+    else:  # one fused kernel (CPU and CUDA) for all the UNet's tensors instead of a Python loop over them
+        optimizer_cls, fused = torch.optim.AdamW, {"fused": True}
     optimizer = optimizer_cls(unet.parameters(), lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **fused)
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
     if streaming:
         steps_per_epoch = None
@@ -900,11 +930,8 @@ def main(args):
             batches_in_epoch = batches_to_skip
         for batch in batches:
             batches_in_epoch += 1
-            if "num_bad" in batch:
-                num_bad += int(batch["num_bad"].sum())
-                if num_bad and not warned_bad:
-                    accelerator.print(f"warning: unreadable images are skipped ({num_bad} so far; total at the end)")
-                    warned_bad = True
+            if "num_bad" in batch:  # summed where the batch is: read back at logging steps, not every batch
+                num_bad = num_bad + batch["num_bad"].sum()
             with accelerator.accumulate(unet):
                 latents = batch_to_latents(batch, vae, latent_info, args, train_rng, weight_dtype)
                 states = batch_to_text_states(batch, text_encoder, empty_states, args, train_rng)
@@ -951,6 +978,10 @@ def main(args):
                        "samples_per_s": window_samples / max(elapsed, 1e-9), "nonfinite_in_a_row": nonfinite_in_a_row}
                 row.update({f"loss_t{i}": (totals[0, i] / totals[1, i]).item()
                             for i in range(num_bins) if totals[1, i] > 0})
+                if not warned_bad and int(num_bad):
+                    accelerator.print(f"warning: unreadable images are skipped ({int(num_bad)} so far; total at the "
+                                      f"end)")
+                    warned_bad = True
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -989,7 +1020,7 @@ def main(args):
             break
     progress.close()
     train_seconds = time.perf_counter() - train_start
-    num_bad = int(accelerator.reduce(torch.tensor(num_bad, device=accelerator.device), "sum"))
+    num_bad = int(accelerator.reduce(torch.as_tensor(num_bad, device=accelerator.device), "sum"))
     if num_bad:
         accelerator.print(f"warning: {num_bad} unreadable images were skipped")
 
