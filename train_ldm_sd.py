@@ -13,6 +13,7 @@ guidance works. The result is a StableDiffusionPipeline folder (EMA UNet, fp32) 
 import argparse
 import bisect
 import io
+import itertools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -95,12 +96,16 @@ def parse_args(argv=None):
     g.add_argument("--unet_config", default="small",
                    help=f"With --unet_from_scratch: a UNet2DConditionModel config JSON, or one of "
                         f"{', '.join(UNET_PRESETS)}.")
-    g.add_argument("--vae_name_or_path", default=None, help="Overrides the folder's VAE.")
+    g.add_argument("--vae_name_or_path", default=None,
+                   help="Overrides the folder's VAE. With --precomputed_data_dir the shards' VAE (index.json) is "
+                        "loaded and exported.")
     g.add_argument("--text_encoder_name_or_path", default=None,
-                   help="Overrides the folder's text encoder and tokenizer (CLIP text, BERT family, T5 encoder).")
+                   help="Overrides the folder's text encoder and tokenizer (CLIP text, BERT family, T5 encoder). "
+                        "With --precomputed_data_dir, the one that encoded the shards (index.json).")
     g.add_argument("--tokenizer_max_length", type=int, default=None,
                    help="Tokens per caption (default: the tokenizer's model_max_length, at most the encoder's "
-                        "positions). Written into the exported tokenizer so the pipeline pads the same way.")
+                        "positions; with --precomputed_data_dir, the shards'). Written into the exported tokenizer so "
+                        "the pipeline pads the same way.")
 
     g = parser.add_argument_group("data (one of --dataset_name, --train_data_dir, --precomputed_data_dir)")
     g.add_argument("--dataset_name", default=None,
@@ -150,7 +155,10 @@ def parse_args(argv=None):
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA).")
+    g.add_argument("--use_8bit_adam", action="store_true",
+                   help="bitsandbytes' 8-bit AdamW (CUDA). It cannot skip a step on the device: a step with a "
+                        "non-finite gradient is taken with zero gradients instead (the moments decay, weight decay "
+                        "applies).")
     g.add_argument("--max_nonfinite_steps", type=int, default=10,
                    help="Stop after this many optimizer steps in a row with a non-finite gradient.")
     g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
@@ -159,14 +167,21 @@ def parse_args(argv=None):
     g.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="Warm the decay up: 1 - (1 + step) ** -ema_power.")
     g.add_argument("--ema_power", type=float, default=2 / 3)
-    g.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights in CPU memory between steps.")
+    g.add_argument("--offload_ema", action="store_true",
+                   help="Keep the EMA weights in CPU memory and update them there: each update copies the UNet's "
+                        "weights to the CPU (one way). Combine with --ema_update_every to copy less often.")
+    g.add_argument("--ema_update_every", type=int, default=1,
+                   help="Update the EMA every N optimizer steps (and before every checkpoint, validation and the "
+                        "export), with the decay of the N steps it stands for (the product of their decays), so "
+                        "the average spans the same number of steps. N > 1 averages fewer samples of the weights.")
     g.add_argument("--foreach_ema", action=argparse.BooleanOptionalAction, default=True,
                    help="Update the EMA with one torch._foreach call over all tensors; --no-foreach_ema: one call "
                         "per tensor (less temporary memory).")
 
     g = parser.add_argument_group("speed and memory")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
-                   help="The UNet trains in fp32 under autocast; the frozen VAE and text encoder are cast to it.")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="Autocast precision; fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag. "
+                        "The UNet trains in fp32 under autocast; the frozen VAE and text encoder are cast to it.")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -226,8 +241,8 @@ def check_args(args):
         fail(f"--max_samples {args.max_samples}: must be at least 1 (leave it out to use the whole dataset)")
     if not 0.0 <= args.cond_dropout_prob < 1.0:
         fail(f"--cond_dropout_prob {args.cond_dropout_prob}: must be in [0, 1)")
-    if args.mixed_precision == "fp16" and (args.device == "cpu" or not torch.cuda.is_available()):
-        fail("--mixed_precision fp16 needs a CUDA GPU: use --mixed_precision bf16 or no on this machine")
+    if args.ema_update_every < 1:
+        fail(f"--ema_update_every {args.ema_update_every}: must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
     if args.unet_from_scratch and args.unet_config not in UNET_PRESETS and not Path(args.unet_config).is_file():
@@ -246,6 +261,16 @@ def check_args(args):
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
             fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
+
+
+def check_accelerator(accelerator):
+    """Checks of what accelerate resolved from the flags, its config file and the launcher, before heavy work."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
+        fail("--mixed_precision fp16 (from the flag or accelerate's config) needs a CUDA GPU: use bf16 or no here")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        fail("DeepSpeed is not supported by this script: launch it with DDP (accelerate launch --multi_gpu)")
+    if accelerator.distributed_type == DistributedType.FSDP:
+        fail("FSDP is not supported by this script (its EMA needs whole weights): launch it with DDP (--multi_gpu)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,7 +432,56 @@ def read_precomputed_index(args):
         fail(f"{flag}: the shards hold no text encoder states; run prepare_data_multi_gpu.py with a text encoder")
     if args.random_flip and not index.get("random_flip"):
         fail(f"{flag}: --random_flip needs flipped latents; prepare the shards with --random_flip")
+    check_shards_text_encoder(args, index)
     return index
+
+
+def local_name(name_or_path):
+    """A local path made absolute (so that "sd" and "./sd/" are the same), a hub id as it is."""
+    return str(Path(name_or_path).resolve()) if name_or_path and Path(name_or_path).exists() else name_or_path
+
+
+def check_shards_text_encoder(args, index):
+    """The export encodes prompts with this run's text encoder (--text_encoder_name_or_path, or the folder's
+    text_encoder/ and tokenizer/): the shards' captions must have been encoded by that encoder and tokenizer
+    (index.json records both as prepare_data_multi_gpu.py loaded them), at the same length. Any other encoder,
+    even one of the same width, is refused before a model loads."""
+    entry = index["text_encoders"][0]
+    if args.text_encoder_name_or_path:
+        option, ours, our_tokenizer = ("--text_encoder_name_or_path", args.text_encoder_name_or_path,
+                                       args.text_encoder_name_or_path)
+    else:
+        folder = args.pretrained_model_name_or_path
+        option, ours, our_tokenizer = "--pretrained_model_name_or_path", f"{folder}/text_encoder", f"{folder}/tokenizer"
+    theirs = entry.get("name_or_path")
+    if local_name(theirs) != local_name(ours) or local_name(entry.get("tokenizer") or our_tokenizer) != \
+            local_name(our_tokenizer):
+        parent, _, sub = str(theirs).rpartition("/")
+        fix = (f"--pretrained_model_name_or_path {parent} without --text_encoder_name_or_path"
+               if sub == "text_encoder" and parent else f"--text_encoder_name_or_path {theirs}")
+        fail(f"--precomputed_data_dir {args.precomputed_data_dir}: its captions were encoded by the text encoder "
+             f"{theirs} (tokenizer {entry.get('tokenizer')}), this run's is {ours} ({option}); pass {fix}, or "
+             f"re-encode the shards with this run's encoder")
+    if args.tokenizer_max_length not in (None, entry["max_length"]):
+        fail(f"--tokenizer_max_length {args.tokenizer_max_length}: the shards hold {entry['max_length']} tokens per "
+             f"caption; drop the flag or re-encode the shards")
+
+
+def vae_source(args, index):
+    """(name_or_path, subfolder, flag) that AutoencoderKL.from_pretrained loads the VAE from: with
+    --precomputed_data_dir the shards' VAE as index.json records it (subfolder absent in older shards, whose
+    name_or_path is <folder>/vae), else --vae_name_or_path or the folder's vae/."""
+    if index is not None:
+        name, sub = index["vae"]["name_or_path"], index["vae"].get("subfolder")
+        full = f"{name}/{sub}" if sub else name
+        if args.vae_name_or_path and local_name(args.vae_name_or_path) != local_name(full):
+            fail(f"--vae_name_or_path {args.vae_name_or_path}: the latents of --precomputed_data_dir "
+                 f"{args.precomputed_data_dir} were encoded by the VAE {full}, which is loaded and exported; drop "
+                 f"the flag or re-encode the shards")
+        return name, sub, f"--precomputed_data_dir {args.precomputed_data_dir} (index.json's VAE)"
+    if args.vae_name_or_path:
+        return args.vae_name_or_path, None, "--vae_name_or_path"
+    return args.pretrained_model_name_or_path, "vae", "--pretrained_model_name_or_path"
 
 
 def load_hf_dataset(args):
@@ -476,16 +550,25 @@ def load_text_encoder(args):
     return tokenizer, model.requires_grad_(False).eval()
 
 
-def load_vae(args):
-    path, sub = ((args.vae_name_or_path, None) if args.vae_name_or_path
-                 else (args.pretrained_model_name_or_path, "vae"))
+def load_vae(args, source):
+    """The frozen AutoencoderKL of `source` (see vae_source)."""
+    path, sub, flag = source
     try:
         vae = AutoencoderKL.from_pretrained(path, subfolder=sub, revision=args.revision,
                                             variant=args.variant if sub else None)
     except (OSError, ValueError) as e:
-        flag = "--vae_name_or_path" if args.vae_name_or_path else "--pretrained_model_name_or_path"
-        fail(f"{flag} {path}: cannot load an AutoencoderKL from it ({type(e).__name__})")
+        fail(f"{flag} {path}: cannot load an AutoencoderKL from it{f' (subfolder {sub})' if sub else ''} "
+             f"({type(e).__name__})")
     return vae.requires_grad_(False).eval()
+
+
+def latent_scale(vae):
+    """z = latent * scaling_factor: what the exported StableDiffusionPipeline decodes, vae.decode(z / scaling_factor).
+    A VAE's shift_factor is left out on purpose: the pipeline does not add it back when decoding (nor subtract it
+    when encoding, img2img), so latents trained shifted would decode wrong from the export; unshifted they are
+    only not centred. Recorded in run_config.json."""
+    return {"scaling_factor": vae.config.scaling_factor, "shift_factor": 0.0,
+            "vae_shift_factor_not_applied": vae.config.get("shift_factor") or 0.0}
 
 
 def build_unet(args, latent_channels, latent_size, cross_attention_dim):
@@ -524,6 +607,12 @@ def build_noise_scheduler(args):
     except (OSError, ValueError) as e:
         fail(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no scheduler/ "
              f"({type(e).__name__})")
+    prediction_type = args.prediction_type or config.get("prediction_type", "epsilon")
+    if args.rescale_betas_zero_snr and prediction_type == "epsilon":
+        # At the last timestep the input is pure noise: eps is the input itself, and x0 cannot be recovered from it.
+        fail("--rescale_betas_zero_snr cannot be learned with --prediction_type epsilon (given, or the folder's "
+             "scheduler's): at zero terminal SNR the image cannot be recovered from a predicted noise; add "
+             "--prediction_type v_prediction")
     overrides = {}
     if args.prediction_type:
         overrides["prediction_type"] = args.prediction_type
@@ -560,7 +649,7 @@ def coin(n, p, generator, device):
 
 @torch.no_grad()
 def batch_to_latents(batch, vae, latent_info, args, generator, weight_dtype):
-    """z_0 = (mean + std * N(0,1) - shift) * scale: a fresh draw from the posterior at every step."""
+    """z_0 = (mean + std * N(0,1)) * scale (see latent_scale): a fresh draw from the posterior at every step."""
     device = generator.device
     if "pixel_values" in batch:
         x = batch["pixel_values"].to(device)
@@ -575,7 +664,7 @@ def batch_to_latents(batch, vae, latent_info, args, generator, weight_dtype):
             mean = torch.where(flip, batch["latent_mean_flipped"].to(device).float(), mean)
             std = torch.where(flip, batch["latent_std_flipped"].to(device).float(), std)
     eps = torch.randn(mean.shape, generator=generator, device=device)
-    return (mean + std * eps - latent_info["shift_factor"]) * latent_info["scaling_factor"]
+    return (mean + std * eps) * latent_info["scaling_factor"]
 
 
 @torch.no_grad()
@@ -611,11 +700,17 @@ def training_step(unet, noise_scheduler, latents, states, args, generator):
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     pred = unet(noisy, timesteps, encoder_hidden_states=states).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if args.snr_gamma:  # min(SNR, gamma) in x0 units, divided by what the target's loss already weighs: SNR or SNR+1
-        snr = compute_snr(noise_scheduler, timesteps)
-        base = snr if noise_scheduler.config.prediction_type == "epsilon" else snr + 1
-        per_sample = per_sample * snr.clamp(max=args.snr_gamma) / base
+    if args.snr_gamma:
+        per_sample = per_sample * min_snr_weight(noise_scheduler, timesteps, args.snr_gamma)
     return per_sample, timesteps
+
+
+def min_snr_weight(noise_scheduler, timesteps, gamma):
+    """Min-SNR weights (Hang et al. 2023): min(SNR, gamma) in x0 units, divided by what the target's loss already
+    weighs, SNR (epsilon) or SNR + 1 (v). Finite at zero terminal SNR with v (0 / 1); epsilon there is refused."""
+    snr = compute_snr(noise_scheduler, timesteps)
+    base = snr if noise_scheduler.config.prediction_type == "epsilon" else snr + 1
+    return snr.clamp(max=gamma) / base
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -667,6 +762,8 @@ def plot_loss(metrics_path, out_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not metrics_path.is_file():  # validation before the first logging step
+        return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not rows:
         return
@@ -686,8 +783,8 @@ def plot_loss(metrics_path, out_path):
 # Checkpoints and export
 # ----------------------------------------------------------------------------------------------------------------
 def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position):
-    """accelerate's save_state plus the EMA, the objective's RNG and the data position, in a temp folder renamed
-    when complete."""
+    """accelerate's save_state plus the EMA, the objective's RNG and the data position, written to a temp folder
+    then renamed. `position` is (epoch, batches of --train_batch_size consumed in it by all processes)."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
     if not all(torch.isfinite(p).all() for p in unet.parameters()):
@@ -695,15 +792,16 @@ def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, positi
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # model (safetensors), optimizer, LR schedule, sampler, global RNGs
+    # Model (safetensors), optimizer, data sampler and the global RNGs of every process.
+    accelerator.save_state(str(tmp))
     save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
     if accelerator.is_main_process:
-        state = {"script": "train_ldm_sd.py", "global_step": global_step, "epoch": position[0],
-                 "batches_in_epoch": position[1], "ema": None}
+        state = {"script": "train_ldm_sd.py", "global_step": global_step, "num_processes": accelerator.num_processes,
+                 "epoch": position[0], "epoch_batches": position[1], "ema": None}
         if ema is not None:
             ema_state = ema.state_dict()
             shadow = ema_state.pop("shadow_params")
-            save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(shadow)}, tmp / "ema.safetensors")
+            save_file({str(i): p.contiguous() for i, p in enumerate(shadow)}, tmp / "ema.safetensors")
             state["ema"] = ema_state
         (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
     accelerator.wait_for_everyone()
@@ -723,31 +821,44 @@ def list_checkpoints(output_dir):
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def load_checkpoint(accelerator, path, ema, train_rng):
-    """Restore everything save_checkpoint wrote; returns the state dict. Nothing loaded can run code."""
+def load_checkpoint(accelerator, path, ema, train_rng, args):
+    """Restore everything save_checkpoint wrote; returns training_state.json. Nothing loaded can run code.
+
+    A checkpoint of N processes resumes on M != N at the same step, learning rate and number of samples seen
+    (weights, optimizer and EMA are the same on every process); the random streams of the objective are derived
+    anew for the M processes, so the run is not bitwise the one it would have been on N."""
     state = json.loads((path / "training_state.json").read_text())
     if state.get("script") != "train_ldm_sd.py":
         fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not train_ldm_sd.py")
+    if ema is not None and state["ema"] is None:
+        fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
+    if "epoch_batches" not in state:  # written before the count was in batches of all processes
+        state["epoch_batches"] = state["batches_in_epoch"] * state.get("num_processes", accelerator.num_processes)
     try:
         accelerator.load_state(str(path))  # safetensors + torch.load(weights_only=True)
     except RuntimeError as e:
         fail(f"--resume_from_checkpoint {path}: does not fit this model ({str(e).splitlines()[0][:160]})")
-    train_rng.set_state(load_file(path / f"train_rng_{accelerator.process_index}.safetensors")["state"])
+    rank, saved = accelerator.process_index, state.get("num_processes", 1)
+    if saved == accelerator.num_processes:
+        train_rng.set_state(load_file(path / f"train_rng_{rank}.safetensors")["state"])
+    else:
+        accelerator.print(f"warning: {path} was written by {saved} processes, resumed on {accelerator.num_processes}: "
+                          f"same step, learning rate and data position, new random streams (not bitwise)")
+        train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
     if ema is not None:
-        if state["ema"] is None:
-            fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
-        shadow = load_file(path / "ema.safetensors")
+        # Straight onto the device the EMA lives on: load_state_dict keeps the tensors it is given.
+        shadow = load_file(path / "ema.safetensors", device=str(ema.shadow_params[0].device))
         ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
     return state
 
 
-def export_model(unet, sampler, tokenizer, max_length, args, output_dir):
+def export_model(unet, sampler, tokenizer, max_length, args, vae_from, output_dir):
     """StableDiffusionPipeline.save_pretrained(output_dir): EMA UNet in fp32, the frozen parts reloaded in fp32."""
     tokenizer.model_max_length = max_length  # the pipeline pads prompts to this, as training did
     _, text_encoder = load_text_encoder(args)
     if unet.dtype != torch.float32:
         unet.to(torch.float32)
-    pipeline = make_pipeline(load_vae(args), text_encoder, tokenizer, unet, sampler)
+    pipeline = make_pipeline(load_vae(args, vae_from), text_encoder, tokenizer, unet, sampler)
     pipeline.save_pretrained(output_dir)
     return pipeline
 
@@ -763,17 +874,65 @@ def write_run_config(args, accelerator, extra):
                                 text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    config = {"args": vars(args), "git_commit": commit, "num_processes": accelerator.num_processes, **extra,
+    config = {"args": vars(args), "git_commit": commit, "num_processes": accelerator.num_processes,
+              "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
+              **extra,
               "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, accelerate, datasets)}}
     (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
 
 
-def install_stop_handler():
-    """SIGTERM/SIGINT ask for a checkpoint at the next step boundary, then a clean exit (pre-emptible clusters)."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
+class StopRequest:
+    """SIGTERM/SIGINT ask for a checkpoint at a step boundary, then a clean exit (pre-emptible clusters).
+
+    Every process must stop at the same step (the save is collective), wherever the signal landed. The flags are
+    agreed over a CPU (gloo) group without blocking: each step reads the previous step's all-reduce and starts the
+    next one, so all processes stop within one step of the signal and the GPU never waits for the host."""
+
+    def __init__(self, accelerator):
+        self.event = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.event.set())
+        self.group = torch.distributed.new_group(backend="gloo") if accelerator.num_processes > 1 else None
+        self.flag, self.pending = torch.zeros(1), None
+
+    def __call__(self):
+        """True on every process, at the same step, once any process got a signal."""
+        if self.group is None:
+            return self.event.is_set()
+        agreed = False
+        if self.pending is not None:
+            self.pending.wait()
+            agreed = bool(self.flag.item())  # a CPU tensor: no device sync
+        if not agreed:
+            self.flag.fill_(float(self.event.is_set()))
+            self.pending = torch.distributed.all_reduce(self.flag, torch.distributed.ReduceOp.MAX, self.group,
+                                                        async_op=True)
+        return agreed
+
+    def close(self):
+        if self.pending is not None:
+            self.pending.wait()
+
+
+class StridedEMA(EMAModel):
+    """diffusers' EMAModel whose update may stand for `stride` optimizer steps (--ema_update_every): its decay is
+    the product of theirs, and the step count advances by all of them. With stride 1 it is EMAModel exactly."""
+
+    stride = 1
+
+    def get_decay(self, optimization_step):
+        decay = 1.0
+        for k in range(self.stride):
+            decay *= super().get_decay(optimization_step + k)
+        return decay
+
+    def step_over(self, parameters, steps):
+        self.stride = steps
+        try:
+            self.step(parameters)
+        finally:
+            self.stride = 1
+        self.optimization_step += steps - 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -789,26 +948,30 @@ def main(args):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, "logs")),
         # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # non_blocking: a batch from pinned memory reaches the GPU without the host waiting for the GPU's queue.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
+    check_accelerator(accelerator)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
     set_seed(args.seed)  # same initial weights on every process
     output_dir = Path(args.output_dir)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # ---- Frozen VAE and text encoder, noise schedule ----------------------------------------------------------
     index = read_precomputed_index(args) if args.precomputed_data_dir else None
-    tokenizer, text_encoder = load_text_encoder(args)
-    vae = load_vae(args)
-    noise_scheduler = build_noise_scheduler(args)
+    vae_from = vae_source(args, index)
+    noise_scheduler = build_noise_scheduler(args)  # configs only: its checks come before any model loads
     sampler = build_sampler(noise_scheduler)
+    tokenizer, text_encoder = load_text_encoder(args)
+    vae = load_vae(args, vae_from)
     hidden = text_encoder.config.hidden_size
     max_length = args.tokenizer_max_length or min(tokenizer.model_max_length,
                                                   getattr(text_encoder.config, "max_position_embeddings", 512))
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    latent_info = {"scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.get("shift_factor") or 0.0}
+    latent_info = latent_scale(vae)
     if index is not None:  # the shards decide resolution, scale and text length; they must fit the export's parts
         flag = f"--precomputed_data_dir {args.precomputed_data_dir}"
         enc = index["text_encoders"][0]
@@ -820,11 +983,9 @@ def main(args):
             fail(f"{flag}: the text states were encoded unlike StableDiffusionPipeline does (attention mask or "
                  f"prefix); prepare them with --text_encoder_attention_mask auto and no --text_prefix")
         if abs(index["vae"]["scaling_factor"] - vae.config.scaling_factor) > 1e-6 * vae.config.scaling_factor:
-            fail(f"{flag}: encoded with a VAE of scaling factor {index['vae']['scaling_factor']}, but this VAE has "
-                 f"{vae.config.scaling_factor}; pass the VAE the shards were made with (--vae_name_or_path)")
+            fail(f"{flag}: encoded with a VAE of scaling factor {index['vae']['scaling_factor']}, but index.json's VAE "
+                 f"{vae_from[0]} now has {vae.config.scaling_factor}; re-encode the shards")
         args.resolution, max_length = index["resolution"], enc["max_length"]
-        latent_info = {"scaling_factor": index["vae"]["scaling_factor"],
-                       "shift_factor": index["vae"].get("shift_factor") or 0.0}
     for frozen in (vae, text_encoder):  # frozen models in the weight dtype (.to(dtype) only when it changes one)
         frozen.to(accelerator.device)
         if weight_dtype != torch.float32:
@@ -840,7 +1001,8 @@ def main(args):
     streaming = isinstance(dataset, torch.utils.data.IterableDataset)
     train_dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=args.train_batch_size, shuffle=not streaming,
-        drop_last=not streaming and len(dataset) >= args.train_batch_size, num_workers=args.dataloader_num_workers)
+        drop_last=not streaming and len(dataset) >= args.train_batch_size, num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda")
     empty_states = encode_prompts(tokenizer, text_encoder, [""], max_length, accelerator.device)
     if index is not None:
         empty = load_file(Path(args.precomputed_data_dir) / "empty_prompt.safetensors")
@@ -854,9 +1016,9 @@ def main(args):
         unet.enable_xformers_memory_efficient_attention()
     ema = None
     if args.use_ema:
-        ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=args.ema_warmup, inv_gamma=1.0,
-                       power=args.ema_power, foreach=args.foreach_ema, model_cls=UNet2DConditionModel,
-                       model_config=unet.config)
+        ema = StridedEMA(unet.parameters(), decay=args.ema_decay, use_ema_warmup=args.ema_warmup, inv_gamma=1.0,
+                         power=args.ema_power, foreach=args.foreach_ema, model_cls=UNet2DConditionModel,
+                         model_config=unet.config)
         ema.to("cpu" if args.offload_ema else accelerator.device)
     accelerator.print(f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters "
                       f"({'from scratch' if args.unet_from_scratch else 'fine-tuned'}); latents "
@@ -870,26 +1032,27 @@ def main(args):
     lr = args.learning_rate
     if args.scale_lr:
         lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    fused = not args.use_8bit_adam
     if args.use_8bit_adam:
         import bitsandbytes as bnb
-        optimizer_cls, fused = bnb.optim.AdamW8bit, {}
-    else:  # one fused kernel (CPU and CUDA) for all the UNet's tensors instead of a Python loop over them
-        optimizer_cls, fused = torch.optim.AdamW, {"fused": True}
+        optimizer_cls, options = bnb.optim.AdamW8bit, {}
+    else:  # Fused AdamW: one kernel for all tensors, and it can skip a non-finite step on the device (found_inf below).
+        optimizer_cls, options = torch.optim.AdamW, {"fused": True}
     optimizer = optimizer_cls(unet.parameters(), lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **fused)
+                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **options)
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
-    if streaming:
-        steps_per_epoch = None
-        max_train_steps, num_epochs = args.max_train_steps, 10**9
+    # Listed once: the prepared (DDP) model yields the very Parameter objects the optimizer and the EMA were given.
+    params = list(unet.parameters())
+    # With --offload_ema the EMA reads the weights from CPU copies (filled one way, device to host, per update).
+    ema_inputs = params
+    if ema is not None and args.offload_ema and accelerator.device.type != "cpu":
+        ema_inputs = [torch.empty_like(p, device="cpu", pin_memory=True).requires_grad_(p.requires_grad)
+                      for p in params]
+    if streaming:  # a stream has no length: --max_train_steps is required, epochs end when the stream does
+        max_train_steps = args.max_train_steps
     else:
         steps_per_epoch = max(1, math.ceil(len(train_dataloader) / args.gradient_accumulation_steps))
         max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-        num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    # The prepared scheduler steps once per process at every optimizer step: scale its lengths to match.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_train_steps * accelerator.num_processes)
-    lr_scheduler = accelerator.prepare(lr_scheduler)
     # Every random draw of the objective (flip, posterior sample, caption dropout, noise, timesteps) comes from this
     # generator, saved in each checkpoint: the global RNG also seeds every DataLoader iterator, so it cannot be.
     train_rng = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
@@ -903,33 +1066,54 @@ def main(args):
         if path is None:
             accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
         else:
-            state = load_checkpoint(accelerator, path, ema, train_rng)
-            global_step, first_epoch, batches_to_skip = state["global_step"], state["epoch"], state["batches_in_epoch"]
+            state = load_checkpoint(accelerator, path, ema, train_rng, args)
+            global_step, first_epoch = state["global_step"], state["epoch"]
+            # The data position in batches of this run's processes (the count may differ from the saved run's).
+            batches_to_skip = state["epoch_batches"] // accelerator.num_processes
+            if not streaming and batches_to_skip >= len(train_dataloader):
+                first_epoch, batches_to_skip = first_epoch + 1, 0
             accelerator.print(f"resumed from {path} at step {global_step}")
+    # Not prepared: accelerate would step it once per process and save it pickled. It counts optimizer steps
+    # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_train_steps, last_epoch=global_step - 1)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("train_ldm_sd", config={k: str(v) for k, v in vars(args).items()})
+    ema_step = global_step  # the optimizer step whose weights the EMA saw last (checkpoints hold an up-to-date one)
 
-    # ---- Training loop ----------------------------------------------------------------------------------------
-    stop = install_stop_handler()
+    def catch_up_ema():
+        """Brings the EMA up to the weights of global_step: --ema_update_every > 1 leaves it behind in between."""
+        nonlocal ema_step
+        if ema is not None and ema_step < global_step:
+            with torch.no_grad():
+                if ema_inputs is not params:
+                    torch._foreach_copy_(ema_inputs, params)
+            ema.step_over(ema_inputs, global_step - ema_step)
+            ema_step = global_step
+
+    # ---- Training loop: the host reads device values only every --logging_steps -------------------------------
     metrics_path = output_dir / "metrics.jsonl"
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
                     desc="train")
     num_bins = 4  # loss per quarter of the timestep range: where the model still has to learn
     bin_loss = torch.zeros(num_bins, device=accelerator.device)
     bin_count = torch.zeros(num_bins, device=accelerator.device)
-    nonfinite_in_a_row, num_bad, warned_bad = 0, 0, False
-    window_start, window_samples, grad_norm = time.perf_counter(), 0, float("nan")
+    # Optimizer steps with a non-finite gradient: in total, in the current run, and the longest run since the
+    # last logging step (the only place the host reads them).
+    nonfinite_steps, nonfinite_run, longest_run = torch.zeros(3, device=accelerator.device).unbind()
+    num_bad, warned_bad = 0, False
+    window_start, window_samples = time.perf_counter(), 0
+    position = (first_epoch, batches_to_skip * accelerator.num_processes)
     train_start = time.perf_counter()
-    epoch, batches_in_epoch = first_epoch, batches_to_skip
-    for epoch in range(first_epoch, num_epochs):
+    for epoch in itertools.count(first_epoch):
         unet.train()
         train_dataloader.set_epoch(epoch)
-        batches, batches_in_epoch = train_dataloader, 0
+        batches = train_dataloader
         if epoch == first_epoch and batches_to_skip:
             batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
-            batches_in_epoch = batches_to_skip
+        epoch_batches = batches_to_skip if epoch == first_epoch else 0  # per process, for the data position
         for batch in batches:
-            batches_in_epoch += 1
+            epoch_batches += 1
             if "num_bad" in batch:  # summed where the batch is: read back at logging steps, not every batch
                 num_bad = num_bad + batch["num_bad"].sum()
             with accelerator.accumulate(unet):
@@ -937,19 +1121,26 @@ def main(args):
                 states = batch_to_text_states(batch, text_encoder, empty_states, args, train_rng)
                 per_sample, timesteps = training_step(unet, noise_scheduler, latents, states, args, train_rng)
                 accelerator.backward(per_sample.mean())
-                finite = True
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm or float("inf"))
-                    # Gradients are already all-reduced: every process sees the same norm. fp16's scaler skips
-                    # overflowing steps itself.
-                    finite = bool(torch.isfinite(grad_norm)) or args.mixed_precision == "fp16"
-                if finite:
-                    optimizer.step()
-                lr_scheduler.step()
+                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+                    # The norm is the same on every process (all-reduced gradients). A non-finite one skips the
+                    # update on the device: the fused AdamW kernel leaves weights and moments as they were where
+                    # found_inf is 1. With fp16 the GradScaler sets found_inf itself; it skips exactly the steps
+                    # whose unscaled norm is non-finite, so they are counted here too.
+                    nonfinite = (~torch.isfinite(grad_norm)).float()
+                    if accelerator.scaler is None:
+                        if fused:
+                            optimizer.optimizer.found_inf = nonfinite
+                        else:  # bitsandbytes reads no found_inf: the step is taken with zero gradients instead
+                            bad = nonfinite.bool()
+                            for p in params:
+                                if p.grad is not None:
+                                    p.grad.masked_fill_(bad, 0.0)
+                optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             bins = (timesteps * num_bins // noise_scheduler.config.num_train_timesteps).clamp(max=num_bins - 1)
-            bin_loss.index_add_(0, bins, per_sample.detach())
-            bin_count.index_add_(0, bins, torch.ones_like(per_sample))
+            bin_loss.index_add_(0, bins, per_sample.detach().float())
+            bin_count.index_add_(0, bins, torch.ones_like(per_sample, dtype=torch.float))
             window_samples += latents.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
@@ -957,25 +1148,21 @@ def main(args):
             # -- one optimizer step done
             global_step += 1
             progress.update(1)
-            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-            if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                accelerator.print(f"error: {nonfinite_in_a_row} steps in a row with a non-finite gradient at step "
-                                  f"{global_step}; lower --learning_rate. The last checkpoint is intact.")
-                sys.exit(1)
-            if ema is not None and finite:
-                if args.offload_ema:
-                    ema.to(accelerator.device)
-                ema.step(unet.parameters())
-                if args.offload_ema:
-                    ema.to("cpu")
+            lr_scheduler.step()
+            nonfinite_steps += nonfinite
+            nonfinite_run.mul_(nonfinite).add_(nonfinite)
+            torch.maximum(longest_run, nonfinite_run, out=longest_run)
+            if global_step % args.ema_update_every == 0:
+                catch_up_ema()  # after a skipped step the weights did not move: averaging them again is harmless
 
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
                 totals = accelerator.reduce(torch.stack([bin_loss, bin_count]), "sum").cpu()
+                total_nonfinite, longest = torch.stack([nonfinite_steps, longest_run]).tolist()
                 elapsed = time.perf_counter() - window_start
                 row = {"step": global_step, "epoch": epoch,
                        "loss": (totals[0].sum() / totals[1].sum().clamp(min=1)).item(),
-                       "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "samples_per_s": window_samples / max(elapsed, 1e-9), "nonfinite_in_a_row": nonfinite_in_a_row}
+                       "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
+                       "samples_per_s": window_samples / max(elapsed, 1e-9), "nonfinite_steps": int(total_nonfinite)}
                 row.update({f"loss_t{i}": (totals[0, i] / totals[1, i]).item()
                             for i in range(num_bins) if totals[1, i] > 0})
                 if not warned_bad and int(num_bad):
@@ -989,35 +1176,45 @@ def main(args):
                 accelerator.log(row, step=global_step)
                 bin_loss.zero_()
                 bin_count.zero_()
+                longest_run.copy_(nonfinite_run)
                 window_start, window_samples = time.perf_counter(), 0
+                if longest >= args.max_nonfinite_steps:  # the same on every process
+                    accelerator.print(f"error: {int(longest)} steps in a row with a non-finite gradient before step "
+                                      f"{global_step}; lower --learning_rate. The last checkpoint is intact.")
+                    sys.exit(1)
 
-            stop_now = stop.is_set()
-            if accelerator.num_processes > 1:  # every process must agree before the collective save
-                stop_now = bool(accelerator.reduce(torch.tensor(float(stop_now), device=accelerator.device), "max"))
+            stop_now = stop()
+            position = (epoch, epoch_batches * accelerator.num_processes)
             if (global_step % args.checkpointing_steps == 0 or stop_now) and global_step < max_train_steps:
-                path = save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, (epoch, batches_in_epoch))
+                catch_up_ema()
+                path = save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position)
                 accelerator.print(f"\nsaved {path}")
             if stop_now:
                 accelerator.print(f"stop requested: exiting at step {global_step}; resume with "
                                   f"--resume_from_checkpoint latest")
                 accelerator.end_training()
                 return
-            if global_step % args.validation_steps == 0 and global_step < max_train_steps \
-                    and accelerator.is_main_process:
-                if ema is not None:
-                    ema.store(unet.parameters())
-                    ema.copy_to(unet.parameters())
-                pipeline = make_pipeline(vae, text_encoder, tokenizer, accelerator.unwrap_model(unet).eval(), sampler)
-                log_validation(pipeline, prompts, args, output_dir / "samples" / f"step-{global_step}.png",
-                               accelerator)
-                plot_loss(metrics_path, output_dir / "loss.png")
-                if ema is not None:
-                    ema.restore(unet.parameters())
-                unet.train()
+            if global_step % args.validation_steps == 0 and global_step < max_train_steps:
+                catch_up_ema()  # on every process: the EMA stays the same everywhere
+                if accelerator.is_main_process:
+                    if ema is not None:
+                        ema.store(params)
+                        ema.copy_to(params)
+                    pipeline = make_pipeline(vae, text_encoder, tokenizer, accelerator.unwrap_model(unet).eval(),
+                                             sampler)
+                    log_validation(pipeline, prompts, args, output_dir / "samples" / f"step-{global_step}.png",
+                                   accelerator)
+                    plot_loss(metrics_path, output_dir / "loss.png")
+                    if ema is not None:
+                        ema.restore(params)
+                    unet.train()
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:
             break
+        if streaming and epoch_batches == 0:
+            raise RuntimeError(f"the stream of --dataset_name {args.dataset_name} gave no example in epoch {epoch}")
+    stop.close()
     progress.close()
     train_seconds = time.perf_counter() - train_start
     num_bad = int(accelerator.reduce(torch.as_tensor(num_bad, device=accelerator.device), "sum"))
@@ -1025,12 +1222,13 @@ def main(args):
         accelerator.print(f"warning: {num_bad} unreadable images were skipped")
 
     # ---- Final checkpoint, export (EMA weights, fp32) and samples ---------------------------------------------
-    save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, (epoch, batches_in_epoch))
+    catch_up_ema()
+    save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position)
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet).eval()
         if ema is not None:
             ema.copy_to(final_unet.parameters())
-        pipeline = export_model(final_unet, sampler, tokenizer, max_length, args, output_dir)
+        pipeline = export_model(final_unet, sampler, tokenizer, max_length, args, vae_from, output_dir)
         pipeline.to(accelerator.device)
         log_validation(pipeline, prompts, args, output_dir / "samples" / f"step-{global_step}.png", accelerator)
         plot_loss(metrics_path, output_dir / "loss.png")

@@ -1,11 +1,12 @@
 """Smoke, resume, export and bad-input tests of train_ldm_sd.py, run as users run it (subprocess, offline, CPU)."""
 
+import importlib.util
 import json
 import math
 
 import pytest
 import torch
-from conftest import resume_in_new_folder, run_script
+from conftest import REPO, resume_in_new_folder, run_script
 from safetensors.torch import load_file
 
 SCRIPT = "train_ldm_sd.py"
@@ -36,6 +37,27 @@ def tiny_sd(tmp_path_factory, tiny_clip, tiny_vae):
                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def ldm():
+    """The script as a module, for the checks that run its functions in this process."""
+    spec = importlib.util.spec_from_file_location("train_ldm_sd", REPO / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_shards(folder, text_encoder, tokenizer, vae=None):
+    """An index.json of prepare_data_multi_gpu.py (no shard files: enough for the checks made before loading)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    index = {"format": "precomputed-diffusion-shards", "version": 1, "resolution": 32, "random_flip": False,
+             "shards": [], "vae": vae or {"name_or_path": "org/sd", "subfolder": "vae", "scaling_factor": 0.18215,
+                                          "shift_factor": 0.0, "latent_channels": 4},
+             "text_encoders": [{"key": "text_encoder", "name_or_path": text_encoder, "tokenizer": tokenizer,
+                                "max_length": 16, "hidden_size": 32, "prefix": "", "use_attention_mask": False}]}
+    (folder / "index.json").write_text(json.dumps(index))
+    return index
 
 
 def read_metrics(output_dir):
@@ -119,13 +141,20 @@ def test_resume_matches_uninterrupted_run_and_total_limit(tiny_sd, tiny_imagefol
     assert any(not torch.equal(w2[k], w4[k]) for k in w2)
 
 
-@pytest.mark.parametrize("case", ["caption_column", "missing_folder", "resolution", "xformers", "bitsandbytes"])
+@pytest.mark.parametrize("case", ["caption_column", "missing_folder", "resolution", "xformers", "bitsandbytes",
+                                  "shards_text_encoder", "zero_snr_epsilon"])
 def test_bad_input_is_one_line_exit_2(case, tiny_sd, tiny_imagefolder, tmp_path):
     args = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", tiny_imagefolder, "--output_dir",
             tmp_path / "run", *FAST, "--max_train_steps", "1"]
     flag = {"caption_column": "--caption_column", "missing_folder": "--train_data_dir", "resolution": "--resolution",
-            "xformers": "--enable_xformers_memory_efficient_attention", "bitsandbytes": "--use_8bit_adam"}[case]
-    if case == "caption_column":
+            "xformers": "--enable_xformers_memory_efficient_attention", "bitsandbytes": "--use_8bit_adam",
+            "shards_text_encoder": "--precomputed_data_dir", "zero_snr_epsilon": "--rescale_betas_zero_snr"}[case]
+    if case == "shards_text_encoder":  # captions encoded by another 32-d encoder: refused before any model loads
+        fake_shards(tmp_path / "shards", "org/other-clip", "org/other-clip")
+        args[args.index("--train_data_dir"):args.index("--train_data_dir") + 2] = [flag, tmp_path / "shards"]
+    elif case == "zero_snr_epsilon":  # the folder's scheduler predicts epsilon
+        args += [flag]
+    elif case == "caption_column":
         args += ["--caption_column", "caption"]
     elif case == "missing_folder":
         args[args.index("--train_data_dir") + 1] = tmp_path / "no-such-folder"
@@ -139,3 +168,112 @@ def test_bad_input_is_one_line_exit_2(case, tiny_sd, tiny_imagefolder, tmp_path)
     assert "Traceback" not in proc.stderr
     if case == "caption_column":  # the message names the columns that exist
         assert "image" in errors[0] and "text" in errors[0]
+    if case == "shards_text_encoder":  # both encoders, and the fix
+        assert "org/other-clip" in errors[0] and f"{tiny_sd}/text_encoder" in errors[0]
+        assert "--text_encoder_name_or_path org/other-clip" in errors[0]
+    if case == "zero_snr_epsilon":
+        assert "--prediction_type epsilon" in errors[0] and "--prediction_type v_prediction" in errors[0]
+
+
+def test_bf16_from_the_flag_or_from_accelerate(tiny_sd, tiny_imagefolder, tmp_path):
+    """bf16 autocast runs on CPU; the precision accelerate resolves (flag, or the launcher's environment when the
+    flag is left out) is the one recorded. The second run also updates its offloaded EMA every 3 steps: the 2 steps
+    are caught up at the end, with the decay of both (0 at the first step: the EMA is the last weights)."""
+    flag, env = tmp_path / "flag", tmp_path / "env"
+    common = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", tiny_imagefolder, *FAST,
+              "--max_train_steps", "2", "--validation_steps", "100", "--validation_guidance_scales", "3"]
+    run_script(SCRIPT, *common, "--output_dir", flag, "--mixed_precision", "bf16")
+    # What `accelerate launch --mixed_precision bf16` (or an accelerate config set to bf16) hands the script.
+    run_script(SCRIPT, *common, "--output_dir", env, "--offload_ema", "--ema_update_every", "3",
+               env={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    for out in (flag, env):
+        assert json.loads((out / "run_config.json").read_text())["mixed_precision"] == "bf16"
+        assert all(math.isfinite(r["loss"]) for r in read_metrics(out))
+        unet = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in unet.values())
+    from diffusers import UNet2DConditionModel
+
+    model = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    model.load_state_dict(load_weights(env / "checkpoint-2", "model.safetensors"))
+    ema = load_weights(env / "checkpoint-2", "ema.safetensors")
+    for i, p in enumerate(model.parameters()):
+        torch.testing.assert_close(ema[str(i)], p.detach())
+
+
+def test_strided_ema_is_the_product_of_the_steps_decays(ldm):
+    """--ema_update_every N: one update with the product of the N decays; N = 1 is diffusers' EMAModel exactly."""
+    from diffusers.training_utils import EMAModel
+
+    weights = [torch.nn.Parameter(torch.zeros(3))]
+    plain, strided = EMAModel(weights, power=2 / 3), ldm.StridedEMA(weights, power=2 / 3)
+    for step in range(1, 6):
+        weights[0].data.fill_(float(step))
+        plain.step(weights)
+        if step in (1, 2):
+            strided.step_over(weights, 1)
+            assert torch.equal(plain.shadow_params[0], strided.shadow_params[0])
+    before = strided.shadow_params[0].clone()
+    strided.step_over(weights, 3)  # steps 3, 4, 5 in one update, from the weights of step 5
+    decay = math.prod(plain.get_decay(s) for s in (3, 4, 5))
+    expected = decay * before + (1 - decay) * 5.0
+    assert strided.optimization_step == plain.optimization_step == 5
+    torch.testing.assert_close(strided.shadow_params[0], expected)
+
+
+def test_shards_text_encoder_identity_and_vae_from_index(ldm, tiny_sd, tmp_path, capsys, monkeypatch):
+    """Shards are used only with the text encoder and tokenizer that encoded them (same path however written);
+    their VAE loads from index.json's name_or_path + subfolder, or, in older shards, from name_or_path alone."""
+    monkeypatch.chdir(tiny_sd.parent)
+    index = fake_shards(tmp_path / "shards", f"./{tiny_sd.name}/text_encoder", f"{tiny_sd.name}/tokenizer",
+                        vae={"name_or_path": str(tiny_sd), "subfolder": "vae", "scaling_factor": 0.18215})
+    args = ldm.parse_args(["--pretrained_model_name_or_path", str(tiny_sd), "--precomputed_data_dir",
+                           str(tmp_path / "shards")])
+    ldm.check_shards_text_encoder(args, index)  # the same folder, written relative
+    assert ldm.vae_source(args, index)[:2] == (str(tiny_sd), "vae")
+    assert ldm.load_vae(args, ldm.vae_source(args, index)).config.latent_channels == 4
+    old = {**index, "vae": {"name_or_path": f"{tiny_sd}/vae", "scaling_factor": 0.18215}}  # no subfolder field
+    assert ldm.load_vae(args, ldm.vae_source(args, old)).config.latent_channels == 4
+    refused = {
+        "--precomputed_data_dir": ([], fake_shards(tmp_path / "other", "org/sd/text_encoder", "org/sd/tokenizer")),
+        "--tokenizer_max_length 77": (["--tokenizer_max_length", "77"], index),
+        "--vae_name_or_path": (["--vae_name_or_path", str(tmp_path)], index),
+    }
+    for expected, (extra, bad_index) in refused.items():
+        with pytest.raises(SystemExit) as stopped:
+            bad_args = ldm.parse_args(["--pretrained_model_name_or_path", str(tiny_sd), "--precomputed_data_dir",
+                                       str(tmp_path / "shards"), *extra])
+            ldm.check_shards_text_encoder(bad_args, bad_index)
+            ldm.vae_source(bad_args, bad_index)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert stopped.value.code == 2 and len(lines) == 1 and expected in lines[0], lines
+        if expected == "--precomputed_data_dir":  # the fix names the folder the shards' encoder came from
+            assert "--pretrained_model_name_or_path org/sd without" in lines[0], lines
+
+
+def test_vae_shift_factor_is_not_applied_so_the_pipeline_decodes_right(ldm, tiny_sd):
+    """StableDiffusionPipeline decodes vae.decode(z / scaling_factor) and adds no shift_factor back: latents are
+    trained unshifted whatever the VAE's shift_factor (recorded in run_config.json)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    shifted = AutoencoderKL.from_config({**vae.config, "shift_factor": 0.5})
+    info = ldm.latent_scale(shifted)
+    assert info == {"scaling_factor": vae.config.scaling_factor, "shift_factor": 0.0,
+                    "vae_shift_factor_not_applied": 0.5}
+    args = ldm.parse_args(["--dataset_name", "x"])
+    mean = torch.randn(2, 4, 16, 16)
+    z = ldm.batch_to_latents({"latent_mean": mean, "latent_std": torch.zeros_like(mean)}, shifted, info, args,
+                             torch.Generator().manual_seed(0), torch.float32)
+    torch.testing.assert_close(z / shifted.config.scaling_factor, mean)  # what the pipeline hands vae.decode
+
+
+def test_zero_terminal_snr_min_snr_weight_is_finite_with_v_prediction(ldm, tiny_sd):
+    """At t = T zero terminal SNR makes the min-SNR weight 0 / 0 for epsilon (refused, see the bad-input test);
+    with v_prediction it is min(0, gamma) / (0 + 1) = 0, and finite at every timestep."""
+    args = ldm.parse_args(["--pretrained_model_name_or_path", str(tiny_sd), "--prediction_type", "v_prediction",
+                           "--rescale_betas_zero_snr", "--snr_gamma", "5"])
+    scheduler = ldm.build_noise_scheduler(args)
+    timesteps = torch.arange(scheduler.config.num_train_timesteps)
+    weights = ldm.min_snr_weight(scheduler, timesteps, 5.0)
+    assert torch.isfinite(weights).all() and weights[-1] == 0 and (weights[:-1] > 0).all()
+    assert float(scheduler.alphas_cumprod[-1]) == 0.0  # the terminal SNR is exactly zero
