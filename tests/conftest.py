@@ -59,11 +59,15 @@ def resume_in_new_folder(script, args, straight, resumed, step=2, extra=()):
     return run_script(script, *args, "--resume_from_checkpoint", "latest", *extra)
 
 
-def assert_same_weights(checkpoint_a, checkpoint_b, names=("model.safetensors", "ema.safetensors")):
-    """Bitwise equality of the model (and EMA) safetensors of two checkpoint folders: the exact-resume check."""
+def assert_same_weights(checkpoint_a, checkpoint_b):
+    """Bitwise equality of every safetensors file of two checkpoint folders (model, EMA in whatever layout, the
+    objective's RNG states): the exact-resume check."""
     import torch
     from safetensors.torch import load_file
 
+    names = sorted(str(p.relative_to(checkpoint_a)) for p in checkpoint_a.rglob("*.safetensors"))
+    assert names == sorted(str(p.relative_to(checkpoint_b)) for p in checkpoint_b.rglob("*.safetensors"))
+    assert any("model" in name for name in names), names
     for name in names:
         a, b = load_file(checkpoint_a / name), load_file(checkpoint_b / name)
         assert a.keys() == b.keys(), name

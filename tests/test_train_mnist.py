@@ -24,6 +24,16 @@ def common(tiny_mnist, encoder, output_dir):
     return ["--dataset_path", tiny_mnist, "--text_encoder_name_or_path", encoder, "--output_dir", output_dir, *FAST]
 
 
+def load_script():
+    """train_mnist.py as a module, for in-process tests of its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_mnist", REPO / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def read_metrics(output_dir):
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -56,6 +66,17 @@ def test_two_steps_python_clip(tiny_mnist, tiny_clip, tmp_path):
         x = torch.nn.functional.pixel_unshuffle(torch.randn(2, 1, 32, 32), p)
         pred = unet(x, torch.tensor([10, 900]), encoder_hidden_states=states).sample
     assert torch.nn.functional.pixel_shuffle(pred, p).shape == (2, 1, 32, 32) and torch.isfinite(pred).all()
+
+    # A checkpoint holds the EMA UNet in save_pretrained layout (at the last step: the export's weights) and all
+    # that --sample_from needs; the manifests of checkpoint and export hold.
+    module = load_script()
+    assert module.manifest_problem(out) is None and module.manifest_problem(out / "checkpoint-2") is None
+    ema = UNet2DConditionModel.from_pretrained(out / "checkpoint-2", subfolder="unet_ema")
+    assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), unet.state_dict().values(), strict=True))
+    again = tmp_path / "from-checkpoint"
+    run_script(SCRIPT, "--sample_from", out / "checkpoint-2", "--output_dir", again, "--num_inference_steps", "2",
+               "--validation_guidance_scales", "1")
+    assert (again / "samples" / "export.png").is_file()
 
 
 def test_two_steps_accelerate_two_processes_bert(tiny_mnist, tiny_bert, tmp_path):
@@ -248,3 +269,77 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tiny_mnist,
     assert {p.name for p in checkpoints[0].glob("train_rng_*")} == {"train_rng_0.safetensors",
                                                                     "train_rng_1.safetensors"}
     assert 1 <= json.loads((checkpoints[0] / "training_state.json").read_text())["global_step"] < 1000
+
+
+def test_damaged_checkpoint_falls_back_and_the_folder_is_one_runs(tiny_mnist, tiny_clip, tmp_path):
+    """`latest` skips a damaged checkpoint (one line) for the newest intact one; a damaged explicit path, a locked
+    folder and a new run into another run's checkpoints are one-line errors that change nothing."""
+    out = tmp_path / "run"
+    args = [*common(tiny_mnist, tiny_clip, out), "--checkpointing_steps", "1", "--validation_steps", "100"]
+    run_script(SCRIPT, *args, "--max_train_steps", "3")
+    assert not (out / "run.lock").exists()  # released at the end
+    weights = out / "checkpoint-3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
+
+    def one_error(proc, *words):
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and all(w in errors[0] for w in words), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+
+    before = sorted(p.name for p in out.iterdir())
+    one_error(run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", out / "checkpoint-3",
+                         expect_rc=2), "--resume_from_checkpoint", "damaged")
+    one_error(run_script(SCRIPT, *args, "--max_train_steps", "4", expect_rc=2), "--overwrite_output_dir")
+    (out / "run.lock").write_text(json.dumps({"pid": __import__("os").getpid(), "host": __import__("socket")
+                                              .gethostname(), "heartbeat": time.time()}))
+    one_error(run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", expect_rc=2),
+              "--output_dir", f"PID {__import__('os').getpid()}")
+    (out / "run.lock").unlink()
+    assert sorted(p.name for p in out.iterdir()) == before
+
+    proc = run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert "checkpoint-3 is damaged (model.safetensors has" in proc.stdout
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert [r["step"] for r in read_metrics(out)][-2:] == [3, 4]
+
+    # A stale lock (its process is gone) is taken over; --overwrite_output_dir starts anew without the old steps.
+    (out / "run.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": __import__("socket").gethostname(),
+                                              "heartbeat": time.time()}))
+    proc = run_script(SCRIPT, *args, "--max_train_steps", "1", "--overwrite_output_dir")
+    assert "taking over the stale lock" in proc.stdout
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert [r["step"] for r in read_metrics(out)] == [1]
+
+
+def test_disk_full_while_saving_leaves_the_previous_checkpoint(tiny_mnist, tiny_clip, tmp_path, monkeypatch):
+    """ENOSPC in the middle of a save: one line, exit 1, no half folder, the previous checkpoint intact and the
+    one `latest` picks."""
+    import errno
+
+    module = load_script()
+    out = tmp_path / "run"
+    args = module.parse_args([str(a) for a in common(tiny_mnist, tiny_clip, out)] + ["--max_train_steps", "1"])
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+
+    accelerator = Accelerator(cpu=True)
+    unet = module.build_unet(args, cross_attention_dim=32)
+    ema = EMAModel(unet.parameters(), foreach=True)
+    optimizer = torch.optim.AdamW(unet.parameters())
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    rng = torch.Generator().manual_seed(0)
+    out.mkdir()
+    sampling = module.functools.partial(module.write_sampling_files,
+                                        module.build_sampler(module.build_noise_scheduler(args).config), args, "enc")
+    module.save_checkpoint(accelerator, args, unet, ema, rng, 1, (0, 1), sampling)
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(module, "save_file", full)
+    with pytest.raises(SystemExit) as stopped:
+        module.save_checkpoint(accelerator, args, unet, ema, rng, 2, (0, 2), sampling)
+    assert stopped.value.code == 1
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
+    assert module.list_checkpoints(out) == [out / "checkpoint-1"]
+    assert module.manifest_problem(out / "checkpoint-1") is None
