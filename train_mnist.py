@@ -149,7 +149,10 @@ def parse_args(argv=None):
                    help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.')
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.")
-    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
+    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none",
+                   help="Send metrics and validation grids to a tracker (its package must be installed); all: every "
+                        "installed one.")
+    g.add_argument("--tracker_project_name", default="train_mnist", help="Project (wandb) or run folder name.")
 
     argv = sys.argv[1:] if argv is None else list(argv)
     return parser.parse_args([underscore_flag(a) for a in argv])
@@ -190,9 +193,28 @@ def check_args(args):
             import xformers  # noqa: F401
         except ImportError:
             fail("--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers)")
+    args.report_to = installed_trackers(args.report_to)
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
             fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
+
+
+def installed_trackers(report_to):
+    """--report_to as accelerate's log_with: a tracker whose package is missing is an error, never silence."""
+    import importlib.util
+
+    packages = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    if report_to == "none":
+        return []
+    if report_to == "all":
+        found = [name for name, package in packages.items() if importlib.util.find_spec(package)]
+        if not found:
+            fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
+        return found
+    if not importlib.util.find_spec(packages[report_to]):
+        fail(f"--report_to {report_to}: the {packages[report_to]} package is not installed; "
+             f"pip install {packages[report_to]}")
+    return [report_to]
 
 
 def check_accelerator(accelerator):
@@ -349,8 +371,9 @@ def to_uint8(images):
 # ----------------------------------------------------------------------------------------------------------------
 # Validation, plots and evaluation samples
 # ----------------------------------------------------------------------------------------------------------------
-def log_validation(unet, sampler, prompts, args, path, per_digit=4):
-    """Grid: one row per digit prompt, one panel per guidance scale, labelled; written to `path`."""
+def log_validation(unet, sampler, prompts, args, path, trackers=(), step=0, per_digit=4):
+    """Grid: one row per digit prompt, one panel per guidance scale, labelled; written to `path` and sent to the
+    trackers (TensorBoard: an image; wandb: an image captioned with its prompts)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -373,6 +396,24 @@ def log_validation(unet, sampler, prompts, args, path, per_digit=4):
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    if trackers:
+        caption = f"rows: {args.caption_template.format('0')} ... 9; guidance {', '.join(f'{s:g}' for s in scales)}"
+        log_image(trackers, path, step, caption)
+
+
+def log_image(trackers, path, step, caption):
+    """A PNG written to disk, sent to every tracker that shows images."""
+    from PIL import Image
+
+    image = np.asarray(Image.open(path).convert("RGB"))
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", image, step, dataformats="HWC")
+            tracker.writer.flush()
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(image, caption=caption)]}, step=step)
 
 
 def plot_loss(metrics_path, out_path):
@@ -583,14 +624,52 @@ def write_sampling_files(sampler, args, text_encoder_name, folder):
     (folder / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
 
 
-def export_model(unet, write_sampling_files, output_dir):
-    """The EMA UNet in diffusers layout (unet/), the sampler (scheduler/) and export_config.json. Each part is
-    written under a temporary name and renamed; manifest.json, written last, says the export is complete."""
+def model_card(args, text_encoder_name, global_step, metrics_path):
+    """README.md of the export: the Hub's YAML front matter, then how it was trained and how to sample it."""
+    from huggingface_hub import ModelCardData
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    data = ModelCardData(library_name="diffusers", license="other", datasets=["ylecun/mnist"],
+                         tags=["diffusers", "text-to-image", "unet", "pixel-diffusion", "mnist"])
+    command = " ".join(["python train_mnist.py", *sys.argv[1:]])
+    return f"""---
+{data.to_yaml()}
+---
+
+# Text-conditioned MNIST diffusion (train_mnist.py)
+
+A `UNet2DConditionModel` trained from scratch on MNIST, {global_step} optimizer steps, final loss
+{rows[-1]["loss"]:.4f}. Its condition: the last hidden states of the frozen text encoder `{text_encoder_name}`
+reading captions such as "{args.caption_template.format(7)}"; the unconditional branch reads the empty prompt.
+The UNet reads {args.patch_size}x{args.patch_size} pixel patches stacked as channels (`export_config.json`).
+
+Training command:
+
+```bash
+{command}
+```
+
+Sample it (the EMA weights) with the script:
+
+```bash
+python train_mnist.py --sample_from THIS_FOLDER --output_dir samples
+```
+
+![samples at guidance {", ".join(f"{s:g}" for s in args.validation_guidance_scales)}](samples.png)
+"""
+
+
+def export_model(unet, write_sampling_files, output_dir, card, grid):
+    """The EMA UNet in diffusers layout (unet/), the sampler (scheduler/), export_config.json, and a model card
+    (README.md, samples.png). Each part is written under a temporary name and renamed; manifest.json, written
+    last, says the export is complete."""
     (output_dir / MANIFEST).unlink(missing_ok=True)  # until the new manifest: visibly incomplete
     tmp = output_dir / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     unet.save_pretrained(tmp / "unet")
     write_sampling_files(tmp)
+    (tmp / "README.md").write_text(card)
+    shutil.copyfile(grid, tmp / "samples.png")
     parts = sorted(p.name for p in tmp.iterdir())
     for name in parts:
         if (output_dir / name).is_dir():
@@ -759,7 +838,7 @@ def main(args):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         # "auto" is CPU without CUDA; then several processes (torchrun, accelerate launch) talk over gloo.
         cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=args.report_to or None,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, "logs")),
         # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
         # non_blocking: a batch from pinned memory reaches the GPU without the host waiting for the GPU's queue.
@@ -840,8 +919,8 @@ def main(args):
     # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_train_steps, last_epoch=global_step - 1)
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("train_mnist", config={k: str(v) for k, v in vars(args).items()})
+    if args.report_to:
+        accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
 
     # ---- Training loop: the host reads device values only every --logging_steps -------------------------------
     metrics_path = output_dir / "metrics.jsonl"
@@ -938,7 +1017,7 @@ def main(args):
                     ema.store(unet.parameters())
                     ema.copy_to(unet.parameters())
                 log_validation(validation_unet.eval(), sampler, prompts, args,
-                               output_dir / "samples" / f"step-{global_step}.png")
+                               output_dir / "samples" / f"step-{global_step}.png", accelerator.trackers, global_step)
                 plot_loss(metrics_path, output_dir / "loss.png")
                 if ema is not None:
                     ema.restore(unet.parameters())
@@ -957,9 +1036,11 @@ def main(args):
         final_unet = accelerator.unwrap_model(unet).eval()
         if ema is not None:
             ema.copy_to(final_unet.parameters())
-        export_model(final_unet, sampling_files, output_dir)
-        log_validation(final_unet, sampler, prompts, args, output_dir / "samples" / f"step-{global_step}.png")
+        grid = output_dir / "samples" / f"step-{global_step}.png"
+        log_validation(final_unet, sampler, prompts, args, grid, accelerator.trackers, global_step)
         plot_loss(metrics_path, output_dir / "loss.png")
+        card = model_card(args, text_encoder_name, global_step, metrics_path)
+        export_model(final_unet, sampling_files, output_dir, card, grid)
         summary = {"global_step": global_step, "train_seconds": train_seconds}
         if args.num_eval_samples:
             summary["sample_seconds"] = write_eval_samples(final_unet, sampler, prompts, args,

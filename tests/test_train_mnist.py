@@ -40,7 +40,8 @@ def read_metrics(output_dir):
 
 def test_two_steps_python_clip(tiny_mnist, tiny_clip, tmp_path):
     out = tmp_path / "run"
-    run_script(SCRIPT, *common(tiny_mnist, tiny_clip, out), "--max_train_steps", "2")
+    run_script(SCRIPT, *common(tiny_mnist, tiny_clip, out), "--max_train_steps", "2", "--report_to", "tensorboard",
+               "--tracker_project_name", "tiny")
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
@@ -73,6 +74,17 @@ def test_two_steps_python_clip(tiny_mnist, tiny_clip, tmp_path):
     assert module.manifest_problem(out) is None and module.manifest_problem(out / "checkpoint-2") is None
     ema = UNet2DConditionModel.from_pretrained(out / "checkpoint-2", subfolder="unet_ema")
     assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), unet.state_dict().values(), strict=True))
+    # TensorBoard got the scalars and the validation grid; the export says what it is (Hub model card).
+    from huggingface_hub import ModelCard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs" / "tiny"), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert [e.step for e in events.Images("validation")] == [2] and events.Images("validation")[0].width > 100
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.license and "mnist" in card.data.tags
+    assert "--max_train_steps 2" in card.text and "(samples.png)" in card.text and (out / "samples.png").is_file()
+
     again = tmp_path / "from-checkpoint"
     run_script(SCRIPT, "--sample_from", out / "checkpoint-2", "--output_dir", again, "--num_inference_steps", "2",
                "--validation_guidance_scales", "1")
@@ -186,12 +198,12 @@ def test_checkpoints_total_limit(tiny_mnist, tiny_clip, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_dataset", "missing_encoder", "fp16_on_cpu", "max_samples_0",
-                                  "foreign_checkpoint"])
+                                  "foreign_checkpoint", "missing_tracker"])
 def test_bad_input_is_one_line_exit_2(case, tiny_mnist, tiny_clip, tmp_path):
     args = common(tiny_mnist, tiny_clip, tmp_path / "run") + ["--max_train_steps", "1"]
     flag = {"missing_dataset": "--dataset_path", "missing_encoder": "--text_encoder_name_or_path",
             "fp16_on_cpu": "--mixed_precision", "max_samples_0": "--max_samples",
-            "foreign_checkpoint": "--resume_from_checkpoint"}[case]
+            "foreign_checkpoint": "--resume_from_checkpoint", "missing_tracker": "--report_to"}[case]
     if case == "missing_dataset":
         args[args.index("--dataset_path") + 1] = tmp_path / "no-mnist-here"
     elif case == "missing_encoder":
@@ -200,6 +212,10 @@ def test_bad_input_is_one_line_exit_2(case, tiny_mnist, tiny_clip, tmp_path):
         args += ["--mixed_precision", "fp16", "--device", "cpu"]
     elif case == "max_samples_0":
         args += ["--max_samples", "0"]
+    elif case == "missing_tracker":
+        if __import__("importlib").util.find_spec("wandb"):  # not a dependency of the suite
+            pytest.skip("wandb is installed here")
+        args += ["--report_to", "wandb"]
     else:
         foreign = tmp_path / "checkpoint-7"
         foreign.mkdir()
