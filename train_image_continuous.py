@@ -26,18 +26,29 @@ distinct training captions (L2 in the projected space; the default, --text_decod
 encoder folder also holds a masked-LM head (BertForMaskedLM weights), by that head's argmax token at every
 position (--text_decoder mlm). The validation file lists both when the head exists.
 
+Outputs: checkpoint-N/ (accelerate's state, the EMA model in save_pretrained layout under mmdit_ema/, or mmdit/
+without EMA, and the sampling files), and the export in --output_dir: mmdit/ (TextImageModel.from_pretrained: the
+MMDiT with the caption statistics as buffers), scheduler/ and text_scheduler/ (the image's and the caption's
+samplers), export_config.json (text encoder, VAE, the captions retrieval decodes to); manifest.json, written last
+in each, says the folder is complete. --sample_from takes the export or a checkpoint-N folder.
+
     python train_image_continuous.py --data-root ../shared/datasets --text-encoder bert-base-uncased --output-dir out
     accelerate launch train_image_continuous.py --data-root coco_dir --text-encoder intfloat/multilingual-e5-large \
         --text-prefix "query: " --dim-text 1024
 """
 
 import argparse
+import atexit
+import errno
+import functools
+import hashlib
 import itertools
 import json
 import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -49,7 +60,8 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -61,7 +73,8 @@ SCRIPT = "train_image_continuous.py"
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 MNIST_SIZE = 28  # 4x4 patches: 7 x 7 = 49 image tokens (padding to 32 would cost 64)
 EXPORT_CONFIG = "export_config.json"
-EXPORT_WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"  # written last in a checkpoint or export: size and hash of every file, the commit point
+LOCK = "run.lock"  # one training run per output folder
 NEGATABLE = {"use_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
 
 
@@ -108,8 +121,8 @@ def parse_args(argv=None):
     g.add_argument("--num_heads", type=int, default=4)
     g.add_argument("--mlp_ratio", type=float, default=4.0)
     g.add_argument("--stem_channels", type=int, default=32,
-                   help="A 3x3 convolution with this many channels + GELU before the patchify (0: none). On MNIST "
-                        "image-to-text 97.3%% -> 97.8%%, text-to-image fid_ratio 11.5 -> 8.8 (docs/mmdit.md).")
+                   help="A 3x3 convolution with this many channels + GELU before the patchify (0: none); a patch "
+                        "token then sees its neighbours' edge pixels (measurements: docs/mmdit.md).")
     g.add_argument("--pooled_text", action=argparse.BooleanOptionalAction, default=True,
                    help="Add an MLP of the mean text input to the adaLN conditioning (SD3's pooled text vector).")
     g.add_argument("--weight_init", choices=["adaln_zero", "pytorch"], default="adaln_zero",
@@ -140,8 +153,7 @@ def parse_args(argv=None):
                         "a caption's 8x384 numbers still name it at t = 0.9T, where the image is noise, so the caption "
                         "stream needs the image only at the last steps; at 5 MNIST captions lose their identity at "
                         "the rate MNIST images lose their digit, at 10 earlier (benchmarks/caption_noise.py). "
-                        "Image-to-text on the first MNIST test images (docs/mmdit.md): 84%% at 5, 90%% at 10, 93%% "
-                        "at 20 (session 6); 94.7%% at 20, 96.4%% at 40, 96.3%% at 80 (session 8's recipe).")
+                        "Image-to-text accuracy against the shift: docs/mmdit.md.")
     g.add_argument("--text_clip_value", type=float, default=5.0,
                    help="Samplers clip the caption's predicted x0 to +-this (standardised units), as the image's "
                         "is clipped to [-1, 1]: with epsilon, x0 = (x_t - sigma eps) / alpha multiplies its errors "
@@ -180,11 +192,9 @@ def parse_args(argv=None):
 
     g = parser.add_argument_group("sampling and evaluation")
     g.add_argument("--guidance_scale", type=float, default=4.5,
-                   help="Text-to-image guidance (1 = none). On MNIST, with 384-d captions (session 6): 90%% prompt "
-                        "accuracy at 4.5, 90%% at 6, 76%% at 2 (docs/mmdit.md).")
+                   help="Text-to-image guidance (1 = none); prompt accuracy against the scale: docs/mmdit.md.")
     g.add_argument("--text_guidance_scale", type=float, default=3.0,
-                   help="Image-to-text guidance (1 = none). On MNIST, with 384-d captions (session 6): 93.6%% caption "
-                        "accuracy at 3, 94.0%% at 5, 92.8%% at 1.5 (docs/mmdit.md).")
+                   help="Image-to-text guidance (1 = none); caption accuracy against the scale: docs/mmdit.md.")
     g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 2.0, 4.0],
                    help="Columns of the text-to-image validation grid.")
     g.add_argument("--num_inference_steps", type=int, default=20, help="DPM-Solver++ steps (both modalities).")
@@ -200,14 +210,17 @@ def parse_args(argv=None):
                    help="MNIST: write N jointly generated (image, caption) pairs to eval_joint.npz.")
     g.add_argument("--eval_batch_size", type=int, default=250)
     g.add_argument("--sample_from", "--sample_only", default=None,
-                   help="Generate from an export folder (an output_dir of a finished run), no training.")
+                   help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.")
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=50)
     g.add_argument("--validation_steps", type=int, default=1000)
     g.add_argument("--checkpointing_steps", type=int, default=1000)
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.')
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.")
     g.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -227,7 +240,10 @@ def check_args(args):
     """Cheap checks of the flags, before any dataset or model is loaded."""
     if args.sample_from:
         if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
-            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run")
+            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
+                 f"or one of its checkpoint-N folders")
+        if problem := manifest_problem(Path(args.sample_from)):
+            fail(f"--sample_from {args.sample_from}: damaged or incomplete ({problem}); pass an intact export")
     else:
         if args.data_root is None:
             fail("--data_root is required: a folder with MNIST/raw, {split}_data.json, metadata.jsonl or index.json")
@@ -707,20 +723,26 @@ def text_basis(standardised, caption_ids, latent_dim):
     return vectors.flip(-1)[:, :latent_dim].float().contiguous(), kept
 
 
-class TextImageModel(nn.Module):
+class TextImageModel(ModelMixin, ConfigMixin):
     """What is trained: the MMDiT and a learned position embedding added to the noisy caption embeddings (at
     high noise nothing else tells the text stream which token is which). The caption is diffused in a latent
     space: standardised states projected on text_basis (`--text_latent_dim`). The standardisation statistics and
-    the basis are buffers: saved with every checkpoint and the export."""
+    the basis are buffers: saved with the weights (every checkpoint and the export). A diffusers model: its config
+    is the MMDiT's sizes, the caption length and the encoder's hidden size (encoder_dim); save_pretrained and
+    from_pretrained round-trip it bitwise."""
 
-    def __init__(self, mmdit, max_text_length, encoder_dim):
+    @register_to_config
+    def __init__(self, in_channels, image_size, patch_size, dim_image, dim_text, text_out_dim, depth, num_heads,
+                 mlp_ratio=4.0, pooled_text=False, stem_channels=0, max_text_length=16, encoder_dim=768,
+                 adaln_zero=True):
         super().__init__()
-        dim = mmdit.config["dim_text"]  # the latent (= text stream) width
-        self.mmdit = mmdit
-        self.text_position = nn.Parameter(torch.randn(1, max_text_length, dim) * 0.02)
+        self.mmdit = MMDiT(in_channels, image_size, patch_size, dim_image, dim_text, text_out_dim, depth, num_heads,
+                           mlp_ratio=mlp_ratio, pooled_text=pooled_text, stem_channels=stem_channels,
+                           adaln_zero=adaln_zero)
+        self.text_position = nn.Parameter(torch.randn(1, max_text_length, dim_text) * 0.02)  # dim_text: the latent
         self.register_buffer("text_mean", torch.zeros(encoder_dim))
         self.register_buffer("text_std", torch.ones(encoder_dim))
-        self.register_buffer("text_basis", torch.eye(encoder_dim, dim))
+        self.register_buffer("text_basis", torch.eye(encoder_dim, dim_text))
 
     def forward(self, image, t_image, text, t_text, key_mask=None):
         return self.mmdit(image, t_image, text + self.text_position[:, :text.shape[1]], t_text, key_mask)
@@ -1113,46 +1135,137 @@ def write_eval_outputs(model, ctx, args, output_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and export
 # ----------------------------------------------------------------------------------------------------------------
-def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position):
-    """accelerate's save_state plus the EMA, the objective's RNG and the data position, written to a temp folder
-    then renamed. `position` is (epoch, batches of --train_batch_size consumed in it by all processes)."""
+def file_digest(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder, names):
+    """Size and sha256 of the files `names` (relative to `folder`, or the folders they name), written last."""
+    files = {}
+    for name in names:
+        root = folder / name
+        for path in sorted(root.rglob("*")) if root.is_dir() else [root]:
+            if path.is_file():
+                files[str(path.relative_to(folder))] = [path.stat().st_size, file_digest(path)]
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def manifest_problem(folder):
+    """What is wrong with a checkpoint or export folder, in a few words, or None when its manifest holds."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (written last: the folder is incomplete)"
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is damaged"
+    for name, (size, digest) in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, not {size}"
+        if file_digest(path) != digest:
+            return f"{name} does not match its hash"
+    return None
+
+
+def save_ema(ema, model, folder):
+    """The EMA weights in diffusers' save_pretrained layout (config.json + diffusion_pytorch_model.safetensors):
+    `from_pretrained(checkpoint, subfolder=...)` loads them. Buffers come from the model; the EMA's own state
+    (decay, step) is in training_state.json."""
+    folder.mkdir(parents=True)
+    model.save_config(folder)
+    state = model.state_dict()
+    state.update((name, shadow) for (name, _), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True))
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, folder / "diffusion_pytorch_model.safetensors",
+              metadata={"format": "pt"})
+
+
+def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, write_sampling_files):
+    """accelerate's save_state, the EMA model (mmdit_ema/, or mmdit/ without EMA) with what --sample_from needs, the
+    objective's RNG and the data position, in a temp folder; a manifest written last, then an atomic rename.
+    `position` is (epoch, batches of --train_batch_size consumed in it by all processes)."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise RuntimeError(f"step {global_step}: the weights are not finite; checkpoint not written")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    # Model (safetensors), optimizer, data sampler and the global RNGs of every process.
-    accelerator.save_state(str(tmp))
-    save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
-    if accelerator.is_main_process:
-        state = {"script": SCRIPT, "global_step": global_step, "num_processes": accelerator.num_processes,
-                 "epoch": position[0], "epoch_batches": position[1], "ema": None}
-        if ema is not None:
-            ema_state = ema.state_dict()
-            shadow = ema_state.pop("shadow_params")
-            save_file({str(i): p.contiguous() for i, p in enumerate(shadow)}, tmp / "ema.safetensors")
-            state["ema"] = ema_state
-        (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # atomic: a crash never leaves a half-written checkpoint-<step>
-        if args.checkpoints_total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
-                shutil.rmtree(old)
+    try:
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        # Model (safetensors), optimizer, data sampler and the global RNGs of every process.
+        accelerator.save_state(str(tmp))
+        save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            state = {"script": SCRIPT, "global_step": global_step,
+                     "num_processes": accelerator.num_processes, "epoch": position[0], "epoch_batches": position[1],
+                     "ema": None}
+            if ema is not None:
+                save_ema(ema, unwrapped, tmp / "mmdit_ema")
+                state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+            else:
+                unwrapped.save_pretrained(tmp / "mmdit")
+            write_sampling_files(tmp)
+            (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_manifest(tmp, [p.name for p in tmp.iterdir()])
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # atomic: a crash never leaves a half-written checkpoint-<step>
+    except OSError as e:  # a full disk, a lost mount: the previous checkpoints stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
+        print(f"error: step {global_step}: checkpoint not written ({reason}); the previous checkpoints are intact, "
+              f"resume from them with --resume_from_checkpoint latest", file=sys.stderr)
+        sys.exit(1)
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
 
 def list_checkpoints(output_dir):
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "training_state.json").is_file()]
+    """Complete checkpoints (those with a manifest), oldest first."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def load_checkpoint(accelerator, path, ema, train_rng, args):
+def find_checkpoint(accelerator, args):
+    """The folder --resume_from_checkpoint names, checked against its manifest, or None for a new run. "latest"
+    falls back past damaged checkpoints to the newest intact one; a damaged explicit path is an error."""
+    if not args.resume_from_checkpoint:
+        return None
+    choice = [None]
+    if accelerator.is_main_process:  # one process reads the files; the others take its answer
+        if args.resume_from_checkpoint != "latest":
+            path = Path(args.resume_from_checkpoint)
+            if problem := manifest_problem(path):
+                fail(f"--resume_from_checkpoint {path}: damaged ({problem}); pass an intact checkpoint or latest")
+            choice = [str(path)]
+        found = list_checkpoints(args.output_dir) if choice[0] is None else []
+        for path in reversed(found):
+            if not (problem := manifest_problem(path)):
+                choice = [str(path)]
+                break
+            accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
+        if found and choice[0] is None:
+            fail(f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
+                 f"with --overwrite_output_dir")
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(choice, src=0)
+    return None if choice[0] is None else Path(choice[0])
+
+
+def load_checkpoint(accelerator, path, model, ema, train_rng, args):
     """Restore everything save_checkpoint wrote; returns training_state.json. Nothing loaded can run code.
 
     A checkpoint of N processes resumes on M != N at the same step, learning rate and number of samples seen
@@ -1173,26 +1286,128 @@ def load_checkpoint(accelerator, path, ema, train_rng, args):
         train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
     if ema is not None:
         # Straight onto the device the EMA lives on: load_state_dict keeps the tensors it is given.
-        shadow = load_file(path / "ema.safetensors", device=str(ema.shadow_params[0].device))
-        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+        weights = load_file(path / "mmdit_ema" / "diffusion_pytorch_model.safetensors",
+                            device=str(ema.shadow_params[0].device))
+        shadow = [weights[name] for name, _ in accelerator.unwrap_model(model).named_parameters()]
+        ema.load_state_dict({**state["ema"], "shadow_params": shadow})
     return state
 
 
-def export_model(model, ctx, args, output_dir):
-    """model.safetensors (EMA weights and the text statistics) + export_config.json (architecture, encoder, noise
-    schedule, the captions retrieval decodes to): all this script needs to rebuild and prompt it."""
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, output_dir / EXPORT_WEIGHTS)
-    config = {"script": SCRIPT, "mmdit": model.mmdit.config, "text_encoder": args.text_encoder,
-              "text_prefix": args.text_prefix, "max_text_length": args.max_text_length,
-              "noise_scheduler": dict(ctx.sampler.config), "prediction_type": ctx.prediction_type,
-              "text_shift": args.text_shift, "text_clip_value": args.text_clip_value,
-              "retrieval_captions": ctx.retrieval_captions, "dataset": args.dataset, "data_root": args.data_root,
-              "caption_template": args.caption_template, "kind": ctx.kind, "shape": list(ctx.shape),
-              "vae": ctx.vae_name, "latent_scaling": list(ctx.scaling) if ctx.scaling else None,
-              "guidance_scale": args.guidance_scale, "text_guidance_scale": args.text_guidance_scale,
-              "num_inference_steps": args.num_inference_steps, "text_decoder": args.text_decoder,
-              "validation_prompts": validation_prompts(ctx)}
-    (output_dir / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+def export_config(args, ctx):
+    """export_config.json: the text encoder, the VAE and image space, the captions retrieval decodes to, and the
+    sampling defaults."""
+    return {"script": SCRIPT, "text_encoder": args.text_encoder, "text_prefix": args.text_prefix,
+            "max_text_length": args.max_text_length, "prediction_type": ctx.prediction_type,
+            "text_shift": args.text_shift, "text_clip_value": args.text_clip_value,
+            "retrieval_captions": ctx.retrieval_captions, "dataset": args.dataset, "data_root": args.data_root,
+            "caption_template": args.caption_template, "kind": ctx.kind, "shape": list(ctx.shape),
+            "vae": ctx.vae_name, "latent_scaling": list(ctx.scaling) if ctx.scaling else None,
+            "guidance_scale": args.guidance_scale, "text_guidance_scale": args.text_guidance_scale,
+            "num_inference_steps": args.num_inference_steps, "text_decoder": args.text_decoder,
+            "validation_prompts": validation_prompts(ctx)}
+
+
+def write_sampling_files(sampler, text_sampler, config, folder):
+    """The image's sampler (scheduler/), the caption's (text_scheduler/: its shifted schedule) and
+    export_config.json: with the MMDiT beside them, what --sample_from needs."""
+    sampler.save_pretrained(folder / "scheduler")
+    text_sampler.save_pretrained(folder / "text_scheduler")
+    (folder / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def export_model(model, write_sampling_files, output_dir):
+    """The EMA model in diffusers layout (mmdit/: the MMDiT, the caption position embedding and the text
+    statistics), the samplers and export_config.json. Each part is written under a temporary name and renamed;
+    manifest.json, written last, says the export is complete."""
+    (output_dir / MANIFEST).unlink(missing_ok=True)  # until the new manifest: visibly incomplete
+    tmp = output_dir / ".export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "mmdit")
+    write_sampling_files(tmp)
+    parts = sorted(p.name for p in tmp.iterdir())
+    for name in parts:
+        if (output_dir / name).is_dir():
+            shutil.rmtree(output_dir / name)
+        os.replace(tmp / name, output_dir / name)
+    tmp.rmdir()
+    write_manifest(output_dir, parts)
+
+
+class RunLock:
+    """One training run per output folder: run.lock holds the PID, the host and a heartbeat time refreshed every
+    minute. A lock whose process is gone (same host) or whose heartbeat is older than `stale_after` seconds
+    (another host: a pre-empted job requeued elsewhere) is taken over with a warning."""
+
+    def __init__(self, output_dir, stale_after=300):
+        self.path, self.stale_after = Path(output_dir) / LOCK, stale_after
+        self.me = {"pid": os.getpid(), "host": socket.gethostname()}
+        self.done = threading.Event()
+
+    def acquire(self):
+        try:
+            other = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            other = None
+        except ValueError:  # a lock being written or cut short: nobody can prove it is alive
+            other = {"pid": None, "host": None, "heartbeat": 0}
+        if other is not None and other.get("pid") != self.me["pid"]:
+            if self.alive(other):
+                fail(f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
+                     f"there; wait for it, stop it, or pick another --output_dir")
+            print(f"warning: taking over the stale lock of PID {other.get('pid')} on {other.get('host')}")
+        self.write()
+        threading.Thread(target=self.beat, daemon=True).start()
+
+    def alive(self, other):
+        if other.get("host") == self.me["host"] and other.get("pid"):
+            try:
+                os.kill(other["pid"], 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+            return True
+        return time.time() - other.get("heartbeat", 0) < self.stale_after
+
+    def write(self):
+        tmp = self.path.with_name(f".{LOCK}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**self.me, "heartbeat": time.time()}))
+        os.replace(tmp, self.path)
+
+    def beat(self):
+        while not self.done.wait(60):
+            self.write()
+
+    def release(self):
+        self.done.set()
+        self.path.unlink(missing_ok=True)
+
+
+def claim_output_dir(args):
+    """Main process, before any heavy work: take the lock, and refuse to mix a new run with another run's
+    checkpoints (--resume_from_checkpoint latest would later pick the old run's higher step)."""
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        fail(f"--output_dir {output_dir}: is a file; pass a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--output_dir {output_dir}: cannot create it ({e.strerror}); pass a writable folder")
+    if not os.access(output_dir, os.W_OK):
+        fail(f"--output_dir {output_dir}: not writable; pass a writable folder")
+    lock = RunLock(output_dir)
+    lock.acquire()
+    atexit.register(lock.release)
+    old = sorted(output_dir.glob("checkpoint-*")) + sorted(output_dir.glob(".checkpoint-*.tmp"))
+    if old and not args.resume_from_checkpoint:
+        if not args.overwrite_output_dir:
+            lock.release()
+            fail(f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
+                 f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them")
+        for path in old:
+            shutil.rmtree(path)
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return lock
 
 
 def write_run_config(args, accelerator):
@@ -1260,7 +1475,8 @@ def resolve_dim_text(args):
 
 
 def build_model(mmdit_config, max_text_length, encoder_dim, adaln_zero=True):
-    return TextImageModel(MMDiT(**mmdit_config, adaln_zero=adaln_zero), max_text_length, encoder_dim)
+    return TextImageModel(**mmdit_config, max_text_length=max_text_length, encoder_dim=encoder_dim,
+                          adaln_zero=adaln_zero)
 
 
 def text_side(model, text_encoder, captions, decoder, device):
@@ -1278,10 +1494,8 @@ def generate_from_export(args, accelerator):
     if config.get("script") != SCRIPT:
         fail(f"--sample_from {export}: exported by {config.get('script')}, not {SCRIPT}")
     device = accelerator.device
-    weights = load_file(export / EXPORT_WEIGHTS)
-    model = build_model(config["mmdit"], config["max_text_length"], weights["text_mean"].numel())
-    model.load_state_dict(weights)
-    model.to(device).eval()
+    subfolder = "mmdit" if (export / "mmdit").is_dir() else "mmdit_ema"  # an export, or a checkpoint with EMA
+    model = TextImageModel.from_pretrained(export, subfolder=subfolder).to(device).eval()
     text_encoder = BertTextEncoder(config["text_encoder"], config["text_prefix"], config["max_text_length"]).to(device)
     text_encoder.name_or_path = config["text_encoder"]
     table, mlm_head = text_side(model, text_encoder, config["retrieval_captions"], args.text_decoder, device)
@@ -1294,15 +1508,14 @@ def generate_from_export(args, accelerator):
         val_x0 = test_images[:args.num_validation_images].float().div(127.5).sub(1.0)
         val_captions = [mnist_caption(args.caption_template, d) for d in test_labels[:args.num_validation_images]]
         val_source = "MNIST test images"
-    sampler = build_sampler(config["noise_scheduler"])
-    text_sampler = build_sampler(config["noise_scheduler"],  # text_shift 1 for exports from before the flag
-                                 trained_betas=text_betas(config["noise_scheduler"], config.get("text_shift", 1.0)))
+    sampler = DPMSolverMultistepScheduler.from_pretrained(export / "scheduler")
+    text_sampler = DPMSolverMultistepScheduler.from_pretrained(export / "text_scheduler")
     ctx = Sampling(text_encoder=text_encoder, retrieval_table=table, retrieval_captions=config["retrieval_captions"],
                    mlm_head=mlm_head, text_decoder=args.text_decoder, sampler=sampler,
                    text_sampler=text_sampler, prediction_type=config["prediction_type"],
                    image_clip=1.0 if config["kind"] == "pixels" else 1e4,
                    text_clip=config["text_clip_value"], max_text_length=config["max_text_length"],
-                   dim_text=config["mmdit"]["dim_text"], device=device, shape=tuple(config["shape"]),
+                   dim_text=model.config.dim_text, device=device, shape=tuple(config["shape"]),
                    kind=config["kind"], vae=vae, scaling=config["latent_scaling"], dataset=config["dataset"],
                    caption_template=config["caption_template"], val_captions=val_captions or
                    config["validation_prompts"], val_x0=val_x0, val_source=val_source,
@@ -1341,12 +1554,14 @@ def main(args):
         torch.backends.cudnn.allow_tf32 = True
     if args.sample_from:
         return generate_from_export(args, accelerator)
+    if accelerator.is_main_process:
+        claim_output_dir(args)
     stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
     dim_text = resolve_dim_text(args)
     set_seed(args.seed)  # same initial weights on every process
     output_dir = Path(args.output_dir)
+    resume_path = find_checkpoint(accelerator, args)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(args, accelerator)
 
     # ---- Data: images (or VAE posteriors) and the table of distinct captions ----------------------------------
@@ -1409,6 +1624,7 @@ def main(args):
                    dataset=args.dataset, caption_template=args.caption_template, val_captions=data.val_captions,
                    val_x0=validation_images(data, scaling), val_source=data.val_source,
                    text_guidance_scale=args.text_guidance_scale, num_inference_steps=args.num_inference_steps)
+    sampling_files = functools.partial(write_sampling_files, sampler, text_sampler, export_config(args, ctx))
 
     # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
     # Fused AdamW: one kernel for all tensors, and it can skip a non-finite step on the device (found_inf below).
@@ -1423,20 +1639,16 @@ def main(args):
 
     # ---- Resume -----------------------------------------------------------------------------------------------
     global_step, first_epoch, batches_to_skip = 0, 0, 0
-    if args.resume_from_checkpoint:
-        found = list_checkpoints(output_dir)
-        path = found[-1] if args.resume_from_checkpoint == "latest" and found else None
-        path = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint != "latest" else path
-        if path is None:
-            accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
-        else:
-            state = load_checkpoint(accelerator, path, ema, train_rng, args)
-            global_step, first_epoch = state["global_step"], state["epoch"]
-            # The data position in batches of this run's processes (the count may differ from the saved run's).
-            batches_to_skip = state["epoch_batches"] // accelerator.num_processes
-            if batches_to_skip >= len(train_dataloader):
-                first_epoch, batches_to_skip = first_epoch + 1, 0
-            accelerator.print(f"resumed from {path} at step {global_step}")
+    if resume_path is not None:
+        state = load_checkpoint(accelerator, resume_path, model, ema, train_rng, args)
+        global_step, first_epoch = state["global_step"], state["epoch"]
+        # The data position in batches of this run's processes (the count may differ from the saved run's).
+        batches_to_skip = state["epoch_batches"] // accelerator.num_processes
+        if batches_to_skip >= len(train_dataloader):
+            first_epoch, batches_to_skip = first_epoch + 1, 0
+        accelerator.print(f"resumed from {resume_path} at step {global_step}")
+    elif args.resume_from_checkpoint:
+        accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
     # Not prepared: accelerate would step it once per process and save it pickled. It counts optimizer steps
     # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -1523,7 +1735,7 @@ def main(args):
             stop_now = stop()
             position = (epoch, epoch_batches * accelerator.num_processes)
             if (global_step % args.checkpointing_steps == 0 or stop_now) and global_step < max_train_steps:
-                path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position)
+                path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, sampling_files)
                 accelerator.print(f"\nsaved {path}")
             if stop_now:
                 accelerator.print(f"stop requested: exiting at step {global_step}; resume with "
@@ -1549,12 +1761,12 @@ def main(args):
     train_seconds = time.perf_counter() - train_start
 
     # ---- Final checkpoint, samples and export (EMA weights) ---------------------------------------------------
-    save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position)
+    save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, sampling_files)
     if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(model).eval()
         if ema is not None:
             ema.copy_to(final_model.parameters())
-        export_model(final_model, ctx, args, output_dir)
+        export_model(final_model, sampling_files, output_dir)
         log_validation(final_model, ctx, args, global_step)
         plot_loss(metrics_path, output_dir / "loss.png")
         summary = {"global_step": global_step, "train_seconds": train_seconds}

@@ -24,12 +24,17 @@ token. The attention's key-padding mask only removes a dropped modality.
 """
 
 import argparse
+import atexit
+import errno
+import functools
+import hashlib
 import itertools
 import json
 import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
+from diffusers import ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
@@ -52,7 +59,9 @@ SCRIPT = "train_image_discrete.py"
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 MNIST_SIZE = 28  # 4x4 patches: 7 x 7 = 49 image tokens (padding to 32 would cost 64)
 EXPORT_CONFIG = "export_config.json"
-EXPORT_WEIGHTS = "model.safetensors"
+MODEL_FOLDER = "mmdit"  # the exported model, in save_pretrained layout (mmdit_ema/ in a checkpoint with EMA)
+MANIFEST = "manifest.json"  # written last in a checkpoint or export: size and hash of every file, the commit point
+LOCK = "run.lock"  # one training run per output folder
 NEGATABLE = {"use_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
 
 
@@ -95,8 +104,8 @@ def parse_args(argv=None):
     g.add_argument("--num_heads", type=int, default=4)
     g.add_argument("--mlp_ratio", type=float, default=4.0)
     g.add_argument("--stem_channels", type=int, default=4,
-                   help="A 3x3 convolution with this many channels + GELU before the patchify (0: none). On MNIST "
-                        "it lifts image-to-text from 96.8%% to 97.5-97.7%% (4, 8 or 32 channels) and needs more "
+                   help="A 3x3 convolution with this many channels + GELU before the patchify (0: none): a patch "
+                        "token also sees its neighbours' edge pixels; it improves image-to-text and needs more "
                         "text-to-image guidance (docs/mmdit.md).")
     g.add_argument("--pooled_text", action=argparse.BooleanOptionalAction, default=True,
                    help="Add an MLP of the mean text input to the adaLN conditioning (SD3's pooled text vector).")
@@ -124,7 +133,7 @@ def parse_args(argv=None):
     g.add_argument("--text_schedule", choices=["linear", "square", "cosine"], default="linear",
                    help="Masking rate t of a caption, u uniform: linear t = u (alpha = 1 - u, weight 1/u), square "
                         "t = u^2 (weight 2/u) or cosine t = sin(pi u / 2) (weight (pi/2) / tan(pi u / 2)). The same "
-                        "ELBO; on MNIST neither beat linear (docs/mmdit.md, session 10).")
+                        "ELBO (docs/mmdit.md compares them).")
     g.add_argument("--min_text_t", type=float, default=1e-3, help="Smallest u of --text_schedule; bounds the weight.")
 
     g = parser.add_argument_group("optimisation")
@@ -160,9 +169,8 @@ def parse_args(argv=None):
 
     g = parser.add_argument_group("sampling and evaluation")
     g.add_argument("--guidance_scale", type=float, default=7.0,
-                   help="Text-to-image guidance (1 = none). On MNIST with the default 4-channel stem, prompt accuracy "
-                        "93.9%% / 96.4%% / 96.7%% at 4.5 / 6 / 7 (seed 0; 95.1%% at 7 on seed 1); more guidance costs "
-                        "fid (docs/mmdit.md).")
+                   help="Text-to-image guidance (1 = none): more follows the prompt more closely at some cost in "
+                        "image quality (docs/mmdit.md).")
     g.add_argument("--text_guidance_scale", type=float, default=1.5, help="Image-to-text guidance (1 = none).")
     g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 2.0, 4.0],
                    help="Columns of the text-to-image validation grid.")
@@ -179,14 +187,17 @@ def parse_args(argv=None):
                    help="MNIST: write N jointly generated (image, caption) pairs to eval_joint.npz.")
     g.add_argument("--eval_batch_size", type=int, default=250)
     g.add_argument("--sample_from", "--sample_only", default=None,
-                   help="Generate from an export folder (an output_dir of a finished run), no training.")
+                   help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.")
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=50)
     g.add_argument("--validation_steps", type=int, default=1000)
     g.add_argument("--checkpointing_steps", type=int, default=1000)
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.')
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.")
     g.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -206,7 +217,10 @@ def check_args(args):
     """Cheap checks of the flags, before any dataset or model is loaded."""
     if args.sample_from:
         if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
-            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run")
+            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
+                 f"or one of its checkpoint-N folders")
+        if problem := manifest_problem(Path(args.sample_from)):
+            fail(f"--sample_from {args.sample_from}: damaged or incomplete ({problem}); pass an intact export")
     else:
         if args.data_root is None:
             fail("--data_root is required: a folder with MNIST/raw, {split}_data.json, metadata.jsonl or index.json")
@@ -701,12 +715,20 @@ def text_encoder_hidden_size(name_or_path, flag="--text_encoder"):
     return config.hidden_size
 
 
-class TextImageModel(nn.Module):
-    """What is trained: the MMDiT and, with --text_encoder learned, the caption's input embedding."""
+class TextImageModel(ModelMixin, ConfigMixin):
+    """What is trained, checkpointed and exported (diffusers layout: save_pretrained / from_pretrained): the MMDiT
+    and, with --text_encoder learned (num_text_tokens set), the caption's input embedding. A frozen text encoder is
+    not part of it: export_config.json names it and --sample_from loads it from there."""
 
-    def __init__(self, mmdit, text_input):
+    @register_to_config
+    def __init__(self, in_channels, image_size, patch_size, dim_image, dim_text, text_out_dim, depth, num_heads,
+                 mlp_ratio=4.0, pooled_text=False, stem_channels=0, num_text_tokens=None, max_text_length=16,
+                 adaln_zero=True):
         super().__init__()
-        self.mmdit, self.text_input = mmdit, text_input
+        self.mmdit = MMDiT(in_channels, image_size, patch_size, dim_image, dim_text, text_out_dim, depth, num_heads,
+                           mlp_ratio, pooled_text, stem_channels, adaln_zero)
+        self.text_input = (TextTokenEncoder(num_text_tokens, max_text_length, dim_text, adaln_zero)
+                           if num_text_tokens else None)
 
     def forward(self, image, t_image, text, t_text, key_mask=None):
         y = self.text_input(text) if self.text_input is not None else text
@@ -1043,46 +1065,137 @@ def write_eval_outputs(model, ctx, args, output_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and export
 # ----------------------------------------------------------------------------------------------------------------
-def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position):
-    """accelerate's save_state plus the EMA, the objective's RNG and the data position, written to a temp folder
-    then renamed. `position` is (epoch, batches of --train_batch_size consumed in it by all processes)."""
+def file_digest(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder, names):
+    """Size and sha256 of the files `names` (relative to `folder`, or the folders they name), written last."""
+    files = {}
+    for name in names:
+        root = folder / name
+        for path in sorted(root.rglob("*")) if root.is_dir() else [root]:
+            if path.is_file():
+                files[str(path.relative_to(folder))] = [path.stat().st_size, file_digest(path)]
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def manifest_problem(folder):
+    """What is wrong with a checkpoint or export folder, in a few words, or None when its manifest holds."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (written last: the folder is incomplete)"
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is damaged"
+    for name, (size, digest) in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, not {size}"
+        if file_digest(path) != digest:
+            return f"{name} does not match its hash"
+    return None
+
+
+def save_ema(ema, model, folder):
+    """The EMA weights in diffusers' save_pretrained layout (config.json + diffusion_pytorch_model.safetensors):
+    `from_pretrained(checkpoint, subfolder=...)` loads them. Buffers come from the model; the EMA's own state
+    (decay, step) is in training_state.json."""
+    folder.mkdir(parents=True)
+    model.save_config(folder)
+    state = model.state_dict()
+    state.update((name, shadow) for (name, _), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True))
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, folder / "diffusion_pytorch_model.safetensors",
+              metadata={"format": "pt"})
+
+
+def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, write_sampling_files):
+    """accelerate's save_state, the EMA model (mmdit_ema/, or mmdit/ without EMA) with what --sample_from needs, the
+    objective's RNG and the data position, in a temp folder; a manifest written last, then an atomic rename.
+    `position` is (epoch, batches of --train_batch_size consumed in it by all processes)."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise RuntimeError(f"step {global_step}: the weights are not finite; checkpoint not written")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    # Model (safetensors), optimizer, data sampler and the global RNGs of every process.
-    accelerator.save_state(str(tmp))
-    save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
-    if accelerator.is_main_process:
-        state = {"script": SCRIPT, "global_step": global_step, "num_processes": accelerator.num_processes,
-                 "epoch": position[0], "epoch_batches": position[1], "ema": None}
-        if ema is not None:
-            ema_state = ema.state_dict()
-            shadow = ema_state.pop("shadow_params")
-            save_file({str(i): p.contiguous() for i, p in enumerate(shadow)}, tmp / "ema.safetensors")
-            state["ema"] = ema_state
-        (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # atomic: a crash never leaves a half-written checkpoint-<step>
-        if args.checkpoints_total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
-                shutil.rmtree(old)
+    try:
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        # Model (safetensors), optimizer, data sampler and the global RNGs of every process.
+        accelerator.save_state(str(tmp))
+        save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            state = {"script": SCRIPT, "global_step": global_step,
+                     "num_processes": accelerator.num_processes, "epoch": position[0], "epoch_batches": position[1],
+                     "ema": None}
+            if ema is not None:
+                save_ema(ema, unwrapped, tmp / "mmdit_ema")
+                state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+            else:
+                unwrapped.save_pretrained(tmp / MODEL_FOLDER)
+            write_sampling_files(tmp)
+            (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_manifest(tmp, [p.name for p in tmp.iterdir()])
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # atomic: a crash never leaves a half-written checkpoint-<step>
+    except OSError as e:  # a full disk, a lost mount: the previous checkpoints stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
+        print(f"error: step {global_step}: checkpoint not written ({reason}); the previous checkpoints are intact, "
+              f"resume from them with --resume_from_checkpoint latest", file=sys.stderr)
+        sys.exit(1)
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
 
 def list_checkpoints(output_dir):
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "training_state.json").is_file()]
+    """Complete checkpoints (those with a manifest), oldest first."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def load_checkpoint(accelerator, path, ema, train_rng, args):
+def find_checkpoint(accelerator, args):
+    """The folder --resume_from_checkpoint names, checked against its manifest, or None for a new run. "latest"
+    falls back past damaged checkpoints to the newest intact one; a damaged explicit path is an error."""
+    if not args.resume_from_checkpoint:
+        return None
+    choice = [None]
+    if accelerator.is_main_process:  # one process reads the files; the others take its answer
+        if args.resume_from_checkpoint != "latest":
+            path = Path(args.resume_from_checkpoint)
+            if problem := manifest_problem(path):
+                fail(f"--resume_from_checkpoint {path}: damaged ({problem}); pass an intact checkpoint or latest")
+            choice = [str(path)]
+        found = list_checkpoints(args.output_dir) if choice[0] is None else []
+        for path in reversed(found):
+            if not (problem := manifest_problem(path)):
+                choice = [str(path)]
+                break
+            accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
+        if found and choice[0] is None:
+            fail(f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
+                 f"with --overwrite_output_dir")
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(choice, src=0)
+    return None if choice[0] is None else Path(choice[0])
+
+
+def load_checkpoint(accelerator, path, model, ema, train_rng, args):
     """Restore everything save_checkpoint wrote; returns training_state.json. Nothing loaded can run code.
 
     A checkpoint of N processes resumes on M != N at the same step, learning rate and number of samples seen
@@ -1103,15 +1216,17 @@ def load_checkpoint(accelerator, path, ema, train_rng, args):
         train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
     if ema is not None:
         # Straight onto the device the EMA lives on: load_state_dict keeps the tensors it is given.
-        shadow = load_file(path / "ema.safetensors", device=str(ema.shadow_params[0].device))
-        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+        weights = load_file(path / "mmdit_ema" / "diffusion_pytorch_model.safetensors",
+                            device=str(ema.shadow_params[0].device))
+        shadow = [weights[name] for name, _ in accelerator.unwrap_model(model).named_parameters()]
+        ema.load_state_dict({**state["ema"], "shadow_params": shadow})
     return state
 
 
-def export_model(model, ctx, args, output_dir):
-    """model.safetensors (EMA weights) + export_config.json: all this script needs to rebuild and prompt it."""
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, output_dir / EXPORT_WEIGHTS)
-    config = {"script": SCRIPT, "mmdit": model.mmdit.config, "tokenizer": args.tokenizer,
+def write_sampling_files(ctx, args, folder):
+    """export_config.json: with the model beside it, what --sample_from needs (tokenizer, frozen encoder and VAE
+    names, the compact vocabulary, image space and sampler settings)."""
+    config = {"script": SCRIPT, "mmdit": ctx.mmdit_config, "tokenizer": args.tokenizer,
               "text_encoder": args.text_encoder, "max_text_length": args.max_text_length,
               "vocabulary": ctx.vocabulary.ids.tolist(), "dataset": args.dataset, "data_root": args.data_root,
               "caption_template": args.caption_template, "kind": ctx.kind, "shape": list(ctx.shape),
@@ -1119,7 +1234,101 @@ def export_model(model, ctx, args, output_dir):
               "guidance_scale": args.guidance_scale, "text_guidance_scale": args.text_guidance_scale,
               "num_inference_steps": args.num_inference_steps, "text_sampler": args.text_sampler,
               "text_inference_steps": ctx.text_inference_steps, "validation_prompts": validation_prompts(ctx)}
-    (output_dir / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+    (folder / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def export_model(model, write_sampling_files, output_dir):
+    """The EMA model in diffusers layout (mmdit/) and export_config.json. Each part is written under a temporary
+    name and renamed; manifest.json, written last, says the export is complete."""
+    (output_dir / MANIFEST).unlink(missing_ok=True)  # until the new manifest: visibly incomplete
+    tmp = output_dir / ".export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / MODEL_FOLDER)
+    write_sampling_files(tmp)
+    parts = sorted(p.name for p in tmp.iterdir())
+    for name in parts:
+        if (output_dir / name).is_dir():
+            shutil.rmtree(output_dir / name)
+        os.replace(tmp / name, output_dir / name)
+    tmp.rmdir()
+    write_manifest(output_dir, parts)
+
+
+class RunLock:
+    """One training run per output folder: run.lock holds the PID, the host and a heartbeat time refreshed every
+    minute. A lock whose process is gone (same host) or whose heartbeat is older than `stale_after` seconds
+    (another host: a pre-empted job requeued elsewhere) is taken over with a warning."""
+
+    def __init__(self, output_dir, stale_after=300):
+        self.path, self.stale_after = Path(output_dir) / LOCK, stale_after
+        self.me = {"pid": os.getpid(), "host": socket.gethostname()}
+        self.done = threading.Event()
+
+    def acquire(self):
+        try:
+            other = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            other = None
+        except ValueError:  # a lock being written or cut short: nobody can prove it is alive
+            other = {"pid": None, "host": None, "heartbeat": 0}
+        if other is not None and other.get("pid") != self.me["pid"]:
+            if self.alive(other):
+                fail(f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
+                     f"there; wait for it, stop it, or pick another --output_dir")
+            print(f"warning: taking over the stale lock of PID {other.get('pid')} on {other.get('host')}")
+        self.write()
+        threading.Thread(target=self.beat, daemon=True).start()
+
+    def alive(self, other):
+        if other.get("host") == self.me["host"] and other.get("pid"):
+            try:
+                os.kill(other["pid"], 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+            return True
+        return time.time() - other.get("heartbeat", 0) < self.stale_after
+
+    def write(self):
+        tmp = self.path.with_name(f".{LOCK}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**self.me, "heartbeat": time.time()}))
+        os.replace(tmp, self.path)
+
+    def beat(self):
+        while not self.done.wait(60):
+            self.write()
+
+    def release(self):
+        self.done.set()
+        self.path.unlink(missing_ok=True)
+
+
+def claim_output_dir(args):
+    """Main process, before any heavy work: take the lock, and refuse to mix a new run with another run's
+    checkpoints (--resume_from_checkpoint latest would later pick the old run's higher step)."""
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        fail(f"--output_dir {output_dir}: is a file; pass a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--output_dir {output_dir}: cannot create it ({e.strerror}); pass a writable folder")
+    if not os.access(output_dir, os.W_OK):
+        fail(f"--output_dir {output_dir}: not writable; pass a writable folder")
+    lock = RunLock(output_dir)
+    lock.acquire()
+    atexit.register(lock.release)
+    old = sorted(output_dir.glob("checkpoint-*")) + sorted(output_dir.glob(".checkpoint-*.tmp"))
+    if old and not args.resume_from_checkpoint:
+        if not args.overwrite_output_dir:
+            lock.release()
+            fail(f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
+                 f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them")
+        for path in old:
+            shutil.rmtree(path)
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return lock
 
 
 def write_run_config(args, accelerator):
@@ -1186,10 +1395,8 @@ def resolve_dim_text(args):
 
 
 def build_model(mmdit_config, text_encoder, num_tokens, max_text_length, adaln_zero=True):
-    mmdit = MMDiT(**mmdit_config, adaln_zero=adaln_zero)
-    text_input = (TextTokenEncoder(num_tokens, max_text_length, mmdit_config["dim_text"], adaln_zero)
-                  if text_encoder == "learned" else None)
-    return TextImageModel(mmdit, text_input)
+    return TextImageModel(**mmdit_config, num_text_tokens=num_tokens if text_encoder == "learned" else None,
+                          max_text_length=max_text_length, adaln_zero=adaln_zero)
 
 
 def generate_from_export(args, accelerator):
@@ -1200,9 +1407,8 @@ def generate_from_export(args, accelerator):
     device = accelerator.device
     tokenizer = load_tokenizer(config["tokenizer"])
     vocabulary = Vocabulary(config["vocabulary"], tokenizer.pad_token_id)
-    model = build_model(config["mmdit"], config["text_encoder"], vocabulary.size + 1, config["max_text_length"])
-    model.load_state_dict(load_file(export / EXPORT_WEIGHTS))
-    model.to(device).eval()
+    subfolder = MODEL_FOLDER if (export / MODEL_FOLDER).is_dir() else "mmdit_ema"  # an export, or a checkpoint
+    model = TextImageModel.from_pretrained(export, subfolder=subfolder).to(device).eval()
     frozen = None if config["text_encoder"] == "learned" else BertTextEncoder(config["text_encoder"], vocabulary)
     vae = load_vae(config["vae"]).to(device) if config["vae"] else None
     args.data_root = args.data_root or config["data_root"]
@@ -1254,13 +1460,15 @@ def main(args):
         torch.backends.cudnn.allow_tf32 = True
     if args.sample_from:
         return generate_from_export(args, accelerator)
+    if accelerator.is_main_process:
+        claim_output_dir(args)
     stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
     dim_text = resolve_dim_text(args)
     tokenizer = load_tokenizer(args.tokenizer)
     set_seed(args.seed)  # same initial weights on every process
     output_dir = Path(args.output_dir)
+    resume_path = find_checkpoint(accelerator, args)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(args, accelerator)
 
     # ---- Data: images (or VAE posteriors) and the caption table, tokenized once -------------------------------
@@ -1308,7 +1516,9 @@ def main(args):
                    caption_template=args.caption_template, val_captions=data.val_captions,
                    val_x0=validation_images(data, scaling), val_source=data.val_source,
                    text_guidance_scale=args.text_guidance_scale, text_sampler=args.text_sampler,
-                   text_inference_steps=args.text_inference_steps or args.max_text_length)
+                   text_inference_steps=args.text_inference_steps or args.max_text_length,
+                   mmdit_config=mmdit_config)
+    sampling_files = functools.partial(write_sampling_files, ctx, args)
 
     # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
     # Fused AdamW: one kernel for all tensors, and it can skip a non-finite step on the device (found_inf below).
@@ -1323,20 +1533,16 @@ def main(args):
 
     # ---- Resume -----------------------------------------------------------------------------------------------
     global_step, first_epoch, batches_to_skip = 0, 0, 0
-    if args.resume_from_checkpoint:
-        found = list_checkpoints(output_dir)
-        path = found[-1] if args.resume_from_checkpoint == "latest" and found else None
-        path = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint != "latest" else path
-        if path is None:
-            accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
-        else:
-            state = load_checkpoint(accelerator, path, ema, train_rng, args)
-            global_step, first_epoch = state["global_step"], state["epoch"]
-            # The data position in batches of this run's processes (the count may differ from the saved run's).
-            batches_to_skip = state["epoch_batches"] // accelerator.num_processes
-            if batches_to_skip >= len(train_dataloader):
-                first_epoch, batches_to_skip = first_epoch + 1, 0
-            accelerator.print(f"resumed from {path} at step {global_step}")
+    if resume_path is not None:
+        state = load_checkpoint(accelerator, resume_path, model, ema, train_rng, args)
+        global_step, first_epoch = state["global_step"], state["epoch"]
+        # The data position in batches of this run's processes (the count may differ from the saved run's).
+        batches_to_skip = state["epoch_batches"] // accelerator.num_processes
+        if batches_to_skip >= len(train_dataloader):
+            first_epoch, batches_to_skip = first_epoch + 1, 0
+        accelerator.print(f"resumed from {resume_path} at step {global_step}")
+    elif args.resume_from_checkpoint:
+        accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
     # Not prepared: accelerate would step it once per process and save it pickled. It counts optimizer steps
     # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -1424,7 +1630,8 @@ def main(args):
             stop_now = stop()
             position = (epoch, epoch_batches * accelerator.num_processes)
             if (global_step % args.checkpointing_steps == 0 or stop_now) and global_step < max_train_steps:
-                path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position)
+                path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position,
+                                       sampling_files)
                 accelerator.print(f"\nsaved {path}")
             if stop_now:
                 accelerator.print(f"stop requested: exiting at step {global_step}; resume with "
@@ -1450,12 +1657,12 @@ def main(args):
     train_seconds = time.perf_counter() - train_start
 
     # ---- Final checkpoint, samples and export (EMA weights) ---------------------------------------------------
-    save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position)
+    save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, sampling_files)
     if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(model).eval()
         if ema is not None:
             ema.copy_to(final_model.parameters())
-        export_model(final_model, ctx, args, output_dir)
+        export_model(final_model, sampling_files, output_dir)
         log_validation(final_model, ctx, args, global_step)
         plot_loss(metrics_path, output_dir / "loss.png")
         summary = {"global_step": global_step, "train_seconds": train_seconds}

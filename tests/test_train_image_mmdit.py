@@ -56,7 +56,7 @@ def test_seed_command_whole_pipeline_then_sample_only(script, tiny_mnist, tiny_b
     config = json.loads((out / "run_config.json").read_text())
     assert config["args"]["num_train_epochs"] == 2 and config["args"]["max_samples"] == 10
     export = json.loads((out / "export_config.json").read_text())
-    weights = load_file(out / "model.safetensors")
+    weights = export_weights(out)
     assert export["script"] == script and all(torch.isfinite(w).all() for w in weights.values())
     if script == DISCRETE:  # a 4-channel conv stem by default (docs/mmdit.md), rebuilt by --sample-only
         assert export["mmdit"]["stem_channels"] == 4
@@ -65,10 +65,11 @@ def test_seed_command_whole_pipeline_then_sample_only(script, tiny_mnist, tiny_b
         assert weights["text_mean"].shape == (32,) and (weights["text_std"] > 0).all()
         assert not torch.equal(weights["text_std"], torch.ones(32))
         assert export["text_shift"] == 40.0  # the default, read back by --sample-only
-        assert export["mmdit"]["stem_channels"] == 32  # the default conv stem, rebuilt by --sample-only
+        model_config = json.loads((out / "mmdit" / "config.json").read_text())
+        assert model_config["stem_channels"] == 32  # the default conv stem, rebuilt by --sample-only
         assert weights["mmdit.patch_encoder.stem.0.weight"].shape == (32, 1, 3, 3)
         # The default latent width is 64, capped at the encoder's hidden size (32 here): all of it, unrotated.
-        assert export["mmdit"]["dim_text"] == 32 and torch.equal(weights["text_basis"], torch.eye(32))
+        assert model_config["dim_text"] == 32 and torch.equal(weights["text_basis"], torch.eye(32))
 
     again = tmp_path / "from-export"
     run_script(script, "--sample-only", out, "--data-root", tiny_mnist, "--output-dir", again,
@@ -100,7 +101,7 @@ def test_imagefolder_frozen_encoder_counts_missing_images(script, tiny_imagefold
     export = json.loads((out / "export_config.json").read_text())
     assert export["text_encoder"] == str(tiny_bert) and export["shape"] == [3, 32, 32]
     if script == DISCRETE:  # the frozen encoder is not part of the trained weights
-        assert not any(k.startswith("text_input") or "bert" in k for k in load_file(out / "model.safetensors"))
+        assert not any(k.startswith("text_input") or "bert" in k for k in export_weights(out))
 
 
 def write_shards(root, tiny_vae, n=10):
@@ -172,7 +173,7 @@ def test_two_processes(script, tiny_mnist, tiny_bert, tmp_path):
     for rank in (0, 1):
         assert (out / "checkpoint-2" / f"train_rng_{rank}.safetensors").is_file()
     rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [1, 2] and (out / "model.safetensors").is_file()
+    assert [r["step"] for r in rows] == [1, 2] and export_weights(out)
 
     # The 2-process run resumed on 1 process: same step, learning rate and data position (in batches of 4).
     one = tmp_path / "one"
@@ -231,8 +232,8 @@ def test_vocabulary_mask_is_not_pad_and_never_predicted(discrete, vocabulary):
     assert (compact < vocab.size).all() and (compact == vocab.pad_id).any()
     assert vocab.decode(tokenizer, compact) == ["a handwritten digit seven", "a digit one"]
     # The model's caption head has one logit per real token: the mask cannot be predicted.
-    mmdit = discrete.MMDiT(1, 8, 4, 16, 16, vocab.size, 1, 2)
-    model = discrete.TextImageModel(mmdit, discrete.TextTokenEncoder(vocab.size + 1, 8, 16))
+    model = discrete.TextImageModel(1, 8, 4, 16, 16, vocab.size, 1, 2, num_text_tokens=vocab.size + 1,
+                                    max_text_length=8)
     _, logits = model(torch.randn(2, 1, 8, 8), torch.rand(2), torch.full((2, 8), vocab.mask_id), torch.ones(2))
     assert logits.shape == (2, 8, vocab.size)
 
@@ -379,8 +380,8 @@ def test_continuous_standardisation_and_retrieval():
     assert torch.allclose(examples.var(dim=(0, 1), unbiased=False), torch.ones(6), atol=1e-4)
     captions = [f"caption {i}" for i in range(5)]
     assert continuous.nearest_captions(table + 0.01 * torch.randn(5, 4, 6), table, captions) == captions
-    mmdit = continuous.MMDiT(1, 8, 4, dim_image=16, dim_text=6, text_out_dim=6, depth=1, num_heads=2)
-    model = continuous.TextImageModel(mmdit, max_text_length=4, encoder_dim=6)
+    model = continuous.TextImageModel(1, 8, 4, dim_image=16, dim_text=6, text_out_dim=6, depth=1, num_heads=2,
+                                      max_text_length=4, encoder_dim=6)
     model.text_mean, model.text_std = mean, std
     assert torch.allclose(model.unstandardise(model.standardise(table)), table, atol=1e-4)
 
@@ -399,8 +400,8 @@ def test_continuous_text_basis_keeps_what_tells_captions_apart():
     assert kept == pytest.approx(1.0, abs=1e-6)  # the table has rank 4
     identity, share = continuous.text_basis(standardised, caption_ids, 0)
     assert torch.equal(identity, torch.eye(10)) and share == 1.0
-    mmdit = continuous.MMDiT(1, 8, 4, dim_image=16, dim_text=4, text_out_dim=4, depth=1, num_heads=2)
-    model = continuous.TextImageModel(mmdit, max_text_length=3, encoder_dim=10)
+    model = continuous.TextImageModel(1, 8, 4, dim_image=16, dim_text=4, text_out_dim=4, depth=1, num_heads=2,
+                                      max_text_length=3, encoder_dim=10)
     model.text_mean, model.text_std, model.text_basis = mean, std, basis
     latent = model.standardise(table)  # [6, 3, 4]: the whole table lives in 4 directions, nothing is lost
     assert latent.shape == (6, 3, 4) and torch.allclose(model.unstandardise(latent), table, atol=1e-4)
@@ -530,7 +531,7 @@ def test_continuous_two_processes_then_resume_on_one(tiny_mnist, tiny_bert, tmp_
     for rank in (0, 1):
         assert (out / "checkpoint-2" / f"train_rng_{rank}.safetensors").is_file()
     rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [1, 2] and (out / "model.safetensors").is_file()
+    assert [r["step"] for r in rows] == [1, 2] and export_weights(out)
 
     # The 2-process run resumed on 1 process: same step, learning rate and data position (in batches of 4).
     one = tmp_path / "one"
@@ -557,7 +558,7 @@ def test_continuous_bf16_from_the_flag_or_from_accelerate(tiny_mnist, tiny_bert,
         rows = read_metrics(out)
         assert [r["step"] for r in rows] == [1, 2] and all(r["nonfinite_steps"] == 0 for r in rows)
         assert all(math.isfinite(r["image_loss"]) and math.isfinite(r["text_loss"]) for r in rows)
-        weights = load_file(out / "model.safetensors")
+        weights = export_weights(out)
         assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
         assert (out / "samples" / "step-2.png").is_file()  # the final validation sampled under bf16 autocast
 
@@ -576,7 +577,7 @@ def test_discrete_bf16_from_the_flag_or_from_accelerate(tiny_mnist, tiny_bert, t
         rows = read_metrics(out)
         assert [r["step"] for r in rows] == [1, 2] and all(r["nonfinite_steps"] == 0 for r in rows)
         assert all(math.isfinite(r["image_loss"]) and math.isfinite(r["text_loss"]) for r in rows)
-        weights = load_file(out / "model.safetensors")
+        weights = export_weights(out)
         assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
         assert (out / "samples" / "step-2.png").is_file()  # the final validation sampled under bf16 autocast
 
@@ -591,3 +592,258 @@ def test_discrete_frozen_encoder_in_bf16_gives_fp32_states(discrete, vocabulary,
     assert all(p.dtype == torch.bfloat16 for p in frozen.parameters())
     states = frozen(vocab.compact(ids))
     assert states.dtype == torch.float32 and torch.allclose(states, reference, atol=0.1, rtol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train_image_discrete.py: the model in diffusers layout, checkpoint/export v2
+# ---------------------------------------------------------------------------------------------------------------
+def export_weights(out):
+    """The exported weights: mmdit/ in save_pretrained layout, else the single model.safetensors of older
+    exports."""
+    folder = out / "mmdit" / "diffusion_pytorch_model.safetensors"
+    return load_file(folder if folder.is_file() else out / "model.safetensors")
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_discrete_model_save_pretrained_round_trip_is_bitwise(discrete, learned, tmp_path):
+    torch.manual_seed(0)
+    model = discrete.build_model(dict(in_channels=1, image_size=8, patch_size=4, dim_image=16, dim_text=16,
+                                      text_out_dim=7, depth=1, num_heads=2, pooled_text=True, stem_channels=3),
+                                 "learned" if learned else "frozen-bert", 8, 8, adaln_zero=False)
+    model.save_pretrained(tmp_path / "mmdit")
+    assert sorted(p.name for p in (tmp_path / "mmdit").iterdir()) == ["config.json",
+                                                                       "diffusion_pytorch_model.safetensors"]
+    config = json.loads((tmp_path / "mmdit" / "config.json").read_text())
+    assert config["num_text_tokens"] == (8 if learned else None) and config["stem_channels"] == 3
+    loaded = discrete.TextImageModel.from_pretrained(tmp_path / "mmdit")
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("text_input") for k in a) == learned  # a frozen encoder is never part of it
+    inputs = (torch.randn(2, 1, 8, 8), torch.rand(2),
+              torch.randint(0, 8, (2, 8)) if learned else torch.randn(2, 8, 16), torch.rand(2))
+    for x, y in zip(model.eval()(*inputs), loaded(*inputs), strict=True):
+        assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train_image_continuous.py: the model in diffusers layout, checkpoint/export v2
+# ---------------------------------------------------------------------------------------------------------------
+def test_continuous_model_save_pretrained_round_trip_is_bitwise(tmp_path):
+    continuous = load_module(CONTINUOUS)
+    torch.manual_seed(0)
+    model = continuous.build_model(dict(in_channels=1, image_size=8, patch_size=4, dim_image=16, dim_text=4,
+                                        text_out_dim=4, depth=1, num_heads=2, mlp_ratio=2.0, pooled_text=True,
+                                        stem_channels=3), 5, 10, adaln_zero=False)
+    model.text_mean, model.text_std = torch.randn(10), torch.rand(10) + 0.5  # the caption statistics: buffers
+    model.text_basis = torch.linalg.qr(torch.randn(10, 4))[0]
+    model.save_pretrained(tmp_path / "mmdit")
+    assert sorted(p.name for p in (tmp_path / "mmdit").iterdir()) == ["config.json",
+                                                                       "diffusion_pytorch_model.safetensors"]
+    config = json.loads((tmp_path / "mmdit" / "config.json").read_text())
+    assert (config["encoder_dim"], config["dim_text"], config["max_text_length"]) == (10, 4, 5)
+    loaded = continuous.TextImageModel.from_pretrained(tmp_path / "mmdit")
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and {"text_mean", "text_std", "text_basis"} <= a.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    inputs = torch.randn(2, 1, 8, 8), torch.rand(2), torch.randn(2, 5, 4), torch.rand(2)
+    for x, y in zip(model.eval()(*inputs), loaded(*inputs), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_continuous_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(tiny_mnist, tiny_bert, tmp_path):
+    """A checkpoint holds the EMA model in save_pretrained layout (at the last step: the export's weights) and all
+    that --sample_from needs, behind a manifest. `latest` skips a damaged checkpoint (one line) for the newest intact
+    one; a damaged explicit path, a locked folder and a new run into another run's checkpoints are one-line errors
+    that change nothing; a stale lock is taken over; --overwrite_output_dir starts anew."""
+    import os
+    import socket
+    import time
+
+    continuous = load_module(CONTINUOUS)
+    out = tmp_path / "run"
+    args = ["--data-root", tiny_mnist, *text_flags(CONTINUOUS, tiny_bert), *TINY, "--train_batch_size", "4",
+            "--checkpointing_steps", "1", "--validation_steps", "100", "--output_dir", out]
+    run_script(CONTINUOUS, *args, "--max_train_steps", "3")
+    assert not (out / "run.lock").exists()  # released at the end
+    assert continuous.manifest_problem(out) is None and continuous.manifest_problem(out / "checkpoint-3") is None
+    assert not list(out.rglob("ema.safetensors")) and not (out / ".export.tmp").exists()
+    ema = continuous.TextImageModel.from_pretrained(out / "checkpoint-3", subfolder="mmdit_ema")
+    export = continuous.TextImageModel.from_pretrained(out / "mmdit")
+    a, b = ema.state_dict(), export.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    again = tmp_path / "from-checkpoint"
+    run_script(CONTINUOUS, "--sample_from", out / "checkpoint-3", "--data-root", tiny_mnist, "--output_dir", again,
+               "--num_inference_steps", "2", "--validation_guidance_scales", "1", "--device", "cpu")
+    assert (again / "samples" / "step-export.png").is_file()
+
+    weights = out / "checkpoint-3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
+
+    def one_error(proc, *words):
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and all(w in errors[0] for w in words), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+
+    before = sorted(p.name for p in out.iterdir())
+    one_error(run_script(CONTINUOUS, *args, "--max_train_steps", "4", "--resume_from_checkpoint",
+                         out / "checkpoint-3", expect_rc=2), "--resume_from_checkpoint", "damaged")
+    one_error(run_script(CONTINUOUS, *args, "--max_train_steps", "4", expect_rc=2), "--overwrite_output_dir")
+    one_error(run_script(CONTINUOUS, "--sample_from", out / "checkpoint-3", "--output_dir", again, "--device", "cpu",
+                         expect_rc=2), "--sample_from", "damaged")
+    (out / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                              "heartbeat": time.time()}))
+    one_error(run_script(CONTINUOUS, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
+                         expect_rc=2), "--output_dir", f"PID {os.getpid()}")
+    (out / "run.lock").unlink()
+    assert sorted(p.name for p in out.iterdir()) == before
+
+    proc = run_script(CONTINUOUS, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert "checkpoint-3 is damaged (model.safetensors has" in proc.stdout
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert [r["step"] for r in read_metrics(out)][-2:] == [3, 4]
+
+    # A stale lock (its process is gone) is taken over; --overwrite_output_dir starts anew without the old steps.
+    (out / "run.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname(),
+                                              "heartbeat": time.time()}))
+    proc = run_script(CONTINUOUS, *args, "--max_train_steps", "1", "--overwrite_output_dir")
+    assert "taking over the stale lock" in proc.stdout
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert [r["step"] for r in read_metrics(out)] == [1]
+
+
+def test_continuous_disk_full_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """ENOSPC in the middle of a save: one line, exit 1, no half folder, the previous checkpoint intact and the
+    one `latest` picks."""
+    import errno
+
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+
+    continuous = load_module(CONTINUOUS)
+    out = tmp_path / "run"
+    args = continuous.parse_args(["--output_dir", str(out), "--max_train_steps", "1"])
+    accelerator = Accelerator(cpu=True)
+    model = continuous.build_model(dict(in_channels=1, image_size=8, patch_size=4, dim_image=16, dim_text=4,
+                                        text_out_dim=4, depth=1, num_heads=2), 5, 10)
+    ema = EMAModel(model.parameters(), foreach=True)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    rng = torch.Generator().manual_seed(0)
+    out.mkdir()
+    sampler = continuous.build_sampler(continuous.build_noise_scheduler(args).config)
+    sampling = continuous.functools.partial(continuous.write_sampling_files, sampler, sampler,
+                                            {"script": CONTINUOUS})
+    continuous.save_checkpoint(accelerator, args, model, ema, rng, 1, (0, 1), sampling)
+    assert (out / "checkpoint-1" / "mmdit_ema" / "config.json").is_file()
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(continuous, "save_file", full)
+    with pytest.raises(SystemExit) as stopped:
+        continuous.save_checkpoint(accelerator, args, model, ema, rng, 2, (0, 2), sampling)
+    assert stopped.value.code == 1
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
+    assert continuous.list_checkpoints(out) == [out / "checkpoint-1"]
+    assert continuous.manifest_problem(out / "checkpoint-1") is None
+
+
+def test_discrete_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(discrete, tiny_mnist, tiny_bert,
+                                                                              tmp_path):
+    """A checkpoint holds the EMA model in save_pretrained layout (at the last step: the export's weights) and all
+    that --sample_from needs, behind a manifest. `latest` skips a damaged checkpoint (one line) for the newest intact
+    one; a damaged explicit path, a locked folder and a new run into another run's checkpoints are one-line errors
+    that change nothing; a stale lock is taken over; --overwrite_output_dir starts anew."""
+    import os
+    import socket
+    import time
+
+    out = tmp_path / "run"
+    args = ["--data-root", tiny_mnist, *text_flags(DISCRETE, tiny_bert), *TINY, "--train_batch_size", "4",
+            "--checkpointing_steps", "1", "--validation_steps", "100", "--output_dir", out]
+    run_script(DISCRETE, *args, "--max_train_steps", "3")
+    assert not (out / "run.lock").exists()  # released at the end
+    assert discrete.manifest_problem(out) is None and discrete.manifest_problem(out / "checkpoint-3") is None
+    assert not list(out.rglob("ema.safetensors")) and not (out / ".export.tmp").exists()
+    assert {"mmdit", "export_config.json", "manifest.json"} <= {p.name for p in out.iterdir()}
+    ema = discrete.TextImageModel.from_pretrained(out / "checkpoint-3", subfolder="mmdit_ema")
+    export = discrete.TextImageModel.from_pretrained(out / "mmdit")
+    a, b = ema.state_dict(), export.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    again = tmp_path / "from-checkpoint"
+    run_script(DISCRETE, "--sample_from", out / "checkpoint-3", "--data-root", tiny_mnist, "--output_dir", again,
+               "--num_inference_steps", "2", "--validation_guidance_scales", "1", "--device", "cpu")
+    assert (again / "samples" / "step-export.png").is_file()
+
+    weights = out / "checkpoint-3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
+
+    def one_error(proc, *words):
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and all(w in errors[0] for w in words), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+
+    before = sorted(p.name for p in out.iterdir())
+    one_error(run_script(DISCRETE, *args, "--max_train_steps", "4", "--resume_from_checkpoint",
+                         out / "checkpoint-3", expect_rc=2), "--resume_from_checkpoint", "damaged")
+    one_error(run_script(DISCRETE, *args, "--max_train_steps", "4", expect_rc=2), "--overwrite_output_dir")
+    one_error(run_script(DISCRETE, "--sample_from", out / "checkpoint-3", "--output_dir", again, "--device", "cpu",
+                         expect_rc=2), "--sample_from", "damaged")
+    (out / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                              "heartbeat": time.time()}))
+    one_error(run_script(DISCRETE, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
+                         expect_rc=2), "--output_dir", f"PID {os.getpid()}")
+    (out / "run.lock").unlink()
+    assert sorted(p.name for p in out.iterdir()) == before
+
+    proc = run_script(DISCRETE, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert "checkpoint-3 is damaged (model.safetensors has" in proc.stdout
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert [r["step"] for r in read_metrics(out)][-2:] == [3, 4]
+
+    # A stale lock (its process is gone) is taken over; --overwrite_output_dir starts anew without the old steps.
+    (out / "run.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname(),
+                                              "heartbeat": time.time()}))
+    proc = run_script(DISCRETE, *args, "--max_train_steps", "1", "--overwrite_output_dir")
+    assert "taking over the stale lock" in proc.stdout
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert [r["step"] for r in read_metrics(out)] == [1]
+
+
+def test_discrete_disk_full_while_saving_leaves_the_previous_checkpoint(discrete, tmp_path, monkeypatch):
+    """ENOSPC in the middle of a save: one line, exit 1, no half folder, the previous checkpoint intact and the
+    one `latest` picks."""
+    import errno
+    import functools
+
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+
+    out = tmp_path / "run"
+    args = discrete.parse_args(["--data_root", "x", "--output_dir", str(out)])
+    accelerator = Accelerator(cpu=True)
+    model = discrete.build_model(dict(in_channels=1, image_size=8, patch_size=4, dim_image=16, dim_text=16,
+                                      text_out_dim=7, depth=1, num_heads=2), "learned", 8, 8)
+    ema = EMAModel(model.parameters(), foreach=True)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    rng = torch.Generator().manual_seed(0)
+    out.mkdir()
+
+    def sampling(config, folder):
+        (folder / "export_config.json").write_text(json.dumps(config))
+
+    sampling = functools.partial(sampling, {"script": DISCRETE})
+    discrete.save_checkpoint(accelerator, args, model, ema, rng, 1, (0, 1), sampling)
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(discrete, "save_file", full)
+    with pytest.raises(SystemExit) as stopped:
+        discrete.save_checkpoint(accelerator, args, model, ema, rng, 2, (0, 2), sampling)
+    assert stopped.value.code == 1
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
+    assert discrete.list_checkpoints(out) == [out / "checkpoint-1"]
+    assert discrete.manifest_problem(out / "checkpoint-1") is None
+    assert discrete.TextImageModel.from_pretrained(out / "checkpoint-1", subfolder="mmdit_ema")
