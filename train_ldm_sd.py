@@ -8,10 +8,15 @@ guidance works. The result is a StableDiffusionPipeline folder (EMA UNet, fp32) 
 
     accelerate launch train_ldm_sd.py --mixed_precision bf16
     python train_ldm_sd.py --precomputed_data_dir shards --pretrained_model_name_or_path SD_FOLDER --unet_from_scratch
+    python train_ldm_sd.py --sample_from output_ldm_sd/checkpoint-500 --output_dir samples-500
 """
 
 import argparse
+import atexit
 import bisect
+import errno
+import functools
+import hashlib
 import io
 import itertools
 import json
@@ -20,6 +25,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -49,6 +55,9 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_DATASET = "lambdalabs/naruto-blip-captions"
+EXPORT_CONFIG = "export_config.json"
+MANIFEST = "manifest.json"  # written last in a checkpoint or export: size and hash of every file, the commit point
+LOCK = "run.lock"  # one training run per output folder
 NEGATABLE = {"use_ema", "ema_warmup", "foreach_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
 
 # Named UNet sizes for --unet_from_scratch. in/out channels, cross_attention_dim and sample_size always come from
@@ -196,12 +205,17 @@ def parse_args(argv=None):
     g.add_argument("--guidance_scale", type=float, default=7.5, help="Written as the export's suggestion.")
     g.add_argument("--num_inference_steps", type=int, default=25, help="DPM-Solver++ steps of the validation.")
     g.add_argument("--validation_steps", type=int, default=500)
+    g.add_argument("--sample_from", default=None,
+                   help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.")
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=10)
     g.add_argument("--checkpointing_steps", type=int, default=500)
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.')
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.")
     g.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -219,6 +233,15 @@ def underscore_flag(arg):
 
 def check_args(args):
     """Cheap checks of the flags and paths, before any dataset or model is loaded."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    if args.sample_from:  # generation only: the data, model and training flags do not apply
+        if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
+            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
+                 f"or one of its checkpoint-N folders")
+        if problem := manifest_problem(Path(args.sample_from)):
+            fail(f"--sample_from {args.sample_from}: damaged or incomplete ({problem}); pass an intact export")
+        return
     sources = [s for s in ("dataset_name", "train_data_dir", "precomputed_data_dir") if getattr(args, s)]
     if len(sources) > 1:
         fail(f"give one of --dataset_name, --train_data_dir, --precomputed_data_dir (got {', '.join(sources)})")
@@ -243,8 +266,6 @@ def check_args(args):
         fail(f"--cond_dropout_prob {args.cond_dropout_prob}: must be in [0, 1)")
     if args.ema_update_every < 1:
         fail(f"--ema_update_every {args.ema_update_every}: must be at least 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
     if args.unet_from_scratch and args.unet_config not in UNET_PRESETS and not Path(args.unet_config).is_file():
         fail(f"--unet_config {args.unet_config}: neither a JSON file nor a preset ({', '.join(UNET_PRESETS)})")
     if args.enable_xformers_memory_efficient_attention:
@@ -782,46 +803,137 @@ def plot_loss(metrics_path, out_path):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and export
 # ----------------------------------------------------------------------------------------------------------------
-def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position):
-    """accelerate's save_state plus the EMA, the objective's RNG and the data position, written to a temp folder
-    then renamed. `position` is (epoch, batches of --train_batch_size consumed in it by all processes)."""
+def file_digest(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder, names):
+    """Size and sha256 of the files `names` (relative to `folder`, or the folders they name), written last."""
+    files = {}
+    for name in names:
+        root = folder / name
+        for path in sorted(root.rglob("*")) if root.is_dir() else [root]:
+            if path.is_file():
+                files[str(path.relative_to(folder))] = [path.stat().st_size, file_digest(path)]
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def manifest_problem(folder):
+    """What is wrong with a checkpoint or export folder, in a few words, or None when its manifest holds."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (written last: the folder is incomplete)"
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is damaged"
+    for name, (size, digest) in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, not {size}"
+        if file_digest(path) != digest:
+            return f"{name} does not match its hash"
+    return None
+
+
+def save_ema(ema, model, folder):
+    """The EMA weights in diffusers' save_pretrained layout (config.json + diffusion_pytorch_model.safetensors):
+    `from_pretrained(checkpoint, subfolder=...)` loads them. Buffers come from the model; the EMA's own state
+    (decay, step) is in training_state.json."""
+    folder.mkdir(parents=True)
+    model.save_config(folder)
+    state = model.state_dict()
+    state.update((name, shadow) for (name, _), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True))
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, folder / "diffusion_pytorch_model.safetensors",
+              metadata={"format": "pt"})
+
+
+def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position, write_sampling_files):
+    """accelerate's save_state, the EMA model (unet_ema/, or unet/ without EMA) with what --sample_from needs, the
+    objective's RNG and the data position, in a temp folder; a manifest written last, then an atomic rename.
+    `position` is (epoch, batches of --train_batch_size consumed in it by all processes)."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
     if not all(torch.isfinite(p).all() for p in unet.parameters()):
         raise RuntimeError(f"step {global_step}: the weights are not finite; checkpoint not written")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    # Model (safetensors), optimizer, data sampler and the global RNGs of every process.
-    accelerator.save_state(str(tmp))
-    save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
-    if accelerator.is_main_process:
-        state = {"script": "train_ldm_sd.py", "global_step": global_step, "num_processes": accelerator.num_processes,
-                 "epoch": position[0], "epoch_batches": position[1], "ema": None}
-        if ema is not None:
-            ema_state = ema.state_dict()
-            shadow = ema_state.pop("shadow_params")
-            save_file({str(i): p.contiguous() for i, p in enumerate(shadow)}, tmp / "ema.safetensors")
-            state["ema"] = ema_state
-        (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # atomic: a crash never leaves a half-written checkpoint-<step>
-        if args.checkpoints_total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
-                shutil.rmtree(old)
+    try:
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        # Model (safetensors), optimizer, data sampler and the global RNGs of every process.
+        accelerator.save_state(str(tmp))
+        save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(unet)
+            state = {"script": "train_ldm_sd.py", "global_step": global_step,
+                     "num_processes": accelerator.num_processes, "epoch": position[0], "epoch_batches": position[1],
+                     "ema": None}
+            if ema is not None:
+                save_ema(ema, model, tmp / "unet_ema")  # up to date (catch_up_ema); offloaded shadows read on the CPU
+                state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+            else:
+                model.save_pretrained(tmp / "unet")
+            write_sampling_files(tmp)
+            (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_manifest(tmp, [p.name for p in tmp.iterdir()])
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # atomic: a crash never leaves a half-written checkpoint-<step>
+    except OSError as e:  # a full disk, a lost mount: the previous checkpoints stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
+        print(f"error: step {global_step}: checkpoint not written ({reason}); the previous checkpoints are intact, "
+              f"resume from them with --resume_from_checkpoint latest", file=sys.stderr)
+        sys.exit(1)
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
 
 def list_checkpoints(output_dir):
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "training_state.json").is_file()]
+    """Complete checkpoints (those with a manifest), oldest first."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def load_checkpoint(accelerator, path, ema, train_rng, args):
+def find_checkpoint(accelerator, args):
+    """The folder --resume_from_checkpoint names, checked against its manifest, or None for a new run. "latest"
+    falls back past damaged checkpoints to the newest intact one; a damaged explicit path is an error."""
+    if not args.resume_from_checkpoint:
+        return None
+    choice = [None]
+    if accelerator.is_main_process:  # one process reads the files; the others take its answer
+        if args.resume_from_checkpoint != "latest":
+            path = Path(args.resume_from_checkpoint)
+            if problem := manifest_problem(path):
+                fail(f"--resume_from_checkpoint {path}: damaged ({problem}); pass an intact checkpoint or latest")
+            choice = [str(path)]
+        found = list_checkpoints(args.output_dir) if choice[0] is None else []
+        for path in reversed(found):
+            if not (problem := manifest_problem(path)):
+                choice = [str(path)]
+                break
+            accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
+        if found and choice[0] is None:
+            fail(f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
+                 f"with --overwrite_output_dir")
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(choice, src=0)
+    return None if choice[0] is None else Path(choice[0])
+
+
+def load_checkpoint(accelerator, path, unet, ema, train_rng, args):
     """Restore everything save_checkpoint wrote; returns training_state.json. Nothing loaded can run code.
 
     A checkpoint of N processes resumes on M != N at the same step, learning rate and number of samples seen
@@ -847,20 +959,133 @@ def load_checkpoint(accelerator, path, ema, train_rng, args):
         train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
     if ema is not None:
         # Straight onto the device the EMA lives on: load_state_dict keeps the tensors it is given.
-        shadow = load_file(path / "ema.safetensors", device=str(ema.shadow_params[0].device))
-        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+        weights = load_file(path / "unet_ema" / "diffusion_pytorch_model.safetensors",
+                            device=str(ema.shadow_params[0].device))
+        shadow = [weights[name] for name, _ in accelerator.unwrap_model(unet).named_parameters()]
+        ema.load_state_dict({**state["ema"], "shadow_params": shadow})
     return state
 
 
-def export_model(unet, sampler, tokenizer, max_length, args, vae_from, output_dir):
-    """StableDiffusionPipeline.save_pretrained(output_dir): EMA UNet in fp32, the frozen parts reloaded in fp32."""
+def export_config(args, vae_from, max_length, prompts):
+    """What --sample_from needs besides the UNet and the sampler: the base pipeline's VAE, text encoder and tokenizer
+    as this run loaded them (named, never copied into a checkpoint), the prompt length, resolution and prompts."""
+    text = ((args.text_encoder_name_or_path, "") if args.text_encoder_name_or_path
+            else (args.pretrained_model_name_or_path, "text_encoder"))
+    return {"script": "train_ldm_sd.py",
+            "pretrained_model_name_or_path": local_name(args.pretrained_model_name_or_path),
+            "revision": args.revision, "variant": args.variant,
+            "text_encoder": {"name_or_path": local_name(text[0]), "subfolder": text[1],
+                             "tokenizer_subfolder": "tokenizer" if text[1] else ""},
+            "vae": {"name_or_path": local_name(vae_from[0]), "subfolder": vae_from[1]},
+            "tokenizer_max_length": max_length, "resolution": args.resolution, "guidance_scale": args.guidance_scale,
+            "validation_prompts": list(prompts)}
+
+
+def write_sampling_files(sampler, config, folder):
+    """The sampler and export_config.json: with the UNet beside them, what --sample_from needs."""
+    sampler.save_pretrained(folder / "scheduler")
+    (folder / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def export_model(unet, sampler, tokenizer, max_length, args, vae_from, write_sampling_files, output_dir):
+    """StableDiffusionPipeline.save_pretrained (EMA UNet in fp32, the frozen parts reloaded in fp32) plus the
+    sampler and export_config.json. Each part is written under a temporary name and renamed; manifest.json,
+    written last, says the export is complete."""
     tokenizer.model_max_length = max_length  # the pipeline pads prompts to this, as training did
     _, text_encoder = load_text_encoder(args)
     if unet.dtype != torch.float32:
         unet.to(torch.float32)
     pipeline = make_pipeline(load_vae(args, vae_from), text_encoder, tokenizer, unet, sampler)
-    pipeline.save_pretrained(output_dir)
+    (output_dir / MANIFEST).unlink(missing_ok=True)  # until the new manifest: visibly incomplete
+    tmp = output_dir / ".export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipeline.save_pretrained(tmp)
+    write_sampling_files(tmp)
+    parts = sorted(p.name for p in tmp.iterdir())
+    for name in parts:
+        if (output_dir / name).is_dir():
+            shutil.rmtree(output_dir / name)
+        os.replace(tmp / name, output_dir / name)
+    tmp.rmdir()
+    write_manifest(output_dir, parts)
     return pipeline
+
+
+class RunLock:
+    """One training run per output folder: run.lock holds the PID, the host and a heartbeat time refreshed every
+    minute. A lock whose process is gone (same host) or whose heartbeat is older than `stale_after` seconds
+    (another host: a pre-empted job requeued elsewhere) is taken over with a warning."""
+
+    def __init__(self, output_dir, stale_after=300):
+        self.path, self.stale_after = Path(output_dir) / LOCK, stale_after
+        self.me = {"pid": os.getpid(), "host": socket.gethostname()}
+        self.done = threading.Event()
+
+    def acquire(self):
+        try:
+            other = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            other = None
+        except ValueError:  # a lock being written or cut short: nobody can prove it is alive
+            other = {"pid": None, "host": None, "heartbeat": 0}
+        if other is not None and other.get("pid") != self.me["pid"]:
+            if self.alive(other):
+                fail(f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
+                     f"there; wait for it, stop it, or pick another --output_dir")
+            print(f"warning: taking over the stale lock of PID {other.get('pid')} on {other.get('host')}")
+        self.write()
+        threading.Thread(target=self.beat, daemon=True).start()
+
+    def alive(self, other):
+        if other.get("host") == self.me["host"] and other.get("pid"):
+            try:
+                os.kill(other["pid"], 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+            return True
+        return time.time() - other.get("heartbeat", 0) < self.stale_after
+
+    def write(self):
+        tmp = self.path.with_name(f".{LOCK}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**self.me, "heartbeat": time.time()}))
+        os.replace(tmp, self.path)
+
+    def beat(self):
+        while not self.done.wait(60):
+            self.write()
+
+    def release(self):
+        self.done.set()
+        self.path.unlink(missing_ok=True)
+
+
+def claim_output_dir(args):
+    """Main process, before any heavy work: take the lock, and refuse to mix a new run with another run's
+    checkpoints (--resume_from_checkpoint latest would later pick the old run's higher step)."""
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        fail(f"--output_dir {output_dir}: is a file; pass a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--output_dir {output_dir}: cannot create it ({e.strerror}); pass a writable folder")
+    if not os.access(output_dir, os.W_OK):
+        fail(f"--output_dir {output_dir}: not writable; pass a writable folder")
+    lock = RunLock(output_dir)
+    lock.acquire()
+    atexit.register(lock.release)
+    old = sorted(output_dir.glob("checkpoint-*")) + sorted(output_dir.glob(".checkpoint-*.tmp"))
+    if old and not args.resume_from_checkpoint:
+        if not args.overwrite_output_dir:
+            lock.release()
+            fail(f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
+                 f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them")
+        for path in old:
+            shutil.rmtree(path)
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return lock
 
 
 def write_run_config(args, accelerator, extra):
@@ -935,6 +1160,41 @@ class StridedEMA(EMAModel):
         self.optimization_step += steps - 1
 
 
+def generate_from_export(args, accelerator):
+    """--sample_from: the validation grid of an export (a StableDiffusionPipeline folder) or of a checkpoint-N (its
+    UNet and sampler with the VAE, text encoder and tokenizer of the base pipeline its export_config.json names)."""
+    export = Path(args.sample_from)
+    config = json.loads((export / EXPORT_CONFIG).read_text())
+    if (export / "model_index.json").is_file():
+        pipeline = StableDiffusionPipeline.from_pretrained(export, safety_checker=None)
+        pipeline.set_progress_bar_config(disable=True)
+    else:
+        for part in ("text_encoder", "vae"):
+            path = config[part]["name_or_path"]
+            if Path(path).is_absolute() and not Path(path).exists():
+                fail(f"--sample_from {export}: the {part} its {EXPORT_CONFIG} names, {path}, is gone; restore it "
+                     f"or sample from the finished run's export")
+        text = config["text_encoder"]  # the base folder's text_encoder/ and tokenizer/, or another encoder's folder
+        base = argparse.Namespace(pretrained_model_name_or_path=config["pretrained_model_name_or_path"],
+                                  text_encoder_name_or_path=None if text["subfolder"] else text["name_or_path"],
+                                  revision=config["revision"], variant=config["variant"])
+        tokenizer, text_encoder = load_text_encoder(base)
+        tokenizer.model_max_length = config["tokenizer_max_length"]
+        vae = load_vae(base, (config["vae"]["name_or_path"], config["vae"]["subfolder"], f"--sample_from {export}"))
+        subfolder = "unet" if (export / "unet").is_dir() else "unet_ema"  # a checkpoint without or with EMA
+        unet = UNet2DConditionModel.from_pretrained(export, subfolder=subfolder).eval()
+        sampler = DPMSolverMultistepScheduler.from_pretrained(export / "scheduler")
+        pipeline = make_pipeline(vae, text_encoder, tokenizer, unet, sampler)
+    pipeline.to(accelerator.device)
+    args.resolution = config["resolution"]
+    prompts = args.validation_prompts or config["validation_prompts"]
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        log_validation(pipeline, prompts, args, output_dir / "samples" / "export.png", accelerator)
+        print(f"wrote {output_dir / 'samples' / 'export.png'}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------
@@ -955,9 +1215,14 @@ def main(args):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if args.sample_from:
+        return generate_from_export(args, accelerator)
+    if accelerator.is_main_process:
+        claim_output_dir(args)
     stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
     set_seed(args.seed)  # same initial weights on every process
     output_dir = Path(args.output_dir)
+    resume_path = find_checkpoint(accelerator, args)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # ---- Frozen VAE and text encoder, noise schedule ----------------------------------------------------------
@@ -996,6 +1261,8 @@ def main(args):
     # ---- Data -------------------------------------------------------------------------------------------------
     dataset, first_captions = build_dataset(args, tokenizer, max_length, vae.config.in_channels, index)
     prompts = args.validation_prompts or first_captions
+    sampling_files = functools.partial(write_sampling_files, sampler,
+                                       export_config(args, vae_from, max_length, prompts))
     if not isinstance(dataset, torch.utils.data.IterableDataset) and len(dataset) == 0:
         fail("the dataset is empty")
     streaming = isinstance(dataset, torch.utils.data.IterableDataset)
@@ -1025,7 +1292,6 @@ def main(args):
                       f"{vae.config.latent_channels}x{args.resolution // factor}x{args.resolution // factor}; text "
                       f"{max_length}x{hidden}; data: {'precomputed' if index else 'encoded online'}")
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(args, accelerator, {"tokenizer_max_length": max_length, "latent": latent_info})
 
     # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
@@ -1059,20 +1325,16 @@ def main(args):
 
     # ---- Resume -----------------------------------------------------------------------------------------------
     global_step, first_epoch, batches_to_skip = 0, 0, 0
-    if args.resume_from_checkpoint:
-        found = list_checkpoints(output_dir)
-        path = found[-1] if args.resume_from_checkpoint == "latest" and found else None
-        path = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint != "latest" else path
-        if path is None:
-            accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
-        else:
-            state = load_checkpoint(accelerator, path, ema, train_rng, args)
-            global_step, first_epoch = state["global_step"], state["epoch"]
-            # The data position in batches of this run's processes (the count may differ from the saved run's).
-            batches_to_skip = state["epoch_batches"] // accelerator.num_processes
-            if not streaming and batches_to_skip >= len(train_dataloader):
-                first_epoch, batches_to_skip = first_epoch + 1, 0
-            accelerator.print(f"resumed from {path} at step {global_step}")
+    if resume_path is not None:
+        state = load_checkpoint(accelerator, resume_path, unet, ema, train_rng, args)
+        global_step, first_epoch = state["global_step"], state["epoch"]
+        # The data position in batches of this run's processes (the count may differ from the saved run's).
+        batches_to_skip = state["epoch_batches"] // accelerator.num_processes
+        if not streaming and batches_to_skip >= len(train_dataloader):
+            first_epoch, batches_to_skip = first_epoch + 1, 0
+        accelerator.print(f"resumed from {resume_path} at step {global_step}")
+    elif args.resume_from_checkpoint:
+        accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
     # Not prepared: accelerate would step it once per process and save it pickled. It counts optimizer steps
     # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -1187,7 +1449,7 @@ def main(args):
             position = (epoch, epoch_batches * accelerator.num_processes)
             if (global_step % args.checkpointing_steps == 0 or stop_now) and global_step < max_train_steps:
                 catch_up_ema()
-                path = save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position)
+                path = save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position, sampling_files)
                 accelerator.print(f"\nsaved {path}")
             if stop_now:
                 accelerator.print(f"stop requested: exiting at step {global_step}; resume with "
@@ -1223,12 +1485,13 @@ def main(args):
 
     # ---- Final checkpoint, export (EMA weights, fp32) and samples ---------------------------------------------
     catch_up_ema()
-    save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position)
+    save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position, sampling_files)
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet).eval()
         if ema is not None:
             ema.copy_to(final_unet.parameters())
-        pipeline = export_model(final_unet, sampler, tokenizer, max_length, args, vae_from, output_dir)
+        pipeline = export_model(final_unet, sampler, tokenizer, max_length, args, vae_from, sampling_files,
+                                output_dir)
         pipeline.to(accelerator.device)
         log_validation(pipeline, prompts, args, output_dir / "samples" / f"step-{global_step}.png", accelerator)
         plot_loss(metrics_path, output_dir / "loss.png")

@@ -188,6 +188,19 @@ def assert_finite(weights, where):
     assert not bad, f"{where}: non-finite tensors {bad[:5]}"
 
 
+# Where a checkpoint keeps the EMA model (diffusers save_pretrained layout).
+EMA_FOLDER = {MNIST: "unet_ema", DIT: "transformer_ema", LDM: "unet_ema", DISCRETE: "mmdit_ema",
+              CONTINUOUS: "mmdit_ema"}
+
+
+def ema_weights(checkpoint, script):
+    """The EMA weights a checkpoint holds, by parameter name."""
+    folder = checkpoint / EMA_FOLDER[script]
+    if folder.is_dir():
+        return load_file(folder / "diffusion_pytorch_model.safetensors")
+    return load_file(checkpoint / "ema.safetensors")  # the layout before the EMA got its own model folder
+
+
 def check_export_loads(script, out):
     """Load the export the way a user would (diffusers classes), on the GPU, and take a sampler step or two."""
     generator = torch.Generator(DEVICE).manual_seed(0)
@@ -217,15 +230,11 @@ def check_export_loads(script, out):
         image = pipe("a red square", num_inference_steps=2, height=32, width=32, guidance_scale=3.0,
                      generator=generator, output_type="np").images[0]
         assert image.shape == (32, 32, 3) and np.isfinite(image).all()
-    else:  # model.safetensors + export_config.json: the script's own --sample_from rebuilds the model (below)
-        config = json.loads((out / "export_config.json").read_text())
-        assert config["script"] == script
-        if "noise_scheduler" in config:  # train_image_continuous.py: the image schedule is a diffusers config
-            from diffusers import DDPMScheduler
-
-            DDPMScheduler.from_config(config["noise_scheduler"])
-        weights = load_file(out / "model.safetensors", device=DEVICE)
-        assert_finite(weights, "model.safetensors")
+    else:  # mmdit/ (a diffusers ModelMixin defined in the script) + export_config.json: --sample_from (below)
+        config = json.loads((out / "mmdit" / "config.json").read_text())
+        assert config["_class_name"]
+        weights = load_file(out / "mmdit" / "diffusion_pytorch_model.safetensors", device=DEVICE)
+        assert_finite(weights, "mmdit/diffusion_pytorch_model.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,7 +250,7 @@ def test_bf16_sigterm_resume_with_ema_then_sample(script, train_args, tiny_mnist
     rc, output = run_then_sigterm(script, long, out, after_step=20)
     assert rc == 0, f"{script}: exit code {rc} after SIGTERM\n{output[-4000:]}"
     checkpoints = sorted(out.glob("checkpoint-*"))
-    assert len(checkpoints) == 1 and (checkpoints[0] / "ema.safetensors").is_file(), output[-3000:]
+    assert len(checkpoints) == 1 and (checkpoints[0] / "manifest.json").is_file(), output[-3000:]
     step = checkpoint_step(checkpoints[0])
     assert 20 <= step < 400, output[-3000:]
     assert not list(out.glob(".checkpoint-*"))  # no half-written checkpoint left behind
@@ -261,10 +270,10 @@ def test_bf16_sigterm_resume_with_ema_then_sample(script, train_args, tiny_mnist
     assert steps[-20:] == list(range(step + 1, final + 1))
     last = out / f"checkpoint-{final}"
     assert checkpoint_step(last) == final
-    ema = load_file(last / "ema.safetensors")
-    assert_finite(ema, f"{last.name}/ema.safetensors")
+    ema = ema_weights(last, script)
+    assert_finite(ema, f"{last.name} EMA")
     # The EMA moved after the resume (it was updated on the GPU, not left as loaded).
-    before = load_file(checkpoints[0] / "ema.safetensors")
+    before = ema_weights(checkpoints[0], script)
     assert any(not torch.equal(before[k], ema[k]) for k in ema), "EMA unchanged by the resumed steps"
 
     check_export_loads(script, out)

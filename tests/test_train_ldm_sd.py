@@ -1,12 +1,16 @@
 """Smoke, resume, export and bad-input tests of train_ldm_sd.py, run as users run it (subprocess, offline, CPU)."""
 
+import errno
 import importlib.util
 import json
 import math
+import os
+import socket
+import time
 
 import pytest
 import torch
-from conftest import REPO, resume_in_new_folder, run_script
+from conftest import REPO, assert_same_weights, resume_in_new_folder, run_script
 from safetensors.torch import load_file
 
 SCRIPT = "train_ldm_sd.py"
@@ -68,7 +72,7 @@ def load_weights(checkpoint, name):
     return load_file(checkpoint / name)
 
 
-def test_finetune_two_steps_then_export_makes_an_image(tiny_sd, tiny_imagefolder, tmp_path):
+def test_finetune_two_steps_then_export_makes_an_image(ldm, tiny_sd, tiny_imagefolder, tmp_path):
     out = tmp_path / "run"
     run_script(SCRIPT, "--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", tiny_imagefolder,
                "--output_dir", out, *FAST, "--max_train_steps", "2", "--random_flip", "--snr_gamma", "5",
@@ -76,7 +80,9 @@ def test_finetune_two_steps_then_export_makes_an_image(tiny_sd, tiny_imagefolder
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
-    assert all((out / "checkpoint-2" / f).is_file() for f in ("model.safetensors", "ema.safetensors"))
+    assert all((out / "checkpoint-2" / f).is_file() for f in ("model.safetensors", "unet_ema/config.json",
+                                                              "unet_ema/diffusion_pytorch_model.safetensors"))
+    assert not (out / "checkpoint-2" / "ema.safetensors").exists() and not (out / "checkpoint-2" / "vae").exists()
     assert (out / "samples" / "step-2.png").stat().st_size > 1000 and (out / "loss.png").is_file()
     config = json.loads((out / "run_config.json").read_text())
     assert config["args"]["max_train_steps"] == 2 and config["args"]["cond_dropout_prob"] == 0.5
@@ -92,9 +98,25 @@ def test_finetune_two_steps_then_export_makes_an_image(tiny_sd, tiny_imagefolder
     # Fine-tuned: the export's UNet has the folder's architecture, and its weights are the EMA's, not the raw ones.
     original = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     assert pipe.unet.config.block_out_channels == original.config.block_out_channels
-    ema = load_weights(out / "checkpoint-2", "ema.safetensors")
-    exported = [p.detach() for p in pipe.unet.parameters()]
-    assert len(ema) == len(exported) and all(torch.equal(ema[str(i)], p) for i, p in enumerate(exported))
+    # The checkpoint holds the EMA UNet in save_pretrained layout: at the last step, the export's weights bitwise.
+    ema = UNet2DConditionModel.from_pretrained(out / "checkpoint-2", subfolder="unet_ema")
+    exported = pipe.unet.state_dict()
+    assert ema.state_dict().keys() == exported.keys()
+    assert all(torch.equal(v, exported[k]) for k, v in ema.state_dict().items())
+    assert ldm.manifest_problem(out) is None and ldm.manifest_problem(out / "checkpoint-2") is None
+    assert not (out / ".export.tmp").exists()
+
+    # --sample_from an export (the pipeline folder) or a checkpoint (its UNet with the base pipeline's VAE and
+    # text encoder, which the checkpoint names): the grid of the recorded prompts, no training flag needed.
+    for source in (out, out / "checkpoint-2"):
+        again = tmp_path / f"from-{source.name}"
+        run_script(SCRIPT, "--sample_from", source, "--output_dir", again, "--num_inference_steps", "2",
+                   "--validation_guidance_scales", "1", "--num_validation_images", "1")
+        assert (again / "samples" / "export.png").stat().st_size > 1000
+        assert not (again / "run.lock").exists()
+    # At the last step the checkpoint's UNet is the export's, and its parts are the export's: the same grid.
+    grids = [(tmp_path / f"from-{name}" / "samples" / "export.png").read_bytes() for name in ("run", "checkpoint-2")]
+    assert grids[0] == grids[1]
 
 
 def test_from_scratch_max_samples_whole_pipeline(tiny_sd, tiny_imagefolder, tmp_path):
@@ -131,11 +153,8 @@ def test_resume_matches_uninterrupted_run_and_total_limit(tiny_sd, tiny_imagefol
     assert [r["step"] for r in read_metrics(resumed)] == [3, 4]
     # --checkpoints_total_limit 2 pruned checkpoint-2 once checkpoint-3 and checkpoint-4 were complete.
     assert sorted(p.name for p in resumed.iterdir() if "checkpoint" in p.name) == ["checkpoint-3", "checkpoint-4"]
-    for name in ("model.safetensors", "ema.safetensors"):
-        a, b = load_weights(straight / "checkpoint-4", name), load_weights(resumed / "checkpoint-4", name)
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+    assert (resumed / "checkpoint-4" / "unet_ema" / "diffusion_pytorch_model.safetensors").is_file()
+    assert_same_weights(straight / "checkpoint-4", resumed / "checkpoint-4")
     # The comparison is sharp only if steps 3 and 4 moved the weights.
     w2, w4 = (load_weights(straight / f"checkpoint-{s}", "model.safetensors") for s in (2, 4))
     assert any(not torch.equal(w2[k], w4[k]) for k in w2)
@@ -195,9 +214,9 @@ def test_bf16_from_the_flag_or_from_accelerate(tiny_sd, tiny_imagefolder, tmp_pa
 
     model = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     model.load_state_dict(load_weights(env / "checkpoint-2", "model.safetensors"))
-    ema = load_weights(env / "checkpoint-2", "ema.safetensors")
-    for i, p in enumerate(model.parameters()):
-        torch.testing.assert_close(ema[str(i)], p.detach())
+    ema = load_weights(env / "checkpoint-2", "unet_ema/diffusion_pytorch_model.safetensors")
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ema[name], p.detach())
 
 
 def test_strided_ema_is_the_product_of_the_steps_decays(ldm):
@@ -277,3 +296,78 @@ def test_zero_terminal_snr_min_snr_weight_is_finite_with_v_prediction(ldm, tiny_
     weights = ldm.min_snr_weight(scheduler, timesteps, 5.0)
     assert torch.isfinite(weights).all() and weights[-1] == 0 and (weights[:-1] > 0).all()
     assert float(scheduler.alphas_cumprod[-1]) == 0.0  # the terminal SNR is exactly zero
+
+
+def test_damaged_checkpoint_falls_back_and_the_folder_is_one_runs(tiny_sd, tiny_imagefolder, tmp_path):
+    """`latest` skips a damaged checkpoint (one line) for the newest intact one; a damaged explicit path, a locked
+    folder and a new run into another run's checkpoints are one-line errors that change nothing."""
+    out = tmp_path / "run"
+    args = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", tiny_imagefolder, "--output_dir", out,
+            *FAST, "--checkpointing_steps", "1", "--validation_steps", "100"]
+    run_script(SCRIPT, *args, "--max_train_steps", "3")
+    assert not (out / "run.lock").exists()  # released at the end
+    weights = out / "checkpoint-3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
+
+    def one_error(proc, *words):
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and all(w in errors[0] for w in words), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+
+    before = sorted(p.name for p in out.iterdir())
+    one_error(run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", out / "checkpoint-3",
+                         expect_rc=2), "--resume_from_checkpoint", "damaged")
+    one_error(run_script(SCRIPT, *args, "--max_train_steps", "4", expect_rc=2), "--overwrite_output_dir")
+    (out / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                              "heartbeat": time.time()}))
+    one_error(run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", expect_rc=2),
+              "--output_dir", f"PID {os.getpid()}")
+    (out / "run.lock").unlink()
+    one_error(run_script(SCRIPT, "--sample_from", out / "checkpoint-3", "--output_dir", tmp_path / "s", expect_rc=2),
+              "--sample_from", "damaged")
+    assert sorted(p.name for p in out.iterdir()) == before
+
+    proc = run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert "checkpoint-3 is damaged (model.safetensors has" in proc.stdout
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert [r["step"] for r in read_metrics(out)][-2:] == [3, 4]
+
+    # A stale lock (its process is gone) is taken over; --overwrite_output_dir starts anew without the old steps.
+    (out / "run.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname(),
+                                              "heartbeat": time.time()}))
+    proc = run_script(SCRIPT, *args, "--max_train_steps", "1", "--overwrite_output_dir")
+    assert "taking over the stale lock" in proc.stdout
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert [r["step"] for r in read_metrics(out)] == [1]
+
+
+def test_disk_full_while_saving_leaves_the_previous_checkpoint(ldm, tiny_sd, tmp_path, monkeypatch):
+    """ENOSPC in the middle of a save: one line, exit 1, no half folder, the previous checkpoint intact and the
+    one `latest` picks."""
+    from accelerate import Accelerator
+
+    out = tmp_path / "run"
+    args = ldm.parse_args(["--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(out),
+                           "--unet_from_scratch", "--unet_config", "tiny", "--resolution", "32"])
+    accelerator = Accelerator(cpu=True)
+    unet = ldm.build_unet(args, latent_channels=4, latent_size=16, cross_attention_dim=32)
+    ema = ldm.StridedEMA(unet.parameters(), foreach=True)
+    optimizer = torch.optim.AdamW(unet.parameters())
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    rng = torch.Generator().manual_seed(0)
+    out.mkdir()
+    sampler = ldm.build_sampler(ldm.build_noise_scheduler(args))
+    sampling = ldm.functools.partial(ldm.write_sampling_files, sampler,
+                                     ldm.export_config(args, ldm.vae_source(args, None), 16, ["a red square"]))
+    ldm.save_checkpoint(accelerator, args, unet, ema, rng, 1, (0, 1), sampling)
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ldm, "save_file", full)
+    with pytest.raises(SystemExit) as stopped:
+        ldm.save_checkpoint(accelerator, args, unet, ema, rng, 2, (0, 2), sampling)
+    assert stopped.value.code == 1
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
+    assert ldm.list_checkpoints(out) == [out / "checkpoint-1"]
+    assert ldm.manifest_problem(out / "checkpoint-1") is None
