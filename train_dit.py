@@ -13,12 +13,17 @@ the empty prompt) with --cond_dropout_prob, so the unconditional branch that gui
 """
 
 import argparse
+import atexit
+import errno
+import functools
+import hashlib
 import itertools
 import json
 import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -51,6 +56,8 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5
 PRESETS = {"DiT-S": (12, 384, 6), "DiT-B": (12, 768, 12), "DiT-L": (24, 1024, 16), "DiT-XL": (28, 1152, 16)}
 MNIST_SIZE = 28
 EXPORT_CONFIG = "export_config.json"
+MANIFEST = "manifest.json"  # written last in a checkpoint or export: size and hash of every file, the commit point
+LOCK = "run.lock"  # one training run per output folder
 NEGATABLE = {"use_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
 DEFAULT_TEXT_ENCODER = "openai/clip-vit-base-patch32"
 PIPELINE_NULL_CLASS = 1000  # DiTPipeline hard-codes the null class id as 1000 (ImageNet's class count)
@@ -177,14 +184,18 @@ def parse_args(argv=None):
     g.add_argument("--num_eval_samples", type=int, default=0,
                    help="Write N samples (balanced over the classes) to <output_dir>/eval_samples.npz at the end.")
     g.add_argument("--eval_batch_size", type=int, default=250)
-    g.add_argument("--sample_from", default=None, help="Generate from an export folder (no training).")
+    g.add_argument("--sample_from", default=None,
+                   help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.")
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=100, help="Also how often the host reads device values.")
     g.add_argument("--validation_steps", type=int, default=5000)
     g.add_argument("--checkpointing_steps", type=int, default=5000)
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.')
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.")
     g.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -214,7 +225,10 @@ def check_args(args):
     """Cheap checks of the flags, before any dataset or model is loaded."""
     if args.sample_from:
         if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
-            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run")
+            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
+                 f"or one of its checkpoint-N folders")
+        if problem := manifest_problem(Path(args.sample_from)):
+            fail(f"--sample_from {args.sample_from}: damaged or incomplete ({problem}); pass an intact export")
     else:
         sources = [s for s in ("dataset_name", "train_data_dir", "precomputed_data_dir") if getattr(args, s)]
         if len(sources) != 1:
@@ -805,47 +819,139 @@ def write_eval_samples(gen, num_classes, args, path):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and export
 # ----------------------------------------------------------------------------------------------------------------
-def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position):
-    """accelerate's save_state plus the EMA, the objective's RNG and the data position, written to a temp folder
-    then renamed. `position` is (epoch, batches of --train_batch_size consumed in it by all processes)."""
+def file_digest(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder, names):
+    """Size and sha256 of the files `names` (relative to `folder`, or the folders they name), written last."""
+    files = {}
+    for name in names:
+        root = folder / name
+        for path in sorted(root.rglob("*")) if root.is_dir() else [root]:
+            if path.is_file():
+                files[str(path.relative_to(folder))] = [path.stat().st_size, file_digest(path)]
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def manifest_problem(folder):
+    """What is wrong with a checkpoint or export folder, in a few words, or None when its manifest holds."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (written last: the folder is incomplete)"
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is damaged"
+    for name, (size, digest) in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, not {size}"
+        if file_digest(path) != digest:
+            return f"{name} does not match its hash"
+    return None
+
+
+def save_ema(ema, model, folder):
+    """The EMA weights in diffusers' save_pretrained layout (config.json + diffusion_pytorch_model.safetensors):
+    `from_pretrained(checkpoint, subfolder=...)` loads them. Buffers come from the model; the EMA's own state
+    (decay, step) is in training_state.json."""
+    folder.mkdir(parents=True)
+    model.save_config(folder)
+    state = model.state_dict()
+    state.update((name, shadow) for (name, _), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True))
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, folder / "diffusion_pytorch_model.safetensors",
+              metadata={"format": "pt"})
+
+
+def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, write_sampling_files):
+    """accelerate's save_state, the EMA model (transformer_ema/, or transformer/ without EMA) with what
+    --sample_from needs, the objective's RNG and the data position, in a temp folder; a manifest written last,
+    then an atomic rename. `position` is (epoch, batches of --train_batch_size consumed in it by all processes)."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise RuntimeError(f"step {global_step}: the weights are not finite; checkpoint not written")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    # Model (safetensors), optimizer, data sampler and the global RNGs of every process.
-    accelerator.save_state(str(tmp))
-    save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
-    if accelerator.is_main_process:
-        state = {"script": "train_dit.py", "global_step": global_step, "num_processes": accelerator.num_processes,
-                 "epoch": position[0], "epoch_batches": position[1], "model": args.model,
-                 "conditioning": args.conditioning, "ema": None}
-        if ema is not None:
-            ema_state = ema.state_dict()
-            shadow = ema_state.pop("shadow_params")
-            save_file({str(i): p.contiguous() for i, p in enumerate(shadow)}, tmp / "ema.safetensors")
-            state["ema"] = ema_state
-        (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # atomic: a crash never leaves a half-written checkpoint-<step>
-        if args.checkpoints_total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
-                shutil.rmtree(old)
+    try:
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        # Model (safetensors), optimizer, data sampler and the global RNGs of every process.
+        accelerator.save_state(str(tmp))
+        save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
+        if accelerator.is_main_process:
+            # unwrap_model strips DDP; --torch_compile compiles in place (no wrapper to strip, which unwrap_model
+            # would keep by default), so these are the plain model's parameter names.
+            plain = accelerator.unwrap_model(model)
+            state = {"script": "train_dit.py", "global_step": global_step,
+                     "num_processes": accelerator.num_processes, "epoch": position[0], "epoch_batches": position[1],
+                     "model": args.model, "conditioning": args.conditioning, "ema": None}
+            if ema is not None:
+                save_ema(ema, plain, tmp / "transformer_ema")
+                state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+            else:
+                plain.save_pretrained(tmp / "transformer")
+            write_sampling_files(tmp)
+            (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_manifest(tmp, [p.name for p in tmp.iterdir()])
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # atomic: a crash never leaves a half-written checkpoint-<step>
+    except OSError as e:  # a full disk, a lost mount: the previous checkpoints stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
+        print(f"error: step {global_step}: checkpoint not written ({reason}); the previous checkpoints are intact, "
+              f"resume from them with --resume_from_checkpoint latest", file=sys.stderr)
+        sys.exit(1)
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
 
 def list_checkpoints(output_dir):
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "training_state.json").is_file()]
+    """Complete checkpoints (those with a manifest), oldest first."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def load_checkpoint(accelerator, path, ema, train_rng, args):
+def find_checkpoint(accelerator, args):
+    """The folder --resume_from_checkpoint names, checked against its manifest, or None for a new run. "latest"
+    falls back past damaged checkpoints to the newest intact one; a damaged explicit path is an error."""
+    if not args.resume_from_checkpoint:
+        return None
+    choice = [None]
+    if accelerator.is_main_process:  # one process reads the files; the others take its answer
+        if args.resume_from_checkpoint != "latest":
+            path = Path(args.resume_from_checkpoint)
+            if problem := manifest_problem(path):
+                fail(f"--resume_from_checkpoint {path}: damaged ({problem}); pass an intact checkpoint or latest")
+            choice = [str(path)]
+        found = list_checkpoints(args.output_dir) if choice[0] is None else []
+        for path in reversed(found):
+            if not (problem := manifest_problem(path)):
+                choice = [str(path)]
+                break
+            accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
+        if found and choice[0] is None:
+            fail(f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
+                 f"with --overwrite_output_dir")
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(choice, src=0)
+    return None if choice[0] is None else Path(choice[0])
+
+
+def load_checkpoint(accelerator, path, model, ema, train_rng, args):
     """Restore everything save_checkpoint wrote; returns training_state.json. Nothing loaded can run code.
 
     A checkpoint of N processes resumes on M != N at the same step, learning rate and number of samples seen
@@ -869,8 +975,10 @@ def load_checkpoint(accelerator, path, ema, train_rng, args):
         train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
     if ema is not None:
         # Straight onto the device the EMA lives on: load_state_dict keeps the tensors it is given.
-        shadow = load_file(path / "ema.safetensors", device=str(ema.shadow_params[0].device))
-        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+        weights = load_file(path / "transformer_ema" / "diffusion_pytorch_model.safetensors",
+                            device=str(ema.shadow_params[0].device))
+        shadow = [weights[name] for name, _ in accelerator.unwrap_model(model).named_parameters()]
+        ema.load_state_dict({**state["ema"], "shadow_params": shadow})
     return state
 
 
@@ -907,11 +1015,20 @@ def why_not_dit_pipeline(args, vae, meta):
     return None
 
 
+def write_sampling_files(sampler, meta, folder):
+    """The sampler and export_config.json (conditioning, labels, text encoder, input layout, and the VAE as
+    name_or_path + subfolder): with the transformer beside them, what --sample_from needs."""
+    sampler.save_pretrained(folder / "scheduler")
+    (folder / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2))
+
+
 def export_model(model, sampler, vae, args, meta, output_dir):
     """diffusers save_pretrained layout with the EMA weights: transformer/ + scheduler/ (+ vae/), and
     export_config.json (conditioning, labels, text encoder, input layout). A class-conditional latent ddpm
     model is written as a DiTPipeline (model_index.json), loadable with DiTPipeline.from_pretrained, when that
-    pipeline samples it right (see why_not_dit_pipeline); export_config.json says which layout was written."""
+    pipeline samples it right (see why_not_dit_pipeline); export_config.json says which layout was written.
+    Each part is written under a temporary name and renamed; manifest.json, written last, says the export is
+    complete."""
     model = model.float()
     if args.conditioning == "class" and meta["num_classes"] < PIPELINE_NULL_CLASS:
         model = widen_label_tables(model, meta["num_classes"])  # in any layout: the null class is 1000
@@ -920,18 +1037,106 @@ def export_model(model, sampler, vae, args, meta, output_dir):
     if vae is not None:
         meta["latents"] = ("z = (vae.encode(x).latent_dist.sample() - shift_factor) * scaling_factor, "
                            "decoded as vae.decode(z / scaling_factor + shift_factor) (vae_scale)")
+    (output_dir / MANIFEST).unlink(missing_ok=True)  # until the new manifest: visibly incomplete
+    tmp = output_dir / ".export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
     if reason is None:
         # DiTPipeline splits each name on commas (ImageNet's synonyms) and needs strings.
         names = meta["label_names"] or [str(i) for i in range(meta["num_classes"])]
         id2label = {i: str(name) for i, name in enumerate(names)}
         pipeline = DiTPipeline(transformer=model, vae=vae.float(), scheduler=sampler, id2label=id2label)
-        pipeline.save_pretrained(output_dir)
+        pipeline.save_pretrained(tmp)  # model_index.json, transformer/, vae/, scheduler/
     else:
-        model.save_pretrained(output_dir / "transformer")
-        sampler.save_pretrained(output_dir / "scheduler")
+        model.save_pretrained(tmp / "transformer")
         if vae is not None:
-            vae.save_pretrained(output_dir / "vae")
-    (output_dir / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2))
+            vae.save_pretrained(tmp / "vae")
+    write_sampling_files(sampler, meta, tmp)
+    parts = sorted(p.name for p in tmp.iterdir())
+    if "model_index.json" not in parts:  # left by an earlier export here, it would claim a DiTPipeline
+        (output_dir / "model_index.json").unlink(missing_ok=True)
+    for name in parts:
+        if (output_dir / name).is_dir():
+            shutil.rmtree(output_dir / name)
+        os.replace(tmp / name, output_dir / name)
+    tmp.rmdir()
+    write_manifest(output_dir, parts)
+
+
+class RunLock:
+    """One training run per output folder: run.lock holds the PID, the host and a heartbeat time refreshed every
+    minute. A lock whose process is gone (same host) or whose heartbeat is older than `stale_after` seconds
+    (another host: a pre-empted job requeued elsewhere) is taken over with a warning."""
+
+    def __init__(self, output_dir, stale_after=300):
+        self.path, self.stale_after = Path(output_dir) / LOCK, stale_after
+        self.me = {"pid": os.getpid(), "host": socket.gethostname()}
+        self.done = threading.Event()
+
+    def acquire(self):
+        try:
+            other = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            other = None
+        except ValueError:  # a lock being written or cut short: nobody can prove it is alive
+            other = {"pid": None, "host": None, "heartbeat": 0}
+        if other is not None and other.get("pid") != self.me["pid"]:
+            if self.alive(other):
+                fail(f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
+                     f"there; wait for it, stop it, or pick another --output_dir")
+            print(f"warning: taking over the stale lock of PID {other.get('pid')} on {other.get('host')}")
+        self.write()
+        threading.Thread(target=self.beat, daemon=True).start()
+
+    def alive(self, other):
+        if other.get("host") == self.me["host"] and other.get("pid"):
+            try:
+                os.kill(other["pid"], 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+            return True
+        return time.time() - other.get("heartbeat", 0) < self.stale_after
+
+    def write(self):
+        tmp = self.path.with_name(f".{LOCK}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**self.me, "heartbeat": time.time()}))
+        os.replace(tmp, self.path)
+
+    def beat(self):
+        while not self.done.wait(60):
+            self.write()
+
+    def release(self):
+        self.done.set()
+        self.path.unlink(missing_ok=True)
+
+
+def claim_output_dir(args):
+    """Main process, before any heavy work: take the lock, and refuse to mix a new run with another run's
+    checkpoints (--resume_from_checkpoint latest would later pick the old run's higher step)."""
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        fail(f"--output_dir {output_dir}: is a file; pass a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--output_dir {output_dir}: cannot create it ({e.strerror}); pass a writable folder")
+    if not os.access(output_dir, os.W_OK):
+        fail(f"--output_dir {output_dir}: not writable; pass a writable folder")
+    lock = RunLock(output_dir)
+    lock.acquire()
+    atexit.register(lock.release)
+    old = sorted(output_dir.glob("checkpoint-*")) + sorted(output_dir.glob(".checkpoint-*.tmp"))
+    if old and not args.resume_from_checkpoint:
+        if not args.overwrite_output_dir:
+            lock.release()
+            fail(f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
+                 f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them")
+        for path in old:
+            shutil.rmtree(path)
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return lock
 
 
 def write_run_config(args, accelerator):
@@ -992,10 +1197,16 @@ def generate_from_export(args, accelerator):
     meta = json.loads((export / EXPORT_CONFIG).read_text())
     device = accelerator.device
     model_cls = DiTTransformer2DModel if meta["conditioning"] == "class" else PixArtTransformer2DModel
-    model = model_cls.from_pretrained(export / "transformer").to(device).eval()
+    subfolder = "transformer" if (export / "transformer").is_dir() else "transformer_ema"  # or a checkpoint
+    model = model_cls.from_pretrained(export, subfolder=subfolder).to(device).eval()
     scheduler_cls = FlowMatchEulerDiscreteScheduler if meta["objective"] == "flow" else DPMSolverMultistepScheduler
     sampler = scheduler_cls.from_pretrained(export / "scheduler")
-    vae = load_vae(str(export), "vae", flag="--sample_from") if meta["vae"] else None
+    vae = None
+    if meta["vae"] and (export / "vae").is_dir():  # an export holds a copy of the VAE
+        vae = load_vae(str(export), "vae", flag="--sample_from")
+    elif meta["vae"]:  # a checkpoint names it, as from_pretrained loads it
+        vae = load_vae(meta["vae"]["name_or_path"], meta["vae"]["subfolder"],
+                       flag=f"--sample_from {export}: the VAE that {EXPORT_CONFIG} names")
     if vae is not None:
         vae.to(device)
     if meta["conditioning"] == "class":
@@ -1048,9 +1259,12 @@ def main(args):
         torch.backends.cudnn.allow_tf32 = True
     if args.sample_from:
         return generate_from_export(args, accelerator)
+    if accelerator.is_main_process:
+        claim_output_dir(args)
     stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
     set_seed(args.seed)  # same initial weights on every process
     output_dir = Path(args.output_dir)
+    resume_path = find_checkpoint(accelerator, args)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
@@ -1084,7 +1298,6 @@ def main(args):
     if resolution % (factor * patch):
         fail(f"--resolution {resolution}: must be divisible by the patch size x the VAE factor = {patch} x {factor}")
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(args, accelerator)
 
     # ---- Data -------------------------------------------------------------------------------------------------
@@ -1130,6 +1343,16 @@ def main(args):
         states, mask = encode_prompts(tokenizer, text_encoder, prompts, text, device)
         validation_rows = (prompts, {"states": states, "mask": mask})
 
+    # What sampling needs besides the weights: in export_config.json of every checkpoint and of the export.
+    label_names = getattr(dataset, "label_names", None)
+    meta = {"conditioning": args.conditioning, "objective": args.objective, "model": args.model,
+            "num_classes": num_classes, "label_names": [str(n) for n in label_names] if label_names else None,
+            "vae": None if vae is None else vae.loaded_from, "vae_scale": vae_scale, "input_shape": shape,
+            "resolution": resolution, "crop": crop_of(args, index), "guidance_scale": args.guidance_scale,
+            "text_encoder": text["text_encoder"] if text else None,
+            "tokenizer_max_length": text["tokenizer_max_length"] if text else None, "text": text,
+            "validation_prompts": validation_rows[0] if args.conditioning == "text" else None}
+
     # ---- Model, noise schedule, EMA ---------------------------------------------------------------------------
     model = build_transformer(args, shape[0], shape[1], num_classes, caption_channels)
     if args.gradient_checkpointing:
@@ -1138,6 +1361,7 @@ def main(args):
         model.enable_xformers_memory_efficient_attention()
     noise_scheduler = build_noise_scheduler(args)
     sampler = build_sampler(args, noise_scheduler, pixel_space=vae is None)
+    sampling_files = functools.partial(write_sampling_files, sampler, meta)
     ema = None
     if args.use_ema:  # starts as a copy of the initial weights
         ema = EMAModel(model.parameters(), decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0,
@@ -1161,20 +1385,16 @@ def main(args):
 
     # ---- Resume -----------------------------------------------------------------------------------------------
     global_step, first_epoch, batches_to_skip = 0, 0, 0
-    if args.resume_from_checkpoint:
-        found = list_checkpoints(output_dir)
-        path = found[-1] if args.resume_from_checkpoint == "latest" and found else None
-        path = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint != "latest" else path
-        if path is None:
-            accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
-        else:
-            state = load_checkpoint(accelerator, path, ema, train_rng, args)
-            global_step, first_epoch = state["global_step"], state["epoch"]
-            # The data position in batches of this run's processes (the count may differ from the saved run's).
-            batches_to_skip = state["epoch_batches"] // accelerator.num_processes
-            if batches_to_skip >= len(train_dataloader):
-                first_epoch, batches_to_skip = first_epoch + 1, 0
-            accelerator.print(f"resumed from {path} at step {global_step}")
+    if resume_path is not None:
+        state = load_checkpoint(accelerator, resume_path, model, ema, train_rng, args)
+        global_step, first_epoch = state["global_step"], state["epoch"]
+        # The data position in batches of this run's processes (the count may differ from the saved run's).
+        batches_to_skip = state["epoch_batches"] // accelerator.num_processes
+        if batches_to_skip >= len(train_dataloader):
+            first_epoch, batches_to_skip = first_epoch + 1, 0
+        accelerator.print(f"resumed from {resume_path} at step {global_step}")
+    elif args.resume_from_checkpoint:
+        accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
     # Not prepared: accelerate would step it once per process and save it pickled. It counts optimizer steps
     # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -1273,7 +1493,7 @@ def main(args):
             stop_now = stop()
             position = (epoch, epoch_batches * accelerator.num_processes)
             if (global_step % args.checkpointing_steps == 0 or stop_now) and global_step < max_train_steps:
-                path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position)
+                path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, sampling_files)
                 accelerator.print(f"\nsaved {path}")
             if stop_now:
                 accelerator.print(f"stop requested: exiting at step {global_step}; resume with "
@@ -1305,19 +1525,11 @@ def main(args):
                           f"readable one")
 
     # ---- Final checkpoint, samples and export (EMA weights) ---------------------------------------------------
-    save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position)
+    save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, sampling_files)
     if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(model).eval()
         if ema is not None:
             ema.copy_to(final_model.parameters())
-        label_names = getattr(dataset, "label_names", None)
-        meta = {"conditioning": args.conditioning, "objective": args.objective, "model": args.model,
-                "num_classes": num_classes, "label_names": [str(n) for n in label_names] if label_names else None,
-                "vae": None if vae is None else vae.loaded_from, "vae_scale": vae_scale, "input_shape": shape,
-                "resolution": resolution, "crop": crop_of(args, index), "guidance_scale": args.guidance_scale,
-                "text_encoder": text["text_encoder"] if text else None,
-                "tokenizer_max_length": text["tokenizer_max_length"] if text else None, "text": text,
-                "validation_prompts": validation_rows[0] if args.conditioning == "text" else None}
         gen = ImageGenerator(final_model, sampler, vae, vae_scale, null, shape, meta["crop"])
         log_validation(gen, validation_rows, args, output_dir / "samples" / f"step-{global_step}.png")
         plot_loss(metrics_path, output_dir / "loss.png")

@@ -1,11 +1,15 @@
 """train_dit.py run the way users run it: class/text conditioning, pixels/latents/precomputed shards, DDPM/flow,
 two processes, exact resume, exports that load in diffusers, and one-line errors for bad input."""
 
+import functools
 import importlib
 import json
 import math
+import os
 import shutil
+import socket
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -67,7 +71,8 @@ def test_pixel_mnist_max_samples_pipeline_then_sample_from(tiny_mnist, tmp_path)
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
     assert {"loss_t0", "loss_t3"} & rows[0].keys() and rows[-1]["nonfinite_steps"] == 0
     for name in ["run_config.json", "loss.png", "samples/step-2.png", "checkpoint-2/model.safetensors",
-                 "checkpoint-2/ema.safetensors", "transformer/config.json", "scheduler/scheduler_config.json"]:
+                 "checkpoint-2/transformer_ema/diffusion_pytorch_model.safetensors", "transformer/config.json",
+                 "scheduler/scheduler_config.json"]:
         assert (out / name).is_file(), name
     config = json.loads((out / "transformer" / "config.json").read_text())
     assert config["_class_name"] == "DiTTransformer2DModel" and config["in_channels"] == 1
@@ -86,11 +91,12 @@ def test_pixel_mnist_max_samples_pipeline_then_sample_from(tiny_mnist, tmp_path)
 
 
 def test_latent_class_folder_exports_a_dit_pipeline_with_guidance(tiny_vae, class_folder, tmp_path):
-    from diffusers import DiTPipeline
+    from diffusers import DiTPipeline, DiTTransformer2DModel
 
     out = tmp_path / "run"
     run_script(SCRIPT, "--train_data_dir", class_folder, "--vae_name_or_path", tiny_vae, "--resolution", "32",
-               *FAST, "--model", "DiT-S/2", "--random_flip", "--max_train_steps", "2", "--output_dir", out)
+               *FAST, "--model", "DiT-S/2", "--random_flip", "--max_train_steps", "2", "--num_eval_samples", "6",
+               "--output_dir", out)
     export = json.loads((out / "export_config.json").read_text())
     assert export["num_classes"] == 3 and export["label_names"] == ["cat", "dog", "fox"]
     assert export["input_shape"] == [4, 16, 16]
@@ -100,6 +106,31 @@ def test_latent_class_folder_exports_a_dit_pipeline_with_guidance(tiny_vae, clas
     assert pipe.get_label_ids(["dog"]) == [1]
     images = pipe(class_labels=[0, 2], guidance_scale=4.0, num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+
+    # The export's manifest covers every part of the pipeline. A checkpoint holds the EMA transformer in
+    # save_pretrained layout (at the last step: the export's weights, whose label tables the export widens to
+    # DiTPipeline's 1000 classes + null) and what --sample_from needs, the VAE by reference, not a copy.
+    td = train_dit()
+    checkpoint = out / "checkpoint-2"
+    assert td.manifest_problem(out) is None and td.manifest_problem(checkpoint) is None
+    parts = {name.split("/")[0] for name in json.loads((out / "manifest.json").read_text())["files"]}
+    assert parts == {"model_index.json", "transformer", "vae", "scheduler", "export_config.json"}
+    assert not (checkpoint / "vae").exists() and (checkpoint / "scheduler" / "scheduler_config.json").is_file()
+    assert json.loads((checkpoint / "export_config.json").read_text())["vae"] == {"name_or_path": str(tiny_vae),
+                                                                                 "subfolder": None}
+    ema = DiTTransformer2DModel.from_pretrained(checkpoint, subfolder="transformer_ema").state_dict()
+    exported = pipe.transformer.state_dict()
+    assert ema.keys() == exported.keys()
+    for key, value in ema.items():
+        if key.endswith("class_embedder.embedding_table.weight"):  # 3 classes + null; exported: null at 1000
+            assert torch.equal(value[:3], exported[key][:3]) and torch.equal(value[3], exported[key][1000]), key
+        else:
+            assert torch.equal(value, exported[key]), key
+    gen = tmp_path / "from-checkpoint"
+    run_script(SCRIPT, "--sample_from", checkpoint, "--num_eval_samples", "6", "--num_inference_steps", "2",
+               "--validation_guidance_scales", "1,3", "--output_dir", gen)
+    with np.load(out / "eval_samples.npz") as a, np.load(gen / "eval_samples.npz") as b:
+        assert np.array_equal(a["images"], b["images"])  # the same samples as at the end of training
 
 
 def test_text_conditional_flow_from_captions_then_sample_from(tiny_vae, tiny_clip, tiny_imagefolder, tmp_path):
@@ -366,3 +397,93 @@ def test_vae_with_shift_factor_exports_plain_layout_and_decodes_with_the_shift(t
     with torch.no_grad():
         expected = loaded.decode(z / loaded.config.scaling_factor + 0.5).sample.clamp(-1, 1)
     torch.testing.assert_close(td.decode(z, loaded, export["vae_scale"]), expected)
+
+
+def test_damaged_checkpoint_falls_back_and_the_folder_is_one_runs(tiny_mnist, tmp_path, capsys):
+    """`latest` skips a damaged checkpoint (one line) for the newest intact one; a damaged explicit path, a locked
+    folder and a new run into another run's checkpoints are one-line errors that change nothing (the last two
+    checked in-process: claim_output_dir is the first thing a training run does)."""
+    out = tmp_path / "run"
+    args = [*PIXEL_MNIST, "--data_root", tiny_mnist, *FAST, "--max_samples", "8", "--checkpointing_steps", "1",
+            "--validation_steps", "100", "--validation_guidance_scales", "1", "--output_dir", out]
+    run_script(SCRIPT, *args, "--max_train_steps", "3")
+    assert not (out / "run.lock").exists()  # released at the end
+    weights = out / "checkpoint-3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
+
+    def one_error(proc, *words):
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and all(w in errors[0] for w in words), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+
+    before = sorted(p.name for p in out.iterdir())
+    one_error(run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", out / "checkpoint-3",
+                         expect_rc=2), "--resume_from_checkpoint", "damaged")
+    td = train_dit()
+
+    def claim_error(argv, *words):
+        with pytest.raises(SystemExit) as stopped:
+            td.claim_output_dir(td.parse_args([str(a) for a in [*args, *argv]]))
+        errors = capsys.readouterr().err.strip().splitlines()
+        assert stopped.value.code == 2 and len(errors) == 1 and all(w in errors[0] for w in words), errors
+
+    claim_error([], "--overwrite_output_dir")
+    # A live process (this test's parent; this process would count as the lock's own) holds the lock.
+    (out / "run.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
+                                              "heartbeat": time.time()}))
+    claim_error(["--resume_from_checkpoint", "latest"], "--output_dir", f"PID {os.getppid()}")
+    (out / "run.lock").unlink()
+    assert sorted(p.name for p in out.iterdir()) == before
+
+    proc = run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert "checkpoint-3 is damaged (model.safetensors has" in proc.stdout
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert [r["step"] for r in metrics(out)][-2:] == [3, 4]
+
+    # A stale lock (its process is gone) is taken over; --overwrite_output_dir starts anew without the old steps.
+    (out / "run.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname(),
+                                              "heartbeat": time.time()}))
+    proc = run_script(SCRIPT, *args, "--max_train_steps", "1", "--overwrite_output_dir")
+    assert "taking over the stale lock" in proc.stdout
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert [r["step"] for r in metrics(out)] == [1]
+
+
+def test_disk_full_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """ENOSPC in the middle of a save: one line, exit 1, no half folder, the previous checkpoint intact and the
+    one `latest` picks. The model is compiled in place as --torch_compile does: the EMA keeps the plain names."""
+    import errno
+
+    from accelerate import Accelerator
+    from diffusers import DiTTransformer2DModel
+    from diffusers.training_utils import EMAModel
+
+    td = train_dit()
+    out = tmp_path / "run"
+    args = td.parse_args([*TINY, *PIXEL_MNIST, "--output_dir", str(out)])
+    accelerator = Accelerator(cpu=True)
+    model = td.build_transformer(args, 1, 32, 10, None)
+    names = [name for name, _ in model.named_parameters()]
+    ema = EMAModel(model.parameters(), foreach=True)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.compile()
+    rng = torch.Generator().manual_seed(0)
+    out.mkdir()
+    sampler = td.build_sampler(args, td.build_noise_scheduler(args), pixel_space=True)
+    sampling = functools.partial(td.write_sampling_files, sampler, {"conditioning": "class", "vae": None})
+    td.save_checkpoint(accelerator, args, model, ema, rng, 1, (0, 1), sampling)
+    weights = load_file(out / "checkpoint-1" / "transformer_ema" / "diffusion_pytorch_model.safetensors")
+    assert set(names) <= weights.keys() and not any("_orig_mod" in key for key in weights)
+    DiTTransformer2DModel.from_pretrained(out / "checkpoint-1", subfolder="transformer_ema")
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(td, "save_file", full)
+    with pytest.raises(SystemExit) as stopped:
+        td.save_checkpoint(accelerator, args, model, ema, rng, 2, (0, 2), sampling)
+    assert stopped.value.code == 1
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
+    assert td.list_checkpoints(out) == [out / "checkpoint-1"]
+    assert td.manifest_problem(out / "checkpoint-1") is None
