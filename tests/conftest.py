@@ -180,3 +180,60 @@ def tiny_imagefolder(tmp_path_factory):
             Image.fromarray(pixels).save(root / f"{i:03d}.png")
             f.write(json.dumps({"file_name": f"{i:03d}.png", "text": f"a {color} {shape}"}) + "\n")
     return root
+
+
+def one_error(stderr, *words):
+    """The one-line error contract: exactly one `error:` line naming `words`, no traceback."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and all(w in errors[0] for w in words), stderr[-2000:]
+    assert "Traceback" not in stderr
+
+
+def check_damaged_checkpoint_and_claims(script, module, args, out, capsys, read_metrics):
+    """Shared by every trainer. The run in `out` wrote checkpoint-1..3 with the flags `args` (no --max_train_steps);
+    checkpoint-3 is cut short here. Then: a damaged explicit checkpoint and a damaged --sample_from are one-line
+    errors (a real run: no traceback); claim_output_dir, the first thing a training run does (in-process here),
+    refuses a new run into the old run's checkpoints and a live lock, changing nothing; `latest` falls back to
+    checkpoint-2 (a real run to step 4); a stale lock is taken over and --overwrite_output_dir deletes the old run."""
+    import socket
+    import time
+
+    weights = out / "checkpoint-3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
+    before = sorted(p.name for p in out.iterdir())
+    proc = run_script(script, *args, "--max_train_steps", "4", "--resume_from_checkpoint", out / "checkpoint-3",
+                      expect_rc=2)
+    one_error(proc.stderr, "--resume_from_checkpoint", "damaged")
+    with pytest.raises(SystemExit) as stopped:  # checked before any data or model is loaded
+        module.check_args(module.parse_args(["--sample_from", str(out / "checkpoint-3"), "--output_dir",
+                                             str(out.parent / "samples")]))
+    assert stopped.value.code == 2
+    one_error(capsys.readouterr().err, "--sample_from", "damaged")
+
+    def claim(*argv):
+        return module.claim_output_dir(module.parse_args([str(a) for a in [*args, *argv]]))
+
+    for argv, words in (((), ("--overwrite_output_dir",)), (("--resume_from_checkpoint", "latest"), ("PID",))):
+        if words == ("PID",):  # a live process on this host holds the lock: this test's parent
+            (out / "run.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
+                                                      "heartbeat": time.time()}))
+        with pytest.raises(SystemExit) as stopped:
+            claim(*argv)
+        assert stopped.value.code == 2
+        one_error(capsys.readouterr().err, "--output_dir", *words)
+    (out / "run.lock").unlink()
+    assert sorted(p.name for p in out.iterdir()) == before
+
+    proc = run_script(script, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert "checkpoint-3 is damaged (model.safetensors has" in proc.stdout
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert [r["step"] for r in read_metrics(out)][-2:] == [3, 4]
+
+    # A stale lock (its process is gone) is taken over; --overwrite_output_dir deletes the old run's steps.
+    (out / "run.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname(),
+                                              "heartbeat": time.time()}))
+    lock = claim("--overwrite_output_dir")
+    assert "taking over the stale lock" in capsys.readouterr().out
+    assert not list(out.glob("checkpoint-*")) and not (out / "metrics.jsonl").exists()
+    assert json.loads((out / "run.lock").read_text())["pid"] == os.getpid()
+    lock.release()

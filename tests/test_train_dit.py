@@ -5,16 +5,13 @@ import functools
 import importlib
 import json
 import math
-import os
 import shutil
-import socket
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_same_weights, run_script
+from conftest import REPO, assert_same_weights, check_damaged_checkpoint_and_claims, run_script
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -401,52 +398,13 @@ def test_vae_with_shift_factor_exports_plain_layout_and_decodes_with_the_shift(t
 
 def test_damaged_checkpoint_falls_back_and_the_folder_is_one_runs(tiny_mnist, tmp_path, capsys):
     """`latest` skips a damaged checkpoint (one line) for the newest intact one; a damaged explicit path, a locked
-    folder and a new run into another run's checkpoints are one-line errors that change nothing (the last two
-    checked in-process: claim_output_dir is the first thing a training run does)."""
+    folder and a new run into another run's checkpoints are one-line errors that change nothing."""
     out = tmp_path / "run"
     args = [*PIXEL_MNIST, "--data_root", tiny_mnist, *FAST, "--max_samples", "8", "--checkpointing_steps", "1",
             "--validation_steps", "100", "--validation_guidance_scales", "1", "--output_dir", out]
     run_script(SCRIPT, *args, "--max_train_steps", "3")
     assert not (out / "run.lock").exists()  # released at the end
-    weights = out / "checkpoint-3" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
-
-    def one_error(proc, *words):
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and all(w in errors[0] for w in words), proc.stderr[-2000:]
-        assert "Traceback" not in proc.stderr
-
-    before = sorted(p.name for p in out.iterdir())
-    one_error(run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", out / "checkpoint-3",
-                         expect_rc=2), "--resume_from_checkpoint", "damaged")
-    td = train_dit()
-
-    def claim_error(argv, *words):
-        with pytest.raises(SystemExit) as stopped:
-            td.claim_output_dir(td.parse_args([str(a) for a in [*args, *argv]]))
-        errors = capsys.readouterr().err.strip().splitlines()
-        assert stopped.value.code == 2 and len(errors) == 1 and all(w in errors[0] for w in words), errors
-
-    claim_error([], "--overwrite_output_dir")
-    # A live process (this test's parent; this process would count as the lock's own) holds the lock.
-    (out / "run.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
-                                              "heartbeat": time.time()}))
-    claim_error(["--resume_from_checkpoint", "latest"], "--output_dir", f"PID {os.getppid()}")
-    (out / "run.lock").unlink()
-    assert sorted(p.name for p in out.iterdir()) == before
-
-    proc = run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
-    assert "checkpoint-3 is damaged (model.safetensors has" in proc.stdout
-    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
-    assert [r["step"] for r in metrics(out)][-2:] == [3, 4]
-
-    # A stale lock (its process is gone) is taken over; --overwrite_output_dir starts anew without the old steps.
-    (out / "run.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname(),
-                                              "heartbeat": time.time()}))
-    proc = run_script(SCRIPT, *args, "--max_train_steps", "1", "--overwrite_output_dir")
-    assert "taking over the stale lock" in proc.stdout
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
-    assert [r["step"] for r in metrics(out)] == [1]
+    check_damaged_checkpoint_and_claims(SCRIPT, train_dit(), args, out, capsys, metrics)
 
 
 def test_disk_full_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

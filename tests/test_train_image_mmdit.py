@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, assert_same_weights, resume_in_new_folder, run_script
+from conftest import REPO, assert_same_weights, check_damaged_checkpoint_and_claims, resume_in_new_folder, run_script
 from safetensors.torch import load_file, save_file
 
 DISCRETE, CONTINUOUS = "train_image_discrete.py", "train_image_continuous.py"
@@ -650,14 +650,12 @@ def test_continuous_model_save_pretrained_round_trip_is_bitwise(tmp_path):
         assert torch.equal(x, y)
 
 
-def test_continuous_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(tiny_mnist, tiny_bert, tmp_path):
+def test_continuous_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(tiny_mnist, tiny_bert, tmp_path,
+                                                                                capsys):
     """A checkpoint holds the EMA model in save_pretrained layout (at the last step: the export's weights) and all
     that --sample_from needs, behind a manifest. `latest` skips a damaged checkpoint (one line) for the newest intact
     one; a damaged explicit path, a locked folder and a new run into another run's checkpoints are one-line errors
     that change nothing; a stale lock is taken over; --overwrite_output_dir starts anew."""
-    import os
-    import socket
-    import time
 
     continuous = load_module(CONTINUOUS)
     out = tmp_path / "run"
@@ -676,39 +674,7 @@ def test_continuous_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(
                "--num_inference_steps", "2", "--validation_guidance_scales", "1", "--device", "cpu")
     assert (again / "samples" / "step-export.png").is_file()
 
-    weights = out / "checkpoint-3" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
-
-    def one_error(proc, *words):
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and all(w in errors[0] for w in words), proc.stderr[-2000:]
-        assert "Traceback" not in proc.stderr
-
-    before = sorted(p.name for p in out.iterdir())
-    one_error(run_script(CONTINUOUS, *args, "--max_train_steps", "4", "--resume_from_checkpoint",
-                         out / "checkpoint-3", expect_rc=2), "--resume_from_checkpoint", "damaged")
-    one_error(run_script(CONTINUOUS, *args, "--max_train_steps", "4", expect_rc=2), "--overwrite_output_dir")
-    one_error(run_script(CONTINUOUS, "--sample_from", out / "checkpoint-3", "--output_dir", again, "--device", "cpu",
-                         expect_rc=2), "--sample_from", "damaged")
-    (out / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                              "heartbeat": time.time()}))
-    one_error(run_script(CONTINUOUS, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
-                         expect_rc=2), "--output_dir", f"PID {os.getpid()}")
-    (out / "run.lock").unlink()
-    assert sorted(p.name for p in out.iterdir()) == before
-
-    proc = run_script(CONTINUOUS, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
-    assert "checkpoint-3 is damaged (model.safetensors has" in proc.stdout
-    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
-    assert [r["step"] for r in read_metrics(out)][-2:] == [3, 4]
-
-    # A stale lock (its process is gone) is taken over; --overwrite_output_dir starts anew without the old steps.
-    (out / "run.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname(),
-                                              "heartbeat": time.time()}))
-    proc = run_script(CONTINUOUS, *args, "--max_train_steps", "1", "--overwrite_output_dir")
-    assert "taking over the stale lock" in proc.stdout
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
-    assert [r["step"] for r in read_metrics(out)] == [1]
+    check_damaged_checkpoint_and_claims(CONTINUOUS, continuous, args, out, capsys, read_metrics)
 
 
 def test_continuous_disk_full_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -749,14 +715,11 @@ def test_continuous_disk_full_while_saving_leaves_the_previous_checkpoint(tmp_pa
 
 
 def test_discrete_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(discrete, tiny_mnist, tiny_bert,
-                                                                              tmp_path):
+                                                                              tmp_path, capsys):
     """A checkpoint holds the EMA model in save_pretrained layout (at the last step: the export's weights) and all
     that --sample_from needs, behind a manifest. `latest` skips a damaged checkpoint (one line) for the newest intact
     one; a damaged explicit path, a locked folder and a new run into another run's checkpoints are one-line errors
     that change nothing; a stale lock is taken over; --overwrite_output_dir starts anew."""
-    import os
-    import socket
-    import time
 
     out = tmp_path / "run"
     args = ["--data-root", tiny_mnist, *text_flags(DISCRETE, tiny_bert), *TINY, "--train_batch_size", "4",
@@ -775,39 +738,7 @@ def test_discrete_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(di
                "--num_inference_steps", "2", "--validation_guidance_scales", "1", "--device", "cpu")
     assert (again / "samples" / "step-export.png").is_file()
 
-    weights = out / "checkpoint-3" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
-
-    def one_error(proc, *words):
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and all(w in errors[0] for w in words), proc.stderr[-2000:]
-        assert "Traceback" not in proc.stderr
-
-    before = sorted(p.name for p in out.iterdir())
-    one_error(run_script(DISCRETE, *args, "--max_train_steps", "4", "--resume_from_checkpoint",
-                         out / "checkpoint-3", expect_rc=2), "--resume_from_checkpoint", "damaged")
-    one_error(run_script(DISCRETE, *args, "--max_train_steps", "4", expect_rc=2), "--overwrite_output_dir")
-    one_error(run_script(DISCRETE, "--sample_from", out / "checkpoint-3", "--output_dir", again, "--device", "cpu",
-                         expect_rc=2), "--sample_from", "damaged")
-    (out / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                              "heartbeat": time.time()}))
-    one_error(run_script(DISCRETE, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
-                         expect_rc=2), "--output_dir", f"PID {os.getpid()}")
-    (out / "run.lock").unlink()
-    assert sorted(p.name for p in out.iterdir()) == before
-
-    proc = run_script(DISCRETE, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
-    assert "checkpoint-3 is damaged (model.safetensors has" in proc.stdout
-    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
-    assert [r["step"] for r in read_metrics(out)][-2:] == [3, 4]
-
-    # A stale lock (its process is gone) is taken over; --overwrite_output_dir starts anew without the old steps.
-    (out / "run.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname(),
-                                              "heartbeat": time.time()}))
-    proc = run_script(DISCRETE, *args, "--max_train_steps", "1", "--overwrite_output_dir")
-    assert "taking over the stale lock" in proc.stdout
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
-    assert [r["step"] for r in read_metrics(out)] == [1]
+    check_damaged_checkpoint_and_claims(DISCRETE, discrete, args, out, capsys, read_metrics)
 
 
 def test_discrete_disk_full_while_saving_leaves_the_previous_checkpoint(discrete, tmp_path, monkeypatch):

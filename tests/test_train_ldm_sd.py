@@ -4,13 +4,10 @@ import errno
 import importlib.util
 import json
 import math
-import os
-import socket
-import time
 
 import pytest
 import torch
-from conftest import REPO, assert_same_weights, resume_in_new_folder, run_script
+from conftest import REPO, assert_same_weights, check_damaged_checkpoint_and_claims, resume_in_new_folder, run_script
 from safetensors.torch import load_file
 
 SCRIPT = "train_ldm_sd.py"
@@ -298,7 +295,7 @@ def test_zero_terminal_snr_min_snr_weight_is_finite_with_v_prediction(ldm, tiny_
     assert float(scheduler.alphas_cumprod[-1]) == 0.0  # the terminal SNR is exactly zero
 
 
-def test_damaged_checkpoint_falls_back_and_the_folder_is_one_runs(tiny_sd, tiny_imagefolder, tmp_path):
+def test_damaged_checkpoint_falls_back_and_the_folder_is_one_runs(ldm, tiny_sd, tiny_imagefolder, tmp_path, capsys):
     """`latest` skips a damaged checkpoint (one line) for the newest intact one; a damaged explicit path, a locked
     folder and a new run into another run's checkpoints are one-line errors that change nothing."""
     out = tmp_path / "run"
@@ -306,39 +303,7 @@ def test_damaged_checkpoint_falls_back_and_the_folder_is_one_runs(tiny_sd, tiny_
             *FAST, "--checkpointing_steps", "1", "--validation_steps", "100"]
     run_script(SCRIPT, *args, "--max_train_steps", "3")
     assert not (out / "run.lock").exists()  # released at the end
-    weights = out / "checkpoint-3" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
-
-    def one_error(proc, *words):
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and all(w in errors[0] for w in words), proc.stderr[-2000:]
-        assert "Traceback" not in proc.stderr
-
-    before = sorted(p.name for p in out.iterdir())
-    one_error(run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", out / "checkpoint-3",
-                         expect_rc=2), "--resume_from_checkpoint", "damaged")
-    one_error(run_script(SCRIPT, *args, "--max_train_steps", "4", expect_rc=2), "--overwrite_output_dir")
-    (out / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                              "heartbeat": time.time()}))
-    one_error(run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", expect_rc=2),
-              "--output_dir", f"PID {os.getpid()}")
-    (out / "run.lock").unlink()
-    one_error(run_script(SCRIPT, "--sample_from", out / "checkpoint-3", "--output_dir", tmp_path / "s", expect_rc=2),
-              "--sample_from", "damaged")
-    assert sorted(p.name for p in out.iterdir()) == before
-
-    proc = run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
-    assert "checkpoint-3 is damaged (model.safetensors has" in proc.stdout
-    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
-    assert [r["step"] for r in read_metrics(out)][-2:] == [3, 4]
-
-    # A stale lock (its process is gone) is taken over; --overwrite_output_dir starts anew without the old steps.
-    (out / "run.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname(),
-                                              "heartbeat": time.time()}))
-    proc = run_script(SCRIPT, *args, "--max_train_steps", "1", "--overwrite_output_dir")
-    assert "taking over the stale lock" in proc.stdout
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
-    assert [r["step"] for r in read_metrics(out)] == [1]
+    check_damaged_checkpoint_and_claims(SCRIPT, ldm, args, out, capsys, read_metrics)
 
 
 def test_disk_full_while_saving_leaves_the_previous_checkpoint(ldm, tiny_sd, tmp_path, monkeypatch):

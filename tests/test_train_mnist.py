@@ -11,7 +11,14 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import OFFLINE_ENV, REPO, assert_same_weights, resume_in_new_folder, run_script
+from conftest import (
+    OFFLINE_ENV,
+    REPO,
+    assert_same_weights,
+    check_damaged_checkpoint_and_claims,
+    resume_in_new_folder,
+    run_script,
+)
 from safetensors.torch import load_file
 
 SCRIPT = "train_mnist.py"
@@ -287,44 +294,14 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tiny_mnist,
     assert 1 <= json.loads((checkpoints[0] / "training_state.json").read_text())["global_step"] < 1000
 
 
-def test_damaged_checkpoint_falls_back_and_the_folder_is_one_runs(tiny_mnist, tiny_clip, tmp_path):
+def test_damaged_checkpoint_falls_back_and_the_folder_is_one_runs(tiny_mnist, tiny_clip, tmp_path, capsys):
     """`latest` skips a damaged checkpoint (one line) for the newest intact one; a damaged explicit path, a locked
     folder and a new run into another run's checkpoints are one-line errors that change nothing."""
     out = tmp_path / "run"
     args = [*common(tiny_mnist, tiny_clip, out), "--checkpointing_steps", "1", "--validation_steps", "100"]
     run_script(SCRIPT, *args, "--max_train_steps", "3")
     assert not (out / "run.lock").exists()  # released at the end
-    weights = out / "checkpoint-3" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
-
-    def one_error(proc, *words):
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and all(w in errors[0] for w in words), proc.stderr[-2000:]
-        assert "Traceback" not in proc.stderr
-
-    before = sorted(p.name for p in out.iterdir())
-    one_error(run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", out / "checkpoint-3",
-                         expect_rc=2), "--resume_from_checkpoint", "damaged")
-    one_error(run_script(SCRIPT, *args, "--max_train_steps", "4", expect_rc=2), "--overwrite_output_dir")
-    (out / "run.lock").write_text(json.dumps({"pid": __import__("os").getpid(), "host": __import__("socket")
-                                              .gethostname(), "heartbeat": time.time()}))
-    one_error(run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", expect_rc=2),
-              "--output_dir", f"PID {__import__('os').getpid()}")
-    (out / "run.lock").unlink()
-    assert sorted(p.name for p in out.iterdir()) == before
-
-    proc = run_script(SCRIPT, *args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
-    assert "checkpoint-3 is damaged (model.safetensors has" in proc.stdout
-    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
-    assert [r["step"] for r in read_metrics(out)][-2:] == [3, 4]
-
-    # A stale lock (its process is gone) is taken over; --overwrite_output_dir starts anew without the old steps.
-    (out / "run.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": __import__("socket").gethostname(),
-                                              "heartbeat": time.time()}))
-    proc = run_script(SCRIPT, *args, "--max_train_steps", "1", "--overwrite_output_dir")
-    assert "taking over the stale lock" in proc.stdout
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
-    assert [r["step"] for r in read_metrics(out)] == [1]
+    check_damaged_checkpoint_and_claims(SCRIPT, load_script(), args, out, capsys, read_metrics)
 
 
 def test_disk_full_while_saving_leaves_the_previous_checkpoint(tiny_mnist, tiny_clip, tmp_path, monkeypatch):
