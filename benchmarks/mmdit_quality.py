@@ -45,9 +45,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"discrete": "train_image_discrete.py", "continuous": "train_image_continuous.py"}
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
-# Training recipes on top of the scripts' defaults (MMDiT 128 wide, 6 blocks, 4x4 pixel patches: 49 image tokens, after
-# a 3x3 conv stem of 32 channels (continuous) or 4 (discrete); 8 caption tokens), each sized to stay within 20 minutes on
-# 2 CPU cores. Validation and checkpoint at the end only.
+# Training recipes on top of the scripts' defaults (MMDiT 128 wide, 6 blocks, 4x4 pixel patches: 49 image tokens,
+# after a 3x3 conv stem of 32 channels (continuous) or 4 (discrete); 8 caption tokens), each sized to stay within
+# 20 minutes on 2 CPU cores. Validation and checkpoint at the end only.
 # Batch 32 and PyTorch's init: at this budget optimizer steps, not images, limit a small transformer, and adaLN-Zero
 # is the slowest start (docs/dit.md, docs/mmdit.md).
 COMMON = ["--max_text_length", "8", "--validation_steps", "100000", "--checkpointing_steps", "100000",
@@ -199,7 +199,8 @@ def main(args):
     if not args.skip_training and not args.score_only:
         # The training run writes the evaluation files from its final (EMA) export as it ends.
         run([sys.executable, str(REPO_ROOT / script), "--data_root", args.data_root, "--output_dir", str(model_dir),
-             *encoder_flags, *RECIPES[args.script], *SAMPLING[args.script], *flags, *args.trainer_args])
+             "--overwrite_output_dir", *encoder_flags, *RECIPES[args.script], *SAMPLING[args.script], *flags,
+             *args.trainer_args])
         for name in ("eval_samples.npz", "captions.jsonl", "eval_joint.npz"):
             if (model_dir / name).is_file():
                 shutil.copy(model_dir / name, args.output_dir / name)

@@ -468,7 +468,8 @@ def train_command(args):
     command = [sys.executable, str(TRAIN_SCRIPT), "--dataset_path", args.data_root]
     if args.text_encoder_name_or_path is not None:
         command += ["--text_encoder_name_or_path", args.text_encoder_name_or_path]
-    command += ["--output_dir", str(Path(args.output_dir) / "model")]
+    # A benchmark trains anew: a model folder left by an earlier run is replaced.
+    command += ["--output_dir", str(Path(args.output_dir) / "model"), "--overwrite_output_dir"]
     return command + RECIPE + args.trainer_args
 
 
