@@ -56,6 +56,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 SCRIPT = "train_image_discrete.py"
+KIND = "masked discrete text diffusion"  # how the caption is diffused: the model card's title and tag
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 MNIST_SIZE = 28  # 4x4 patches: 7 x 7 = 49 image tokens (padding to 32 would cost 64)
 EXPORT_CONFIG = "export_config.json"
@@ -198,7 +199,10 @@ def parse_args(argv=None):
                    help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.')
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.")
-    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
+    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none",
+                   help="Send metrics and validation grids to a tracker (its package must be installed); all: every "
+                        "installed one.")
+    g.add_argument("--tracker_project_name", default="train_image_discrete", help="Project (wandb) or run folder name.")
 
     argv = sys.argv[1:] if argv is None else list(argv)
     return parser.parse_args([underscore_flag(a) for a in argv])
@@ -244,9 +248,28 @@ def check_args(args):
         fail(f"--resolution {args.resolution}: the patch size {args.patch_size} must divide it")
     if args.max_text_length < 3:
         fail(f"--max_text_length {args.max_text_length}: needs room for [CLS], a word and [SEP]")
+    args.report_to = installed_trackers(args.report_to)
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
             fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
+
+
+def installed_trackers(report_to):
+    """--report_to as accelerate's log_with: a tracker whose package is missing is an error, never silence."""
+    import importlib.util
+
+    packages = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    if report_to == "none":
+        return []
+    if report_to == "all":
+        found = [name for name, package in packages.items() if importlib.util.find_spec(package)]
+        if not found:
+            fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
+        return found
+    if not importlib.util.find_spec(packages[report_to]):
+        fail(f"--report_to {report_to}: the {packages[report_to]} package is not installed; "
+             f"pip install {packages[report_to]}")
+    return [report_to]
 
 
 def check_accelerator(accelerator):
@@ -958,9 +981,10 @@ def show(images):
     return image[..., 0] if image.shape[-1] == 1 else image[..., :3]
 
 
-def log_validation(model, ctx, args, step, per_prompt=4):
-    """samples/step-<step>.png: prompts x guidance scales; samples/step-<step>.txt: captions of held-out images
-    and of joint samples."""
+def log_validation(model, ctx, args, step, trackers=(), per_prompt=4):
+    """samples/step-<step>.png: prompts x guidance scales, also sent to the trackers (TensorBoard: an image; wandb:
+    an image captioned with its prompts); samples/step-<step>.txt: captions of held-out images and of joint
+    samples."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -986,6 +1010,9 @@ def log_validation(model, ctx, args, step, per_prompt=4):
     fig.tight_layout()
     fig.savefig(samples_dir / f"step-{step}.png", dpi=80)
     plt.close(fig)
+    if trackers:
+        caption = f"rows: {' | '.join(prompts)}; guidance {', '.join(f'{s:g}' for s in scales)}"
+        log_image(trackers, samples_dir / f"step-{step}.png", step, caption)
 
     lines = [f"# step {step}: captions generated for {ctx.val_source} (text guidance {ctx.text_guidance_scale:g}, "
              f"{ctx.text_sampler} sampler, {ctx.text_inference_steps} steps)"]
@@ -997,6 +1024,21 @@ def log_validation(model, ctx, args, step, per_prompt=4):
     lines += ["# joint samples (a caption, then an image from it: sample_joint)"]
     lines += [f"joint {i}\t{c}" for i, c in enumerate(joint)]
     (samples_dir / f"step-{step}.txt").write_text("\n".join(lines) + "\n")
+
+
+def log_image(trackers, path, step, caption):
+    """A PNG written to disk, sent to every tracker that shows images."""
+    from PIL import Image
+
+    image = np.asarray(Image.open(path).convert("RGB"))
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", image, step, dataformats="HWC")
+            tracker.writer.flush()
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(image, caption=caption)]}, step=step)
 
 
 def plot_loss(metrics_path, out_path):
@@ -1237,14 +1279,56 @@ def write_sampling_files(ctx, args, folder):
     (folder / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
 
 
-def export_model(model, write_sampling_files, output_dir):
-    """The EMA model in diffusers layout (mmdit/) and export_config.json. Each part is written under a temporary
-    name and renamed; manifest.json, written last, says the export is complete."""
+def model_card(args, global_step, metrics_path):
+    """README.md of the export: the Hub's YAML front matter, then how it was trained and how to sample it."""
+    from huggingface_hub import ModelCardData
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    last = rows[-1] if rows else {"loss": math.nan, "image_loss": math.nan, "text_loss": math.nan}
+    data = ModelCardData(library_name="diffusers", license="other",
+                         datasets=["ylecun/mnist"] if args.dataset == "mnist" else None,
+                         tags=["diffusers", "mmdit", "text-to-image", "image-to-text", KIND.replace(" ", "-")]
+                         + (["mnist"] if args.dataset == "mnist" else []))
+    command = " ".join(["python", SCRIPT, *sys.argv[1:]])
+    space = f"the latents of the VAE `{args.vae}`" if args.vae else "pixels"
+    return f"""---
+{data.to_yaml()}
+---
+
+# MMDiT text-image model, {KIND} ({SCRIPT})
+
+One MMDiT trained from scratch on images and their captions together ({args.dataset} data, images in {space},
+text encoder `{args.text_encoder}`): it generates an image from a caption (text-to-image), a caption from an
+image (image-to-text), or both. {global_step} optimizer steps; final loss {last["loss"]:.4f} (image
+{last["image_loss"]:.4f}, text {last["text_loss"]:.4f}).
+
+Training command:
+
+```bash
+{command}
+```
+
+Sample it (the EMA weights) with the script:
+
+```bash
+python {SCRIPT} --sample_from THIS_FOLDER --output_dir samples
+```
+
+![samples at guidance {", ".join(f"{s:g}" for s in args.validation_guidance_scales)}](samples.png)
+"""
+
+
+def export_model(model, write_sampling_files, output_dir, card, grid):
+    """The EMA model in diffusers layout (mmdit/), export_config.json and a model card (README.md, samples.png).
+    Each part is written under a temporary name and renamed; manifest.json, written last, says the export is
+    complete."""
     (output_dir / MANIFEST).unlink(missing_ok=True)  # until the new manifest: visibly incomplete
     tmp = output_dir / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp / MODEL_FOLDER)
     write_sampling_files(tmp)
+    (tmp / "README.md").write_text(card)
+    shutil.copyfile(grid, tmp / "samples.png")
     parts = sorted(p.name for p in tmp.iterdir())
     for name in parts:
         if (output_dir / name).is_dir():
@@ -1448,7 +1532,7 @@ def main(args):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         # "auto" is CPU without CUDA; then several processes (torchrun, accelerate launch) talk over gloo.
         cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=args.report_to or None,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, "logs")),
         # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
         # Pinned batches copied without blocking: the host does not wait for the device at every batch.
@@ -1547,8 +1631,8 @@ def main(args):
     # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_train_steps, last_epoch=global_step - 1)
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("train_image_discrete", config={k: str(v) for k, v in vars(args).items()})
+    if args.report_to:
+        accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
 
     # ---- Training loop: the host reads device values only every --logging_steps -------------------------------
     metrics_path = output_dir / "metrics.jsonl"
@@ -1643,7 +1727,7 @@ def main(args):
                 if ema is not None:
                     ema.store(model.parameters())
                     ema.copy_to(model.parameters())
-                log_validation(accelerator.unwrap_model(model).eval(), ctx, args, global_step)
+                log_validation(accelerator.unwrap_model(model).eval(), ctx, args, global_step, accelerator.trackers)
                 plot_loss(metrics_path, output_dir / "loss.png")
                 if ema is not None:
                     ema.restore(model.parameters())
@@ -1662,9 +1746,10 @@ def main(args):
         final_model = accelerator.unwrap_model(model).eval()
         if ema is not None:
             ema.copy_to(final_model.parameters())
-        export_model(final_model, sampling_files, output_dir)
-        log_validation(final_model, ctx, args, global_step)
+        log_validation(final_model, ctx, args, global_step, accelerator.trackers)
         plot_loss(metrics_path, output_dir / "loss.png")
+        card = model_card(args, global_step, metrics_path)
+        export_model(final_model, sampling_files, output_dir, card, output_dir / "samples" / f"step-{global_step}.png")
         summary = {"global_step": global_step, "train_seconds": train_seconds}
         if args.dataset == "mnist":
             summary.update(write_eval_outputs(final_model, ctx, args, output_dir))

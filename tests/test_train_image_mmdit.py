@@ -31,6 +31,22 @@ def read_metrics(output_dir):
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def check_tensorboard_and_model_card(out, steps, kind_tag):
+    """TensorBoard got the losses and the final validation grid; the export says what it is (Hub model card)."""
+    from huggingface_hub import ModelCard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs" / "tiny"), size_guidance={"images": 0}).Reload()
+    for key in ("loss", "image_loss", "text_loss"):
+        assert [e.step for e in events.Scalars(key)] == steps
+    assert [e.step for e in events.Images("validation")] == steps[-1:] and events.Images("validation")[0].width > 100
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.license and card.data.datasets == ["ylecun/mnist"]
+    assert {"diffusers", "mmdit", "text-to-image", "image-to-text", kind_tag} <= set(card.data.tags)
+    assert f"--max_train_steps {steps[-1]}" in card.text and "(samples.png)" in card.text
+    assert f"final loss {read_metrics(out)[-1]['loss']:.4f}" in card.text and (out / "samples.png").is_file()
+
+
 def load_module(script):
     spec = importlib.util.spec_from_file_location(script[:-3], REPO / script)
     module = importlib.util.module_from_spec(spec)
@@ -187,7 +203,7 @@ def test_two_processes(script, tiny_mnist, tiny_bert, tmp_path):
 
 
 @pytest.mark.parametrize("script,case", [(script, case) for script in (DISCRETE, CONTINUOUS)
-                                         for case in ("dim_text_mismatch", "missing_data_root")]
+                                         for case in ("dim_text_mismatch", "missing_data_root", "missing_tracker")]
                          + [(CONTINUOUS, "text_latent_dim_too_large")])
 def test_bad_input_is_one_line_exit_2(script, case, tiny_mnist, tiny_bert, tmp_path):
     args = ["--data-root", tiny_mnist, *text_flags(script, tiny_bert, frozen=True), *TINY, "--max-train-steps", "1",
@@ -195,6 +211,11 @@ def test_bad_input_is_one_line_exit_2(script, case, tiny_mnist, tiny_bert, tmp_p
     if case == "dim_text_mismatch":
         args[args.index("--dim-text") + 1] = "768"
         flag = "--dim_text 768"
+    elif case == "missing_tracker":
+        if importlib.util.find_spec("wandb"):  # not a dependency of the suite
+            pytest.skip("wandb is installed here")
+        args += ["--report_to", "wandb"]
+        flag = "--report_to wandb"
     elif case == "text_latent_dim_too_large":
         args += ["--text-latent-dim", "33"]
         flag = "--text_latent_dim 33: must be in [0, 32]"
@@ -661,7 +682,8 @@ def test_continuous_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(
     out = tmp_path / "run"
     args = ["--data-root", tiny_mnist, *text_flags(CONTINUOUS, tiny_bert), *TINY, "--train_batch_size", "4",
             "--checkpointing_steps", "1", "--validation_steps", "100", "--output_dir", out]
-    run_script(CONTINUOUS, *args, "--max_train_steps", "3")
+    run_script(CONTINUOUS, *args, "--max_train_steps", "3", "--report_to", "tensorboard", "--tracker_project_name",
+               "tiny")
     assert not (out / "run.lock").exists()  # released at the end
     assert continuous.manifest_problem(out) is None and continuous.manifest_problem(out / "checkpoint-3") is None
     assert not list(out.rglob("ema.safetensors")) and not (out / ".export.tmp").exists()
@@ -669,6 +691,7 @@ def test_continuous_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(
     export = continuous.TextImageModel.from_pretrained(out / "mmdit")
     a, b = ema.state_dict(), export.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    check_tensorboard_and_model_card(out, [1, 2, 3], "continuous-text-embedding-diffusion")
     again = tmp_path / "from-checkpoint"
     run_script(CONTINUOUS, "--sample_from", out / "checkpoint-3", "--data-root", tiny_mnist, "--output_dir", again,
                "--num_inference_steps", "2", "--validation_guidance_scales", "1", "--device", "cpu")
@@ -724,7 +747,8 @@ def test_discrete_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(di
     out = tmp_path / "run"
     args = ["--data-root", tiny_mnist, *text_flags(DISCRETE, tiny_bert), *TINY, "--train_batch_size", "4",
             "--checkpointing_steps", "1", "--validation_steps", "100", "--output_dir", out]
-    run_script(DISCRETE, *args, "--max_train_steps", "3")
+    run_script(DISCRETE, *args, "--max_train_steps", "3", "--report_to", "tensorboard", "--tracker_project_name",
+               "tiny")
     assert not (out / "run.lock").exists()  # released at the end
     assert discrete.manifest_problem(out) is None and discrete.manifest_problem(out / "checkpoint-3") is None
     assert not list(out.rglob("ema.safetensors")) and not (out / ".export.tmp").exists()
@@ -733,6 +757,7 @@ def test_discrete_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(di
     export = discrete.TextImageModel.from_pretrained(out / "mmdit")
     a, b = ema.state_dict(), export.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    check_tensorboard_and_model_card(out, [1, 2, 3], "masked-discrete-text-diffusion")
     again = tmp_path / "from-checkpoint"
     run_script(DISCRETE, "--sample_from", out / "checkpoint-3", "--data-root", tiny_mnist, "--output_dir", again,
                "--num_inference_steps", "2", "--validation_guidance_scales", "1", "--device", "cpu")
