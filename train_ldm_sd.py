@@ -99,6 +99,8 @@ def parse_args(argv=None):
                         f"Default {DEFAULT_MODEL}.")
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help='Weights variant of the folder, e.g. "fp16".')
+    g.add_argument("--cache_dir", default=None,
+                   help="The directory where the downloaded models and datasets will be stored.")
     g.add_argument("--unet_from_scratch", action="store_true",
                    help="Train a new UNet (size from --unet_config) on the folder's frozen VAE, text encoder and "
                         "scheduler, instead of fine-tuning the folder's UNet.")
@@ -127,8 +129,12 @@ def parse_args(argv=None):
                    help="Shards of prepare_data_multi_gpu.py: the VAE and text encoder do not run during training.")
     g.add_argument("--image_column", default="image")
     g.add_argument("--caption_column", default="text")
-    g.add_argument("--max_samples", type=int, default=None, help="Truncate the training set to N examples.")
+    g.add_argument("--max_samples", "--max_train_samples", type=int, default=None,
+                   help="Truncate the training set to N examples.")
     g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--image_interpolation_mode", default="lanczos",
+                   choices=[mode.name.lower() for mode in transforms.InterpolationMode],
+                   help="The image interpolation method to use for resizing images.")
     g.add_argument("--center_crop", action="store_true", help="Center crop instead of a random crop.")
     g.add_argument("--random_flip", action="store_true", help="Mirror images at random (afresh every step).")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
@@ -204,19 +210,28 @@ def parse_args(argv=None):
                    help="Columns of the validation grid.")
     g.add_argument("--guidance_scale", type=float, default=7.5, help="Written as the export's suggestion.")
     g.add_argument("--num_inference_steps", type=int, default=25, help="DPM-Solver++ steps of the validation.")
-    g.add_argument("--validation_steps", type=int, default=500)
+    g.add_argument("--validation_steps", type=int, default=None,
+                   help="Run validation every X optimizer steps; 500 when --validation_epochs is not given.")
+    g.add_argument("--validation_epochs", type=int, default=None,
+                   help="Run validation every X epochs (at the end of epochs X, 2X, ...), instead of every "
+                        "--validation_steps.")
     g.add_argument("--sample_from", default=None,
                    help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.")
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument("--logging_dir", default="logs",
+                   help="TensorBoard log directory, relative to --output_dir (an absolute path is used as it is).")
     g.add_argument("--checkpointing_steps", type=int, default=500)
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.')
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.")
-    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
+    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none",
+                   help="Send metrics and validation grids to a tracker (its package must be installed); all: every "
+                        "installed one.")
+    g.add_argument("--tracker_project_name", default="text2image-fine-tune", help="Project (wandb) or run folder name.")
 
     argv = sys.argv[1:] if argv is None else list(argv)
     return parser.parse_args([underscore_flag(a) for a in argv])
@@ -235,6 +250,7 @@ def check_args(args):
     """Cheap checks of the flags and paths, before any dataset or model is loaded."""
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    args.report_to = installed_trackers(args.report_to)
     if args.sample_from:  # generation only: the data, model and training flags do not apply
         if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
             fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
@@ -262,6 +278,14 @@ def check_args(args):
              f"it); try {max(8, args.resolution // 8 * 8)}")
     if args.max_samples is not None and args.max_samples < 1:
         fail(f"--max_samples {args.max_samples}: must be at least 1 (leave it out to use the whole dataset)")
+    if args.validation_epochs is not None and args.validation_steps is not None:
+        fail("--validation_epochs and --validation_steps: give one of them (validation every N epochs, or every N "
+             "optimizer steps)")
+    for flag in ("validation_epochs", "validation_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            fail(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.validation_epochs is None and args.validation_steps is None:
+        args.validation_steps = 500
     if not 0.0 <= args.cond_dropout_prob < 1.0:
         fail(f"--cond_dropout_prob {args.cond_dropout_prob}: must be in [0, 1)")
     if args.ema_update_every < 1:
@@ -282,6 +306,34 @@ def check_args(args):
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
             fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
+
+
+def installed_trackers(report_to):
+    """--report_to as accelerate's log_with: a tracker whose package is missing is an error, never silence."""
+    import importlib.util
+
+    packages = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    if report_to == "none":
+        return []
+    if report_to == "all":
+        found = [name for name, package in packages.items() if importlib.util.find_spec(package)]
+        if not found:
+            fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
+        return found
+    if not importlib.util.find_spec(packages[report_to]):
+        fail(f"--report_to {report_to}: the {packages[report_to]} package is not installed; "
+             f"pip install {packages[report_to]}")
+    return [report_to]
+
+
+def validation_due(args, global_step, max_train_steps, epoch_end=None):
+    """Whether to validate now: after an optimizer step (epoch_end None) every --validation_steps, or at the end of
+    epoch `epoch_end` (0-based) every --validation_epochs. Never at the last step: the final grid comes anyway."""
+    if global_step >= max_train_steps:
+        return False
+    if epoch_end is None:
+        return bool(args.validation_steps) and global_step % args.validation_steps == 0
+    return bool(args.validation_epochs) and (epoch_end + 1) % args.validation_epochs == 0
 
 
 def check_accelerator(accelerator):
@@ -320,7 +372,8 @@ class ImageCaptions:
 
     def __init__(self, args, tokenizer, max_length, mode):
         self.args, self.tokenizer, self.max_length, self.mode = args, tokenizer, max_length, mode
-        self.resize = transforms.Resize(args.resolution, interpolation=transforms.InterpolationMode.BILINEAR)
+        self.resize = transforms.Resize(
+            args.resolution, interpolation=transforms.InterpolationMode[args.image_interpolation_mode.upper()])
         self.epoch = 0
 
     def crop(self, image, caption, position):
@@ -511,12 +564,13 @@ def load_hf_dataset(args):
 
     try:
         if args.train_data_dir:
-            ds = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, split="train")
+            ds = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, split="train",
+                                       cache_dir=args.cache_dir)
         elif Path(args.dataset_name).is_dir() and (Path(args.dataset_name) / "state.json").is_file():
             ds = datasets.load_from_disk(args.dataset_name)
         else:
             ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train",
-                                       streaming=args.streaming)
+                                       streaming=args.streaming, cache_dir=args.cache_dir)
     except (OSError, ValueError, FileNotFoundError) as e:
         flag = "--train_data_dir" if args.train_data_dir else "--dataset_name"
         fail(f"{flag} {args.train_data_dir or args.dataset_name}: cannot load it ({type(e).__name__}: "
@@ -559,15 +613,16 @@ def load_text_encoder(args):
                  else (args.pretrained_model_name_or_path, "text_encoder"))
     flag = "--text_encoder_name_or_path" if args.text_encoder_name_or_path else "--pretrained_model_name_or_path"
     try:
-        config = AutoConfig.from_pretrained(path, subfolder=sub, revision=args.revision)
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer" if sub else "", revision=args.revision)
+        config = AutoConfig.from_pretrained(path, subfolder=sub, revision=args.revision, cache_dir=args.cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer" if sub else "", revision=args.revision,
+                                                  cache_dir=args.cache_dir)
     except (OSError, ValueError) as e:
         fail(f"{flag} {path}: cannot load a text encoder and tokenizer from it ({type(e).__name__}); pass a folder "
              f"in Stable Diffusion layout (or with config.json and tokenizer files), or a hub id when online")
     model_cls = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel}.get(
         config.model_type, AutoModel)
     model = model_cls.from_pretrained(path, subfolder=sub, revision=args.revision,
-                                      variant=args.variant if sub else None)
+                                      variant=args.variant if sub else None, cache_dir=args.cache_dir)
     return tokenizer, model.requires_grad_(False).eval()
 
 
@@ -576,7 +631,7 @@ def load_vae(args, source):
     path, sub, flag = source
     try:
         vae = AutoencoderKL.from_pretrained(path, subfolder=sub, revision=args.revision,
-                                            variant=args.variant if sub else None)
+                                            variant=args.variant if sub else None, cache_dir=args.cache_dir)
     except (OSError, ValueError) as e:
         fail(f"{flag} {path}: cannot load an AutoencoderKL from it{f' (subfolder {sub})' if sub else ''} "
              f"({type(e).__name__})")
@@ -597,7 +652,8 @@ def build_unet(args, latent_channels, latent_size, cross_attention_dim):
     if not args.unet_from_scratch:
         try:
             unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
-                                                        revision=args.revision, variant=args.variant)
+                                                        revision=args.revision, variant=args.variant,
+                                                        cache_dir=args.cache_dir)
         except (OSError, ValueError) as e:
             fail(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no loadable unet/ "
                  f"({type(e).__name__}); add --unet_from_scratch to train a new UNet")
@@ -624,7 +680,7 @@ def build_noise_scheduler(args):
     """The folder's DDPM schedule, with --prediction_type and --rescale_betas_zero_snr applied."""
     try:
         config = DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
-                                           revision=args.revision)
+                                           revision=args.revision, cache_dir=args.cache_dir)
     except (OSError, ValueError) as e:
         fail(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no scheduler/ "
              f"({type(e).__name__})")
@@ -746,8 +802,9 @@ def make_pipeline(vae, text_encoder, tokenizer, unet, sampler):
 
 
 @torch.no_grad()
-def log_validation(pipeline, prompts, args, path, accelerator):
-    """Grid: one row per prompt, one panel per guidance scale (--num_validation_images each), fixed seed."""
+def log_validation(pipeline, prompts, args, path, accelerator, trackers=(), step=0):
+    """Grid: one row per prompt, one panel per guidance scale (--num_validation_images each), fixed seed; written to
+    `path` and sent to the trackers (TensorBoard: the grid; wandb: one image per prompt, captioned with it)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -756,6 +813,7 @@ def log_validation(pipeline, prompts, args, path, accelerator):
     scales, k = args.validation_guidance_scales, args.num_validation_images
     fig, axes = plt.subplots(len(prompts), len(scales), figsize=(2.2 * k * len(scales), 2.4 * len(prompts)),
                              squeeze=False)
+    rows = [[] for _ in prompts]  # per prompt: its strip at every guidance scale
     for col, scale in enumerate(scales):
         generator = torch.Generator(accelerator.device).manual_seed(args.seed)  # same noise in every panel
         with accelerator.autocast():
@@ -764,6 +822,7 @@ def log_validation(pipeline, prompts, args, path, accelerator):
                               generator=generator, output_type="np").images
         for row, prompt in enumerate(prompts):
             strip = np.concatenate(list(images[row * k:(row + 1) * k]), axis=1)
+            rows[row].append(strip)
             ax = axes[row][col]
             ax.imshow(strip.squeeze(-1) if strip.shape[-1] == 1 else strip, cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
@@ -776,6 +835,34 @@ def log_validation(pipeline, prompts, args, path, accelerator):
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    if trackers:
+        guidance = f"guidance {', '.join(f'{s:g}' for s in scales)}"
+        caption = f"rows: {' | '.join(prompts)}; {guidance}"
+        log_image([t for t in trackers if t.name != "wandb"], path, step, caption)
+        wandb_trackers = [t for t in trackers if t.name == "wandb"]
+        if wandb_trackers:  # as diffusers' examples: one image per prompt, the prompt as its caption
+            import wandb
+
+            per_prompt = [wandb.Image((np.concatenate(strips, axis=1) * 255).round().astype(np.uint8).squeeze(),
+                                      caption=f"{prompt} ({guidance})")
+                          for prompt, strips in zip(prompts, rows, strict=True)]
+            for tracker in wandb_trackers:
+                tracker.log({"validation": per_prompt}, step=step)
+
+
+def log_image(trackers, path, step, caption):
+    """A PNG written to disk, sent to every tracker that shows images."""
+    from PIL import Image
+
+    image = np.asarray(Image.open(path).convert("RGB"))
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", image, step, dataformats="HWC")
+            tracker.writer.flush()
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(image, caption=caption)]}, step=step)
 
 
 def plot_loss(metrics_path, out_path):
@@ -987,20 +1074,76 @@ def write_sampling_files(sampler, config, folder):
     (folder / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
 
 
-def export_model(unet, sampler, tokenizer, max_length, args, vae_from, write_sampling_files, output_dir):
-    """StableDiffusionPipeline.save_pretrained (EMA UNet in fp32, the frozen parts reloaded in fp32) plus the
-    sampler and export_config.json. Each part is written under a temporary name and renamed; manifest.json,
-    written last, says the export is complete."""
+def export_pipeline(unet, sampler, tokenizer, max_length, args, vae_from):
+    """The StableDiffusionPipeline of the export: the EMA UNet in fp32, the frozen parts reloaded in fp32."""
     tokenizer.model_max_length = max_length  # the pipeline pads prompts to this, as training did
     _, text_encoder = load_text_encoder(args)
     if unet.dtype != torch.float32:
         unet.to(torch.float32)
-    pipeline = make_pipeline(load_vae(args, vae_from), text_encoder, tokenizer, unet, sampler)
+    return make_pipeline(load_vae(args, vae_from), text_encoder, tokenizer, unet, sampler)
+
+
+def sd_license(name_or_path):
+    """The license of a Stable Diffusion v1 model of the hub (CreativeML OpenRAIL-M), else "other"."""
+    hub_id = not Path(name_or_path).exists()
+    return "creativeml-openrail-m" if hub_id and "stable-diffusion-v1" in name_or_path.lower() else "other"
+
+
+def model_card(args, global_step, metrics_path):
+    """README.md of the export: the Hub's YAML front matter, then how it was trained and how to sample it."""
+    from huggingface_hub import ModelCardData
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    base = args.pretrained_model_name_or_path
+    hub_base = not Path(base).exists()  # a local folder is no hub id: named in the text only
+    dataset = args.dataset_name if args.dataset_name and not Path(args.dataset_name).exists() else None
+    data = ModelCardData(library_name="diffusers", license=sd_license(base), base_model=base if hub_base else None,
+                         datasets=[dataset] if dataset else None,
+                         tags=["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers",
+                               "diffusers-training"])
+    command = " ".join(["python train_ldm_sd.py", *sys.argv[1:]])
+    how = ("a new UNet trained from scratch with the frozen VAE and text encoder of" if args.unet_from_scratch
+           else "the UNet fine-tuned from")
+    return f"""---
+{data.to_yaml()}
+---
+
+# Text-to-image: Stable Diffusion fine-tuning (train_ldm_sd.py)
+
+A `StableDiffusionPipeline`: {how} `{local_name(base)}`, {global_step} optimizer steps,
+final loss {rows[-1]["loss"]:.4f}{f", on the dataset `{dataset}`" if dataset else ""}. The UNet holds the EMA weights
+(fp32). Suggested guidance scale: {args.guidance_scale:g}.
+
+Training command:
+
+```bash
+{command}
+```
+
+Sample it with diffusers:
+
+```python
+from diffusers import StableDiffusionPipeline
+
+pipeline = StableDiffusionPipeline.from_pretrained("THIS_FOLDER", safety_checker=None)
+image = pipeline("a prompt", guidance_scale={args.guidance_scale:g}).images[0]
+```
+
+![samples at guidance {", ".join(f"{s:g}" for s in args.validation_guidance_scales)}](samples.png)
+"""
+
+
+def export_model(pipeline, write_sampling_files, output_dir, card, grid):
+    """StableDiffusionPipeline.save_pretrained (see export_pipeline) plus the sampler, export_config.json and a
+    model card (README.md, samples.png). Each part is written under a temporary name and renamed; manifest.json,
+    written last, says the export is complete."""
     (output_dir / MANIFEST).unlink(missing_ok=True)  # until the new manifest: visibly incomplete
     tmp = output_dir / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipeline.save_pretrained(tmp)
     write_sampling_files(tmp)
+    (tmp / "README.md").write_text(card)
+    shutil.copyfile(grid, tmp / "samples.png")
     parts = sorted(p.name for p in tmp.iterdir())
     for name in parts:
         if (output_dir / name).is_dir():
@@ -1008,7 +1151,6 @@ def export_model(unet, sampler, tokenizer, max_length, args, vae_from, write_sam
         os.replace(tmp / name, output_dir / name)
     tmp.rmdir()
     write_manifest(output_dir, parts)
-    return pipeline
 
 
 class RunLock:
@@ -1166,7 +1308,7 @@ def generate_from_export(args, accelerator):
     export = Path(args.sample_from)
     config = json.loads((export / EXPORT_CONFIG).read_text())
     if (export / "model_index.json").is_file():
-        pipeline = StableDiffusionPipeline.from_pretrained(export, safety_checker=None)
+        pipeline = StableDiffusionPipeline.from_pretrained(export, safety_checker=None, cache_dir=args.cache_dir)
         pipeline.set_progress_bar_config(disable=True)
     else:
         for part in ("text_encoder", "vae"):
@@ -1177,13 +1319,13 @@ def generate_from_export(args, accelerator):
         text = config["text_encoder"]  # the base folder's text_encoder/ and tokenizer/, or another encoder's folder
         base = argparse.Namespace(pretrained_model_name_or_path=config["pretrained_model_name_or_path"],
                                   text_encoder_name_or_path=None if text["subfolder"] else text["name_or_path"],
-                                  revision=config["revision"], variant=config["variant"])
+                                  revision=config["revision"], variant=config["variant"], cache_dir=args.cache_dir)
         tokenizer, text_encoder = load_text_encoder(base)
         tokenizer.model_max_length = config["tokenizer_max_length"]
         vae = load_vae(base, (config["vae"]["name_or_path"], config["vae"]["subfolder"], f"--sample_from {export}"))
         subfolder = "unet" if (export / "unet").is_dir() else "unet_ema"  # a checkpoint without or with EMA
-        unet = UNet2DConditionModel.from_pretrained(export, subfolder=subfolder).eval()
-        sampler = DPMSolverMultistepScheduler.from_pretrained(export / "scheduler")
+        unet = UNet2DConditionModel.from_pretrained(export, subfolder=subfolder, cache_dir=args.cache_dir).eval()
+        sampler = DPMSolverMultistepScheduler.from_pretrained(export / "scheduler", cache_dir=args.cache_dir)
         pipeline = make_pipeline(vae, text_encoder, tokenizer, unet, sampler)
     pipeline.to(accelerator.device)
     args.resolution = config["resolution"]
@@ -1205,8 +1347,9 @@ def main(args):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         # "auto" is CPU without CUDA; then several processes (torchrun, accelerate launch) talk over gloo.
         cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, "logs")),
+        log_with=args.report_to or None,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=Path(args.output_dir, args.logging_dir)),
         # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
         # non_blocking: a batch from pinned memory reaches the GPU without the host waiting for the GPU's queue.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
@@ -1339,8 +1482,8 @@ def main(args):
     # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_train_steps, last_epoch=global_step - 1)
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("train_ldm_sd", config={k: str(v) for k, v in vars(args).items()})
+    if args.report_to:
+        accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
     ema_step = global_step  # the optimizer step whose weights the EMA saw last (checkpoints hold an up-to-date one)
 
     def catch_up_ema():
@@ -1352,6 +1495,21 @@ def main(args):
                     torch._foreach_copy_(ema_inputs, params)
             ema.step_over(ema_inputs, global_step - ema_step)
             ema_step = global_step
+
+    def validate():
+        """The grid of the EMA weights at global_step (main process), to samples/ and the trackers."""
+        catch_up_ema()  # on every process: the EMA stays the same everywhere
+        if accelerator.is_main_process:
+            if ema is not None:
+                ema.store(params)
+                ema.copy_to(params)
+            pipeline = make_pipeline(vae, text_encoder, tokenizer, accelerator.unwrap_model(unet).eval(), sampler)
+            log_validation(pipeline, prompts, args, output_dir / "samples" / f"step-{global_step}.png", accelerator,
+                           accelerator.trackers, global_step)
+            plot_loss(metrics_path, output_dir / "loss.png")
+            if ema is not None:
+                ema.restore(params)
+            unet.train()
 
     # ---- Training loop: the host reads device values only every --logging_steps -------------------------------
     metrics_path = output_dir / "metrics.jsonl"
@@ -1456,26 +1614,16 @@ def main(args):
                                   f"--resume_from_checkpoint latest")
                 accelerator.end_training()
                 return
-            if global_step % args.validation_steps == 0 and global_step < max_train_steps:
-                catch_up_ema()  # on every process: the EMA stays the same everywhere
-                if accelerator.is_main_process:
-                    if ema is not None:
-                        ema.store(params)
-                        ema.copy_to(params)
-                    pipeline = make_pipeline(vae, text_encoder, tokenizer, accelerator.unwrap_model(unet).eval(),
-                                             sampler)
-                    log_validation(pipeline, prompts, args, output_dir / "samples" / f"step-{global_step}.png",
-                                   accelerator)
-                    plot_loss(metrics_path, output_dir / "loss.png")
-                    if ema is not None:
-                        ema.restore(params)
-                    unet.train()
+            if validation_due(args, global_step, max_train_steps):
+                validate()
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:
             break
         if streaming and epoch_batches == 0:
             raise RuntimeError(f"the stream of --dataset_name {args.dataset_name} gave no example in epoch {epoch}")
+        if validation_due(args, global_step, max_train_steps, epoch_end=epoch):
+            validate()
     stop.close()
     progress.close()
     train_seconds = time.perf_counter() - train_start
@@ -1490,11 +1638,13 @@ def main(args):
         final_unet = accelerator.unwrap_model(unet).eval()
         if ema is not None:
             ema.copy_to(final_unet.parameters())
-        pipeline = export_model(final_unet, sampler, tokenizer, max_length, args, vae_from, sampling_files,
-                                output_dir)
+        pipeline = export_pipeline(final_unet, sampler, tokenizer, max_length, args, vae_from)
         pipeline.to(accelerator.device)
-        log_validation(pipeline, prompts, args, output_dir / "samples" / f"step-{global_step}.png", accelerator)
+        grid = output_dir / "samples" / f"step-{global_step}.png"
+        log_validation(pipeline, prompts, args, grid, accelerator, accelerator.trackers, global_step)
         plot_loss(metrics_path, output_dir / "loss.png")
+        card = model_card(args, global_step, metrics_path)
+        export_model(pipeline, sampling_files, output_dir, card, grid)
         summary = {"global_step": global_step, "train_seconds": train_seconds, "num_bad_images": num_bad}
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"done: step {global_step}, {train_seconds / 60:.1f} min of training; "

@@ -73,7 +73,8 @@ def test_finetune_two_steps_then_export_makes_an_image(ldm, tiny_sd, tiny_imagef
     out = tmp_path / "run"
     run_script(SCRIPT, "--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", tiny_imagefolder,
                "--output_dir", out, *FAST, "--max_train_steps", "2", "--random_flip", "--snr_gamma", "5",
-               "--noise_offset", "0.05", "--input_perturbation", "0.1", "--proportion_empty_prompts", "0.5")
+               "--noise_offset", "0.05", "--input_perturbation", "0.1", "--proportion_empty_prompts", "0.5",
+               "--report_to", "tensorboard", "--tracker_project_name", "tiny")
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
@@ -102,6 +103,18 @@ def test_finetune_two_steps_then_export_makes_an_image(ldm, tiny_sd, tiny_imagef
     assert all(torch.equal(v, exported[k]) for k, v in ema.state_dict().items())
     assert ldm.manifest_problem(out) is None and ldm.manifest_problem(out / "checkpoint-2") is None
     assert not (out / ".export.tmp").exists()
+    # TensorBoard got the scalars and the validation grid; the export says what it is (Hub model card).
+    from huggingface_hub import ModelCard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs" / "tiny"), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert [e.step for e in events.Images("validation")] == [2] and events.Images("validation")[0].width > 100
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.license and "text-to-image" in card.data.tags
+    assert "--max_train_steps 2" in card.text and "(samples.png)" in card.text and (out / "samples.png").is_file()
+    assert (out / "samples.png").read_bytes() == (out / "samples" / "step-2.png").read_bytes()
+    assert {"README.md", "samples.png"} <= set(json.loads((out / "manifest.json").read_text())["files"])
 
     # --sample_from an export (the pipeline folder) or a checkpoint (its UNet with the base pipeline's VAE and
     # text encoder, which the checkpoint names): the grid of the recorded prompts, no training flag needed.
@@ -121,12 +134,14 @@ def test_from_scratch_max_samples_whole_pipeline(tiny_sd, tiny_imagefolder, tmp_
     # Hyphen spellings and the seed aliases are accepted.
     run_script(SCRIPT, "--pretrained-model-name-or-path", tiny_sd, "--data-root", tiny_imagefolder, "--output-dir",
                out, *FAST, "--unet-from-scratch", "--unet-config", "tiny", "--max-samples", "10", "--epochs", "2",
-               "--batch-size", "4", "--checkpointing-steps", "3", "--validation_steps", "2",
-               "--center_crop", "--prediction_type", "v_prediction", "--rescale_betas_zero_snr")
+               "--batch-size", "4", "--checkpointing-steps", "3", "--validation_epochs", "1",
+               "--center_crop", "--prediction_type", "v_prediction", "--rescale_betas_zero_snr",
+               "--image_interpolation_mode", "bicubic", "--cache_dir", tmp_path / "cache")
     # 10 samples, batch 4, drop_last: 2 steps per epoch, 2 epochs.
     assert json.loads((out / "train_summary.json").read_text())["global_step"] == 4
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     assert (out / "samples" / "step-2.png").is_file() and (out / "samples" / "step-4.png").is_file()
+    assert any((tmp_path / "cache").iterdir())  # the imagefolder's datasets cache went to --cache_dir
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(out / "unet")
@@ -158,18 +173,23 @@ def test_resume_matches_uninterrupted_run_and_total_limit(tiny_sd, tiny_imagefol
 
 
 @pytest.mark.parametrize("case", ["caption_column", "missing_folder", "resolution", "xformers", "bitsandbytes",
-                                  "shards_text_encoder", "zero_snr_epsilon"])
+                                  "shards_text_encoder", "zero_snr_epsilon", "missing_tracker"])
 def test_bad_input_is_one_line_exit_2(case, tiny_sd, tiny_imagefolder, tmp_path):
     args = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", tiny_imagefolder, "--output_dir",
             tmp_path / "run", *FAST, "--max_train_steps", "1"]
     flag = {"caption_column": "--caption_column", "missing_folder": "--train_data_dir", "resolution": "--resolution",
             "xformers": "--enable_xformers_memory_efficient_attention", "bitsandbytes": "--use_8bit_adam",
-            "shards_text_encoder": "--precomputed_data_dir", "zero_snr_epsilon": "--rescale_betas_zero_snr"}[case]
+            "shards_text_encoder": "--precomputed_data_dir", "zero_snr_epsilon": "--rescale_betas_zero_snr",
+            "missing_tracker": "--report_to"}[case]
     if case == "shards_text_encoder":  # captions encoded by another 32-d encoder: refused before any model loads
         fake_shards(tmp_path / "shards", "org/other-clip", "org/other-clip")
         args[args.index("--train_data_dir"):args.index("--train_data_dir") + 2] = [flag, tmp_path / "shards"]
     elif case == "zero_snr_epsilon":  # the folder's scheduler predicts epsilon
         args += [flag]
+    elif case == "missing_tracker":
+        if importlib.util.find_spec("wandb"):  # not a dependency of the suite
+            pytest.skip("wandb is installed here")
+        args += ["--report_to", "wandb"]
     elif case == "caption_column":
         args += ["--caption_column", "caption"]
     elif case == "missing_folder":
@@ -198,10 +218,12 @@ def test_bf16_from_the_flag_or_from_accelerate(tiny_sd, tiny_imagefolder, tmp_pa
     flag, env = tmp_path / "flag", tmp_path / "env"
     common = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", tiny_imagefolder, *FAST,
               "--max_train_steps", "2", "--validation_steps", "100", "--validation_guidance_scales", "3"]
-    run_script(SCRIPT, *common, "--output_dir", flag, "--mixed_precision", "bf16")
+    run_script(SCRIPT, *common, "--output_dir", flag, "--mixed_precision", "bf16", "--report_to", "tensorboard",
+               "--logging_dir", "tb")
     # What `accelerate launch --mixed_precision bf16` (or an accelerate config set to bf16) hands the script.
     run_script(SCRIPT, *common, "--output_dir", env, "--offload_ema", "--ema_update_every", "3",
                env={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    assert list((flag / "tb" / "text2image-fine-tune").glob("events.out.tfevents.*"))  # --logging_dir, default project
     for out in (flag, env):
         assert json.loads((out / "run_config.json").read_text())["mixed_precision"] == "bf16"
         assert all(math.isfinite(r["loss"]) for r in read_metrics(out))
@@ -336,3 +358,57 @@ def test_disk_full_while_saving_leaves_the_previous_checkpoint(ldm, tiny_sd, tmp
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
     assert ldm.list_checkpoints(out) == [out / "checkpoint-1"]
     assert ldm.manifest_problem(out / "checkpoint-1") is None
+
+
+def test_diffusers_flags_parse_and_check(ldm, tiny_sd, tiny_imagefolder, tmp_path, capsys):
+    """--max_train_samples is --max_samples; --image_interpolation_mode picks the resize filter (lanczos by default);
+    --validation_steps (500 by default) and --validation_epochs exclude each other; --logging_dir and --cache_dir."""
+    from torchvision.transforms import InterpolationMode
+
+    base = ["--pretrained_model_name_or_path", str(tiny_sd), "--train_data_dir", str(tiny_imagefolder),
+            "--output_dir", str(tmp_path / "run")]
+    args = ldm.parse_args([*base, "--max-train-samples", "3"])
+    ldm.check_args(args)
+    assert args.max_samples == 3 and args.validation_steps == 500 and args.validation_epochs is None
+    assert args.logging_dir == "logs" and args.cache_dir is None and args.report_to == []
+    assert args.tracker_project_name == "text2image-fine-tune"
+    assert ldm.ImageCaptions(args, None, 16, "RGB").resize.interpolation == InterpolationMode.LANCZOS
+    args = ldm.parse_args([*base, "--image_interpolation_mode", "nearest_exact", "--validation_epochs", "2"])
+    ldm.check_args(args)
+    assert ldm.ImageCaptions(args, None, 16, "RGB").resize.interpolation == InterpolationMode.NEAREST_EXACT
+    assert args.validation_steps is None
+    # Every 2 epochs (at the end of epochs 2, 4, ...), never at the last step; steps alone: every N steps.
+    assert [e for e in range(6) if ldm.validation_due(args, 10, 100, epoch_end=e)] == [1, 3, 5]
+    assert not any(ldm.validation_due(args, s, 100) for s in range(1, 100))
+    assert not ldm.validation_due(args, 100, 100, epoch_end=1)
+    steps = ldm.parse_args([*base, "--validation_steps", "3"])
+    ldm.check_args(steps)
+    assert [s for s in range(1, 10) if ldm.validation_due(steps, s, 9)] == [3, 6]
+    assert not ldm.validation_due(steps, 3, 9, epoch_end=0)
+    for extra, flag in ((["--validation_epochs", "1", "--validation_steps", "500"], "--validation_epochs"),
+                        (["--validation_epochs", "0"], "--validation_epochs 0")):
+        with pytest.raises(SystemExit) as stopped:
+            ldm.check_args(ldm.parse_args([*base, *extra]))
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert stopped.value.code == 2 and len(lines) == 1 and flag in lines[0], lines
+    with pytest.raises(SystemExit) as stopped:
+        ldm.parse_args([*base, "--image_interpolation_mode", "cubic"])
+    assert stopped.value.code == 2 and "lanczos" in capsys.readouterr().err
+
+
+def test_model_card_of_a_hub_base(ldm, tmp_path, monkeypatch):
+    """An SD v1 base of the hub: base_model, its license (CreativeML OpenRAIL-M) and the hub dataset in the card's
+    YAML; other bases are "other"."""
+    from huggingface_hub import ModelCard
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ldm.sys, "argv", ["train_ldm_sd.py", "--max_train_steps", "7"])
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 7, "loss": 0.125}) + "\n")
+    args = ldm.parse_args(["--dataset_name", "lambdalabs/naruto-blip-captions"])
+    ldm.check_args(args)
+    card = ModelCard(ldm.model_card(args, 7, metrics))
+    assert card.data.base_model == ldm.DEFAULT_MODEL and card.data.license == "creativeml-openrail-m"
+    assert card.data.datasets == ["lambdalabs/naruto-blip-captions"] and card.data.library_name == "diffusers"
+    assert "0.1250" in card.text and "python train_ldm_sd.py --max_train_steps 7" in card.text
+    assert ldm.sd_license("stabilityai/stable-diffusion-2-1") == "other" and ldm.sd_license(str(tmp_path)) == "other"
