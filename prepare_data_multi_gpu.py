@@ -79,6 +79,10 @@ def parse_args(argv=None):
     g.add_argument("--center_crop", action="store_true",
                    help="Center crop; otherwise a random crop, seeded by --seed and the example's position.")
     g.add_argument("--random_flip", action="store_true", help="Also store the latents of the mirrored image.")
+    g.add_argument("--image_interpolation_mode", default="lanczos",
+                   choices=[f.lower() for f in dir(transforms.InterpolationMode)
+                            if not f.startswith("__") and not f.endswith("__")],
+                   help="The image interpolation method to use for resizing images.")
 
     g = parser.add_argument_group("encoders")
     g.add_argument("--pretrained_model_name_or_path", default=None,
@@ -158,9 +162,10 @@ def check_args(args):
 # ----------------------------------------------------------------------------------------------------------------
 CONTENT_FLAGS = ("train_data_dir", "dataset_name", "dataset_config_name", "captions_json", "mnist_root", "split",
                  "image_column", "caption_column", "label_column", "caption_template", "max_samples", "resolution",
-                 "center_crop", "random_flip", "seed", "pretrained_model_name_or_path", "revision", "variant",
-                 "vae_name_or_path", "text_encoder_name_or_path", "tokenizer_max_length", "text_prefix",
-                 "text_encoder_attention_mask", "encoder_dtype", "latent_dtype", "text_dtype", "shard_size")
+                 "image_interpolation_mode", "center_crop", "random_flip", "seed", "pretrained_model_name_or_path",
+                 "revision", "variant", "vae_name_or_path", "text_encoder_name_or_path", "tokenizer_max_length",
+                 "text_prefix", "text_encoder_attention_mask", "encoder_dtype", "latent_dtype", "text_dtype",
+                 "shard_size")
 PATH_FLAGS = ("train_data_dir", "dataset_name", "captions_json", "mnist_root", "pretrained_model_name_or_path",
               "vae_name_or_path", "text_encoder_name_or_path")
 
@@ -347,7 +352,8 @@ def decode_image(raw, mode):
 
 
 def image_transform(args):
-    resize = transforms.Resize(args.resolution, interpolation=transforms.InterpolationMode.BILINEAR)
+    interpolation = getattr(transforms.InterpolationMode, args.image_interpolation_mode.upper())
+    resize = transforms.Resize(args.resolution, interpolation=interpolation)
     to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
 
     def apply(image, position):

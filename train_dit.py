@@ -97,6 +97,10 @@ def parse_args(argv=None):
     g.add_argument("--caption_template", default="A handwritten digit {}", help="MNIST captions; {} is the digit.")
     g.add_argument("--resolution", type=int, default=256,
                    help="Image side in pixels (resize + center crop; MNIST is padded from 28 to this size).")
+    g.add_argument("--image_interpolation_mode", default="lanczos",
+                   choices=[f.lower() for f in dir(torchvision.transforms.InterpolationMode)
+                            if not f.startswith("__") and not f.endswith("__")],
+                   help="The image interpolation method to use for resizing images.")
     g.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random (as DiT).")
     g.add_argument("--max_samples", type=int, default=None, help="Truncate the training set to N examples.")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
@@ -196,7 +200,10 @@ def parse_args(argv=None):
                    help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.')
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.")
-    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], default="none")
+    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none",
+                   help="Send metrics and validation grids to a tracker (its package must be installed); all: every "
+                        "installed one.")
+    g.add_argument("--tracker_project_name", default="train_dit", help="Project (wandb) or run folder name.")
 
     argv = sys.argv[1:] if argv is None else list(argv)
     return parser.parse_args([underscore_flag(a) for a in argv])
@@ -260,9 +267,28 @@ def check_args(args):
         except ImportError:
             fail("--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers); "
                  "without the flag the model uses PyTorch SDPA")
+    args.report_to = installed_trackers(args.report_to)
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
             fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
+
+
+def installed_trackers(report_to):
+    """--report_to as accelerate's log_with: a tracker whose package is missing is an error, never silence."""
+    import importlib.util
+
+    packages = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    if report_to == "none":
+        return []
+    if report_to == "all":
+        found = [name for name, package in packages.items() if importlib.util.find_spec(package)]
+        if not found:
+            fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
+        return found
+    if not importlib.util.find_spec(packages[report_to]):
+        fail(f"--report_to {report_to}: the {packages[report_to]} package is not installed; "
+             f"pip install {packages[report_to]}")
+    return [report_to]
 
 
 def check_accelerator(accelerator):
@@ -308,6 +334,11 @@ class MNISTDataset(torch.utils.data.Dataset):
         return {"pixels": self.images[i], "label": label, "caption": self.template.format(label)}
 
 
+def interpolation_mode(name):
+    """--image_interpolation_mode as torchvision's InterpolationMode."""
+    return getattr(torchvision.transforms.InterpolationMode, name.upper())
+
+
 class HFImageDataset(torch.utils.data.Dataset):
     """A datasets table (hub, local, or imagefolder): images resized, center-cropped (as ADM/DiT), in [-1, 1].
 
@@ -325,7 +356,7 @@ class HFImageDataset(torch.utils.data.Dataset):
         feature = table.features.get(args.label_column)
         self.label_names = getattr(feature, "names", None)
         self.transform = torchvision.transforms.Compose([
-            torchvision.transforms.Resize(args.resolution, torchvision.transforms.InterpolationMode.BICUBIC),
+            torchvision.transforms.Resize(args.resolution, interpolation_mode(args.image_interpolation_mode)),
             torchvision.transforms.CenterCrop(args.resolution),
             torchvision.transforms.ToTensor(),
             torchvision.transforms.Normalize([0.5], [0.5]),
@@ -753,8 +784,9 @@ class ImageGenerator:
         return to_uint8(decode(x, self.vae, self.vae_scale), self.crop)
 
 
-def log_validation(gen, rows, args, path, per_row=4):
-    """Grid: one row per class or prompt, one panel per guidance scale, labelled; written to `path`."""
+def log_validation(gen, rows, args, path, trackers=(), step=0, per_row=4):
+    """Grid: one row per class or prompt, one panel per guidance scale, labelled; written to `path` and sent to the
+    trackers (TensorBoard: an image; wandb: an image captioned with its classes or prompts)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -778,6 +810,24 @@ def log_validation(gen, rows, args, path, per_row=4):
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    if trackers:
+        caption = f"rows: {'; '.join(str(s) for s in names)}; guidance {', '.join(f'{s:g}' for s in scales)}"
+        log_image(trackers, path, step, caption)
+
+
+def log_image(trackers, path, step, caption):
+    """A PNG written to disk, sent to every tracker that shows images."""
+    from PIL import Image
+
+    image = np.asarray(Image.open(path).convert("RGB"))
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", image, step, dataformats="HWC")
+            tracker.writer.flush()
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(image, caption=caption)]}, step=step)
 
 
 def plot_loss(metrics_path, out_path):
@@ -1022,13 +1072,59 @@ def write_sampling_files(sampler, meta, folder):
     (folder / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2))
 
 
-def export_model(model, sampler, vae, args, meta, output_dir):
+def model_card(args, meta, global_step, metrics_path):
+    """README.md of the export: the Hub's YAML front matter, then how it was trained and how to sample it."""
+    from huggingface_hub import ModelCardData
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    condition = "class-conditional" if args.conditioning == "class" else "text-to-image"
+    if args.dataset_name == "mnist":
+        datasets = ["ylecun/mnist"]
+    elif args.dataset_name and not Path(args.dataset_name).exists():  # a hub name, not a local dataset
+        datasets = [args.dataset_name]
+    else:
+        datasets = None
+    data = ModelCardData(library_name="diffusers", license="other", datasets=datasets,
+                         tags=["diffusers", "dit", condition, "image-generation"])
+    command = " ".join(["python train_dit.py", *sys.argv[1:]])
+    if args.conditioning == "class":
+        what = f"{meta['num_classes']} classes"
+    else:
+        what = f"prompts read by the frozen text encoder `{meta['text_encoder']}`"
+    space = f"latents of the VAE `{meta['vae']['name_or_path']}`" if meta["vae"] else "pixels"
+    return f"""---
+{data.to_yaml()}
+---
+
+# {condition.capitalize()} DiT (train_dit.py)
+
+A Diffusion Transformer ({args.model}, {args.objective} objective) trained from scratch on {space}, conditioned
+on {what}: {global_step} optimizer steps, final loss {rows[-1]["loss"]:.4f}. The weights are the EMA weights.
+`export_config.json` says how to sample it (and whether diffusers' `DiTPipeline` loads this folder).
+
+Training command:
+
+```bash
+{command}
+```
+
+Sample it with the script:
+
+```bash
+python train_dit.py --sample_from THIS_FOLDER --output_dir samples
+```
+
+![samples at guidance {", ".join(f"{s:g}" for s in args.validation_guidance_scales)}](samples.png)
+"""
+
+
+def export_model(model, sampler, vae, args, meta, output_dir, card, grid):
     """diffusers save_pretrained layout with the EMA weights: transformer/ + scheduler/ (+ vae/), and
     export_config.json (conditioning, labels, text encoder, input layout). A class-conditional latent ddpm
     model is written as a DiTPipeline (model_index.json), loadable with DiTPipeline.from_pretrained, when that
     pipeline samples it right (see why_not_dit_pipeline); export_config.json says which layout was written.
-    Each part is written under a temporary name and renamed; manifest.json, written last, says the export is
-    complete."""
+    The model card (README.md, samples.png) is written beside them. Each part is written under a temporary name
+    and renamed; manifest.json, written last, says the export is complete."""
     model = model.float()
     if args.conditioning == "class" and meta["num_classes"] < PIPELINE_NULL_CLASS:
         model = widen_label_tables(model, meta["num_classes"])  # in any layout: the null class is 1000
@@ -1051,6 +1147,8 @@ def export_model(model, sampler, vae, args, meta, output_dir):
         if vae is not None:
             vae.save_pretrained(tmp / "vae")
     write_sampling_files(sampler, meta, tmp)
+    (tmp / "README.md").write_text(card)
+    shutil.copyfile(grid, tmp / "samples.png")
     parts = sorted(p.name for p in tmp.iterdir())
     if "model_index.json" not in parts:  # left by an earlier export here, it would claim a DiTPipeline
         (output_dir / "model_index.json").unlink(missing_ok=True)
@@ -1248,7 +1346,7 @@ def main(args):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         # "auto" is CPU without CUDA; then several processes (torchrun, accelerate launch) talk over gloo.
         cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=args.report_to or None,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, "logs")),
         # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -1399,8 +1497,8 @@ def main(args):
     # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_train_steps, last_epoch=global_step - 1)
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("train_dit", config={k: str(v) for k, v in vars(args).items()})
+    if args.report_to:
+        accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
 
     # ---- Training loop: the host reads device values only every --logging_steps -------------------------------
     metrics_path = output_dir / "metrics.jsonl"
@@ -1507,7 +1605,8 @@ def main(args):
                     ema.copy_to(model.parameters())
                 gen = ImageGenerator(accelerator.unwrap_model(model).eval(), sampler, vae, vae_scale, null, shape,
                                      crop_of(args, index))
-                log_validation(gen, validation_rows, args, output_dir / "samples" / f"step-{global_step}.png")
+                log_validation(gen, validation_rows, args, output_dir / "samples" / f"step-{global_step}.png",
+                               accelerator.trackers, global_step)
                 plot_loss(metrics_path, output_dir / "loss.png")
                 if ema is not None:
                     ema.restore(model.parameters())
@@ -1531,12 +1630,14 @@ def main(args):
         if ema is not None:
             ema.copy_to(final_model.parameters())
         gen = ImageGenerator(final_model, sampler, vae, vae_scale, null, shape, meta["crop"])
-        log_validation(gen, validation_rows, args, output_dir / "samples" / f"step-{global_step}.png")
+        grid = output_dir / "samples" / f"step-{global_step}.png"
+        log_validation(gen, validation_rows, args, grid, accelerator.trackers, global_step)
         plot_loss(metrics_path, output_dir / "loss.png")
         summary = {"global_step": global_step, "train_seconds": train_seconds, "skipped_images": skipped_images}
         if args.num_eval_samples and args.conditioning == "class":
             summary["sample_seconds"] = write_eval_samples(gen, num_classes, args, output_dir / "eval_samples.npz")
-        export_model(final_model, sampler, vae, args, meta, output_dir)
+        card = model_card(args, meta, global_step, metrics_path)
+        export_model(final_model, sampler, vae, args, meta, output_dir, card, grid)
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"done: step {global_step}, {train_seconds / 60:.1f} min of training; export in {output_dir}")
     accelerator.end_training()

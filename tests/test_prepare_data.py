@@ -112,12 +112,14 @@ def test_rerun_same_settings_resumes_other_settings_refused_bad_images_counted(t
 
     # Other settings into the same folder: refused before any model loads (the model folder named does not exist),
     # naming every differing setting; the shards and index.json are left as they were.
-    other = [a if a != tiny_sd else tmp_path / "no-model" for a in args] + ["--seed", "1"]
+    other = [a if a != tiny_sd else tmp_path / "no-model" for a in args] + ["--seed", "1",
+                                                                            "--image_interpolation_mode", "bicubic"]
     other[other.index("--shard_size") + 1] = "3"
     proc = run_script(SCRIPT, *other, expect_rc=2)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "--shard_size 4 there, 3 now" in errors[0] and "--seed 0 there, 1 now" in errors[0]
+    assert '--image_interpolation_mode "lanczos" there, "bicubic" now' in errors[0]
     assert "--pretrained_model_name_or_path" in errors[0] and "another --output_dir" in errors[0]
     assert first.stat().st_mtime == 1 and (shards / "index.json").is_file()
 
@@ -128,6 +130,18 @@ def test_rerun_same_settings_resumes_other_settings_refused_bad_images_counted(t
         script.check_settings(shards, settings)
     assert exit_info.value.code == 2
     script.check_settings(tmp_path / "new", settings)
+
+    # The resize uses --image_interpolation_mode (default lanczos).
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    for mode in ["lanczos", "nearest"]:
+        argv = [str(a) for a in args] + ["--center_crop", "--image_interpolation_mode", mode]
+        resized = transforms.Resize(32, interpolation=getattr(transforms.InterpolationMode, mode.upper()))(image)
+        expected = transforms.Normalize([0.5], [0.5])(transforms.ToTensor()(transforms.CenterCrop(32)(resized)))
+        assert torch.equal(script.image_transform(script.parse_args(argv))(image, 0), expected)
 
 
 def test_mnist_and_captions_json_sources_with_two_text_encoders(tiny_vae, tiny_clip, tiny_bert, tiny_mnist,

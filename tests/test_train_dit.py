@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torchvision
 from conftest import REPO, assert_same_weights, check_damaged_checkpoint_and_claims, run_script
 from PIL import Image
 from safetensors.torch import load_file
@@ -93,7 +94,7 @@ def test_latent_class_folder_exports_a_dit_pipeline_with_guidance(tiny_vae, clas
     out = tmp_path / "run"
     run_script(SCRIPT, "--train_data_dir", class_folder, "--vae_name_or_path", tiny_vae, "--resolution", "32",
                *FAST, "--model", "DiT-S/2", "--random_flip", "--max_train_steps", "2", "--num_eval_samples", "6",
-               "--output_dir", out)
+               "--report_to", "tensorboard", "--tracker_project_name", "tiny", "--output_dir", out)
     export = json.loads((out / "export_config.json").read_text())
     assert export["num_classes"] == 3 and export["label_names"] == ["cat", "dog", "fox"]
     assert export["input_shape"] == [4, 16, 16]
@@ -111,7 +112,8 @@ def test_latent_class_folder_exports_a_dit_pipeline_with_guidance(tiny_vae, clas
     checkpoint = out / "checkpoint-2"
     assert td.manifest_problem(out) is None and td.manifest_problem(checkpoint) is None
     parts = {name.split("/")[0] for name in json.loads((out / "manifest.json").read_text())["files"]}
-    assert parts == {"model_index.json", "transformer", "vae", "scheduler", "export_config.json"}
+    assert parts == {"model_index.json", "transformer", "vae", "scheduler", "export_config.json", "README.md",
+                     "samples.png"}
     assert not (checkpoint / "vae").exists() and (checkpoint / "scheduler" / "scheduler_config.json").is_file()
     assert json.loads((checkpoint / "export_config.json").read_text())["vae"] == {"name_or_path": str(tiny_vae),
                                                                                  "subfolder": None}
@@ -123,6 +125,17 @@ def test_latent_class_folder_exports_a_dit_pipeline_with_guidance(tiny_vae, clas
             assert torch.equal(value[:3], exported[key][:3]) and torch.equal(value[3], exported[key][1000]), key
         else:
             assert torch.equal(value, exported[key]), key
+    # TensorBoard got the scalars and the validation grid; the export says what it is (Hub model card).
+    from huggingface_hub import ModelCard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs" / "tiny"), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert [e.step for e in events.Images("validation")] == [2] and events.Images("validation")[0].width > 100
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.license and "class-conditional" in card.data.tags
+    assert "--max_train_steps 2" in card.text and "(samples.png)" in card.text and (out / "samples.png").is_file()
+
     gen = tmp_path / "from-checkpoint"
     run_script(SCRIPT, "--sample_from", checkpoint, "--num_eval_samples", "6", "--num_inference_steps", "2",
                "--validation_guidance_scales", "1,3", "--output_dir", gen)
@@ -227,7 +240,7 @@ def test_resume_is_exact_and_total_limit_prunes(tiny_mnist, tmp_path):
     assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
-@pytest.mark.parametrize("case", ["resolution", "preset", "num_classes", "xformers", "no_source"])
+@pytest.mark.parametrize("case", ["resolution", "preset", "num_classes", "xformers", "no_source", "missing_tracker"])
 def test_bad_input_is_one_line_exit_2(case, tiny_mnist, tmp_path):
     args = {
         "resolution": [*PIXEL_MNIST[:-1], "30", "--data_root", tiny_mnist],  # 30 is not divisible by patch 4
@@ -235,9 +248,13 @@ def test_bad_input_is_one_line_exit_2(case, tiny_mnist, tmp_path):
         "num_classes": [*PIXEL_MNIST, "--data_root", tiny_mnist, "--num_classes", "7"],
         "xformers": [*PIXEL_MNIST, "--data_root", tiny_mnist, "--enable_xformers_memory_efficient_attention"],
         "no_source": ["--vae_name_or_path", "none"],
+        "missing_tracker": [*PIXEL_MNIST, "--data_root", tiny_mnist, "--report_to", "wandb"],
     }[case]
+    if case == "missing_tracker" and importlib.util.find_spec("wandb"):  # not a dependency of the suite
+        pytest.skip("wandb is installed here")
     expected = {"resolution": "--resolution 30", "preset": "--model DiT-Q/2", "num_classes": "--num_classes 7",
-                "xformers": "xformers is not installed", "no_source": "give exactly one of"}[case]
+                "xformers": "xformers is not installed", "no_source": "give exactly one of",
+                "missing_tracker": "--report_to wandb"}[case]
     proc = run_script(SCRIPT, *FAST, *args, "--max_train_steps", "1", "--output_dir", tmp_path / "o", expect_rc=2)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
@@ -307,6 +324,12 @@ def test_unreadable_images_never_leave_a_batch_empty():
     first, second = list(loader)
     assert first["pixels"].shape == (2, 3, 32, 32) and first["label"].tolist() == [2, 2] and first["skipped"] == 2
     assert second["label"].tolist() == [2, 2] and second["skipped"] == 1  # example 3 wraps around to example 2
+    # The resize uses --image_interpolation_mode (default lanczos).
+    resize = dataset.transform.transforms[0]
+    assert resize.interpolation == torchvision.transforms.InterpolationMode.LANCZOS
+    args = td.parse_args(["--train_data_dir", ".", "--resolution", "32", "--image_interpolation_mode", "bicubic"])
+    resize = td.HFImageDataset(table, args, 3).transform.transforms[0]
+    assert resize.interpolation == torchvision.transforms.InterpolationMode.BICUBIC
 
 
 def test_precomputed_text_convention_is_the_shards_or_refused(tiny_vae, tmp_path, capsys):
@@ -355,6 +378,13 @@ def export_fixture(td, tiny_vae, num_classes, shift_factor=0.0):
     return args, model, sampler, vae, meta
 
 
+def card_and_grid(tmp_path):
+    """A model card and a sample grid for export_model."""
+    grid = tmp_path / "grid.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(grid)
+    return "---\nlibrary_name: diffusers\n---\n\n# card\n", grid
+
+
 def test_dit_pipeline_export_unnamed_classes_and_1000_plus(tiny_vae, tmp_path):
     """Classes without names export as DiTPipeline (names "0", "1", ...); with more than 1000 classes DiTPipeline's
     null class 1000 would be a real class, so the plain layout is written and export_config.json says why."""
@@ -363,14 +393,14 @@ def test_dit_pipeline_export_unnamed_classes_and_1000_plus(tiny_vae, tmp_path):
     td = train_dit()
     small = tmp_path / "small"
     args, model, sampler, vae, meta = export_fixture(td, tiny_vae, 3)
-    td.export_model(model, sampler, vae, args, meta, small)
+    td.export_model(model, sampler, vae, args, meta, small, *card_and_grid(tmp_path))
     assert json.loads((small / "export_config.json").read_text())["diffusers_pipeline"] == "DiTPipeline"
     pipe = DiTPipeline.from_pretrained(small, id2label={0: "0", 1: "1", 2: "2"})
     assert pipe.transformer.config.num_embeds_ada_norm == 1000 and pipe.get_label_ids(["2"]) == [2]
 
     big = tmp_path / "big"
     args, model, sampler, vae, meta = export_fixture(td, tiny_vae, 1001)
-    td.export_model(model, sampler, vae, args, meta, big)
+    td.export_model(model, sampler, vae, args, meta, big, *card_and_grid(tmp_path))
     export = json.loads((big / "export_config.json").read_text())
     assert not (big / "model_index.json").exists() and export["diffusers_pipeline"] is None
     assert "1000" in export["why_no_pipeline"]
@@ -384,7 +414,7 @@ def test_vae_with_shift_factor_exports_plain_layout_and_decodes_with_the_shift(t
     td = train_dit()
     out = tmp_path / "export"
     args, model, sampler, vae, meta = export_fixture(td, tiny_vae, 3, shift_factor=0.5)
-    td.export_model(model, sampler, vae, args, meta, out)
+    td.export_model(model, sampler, vae, args, meta, out, *card_and_grid(tmp_path))
     export = json.loads((out / "export_config.json").read_text())
     assert not (out / "model_index.json").exists() and "shift_factor" in export["why_no_pipeline"]
     assert "- shift_factor) * scaling_factor" in export["latents"] and export["vae_scale"]["shift_factor"] == 0.5
