@@ -46,6 +46,7 @@ FORMAT, VERSION = "precomputed-diffusion-shards", 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# Copied from train_mnist.fail
 def fail(message):
     """A user mistake: one line naming the flag or file and the fix, exit code 2, before any heavy work."""
     print(f"error: {message}", file=sys.stderr)
@@ -58,46 +59,82 @@ def parse_args(argv=None):
     )
     g = parser.add_argument_group("source (exactly one)")
     g.add_argument("--train_data_dir", default=None, help="Imagefolder: images plus metadata.jsonl with captions.")
-    g.add_argument("--dataset_name", default=None,
-                   help="A datasets hub id, a local dataset script/folder, or a folder written by save_to_disk.")
-    g.add_argument("--captions_json", default=None,
-                   help='COCO-style JSON: a list of {"image": path, "caption": text} (paths relative to the file).')
-    g.add_argument("--mnist_root", "--data_root", default=None,
-                   help="Folder holding MNIST/raw (torchvision layout); captions from --caption_template.")
+    g.add_argument(
+        "--dataset_name",
+        default=None,
+        help="A datasets hub id, a local dataset script/folder, or a folder written by save_to_disk.",
+    )
+    g.add_argument(
+        "--captions_json",
+        default=None,
+        help='COCO-style JSON: a list of {"image": path, "caption": text} (paths relative to the file).',
+    )
+    g.add_argument(
+        "--mnist_root",
+        "--data_root",
+        default=None,
+        help="Folder holding MNIST/raw (torchvision layout); captions from --caption_template.",
+    )
     g.add_argument("--dataset_config_name", default=None)
     g.add_argument("--split", default="train")
     g.add_argument("--streaming", action="store_true", help="Stream --dataset_name instead of downloading it.")
     g.add_argument("--image_column", default="image")
-    g.add_argument("--caption_column", default="text", help="A list of captions per image: one is picked per example "
-                                                            "(seeded by the example's position).")
+    g.add_argument(
+        "--caption_column",
+        default="text",
+        help="A list of captions per image: one is picked per example (seeded by the example's position).",
+    )
     g.add_argument("--label_column", default=None, help="Class labels to store (imagefolder class folders: label).")
     g.add_argument("--caption_template", default="A handwritten digit {}", help="MNIST caption; {} is the digit.")
     g.add_argument("--max_samples", type=int, default=None, help="Encode only the first N examples.")
 
     g = parser.add_argument_group("images")
     g.add_argument("--resolution", type=int, default=512)
-    g.add_argument("--center_crop", action="store_true",
-                   help="Center crop; otherwise a random crop, seeded by --seed and the example's position.")
+    g.add_argument(
+        "--center_crop",
+        action="store_true",
+        help="Center crop; otherwise a random crop, seeded by --seed and the example's position.",
+    )
     g.add_argument("--random_flip", action="store_true", help="Also store the latents of the mirrored image.")
-    g.add_argument("--image_interpolation_mode", default="lanczos",
-                   choices=[f.lower() for f in dir(transforms.InterpolationMode)
-                            if not f.startswith("__") and not f.endswith("__")],
-                   help="The image interpolation method to use for resizing images.")
+    g.add_argument(
+        "--image_interpolation_mode",
+        default="lanczos",
+        choices=[
+            f.lower() for f in dir(transforms.InterpolationMode) if not f.startswith("__") and not f.endswith("__")
+        ],
+        help="The image interpolation method to use for resizing images.",
+    )
 
     g = parser.add_argument_group("encoders")
-    g.add_argument("--pretrained_model_name_or_path", default=None,
-                   help="Stable Diffusion layout (vae/, tokenizer/, text_encoder/): the VAE and text encoder to use.")
+    g.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="Stable Diffusion layout (vae/, tokenizer/, text_encoder/): the VAE and text encoder to use.",
+    )
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None)
     g.add_argument("--vae_name_or_path", default=None, help='Overrides the folder\'s VAE; "none": no latents.')
-    g.add_argument("--text_encoder_name_or_path", action="append", default=None,
-                   help='Text encoder with its tokenizer (repeat for several: CLIP, BERT, E5, T5); "none": no text.')
-    g.add_argument("--tokenizer_max_length", type=int, action="append", default=None,
-                   help="Tokens per caption, per encoder (default: the tokenizer's model_max_length, at most 512).")
+    g.add_argument(
+        "--text_encoder_name_or_path",
+        action="append",
+        default=None,
+        help='Text encoder with its tokenizer (repeat for several: CLIP, BERT, E5, T5); "none": no text.',
+    )
+    g.add_argument(
+        "--tokenizer_max_length",
+        type=int,
+        action="append",
+        default=None,
+        help="Tokens per caption, per encoder (default: the tokenizer's model_max_length, at most 512).",
+    )
     g.add_argument("--text_prefix", action="append", default=None, help='Per encoder, e.g. "query: " for E5.')
-    g.add_argument("--text_encoder_attention_mask", choices=["auto", "on", "off"], default="auto",
-                   help="Whether the encoders see the padding mask. auto: as StableDiffusionPipeline does "
-                        "(only when the config sets use_attention_mask), so SD trainers see what the pipeline sees.")
+    g.add_argument(
+        "--text_encoder_attention_mask",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="Whether the encoders see the padding mask. auto: as StableDiffusionPipeline does "
+        "(only when the config sets use_attention_mask), so SD trainers see what the pipeline sees.",
+    )
     g.add_argument("--latent_dtype", choices=["float32", "float16"], default="float16")
     g.add_argument("--text_dtype", choices=["float32", "float16"], default="float16")
     g.add_argument("--encoder_dtype", choices=list(DTYPES), default="float32", help="Precision the encoders run in.")
@@ -108,9 +145,13 @@ def parse_args(argv=None):
     g.add_argument("--batch_size", "--encode_batch_size", type=int, default=32, help="Images per encoder call.")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    g.add_argument("--ddp_timeout", type=int, default=1800,
-                   help="Seconds a process waits for the others at a synchronization point (the last one waits "
-                        "for the slowest rank's last shard) before the job is stopped.")
+    g.add_argument(
+        "--ddp_timeout",
+        type=int,
+        default=1800,
+        help="Seconds a process waits for the others at a synchronization point (the last one waits "
+        "for the slowest rank's last shard) before the job is stopped.",
+    )
 
     argv = sys.argv[1:] if argv is None else list(argv)
     return parser.parse_args([underscore_flag(a) for a in argv])
@@ -128,8 +169,10 @@ def check_args(args):
     """Cheap checks of the flags and paths, before any dataset or model is loaded."""
     sources = [s for s in ("train_data_dir", "dataset_name", "captions_json", "mnist_root") if getattr(args, s)]
     if len(sources) != 1:
-        fail("give exactly one source: --train_data_dir, --dataset_name, --captions_json or --mnist_root "
-             f"(got {', '.join('--' + s for s in sources) or 'none'})")
+        fail(
+            "give exactly one source: --train_data_dir, --dataset_name, --captions_json or --mnist_root "
+            f"(got {', '.join('--' + s for s in sources) or 'none'})"
+        )
     for flag in ("train_data_dir", "captions_json"):
         if getattr(args, flag) and not Path(getattr(args, flag)).exists():
             fail(f"--{flag} {getattr(args, flag)}: no such file or folder")
@@ -140,8 +183,10 @@ def check_args(args):
     if args.max_samples is not None and args.max_samples < 1:
         fail(f"--max_samples {args.max_samples}: must be at least 1")
     if args.resolution % 8:
-        fail(f"--resolution {args.resolution}: must be divisible by 8 (Stable Diffusion pipelines need it); "
-             f"try {max(8, args.resolution // 8 * 8)}")
+        fail(
+            f"--resolution {args.resolution}: must be divisible by 8 (Stable Diffusion pipelines need it); "
+            f"try {max(8, args.resolution // 8 * 8)}"
+        )
     if args.shard_size < 1 or args.batch_size < 1:
         fail("--shard_size and --batch_size must be at least 1")
     if args.ddp_timeout < 1:
@@ -160,18 +205,50 @@ def check_args(args):
 # Settings: the flags that decide what the shards hold and how they are numbered. --batch_size, --device,
 # --streaming, --ddp_timeout and the number of processes only change how the work is done, not its result.
 # ----------------------------------------------------------------------------------------------------------------
-CONTENT_FLAGS = ("train_data_dir", "dataset_name", "dataset_config_name", "captions_json", "mnist_root", "split",
-                 "image_column", "caption_column", "label_column", "caption_template", "max_samples", "resolution",
-                 "image_interpolation_mode", "center_crop", "random_flip", "seed", "pretrained_model_name_or_path",
-                 "revision", "variant", "vae_name_or_path", "text_encoder_name_or_path", "tokenizer_max_length",
-                 "text_prefix", "text_encoder_attention_mask", "encoder_dtype", "latent_dtype", "text_dtype",
-                 "shard_size")
-PATH_FLAGS = ("train_data_dir", "dataset_name", "captions_json", "mnist_root", "pretrained_model_name_or_path",
-              "vae_name_or_path", "text_encoder_name_or_path")
+CONTENT_FLAGS = (
+    "train_data_dir",
+    "dataset_name",
+    "dataset_config_name",
+    "captions_json",
+    "mnist_root",
+    "split",
+    "image_column",
+    "caption_column",
+    "label_column",
+    "caption_template",
+    "max_samples",
+    "resolution",
+    "image_interpolation_mode",
+    "center_crop",
+    "random_flip",
+    "seed",
+    "pretrained_model_name_or_path",
+    "revision",
+    "variant",
+    "vae_name_or_path",
+    "text_encoder_name_or_path",
+    "tokenizer_max_length",
+    "text_prefix",
+    "text_encoder_attention_mask",
+    "encoder_dtype",
+    "latent_dtype",
+    "text_dtype",
+    "shard_size",
+)
+PATH_FLAGS = (
+    "train_data_dir",
+    "dataset_name",
+    "captions_json",
+    "mnist_root",
+    "pretrained_model_name_or_path",
+    "vae_name_or_path",
+    "text_encoder_name_or_path",
+)
 
 
 def content_settings(args):
     """{flag: value} of CONTENT_FLAGS; local paths made absolute, so that "imgs" and "./imgs" are the same."""
+
     def local(value):
         return str(Path(value).resolve()) if value not in (None, "none") and Path(value).exists() else value
 
@@ -192,19 +269,26 @@ def check_settings(out_dir, settings):
     if not any(out_dir.glob("shard-*.safetensors*")):
         return  # no shard yet: settings.json (if any) is written anew
     if not path.is_file():
-        fail(f"--output_dir {out_dir}: holds shards but no settings.json, so what they were encoded with is "
-             "unknown; use another --output_dir, or delete the folder")
+        fail(
+            f"--output_dir {out_dir}: holds shards but no settings.json, so what they were encoded with is "
+            "unknown; use another --output_dir, or delete the folder"
+        )
     try:
         before = json.loads(path.read_text())
     except (OSError, ValueError):
-        fail(f"--output_dir {out_dir}: settings.json is not readable JSON; use another --output_dir, or delete "
-             "the folder")
+        fail(
+            f"--output_dir {out_dir}: settings.json is not readable JSON; use another --output_dir, or delete "
+            "the folder"
+        )
     differ = [k for k in dict.fromkeys([*before, *settings]) if before.get(k) != settings.get(k)]
     if differ:
-        changes = "; ".join(f"--{k} {json.dumps(before.get(k))} there, {json.dumps(settings.get(k))} now"
-                            for k in differ)
-        fail(f"--output_dir {out_dir}: holds shards encoded with other settings ({changes}); use another "
-             "--output_dir, or delete the folder to encode anew")
+        changes = "; ".join(
+            f"--{k} {json.dumps(before.get(k))} there, {json.dumps(settings.get(k))} now" for k in differ
+        )
+        fail(
+            f"--output_dir {out_dir}: holds shards encoded with other settings ({changes}); use another "
+            "--output_dir, or delete the folder to encode anew"
+        )
 
 
 def write_settings(out_dir, settings):
@@ -247,8 +331,9 @@ def open_source(args):
             if local.is_dir() and (local / "dataset_info.json").is_file() and (local / "state.json").is_file():
                 ds = datasets.load_from_disk(str(local))
             else:
-                ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.split,
-                                           streaming=args.streaming)
+                ds = datasets.load_dataset(
+                    args.dataset_name, args.dataset_config_name, split=args.split, streaming=args.streaming
+                )
         except (OSError, ValueError, FileNotFoundError) as e:
             fail(f"--dataset_name {args.dataset_name}: cannot load it ({type(e).__name__}: {str(e)[:200]})")
         if isinstance(ds, datasets.DatasetDict):
@@ -257,8 +342,11 @@ def open_source(args):
             ds = ds[args.split]
     columns = list(ds.column_names or ds.features or [])
     label_column = args.label_column or ("label" if "label" in columns and kind == "imagefolder" else None)
-    check_columns(args, columns, [("image_column", args.image_column), ("caption_column", args.caption_column),
-                                  ("label_column", label_column)])
+    check_columns(
+        args,
+        columns,
+        [("image_column", args.image_column), ("caption_column", args.caption_column), ("label_column", label_column)],
+    )
     ds = ds.cast_column(args.image_column, datasets.Image(decode=False))
     label_names = None
     if label_column is not None:
@@ -267,8 +355,14 @@ def open_source(args):
     keep = [args.image_column, args.caption_column] + ([label_column] if label_column else [])
 
     def rows_of(batch, positions):
-        return [(batch[args.image_column][k], pick_caption(batch[args.caption_column][k], position, args.seed),
-                 int(batch[label_column][k]) if label_column else None) for k, position in enumerate(positions)]
+        return [
+            (
+                batch[args.image_column][k],
+                pick_caption(batch[args.caption_column][k], position, args.seed),
+                int(batch[label_column][k]) if label_column else None,
+            )
+            for k, position in enumerate(positions)
+        ]
 
     ds = ds.select_columns(keep)
     if args.streaming:
@@ -289,6 +383,7 @@ def open_source(args):
                 if args.max_samples is not None and n >= args.max_samples:
                     break
             source.length = n
+
         source.rows = rows
         return source
     length = len(ds) if args.max_samples is None else min(len(ds), args.max_samples)
@@ -311,8 +406,15 @@ def open_mnist(args):
         fail(f"--caption_template {args.caption_template!r}: must contain {{}} where the digit goes")
 
     def get_slice(a, b):
-        return [(Image.fromarray(mnist.data[i].numpy(), mode="L"), args.caption_template.format(int(mnist.targets[i])),
-                 int(mnist.targets[i])) for i in range(a, b)]
+        return [
+            (
+                Image.fromarray(mnist.data[i].numpy(), mode="L"),
+                args.caption_template.format(int(mnist.targets[i])),
+                int(mnist.targets[i]),
+            )
+            for i in range(a, b)
+        ]
+
     return Source("mnist", args.mnist_root, None, length, [str(d) for d in range(10)], get_slice)
 
 
@@ -325,14 +427,22 @@ def open_captions_json(args):
     if isinstance(entries, dict) and "annotations" in entries and "images" in entries:  # COCO captions file
         files = {im["id"]: im["file_name"] for im in entries["images"]}
         entries = [{"image": files[a["image_id"]], "caption": a["caption"]} for a in entries["annotations"]]
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and "image" in e and "caption" in e
-                                                for e in entries):
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and "image" in e and "caption" in e for e in entries
+    ):
         fail(f'--captions_json {path}: expected a list of {{"image": path, "caption": text}} objects')
     length = len(entries) if args.max_samples is None else min(len(entries), args.max_samples)
 
     def get_slice(a, b):
-        return [({"path": str(path.parent / entries[i]["image"]), "bytes": None},
-                 pick_caption(entries[i]["caption"], i, args.seed), None) for i in range(a, b)]
+        return [
+            (
+                {"path": str(path.parent / entries[i]["image"]), "bytes": None},
+                pick_caption(entries[i]["caption"], i, args.seed),
+                None,
+            )
+            for i in range(a, b)
+        ]
+
     return Source("coco_json", str(path), None, length, None, get_slice)
 
 
@@ -365,6 +475,7 @@ def image_transform(args):
             rng = random.Random(args.seed * 1_000_003 + position)
             top, left = rng.randint(0, h - args.resolution), rng.randint(0, w - args.resolution)
         return to_tensor(image.crop((left, top, left + args.resolution, top + args.resolution)))
+
     return apply
 
 
@@ -416,12 +527,15 @@ def load_vae(args, device, dtype):
         return None
     name, sub = (args.vae_name_or_path, None) if args.vae_name_or_path else (args.pretrained_model_name_or_path, "vae")
     try:
-        vae = AutoencoderKL.from_pretrained(name, subfolder=sub, revision=args.revision,
-                                            variant=args.variant if sub else None)
+        vae = AutoencoderKL.from_pretrained(
+            name, subfolder=sub, revision=args.revision, variant=args.variant if sub else None
+        )
     except (OSError, ValueError) as e:
         flag = "--vae_name_or_path" if args.vae_name_or_path else "--pretrained_model_name_or_path"
-        fail(f"{flag} {name}: cannot load an AutoencoderKL from it ({type(e).__name__}); pass a folder with "
-             f"{'vae/' if sub else ''}config.json, or a hub id when online")
+        fail(
+            f"{flag} {name}: cannot load an AutoencoderKL from it ({type(e).__name__}); pass a folder with "
+            f"{'vae/' if sub else ''}config.json, or a hub id when online"
+        )
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.resolution % factor:
         fail(f"--resolution {args.resolution}: the VAE downsamples by {factor}; use a multiple of {factor}")
@@ -447,10 +561,17 @@ def load_text_encoder(path, subfolder, tok_path, tok_subfolder, args):
         config = AutoConfig.from_pretrained(path, subfolder=subfolder or "", revision=args.revision)
         tokenizer = AutoTokenizer.from_pretrained(tok_path, subfolder=tok_subfolder or "", revision=args.revision)
     except (OSError, ValueError) as e:
-        fail(f"{flag} {path}: cannot load a text encoder and its tokenizer ({type(e).__name__}); pass a folder "
-             f"with config.json and the tokenizer files, or a hub id when online")
-    model_cls = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel,
-                 "mt5": T5EncoderModel, "umt5": T5EncoderModel}.get(config.model_type, AutoModel)
+        fail(
+            f"{flag} {path}: cannot load a text encoder and its tokenizer ({type(e).__name__}); pass a folder "
+            f"with config.json and the tokenizer files, or a hub id when online"
+        )
+    model_cls = {
+        "clip": CLIPTextModel,
+        "clip_text_model": CLIPTextModel,
+        "t5": T5EncoderModel,
+        "mt5": T5EncoderModel,
+        "umt5": T5EncoderModel,
+    }.get(config.model_type, AutoModel)
     if (config.architectures or [""])[0] == "CLIPTextModelWithProjection":
         model_cls = CLIPTextModelWithProjection
     model = model_cls.from_pretrained(path, subfolder=subfolder or "", revision=args.revision)
@@ -476,19 +597,28 @@ class TextEncoder:
         self.max_length = per_encoder(args.tokenizer_max_length, i, min(self.tokenizer.model_max_length, 512))
         self.prefix = per_encoder(args.text_prefix, i, "")
         mask = args.text_encoder_attention_mask
-        self.use_mask = mask == "on" or (mask == "auto" and bool(getattr(self.model.config, "use_attention_mask",
-                                                                         False)))
+        self.use_mask = mask == "on" or (
+            mask == "auto" and bool(getattr(self.model.config, "use_attention_mask", False))
+        )
         self.device = device
 
     @torch.no_grad()
     def encode(self, captions):
         unique = list(dict.fromkeys(captions))  # captions repeat (MNIST has ten): encode each once per batch
-        tokens = self.tokenizer([self.prefix + c for c in unique], padding="max_length", max_length=self.max_length,
-                                truncation=True, return_tensors="pt")
+        tokens = self.tokenizer(
+            [self.prefix + c for c in unique],
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
         out = self.model(ids, attention_mask=mask if self.use_mask else None)
-        result = {"hidden_states": out.last_hidden_state.float().cpu(), "attention_mask": mask.long().cpu(),
-                  "input_ids": ids.long().cpu()}
+        result = {
+            "hidden_states": out.last_hidden_state.float().cpu(),
+            "attention_mask": mask.long().cpu(),
+            "input_ids": ids.long().cpu(),
+        }
         pooled = getattr(out, "text_embeds", None)
         pooled = getattr(out, "pooler_output", None) if pooled is None else pooled
         if pooled is not None:
@@ -497,10 +627,17 @@ class TextEncoder:
         return {k: v[where] for k, v in result.items()}
 
     def info(self, text_dtype):
-        return {"key": self.key, "name_or_path": self.display, "tokenizer": self.tokenizer_name,
-                "max_length": self.max_length, "hidden_size": self.model.config.hidden_size,
-                "pooled_size": self.pooled_size, "prefix": self.prefix, "dtype": text_dtype,
-                "use_attention_mask": self.use_mask}
+        return {
+            "key": self.key,
+            "name_or_path": self.display,
+            "tokenizer": self.tokenizer_name,
+            "max_length": self.max_length,
+            "hidden_size": self.model.config.hidden_size,
+            "pooled_size": self.pooled_size,
+            "prefix": self.prefix,
+            "dtype": text_dtype,
+            "use_attention_mask": self.use_mask,
+        }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -513,7 +650,7 @@ def encode_shard(rows, vae, text_encoders, transform, mode, args, device, dtype)
     latent_dtype, text_dtype = DTYPES[args.latent_dtype], DTYPES[args.text_dtype]
     for start in range(0, len(rows), args.batch_size):
         batch = []
-        for position, raw, caption, label in rows[start:start + args.batch_size]:
+        for position, raw, caption, label in rows[start : start + args.batch_size]:
             image = decode_image(raw, mode) if vae is not None else None
             if vae is not None and image is None:
                 skipped += 1
@@ -580,21 +717,34 @@ def write_index(out_dir, source, vae, text_encoders, args, settings):
     for path in stale:
         path.unlink()
     if stale:
-        print(f"removed {len(stale)} shard files beyond this source's {expected} shards ({stale[0].name}, ...)",
-              flush=True)
+        print(
+            f"removed {len(stale)} shard files beyond this source's {expected} shards ({stale[0].name}, ...)",
+            flush=True,
+        )
     dtype_names = {"f16": "float16", "f32": "float32", "bf16": "bfloat16", "i64": "int64"}
     for t in tensors.values():
         t["dtype"] = dtype_names.get(t["dtype"], t["dtype"])
     index = {
-        "format": FORMAT, "version": VERSION, "num_examples": total, "num_skipped": skipped,
-        "shard_size": args.shard_size, "shards": shards,
+        "format": FORMAT,
+        "version": VERSION,
+        "num_examples": total,
+        "num_skipped": skipped,
+        "shard_size": args.shard_size,
+        "shards": shards,
         "source": {"kind": source.kind, "path": str(source.path), "split": args.split},
-        "resolution": args.resolution, "center_crop": args.center_crop, "random_flip": args.random_flip,
-        "vae": None if vae is None else {
-            **vae.loaded_from, "scaling_factor": vae.config.scaling_factor,
-            "shift_factor": vae.config.get("shift_factor") or 0.0, "latent_channels": vae.config.latent_channels,
+        "resolution": args.resolution,
+        "center_crop": args.center_crop,
+        "random_flip": args.random_flip,
+        "vae": None
+        if vae is None
+        else {
+            **vae.loaded_from,
+            "scaling_factor": vae.config.scaling_factor,
+            "shift_factor": vae.config.get("shift_factor") or 0.0,
+            "latent_channels": vae.config.latent_channels,
             "latent_size": args.resolution // 2 ** (len(vae.config.block_out_channels) - 1),
-            "dtype": args.latent_dtype},
+            "dtype": args.latent_dtype,
+        },
         "text_encoders": [e.info(args.text_dtype) for e in text_encoders],
         "label_names": source.label_names,
         "tensors": tensors,
@@ -613,9 +763,10 @@ def main(args):
     out_dir = Path(args.output_dir)
     settings = content_settings(args)
     check_settings(out_dir, settings)  # every process, before any model is loaded
-    accelerator = Accelerator(cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(
-                                  seconds=args.ddp_timeout))])
+    accelerator = Accelerator(
+        cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))],
+    )
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -639,9 +790,14 @@ def main(args):
         write_empty_prompt(out_dir, text_encoders, args)
 
     total = None if source.length is None else source.length
-    mine = None if total is None else sum(
-        min(args.shard_size, total - s * args.shard_size) for s in range(rank, math.ceil(total / args.shard_size),
-                                                                         world))
+    mine = (
+        None
+        if total is None
+        else sum(
+            min(args.shard_size, total - s * args.shard_size)
+            for s in range(rank, math.ceil(total / args.shard_size), world)
+        )
+    )
     progress = tqdm(total=mine, desc=f"encode (rank {rank})", position=rank, unit="img")
     accelerator.wait_for_everyone()
     start = time.perf_counter()
@@ -655,8 +811,11 @@ def main(args):
         progress.set_postfix(img_s=f"{encoded / max(time.perf_counter() - start, 1e-9):.1f}")
     progress.close()
     seconds = time.perf_counter() - start
-    print(f"rank {rank}: encoded {encoded} images in {seconds:.1f}s ({encoded / max(seconds, 1e-9):.1f} images/s), "
-          f"skipped {skipped}", flush=True)
+    print(
+        f"rank {rank}: encoded {encoded} images in {seconds:.1f}s ({encoded / max(seconds, 1e-9):.1f} images/s), "
+        f"skipped {skipped}",
+        flush=True,
+    )
     accelerator.wait_for_everyone()
     wall = time.perf_counter() - start
     counts = accelerator.reduce(torch.tensor([encoded, skipped], device=device), "sum").cpu().tolist()
@@ -664,9 +823,12 @@ def main(args):
         if counts[1]:
             print(f"warning: {counts[1]} unreadable images were skipped", file=sys.stderr)
         index = write_index(out_dir, source, vae, text_encoders, args, settings)
-        print(f"encoded {counts[0]} images in {wall:.1f}s: {counts[0] / max(wall, 1e-9):.1f} images/s with {world} "
-              f"process(es); {index['num_examples']} examples in {len(index['shards'])} shards, "
-              f"{index['num_skipped']} skipped; wrote {out_dir / 'index.json'}", flush=True)
+        print(
+            f"encoded {counts[0]} images in {wall:.1f}s: {counts[0] / max(wall, 1e-9):.1f} images/s with {world} "
+            f"process(es); {index['num_examples']} examples in {len(index['shards'])} shards, "
+            f"{index['num_skipped']} skipped; wrote {out_dir / 'index.json'}",
+            flush=True,
+        )
     accelerator.end_training()
 
 

@@ -63,16 +63,19 @@ DEFAULT_TEXT_ENCODER = "openai/clip-vit-base-patch32"
 PIPELINE_NULL_CLASS = 1000  # DiTPipeline hard-codes the null class id as 1000 (ImageNet's class count)
 
 
+# Copied from train_mnist.fail
 def fail(message):
     """A user mistake: one line naming the flag or file and the fix, exit code 2, before any heavy work."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
+# Copied from train_mnist.int_list
 def int_list(text):
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+# Copied from train_mnist.float_list
 def float_list(text):
     return [float(x) for x in text.split(",") if x.strip()]
 
@@ -82,25 +85,47 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     g = parser.add_argument_group("data (one of --dataset_name, --train_data_dir, --precomputed_data_dir)")
-    g.add_argument("--dataset_name", default=None,
-                   help='A datasets hub name or local dataset; "mnist" reads torchvision MNIST from --data_root.')
+    g.add_argument(
+        "--dataset_name",
+        default=None,
+        help='A datasets hub name or local dataset; "mnist" reads torchvision MNIST from --data_root.',
+    )
     g.add_argument("--dataset_config_name", default=None)
-    g.add_argument("--data_root", default="./dataset_cache",
-                   help="For --dataset_name mnist: the folder holding MNIST/raw (downloaded there when online).")
-    g.add_argument("--train_data_dir", default=None,
-                   help="An ImageNet-style folder (one subfolder per class) and/or images with metadata.jsonl.")
-    g.add_argument("--precomputed_data_dir", default=None,
-                   help="Shards written by prepare_data_multi_gpu.py: no VAE or text encoder runs during training.")
+    g.add_argument(
+        "--data_root",
+        default="./dataset_cache",
+        help="For --dataset_name mnist: the folder holding MNIST/raw (downloaded there when online).",
+    )
+    g.add_argument(
+        "--train_data_dir",
+        default=None,
+        help="An ImageNet-style folder (one subfolder per class) and/or images with metadata.jsonl.",
+    )
+    g.add_argument(
+        "--precomputed_data_dir",
+        default=None,
+        help="Shards written by prepare_data_multi_gpu.py: no VAE or text encoder runs during training.",
+    )
     g.add_argument("--image_column", default="image")
     g.add_argument("--label_column", default="label")
     g.add_argument("--caption_column", default="text")
     g.add_argument("--caption_template", default="A handwritten digit {}", help="MNIST captions; {} is the digit.")
-    g.add_argument("--resolution", type=int, default=256,
-                   help="Image side in pixels (resize + center crop; MNIST is padded from 28 to this size).")
-    g.add_argument("--image_interpolation_mode", default="lanczos",
-                   choices=[f.lower() for f in dir(torchvision.transforms.InterpolationMode)
-                            if not f.startswith("__") and not f.endswith("__")],
-                   help="The image interpolation method to use for resizing images.")
+    g.add_argument(
+        "--resolution",
+        type=int,
+        default=256,
+        help="Image side in pixels (resize + center crop; MNIST is padded from 28 to this size).",
+    )
+    g.add_argument(
+        "--image_interpolation_mode",
+        default="lanczos",
+        choices=[
+            f.lower()
+            for f in dir(torchvision.transforms.InterpolationMode)
+            if not f.startswith("__") and not f.endswith("__")
+        ],
+        help="The image interpolation method to use for resizing images.",
+    )
     g.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random (as DiT).")
     g.add_argument("--max_samples", type=int, default=None, help="Truncate the training set to N examples.")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
@@ -112,18 +137,32 @@ def parse_args(argv=None):
     g.add_argument("--num_heads", type=int, default=None, help="Override the preset's attention heads.")
     g.add_argument("--patch_size", type=int, default=None, help="Override the preset's patch size.")
     g.add_argument("--conditioning", choices=["class", "text"], default="class")
-    g.add_argument("--weight_init", choices=["adaln_zero", "pytorch"], default="adaln_zero",
-                   help="adaln_zero: DiT's (identity blocks, N(0, 0.02) embeddings), best in long runs; pytorch: "
-                        "diffusers' defaults, faster to pick up the class in short runs (docs/dit.md).")
+    g.add_argument(
+        "--weight_init",
+        choices=["adaln_zero", "pytorch"],
+        default="adaln_zero",
+        help="adaln_zero: DiT's (identity blocks, N(0, 0.02) embeddings), best in long runs; pytorch: "
+        "diffusers' defaults, faster to pick up the class in short runs (docs/dit.md).",
+    )
     g.add_argument("--num_classes", type=int, default=None, help="Class count; default: read from the data.")
-    g.add_argument("--vae_name_or_path", default="stabilityai/sd-vae-ft-ema",
-                   help='Frozen AutoencoderKL (hub id or folder, a "vae" subfolder is found); "none" = pixel space.')
-    g.add_argument("--text_encoder_name_or_path", default=None,
-                   help="Frozen text encoder for --conditioning text (CLIP text, BERT family, T5 encoder). Default "
-                        f"{DEFAULT_TEXT_ENCODER}; with --precomputed_data_dir, the shards' encoder (index.json); "
-                        "with --sample_from, the export's encoder.")
-    g.add_argument("--tokenizer_max_length", type=int, default=None,
-                   help="Tokens per caption (padded/truncated). Default 77; with --precomputed_data_dir, the shards'.")
+    g.add_argument(
+        "--vae_name_or_path",
+        default="stabilityai/sd-vae-ft-ema",
+        help='Frozen AutoencoderKL (hub id or folder, a "vae" subfolder is found); "none" = pixel space.',
+    )
+    g.add_argument(
+        "--text_encoder_name_or_path",
+        default=None,
+        help="Frozen text encoder for --conditioning text (CLIP text, BERT family, T5 encoder). Default "
+        f"{DEFAULT_TEXT_ENCODER}; with --precomputed_data_dir, the shards' encoder (index.json); "
+        "with --sample_from, the export's encoder.",
+    )
+    g.add_argument(
+        "--tokenizer_max_length",
+        type=int,
+        default=None,
+        help="Tokens per caption (padded/truncated). Default 77; with --precomputed_data_dir, the shards'.",
+    )
 
     g = parser.add_argument_group("objective")
     g.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm")
@@ -131,99 +170,167 @@ def parse_args(argv=None):
     g.add_argument("--beta_schedule", default="linear", help="ddpm: DDPMScheduler betas (DiT: linear 1e-4..0.02).")
     g.add_argument("--snr_gamma", type=float, default=0.0, help="ddpm: min-SNR loss weighting; 0 = plain MSE.")
     g.add_argument("--num_train_timesteps", type=int, default=1000)
-    g.add_argument("--weighting_scheme", choices=["logit_normal", "uniform", "mode"], default="logit_normal",
-                   help="flow: density of the noise level s during training (diffusers' SD3 helper).")
+    g.add_argument(
+        "--weighting_scheme",
+        choices=["logit_normal", "uniform", "mode"],
+        default="logit_normal",
+        help="flow: density of the noise level s during training (diffusers' SD3 helper).",
+    )
     g.add_argument("--logit_mean", type=float, default=0.0)
     g.add_argument("--logit_std", type=float, default=1.0)
     g.add_argument("--mode_scale", type=float, default=1.29)
-    g.add_argument("--flow_shift", type=float, default=1.0,
-                   help="flow: s -> shift*s / (1 + (shift-1)*s) in training and sampling; > 1 favours high noise.")
-    g.add_argument("--cond_dropout_prob", type=float, default=0.1,
-                   help="Probability of replacing the class by the null class (or the caption by the empty prompt).")
+    g.add_argument(
+        "--flow_shift",
+        type=float,
+        default=1.0,
+        help="flow: s -> shift*s / (1 + (shift-1)*s) in training and sampling; > 1 favours high noise.",
+    )
+    g.add_argument(
+        "--cond_dropout_prob",
+        type=float,
+        default=0.1,
+        help="Probability of replacing the class by the null class (or the caption by the empty prompt).",
+    )
 
     g = parser.add_argument_group("optimisation (defaults: DiT's AdamW 1e-4, constant, EMA 0.9999)")
     g.add_argument("--output_dir", default="output_dit")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--train_batch_size", "--batch_size", type=int, default=32,
-                   help="Batch size per process (DiT: 256 in total over 8 GPUs).")
+    g.add_argument(
+        "--train_batch_size",
+        "--batch_size",
+        type=int,
+        default=32,
+        help="Batch size per process (DiT: 256 in total over 8 GPUs).",
+    )
     g.add_argument("--num_train_epochs", "--epochs", "--num_epochs", type=int, default=80)
     g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs when set.")
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=0.0)
-    g.add_argument("--lr_scheduler", default="constant",
-                   help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+    g.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
+    )
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--max_nonfinite_steps", type=int, default=10,
-                   help="Stop after this many optimizer steps in a row with a non-finite gradient (read when logging).")
-    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="Keep an EMA of the weights (a copy at the start, with warmup) for samples and the export.")
+    g.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=10,
+        help="Stop after this many optimizer steps in a row with a non-finite gradient (read when logging).",
+    )
+    g.add_argument(
+        "--use_ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Keep an EMA of the weights (a copy at the start, with warmup) for samples and the export.",
+    )
     g.add_argument("--ema_decay", type=float, default=0.9999, help="Largest EMA decay, reached after the warmup.")
     g.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
 
     g = parser.add_argument_group("speed and memory")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="Autocast precision; fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag.")
+    g.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Autocast precision; fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag.",
+    )
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                   help="Default attention is PyTorch SDPA (flash/memory-efficient kernels on GPU).")
+    g.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Default attention is PyTorch SDPA (flash/memory-efficient kernels on GPU).",
+    )
     g.add_argument("--torch_compile", action="store_true", help="torch.compile the transformer's forward.")
 
     g = parser.add_argument_group("sampling and evaluation")
-    g.add_argument("--guidance_scale", type=float, default=1.5,
-                   help="uncond + s * (cond - uncond) on all channels; 1 = no guidance. Used for --num_eval_samples.")
-    g.add_argument("--guidance_interval", type=float_list, default=None,
-                   help="LO,HI: guide only while the noise level t/T is in [LO, HI] (Kynkaanniemi et al. 2024).")
-    g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 1.5, 4.0],
-                   help="Columns of the validation grid.")
+    g.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.5,
+        help="uncond + s * (cond - uncond) on all channels; 1 = no guidance. Used for --num_eval_samples.",
+    )
+    g.add_argument(
+        "--guidance_interval",
+        type=float_list,
+        default=None,
+        help="LO,HI: guide only while the noise level t/T is in [LO, HI] (Kynkaanniemi et al. 2024).",
+    )
+    g.add_argument(
+        "--validation_guidance_scales", type=float_list, default=[1.0, 1.5, 4.0], help="Columns of the validation grid."
+    )
     g.add_argument("--validation_class_ids", type=int_list, default=None, help="Rows of the grid (default 0..9).")
-    g.add_argument("--validation_prompts", nargs="+", default=None,
-                   help="Rows of the grid for --conditioning text (default: the first captions of the data).")
+    g.add_argument(
+        "--validation_prompts",
+        nargs="+",
+        default=None,
+        help="Rows of the grid for --conditioning text (default: the first captions of the data).",
+    )
     g.add_argument("--num_inference_steps", type=int, default=25, help="DPM-Solver++ (ddpm) or Euler (flow) steps.")
-    g.add_argument("--num_eval_samples", type=int, default=0,
-                   help="Write N samples (balanced over the classes) to <output_dir>/eval_samples.npz at the end.")
+    g.add_argument(
+        "--num_eval_samples",
+        type=int,
+        default=0,
+        help="Write N samples (balanced over the classes) to <output_dir>/eval_samples.npz at the end.",
+    )
     g.add_argument("--eval_batch_size", type=int, default=250)
-    g.add_argument("--sample_from", default=None,
-                   help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.")
+    g.add_argument(
+        "--sample_from",
+        default=None,
+        help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.",
+    )
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=100, help="Also how often the host reads device values.")
     g.add_argument("--validation_steps", type=int, default=5000)
     g.add_argument("--checkpointing_steps", type=int, default=5000)
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None,
-                   help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.')
-    g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.")
-    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none",
-                   help="Send metrics and validation grids to a tracker (its package must be installed); all: every "
-                        "installed one.")
+    g.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.',
+    )
+    g.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.",
+    )
+    g.add_argument(
+        "--report_to",
+        choices=["none", "tensorboard", "wandb", "all"],
+        default="none",
+        help="Send metrics and validation grids to a tracker (its package must be installed); all: every "
+        "installed one.",
+    )
     g.add_argument("--tracker_project_name", default="train_dit", help="Project (wandb) or run folder name.")
 
     argv = sys.argv[1:] if argv is None else list(argv)
     return parser.parse_args([underscore_flag(a) for a in argv])
 
 
+# Copied from train_mnist.underscore_flag
 def underscore_flag(arg):
     """Every flag also accepts its hyphen spelling: --max-samples == --max_samples, --no-use-ema == --no-use_ema."""
     if not arg.startswith("--"):
         return arg
     name, eq, value = arg[2:].partition("=")
     negation = "no-" if name.startswith(("no-", "no_")) and name[3:].replace("-", "_") in NEGATABLE else ""
-    return "--" + negation + name[len(negation):].replace("-", "_") + eq + value
+    return "--" + negation + name[len(negation) :].replace("-", "_") + eq + value
 
 
 def model_shape(args):
     """(depth, hidden, heads, patch) from --model and the explicit overrides."""
     name, _, patch = args.model.partition("/")
     if name not in PRESETS or patch not in ("2", "4", "8"):
-        fail(f"--model {args.model}: unknown preset; use one of "
-             f"{', '.join(f'{n}/{p}' for n in PRESETS for p in (2, 4, 8))}")
+        fail(
+            f"--model {args.model}: unknown preset; use one of "
+            f"{', '.join(f'{n}/{p}' for n in PRESETS for p in (2, 4, 8))}"
+        )
     depth, hidden, heads = PRESETS[name]
     return (args.depth or depth, args.hidden_size or hidden, args.num_heads or heads, args.patch_size or int(patch))
 
@@ -232,21 +339,27 @@ def check_args(args):
     """Cheap checks of the flags, before any dataset or model is loaded."""
     if args.sample_from:
         if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
-            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
-                 f"or one of its checkpoint-N folders")
+            fail(
+                f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
+                f"or one of its checkpoint-N folders"
+            )
         if problem := manifest_problem(Path(args.sample_from)):
             fail(f"--sample_from {args.sample_from}: damaged or incomplete ({problem}); pass an intact export")
     else:
         sources = [s for s in ("dataset_name", "train_data_dir", "precomputed_data_dir") if getattr(args, s)]
         if len(sources) != 1:
-            fail("give exactly one of --dataset_name, --train_data_dir, --precomputed_data_dir "
-                 f"(got {', '.join('--' + s for s in sources) or 'none'})")
+            fail(
+                "give exactly one of --dataset_name, --train_data_dir, --precomputed_data_dir "
+                f"(got {', '.join('--' + s for s in sources) or 'none'})"
+            )
         for flag in ("train_data_dir", "precomputed_data_dir"):
             if getattr(args, flag) and not Path(getattr(args, flag)).is_dir():
                 fail(f"--{flag} {getattr(args, flag)}: no such folder")
         if args.precomputed_data_dir and not (Path(args.precomputed_data_dir) / "index.json").is_file():
-            fail(f"--precomputed_data_dir {args.precomputed_data_dir}: no index.json; write the folder with "
-                 f"prepare_data_multi_gpu.py (an interrupted run writes index.json only when all shards are done)")
+            fail(
+                f"--precomputed_data_dir {args.precomputed_data_dir}: no index.json; write the folder with "
+                f"prepare_data_multi_gpu.py (an interrupted run writes index.json only when all shards are done)"
+            )
     depth, hidden, heads, patch = model_shape(args)
     if hidden % heads:
         fail(f"--hidden_size {hidden} is not divisible by --num_heads {heads}")
@@ -256,8 +369,9 @@ def check_args(args):
         fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
     if not 0.0 <= args.cond_dropout_prob < 1.0:
         fail(f"--cond_dropout_prob {args.cond_dropout_prob}: must be in [0, 1)")
-    if args.guidance_interval is not None and (len(args.guidance_interval) != 2 or not
-                                               0 <= args.guidance_interval[0] < args.guidance_interval[1] <= 1):
+    if args.guidance_interval is not None and (
+        len(args.guidance_interval) != 2 or not 0 <= args.guidance_interval[0] < args.guidance_interval[1] <= 1
+    ):
         fail(f"--guidance_interval {args.guidance_interval}: give LO,HI with 0 <= LO < HI <= 1")
     if args.flow_shift <= 0:
         fail(f"--flow_shift {args.flow_shift}: must be positive")
@@ -265,14 +379,17 @@ def check_args(args):
         try:
             import xformers  # noqa: F401
         except ImportError:
-            fail("--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers); "
-                 "without the flag the model uses PyTorch SDPA")
+            fail(
+                "--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers); "
+                "without the flag the model uses PyTorch SDPA"
+            )
     args.report_to = installed_trackers(args.report_to)
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
             fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
 
 
+# Copied from train_mnist.installed_trackers
 def installed_trackers(report_to):
     """--report_to as accelerate's log_with: a tracker whose package is missing is an error, never silence."""
     import importlib.util
@@ -286,11 +403,14 @@ def installed_trackers(report_to):
             fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
         return found
     if not importlib.util.find_spec(packages[report_to]):
-        fail(f"--report_to {report_to}: the {packages[report_to]} package is not installed; "
-             f"pip install {packages[report_to]}")
+        fail(
+            f"--report_to {report_to}: the {packages[report_to]} package is not installed; "
+            f"pip install {packages[report_to]}"
+        )
     return [report_to]
 
 
+# Copied from train_mnist.check_accelerator
 def check_accelerator(accelerator):
     """Checks of what accelerate resolved from the flags, its config file and the launcher, before heavy work."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
@@ -316,8 +436,10 @@ class MNISTDataset(torch.utils.data.Dataset):
             try:
                 mnist = torchvision.datasets.MNIST(args.data_root, train=True, download=True)
             except Exception as e:  # offline, proxy, disk full: all end the same way
-                fail(f"--data_root {args.data_root}: MNIST is not there and could not be downloaded "
-                     f"({type(e).__name__}); point --data_root at a folder holding MNIST/raw")
+                fail(
+                    f"--data_root {args.data_root}: MNIST is not there and could not be downloaded "
+                    f"({type(e).__name__}); point --data_root at a folder holding MNIST/raw"
+                )
         n = len(mnist) if args.max_samples is None else min(args.max_samples, len(mnist))
         pad = (args.resolution - MNIST_SIZE) // 2
         images = mnist.data[:n].float().div(127.5).sub(1.0).unsqueeze(1)  # white digit on black, in [-1, 1]
@@ -351,16 +473,19 @@ class HFImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, table, args, channels):
         from datasets import Image
+
         self.table = table.cast_column(args.image_column, Image(decode=False))
         self.args, self.channels = args, channels
         feature = table.features.get(args.label_column)
         self.label_names = getattr(feature, "names", None)
-        self.transform = torchvision.transforms.Compose([
-            torchvision.transforms.Resize(args.resolution, interpolation_mode(args.image_interpolation_mode)),
-            torchvision.transforms.CenterCrop(args.resolution),
-            torchvision.transforms.ToTensor(),
-            torchvision.transforms.Normalize([0.5], [0.5]),
-        ])
+        self.transform = torchvision.transforms.Compose(
+            [
+                torchvision.transforms.Resize(args.resolution, interpolation_mode(args.image_interpolation_mode)),
+                torchvision.transforms.CenterCrop(args.resolution),
+                torchvision.transforms.ToTensor(),
+                torchvision.transforms.Normalize([0.5], [0.5]),
+            ]
+        )
 
     def __len__(self):
         return len(self.table)
@@ -370,14 +495,17 @@ class HFImageDataset(torch.utils.data.Dataset):
             example = self.read((i + k) % len(self))
             if example is not None:
                 return {**example, "skipped": int(k > 0)}
-        raise RuntimeError(f"{self.max_unreadable_in_a_row} unreadable images in a row from example {i}: check the "
-                           f"files of the dataset (--train_data_dir, --dataset_name, --image_column)")
+        raise RuntimeError(
+            f"{self.max_unreadable_in_a_row} unreadable images in a row from example {i}: check the "
+            f"files of the dataset (--train_data_dir, --dataset_name, --image_column)"
+        )
 
     def read(self, i):
         """Example i, or None when its image cannot be decoded."""
         import io
 
         from PIL import Image, UnidentifiedImageError
+
         row = self.table[i]
         image = row[self.args.image_column]
         try:
@@ -402,8 +530,9 @@ class PrecomputedDataset(torch.utils.data.Dataset):
             counts.append(shard["num_examples"])
         self.starts = np.cumsum([0] + counts)
         self.length = int(self.starts[-1]) if max_samples is None else min(max_samples, int(self.starts[-1]))
-        self.keys = ["latent_mean", "latent_std"] + (["latent_mean_flipped", "latent_std_flipped"]
-                                                     if index.get("random_flip") else [])
+        self.keys = ["latent_mean", "latent_std"] + (
+            ["latent_mean_flipped", "latent_std_flipped"] if index.get("random_flip") else []
+        )
         self.keys += ["label"] if "label" in index["tensors"] else []
         if text_key:
             self.keys += [f"{text_key}.hidden_states", f"{text_key}.attention_mask"]
@@ -418,9 +547,12 @@ class PrecomputedDataset(torch.utils.data.Dataset):
         if s not in self.handles:
             self.handles[s] = safe_open(str(self.files[s]), framework="pt")
         row, handle = i - int(self.starts[s]), self.handles[s]
-        item = {k: handle.get_slice(k)[row:row + 1][0] for k in self.keys}
-        out = {"latent_mean": item["latent_mean"].float(), "latent_std": item["latent_std"].float(),
-               "label": int(item["label"]) if "label" in item else -1}
+        item = {k: handle.get_slice(k)[row : row + 1][0] for k in self.keys}
+        out = {
+            "latent_mean": item["latent_mean"].float(),
+            "latent_std": item["latent_std"].float(),
+            "label": int(item["label"]) if "label" in item else -1,
+        }
         if "latent_mean_flipped" in item:
             out["latent_mean_flipped"] = item["latent_mean_flipped"].float()
             out["latent_std_flipped"] = item["latent_std_flipped"].float()
@@ -458,28 +590,50 @@ def text_convention(args, index):
     shards, or shards without the padding mask that the cross-attention needs, are refused."""
     if index is None:
         name = args.text_encoder_name_or_path or DEFAULT_TEXT_ENCODER
-        return {"text_encoder": name, "tokenizer": name, "prefix": "", "use_attention_mask": True,
-                "tokenizer_max_length": args.tokenizer_max_length or 77}
+        return {
+            "text_encoder": name,
+            "tokenizer": name,
+            "prefix": "",
+            "use_attention_mask": True,
+            "tokenizer_max_length": args.tokenizer_max_length or 77,
+        }
     flag = f"--precomputed_data_dir {args.precomputed_data_dir}"
     entry = index["text_encoders"][0]
     key, tensors = entry.get("key"), index.get("tensors", {})
     mask_shape = tensors.get(f"{key}.attention_mask", {}).get("shape")
     if f"{key}.hidden_states" not in tensors or mask_shape is None:
-        fail(f"{flag}: index.json lists no {key}.hidden_states and {key}.attention_mask; train_dit.py masks the "
-             f"caption padding with the stored mask: re-encode the shards with prepare_data_multi_gpu.py")
+        fail(
+            f"{flag}: index.json lists no {key}.hidden_states and {key}.attention_mask; train_dit.py masks the "
+            f"caption padding with the stored mask: re-encode the shards with prepare_data_multi_gpu.py"
+        )
     use_mask, prefix = entry.get("use_attention_mask", False), entry.get("prefix") or ""
-    if not isinstance(use_mask, bool) or not isinstance(prefix, str) or not entry.get("name_or_path") \
-            or mask_shape != [entry.get("max_length")]:
-        fail(f"{flag}: text encoder {key} in index.json has a convention train_dit.py cannot reproduce "
-             f"(name_or_path, max_length, prefix, use_attention_mask); re-encode with prepare_data_multi_gpu.py")
+    if (
+        not isinstance(use_mask, bool)
+        or not isinstance(prefix, str)
+        or not entry.get("name_or_path")
+        or mask_shape != [entry.get("max_length")]
+    ):
+        fail(
+            f"{flag}: text encoder {key} in index.json has a convention train_dit.py cannot reproduce "
+            f"(name_or_path, max_length, prefix, use_attention_mask); re-encode with prepare_data_multi_gpu.py"
+        )
     if args.text_encoder_name_or_path not in (None, entry["name_or_path"]):
-        fail(f"--text_encoder_name_or_path {args.text_encoder_name_or_path}: the shards were encoded with "
-             f"{entry['name_or_path']}; drop the flag (the export records the shards' encoder) or re-encode")
+        fail(
+            f"--text_encoder_name_or_path {args.text_encoder_name_or_path}: the shards were encoded with "
+            f"{entry['name_or_path']}; drop the flag (the export records the shards' encoder) or re-encode"
+        )
     if args.tokenizer_max_length not in (None, entry["max_length"]):
-        fail(f"--tokenizer_max_length {args.tokenizer_max_length}: the shards hold {entry['max_length']} tokens "
-             f"per caption; drop the flag or re-encode the shards")
-    return {"text_encoder": entry["name_or_path"], "tokenizer": entry.get("tokenizer") or entry["name_or_path"],
-            "prefix": prefix, "use_attention_mask": use_mask, "tokenizer_max_length": entry["max_length"]}
+        fail(
+            f"--tokenizer_max_length {args.tokenizer_max_length}: the shards hold {entry['max_length']} tokens "
+            f"per caption; drop the flag or re-encode the shards"
+        )
+    return {
+        "text_encoder": entry["name_or_path"],
+        "tokenizer": entry.get("tokenizer") or entry["name_or_path"],
+        "prefix": prefix,
+        "use_attention_mask": use_mask,
+        "tokenizer_max_length": entry["max_length"],
+    }
 
 
 def build_dataset(args, channels, index):
@@ -493,13 +647,15 @@ def build_dataset(args, channels, index):
             fail(f"--resolution {args.resolution}: MNIST is padded from 28, use 28 + an even number (32 is usual)")
         return MNISTDataset(args, channels)
     from datasets import load_dataset
+
     if args.train_data_dir:
         table = load_dataset("imagefolder", data_dir=args.train_data_dir, split="train")
     else:
         table = load_dataset(args.dataset_name, args.dataset_config_name, split="train")
     wanted = [args.image_column] + ([args.caption_column] if args.conditioning == "text" else [args.label_column])
-    for column, flag in zip(wanted, ["--image_column", "--caption_column" if args.conditioning == "text"
-                                     else "--label_column"], strict=True):
+    for column, flag in zip(
+        wanted, ["--image_column", "--caption_column" if args.conditioning == "text" else "--label_column"], strict=True
+    ):
         if column not in table.column_names:
             fail(f"{flag} {column}: not a column of the dataset; it has {', '.join(table.column_names)}")
     if args.max_samples is not None:
@@ -548,8 +704,11 @@ def load_vae(name_or_path, subfolder=None, flag="--vae_name_or_path"):
         name, sub = split_subfolder(name_or_path, subfolder)
         vae = AutoencoderKL.from_pretrained(name, subfolder=sub)
     except (OSError, ValueError) as e:
-        fix = ("pass its folder (config.json + weights), a pipeline folder with vae/, a hub id when online, or none"
-               if flag == "--vae_name_or_path" else "make it readable here (a local folder, or a hub id when online)")
+        fix = (
+            "pass its folder (config.json + weights), a pipeline folder with vae/, a hub id when online, or none"
+            if flag == "--vae_name_or_path"
+            else "make it readable here (a local folder, or a hub id when online)"
+        )
         fail(f"{flag} {name_or_path}: cannot load an AutoencoderKL ({type(e).__name__}); {fix}")
     vae.loaded_from = {"name_or_path": name_or_path, "subfolder": subfolder}  # what loads it again
     return vae.requires_grad_(False).eval()
@@ -564,10 +723,17 @@ def load_text_encoder(name_or_path, tokenizer_name_or_path=None):
         config = AutoConfig.from_pretrained(name, subfolder=sub or "")
         tokenizer = AutoTokenizer.from_pretrained(tok_name, subfolder=tok_sub or "")
     except (OSError, ValueError) as e:
-        fail(f"--text_encoder_name_or_path {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder "
-             f"with config.json and the tokenizer files, or a hub id when online")
-    model_cls = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel,
-                 "mt5": T5EncoderModel, "umt5": T5EncoderModel}.get(config.model_type, AutoModel)
+        fail(
+            f"--text_encoder_name_or_path {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder "
+            f"with config.json and the tokenizer files, or a hub id when online"
+        )
+    model_cls = {
+        "clip": CLIPTextModel,
+        "clip_text_model": CLIPTextModel,
+        "t5": T5EncoderModel,
+        "mt5": T5EncoderModel,
+        "umt5": T5EncoderModel,
+    }.get(config.model_type, AutoModel)
     return tokenizer, model_cls.from_pretrained(name, subfolder=sub or "").requires_grad_(False).eval()
 
 
@@ -575,8 +741,13 @@ def load_text_encoder(name_or_path, tokenizer_name_or_path=None):
 def encode_prompts(tokenizer, text_encoder, prompts, text, device):
     """Last hidden states [n, L, D] and attention masks [n, L] (1 = token, 0 = padding), encoded the way `text`
     (see text_convention) says: its prefix before each prompt, L tokens, the mask given to the encoder or not."""
-    tokens = tokenizer([text["prefix"] + p for p in prompts], padding="max_length",
-                       max_length=text["tokenizer_max_length"], truncation=True, return_tensors="pt")
+    tokens = tokenizer(
+        [text["prefix"] + p for p in prompts],
+        padding="max_length",
+        max_length=text["tokenizer_max_length"],
+        truncation=True,
+        return_tensors="pt",
+    )
     mask = tokens.attention_mask.to(device)
     states = text_encoder(tokens.input_ids.to(device), attention_mask=mask if text["use_attention_mask"] else None)[0]
     return states.float(), mask
@@ -587,13 +758,21 @@ def build_transformer(args, in_channels, sample_size, num_classes, caption_chann
     at id num_classes. Text: the same blocks with cross-attention to the projected caption states (PixArt-alpha).
     out_channels = in_channels: the variance is fixed, not learned (DiT's second half of channels is dropped)."""
     depth, hidden, heads, patch = model_shape(args)
-    common = dict(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=in_channels,
-                  out_channels=in_channels, num_layers=depth, sample_size=sample_size, patch_size=patch)
+    common = dict(
+        num_attention_heads=heads,
+        attention_head_dim=hidden // heads,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        num_layers=depth,
+        sample_size=sample_size,
+        patch_size=patch,
+    )
     if args.conditioning == "class":
         model = DiTTransformer2DModel(num_embeds_ada_norm=num_classes, **common)
     else:
-        model = PixArtTransformer2DModel(cross_attention_dim=hidden, caption_channels=caption_channels,
-                                         use_additional_conditions=False, **common)
+        model = PixArtTransformer2DModel(
+            cross_attention_dim=hidden, caption_channels=caption_channels, use_additional_conditions=False, **common
+        )
     return disable_label_dropout(initialize_weights(model) if args.weight_init == "adaln_zero" else model)
 
 
@@ -612,7 +791,8 @@ def initialize_weights(model):
     torch.nn.init.zeros_(patch.bias)
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Embedding) or (
-                isinstance(module, torch.nn.Linear) and ("timestep_embedder" in name or "caption_projection" in name)):
+            isinstance(module, torch.nn.Linear) and ("timestep_embedder" in name or "caption_projection" in name)
+        ):
             torch.nn.init.normal_(module.weight, std=0.02)
         if name.endswith(("norm1.linear", "proj_out_1", "proj_out_2", "attn2.to_out.0")) or name == "proj_out":
             torch.nn.init.zeros_(module.weight)
@@ -633,8 +813,11 @@ def condition_kwargs(cond):
     """Model keyword arguments for a condition dict (class labels, or caption states and mask)."""
     if "class_labels" in cond:
         return {"class_labels": cond["class_labels"]}
-    return {"encoder_hidden_states": cond["states"], "encoder_attention_mask": cond["mask"],
-            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    return {
+        "encoder_hidden_states": cond["states"],
+        "encoder_attention_mask": cond["mask"],
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+    }
 
 
 def drop_condition(cond, null, drop):
@@ -654,8 +837,12 @@ def null_and_cond(cond, null):
 def build_noise_scheduler(args):
     if args.objective == "flow":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=args.num_train_timesteps, shift=args.flow_shift)
-    return DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
-                         prediction_type=args.prediction_type, clip_sample=False)
+    return DDPMScheduler(
+        num_train_timesteps=args.num_train_timesteps,
+        beta_schedule=args.beta_schedule,
+        prediction_type=args.prediction_type,
+        clip_sample=False,
+    )
 
 
 def build_sampler(args, noise_scheduler, pixel_space):
@@ -664,9 +851,14 @@ def build_sampler(args, noise_scheduler, pixel_space):
     x0 = (x_t - sigma * eps) / sqrt(abar) multiplies epsilon errors by ~150."""
     if args.objective == "flow":
         return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
-    return DPMSolverMultistepScheduler.from_config(noise_scheduler.config, algorithm_type="dpmsolver++",
-                                                   solver_order=2, final_sigmas_type="zero",
-                                                   thresholding=pixel_space, sample_max_value=1.0)
+    return DPMSolverMultistepScheduler.from_config(
+        noise_scheduler.config,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        final_sigmas_type="zero",
+        thresholding=pixel_space,
+        sample_max_value=1.0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -705,8 +897,15 @@ def training_step(model, noise_scheduler, x0, cond, null, args, generator):
     cond = drop_condition(cond, null, drop)
     num_t = noise_scheduler.config.num_train_timesteps
     if args.objective == "flow":
-        u = compute_density_for_timestep_sampling(args.weighting_scheme, n, args.logit_mean, args.logit_std,
-                                                  args.mode_scale, device=device, generator=generator)
+        u = compute_density_for_timestep_sampling(
+            args.weighting_scheme,
+            n,
+            args.logit_mean,
+            args.logit_std,
+            args.mode_scale,
+            device=device,
+            generator=generator,
+        )
         sigma = args.flow_shift * u / (1 + (args.flow_shift - 1) * u)  # the sampler's shift, so both agree
         s = sigma.view(-1, 1, 1, 1)
         noisy = (1 - s) * x0 + s * noise  # a straight line from data (s=0) to noise (s=1)
@@ -733,15 +932,18 @@ def sample(model, sampler, cond, null, shape, guidance_scale, num_inference_step
     device, dtype = generator.device, next(model.parameters()).dtype
     x = torch.randn(shape, generator=generator, device=device)
     # The model's condition arguments for a plain step and for a guided one ([unconditional; conditional]).
-    plain, both = ({k: v.to(dtype) if v.is_floating_point() else v for k, v in c.items()}
-                   for c in (cond, null_and_cond(cond, null)))
+    plain, both = (
+        {k: v.to(dtype) if v.is_floating_point() else v for k, v in c.items()}
+        for c in (cond, null_and_cond(cond, null))
+    )
     plain, both = condition_kwargs(plain), condition_kwargs(both)
     num_t = sampler.config.num_train_timesteps
     sampler.set_timesteps(num_inference_steps, device=device)
     for t in sampler.timesteps:
         level = float(t) / num_t
-        guided = guidance_scale != 1.0 and (guidance_interval is None
-                                            or guidance_interval[0] <= level <= guidance_interval[1])
+        guided = guidance_scale != 1.0 and (
+            guidance_interval is None or guidance_interval[0] <= level <= guidance_interval[1]
+        )
         x_in = torch.cat([x, x]) if guided else x
         pred = model(x_in.to(dtype), timestep=t.expand(x_in.shape[0]), **(both if guided else plain)).sample.float()
         if guided:
@@ -779,8 +981,17 @@ class ImageGenerator:
         self.device = next(iter(null.values())).device
 
     def images(self, cond, n, guidance_scale, args, generator):
-        x = sample(self.model, self.sampler, cond, self.null, (n, *self.shape), guidance_scale,
-                   args.num_inference_steps, generator, args.guidance_interval)
+        x = sample(
+            self.model,
+            self.sampler,
+            cond,
+            self.null,
+            (n, *self.shape),
+            guidance_scale,
+            args.num_inference_steps,
+            generator,
+            args.guidance_interval,
+        )
         return to_uint8(decode(x, self.vae, self.vae_scale), self.crop)
 
 
@@ -788,6 +999,7 @@ def log_validation(gen, rows, args, path, trackers=(), step=0, per_row=4):
     """Grid: one row per class or prompt, one panel per guidance scale, labelled; written to `path` and sent to the
     trackers (TensorBoard: an image; wandb: an image captioned with its classes or prompts)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -815,6 +1027,7 @@ def log_validation(gen, rows, args, path, trackers=(), step=0, per_row=4):
         log_image(trackers, path, step, caption)
 
 
+# Copied from train_mnist.log_image
 def log_image(trackers, path, step, caption):
     """A PNG written to disk, sent to every tracker that shows images."""
     from PIL import Image
@@ -832,6 +1045,7 @@ def log_image(trackers, path, step, caption):
 
 def plot_loss(metrics_path, out_path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -860,15 +1074,21 @@ def write_eval_samples(gen, num_classes, args, path):
     for batch in labels.split(args.eval_batch_size):
         chunks.append(gen.images({"class_labels": batch}, len(batch), args.guidance_scale, args, generator))
     seconds = time.perf_counter() - start
-    np.savez_compressed(path, images=torch.cat(chunks).numpy(), labels=labels.cpu().numpy(),
-                        guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
-                        sample_seconds=seconds)
+    np.savez_compressed(
+        path,
+        images=torch.cat(chunks).numpy(),
+        labels=labels.cpu().numpy(),
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.num_inference_steps,
+        sample_seconds=seconds,
+    )
     return seconds
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and export
 # ----------------------------------------------------------------------------------------------------------------
+# Copied from train_mnist.file_digest
 def file_digest(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -877,6 +1097,7 @@ def file_digest(path):
     return digest.hexdigest()
 
 
+# Copied from train_mnist.write_manifest
 def write_manifest(folder, names):
     """Size and sha256 of the files `names` (relative to `folder`, or the folders they name), written last."""
     files = {}
@@ -890,6 +1111,7 @@ def write_manifest(folder, names):
     os.replace(tmp, folder / MANIFEST)
 
 
+# Copied from train_mnist.manifest_problem
 def manifest_problem(folder):
     """What is wrong with a checkpoint or export folder, in a few words, or None when its manifest holds."""
     try:
@@ -909,6 +1131,7 @@ def manifest_problem(folder):
     return None
 
 
+# Copied from train_mnist.save_ema
 def save_ema(ema, model, folder):
     """The EMA weights in diffusers' save_pretrained layout (config.json + diffusion_pytorch_model.safetensors):
     `from_pretrained(checkpoint, subfolder=...)` loads them. Buffers come from the model; the EMA's own state
@@ -917,8 +1140,11 @@ def save_ema(ema, model, folder):
     model.save_config(folder)
     state = model.state_dict()
     state.update((name, shadow) for (name, _), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True))
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, folder / "diffusion_pytorch_model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous() for k, v in state.items()},
+        folder / "diffusion_pytorch_model.safetensors",
+        metadata={"format": "pt"},
+    )
 
 
 def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, write_sampling_files):
@@ -940,9 +1166,16 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
             # unwrap_model strips DDP; --torch_compile compiles in place (no wrapper to strip, which unwrap_model
             # would keep by default), so these are the plain model's parameter names.
             plain = accelerator.unwrap_model(model)
-            state = {"script": "train_dit.py", "global_step": global_step,
-                     "num_processes": accelerator.num_processes, "epoch": position[0], "epoch_batches": position[1],
-                     "model": args.model, "conditioning": args.conditioning, "ema": None}
+            state = {
+                "script": "train_dit.py",
+                "global_step": global_step,
+                "num_processes": accelerator.num_processes,
+                "epoch": position[0],
+                "epoch_batches": position[1],
+                "model": args.model,
+                "conditioning": args.conditioning,
+                "ema": None,
+            }
             if ema is not None:
                 save_ema(ema, plain, tmp / "transformer_ema")
                 state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
@@ -959,22 +1192,27 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
     except OSError as e:  # a full disk, a lost mount: the previous checkpoints stay as they were
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
-        print(f"error: step {global_step}: checkpoint not written ({reason}); the previous checkpoints are intact, "
-              f"resume from them with --resume_from_checkpoint latest", file=sys.stderr)
+        print(
+            f"error: step {global_step}: checkpoint not written ({reason}); the previous checkpoints are intact, "
+            f"resume from them with --resume_from_checkpoint latest",
+            file=sys.stderr,
+        )
         sys.exit(1)
     if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
+        for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
 
+# Copied from train_mnist.list_checkpoints
 def list_checkpoints(output_dir):
     """Complete checkpoints (those with a manifest), oldest first."""
     found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+# Copied from train_mnist.find_checkpoint
 def find_checkpoint(accelerator, args):
     """The folder --resume_from_checkpoint names, checked against its manifest, or None for a new run. "latest"
     falls back past damaged checkpoints to the newest intact one; a damaged explicit path is an error."""
@@ -994,8 +1232,10 @@ def find_checkpoint(accelerator, args):
                 break
             accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
         if found and choice[0] is None:
-            fail(f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
-                 f"with --overwrite_output_dir")
+            fail(
+                f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
+                f"with --overwrite_output_dir"
+            )
     if accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(choice, src=0)
     return None if choice[0] is None else Path(choice[0])
@@ -1011,8 +1251,10 @@ def load_checkpoint(accelerator, path, model, ema, train_rng, args):
     if state.get("script") != "train_dit.py":
         fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not train_dit.py")
     if (state["model"], state["conditioning"]) != (args.model, args.conditioning):
-        fail(f"--resume_from_checkpoint {path}: a {state['model']} {state['conditioning']} model; pass the same "
-             f"--model and --conditioning")
+        fail(
+            f"--resume_from_checkpoint {path}: a {state['model']} {state['conditioning']} model; pass the same "
+            f"--model and --conditioning"
+        )
     if ema is not None and state["ema"] is None:
         fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
     accelerator.load_state(str(path))  # safetensors + torch.load(weights_only=True)
@@ -1020,13 +1262,16 @@ def load_checkpoint(accelerator, path, model, ema, train_rng, args):
     if saved == accelerator.num_processes:
         train_rng.set_state(load_file(path / f"train_rng_{rank}.safetensors")["state"])
     else:
-        accelerator.print(f"warning: {path} was written by {saved} processes, resumed on {accelerator.num_processes}: "
-                          f"same step, learning rate and data position, new random streams (not bitwise)")
+        accelerator.print(
+            f"warning: {path} was written by {saved} processes, resumed on {accelerator.num_processes}: "
+            f"same step, learning rate and data position, new random streams (not bitwise)"
+        )
         train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
     if ema is not None:
         # Straight onto the device the EMA lives on: load_state_dict keeps the tensors it is given.
-        weights = load_file(path / "transformer_ema" / "diffusion_pytorch_model.safetensors",
-                            device=str(ema.shadow_params[0].device))
+        weights = load_file(
+            path / "transformer_ema" / "diffusion_pytorch_model.safetensors", device=str(ema.shadow_params[0].device)
+        )
         shadow = [weights[name] for name, _ in accelerator.unwrap_model(model).named_parameters()]
         ema.load_state_dict({**state["ema"], "shadow_params": shadow})
     return state
@@ -1041,7 +1286,7 @@ def widen_label_tables(model, num_classes):
     state = model.state_dict()
     for key, table in state.items():
         if key.endswith("class_embedder.embedding_table.weight"):
-            rows = table[num_classes:num_classes + 1].expand(PIPELINE_NULL_CLASS + 1 - num_classes, -1)
+            rows = table[num_classes : num_classes + 1].expand(PIPELINE_NULL_CLASS + 1 - num_classes, -1)
             state[key] = torch.cat([table[:num_classes], rows])
     wide.load_state_dict(state)
     return wide
@@ -1057,11 +1302,15 @@ def why_not_dit_pipeline(args, vae, meta):
     if args.objective != "ddpm":
         return "flow objective: DiTPipeline samples the ddpm objective"
     if meta["num_classes"] > PIPELINE_NULL_CLASS:
-        return (f"{meta['num_classes']} classes: DiTPipeline uses class id {PIPELINE_NULL_CLASS} as the null "
-                f"class, here a real class (the null class is {meta['num_classes']})")
+        return (
+            f"{meta['num_classes']} classes: DiTPipeline uses class id {PIPELINE_NULL_CLASS} as the null "
+            f"class, here a real class (the null class is {meta['num_classes']})"
+        )
     if meta["vae_scale"]["shift_factor"]:
-        return (f"the VAE has shift_factor {meta['vae_scale']['shift_factor']}: DiTPipeline decodes z / "
-                f"scaling_factor without adding it back")
+        return (
+            f"the VAE has shift_factor {meta['vae_scale']['shift_factor']}: DiTPipeline decodes z / "
+            f"scaling_factor without adding it back"
+        )
     return None
 
 
@@ -1084,8 +1333,12 @@ def model_card(args, meta, global_step, metrics_path):
         datasets = [args.dataset_name]
     else:
         datasets = None
-    data = ModelCardData(library_name="diffusers", license="other", datasets=datasets,
-                         tags=["diffusers", "dit", condition, "image-generation"])
+    data = ModelCardData(
+        library_name="diffusers",
+        license="other",
+        datasets=datasets,
+        tags=["diffusers", "dit", condition, "image-generation"],
+    )
     command = " ".join(["python train_dit.py", *sys.argv[1:]])
     if args.conditioning == "class":
         what = f"{meta['num_classes']} classes"
@@ -1131,8 +1384,10 @@ def export_model(model, sampler, vae, args, meta, output_dir, card, grid):
     reason = why_not_dit_pipeline(args, vae, meta)
     meta = {**meta, "diffusers_pipeline": None if reason else "DiTPipeline", "why_no_pipeline": reason}
     if vae is not None:
-        meta["latents"] = ("z = (vae.encode(x).latent_dist.sample() - shift_factor) * scaling_factor, "
-                           "decoded as vae.decode(z / scaling_factor + shift_factor) (vae_scale)")
+        meta["latents"] = (
+            "z = (vae.encode(x).latent_dist.sample() - shift_factor) * scaling_factor, "
+            "decoded as vae.decode(z / scaling_factor + shift_factor) (vae_scale)"
+        )
     (output_dir / MANIFEST).unlink(missing_ok=True)  # until the new manifest: visibly incomplete
     tmp = output_dir / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1160,6 +1415,7 @@ def export_model(model, sampler, vae, args, meta, output_dir, card, grid):
     write_manifest(output_dir, parts)
 
 
+# Copied from train_mnist.RunLock
 class RunLock:
     """One training run per output folder: run.lock holds the PID, the host and a heartbeat time refreshed every
     minute. A lock whose process is gone (same host) or whose heartbeat is older than `stale_after` seconds
@@ -1179,8 +1435,10 @@ class RunLock:
             other = {"pid": None, "host": None, "heartbeat": 0}
         if other is not None and other.get("pid") != self.me["pid"]:
             if self.alive(other):
-                fail(f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
-                     f"there; wait for it, stop it, or pick another --output_dir")
+                fail(
+                    f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
+                    f"there; wait for it, stop it, or pick another --output_dir"
+                )
             print(f"warning: taking over the stale lock of PID {other.get('pid')} on {other.get('host')}")
         self.write()
         threading.Thread(target=self.beat, daemon=True).start()
@@ -1210,6 +1468,7 @@ class RunLock:
         self.path.unlink(missing_ok=True)
 
 
+# Copied from train_mnist.claim_output_dir
 def claim_output_dir(args):
     """Main process, before any heavy work: take the lock, and refuse to mix a new run with another run's
     checkpoints (--resume_from_checkpoint latest would later pick the old run's higher step)."""
@@ -1229,31 +1488,42 @@ def claim_output_dir(args):
     if old and not args.resume_from_checkpoint:
         if not args.overwrite_output_dir:
             lock.release()
-            fail(f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
-                 f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them")
+            fail(
+                f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
+                f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them"
+            )
         for path in old:
             shutil.rmtree(path)
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     return lock
 
 
+# Copied from train_mnist.write_run_config
 def write_run_config(args, accelerator):
     import accelerate
     import diffusers
     import transformers
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
-    config = {"args": vars(args), "git_commit": commit, "num_processes": accelerator.num_processes,
-              "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
-              "versions": {m.__name__: m.__version__ for m in (torch, torchvision, diffusers, transformers,
-                                                                accelerate)}}
+    config = {
+        "args": vars(args),
+        "git_commit": commit,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
+        "versions": {m.__name__: m.__version__ for m in (torch, torchvision, diffusers, transformers, accelerate)},
+    }
     (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2))
 
 
+# Copied from train_mnist.StopRequest
 class StopRequest:
     """SIGTERM/SIGINT ask for a checkpoint at a step boundary, then a clean exit (pre-emptible clusters).
 
@@ -1278,8 +1548,9 @@ class StopRequest:
             agreed = bool(self.flag.item())  # a CPU tensor: no device sync
         if not agreed:
             self.flag.fill_(float(self.event.is_set()))
-            self.pending = torch.distributed.all_reduce(self.flag, torch.distributed.ReduceOp.MAX, self.group,
-                                                        async_op=True)
+            self.pending = torch.distributed.all_reduce(
+                self.flag, torch.distributed.ReduceOp.MAX, self.group, async_op=True
+            )
         return agreed
 
     def close(self):
@@ -1303,8 +1574,11 @@ def generate_from_export(args, accelerator):
     if meta["vae"] and (export / "vae").is_dir():  # an export holds a copy of the VAE
         vae = load_vae(str(export), "vae", flag="--sample_from")
     elif meta["vae"]:  # a checkpoint names it, as from_pretrained loads it
-        vae = load_vae(meta["vae"]["name_or_path"], meta["vae"]["subfolder"],
-                       flag=f"--sample_from {export}: the VAE that {EXPORT_CONFIG} names")
+        vae = load_vae(
+            meta["vae"]["name_or_path"],
+            meta["vae"]["subfolder"],
+            flag=f"--sample_from {export}: the VAE that {EXPORT_CONFIG} names",
+        )
     if vae is not None:
         vae.to(device)
     if meta["conditioning"] == "class":
@@ -1314,9 +1588,13 @@ def generate_from_export(args, accelerator):
         rows = (names, {"class_labels": torch.tensor(ids, device=device)})
     else:
         # Prompts encoded as in training (an export without "text" was trained with the mask on and no prefix).
-        text = meta.get("text") or {"text_encoder": meta["text_encoder"], "tokenizer": meta["text_encoder"],
-                                    "prefix": "", "use_attention_mask": True,
-                                    "tokenizer_max_length": meta["tokenizer_max_length"]}
+        text = meta.get("text") or {
+            "text_encoder": meta["text_encoder"],
+            "tokenizer": meta["text_encoder"],
+            "prefix": "",
+            "use_attention_mask": True,
+            "tokenizer_max_length": meta["tokenizer_max_length"],
+        }
         if args.text_encoder_name_or_path:
             text = {**text, "text_encoder": args.text_encoder_name_or_path, "tokenizer": None}
         tokenizer, text_encoder = load_text_encoder(text["text_encoder"], text["tokenizer"])
@@ -1370,13 +1648,18 @@ def main(args):
     index = read_precomputed_index(args) if args.precomputed_data_dir else None
     text = text_convention(args, index) if args.conditioning == "text" else None
     if index:  # the VAE the shards were encoded with: with precomputed latents it only decodes samples
-        vae = load_vae(index["vae"]["name_or_path"], index["vae"].get("subfolder"),
-                       flag=f"--precomputed_data_dir {args.precomputed_data_dir}: index.json's VAE")
+        vae = load_vae(
+            index["vae"]["name_or_path"],
+            index["vae"].get("subfolder"),
+            flag=f"--precomputed_data_dir {args.precomputed_data_dir}: index.json's VAE",
+        )
     else:
         vae = load_vae(args.vae_name_or_path)
     if index:
-        vae_scale = {"scaling_factor": index["vae"]["scaling_factor"],
-                     "shift_factor": index["vae"].get("shift_factor") or 0.0}
+        vae_scale = {
+            "scaling_factor": index["vae"]["scaling_factor"],
+            "shift_factor": index["vae"].get("shift_factor") or 0.0,
+        }
         resolution = index["resolution"]
         shape = [index["vae"]["latent_channels"], index["vae"]["latent_size"], index["vae"]["latent_size"]]
         factor = resolution // shape[1]
@@ -1408,9 +1691,14 @@ def main(args):
         if found is not None and args.num_classes not in (None, found):
             fail(f"--num_classes {args.num_classes}: the data has {found} classes; drop the flag or fix it")
         num_classes = found or args.num_classes
-    train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
-                                                   drop_last=len(dataset) >= args.train_batch_size,
-                                                   num_workers=args.dataloader_num_workers, collate_fn=collate)
+    train_dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=len(dataset) >= args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+        collate_fn=collate,
+    )
 
     # ---- Conditions: class ids, or a frozen text encoder (not needed with precomputed states) -----------------
     tokenizer = text_encoder = None
@@ -1423,14 +1711,21 @@ def main(args):
     elif index:
         empty = load_file(Path(args.precomputed_data_dir) / "empty_prompt.safetensors")
         key = index["text_encoders"][0]["key"]
-        null = {"states": empty[f"{key}.hidden_states"].float().to(device),
-                "mask": empty[f"{key}.attention_mask"].long().to(device)}
+        null = {
+            "states": empty[f"{key}.hidden_states"].float().to(device),
+            "mask": empty[f"{key}.attention_mask"].long().to(device),
+        }
         caption_channels = null["states"].shape[-1]
         first = [dataset[i] for i in range(min(4, len(dataset)))]
         with safe_open(str(dataset.files[0]), framework="pt") as f:
-            names = json.loads(f.metadata()["captions"])[:len(first)]
-        validation_rows = (names, {"states": torch.stack([e["text_states"] for e in first]).to(device),
-                                   "mask": torch.stack([e["text_mask"] for e in first]).to(device)})
+            names = json.loads(f.metadata()["captions"])[: len(first)]
+        validation_rows = (
+            names,
+            {
+                "states": torch.stack([e["text_states"] for e in first]).to(device),
+                "mask": torch.stack([e["text_mask"] for e in first]).to(device),
+            },
+        )
     else:
         tokenizer, text_encoder = load_text_encoder(text["text_encoder"], text["tokenizer"])
         text_encoder.to(device, dtype=weight_dtype)
@@ -1443,13 +1738,23 @@ def main(args):
 
     # What sampling needs besides the weights: in export_config.json of every checkpoint and of the export.
     label_names = getattr(dataset, "label_names", None)
-    meta = {"conditioning": args.conditioning, "objective": args.objective, "model": args.model,
-            "num_classes": num_classes, "label_names": [str(n) for n in label_names] if label_names else None,
-            "vae": None if vae is None else vae.loaded_from, "vae_scale": vae_scale, "input_shape": shape,
-            "resolution": resolution, "crop": crop_of(args, index), "guidance_scale": args.guidance_scale,
-            "text_encoder": text["text_encoder"] if text else None,
-            "tokenizer_max_length": text["tokenizer_max_length"] if text else None, "text": text,
-            "validation_prompts": validation_rows[0] if args.conditioning == "text" else None}
+    meta = {
+        "conditioning": args.conditioning,
+        "objective": args.objective,
+        "model": args.model,
+        "num_classes": num_classes,
+        "label_names": [str(n) for n in label_names] if label_names else None,
+        "vae": None if vae is None else vae.loaded_from,
+        "vae_scale": vae_scale,
+        "input_shape": shape,
+        "resolution": resolution,
+        "crop": crop_of(args, index),
+        "guidance_scale": args.guidance_scale,
+        "text_encoder": text["text_encoder"] if text else None,
+        "tokenizer_max_length": text["tokenizer_max_length"] if text else None,
+        "text": text,
+        "validation_prompts": validation_rows[0] if args.conditioning == "text" else None,
+    }
 
     # ---- Model, noise schedule, EMA ---------------------------------------------------------------------------
     model = build_transformer(args, shape[0], shape[1], num_classes, caption_channels)
@@ -1462,16 +1767,29 @@ def main(args):
     sampling_files = functools.partial(write_sampling_files, sampler, meta)
     ema = None
     if args.use_ema:  # starts as a copy of the initial weights
-        ema = EMAModel(model.parameters(), decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0,
-                       power=args.ema_power, foreach=True)
+        ema = EMAModel(
+            model.parameters(),
+            decay=args.ema_decay,
+            use_ema_warmup=True,
+            inv_gamma=1.0,
+            power=args.ema_power,
+            foreach=True,
+        )
         ema.to(device)
-    accelerator.print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-                      f"input {shape} ({'pixels' if factor == 1 else 'latents'}), {len(dataset)} examples")
+    accelerator.print(
+        f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"input {shape} ({'pixels' if factor == 1 else 'latents'}), {len(dataset)} examples"
+    )
 
     # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
     # Fused AdamW: one kernel for all tensors, and it can skip a non-finite step on the device (found_inf below).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        fused=True,
+    )
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     if args.torch_compile:
         model.compile()  # in place: state_dict keys (checkpoints, export) stay those of the plain model
@@ -1495,15 +1813,19 @@ def main(args):
         accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
     # Not prepared: accelerate would step it once per process and save it pickled. It counts optimizer steps
     # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=max_train_steps, last_epoch=global_step - 1)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=max_train_steps,
+        last_epoch=global_step - 1,
+    )
     if args.report_to:
         accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
 
     # ---- Training loop: the host reads device values only every --logging_steps -------------------------------
     metrics_path = output_dir / "metrics.jsonl"
-    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
-                    desc="train")
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process, desc="train")
     num_bins = 4  # loss per quarter of the noise-level range: where the model still has to learn
     bin_loss = torch.zeros(num_bins, device=device)
     bin_count = torch.zeros(num_bins, device=device)
@@ -1568,11 +1890,17 @@ def main(args):
                 totals = accelerator.reduce(torch.cat([bin_loss, bin_count, skipped.view(1)]), "sum").cpu()
                 total_nonfinite, longest = torch.stack([nonfinite_steps, longest_run]).tolist()
                 elapsed = time.perf_counter() - window_start
-                losses, counts = totals[:num_bins], totals[num_bins:2 * num_bins]
-                row = {"step": global_step, "epoch": epoch, "loss": (losses.sum() / counts.sum().clamp(min=1)).item(),
-                       "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
-                       "samples_per_s": window_samples / max(elapsed, 1e-9), "nonfinite_steps": int(total_nonfinite),
-                       "skipped_images": int(totals[-1])}
+                losses, counts = totals[:num_bins], totals[num_bins : 2 * num_bins]
+                row = {
+                    "step": global_step,
+                    "epoch": epoch,
+                    "loss": (losses.sum() / counts.sum().clamp(min=1)).item(),
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm.item(),
+                    "samples_per_s": window_samples / max(elapsed, 1e-9),
+                    "nonfinite_steps": int(total_nonfinite),
+                    "skipped_images": int(totals[-1]),
+                }
                 row.update({f"loss_t{i}": (losses[i] / counts[i]).item() for i in range(num_bins) if counts[i] > 0})
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:
@@ -1584,8 +1912,10 @@ def main(args):
                 longest_run.copy_(nonfinite_run)
                 window_start, window_samples = time.perf_counter(), 0
                 if longest >= args.max_nonfinite_steps:  # the same on every process
-                    accelerator.print(f"error: {int(longest)} steps in a row with a non-finite gradient before step "
-                                      f"{global_step}; lower --learning_rate. The last checkpoint is intact.")
+                    accelerator.print(
+                        f"error: {int(longest)} steps in a row with a non-finite gradient before step "
+                        f"{global_step}; lower --learning_rate. The last checkpoint is intact."
+                    )
                     sys.exit(1)
 
             stop_now = stop()
@@ -1594,19 +1924,30 @@ def main(args):
                 path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, sampling_files)
                 accelerator.print(f"\nsaved {path}")
             if stop_now:
-                accelerator.print(f"stop requested: exiting at step {global_step}; resume with "
-                                  f"--resume_from_checkpoint latest")
+                accelerator.print(
+                    f"stop requested: exiting at step {global_step}; resume with --resume_from_checkpoint latest"
+                )
                 accelerator.end_training()
                 return
-            if global_step % args.validation_steps == 0 and global_step < max_train_steps \
-                    and accelerator.is_main_process:
+            if (
+                global_step % args.validation_steps == 0
+                and global_step < max_train_steps
+                and accelerator.is_main_process
+            ):
                 if ema is not None:
                     ema.store(model.parameters())
                     ema.copy_to(model.parameters())
-                gen = ImageGenerator(accelerator.unwrap_model(model).eval(), sampler, vae, vae_scale, null, shape,
-                                     crop_of(args, index))
-                log_validation(gen, validation_rows, args, output_dir / "samples" / f"step-{global_step}.png",
-                               accelerator.trackers, global_step)
+                gen = ImageGenerator(
+                    accelerator.unwrap_model(model).eval(), sampler, vae, vae_scale, null, shape, crop_of(args, index)
+                )
+                log_validation(
+                    gen,
+                    validation_rows,
+                    args,
+                    output_dir / "samples" / f"step-{global_step}.png",
+                    accelerator.trackers,
+                    global_step,
+                )
                 plot_loss(metrics_path, output_dir / "loss.png")
                 if ema is not None:
                     ema.restore(model.parameters())
@@ -1620,8 +1961,9 @@ def main(args):
     train_seconds = time.perf_counter() - train_start
     skipped_images = int(accelerator.reduce(skipped, "sum").item())
     if skipped_images:
-        accelerator.print(f"warning: {skipped_images} unreadable images were drawn, each replaced by the next "
-                          f"readable one")
+        accelerator.print(
+            f"warning: {skipped_images} unreadable images were drawn, each replaced by the next readable one"
+        )
 
     # ---- Final checkpoint, samples and export (EMA weights) ---------------------------------------------------
     save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, sampling_files)

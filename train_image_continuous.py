@@ -79,12 +79,14 @@ LOCK = "run.lock"  # one training run per output folder
 NEGATABLE = {"use_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
 
 
+# Copied from train_mnist.fail
 def fail(message):
     """A user mistake: one line naming the flag or file and the fix, exit code 2, before any heavy work."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
+# Copied from train_mnist.float_list
 def float_list(text):
     return [float(x) for x in text.split(",") if x.strip()]
 
@@ -94,71 +96,129 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     g = parser.add_argument_group("data")
-    g.add_argument("--data_root", "--dataset_path", "--precomputed_data_dir", default=None,
-                   help="MNIST/raw (torchvision layout), a COCO-style {split}_data.json, an imagefolder with "
-                        "metadata.jsonl, or shards of prepare_data_multi_gpu.py (index.json).")
-    g.add_argument("--dataset", choices=["auto", "mnist", "coco", "imagefolder", "precomputed"], default="auto",
-                   help="Layout of --data_root; auto detects it.")
+    g.add_argument(
+        "--data_root",
+        "--dataset_path",
+        "--precomputed_data_dir",
+        default=None,
+        help="MNIST/raw (torchvision layout), a COCO-style {split}_data.json, an imagefolder with "
+        "metadata.jsonl, or shards of prepare_data_multi_gpu.py (index.json).",
+    )
+    g.add_argument(
+        "--dataset",
+        choices=["auto", "mnist", "coco", "imagefolder", "precomputed"],
+        default="auto",
+        help="Layout of --data_root; auto detects it.",
+    )
     g.add_argument("--split", default="train", help="COCO-style: reads {split}_data.json.")
     g.add_argument("--caption_column", default="text", help="imagefolder: caption key in metadata.jsonl.")
     g.add_argument("--caption_template", default="a handwritten digit {}", help="MNIST caption; {} is the word.")
     g.add_argument("--resolution", type=int, default=32, help="Image side for COCO/imagefolder (MNIST: 28).")
     g.add_argument("--max_samples", type=int, default=None, help="Truncate the training set to N examples.")
-    g.add_argument("--num_validation_images", type=int, default=8,
-                   help="Held-out images captioned at each validation (MNIST: test set; COCO: val_data.json).")
+    g.add_argument(
+        "--num_validation_images",
+        type=int,
+        default=8,
+        help="Held-out images captioned at each validation (MNIST: test set; COCO: val_data.json).",
+    )
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = parser.add_argument_group("models")
     g.add_argument("--vae", default=None, help="AutoencoderKL (hub id or folder): diffuse its latents, not pixels.")
     g.add_argument("--patch_size", type=int, default=4, help="Image tokens are p x p patches (MNIST 28x28, p=4: 49).")
     g.add_argument("--dim_image", type=int, default=128, help="Width of the image stream (and of attention).")
-    g.add_argument("--dim_text", type=int, default=None,
-                   help="The text encoder's hidden size (the default; checked before the encoder loads).")
-    g.add_argument("--text_latent_dim", type=int, default=None,
-                   help="Diffuse the caption in its top-N principal directions (computed on the training captions, "
-                        "stored in the model); N is the width of the text stream. Default 64 (UniDiffuser's text "
-                        "embedding width), or the encoder's hidden size if smaller; 0: all of the hidden size.")
+    g.add_argument(
+        "--dim_text",
+        type=int,
+        default=None,
+        help="The text encoder's hidden size (the default; checked before the encoder loads).",
+    )
+    g.add_argument(
+        "--text_latent_dim",
+        type=int,
+        default=None,
+        help="Diffuse the caption in its top-N principal directions (computed on the training captions, "
+        "stored in the model); N is the width of the text stream. Default 64 (UniDiffuser's text "
+        "embedding width), or the encoder's hidden size if smaller; 0: all of the hidden size.",
+    )
     g.add_argument("--depth", type=int, default=6, help="MMDiT blocks.")
     g.add_argument("--num_heads", type=int, default=4)
     g.add_argument("--mlp_ratio", type=float, default=4.0)
-    g.add_argument("--stem_channels", type=int, default=32,
-                   help="A 3x3 convolution with this many channels + GELU before the patchify (0: none); a patch "
-                        "token then sees its neighbours' edge pixels (measurements: docs/mmdit.md).")
-    g.add_argument("--pooled_text", action=argparse.BooleanOptionalAction, default=True,
-                   help="Add an MLP of the mean text input to the adaLN conditioning (SD3's pooled text vector).")
-    g.add_argument("--weight_init", choices=["adaln_zero", "pytorch"], default="adaln_zero",
-                   help="adaln_zero: DiT's (identity blocks, zero outputs), best in long runs; pytorch: PyTorch's "
-                        "layer defaults, faster to learn in short runs (docs/mmdit.md).")
-    g.add_argument("--text_encoder", default="bert-base-uncased",
-                   help="Frozen text encoder (hub id or folder with its tokenizer): any transformers AutoModel.")
+    g.add_argument(
+        "--stem_channels",
+        type=int,
+        default=32,
+        help="A 3x3 convolution with this many channels + GELU before the patchify (0: none); a patch "
+        "token then sees its neighbours' edge pixels (measurements: docs/mmdit.md).",
+    )
+    g.add_argument(
+        "--pooled_text",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Add an MLP of the mean text input to the adaLN conditioning (SD3's pooled text vector).",
+    )
+    g.add_argument(
+        "--weight_init",
+        choices=["adaln_zero", "pytorch"],
+        default="adaln_zero",
+        help="adaln_zero: DiT's (identity blocks, zero outputs), best in long runs; pytorch: PyTorch's "
+        "layer defaults, faster to learn in short runs (docs/mmdit.md).",
+    )
+    g.add_argument(
+        "--text_encoder",
+        default="bert-base-uncased",
+        help="Frozen text encoder (hub id or folder with its tokenizer): any transformers AutoModel.",
+    )
     g.add_argument("--text_prefix", default="", help='Prepended to every caption, e.g. "query: " for e5 models.')
     g.add_argument("--max_text_length", type=int, default=16, help="Caption tokens, special tokens and pads included.")
 
     g = parser.add_argument_group("objective")
-    g.add_argument("--text_loss_weight", type=float, default=1.0,
-                   help="Weight of the caption-embedding MSE (averaged over the encoder's hidden size, not the "
-                        "latent's: see training_step).")
-    g.add_argument("--image_clean_prob", type=float, default=0.4,
-                   help="Per example: the image is clean (trains image-to-text).")
-    g.add_argument("--text_clean_prob", type=float, default=0.4,
-                   help="Per example: the caption is clean (trains text-to-image).")
-    g.add_argument("--cond_dropout_prob", type=float, default=0.075,
-                   help="Per example and modality: put it at full noise (unconditional branch of guidance).")
+    g.add_argument(
+        "--text_loss_weight",
+        type=float,
+        default=1.0,
+        help="Weight of the caption-embedding MSE (averaged over the encoder's hidden size, not the "
+        "latent's: see training_step).",
+    )
+    g.add_argument(
+        "--image_clean_prob", type=float, default=0.4, help="Per example: the image is clean (trains image-to-text)."
+    )
+    g.add_argument(
+        "--text_clean_prob", type=float, default=0.4, help="Per example: the caption is clean (trains text-to-image)."
+    )
+    g.add_argument(
+        "--cond_dropout_prob",
+        type=float,
+        default=0.075,
+        help="Per example and modality: put it at full noise (unconditional branch of guidance).",
+    )
     g.add_argument("--num_train_timesteps", type=int, default=1000)
     g.add_argument("--beta_schedule", default="squaredcos_cap_v2", help="DDPMScheduler beta schedule.")
-    g.add_argument("--prediction_type", default="v_prediction", choices=["v_prediction", "epsilon"],
-                   help="What the network predicts for both modalities (MSE on it). epsilon is UniDiffuser's; it "
-                        "leaves the image unread by the caption stream on MNIST (image-to-text at chance).")
-    g.add_argument("--text_shift", type=float, default=40.0,
-                   help="The caption's schedule is the image's with every SNR divided by shift^2 (SD3's shift). At 1, "
-                        "a caption's 8x384 numbers still name it at t = 0.9T, where the image is noise, so the caption "
-                        "stream needs the image only at the last steps; at 5 MNIST captions lose their identity at "
-                        "the rate MNIST images lose their digit, at 10 earlier (benchmarks/caption_noise.py). "
-                        "Image-to-text accuracy against the shift: docs/mmdit.md.")
-    g.add_argument("--text_clip_value", type=float, default=5.0,
-                   help="Samplers clip the caption's predicted x0 to +-this (standardised units), as the image's "
-                        "is clipped to [-1, 1]: with epsilon, x0 = (x_t - sigma eps) / alpha multiplies its errors "
-                        "near t=T.")
+    g.add_argument(
+        "--prediction_type",
+        default="v_prediction",
+        choices=["v_prediction", "epsilon"],
+        help="What the network predicts for both modalities (MSE on it). epsilon is UniDiffuser's; it "
+        "leaves the image unread by the caption stream on MNIST (image-to-text at chance).",
+    )
+    g.add_argument(
+        "--text_shift",
+        type=float,
+        default=40.0,
+        help="The caption's schedule is the image's with every SNR divided by shift^2 (SD3's shift). At 1, "
+        "a caption's 8x384 numbers still name it at t = 0.9T, where the image is noise, so the caption "
+        "stream needs the image only at the last steps; at 5 MNIST captions lose their identity at "
+        "the rate MNIST images lose their digit, at 10 earlier (benchmarks/caption_noise.py). "
+        "Image-to-text accuracy against the shift: docs/mmdit.md.",
+    )
+    g.add_argument(
+        "--text_clip_value",
+        type=float,
+        default=5.0,
+        help="Samplers clip the caption's predicted x0 to +-this (standardised units), as the image's "
+        "is clipped to [-1, 1]: with epsilon, x0 = (x_t - sigma eps) / alpha multiplies its errors "
+        "near t=T.",
+    )
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--output_dir", default="output_image_continuous")
@@ -170,83 +230,148 @@ def parse_args(argv=None):
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.99)
     g.add_argument("--adam_weight_decay", type=float, default=0.0)
-    g.add_argument("--lr_scheduler", default="cosine",
-                   help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+    g.add_argument(
+        "--lr_scheduler",
+        default="cosine",
+        help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
+    )
     g.add_argument("--lr_warmup_steps", type=int, default=200)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--max_nonfinite_steps", type=int, default=10,
-                   help="Stop after this many optimizer steps in a row with a non-finite gradient.")
-    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="Keep an EMA of the weights (with warmup) for samples and the export.")
+    g.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=10,
+        help="Stop after this many optimizer steps in a row with a non-finite gradient.",
+    )
+    g.add_argument(
+        "--use_ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Keep an EMA of the weights (with warmup) for samples and the export.",
+    )
     g.add_argument("--ema_decay", type=float, default=0.999, help="Largest EMA decay, reached after the warmup.")
     g.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
 
     g = parser.add_argument_group("speed and memory")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="Autocast precision; fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag.")
+    g.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Autocast precision; fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag.",
+    )
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                   help="Accepted for uniformity; attention is torch SDPA, which picks its fastest kernel itself.")
+    g.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Accepted for uniformity; attention is torch SDPA, which picks its fastest kernel itself.",
+    )
 
     g = parser.add_argument_group("sampling and evaluation")
-    g.add_argument("--guidance_scale", type=float, default=4.5,
-                   help="Text-to-image guidance (1 = none); prompt accuracy against the scale: docs/mmdit.md.")
-    g.add_argument("--text_guidance_scale", type=float, default=3.0,
-                   help="Image-to-text guidance (1 = none); caption accuracy against the scale: docs/mmdit.md.")
-    g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 2.0, 4.0],
-                   help="Columns of the text-to-image validation grid.")
+    g.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=4.5,
+        help="Text-to-image guidance (1 = none); prompt accuracy against the scale: docs/mmdit.md.",
+    )
+    g.add_argument(
+        "--text_guidance_scale",
+        type=float,
+        default=3.0,
+        help="Image-to-text guidance (1 = none); caption accuracy against the scale: docs/mmdit.md.",
+    )
+    g.add_argument(
+        "--validation_guidance_scales",
+        type=float_list,
+        default=[1.0, 2.0, 4.0],
+        help="Columns of the text-to-image validation grid.",
+    )
     g.add_argument("--num_inference_steps", type=int, default=20, help="DPM-Solver++ steps (both modalities).")
-    g.add_argument("--text_decoder", choices=["retrieval", "mlm"], default="retrieval",
-                   help="Captions from embeddings: nearest training caption, or the encoder's masked-LM head.")
-    g.add_argument("--max_retrieval_captions", type=int, default=20000,
-                   help="Distinct training captions kept for nearest-caption retrieval.")
-    g.add_argument("--num_eval_samples", type=int, default=0,
-                   help="MNIST: write N text-to-image samples (balanced over the digits) to eval_samples.npz.")
-    g.add_argument("--num_eval_captions", type=int, default=0,
-                   help="MNIST: caption the first N test images into captions.jsonl.")
-    g.add_argument("--num_eval_joint", type=int, default=0,
-                   help="MNIST: write N jointly generated (image, caption) pairs to eval_joint.npz.")
+    g.add_argument(
+        "--text_decoder",
+        choices=["retrieval", "mlm"],
+        default="retrieval",
+        help="Captions from embeddings: nearest training caption, or the encoder's masked-LM head.",
+    )
+    g.add_argument(
+        "--max_retrieval_captions",
+        type=int,
+        default=20000,
+        help="Distinct training captions kept for nearest-caption retrieval.",
+    )
+    g.add_argument(
+        "--num_eval_samples",
+        type=int,
+        default=0,
+        help="MNIST: write N text-to-image samples (balanced over the digits) to eval_samples.npz.",
+    )
+    g.add_argument(
+        "--num_eval_captions", type=int, default=0, help="MNIST: caption the first N test images into captions.jsonl."
+    )
+    g.add_argument(
+        "--num_eval_joint",
+        type=int,
+        default=0,
+        help="MNIST: write N jointly generated (image, caption) pairs to eval_joint.npz.",
+    )
     g.add_argument("--eval_batch_size", type=int, default=250)
-    g.add_argument("--sample_from", "--sample_only", default=None,
-                   help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.")
+    g.add_argument(
+        "--sample_from",
+        "--sample_only",
+        default=None,
+        help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.",
+    )
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=50)
     g.add_argument("--validation_steps", type=int, default=1000)
     g.add_argument("--checkpointing_steps", type=int, default=1000)
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None,
-                   help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.')
-    g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.")
-    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none",
-                   help="Send metrics and validation grids to a tracker (its package must be installed); all: every "
-                        "installed one.")
-    g.add_argument("--tracker_project_name", default="train_image_continuous",
-                   help="Project (wandb) or run folder name.")
+    g.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.',
+    )
+    g.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.",
+    )
+    g.add_argument(
+        "--report_to",
+        choices=["none", "tensorboard", "wandb", "all"],
+        default="none",
+        help="Send metrics and validation grids to a tracker (its package must be installed); all: every "
+        "installed one.",
+    )
+    g.add_argument(
+        "--tracker_project_name", default="train_image_continuous", help="Project (wandb) or run folder name."
+    )
 
     argv = sys.argv[1:] if argv is None else list(argv)
     return parser.parse_args([underscore_flag(a) for a in argv])
 
 
+# Copied from train_mnist.underscore_flag
 def underscore_flag(arg):
     """Every flag also accepts its hyphen spelling: --max-samples == --max_samples, --no-use-ema == --no-use_ema."""
     if not arg.startswith("--"):
         return arg
     name, eq, value = arg[2:].partition("=")
     negation = "no-" if name.startswith(("no-", "no_")) and name[3:].replace("-", "_") in NEGATABLE else ""
-    return "--" + negation + name[len(negation):].replace("-", "_") + eq + value
+    return "--" + negation + name[len(negation) :].replace("-", "_") + eq + value
 
 
 def check_args(args):
     """Cheap checks of the flags, before any dataset or model is loaded."""
     if args.sample_from:
         if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
-            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
-                 f"or one of its checkpoint-N folders")
+            fail(
+                f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
+                f"or one of its checkpoint-N folders"
+            )
         if problem := manifest_problem(Path(args.sample_from)):
             fail(f"--sample_from {args.sample_from}: damaged or incomplete ({problem}); pass an intact export")
     else:
@@ -280,6 +405,7 @@ def check_args(args):
             fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
 
 
+# Copied from train_mnist.installed_trackers
 def installed_trackers(report_to):
     """--report_to as accelerate's log_with: a tracker whose package is missing is an error, never silence."""
     import importlib.util
@@ -293,11 +419,14 @@ def installed_trackers(report_to):
             fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
         return found
     if not importlib.util.find_spec(packages[report_to]):
-        fail(f"--report_to {report_to}: the {packages[report_to]} package is not installed; "
-             f"pip install {packages[report_to]}")
+        fail(
+            f"--report_to {report_to}: the {packages[report_to]} package is not installed; "
+            f"pip install {packages[report_to]}"
+        )
     return [report_to]
 
 
+# Copied from train_mnist.check_accelerator
 def check_accelerator(accelerator):
     """Checks of what accelerate resolved from the flags, its config file and the launcher, before heavy work."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
@@ -308,28 +437,40 @@ def check_accelerator(accelerator):
         fail("FSDP is not supported by this script (its EMA needs whole weights): launch it with DDP (--multi_gpu)")
 
 
+# Copied from train_image_discrete.detect_dataset
 def detect_dataset(args):
     root = Path(args.data_root)
     if not root.is_dir():
         fail(f"--data_root {root}: no such folder")
-    found = {"precomputed": (root / "index.json").is_file(), "coco": (root / f"{args.split}_data.json").is_file(),
-             "imagefolder": (root / "metadata.jsonl").is_file(), "mnist": (root / "MNIST" / "raw").is_dir()}
+    found = {
+        "precomputed": (root / "index.json").is_file(),
+        "coco": (root / f"{args.split}_data.json").is_file(),
+        "imagefolder": (root / "metadata.jsonl").is_file(),
+        "mnist": (root / "MNIST" / "raw").is_dir(),
+    }
     if args.dataset != "auto":
         if not found[args.dataset]:
-            needs = {"precomputed": "index.json", "coco": f"{args.split}_data.json", "imagefolder": "metadata.jsonl",
-                     "mnist": "MNIST/raw/"}[args.dataset]
+            needs = {
+                "precomputed": "index.json",
+                "coco": f"{args.split}_data.json",
+                "imagefolder": "metadata.jsonl",
+                "mnist": "MNIST/raw/",
+            }[args.dataset]
             fail(f"--data_root {root}: --dataset {args.dataset} needs {needs} there")
         return args.dataset
     for kind, ok in found.items():
         if ok:
             return kind
-    fail(f"--data_root {root}: found none of index.json (shards), {args.split}_data.json (COCO-style), "
-         f"metadata.jsonl (imagefolder), MNIST/raw/")
+    fail(
+        f"--data_root {root}: found none of index.json (shards), {args.split}_data.json (COCO-style), "
+        f"metadata.jsonl (imagefolder), MNIST/raw/"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: images (uint8 pixels or VAE posteriors) + an index into the table of distinct captions
 # ----------------------------------------------------------------------------------------------------------------
+# Copied from train_image_discrete.Data
 class Data:
     """Training set and held-out images. `pixels` uint8 [N, C, H, W], or `latent_mean`/`latent_std` [N, C, h, w];
     `caption_ids` [N] index `captions` (the distinct captions). `val_*`: held-out images, their captions and, for
@@ -339,10 +480,12 @@ class Data:
         self.__dict__.update(kw)
 
 
+# Copied from train_image_discrete.mnist_caption
 def mnist_caption(template, digit):
     return template.format(DIGIT_WORDS[int(digit)])
 
 
+# Copied from train_image_discrete.load_mnist
 def load_mnist(root, train):
     import torchvision
 
@@ -353,6 +496,7 @@ def load_mnist(root, train):
     return mnist.data.unsqueeze(1), mnist.targets.long()  # uint8 [N, 1, 28, 28], white on black
 
 
+# Copied from train_image_discrete.load_image
 def load_image(path, resolution):
     """RGB uint8 [3, r, r]: shorter side resized to r, centre crop; None when missing or unreadable."""
     from PIL import Image
@@ -370,6 +514,7 @@ def load_image(path, resolution):
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
+# Copied from train_image_discrete.read_pairs
 def read_pairs(args, root, split):
     """(image path, caption) pairs of a COCO-style {split}_data.json or an imagefolder's metadata.jsonl."""
     if args.dataset == "coco":
@@ -379,8 +524,10 @@ def read_pairs(args, root, split):
             path = next((r[k] for k in ("image", "image_path", "file_name", "filepath", "path") if k in r), None)
             caption = next((r[k] for k in ("caption", "text", "captions") if k in r), None)
             if path is None or caption is None:
-                fail(f"--data_root {root / f'{split}_data.json'}: each record needs an image path ('image' or "
-                     f"'file_name') and a 'caption'; got keys {sorted(r)}")
+                fail(
+                    f"--data_root {root / f'{split}_data.json'}: each record needs an image path ('image' or "
+                    f"'file_name') and a 'caption'; got keys {sorted(r)}"
+                )
             for c in caption if isinstance(caption, list) else [caption]:
                 pairs.append((root / path, str(c)))
         return pairs
@@ -394,6 +541,7 @@ def read_pairs(args, root, split):
     return pairs
 
 
+# Copied from train_image_discrete.load_pairs
 def load_pairs(pairs, resolution, what):
     """Load images; unreadable or missing ones are skipped and counted (never replaced by a blank image)."""
     images, captions = [], []
@@ -404,13 +552,15 @@ def load_pairs(pairs, resolution, what):
             captions.append(caption)
     skipped = len(pairs) - len(images)
     if skipped:
-        print(f"warning: {what}: skipped {skipped} of {len(pairs)} images that are missing or unreadable",
-              file=sys.stderr)
+        print(
+            f"warning: {what}: skipped {skipped} of {len(pairs)} images that are missing or unreadable", file=sys.stderr
+        )
     if not images:
         fail(f"--data_root: none of the {len(pairs)} images of {what} could be read")
     return torch.stack(images), captions
 
 
+# Copied from train_image_discrete.load_precomputed
 def load_precomputed(root, max_samples):
     """Shards of prepare_data_multi_gpu.py (docs/precomputed_format.md): VAE posteriors and caption strings."""
     from safetensors import safe_open
@@ -419,8 +569,10 @@ def load_precomputed(root, max_samples):
     if index.get("format") != "precomputed-diffusion-shards" or index.get("version") != 1:
         fail(f"--data_root {root}: index.json is not version 1 of the precomputed-diffusion-shards format")
     if not index.get("vae"):
-        fail(f"--data_root {root}: the shards hold no images (prepared without a VAE); re-run "
-             f"prepare_data_multi_gpu.py with --vae, or point --data_root at the images")
+        fail(
+            f"--data_root {root}: the shards hold no images (prepared without a VAE); re-run "
+            f"prepare_data_multi_gpu.py with --vae, or point --data_root at the images"
+        )
     means, stds, captions = [], [], []
     for shard in index["shards"]:
         with safe_open(str(root / shard["file"]), framework="pt") as f:
@@ -436,6 +588,7 @@ def load_precomputed(root, max_samples):
     return torch.cat(means)[:n], torch.cat(stds)[:n], captions[:n], index["vae"]
 
 
+# Copied from train_image_discrete.caption_table
 def caption_table(captions):
     """Distinct captions (first-seen order) and each example's index into them."""
     table = {}
@@ -457,11 +610,12 @@ def build_dataset(args, vae):
         val_source = "MNIST test images"
     elif args.dataset in ("coco", "imagefolder"):
         pairs = read_pairs(args, root, args.split)
-        pairs = pairs if args.max_samples is None else pairs[:args.max_samples]
+        pairs = pairs if args.max_samples is None else pairs[: args.max_samples]
         images, captions = load_pairs(pairs, args.resolution, f"--data_root {root}")
         if args.dataset == "coco" and args.split != "val" and (root / "val_data.json").is_file():
-            val_pixels, val_captions = load_pairs(read_pairs(args, root, "val")[:n_val], args.resolution,
-                                                  "val_data.json")
+            val_pixels, val_captions = load_pairs(
+                read_pairs(args, root, "val")[:n_val], args.resolution, "val_data.json"
+            )
             val_source = "val_data.json"
         else:
             val_pixels, val_captions = images[:n_val], captions[:n_val]
@@ -478,12 +632,21 @@ def build_dataset(args, vae):
     if args.dataset == "precomputed":
         val_latent_mean = mean[:n_val]
     shape = tuple(mean.shape[1:])
-    return Data(kind="latents" if (vae is not None or args.dataset == "precomputed") else "pixels",
-                tensors=(mean, std, caption_ids), captions=table, shape=shape, val_pixels=val_pixels,
-                val_latent_mean=val_latent_mean, val_captions=val_captions, val_digits=val_digits,
-                val_source=val_source, vae_info=vae_info)
+    return Data(
+        kind="latents" if (vae is not None or args.dataset == "precomputed") else "pixels",
+        tensors=(mean, std, caption_ids),
+        captions=table,
+        shape=shape,
+        val_pixels=val_pixels,
+        val_latent_mean=val_latent_mean,
+        val_captions=val_captions,
+        val_digits=val_digits,
+        val_source=val_source,
+        vae_info=vae_info,
+    )
 
 
+# Copied from train_image_discrete.encode_images
 @torch.no_grad()
 def encode_images(vae, pixels, batch_size=32):
     """uint8 images -> the VAE posterior's mean and std, once; a fresh latent is drawn from them every step."""
@@ -496,6 +659,7 @@ def encode_images(vae, pixels, batch_size=32):
     return torch.cat(means), torch.cat(stds)
 
 
+# Copied from train_image_discrete.load_vae
 def load_vae(name_or_path, what="--vae"):
     from diffusers import AutoencoderKL
 
@@ -505,10 +669,12 @@ def load_vae(name_or_path, what="--vae"):
         fail(f"{what} {name_or_path}: cannot load an AutoencoderKL there ({type(e).__name__})")
 
 
+# Copied from train_image_discrete.latent_scaling
 def latent_scaling(vae):
     return vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
 
 
+# Copied from train_image_discrete.to_model_input
 def to_model_input(mean, std, kind, scaling, generator):
     """A training batch in the model's space: pixels in [-1, 1], or a latent drawn from the posterior, scaled."""
     if kind == "pixels":
@@ -518,6 +684,7 @@ def to_model_input(mean, std, kind, scaling, generator):
     return (mean + std * noise - shift) * scale
 
 
+# Copied from train_image_discrete.to_images
 def to_images(x, kind, vae, scaling):
     """Model-space images -> uint8 [n, C, H, W]."""
     if kind == "latents":
@@ -530,6 +697,7 @@ def to_images(x, kind, vae, scaling):
 # Shared model: image patches and the two-stream MMDiT (identical in train_image_discrete.py and
 # train_image_continuous.py)
 # ----------------------------------------------------------------------------------------------------------------
+# Copied from train_image_discrete.ImagePatchEncoder
 class ImagePatchEncoder(nn.Module):
     """Conv2d patchify (pixels or VAE latents) + fixed 2-D sin-cos positional embeddings. With stem_channels, a 3x3
     convolution and a GELU come first (an early convolution, Xiao et al. 2021), so a patch token also sees the
@@ -537,8 +705,11 @@ class ImagePatchEncoder(nn.Module):
 
     def __init__(self, in_channels, image_size, patch_size, dim, stem_channels=0):
         super().__init__()
-        self.stem = (nn.Sequential(nn.Conv2d(in_channels, stem_channels, 3, padding=1), nn.GELU())
-                     if stem_channels else nn.Identity())
+        self.stem = (
+            nn.Sequential(nn.Conv2d(in_channels, stem_channels, 3, padding=1), nn.GELU())
+            if stem_channels
+            else nn.Identity()
+        )
         self.proj = nn.Conv2d(stem_channels or in_channels, dim, kernel_size=patch_size, stride=patch_size)
         pos = get_2d_sincos_pos_embed(dim, image_size // patch_size, base_size=image_size // patch_size)
         self.register_buffer("pos", pos.float().unsqueeze(0), persistent=False)
@@ -547,10 +718,12 @@ class ImagePatchEncoder(nn.Module):
         return self.proj(self.stem(x)).flatten(2).transpose(1, 2) + self.pos
 
 
+# Copied from train_image_discrete.modulate
 def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+# Copied from train_image_discrete.StreamBlock
 class StreamBlock(nn.Module):
     """One modality's own weights in an MMDiT block: adaLN-Zero, LayerNorm, QKV with QK RMS-norm, MLP."""
 
@@ -580,6 +753,7 @@ class StreamBlock(nn.Module):
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
+# Copied from train_image_discrete.MMDiTBlock
 class MMDiTBlock(nn.Module):
     """Two streams, one joint attention over [image; text] (SDPA, key-padding mask: True = attend)."""
 
@@ -599,6 +773,7 @@ class MMDiTBlock(nn.Module):
         return self.image.post_attention(x, attn[:, :n], mods_i), self.text.post_attention(y, attn[:, n:], mods_t)
 
 
+# Copied from train_image_discrete.FinalLayer
 class FinalLayer(nn.Module):
     def __init__(self, dim, out_dim, cond_dim):
         super().__init__()
@@ -611,6 +786,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+# Copied from train_image_discrete.MMDiT
 class MMDiT(nn.Module):
     """Image tokens and text embeddings [b, L, dim_text] in, image prediction [b, C, H, W] and per-token text
     outputs [b, L, text_out_dim] out. Each modality has its own timestep embedding; their sum conditions every
@@ -619,19 +795,44 @@ class MMDiT(nn.Module):
     directly, as a class label does in DiT, instead of only through attention. Zero-init as DiT (adaln_zero): adaLN
     and final layers start at zero."""
 
-    def __init__(self, in_channels, image_size, patch_size, dim_image, dim_text, text_out_dim, depth, num_heads,
-                 mlp_ratio=4.0, pooled_text=False, stem_channels=0, adaln_zero=True):
+    def __init__(
+        self,
+        in_channels,
+        image_size,
+        patch_size,
+        dim_image,
+        dim_text,
+        text_out_dim,
+        depth,
+        num_heads,
+        mlp_ratio=4.0,
+        pooled_text=False,
+        stem_channels=0,
+        adaln_zero=True,
+    ):
         super().__init__()
-        self.config = dict(in_channels=in_channels, image_size=image_size, patch_size=patch_size,
-                           dim_image=dim_image, dim_text=dim_text, text_out_dim=text_out_dim, depth=depth,
-                           num_heads=num_heads, mlp_ratio=mlp_ratio, pooled_text=pooled_text,
-                           stem_channels=stem_channels)
+        self.config = dict(
+            in_channels=in_channels,
+            image_size=image_size,
+            patch_size=patch_size,
+            dim_image=dim_image,
+            dim_text=dim_text,
+            text_out_dim=text_out_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            pooled_text=pooled_text,
+            stem_channels=stem_channels,
+        )
         self.patch_size, self.in_channels = patch_size, in_channels
         self.patch_encoder = ImagePatchEncoder(in_channels, image_size, patch_size, dim_image, stem_channels)
         self.image_time = nn.Sequential(Timesteps(256, True, 0), TimestepEmbedding(256, dim_image))
         self.text_time = nn.Sequential(Timesteps(256, True, 0), TimestepEmbedding(256, dim_image))
-        self.text_pool = nn.Sequential(nn.Linear(dim_text, dim_image), nn.SiLU(),
-                                       nn.Linear(dim_image, dim_image)) if pooled_text else None
+        self.text_pool = (
+            nn.Sequential(nn.Linear(dim_text, dim_image), nn.SiLU(), nn.Linear(dim_image, dim_image))
+            if pooled_text
+            else None
+        )
         self.blocks = nn.ModuleList(MMDiTBlock(dim_image, dim_text, num_heads, mlp_ratio) for _ in range(depth))
         self.image_final = FinalLayer(dim_image, patch_size * patch_size * in_channels, dim_image)
         self.text_final = FinalLayer(dim_text, text_out_dim, dim_image)
@@ -660,7 +861,7 @@ class MMDiT(nn.Module):
             if key_mask is None:
                 pooled = text.mean(1)
             else:
-                keep = key_mask[:, -text.shape[1]:, None].to(text.dtype)
+                keep = key_mask[:, -text.shape[1] :, None].to(text.dtype)
                 pooled = (text * keep).sum(1) / keep.sum(1).clamp(min=1)
             c = c + self.text_pool(pooled)
         y = text
@@ -691,8 +892,10 @@ class BertTextEncoder(nn.Module):
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             model = AutoModel.from_pretrained(name_or_path)
         except (OSError, ValueError) as e:
-            fail(f"--text_encoder {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder with "
-                 f"config.json and the tokenizer files, or a hub id when online")
+            fail(
+                f"--text_encoder {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder with "
+                f"config.json and the tokenizer files, or a hub id when online"
+            )
         model = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else model
         self.model = model.requires_grad_(False).eval()
         self.prefix, self.max_length = prefix, max_length
@@ -701,10 +904,16 @@ class BertTextEncoder(nn.Module):
     def forward(self, captions, batch_size=256):
         device, states = next(self.model.parameters()).device, []
         for i in range(0, len(captions), batch_size):
-            tokens = self.tokenizer([self.prefix + c for c in captions[i:i + batch_size]], padding="max_length",
-                                    max_length=self.max_length, truncation=True, return_tensors="pt").to(device)
-            states.append(self.model(input_ids=tokens.input_ids,
-                                     attention_mask=tokens.attention_mask).last_hidden_state.float())
+            tokens = self.tokenizer(
+                [self.prefix + c for c in captions[i : i + batch_size]],
+                padding="max_length",
+                max_length=self.max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).to(device)
+            states.append(
+                self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state.float()
+            )
         return torch.cat(states)
 
 
@@ -714,8 +923,10 @@ def text_encoder_hidden_size(name_or_path, flag="--text_encoder"):
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        fail(f"{flag} {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder with config.json, "
-             f"or a hub id when online")
+        fail(
+            f"{flag} {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder with config.json, "
+            f"or a hub id when online"
+        )
     return getattr(config, "hidden_size", None) or config.d_model
 
 
@@ -756,20 +967,45 @@ class TextImageModel(ModelMixin, ConfigMixin):
     from_pretrained round-trip it bitwise."""
 
     @register_to_config
-    def __init__(self, in_channels, image_size, patch_size, dim_image, dim_text, text_out_dim, depth, num_heads,
-                 mlp_ratio=4.0, pooled_text=False, stem_channels=0, max_text_length=16, encoder_dim=768,
-                 adaln_zero=True):
+    def __init__(
+        self,
+        in_channels,
+        image_size,
+        patch_size,
+        dim_image,
+        dim_text,
+        text_out_dim,
+        depth,
+        num_heads,
+        mlp_ratio=4.0,
+        pooled_text=False,
+        stem_channels=0,
+        max_text_length=16,
+        encoder_dim=768,
+        adaln_zero=True,
+    ):
         super().__init__()
-        self.mmdit = MMDiT(in_channels, image_size, patch_size, dim_image, dim_text, text_out_dim, depth, num_heads,
-                           mlp_ratio=mlp_ratio, pooled_text=pooled_text, stem_channels=stem_channels,
-                           adaln_zero=adaln_zero)
+        self.mmdit = MMDiT(
+            in_channels,
+            image_size,
+            patch_size,
+            dim_image,
+            dim_text,
+            text_out_dim,
+            depth,
+            num_heads,
+            mlp_ratio=mlp_ratio,
+            pooled_text=pooled_text,
+            stem_channels=stem_channels,
+            adaln_zero=adaln_zero,
+        )
         self.text_position = nn.Parameter(torch.randn(1, max_text_length, dim_text) * 0.02)  # dim_text: the latent
         self.register_buffer("text_mean", torch.zeros(encoder_dim))
         self.register_buffer("text_std", torch.ones(encoder_dim))
         self.register_buffer("text_basis", torch.eye(encoder_dim, dim_text))
 
     def forward(self, image, t_image, text, t_text, key_mask=None):
-        return self.mmdit(image, t_image, text + self.text_position[:, :text.shape[1]], t_text, key_mask)
+        return self.mmdit(image, t_image, text + self.text_position[:, : text.shape[1]], t_text, key_mask)
 
     def standardise(self, states):
         """Encoder states [.., D] -> latent [.., latent_dim]."""
@@ -813,7 +1049,7 @@ class MaskedLMHead:
         sep = self.tokenizer.sep_token_id
         captions = []
         for row in ids.tolist():
-            row = row[:row.index(sep)] if sep is not None and sep in row else row
+            row = row[: row.index(sep)] if sep is not None and sep in row else row
             captions.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return captions
 
@@ -881,9 +1117,14 @@ def training_step(model, noise_scheduler, text_scheduler, x0, e0, encoder_dim, a
 # ----------------------------------------------------------------------------------------------------------------
 # Samplers
 # ----------------------------------------------------------------------------------------------------------------
+# Copied from train_mnist.build_noise_scheduler
 def build_noise_scheduler(args):
-    return DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
-                         prediction_type=args.prediction_type, clip_sample=False)
+    return DDPMScheduler(
+        num_train_timesteps=args.num_train_timesteps,
+        beta_schedule=args.beta_schedule,
+        prediction_type=args.prediction_type,
+        clip_sample=False,
+    )
 
 
 def text_betas(config, shift):
@@ -892,18 +1133,24 @@ def text_betas(config, shift):
     unit variance (Chen et al. 2023), so the network's input and v target keep unit scale."""
     if shift == 1.0:
         return None
-    abar = DDPMScheduler(num_train_timesteps=config["num_train_timesteps"],
-                         beta_schedule=config["beta_schedule"]).alphas_cumprod.double()
-    abar = abar / (abar + shift ** 2 * (1 - abar))
+    abar = DDPMScheduler(
+        num_train_timesteps=config["num_train_timesteps"], beta_schedule=config["beta_schedule"]
+    ).alphas_cumprod.double()
+    abar = abar / (abar + shift**2 * (1 - abar))
     return (1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])).tolist()
 
 
 def build_sampler(noise_scheduler_config, **overrides):
     """DPM-Solver++ (2nd order) fed with x0 that the samplers compute from the prediction and clip: one
     instance per modality, since the caption's clip range is not the image's (thresholding is per sample)."""
-    return DPMSolverMultistepScheduler.from_config(noise_scheduler_config, algorithm_type="dpmsolver++",
-                                                   solver_order=2, final_sigmas_type="zero",
-                                                   prediction_type="sample", **overrides)
+    return DPMSolverMultistepScheduler.from_config(
+        noise_scheduler_config,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        final_sigmas_type="zero",
+        prediction_type="sample",
+        **overrides,
+    )
 
 
 def x0_from_prediction(x_t, pred, t, alphas_cumprod, prediction_type, clip=None):
@@ -939,16 +1186,20 @@ def sample_images(model, ctx, e0, guidance_scale, num_steps, generator):
     x = torch.randn((n, *ctx.shape), generator=generator, device=device)
     guided = guidance_scale != 1.0
     text = torch.cat([e0, torch.randn(e0.shape, generator=generator, device=device)]) if guided else e0
-    t_text = torch.cat([torch.zeros(n, device=device), torch.full((n,), (num_t - 1) / num_t, device=device)]) \
-        if guided else torch.zeros(n, device=device)
+    t_text = (
+        torch.cat([torch.zeros(n, device=device), torch.full((n,), (num_t - 1) / num_t, device=device)])
+        if guided
+        else torch.zeros(n, device=device)
+    )
     sampler = DPMSolverMultistepScheduler.from_config(ctx.sampler.config)
     sampler.set_timesteps(num_steps, device=device)
     alphas_cumprod = sampler_table(sampler, device)
     for t in sampler.timesteps:
         x_in = torch.cat([x, x]) if guided else x
         pred, _ = model(x_in, (t.float() / num_t).expand(x_in.shape[0]), text, t_text)
-        x0 = x0_from_prediction(x, guide(pred, guidance_scale), t.expand(n), alphas_cumprod, ctx.prediction_type,
-                                ctx.image_clip)
+        x0 = x0_from_prediction(
+            x, guide(pred, guidance_scale), t.expand(n), alphas_cumprod, ctx.prediction_type, ctx.image_clip
+        )
         x = sampler.step(x0, t, x).prev_sample
     return x
 
@@ -961,16 +1212,21 @@ def sample_captions(model, ctx, x0, guidance_scale, num_steps, generator):
     e = torch.randn((n, ctx.max_text_length, ctx.dim_text), generator=generator, device=device)
     guided = guidance_scale != 1.0
     images = torch.cat([x0, torch.randn(x0.shape, generator=generator, device=device)]) if guided else x0
-    t_image = torch.cat([torch.zeros(n, device=device), torch.full((n,), (num_t - 1) / num_t, device=device)]) \
-        if guided else torch.zeros(n, device=device)
+    t_image = (
+        torch.cat([torch.zeros(n, device=device), torch.full((n,), (num_t - 1) / num_t, device=device)])
+        if guided
+        else torch.zeros(n, device=device)
+    )
     sampler = DPMSolverMultistepScheduler.from_config(ctx.text_sampler.config)
     sampler.set_timesteps(num_steps, device=device)
     alphas_cumprod = sampler_table(sampler, device)
     for t in sampler.timesteps:
         e_in = torch.cat([e, e]) if guided else e
         _, pred = model(images, t_image, e_in, (t.float() / num_t).expand(e_in.shape[0]))
-        e0 = model.clip_text(x0_from_prediction(e, guide(pred, guidance_scale), t.expand(n), alphas_cumprod,
-                                                ctx.prediction_type), ctx.text_clip)
+        e0 = model.clip_text(
+            x0_from_prediction(e, guide(pred, guidance_scale), t.expand(n), alphas_cumprod, ctx.prediction_type),
+            ctx.text_clip,
+        )
         e = sampler.step(e0, t, e).prev_sample
     return e
 
@@ -993,8 +1249,9 @@ def sample_joint(model, ctx, n, guidance_scale, num_steps, generator):
     alphas_cumprod = sampler_table(sampler, device)
     for t in sampler.timesteps:
         _, pred = model(no_image, t_image, e, (t.float() / num_t).expand(n))
-        e0 = model.clip_text(x0_from_prediction(e, pred.float(), t.expand(n), alphas_cumprod, ctx.prediction_type),
-                             ctx.text_clip)
+        e0 = model.clip_text(
+            x0_from_prediction(e, pred.float(), t.expand(n), alphas_cumprod, ctx.prediction_type), ctx.text_clip
+        )
         e = sampler.step(e0, t, e).prev_sample
     index = nearest_caption_index(e, ctx.retrieval_table)
     e = ctx.retrieval_table[index].to(e)
@@ -1015,6 +1272,7 @@ def prompt_embeddings(model, ctx, prompts):
     return model.standardise(ctx.text_encoder(prompts).to(ctx.device))
 
 
+# Copied from train_image_discrete.validation_prompts
 def validation_prompts(ctx):
     if ctx.dataset == "mnist":
         return [ctx.caption_template.format(w) for w in DIGIT_WORDS]
@@ -1045,6 +1303,7 @@ def generate_joint(model, ctx, n, guidance_scale, seed, num_steps):
     return to_images(x, ctx.kind, ctx.vae, ctx.scaling), [ctx.retrieval_captions[i] for i in index.tolist()]
 
 
+# Copied from train_image_discrete.show
 def show(images):
     """uint8 [C, H, W] -> array for imshow."""
     image = images.permute(1, 2, 0).numpy()
@@ -1056,6 +1315,7 @@ def log_validation(model, ctx, args, step, trackers=(), per_prompt=4):
     an image captioned with its prompts); samples/step-<step>.txt: captions of held-out images and of joint
     samples."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -1063,13 +1323,15 @@ def log_validation(model, ctx, args, step, trackers=(), per_prompt=4):
     samples_dir.mkdir(parents=True, exist_ok=True)
     prompts = validation_prompts(ctx)
     scales = args.validation_guidance_scales
-    fig, axes = plt.subplots(len(prompts), len(scales), figsize=(1.3 * per_prompt * len(scales), 1.3 * len(prompts)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(prompts), len(scales), figsize=(1.3 * per_prompt * len(scales), 1.3 * len(prompts)), squeeze=False
+    )
     for j, scale in enumerate(scales):
-        images = generate_images(model, ctx, [p for p in prompts for _ in range(per_prompt)], scale, args.seed,
-                                 args.num_inference_steps)
+        images = generate_images(
+            model, ctx, [p for p in prompts for _ in range(per_prompt)], scale, args.seed, args.num_inference_steps
+        )
         for i, prompt in enumerate(prompts):
-            row = images[i * per_prompt:(i + 1) * per_prompt]
+            row = images[i * per_prompt : (i + 1) * per_prompt]
             axes[i, j].imshow(np.concatenate([show(im) for im in row], axis=1), cmap="gray", vmin=0, vmax=255)
             axes[i, j].set_xticks([])
             axes[i, j].set_yticks([])
@@ -1085,18 +1347,23 @@ def log_validation(model, ctx, args, step, trackers=(), per_prompt=4):
         log_image(trackers, samples_dir / f"step-{step}.png", step, caption)
 
     decoders = ["retrieval"] + (["mlm"] if ctx.mlm_head is not None else [])
-    lines = [f"# step {step}: captions generated for {ctx.val_source} (text guidance {ctx.text_guidance_scale:g}, "
-             f"{ctx.num_inference_steps} steps; decoded by {' and '.join(decoders)})"]
+    lines = [
+        f"# step {step}: captions generated for {ctx.val_source} (text guidance {ctx.text_guidance_scale:g}, "
+        f"{ctx.num_inference_steps} steps; decoded by {' and '.join(decoders)})"
+    ]
     if ctx.val_x0 is not None:
         generated = {d: generate_captions(model, ctx, ctx.val_x0, args.seed, d) for d in decoders}
-        lines += [f"{i}\ttrue: {true}\t" + "\t".join(f"{d}: {generated[d][i]}" for d in decoders)
-                  for i, true in enumerate(ctx.val_captions)]
+        lines += [
+            f"{i}\ttrue: {true}\t" + "\t".join(f"{d}: {generated[d][i]}" for d in decoders)
+            for i, true in enumerate(ctx.val_captions)
+        ]
     _, joint = generate_joint(model, ctx, 4, args.guidance_scale, args.seed, args.num_inference_steps)
     lines += ["# joint samples (a caption, then an image from it: sample_joint)"]
     lines += [f"joint {i}\t{c}" for i, c in enumerate(joint)]
     (samples_dir / f"step-{step}.txt").write_text("\n".join(lines) + "\n")
 
 
+# Copied from train_mnist.log_image
 def log_image(trackers, path, step, caption):
     """A PNG written to disk, sent to every tracker that shows images."""
     from PIL import Image
@@ -1114,6 +1381,7 @@ def log_image(trackers, path, step, caption):
 
 def plot_loss(metrics_path, out_path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -1133,6 +1401,7 @@ def plot_loss(metrics_path, out_path):
     plt.close(fig)
 
 
+# Copied from train_image_discrete.write_eval_outputs
 def write_eval_outputs(model, ctx, args, output_dir):
     """MNIST: eval_samples.npz (text-to-image, balanced digits), captions.jsonl (image-to-text, test images) and
     eval_joint.npz (joint generation: images and their captions)."""
@@ -1145,12 +1414,20 @@ def write_eval_outputs(model, ctx, args, output_dir):
         start, chunks = time.perf_counter(), []
         for i, batch in enumerate(labels.split(args.eval_batch_size)):
             prompts = [ctx.caption_template.format(DIGIT_WORDS[d]) for d in batch]
-            chunks.append(generate_images(model, ctx, prompts, args.guidance_scale, args.seed + 1 + i,
-                                         args.num_inference_steps)[:, 0])
+            chunks.append(
+                generate_images(model, ctx, prompts, args.guidance_scale, args.seed + 1 + i, args.num_inference_steps)[
+                    :, 0
+                ]
+            )
         summary["sample_seconds"] = time.perf_counter() - start
-        np.savez_compressed(output_dir / "eval_samples.npz", images=torch.cat(chunks).numpy(),
-                            labels=labels.numpy(), guidance_scale=args.guidance_scale,
-                            num_inference_steps=args.num_inference_steps, sample_seconds=summary["sample_seconds"])
+        np.savez_compressed(
+            output_dir / "eval_samples.npz",
+            images=torch.cat(chunks).numpy(),
+            labels=labels.numpy(),
+            guidance_scale=args.guidance_scale,
+            num_inference_steps=args.num_inference_steps,
+            sample_seconds=summary["sample_seconds"],
+        )
     if args.num_eval_captions:
         test_images, test_labels = load_mnist(Path(args.data_root), train=False)
         n = min(args.num_eval_captions, len(test_images))
@@ -1158,26 +1435,33 @@ def write_eval_outputs(model, ctx, args, output_dir):
         with (output_dir / "captions.jsonl").open("w") as f:
             for i, batch in enumerate(torch.arange(n).split(args.eval_batch_size)):
                 x0 = test_images[batch].float().div(127.5).sub(1.0)
-                for index, caption in zip(batch.tolist(), generate_captions(model, ctx, x0, args.seed + i),
-                                          strict=True):
+                for index, caption in zip(
+                    batch.tolist(), generate_captions(model, ctx, x0, args.seed + i), strict=True
+                ):
                     f.write(json.dumps({"index": index, "digit": int(test_labels[index]), "caption": caption}) + "\n")
         summary["caption_seconds"] = time.perf_counter() - start
     if args.num_eval_joint:
         start, images, captions = time.perf_counter(), [], []
         for i, batch in enumerate(torch.arange(args.num_eval_joint).split(args.eval_batch_size)):
-            x, text = generate_joint(model, ctx, len(batch), args.guidance_scale, args.seed + 1000 + i,
-                                     args.num_inference_steps)
+            x, text = generate_joint(
+                model, ctx, len(batch), args.guidance_scale, args.seed + 1000 + i, args.num_inference_steps
+            )
             images.append(x[:, 0])
             captions += text
         summary["joint_seconds"] = time.perf_counter() - start
-        np.savez_compressed(output_dir / "eval_joint.npz", images=torch.cat(images).numpy(),
-                            captions=np.array(captions), num_inference_steps=args.num_inference_steps)
+        np.savez_compressed(
+            output_dir / "eval_joint.npz",
+            images=torch.cat(images).numpy(),
+            captions=np.array(captions),
+            num_inference_steps=args.num_inference_steps,
+        )
     return summary
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and export
 # ----------------------------------------------------------------------------------------------------------------
+# Copied from train_mnist.file_digest
 def file_digest(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -1186,6 +1470,7 @@ def file_digest(path):
     return digest.hexdigest()
 
 
+# Copied from train_mnist.write_manifest
 def write_manifest(folder, names):
     """Size and sha256 of the files `names` (relative to `folder`, or the folders they name), written last."""
     files = {}
@@ -1199,6 +1484,7 @@ def write_manifest(folder, names):
     os.replace(tmp, folder / MANIFEST)
 
 
+# Copied from train_mnist.manifest_problem
 def manifest_problem(folder):
     """What is wrong with a checkpoint or export folder, in a few words, or None when its manifest holds."""
     try:
@@ -1218,6 +1504,7 @@ def manifest_problem(folder):
     return None
 
 
+# Copied from train_mnist.save_ema
 def save_ema(ema, model, folder):
     """The EMA weights in diffusers' save_pretrained layout (config.json + diffusion_pytorch_model.safetensors):
     `from_pretrained(checkpoint, subfolder=...)` loads them. Buffers come from the model; the EMA's own state
@@ -1226,8 +1513,11 @@ def save_ema(ema, model, folder):
     model.save_config(folder)
     state = model.state_dict()
     state.update((name, shadow) for (name, _), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True))
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, folder / "diffusion_pytorch_model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous() for k, v in state.items()},
+        folder / "diffusion_pytorch_model.safetensors",
+        metadata={"format": "pt"},
+    )
 
 
 def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, write_sampling_files):
@@ -1247,9 +1537,14 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
         save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
-            state = {"script": SCRIPT, "global_step": global_step,
-                     "num_processes": accelerator.num_processes, "epoch": position[0], "epoch_batches": position[1],
-                     "ema": None}
+            state = {
+                "script": SCRIPT,
+                "global_step": global_step,
+                "num_processes": accelerator.num_processes,
+                "epoch": position[0],
+                "epoch_batches": position[1],
+                "ema": None,
+            }
             if ema is not None:
                 save_ema(ema, unwrapped, tmp / "mmdit_ema")
                 state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
@@ -1266,22 +1561,27 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
     except OSError as e:  # a full disk, a lost mount: the previous checkpoints stay as they were
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
-        print(f"error: step {global_step}: checkpoint not written ({reason}); the previous checkpoints are intact, "
-              f"resume from them with --resume_from_checkpoint latest", file=sys.stderr)
+        print(
+            f"error: step {global_step}: checkpoint not written ({reason}); the previous checkpoints are intact, "
+            f"resume from them with --resume_from_checkpoint latest",
+            file=sys.stderr,
+        )
         sys.exit(1)
     if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
+        for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
 
+# Copied from train_mnist.list_checkpoints
 def list_checkpoints(output_dir):
     """Complete checkpoints (those with a manifest), oldest first."""
     found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+# Copied from train_mnist.find_checkpoint
 def find_checkpoint(accelerator, args):
     """The folder --resume_from_checkpoint names, checked against its manifest, or None for a new run. "latest"
     falls back past damaged checkpoints to the newest intact one; a damaged explicit path is an error."""
@@ -1301,8 +1601,10 @@ def find_checkpoint(accelerator, args):
                 break
             accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
         if found and choice[0] is None:
-            fail(f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
-                 f"with --overwrite_output_dir")
+            fail(
+                f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
+                f"with --overwrite_output_dir"
+            )
     if accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(choice, src=0)
     return None if choice[0] is None else Path(choice[0])
@@ -1324,13 +1626,16 @@ def load_checkpoint(accelerator, path, model, ema, train_rng, args):
     if saved == accelerator.num_processes:
         train_rng.set_state(load_file(path / f"train_rng_{rank}.safetensors")["state"])
     else:
-        accelerator.print(f"warning: {path} was written by {saved} processes, resumed on {accelerator.num_processes}: "
-                          f"same step, learning rate and data position, new random streams (not bitwise)")
+        accelerator.print(
+            f"warning: {path} was written by {saved} processes, resumed on {accelerator.num_processes}: "
+            f"same step, learning rate and data position, new random streams (not bitwise)"
+        )
         train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
     if ema is not None:
         # Straight onto the device the EMA lives on: load_state_dict keeps the tensors it is given.
-        weights = load_file(path / "mmdit_ema" / "diffusion_pytorch_model.safetensors",
-                            device=str(ema.shadow_params[0].device))
+        weights = load_file(
+            path / "mmdit_ema" / "diffusion_pytorch_model.safetensors", device=str(ema.shadow_params[0].device)
+        )
         shadow = [weights[name] for name, _ in accelerator.unwrap_model(model).named_parameters()]
         ema.load_state_dict({**state["ema"], "shadow_params": shadow})
     return state
@@ -1339,15 +1644,28 @@ def load_checkpoint(accelerator, path, model, ema, train_rng, args):
 def export_config(args, ctx):
     """export_config.json: the text encoder, the VAE and image space, the captions retrieval decodes to, and the
     sampling defaults."""
-    return {"script": SCRIPT, "text_encoder": args.text_encoder, "text_prefix": args.text_prefix,
-            "max_text_length": args.max_text_length, "prediction_type": ctx.prediction_type,
-            "text_shift": args.text_shift, "text_clip_value": args.text_clip_value,
-            "retrieval_captions": ctx.retrieval_captions, "dataset": args.dataset, "data_root": args.data_root,
-            "caption_template": args.caption_template, "kind": ctx.kind, "shape": list(ctx.shape),
-            "vae": ctx.vae_name, "latent_scaling": list(ctx.scaling) if ctx.scaling else None,
-            "guidance_scale": args.guidance_scale, "text_guidance_scale": args.text_guidance_scale,
-            "num_inference_steps": args.num_inference_steps, "text_decoder": args.text_decoder,
-            "validation_prompts": validation_prompts(ctx)}
+    return {
+        "script": SCRIPT,
+        "text_encoder": args.text_encoder,
+        "text_prefix": args.text_prefix,
+        "max_text_length": args.max_text_length,
+        "prediction_type": ctx.prediction_type,
+        "text_shift": args.text_shift,
+        "text_clip_value": args.text_clip_value,
+        "retrieval_captions": ctx.retrieval_captions,
+        "dataset": args.dataset,
+        "data_root": args.data_root,
+        "caption_template": args.caption_template,
+        "kind": ctx.kind,
+        "shape": list(ctx.shape),
+        "vae": ctx.vae_name,
+        "latent_scaling": list(ctx.scaling) if ctx.scaling else None,
+        "guidance_scale": args.guidance_scale,
+        "text_guidance_scale": args.text_guidance_scale,
+        "num_inference_steps": args.num_inference_steps,
+        "text_decoder": args.text_decoder,
+        "validation_prompts": validation_prompts(ctx),
+    }
 
 
 def write_sampling_files(sampler, text_sampler, config, folder):
@@ -1364,10 +1682,13 @@ def model_card(args, global_step, metrics_path):
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     last = rows[-1] if rows else {"loss": math.nan, "image_loss": math.nan, "text_loss": math.nan}
-    data = ModelCardData(library_name="diffusers", license="other",
-                         datasets=["ylecun/mnist"] if args.dataset == "mnist" else None,
-                         tags=["diffusers", "mmdit", "text-to-image", "image-to-text", KIND.replace(" ", "-")]
-                         + (["mnist"] if args.dataset == "mnist" else []))
+    data = ModelCardData(
+        library_name="diffusers",
+        license="other",
+        datasets=["ylecun/mnist"] if args.dataset == "mnist" else None,
+        tags=["diffusers", "mmdit", "text-to-image", "image-to-text", KIND.replace(" ", "-")]
+        + (["mnist"] if args.dataset == "mnist" else []),
+    )
     command = " ".join(["python", SCRIPT, *sys.argv[1:]])
     space = f"the latents of the VAE `{args.vae}`" if args.vae else "pixels"
     return f"""---
@@ -1417,6 +1738,7 @@ def export_model(model, write_sampling_files, output_dir, card, grid):
     write_manifest(output_dir, parts)
 
 
+# Copied from train_mnist.RunLock
 class RunLock:
     """One training run per output folder: run.lock holds the PID, the host and a heartbeat time refreshed every
     minute. A lock whose process is gone (same host) or whose heartbeat is older than `stale_after` seconds
@@ -1436,8 +1758,10 @@ class RunLock:
             other = {"pid": None, "host": None, "heartbeat": 0}
         if other is not None and other.get("pid") != self.me["pid"]:
             if self.alive(other):
-                fail(f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
-                     f"there; wait for it, stop it, or pick another --output_dir")
+                fail(
+                    f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
+                    f"there; wait for it, stop it, or pick another --output_dir"
+                )
             print(f"warning: taking over the stale lock of PID {other.get('pid')} on {other.get('host')}")
         self.write()
         threading.Thread(target=self.beat, daemon=True).start()
@@ -1467,6 +1791,7 @@ class RunLock:
         self.path.unlink(missing_ok=True)
 
 
+# Copied from train_mnist.claim_output_dir
 def claim_output_dir(args):
     """Main process, before any heavy work: take the lock, and refuse to mix a new run with another run's
     checkpoints (--resume_from_checkpoint latest would later pick the old run's higher step)."""
@@ -1486,8 +1811,10 @@ def claim_output_dir(args):
     if old and not args.resume_from_checkpoint:
         if not args.overwrite_output_dir:
             lock.release()
-            fail(f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
-                 f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them")
+            fail(
+                f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
+                f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them"
+            )
         for path in old:
             shutil.rmtree(path)
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -1500,16 +1827,25 @@ def write_run_config(args, accelerator):
     import transformers
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
-    config = {"args": vars(args), "git_commit": commit, "num_processes": accelerator.num_processes,
-              "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
-              "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, accelerate)}}
+    config = {
+        "args": vars(args),
+        "git_commit": commit,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
+        "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, accelerate)},
+    }
     (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2))
 
 
+# Copied from train_mnist.StopRequest
 class StopRequest:
     """SIGTERM/SIGINT ask for a checkpoint at a step boundary, then a clean exit (pre-emptible clusters).
 
@@ -1534,8 +1870,9 @@ class StopRequest:
             agreed = bool(self.flag.item())  # a CPU tensor: no device sync
         if not agreed:
             self.flag.fill_(float(self.event.is_set()))
-            self.pending = torch.distributed.all_reduce(self.flag, torch.distributed.ReduceOp.MAX, self.group,
-                                                        async_op=True)
+            self.pending = torch.distributed.all_reduce(
+                self.flag, torch.distributed.ReduceOp.MAX, self.group, async_op=True
+            )
         return agreed
 
     def close(self):
@@ -1550,17 +1887,22 @@ def resolve_dim_text(args):
     """--dim_text must equal the frozen encoder's hidden size; checked before the encoder's weights load."""
     hidden = text_encoder_hidden_size(args.text_encoder)
     if args.dim_text is not None and args.dim_text != hidden:
-        fail(f"--dim_text {args.dim_text} does not match the hidden size of --text_encoder {args.text_encoder} "
-             f"({hidden}): pass --dim_text {hidden}")
+        fail(
+            f"--dim_text {args.dim_text} does not match the hidden size of --text_encoder {args.text_encoder} "
+            f"({hidden}): pass --dim_text {hidden}"
+        )
     if args.text_latent_dim is not None and not 0 <= args.text_latent_dim <= hidden:
-        fail(f"--text_latent_dim {args.text_latent_dim}: must be in [0, {hidden}], the hidden size of "
-             f"--text_encoder {args.text_encoder} (0: all of it)")
+        fail(
+            f"--text_latent_dim {args.text_latent_dim}: must be in [0, {hidden}], the hidden size of "
+            f"--text_encoder {args.text_encoder} (0: all of it)"
+        )
     return hidden
 
 
 def build_model(mmdit_config, max_text_length, encoder_dim, adaln_zero=True):
-    return TextImageModel(**mmdit_config, max_text_length=max_text_length, encoder_dim=encoder_dim,
-                          adaln_zero=adaln_zero)
+    return TextImageModel(
+        **mmdit_config, max_text_length=max_text_length, encoder_dim=encoder_dim, adaln_zero=adaln_zero
+    )
 
 
 def text_side(model, text_encoder, captions, decoder, device):
@@ -1589,21 +1931,37 @@ def generate_from_export(args, accelerator):
     val_x0, val_captions, val_source = None, [], "no held-out images"
     if config["dataset"] == "mnist" and Path(args.data_root or "", "MNIST", "raw").is_dir():
         test_images, test_labels = load_mnist(Path(args.data_root), train=False)
-        val_x0 = test_images[:args.num_validation_images].float().div(127.5).sub(1.0)
-        val_captions = [mnist_caption(args.caption_template, d) for d in test_labels[:args.num_validation_images]]
+        val_x0 = test_images[: args.num_validation_images].float().div(127.5).sub(1.0)
+        val_captions = [mnist_caption(args.caption_template, d) for d in test_labels[: args.num_validation_images]]
         val_source = "MNIST test images"
     sampler = DPMSolverMultistepScheduler.from_pretrained(export / "scheduler")
     text_sampler = DPMSolverMultistepScheduler.from_pretrained(export / "text_scheduler")
-    ctx = Sampling(text_encoder=text_encoder, retrieval_table=table, retrieval_captions=config["retrieval_captions"],
-                   mlm_head=mlm_head, text_decoder=args.text_decoder, sampler=sampler,
-                   text_sampler=text_sampler, prediction_type=config["prediction_type"],
-                   image_clip=1.0 if config["kind"] == "pixels" else 1e4,
-                   text_clip=config["text_clip_value"], max_text_length=config["max_text_length"],
-                   dim_text=model.config.dim_text, device=device, shape=tuple(config["shape"]),
-                   kind=config["kind"], vae=vae, scaling=config["latent_scaling"], dataset=config["dataset"],
-                   caption_template=config["caption_template"], val_captions=val_captions or
-                   config["validation_prompts"], val_x0=val_x0, val_source=val_source,
-                   text_guidance_scale=args.text_guidance_scale, num_inference_steps=args.num_inference_steps)
+    ctx = Sampling(
+        text_encoder=text_encoder,
+        retrieval_table=table,
+        retrieval_captions=config["retrieval_captions"],
+        mlm_head=mlm_head,
+        text_decoder=args.text_decoder,
+        sampler=sampler,
+        text_sampler=text_sampler,
+        prediction_type=config["prediction_type"],
+        image_clip=1.0 if config["kind"] == "pixels" else 1e4,
+        text_clip=config["text_clip_value"],
+        max_text_length=config["max_text_length"],
+        dim_text=model.config.dim_text,
+        device=device,
+        shape=tuple(config["shape"]),
+        kind=config["kind"],
+        vae=vae,
+        scaling=config["latent_scaling"],
+        dataset=config["dataset"],
+        caption_template=config["caption_template"],
+        val_captions=val_captions or config["validation_prompts"],
+        val_x0=val_x0,
+        val_source=val_source,
+        text_guidance_scale=args.text_guidance_scale,
+        num_inference_steps=args.num_inference_steps,
+    )
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
@@ -1658,62 +2016,107 @@ def main(args):
     scaling = latent_scaling(vae) if vae is not None else None
     if data.shape[-1] % args.patch_size or data.shape[-2] % args.patch_size:
         fail(f"--patch_size {args.patch_size}: does not divide the {data.shape[-2]}x{data.shape[-1]} image grid")
-    train_dataloader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data.tensors),
-                                                   batch_size=args.train_batch_size, shuffle=True,
-                                                   drop_last=len(data.tensors[0]) >= args.train_batch_size,
-                                                   num_workers=args.dataloader_num_workers,
-                                                   pin_memory=accelerator.device.type == "cuda")
+    train_dataloader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(*data.tensors),
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=len(data.tensors[0]) >= args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
 
     # ---- Models: frozen text encoder (the distinct captions, encoded once and standardised), MMDiT -------------
     text_encoder = BertTextEncoder(args.text_encoder, args.text_prefix, args.max_text_length).to(accelerator.device)
     text_encoder.name_or_path = args.text_encoder
     caption_states = text_encoder(data.captions)  # [distinct captions, L, D]
     latent_dim = min(64, dim_text) if args.text_latent_dim is None else args.text_latent_dim or dim_text
-    mmdit_config = dict(in_channels=data.shape[0], image_size=data.shape[-1], patch_size=args.patch_size,
-                        dim_image=args.dim_image, dim_text=latent_dim, text_out_dim=latent_dim, depth=args.depth,
-                        num_heads=args.num_heads, mlp_ratio=args.mlp_ratio, pooled_text=args.pooled_text,
-                        stem_channels=args.stem_channels)
+    mmdit_config = dict(
+        in_channels=data.shape[0],
+        image_size=data.shape[-1],
+        patch_size=args.patch_size,
+        dim_image=args.dim_image,
+        dim_text=latent_dim,
+        text_out_dim=latent_dim,
+        depth=args.depth,
+        num_heads=args.num_heads,
+        mlp_ratio=args.mlp_ratio,
+        pooled_text=args.pooled_text,
+        stem_channels=args.stem_channels,
+    )
     model = build_model(mmdit_config, args.max_text_length, dim_text, adaln_zero=args.weight_init == "adaln_zero")
     model = model.to(accelerator.device)
     model.text_mean, model.text_std = text_statistics(caption_states, data.tensors[2])
-    model.text_basis, kept = text_basis((caption_states - model.text_mean) / model.text_std, data.tensors[2],
-                                        0 if latent_dim == dim_text else latent_dim)
+    model.text_basis, kept = text_basis(
+        (caption_states - model.text_mean) / model.text_std,
+        data.tensors[2],
+        0 if latent_dim == dim_text else latent_dim,
+    )
     caption_embeddings = model.standardise(caption_states)  # [distinct captions, L, latent_dim]
     model.mmdit.gradient_checkpointing = args.gradient_checkpointing
     noise_scheduler = build_noise_scheduler(args)
-    text_scheduler = DDPMScheduler.from_config(noise_scheduler.config,
-                                               trained_betas=text_betas(noise_scheduler.config, args.text_shift))
+    text_scheduler = DDPMScheduler.from_config(
+        noise_scheduler.config, trained_betas=text_betas(noise_scheduler.config, args.text_shift)
+    )
     sampler, text_sampler = build_sampler(noise_scheduler.config), build_sampler(text_scheduler.config)
     ema = None
     if args.use_ema:
-        ema = EMAModel(model.parameters(), decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0,
-                       power=args.ema_power, foreach=True)
+        ema = EMAModel(
+            model.parameters(),
+            decay=args.ema_decay,
+            use_ema_warmup=True,
+            inv_gamma=1.0,
+            power=args.ema_power,
+            foreach=True,
+        )
         ema.to(accelerator.device)
-    accelerator.print(f"MMDiT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M trained parameters; "
-                      f"{len(data.tensors[0])} examples ({args.dataset}, {data.kind} {data.shape}), "
-                      f"{len(data.captions)} distinct captions, text states {tuple(caption_states.shape[1:])} diffused "
-                      f"in {latent_dim} dimensions ({100 * kept:.2f}% of their variance)")
-    retrieval_captions = data.captions[:args.max_retrieval_captions]
+    accelerator.print(
+        f"MMDiT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M trained parameters; "
+        f"{len(data.tensors[0])} examples ({args.dataset}, {data.kind} {data.shape}), "
+        f"{len(data.captions)} distinct captions, text states {tuple(caption_states.shape[1:])} diffused "
+        f"in {latent_dim} dimensions ({100 * kept:.2f}% of their variance)"
+    )
+    retrieval_captions = data.captions[: args.max_retrieval_captions]
     mlm_head = MaskedLMHead.load(args.text_encoder, text_encoder.tokenizer)
     if args.text_decoder == "mlm" and mlm_head is None:
         fail(f"--text_decoder mlm: {args.text_encoder} has no masked-LM head weights; use retrieval")
-    ctx = Sampling(text_encoder=text_encoder, retrieval_table=caption_embeddings[:args.max_retrieval_captions],
-                   retrieval_captions=retrieval_captions, mlm_head=mlm_head, text_decoder=args.text_decoder,
-                   sampler=sampler, text_sampler=text_sampler,
-                   prediction_type=args.prediction_type,
-                   image_clip=1.0 if data.kind == "pixels" else 1e4,
-                   text_clip=args.text_clip_value,
-                   max_text_length=args.max_text_length, dim_text=latent_dim, device=accelerator.device,
-                   shape=data.shape, kind=data.kind, vae=vae, vae_name=vae_name, scaling=scaling,
-                   dataset=args.dataset, caption_template=args.caption_template, val_captions=data.val_captions,
-                   val_x0=validation_images(data, scaling), val_source=data.val_source,
-                   text_guidance_scale=args.text_guidance_scale, num_inference_steps=args.num_inference_steps)
+    ctx = Sampling(
+        text_encoder=text_encoder,
+        retrieval_table=caption_embeddings[: args.max_retrieval_captions],
+        retrieval_captions=retrieval_captions,
+        mlm_head=mlm_head,
+        text_decoder=args.text_decoder,
+        sampler=sampler,
+        text_sampler=text_sampler,
+        prediction_type=args.prediction_type,
+        image_clip=1.0 if data.kind == "pixels" else 1e4,
+        text_clip=args.text_clip_value,
+        max_text_length=args.max_text_length,
+        dim_text=latent_dim,
+        device=accelerator.device,
+        shape=data.shape,
+        kind=data.kind,
+        vae=vae,
+        vae_name=vae_name,
+        scaling=scaling,
+        dataset=args.dataset,
+        caption_template=args.caption_template,
+        val_captions=data.val_captions,
+        val_x0=validation_images(data, scaling),
+        val_source=data.val_source,
+        text_guidance_scale=args.text_guidance_scale,
+        num_inference_steps=args.num_inference_steps,
+    )
     sampling_files = functools.partial(write_sampling_files, sampler, text_sampler, export_config(args, ctx))
 
     # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
     # Fused AdamW: one kernel for all tensors, and it can skip a non-finite step on the device (found_inf below).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        fused=True,
+    )
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -1735,15 +2138,19 @@ def main(args):
         accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
     # Not prepared: accelerate would step it once per process and save it pickled. It counts optimizer steps
     # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=max_train_steps, last_epoch=global_step - 1)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=max_train_steps,
+        last_epoch=global_step - 1,
+    )
     if args.report_to:
         accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
 
     # ---- Training loop: the host reads device values only every --logging_steps -------------------------------
     metrics_path = output_dir / "metrics.jsonl"
-    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
-                    desc="train")
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process, desc="train")
     sums = torch.zeros(3, device=accelerator.device)  # image loss, text loss, examples
     # Optimizer steps with a non-finite gradient: in total, in the current run, and the longest run since the
     # last logging step (the only place the host reads them).
@@ -1762,8 +2169,16 @@ def main(args):
             epoch_batches += 1
             with accelerator.accumulate(model):
                 x0 = to_model_input(mean, std, data.kind, scaling, train_rng)
-                image_loss, text_loss = training_step(model, noise_scheduler, text_scheduler, x0,
-                                                      caption_embeddings[caption_index], dim_text, args, train_rng)
+                image_loss, text_loss = training_step(
+                    model,
+                    noise_scheduler,
+                    text_scheduler,
+                    x0,
+                    caption_embeddings[caption_index],
+                    dim_text,
+                    args,
+                    train_rng,
+                )
                 accelerator.backward((image_loss.sum() + args.text_loss_weight * text_loss.sum()) / x0.shape[0])
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
@@ -1777,8 +2192,9 @@ def main(args):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             # The example count is filled on the device: a tensor built from a host number would be a copy, a sync.
-            sums += torch.stack([image_loss.detach().sum(), text_loss.detach().sum(),
-                                 image_loss.new_full((), x0.shape[0])])
+            sums += torch.stack(
+                [image_loss.detach().sum(), text_loss.detach().sum(), image_loss.new_full((), x0.shape[0])]
+            )
             window_samples += x0.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
@@ -1798,22 +2214,32 @@ def main(args):
                 total_nonfinite, longest = torch.stack([nonfinite_steps, longest_run]).tolist()
                 elapsed = time.perf_counter() - window_start
                 image_l, text_l = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
-                row = {"step": global_step, "epoch": epoch, "loss": image_l + args.text_loss_weight * text_l,
-                       "image_loss": image_l, "text_loss": text_l, "lr": lr_scheduler.get_last_lr()[0],
-                       "grad_norm": grad_norm.item(), "samples_per_s": window_samples / max(elapsed, 1e-9),
-                       "nonfinite_steps": int(total_nonfinite)}
+                row = {
+                    "step": global_step,
+                    "epoch": epoch,
+                    "loss": image_l + args.text_loss_weight * text_l,
+                    "image_loss": image_l,
+                    "text_loss": text_l,
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm.item(),
+                    "samples_per_s": window_samples / max(elapsed, 1e-9),
+                    "nonfinite_steps": int(total_nonfinite),
+                }
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
-                    progress.set_postfix(image=f"{image_l:.4f}", text=f"{text_l:.4f}",
-                                         samples_s=f"{row['samples_per_s']:.0f}")
+                    progress.set_postfix(
+                        image=f"{image_l:.4f}", text=f"{text_l:.4f}", samples_s=f"{row['samples_per_s']:.0f}"
+                    )
                 accelerator.log(row, step=global_step)
                 sums.zero_()
                 longest_run.copy_(nonfinite_run)
                 window_start, window_samples = time.perf_counter(), 0
                 if longest >= args.max_nonfinite_steps:  # the same on every process
-                    accelerator.print(f"error: {int(longest)} steps in a row with a non-finite gradient before step "
-                                      f"{global_step}; lower --learning_rate. The last checkpoint is intact.")
+                    accelerator.print(
+                        f"error: {int(longest)} steps in a row with a non-finite gradient before step "
+                        f"{global_step}; lower --learning_rate. The last checkpoint is intact."
+                    )
                     sys.exit(1)
 
             stop_now = stop()
@@ -1822,12 +2248,16 @@ def main(args):
                 path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, sampling_files)
                 accelerator.print(f"\nsaved {path}")
             if stop_now:
-                accelerator.print(f"stop requested: exiting at step {global_step}; resume with "
-                                  f"--resume_from_checkpoint latest")
+                accelerator.print(
+                    f"stop requested: exiting at step {global_step}; resume with --resume_from_checkpoint latest"
+                )
                 accelerator.end_training()
                 return
-            if global_step % args.validation_steps == 0 and global_step < max_train_steps \
-                    and accelerator.is_main_process:
+            if (
+                global_step % args.validation_steps == 0
+                and global_step < max_train_steps
+                and accelerator.is_main_process
+            ):
                 if ema is not None:
                     ema.store(model.parameters())
                     ema.copy_to(model.parameters())
@@ -1862,6 +2292,7 @@ def main(args):
     accelerator.end_training()
 
 
+# Copied from train_image_discrete.validation_images
 def validation_images(data, scaling):
     """Held-out images in the model's space (the posterior mean for latents), or None."""
     if data.val_latent_mean is not None:

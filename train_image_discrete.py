@@ -66,12 +66,14 @@ LOCK = "run.lock"  # one training run per output folder
 NEGATABLE = {"use_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
 
 
+# Copied from train_mnist.fail
 def fail(message):
     """A user mistake: one line naming the flag or file and the fix, exit code 2, before any heavy work."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
+# Copied from train_mnist.float_list
 def float_list(text):
     return [float(x) for x in text.split(",") if x.strip()]
 
@@ -81,60 +83,109 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     g = parser.add_argument_group("data")
-    g.add_argument("--data_root", "--dataset_path", "--precomputed_data_dir", default=None,
-                   help="MNIST/raw (torchvision layout), a COCO-style {split}_data.json, an imagefolder with "
-                        "metadata.jsonl, or shards of prepare_data_multi_gpu.py (index.json).")
-    g.add_argument("--dataset", choices=["auto", "mnist", "coco", "imagefolder", "precomputed"], default="auto",
-                   help="Layout of --data_root; auto detects it.")
+    g.add_argument(
+        "--data_root",
+        "--dataset_path",
+        "--precomputed_data_dir",
+        default=None,
+        help="MNIST/raw (torchvision layout), a COCO-style {split}_data.json, an imagefolder with "
+        "metadata.jsonl, or shards of prepare_data_multi_gpu.py (index.json).",
+    )
+    g.add_argument(
+        "--dataset",
+        choices=["auto", "mnist", "coco", "imagefolder", "precomputed"],
+        default="auto",
+        help="Layout of --data_root; auto detects it.",
+    )
     g.add_argument("--split", default="train", help="COCO-style: reads {split}_data.json.")
     g.add_argument("--caption_column", default="text", help="imagefolder: caption key in metadata.jsonl.")
     g.add_argument("--caption_template", default="a handwritten digit {}", help="MNIST caption; {} is the word.")
     g.add_argument("--resolution", type=int, default=32, help="Image side for COCO/imagefolder (MNIST: 28).")
     g.add_argument("--max_samples", type=int, default=None, help="Truncate the training set to N examples.")
-    g.add_argument("--num_validation_images", type=int, default=8,
-                   help="Held-out images captioned at each validation (MNIST: test set; COCO: val_data.json).")
+    g.add_argument(
+        "--num_validation_images",
+        type=int,
+        default=8,
+        help="Held-out images captioned at each validation (MNIST: test set; COCO: val_data.json).",
+    )
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = parser.add_argument_group("models")
     g.add_argument("--vae", default=None, help="AutoencoderKL (hub id or folder): diffuse its latents, not pixels.")
     g.add_argument("--patch_size", type=int, default=4, help="Image tokens are p x p patches (MNIST 28x28, p=4: 49).")
     g.add_argument("--dim_image", type=int, default=128, help="Width of the image stream (and of attention).")
-    g.add_argument("--dim_text", type=int, default=None,
-                   help="Width of the text stream: the frozen encoder's hidden size (default), else 128.")
+    g.add_argument(
+        "--dim_text",
+        type=int,
+        default=None,
+        help="Width of the text stream: the frozen encoder's hidden size (default), else 128.",
+    )
     g.add_argument("--depth", type=int, default=6, help="MMDiT blocks.")
     g.add_argument("--num_heads", type=int, default=4)
     g.add_argument("--mlp_ratio", type=float, default=4.0)
-    g.add_argument("--stem_channels", type=int, default=4,
-                   help="A 3x3 convolution with this many channels + GELU before the patchify (0: none): a patch "
-                        "token also sees its neighbours' edge pixels; it improves image-to-text and needs more "
-                        "text-to-image guidance (docs/mmdit.md).")
-    g.add_argument("--pooled_text", action=argparse.BooleanOptionalAction, default=True,
-                   help="Add an MLP of the mean text input to the adaLN conditioning (SD3's pooled text vector).")
-    g.add_argument("--weight_init", choices=["adaln_zero", "pytorch"], default="adaln_zero",
-                   help="adaln_zero: DiT's (identity blocks, zero outputs), best in long runs; pytorch: PyTorch's "
-                        "layer defaults, faster to learn in short runs (docs/mmdit.md).")
+    g.add_argument(
+        "--stem_channels",
+        type=int,
+        default=4,
+        help="A 3x3 convolution with this many channels + GELU before the patchify (0: none): a patch "
+        "token also sees its neighbours' edge pixels; it improves image-to-text and needs more "
+        "text-to-image guidance (docs/mmdit.md).",
+    )
+    g.add_argument(
+        "--pooled_text",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Add an MLP of the mean text input to the adaLN conditioning (SD3's pooled text vector).",
+    )
+    g.add_argument(
+        "--weight_init",
+        choices=["adaln_zero", "pytorch"],
+        default="adaln_zero",
+        help="adaln_zero: DiT's (identity blocks, zero outputs), best in long runs; pytorch: PyTorch's "
+        "layer defaults, faster to learn in short runs (docs/mmdit.md).",
+    )
     g.add_argument("--tokenizer", default="bert-base-uncased", help="Tokenizer (hub id or folder).")
-    g.add_argument("--text_encoder", default="learned",
-                   help='"learned" (token + position embeddings trained here) or a frozen BERT-family model '
-                        "(hub id or folder) read as the input embedding.")
+    g.add_argument(
+        "--text_encoder",
+        default="learned",
+        help='"learned" (token + position embeddings trained here) or a frozen BERT-family model '
+        "(hub id or folder) read as the input embedding.",
+    )
     g.add_argument("--max_text_length", type=int, default=16, help="Caption tokens, [CLS]/[SEP]/pads included.")
 
     g = parser.add_argument_group("objective")
-    g.add_argument("--text_loss_weight", type=float, default=4.0,
-                   help="Weight of the MDLM loss (it averages over all positions, most of them easy).")
-    g.add_argument("--image_clean_prob", type=float, default=0.4,
-                   help="Per example: the image is clean (trains image-to-text).")
-    g.add_argument("--text_clean_prob", type=float, default=0.45,
-                   help="Per example: the caption is clean (trains text-to-image; the image learns slower than "
-                        "the caption, docs/mmdit.md). What is left after these and the two dropouts is joint "
-                        "(0.025 by default: sample_joint does not need it, and each example moved to it costs "
-                        "text-to-image or image-to-text, docs/mmdit.md).")
-    g.add_argument("--cond_dropout_prob", type=float, default=0.0625,
-                   help="Per example and modality: drop it from the attention (unconditional branch of guidance).")
-    g.add_argument("--text_schedule", choices=["linear", "square", "cosine"], default="linear",
-                   help="Masking rate t of a caption, u uniform: linear t = u (alpha = 1 - u, weight 1/u), square "
-                        "t = u^2 (weight 2/u) or cosine t = sin(pi u / 2) (weight (pi/2) / tan(pi u / 2)). The same "
-                        "ELBO (docs/mmdit.md compares them).")
+    g.add_argument(
+        "--text_loss_weight",
+        type=float,
+        default=4.0,
+        help="Weight of the MDLM loss (it averages over all positions, most of them easy).",
+    )
+    g.add_argument(
+        "--image_clean_prob", type=float, default=0.4, help="Per example: the image is clean (trains image-to-text)."
+    )
+    g.add_argument(
+        "--text_clean_prob",
+        type=float,
+        default=0.45,
+        help="Per example: the caption is clean (trains text-to-image; the image learns slower than "
+        "the caption, docs/mmdit.md). What is left after these and the two dropouts is joint "
+        "(0.025 by default: sample_joint does not need it, and each example moved to it costs "
+        "text-to-image or image-to-text, docs/mmdit.md).",
+    )
+    g.add_argument(
+        "--cond_dropout_prob",
+        type=float,
+        default=0.0625,
+        help="Per example and modality: drop it from the attention (unconditional branch of guidance).",
+    )
+    g.add_argument(
+        "--text_schedule",
+        choices=["linear", "square", "cosine"],
+        default="linear",
+        help="Masking rate t of a caption, u uniform: linear t = u (alpha = 1 - u, weight 1/u), square "
+        "t = u^2 (weight 2/u) or cosine t = sin(pi u / 2) (weight (pi/2) / tan(pi u / 2)). The same "
+        "ELBO (docs/mmdit.md compares them).",
+    )
     g.add_argument("--min_text_t", type=float, default=1e-3, help="Smallest u of --text_schedule; bounds the weight.")
 
     g = parser.add_argument_group("optimisation")
@@ -147,82 +198,142 @@ def parse_args(argv=None):
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.99)
     g.add_argument("--adam_weight_decay", type=float, default=0.0)
-    g.add_argument("--lr_scheduler", default="cosine",
-                   help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+    g.add_argument(
+        "--lr_scheduler",
+        default="cosine",
+        help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
+    )
     g.add_argument("--lr_warmup_steps", type=int, default=200)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--max_nonfinite_steps", type=int, default=10,
-                   help="Stop after this many optimizer steps in a row with a non-finite gradient.")
-    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="Keep an EMA of the weights (with warmup) for samples and the export.")
+    g.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=10,
+        help="Stop after this many optimizer steps in a row with a non-finite gradient.",
+    )
+    g.add_argument(
+        "--use_ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Keep an EMA of the weights (with warmup) for samples and the export.",
+    )
     g.add_argument("--ema_decay", type=float, default=0.999, help="Largest EMA decay, reached after the warmup.")
     g.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
 
     g = parser.add_argument_group("speed and memory")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="Autocast precision; fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag.")
+    g.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Autocast precision; fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag.",
+    )
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                   help="Accepted for uniformity; attention is torch SDPA, which picks its fastest kernel itself.")
+    g.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Accepted for uniformity; attention is torch SDPA, which picks its fastest kernel itself.",
+    )
 
     g = parser.add_argument_group("sampling and evaluation")
-    g.add_argument("--guidance_scale", type=float, default=7.0,
-                   help="Text-to-image guidance (1 = none): more follows the prompt more closely at some cost in "
-                        "image quality (docs/mmdit.md).")
+    g.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=7.0,
+        help="Text-to-image guidance (1 = none): more follows the prompt more closely at some cost in "
+        "image quality (docs/mmdit.md).",
+    )
     g.add_argument("--text_guidance_scale", type=float, default=1.5, help="Image-to-text guidance (1 = none).")
-    g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 2.0, 4.0],
-                   help="Columns of the text-to-image validation grid.")
+    g.add_argument(
+        "--validation_guidance_scales",
+        type=float_list,
+        default=[1.0, 2.0, 4.0],
+        help="Columns of the text-to-image validation grid.",
+    )
     g.add_argument("--num_inference_steps", type=int, default=20, help="Euler steps of the image flow.")
-    g.add_argument("--text_inference_steps", type=int, default=None,
-                   help="Unmasking steps of the caption sampler (default: --max_text_length).")
-    g.add_argument("--text_sampler", choices=["ancestral", "confidence"], default="confidence",
-                   help="ancestral: the MDLM posterior; confidence: unmask the most confident tokens first.")
-    g.add_argument("--num_eval_samples", type=int, default=0,
-                   help="MNIST: write N text-to-image samples (balanced over the digits) to eval_samples.npz.")
-    g.add_argument("--num_eval_captions", type=int, default=0,
-                   help="MNIST: caption the first N test images into captions.jsonl.")
-    g.add_argument("--num_eval_joint", type=int, default=0,
-                   help="MNIST: write N jointly generated (image, caption) pairs to eval_joint.npz.")
+    g.add_argument(
+        "--text_inference_steps",
+        type=int,
+        default=None,
+        help="Unmasking steps of the caption sampler (default: --max_text_length).",
+    )
+    g.add_argument(
+        "--text_sampler",
+        choices=["ancestral", "confidence"],
+        default="confidence",
+        help="ancestral: the MDLM posterior; confidence: unmask the most confident tokens first.",
+    )
+    g.add_argument(
+        "--num_eval_samples",
+        type=int,
+        default=0,
+        help="MNIST: write N text-to-image samples (balanced over the digits) to eval_samples.npz.",
+    )
+    g.add_argument(
+        "--num_eval_captions", type=int, default=0, help="MNIST: caption the first N test images into captions.jsonl."
+    )
+    g.add_argument(
+        "--num_eval_joint",
+        type=int,
+        default=0,
+        help="MNIST: write N jointly generated (image, caption) pairs to eval_joint.npz.",
+    )
     g.add_argument("--eval_batch_size", type=int, default=250)
-    g.add_argument("--sample_from", "--sample_only", default=None,
-                   help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.")
+    g.add_argument(
+        "--sample_from",
+        "--sample_only",
+        default=None,
+        help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.",
+    )
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=50)
     g.add_argument("--validation_steps", type=int, default=1000)
     g.add_argument("--checkpointing_steps", type=int, default=1000)
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None,
-                   help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.')
-    g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.")
-    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none",
-                   help="Send metrics and validation grids to a tracker (its package must be installed); all: every "
-                        "installed one.")
+    g.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.',
+    )
+    g.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.",
+    )
+    g.add_argument(
+        "--report_to",
+        choices=["none", "tensorboard", "wandb", "all"],
+        default="none",
+        help="Send metrics and validation grids to a tracker (its package must be installed); all: every "
+        "installed one.",
+    )
     g.add_argument("--tracker_project_name", default="train_image_discrete", help="Project (wandb) or run folder name.")
 
     argv = sys.argv[1:] if argv is None else list(argv)
     return parser.parse_args([underscore_flag(a) for a in argv])
 
 
+# Copied from train_mnist.underscore_flag
 def underscore_flag(arg):
     """Every flag also accepts its hyphen spelling: --max-samples == --max_samples, --no-use-ema == --no-use_ema."""
     if not arg.startswith("--"):
         return arg
     name, eq, value = arg[2:].partition("=")
     negation = "no-" if name.startswith(("no-", "no_")) and name[3:].replace("-", "_") in NEGATABLE else ""
-    return "--" + negation + name[len(negation):].replace("-", "_") + eq + value
+    return "--" + negation + name[len(negation) :].replace("-", "_") + eq + value
 
 
 def check_args(args):
     """Cheap checks of the flags, before any dataset or model is loaded."""
     if args.sample_from:
         if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
-            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
-                 f"or one of its checkpoint-N folders")
+            fail(
+                f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
+                f"or one of its checkpoint-N folders"
+            )
         if problem := manifest_problem(Path(args.sample_from)):
             fail(f"--sample_from {args.sample_from}: damaged or incomplete ({problem}); pass an intact export")
     else:
@@ -254,6 +365,7 @@ def check_args(args):
             fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
 
 
+# Copied from train_mnist.installed_trackers
 def installed_trackers(report_to):
     """--report_to as accelerate's log_with: a tracker whose package is missing is an error, never silence."""
     import importlib.util
@@ -267,11 +379,14 @@ def installed_trackers(report_to):
             fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
         return found
     if not importlib.util.find_spec(packages[report_to]):
-        fail(f"--report_to {report_to}: the {packages[report_to]} package is not installed; "
-             f"pip install {packages[report_to]}")
+        fail(
+            f"--report_to {report_to}: the {packages[report_to]} package is not installed; "
+            f"pip install {packages[report_to]}"
+        )
     return [report_to]
 
 
+# Copied from train_mnist.check_accelerator
 def check_accelerator(accelerator):
     """Checks of what accelerate resolved from the flags, its config file and the launcher, before heavy work."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
@@ -286,19 +401,29 @@ def detect_dataset(args):
     root = Path(args.data_root)
     if not root.is_dir():
         fail(f"--data_root {root}: no such folder")
-    found = {"precomputed": (root / "index.json").is_file(), "coco": (root / f"{args.split}_data.json").is_file(),
-             "imagefolder": (root / "metadata.jsonl").is_file(), "mnist": (root / "MNIST" / "raw").is_dir()}
+    found = {
+        "precomputed": (root / "index.json").is_file(),
+        "coco": (root / f"{args.split}_data.json").is_file(),
+        "imagefolder": (root / "metadata.jsonl").is_file(),
+        "mnist": (root / "MNIST" / "raw").is_dir(),
+    }
     if args.dataset != "auto":
         if not found[args.dataset]:
-            needs = {"precomputed": "index.json", "coco": f"{args.split}_data.json", "imagefolder": "metadata.jsonl",
-                     "mnist": "MNIST/raw/"}[args.dataset]
+            needs = {
+                "precomputed": "index.json",
+                "coco": f"{args.split}_data.json",
+                "imagefolder": "metadata.jsonl",
+                "mnist": "MNIST/raw/",
+            }[args.dataset]
             fail(f"--data_root {root}: --dataset {args.dataset} needs {needs} there")
         return args.dataset
     for kind, ok in found.items():
         if ok:
             return kind
-    fail(f"--data_root {root}: found none of index.json (shards), {args.split}_data.json (COCO-style), "
-         f"metadata.jsonl (imagefolder), MNIST/raw/")
+    fail(
+        f"--data_root {root}: found none of index.json (shards), {args.split}_data.json (COCO-style), "
+        f"metadata.jsonl (imagefolder), MNIST/raw/"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,8 +478,10 @@ def read_pairs(args, root, split):
             path = next((r[k] for k in ("image", "image_path", "file_name", "filepath", "path") if k in r), None)
             caption = next((r[k] for k in ("caption", "text", "captions") if k in r), None)
             if path is None or caption is None:
-                fail(f"--data_root {root / f'{split}_data.json'}: each record needs an image path ('image' or "
-                     f"'file_name') and a 'caption'; got keys {sorted(r)}")
+                fail(
+                    f"--data_root {root / f'{split}_data.json'}: each record needs an image path ('image' or "
+                    f"'file_name') and a 'caption'; got keys {sorted(r)}"
+                )
             for c in caption if isinstance(caption, list) else [caption]:
                 pairs.append((root / path, str(c)))
         return pairs
@@ -378,8 +505,9 @@ def load_pairs(pairs, resolution, what):
             captions.append(caption)
     skipped = len(pairs) - len(images)
     if skipped:
-        print(f"warning: {what}: skipped {skipped} of {len(pairs)} images that are missing or unreadable",
-              file=sys.stderr)
+        print(
+            f"warning: {what}: skipped {skipped} of {len(pairs)} images that are missing or unreadable", file=sys.stderr
+        )
     if not images:
         fail(f"--data_root: none of the {len(pairs)} images of {what} could be read")
     return torch.stack(images), captions
@@ -393,8 +521,10 @@ def load_precomputed(root, max_samples):
     if index.get("format") != "precomputed-diffusion-shards" or index.get("version") != 1:
         fail(f"--data_root {root}: index.json is not version 1 of the precomputed-diffusion-shards format")
     if not index.get("vae"):
-        fail(f"--data_root {root}: the shards hold no images (prepared without a VAE); re-run "
-             f"prepare_data_multi_gpu.py with --vae, or point --data_root at the images")
+        fail(
+            f"--data_root {root}: the shards hold no images (prepared without a VAE); re-run "
+            f"prepare_data_multi_gpu.py with --vae, or point --data_root at the images"
+        )
     means, stds, captions = [], [], []
     for shard in index["shards"]:
         with safe_open(str(root / shard["file"]), framework="pt") as f:
@@ -431,11 +561,12 @@ def build_dataset(args, vae):
         val_source = "MNIST test images"
     elif args.dataset in ("coco", "imagefolder"):
         pairs = read_pairs(args, root, args.split)
-        pairs = pairs if args.max_samples is None else pairs[:args.max_samples]
+        pairs = pairs if args.max_samples is None else pairs[: args.max_samples]
         images, captions = load_pairs(pairs, args.resolution, f"--data_root {root}")
         if args.dataset == "coco" and args.split != "val" and (root / "val_data.json").is_file():
-            val_pixels, val_captions = load_pairs(read_pairs(args, root, "val")[:n_val], args.resolution,
-                                                  "val_data.json")
+            val_pixels, val_captions = load_pairs(
+                read_pairs(args, root, "val")[:n_val], args.resolution, "val_data.json"
+            )
             val_source = "val_data.json"
         else:
             val_pixels, val_captions = images[:n_val], captions[:n_val]
@@ -452,10 +583,18 @@ def build_dataset(args, vae):
     if args.dataset == "precomputed":
         val_latent_mean = mean[:n_val]
     shape = tuple(mean.shape[1:])
-    return Data(kind="latents" if (vae is not None or args.dataset == "precomputed") else "pixels",
-                tensors=(mean, std, caption_ids), captions=table, shape=shape, val_pixels=val_pixels,
-                val_latent_mean=val_latent_mean, val_captions=val_captions, val_digits=val_digits,
-                val_source=val_source, vae_info=vae_info)
+    return Data(
+        kind="latents" if (vae is not None or args.dataset == "precomputed") else "pixels",
+        tensors=(mean, std, caption_ids),
+        captions=table,
+        shape=shape,
+        val_pixels=val_pixels,
+        val_latent_mean=val_latent_mean,
+        val_captions=val_captions,
+        val_digits=val_digits,
+        val_source=val_source,
+        vae_info=vae_info,
+    )
 
 
 @torch.no_grad()
@@ -511,8 +650,11 @@ class ImagePatchEncoder(nn.Module):
 
     def __init__(self, in_channels, image_size, patch_size, dim, stem_channels=0):
         super().__init__()
-        self.stem = (nn.Sequential(nn.Conv2d(in_channels, stem_channels, 3, padding=1), nn.GELU())
-                     if stem_channels else nn.Identity())
+        self.stem = (
+            nn.Sequential(nn.Conv2d(in_channels, stem_channels, 3, padding=1), nn.GELU())
+            if stem_channels
+            else nn.Identity()
+        )
         self.proj = nn.Conv2d(stem_channels or in_channels, dim, kernel_size=patch_size, stride=patch_size)
         pos = get_2d_sincos_pos_embed(dim, image_size // patch_size, base_size=image_size // patch_size)
         self.register_buffer("pos", pos.float().unsqueeze(0), persistent=False)
@@ -593,19 +735,44 @@ class MMDiT(nn.Module):
     directly, as a class label does in DiT, instead of only through attention. Zero-init as DiT (adaln_zero): adaLN
     and final layers start at zero."""
 
-    def __init__(self, in_channels, image_size, patch_size, dim_image, dim_text, text_out_dim, depth, num_heads,
-                 mlp_ratio=4.0, pooled_text=False, stem_channels=0, adaln_zero=True):
+    def __init__(
+        self,
+        in_channels,
+        image_size,
+        patch_size,
+        dim_image,
+        dim_text,
+        text_out_dim,
+        depth,
+        num_heads,
+        mlp_ratio=4.0,
+        pooled_text=False,
+        stem_channels=0,
+        adaln_zero=True,
+    ):
         super().__init__()
-        self.config = dict(in_channels=in_channels, image_size=image_size, patch_size=patch_size,
-                           dim_image=dim_image, dim_text=dim_text, text_out_dim=text_out_dim, depth=depth,
-                           num_heads=num_heads, mlp_ratio=mlp_ratio, pooled_text=pooled_text,
-                           stem_channels=stem_channels)
+        self.config = dict(
+            in_channels=in_channels,
+            image_size=image_size,
+            patch_size=patch_size,
+            dim_image=dim_image,
+            dim_text=dim_text,
+            text_out_dim=text_out_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            pooled_text=pooled_text,
+            stem_channels=stem_channels,
+        )
         self.patch_size, self.in_channels = patch_size, in_channels
         self.patch_encoder = ImagePatchEncoder(in_channels, image_size, patch_size, dim_image, stem_channels)
         self.image_time = nn.Sequential(Timesteps(256, True, 0), TimestepEmbedding(256, dim_image))
         self.text_time = nn.Sequential(Timesteps(256, True, 0), TimestepEmbedding(256, dim_image))
-        self.text_pool = nn.Sequential(nn.Linear(dim_text, dim_image), nn.SiLU(),
-                                       nn.Linear(dim_image, dim_image)) if pooled_text else None
+        self.text_pool = (
+            nn.Sequential(nn.Linear(dim_text, dim_image), nn.SiLU(), nn.Linear(dim_image, dim_image))
+            if pooled_text
+            else None
+        )
         self.blocks = nn.ModuleList(MMDiTBlock(dim_image, dim_text, num_heads, mlp_ratio) for _ in range(depth))
         self.image_final = FinalLayer(dim_image, patch_size * patch_size * in_channels, dim_image)
         self.text_final = FinalLayer(dim_text, text_out_dim, dim_image)
@@ -634,7 +801,7 @@ class MMDiT(nn.Module):
             if key_mask is None:
                 pooled = text.mean(1)
             else:
-                keep = key_mask[:, -text.shape[1]:, None].to(text.dtype)
+                keep = key_mask[:, -text.shape[1] :, None].to(text.dtype)
                 pooled = (text * keep).sum(1) / keep.sum(1).clamp(min=1)
             c = c + self.text_pool(pooled)
         y = text
@@ -659,8 +826,10 @@ def load_tokenizer(name_or_path):
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        fail(f"--tokenizer {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder with the "
-             f"tokenizer files, or a hub id when online")
+        fail(
+            f"--tokenizer {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder with the "
+            f"tokenizer files, or a hub id when online"
+        )
 
 
 class Vocabulary:
@@ -686,15 +855,18 @@ class Vocabulary:
         return self.lookup[token_ids.clamp(max=len(self.lookup) - 1)]
 
     def decode(self, tokenizer, compact_ids):
-        return [tokenizer.decode(self.ids[row[row < self.size]], skip_special_tokens=True).strip()
-                for row in compact_ids.cpu()]
+        return [
+            tokenizer.decode(self.ids[row[row < self.size]], skip_special_tokens=True).strip()
+            for row in compact_ids.cpu()
+        ]
 
 
 def tokenize(tokenizer, captions, max_length):
     if tokenizer.pad_token_id is None:
         fail(f"--tokenizer {tokenizer.name_or_path}: it has no pad token; use a BERT-family tokenizer")
-    return tokenizer(captions, padding="max_length", max_length=max_length, truncation=True,
-                     return_tensors="pt").input_ids
+    return tokenizer(
+        captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 class TextTokenEncoder(nn.Module):
@@ -708,7 +880,7 @@ class TextTokenEncoder(nn.Module):
             nn.init.normal_(self.token.weight, std=0.02)
 
     def forward(self, ids):
-        return self.token(ids) + self.position[:, :ids.shape[1]]
+        return self.token(ids) + self.position[:, : ids.shape[1]]
 
 
 class BertTextEncoder(nn.Module):
@@ -733,8 +905,10 @@ def text_encoder_hidden_size(name_or_path, flag="--text_encoder"):
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        fail(f"{flag} {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder with config.json, "
-             f"or a hub id when online")
+        fail(
+            f"{flag} {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder with config.json, "
+            f"or a hub id when online"
+        )
     return config.hidden_size
 
 
@@ -744,14 +918,41 @@ class TextImageModel(ModelMixin, ConfigMixin):
     not part of it: export_config.json names it and --sample_from loads it from there."""
 
     @register_to_config
-    def __init__(self, in_channels, image_size, patch_size, dim_image, dim_text, text_out_dim, depth, num_heads,
-                 mlp_ratio=4.0, pooled_text=False, stem_channels=0, num_text_tokens=None, max_text_length=16,
-                 adaln_zero=True):
+    def __init__(
+        self,
+        in_channels,
+        image_size,
+        patch_size,
+        dim_image,
+        dim_text,
+        text_out_dim,
+        depth,
+        num_heads,
+        mlp_ratio=4.0,
+        pooled_text=False,
+        stem_channels=0,
+        num_text_tokens=None,
+        max_text_length=16,
+        adaln_zero=True,
+    ):
         super().__init__()
-        self.mmdit = MMDiT(in_channels, image_size, patch_size, dim_image, dim_text, text_out_dim, depth, num_heads,
-                           mlp_ratio, pooled_text, stem_channels, adaln_zero)
-        self.text_input = (TextTokenEncoder(num_text_tokens, max_text_length, dim_text, adaln_zero)
-                           if num_text_tokens else None)
+        self.mmdit = MMDiT(
+            in_channels,
+            image_size,
+            patch_size,
+            dim_image,
+            dim_text,
+            text_out_dim,
+            depth,
+            num_heads,
+            mlp_ratio,
+            pooled_text,
+            stem_channels,
+            adaln_zero,
+        )
+        self.text_input = (
+            TextTokenEncoder(num_text_tokens, max_text_length, dim_text, adaln_zero) if num_text_tokens else None
+        )
 
     def forward(self, image, t_image, text, t_text, key_mask=None):
         y = self.text_input(text) if self.text_input is not None else text
@@ -778,8 +979,9 @@ def draw_modalities(n, args, generator, device):
 
 def key_padding_mask(keep_image, keep_text, num_image_tokens, text_length):
     """[b, n_image + L] bool, False for the tokens of a dropped modality."""
-    return torch.cat([keep_image[:, None].expand(-1, num_image_tokens),
-                      keep_text[:, None].expand(-1, text_length)], dim=1)
+    return torch.cat(
+        [keep_image[:, None].expand(-1, num_image_tokens), keep_text[:, None].expand(-1, text_length)], dim=1
+    )
 
 
 def training_step(model, frozen_encoder, x0, ids, vocabulary, args, generator):
@@ -787,8 +989,9 @@ def training_step(model, frozen_encoder, x0, ids, vocabulary, args, generator):
     n, device = x0.shape[0], x0.device
     image_clean, text_clean, text_dropped, image_dropped = draw_modalities(n, args, generator, device)
     # Image: x_t = (1 - t) x0 + t eps, target eps - x0; t logit-normal (SD3), 0 when clean, 1 when dropped.
-    t_image = compute_density_for_timestep_sampling("logit_normal", n, logit_mean=0.0, logit_std=1.0,
-                                                    device=device, generator=generator)
+    t_image = compute_density_for_timestep_sampling(
+        "logit_normal", n, logit_mean=0.0, logit_std=1.0, device=device, generator=generator
+    )
     t_image = torch.where(image_clean, 0.0, torch.where(image_dropped, 1.0, t_image))
     eps = torch.randn(x0.shape, generator=generator, device=device)
     t4 = t_image.view(-1, 1, 1, 1)
@@ -870,8 +1073,9 @@ def unmask_step(ids, log_probs, t, s, steps_left, sampler, mask_id, generator):
     confidence: the ceil(masked / steps_left) most confident masked tokens are revealed, argmax."""
     masked = ids == mask_id
     if sampler == "ancestral":
-        gumbel = -torch.log(-torch.log(torch.rand(log_probs.shape, generator=generator, device=ids.device)
-                                       .clamp(1e-20, 1 - 1e-7)))
+        gumbel = -torch.log(
+            -torch.log(torch.rand(log_probs.shape, generator=generator, device=ids.device).clamp(1e-20, 1 - 1e-7))
+        )
         proposal = (log_probs + gumbel).argmax(-1)
         reveal = masked & (torch.rand(ids.shape, generator=generator, device=ids.device) < (t - s) / t)
     else:
@@ -891,24 +1095,29 @@ def sample_captions(model, frozen_encoder, x0, vocabulary, length, guidance_scal
     ids = torch.full((n, length), vocabulary.mask_id, device=device)
     guided = guidance_scale != 1.0
     ones, zeros = torch.ones(n, dtype=torch.bool, device=device), torch.zeros(n, dtype=torch.bool, device=device)
-    key_mask = key_padding_mask(torch.cat([ones, zeros]), torch.cat([ones, ones]),
-                                model_num_image_tokens(model, x0), length)
+    key_mask = key_padding_mask(
+        torch.cat([ones, zeros]), torch.cat([ones, ones]), model_num_image_tokens(model, x0), length
+    )
     images = torch.cat([x0, x0]) if guided else x0
-    t_image = torch.cat([torch.zeros(n, device=device), torch.ones(n, device=device)]) if guided \
-        else torch.zeros(n, device=device)  # the dropped image of the unconditional branch has t=1, as in training
+    t_image = (
+        torch.cat([torch.zeros(n, device=device), torch.ones(n, device=device)])
+        if guided
+        else torch.zeros(n, device=device)
+    )  # the dropped image of the unconditional branch has t=1, as in training
     for i in range(num_steps):
         t, s = 1 - i / num_steps, 1 - (i + 1) / num_steps
         states = text_states(model, frozen_encoder, torch.cat([ids, ids]) if guided else ids)
-        _, logits = model(images, t_image, states, torch.full((images.shape[0],), t, device=device),
-                          key_mask if guided else None)
-        ids = unmask_step(ids, guided_log_probs(logits, guidance_scale), t, s, num_steps - i, sampler,
-                          vocabulary.mask_id, generator)
+        _, logits = model(
+            images, t_image, states, torch.full((images.shape[0],), t, device=device), key_mask if guided else None
+        )
+        ids = unmask_step(
+            ids, guided_log_probs(logits, guidance_scale), t, s, num_steps - i, sampler, vocabulary.mask_id, generator
+        )
     return ids
 
 
 @torch.no_grad()
-def sample_joint(model, frozen_encoder, n, shape, vocabulary, length, guidance_scale, num_steps, text_steps,
-                 generator):
+def sample_joint(model, frozen_encoder, n, shape, vocabulary, length, guidance_scale, num_steps, text_steps, generator):
     """Joint generation, caption first: an MDLM caption from the model with the image dropped (p(caption)), then
     the image from that caption, guided (p(image | caption)). Training draws the two timesteps independently, so
     any path from both noisy to both clean samples the same joint; this one runs through the states the training
@@ -918,15 +1127,24 @@ def sample_joint(model, frozen_encoder, n, shape, vocabulary, length, guidance_s
     device = vocabulary_device(model)
     ids = torch.full((n, length), vocabulary.mask_id, device=device)
     no_image = torch.zeros((n, *shape), device=device)  # dropped: out of the attention, t=1, as in training
-    key_mask = key_padding_mask(torch.zeros(n, dtype=torch.bool, device=device),
-                                torch.ones(n, dtype=torch.bool, device=device), model_num_image_tokens(model, no_image),
-                                length)
+    key_mask = key_padding_mask(
+        torch.zeros(n, dtype=torch.bool, device=device),
+        torch.ones(n, dtype=torch.bool, device=device),
+        model_num_image_tokens(model, no_image),
+        length,
+    )
     for i in range(text_steps):
         t, s = 1 - i / text_steps, 1 - (i + 1) / text_steps
-        _, logits = model(no_image, torch.ones(n, device=device), text_states(model, frozen_encoder, ids),
-                          torch.full((n,), t, device=device), key_mask)
-        ids = unmask_step(ids, logits.float().log_softmax(-1), t, s, text_steps - i, "ancestral", vocabulary.mask_id,
-                          generator)
+        _, logits = model(
+            no_image,
+            torch.ones(n, device=device),
+            text_states(model, frozen_encoder, ids),
+            torch.full((n,), t, device=device),
+            key_mask,
+        )
+        ids = unmask_step(
+            ids, logits.float().log_softmax(-1), t, s, text_steps - i, "ancestral", vocabulary.mask_id, generator
+        )
     return sample_images(model, frozen_encoder, ids, shape, guidance_scale, num_steps, generator), ids
 
 
@@ -956,22 +1174,42 @@ def validation_prompts(ctx):
 
 def generate_images(model, ctx, prompts, guidance_scale, seed, num_steps):
     generator = torch.Generator(ctx.device).manual_seed(seed)
-    x = sample_images(model, ctx.frozen_encoder, prompt_ids(ctx, prompts), ctx.shape, guidance_scale, num_steps,
-                      generator)
+    x = sample_images(
+        model, ctx.frozen_encoder, prompt_ids(ctx, prompts), ctx.shape, guidance_scale, num_steps, generator
+    )
     return to_images(x, ctx.kind, ctx.vae, ctx.scaling)
 
 
 def generate_captions(model, ctx, x0, seed):
     generator = torch.Generator(ctx.device).manual_seed(seed)
-    ids = sample_captions(model, ctx.frozen_encoder, x0.to(ctx.device), ctx.vocabulary, ctx.max_text_length,
-                          ctx.text_guidance_scale, ctx.text_inference_steps, ctx.text_sampler, generator)
+    ids = sample_captions(
+        model,
+        ctx.frozen_encoder,
+        x0.to(ctx.device),
+        ctx.vocabulary,
+        ctx.max_text_length,
+        ctx.text_guidance_scale,
+        ctx.text_inference_steps,
+        ctx.text_sampler,
+        generator,
+    )
     return ctx.vocabulary.decode(ctx.tokenizer, ids)
 
 
 def generate_joint(model, ctx, n, guidance_scale, seed, num_steps):
     generator = torch.Generator(ctx.device).manual_seed(seed)
-    x, ids = sample_joint(model, ctx.frozen_encoder, n, ctx.shape, ctx.vocabulary, ctx.max_text_length,
-                          guidance_scale, num_steps, ctx.text_inference_steps, generator)
+    x, ids = sample_joint(
+        model,
+        ctx.frozen_encoder,
+        n,
+        ctx.shape,
+        ctx.vocabulary,
+        ctx.max_text_length,
+        guidance_scale,
+        num_steps,
+        ctx.text_inference_steps,
+        generator,
+    )
     return to_images(x, ctx.kind, ctx.vae, ctx.scaling), ctx.vocabulary.decode(ctx.tokenizer, ids)
 
 
@@ -986,6 +1224,7 @@ def log_validation(model, ctx, args, step, trackers=(), per_prompt=4):
     an image captioned with its prompts); samples/step-<step>.txt: captions of held-out images and of joint
     samples."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -993,13 +1232,15 @@ def log_validation(model, ctx, args, step, trackers=(), per_prompt=4):
     samples_dir.mkdir(parents=True, exist_ok=True)
     prompts = validation_prompts(ctx)
     scales = args.validation_guidance_scales
-    fig, axes = plt.subplots(len(prompts), len(scales), figsize=(1.3 * per_prompt * len(scales), 1.3 * len(prompts)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(prompts), len(scales), figsize=(1.3 * per_prompt * len(scales), 1.3 * len(prompts)), squeeze=False
+    )
     for j, scale in enumerate(scales):
-        images = generate_images(model, ctx, [p for p in prompts for _ in range(per_prompt)], scale, args.seed,
-                                 args.num_inference_steps)
+        images = generate_images(
+            model, ctx, [p for p in prompts for _ in range(per_prompt)], scale, args.seed, args.num_inference_steps
+        )
         for i, prompt in enumerate(prompts):
-            row = images[i * per_prompt:(i + 1) * per_prompt]
+            row = images[i * per_prompt : (i + 1) * per_prompt]
             axes[i, j].imshow(np.concatenate([show(im) for im in row], axis=1), cmap="gray", vmin=0, vmax=255)
             axes[i, j].set_xticks([])
             axes[i, j].set_yticks([])
@@ -1014,18 +1255,23 @@ def log_validation(model, ctx, args, step, trackers=(), per_prompt=4):
         caption = f"rows: {' | '.join(prompts)}; guidance {', '.join(f'{s:g}' for s in scales)}"
         log_image(trackers, samples_dir / f"step-{step}.png", step, caption)
 
-    lines = [f"# step {step}: captions generated for {ctx.val_source} (text guidance {ctx.text_guidance_scale:g}, "
-             f"{ctx.text_sampler} sampler, {ctx.text_inference_steps} steps)"]
+    lines = [
+        f"# step {step}: captions generated for {ctx.val_source} (text guidance {ctx.text_guidance_scale:g}, "
+        f"{ctx.text_sampler} sampler, {ctx.text_inference_steps} steps)"
+    ]
     if ctx.val_x0 is not None:
         generated = generate_captions(model, ctx, ctx.val_x0, args.seed)
-        lines += [f"{i}\ttrue: {true}\tgenerated: {gen}"
-                  for i, (true, gen) in enumerate(zip(ctx.val_captions, generated, strict=True))]
+        lines += [
+            f"{i}\ttrue: {true}\tgenerated: {gen}"
+            for i, (true, gen) in enumerate(zip(ctx.val_captions, generated, strict=True))
+        ]
     _, joint = generate_joint(model, ctx, 4, args.guidance_scale, args.seed, args.num_inference_steps)
     lines += ["# joint samples (a caption, then an image from it: sample_joint)"]
     lines += [f"joint {i}\t{c}" for i, c in enumerate(joint)]
     (samples_dir / f"step-{step}.txt").write_text("\n".join(lines) + "\n")
 
 
+# Copied from train_mnist.log_image
 def log_image(trackers, path, step, caption):
     """A PNG written to disk, sent to every tracker that shows images."""
     from PIL import Image
@@ -1043,6 +1289,7 @@ def log_image(trackers, path, step, caption):
 
 def plot_loss(metrics_path, out_path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -1074,12 +1321,20 @@ def write_eval_outputs(model, ctx, args, output_dir):
         start, chunks = time.perf_counter(), []
         for i, batch in enumerate(labels.split(args.eval_batch_size)):
             prompts = [ctx.caption_template.format(DIGIT_WORDS[d]) for d in batch]
-            chunks.append(generate_images(model, ctx, prompts, args.guidance_scale, args.seed + 1 + i,
-                                         args.num_inference_steps)[:, 0])
+            chunks.append(
+                generate_images(model, ctx, prompts, args.guidance_scale, args.seed + 1 + i, args.num_inference_steps)[
+                    :, 0
+                ]
+            )
         summary["sample_seconds"] = time.perf_counter() - start
-        np.savez_compressed(output_dir / "eval_samples.npz", images=torch.cat(chunks).numpy(),
-                            labels=labels.numpy(), guidance_scale=args.guidance_scale,
-                            num_inference_steps=args.num_inference_steps, sample_seconds=summary["sample_seconds"])
+        np.savez_compressed(
+            output_dir / "eval_samples.npz",
+            images=torch.cat(chunks).numpy(),
+            labels=labels.numpy(),
+            guidance_scale=args.guidance_scale,
+            num_inference_steps=args.num_inference_steps,
+            sample_seconds=summary["sample_seconds"],
+        )
     if args.num_eval_captions:
         test_images, test_labels = load_mnist(Path(args.data_root), train=False)
         n = min(args.num_eval_captions, len(test_images))
@@ -1087,26 +1342,33 @@ def write_eval_outputs(model, ctx, args, output_dir):
         with (output_dir / "captions.jsonl").open("w") as f:
             for i, batch in enumerate(torch.arange(n).split(args.eval_batch_size)):
                 x0 = test_images[batch].float().div(127.5).sub(1.0)
-                for index, caption in zip(batch.tolist(), generate_captions(model, ctx, x0, args.seed + i),
-                                          strict=True):
+                for index, caption in zip(
+                    batch.tolist(), generate_captions(model, ctx, x0, args.seed + i), strict=True
+                ):
                     f.write(json.dumps({"index": index, "digit": int(test_labels[index]), "caption": caption}) + "\n")
         summary["caption_seconds"] = time.perf_counter() - start
     if args.num_eval_joint:
         start, images, captions = time.perf_counter(), [], []
         for i, batch in enumerate(torch.arange(args.num_eval_joint).split(args.eval_batch_size)):
-            x, text = generate_joint(model, ctx, len(batch), args.guidance_scale, args.seed + 1000 + i,
-                                     args.num_inference_steps)
+            x, text = generate_joint(
+                model, ctx, len(batch), args.guidance_scale, args.seed + 1000 + i, args.num_inference_steps
+            )
             images.append(x[:, 0])
             captions += text
         summary["joint_seconds"] = time.perf_counter() - start
-        np.savez_compressed(output_dir / "eval_joint.npz", images=torch.cat(images).numpy(),
-                            captions=np.array(captions), num_inference_steps=args.num_inference_steps)
+        np.savez_compressed(
+            output_dir / "eval_joint.npz",
+            images=torch.cat(images).numpy(),
+            captions=np.array(captions),
+            num_inference_steps=args.num_inference_steps,
+        )
     return summary
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and export
 # ----------------------------------------------------------------------------------------------------------------
+# Copied from train_mnist.file_digest
 def file_digest(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -1115,6 +1377,7 @@ def file_digest(path):
     return digest.hexdigest()
 
 
+# Copied from train_mnist.write_manifest
 def write_manifest(folder, names):
     """Size and sha256 of the files `names` (relative to `folder`, or the folders they name), written last."""
     files = {}
@@ -1128,6 +1391,7 @@ def write_manifest(folder, names):
     os.replace(tmp, folder / MANIFEST)
 
 
+# Copied from train_mnist.manifest_problem
 def manifest_problem(folder):
     """What is wrong with a checkpoint or export folder, in a few words, or None when its manifest holds."""
     try:
@@ -1147,6 +1411,7 @@ def manifest_problem(folder):
     return None
 
 
+# Copied from train_mnist.save_ema
 def save_ema(ema, model, folder):
     """The EMA weights in diffusers' save_pretrained layout (config.json + diffusion_pytorch_model.safetensors):
     `from_pretrained(checkpoint, subfolder=...)` loads them. Buffers come from the model; the EMA's own state
@@ -1155,8 +1420,11 @@ def save_ema(ema, model, folder):
     model.save_config(folder)
     state = model.state_dict()
     state.update((name, shadow) for (name, _), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True))
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, folder / "diffusion_pytorch_model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous() for k, v in state.items()},
+        folder / "diffusion_pytorch_model.safetensors",
+        metadata={"format": "pt"},
+    )
 
 
 def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, write_sampling_files):
@@ -1176,9 +1444,14 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
         save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
-            state = {"script": SCRIPT, "global_step": global_step,
-                     "num_processes": accelerator.num_processes, "epoch": position[0], "epoch_batches": position[1],
-                     "ema": None}
+            state = {
+                "script": SCRIPT,
+                "global_step": global_step,
+                "num_processes": accelerator.num_processes,
+                "epoch": position[0],
+                "epoch_batches": position[1],
+                "ema": None,
+            }
             if ema is not None:
                 save_ema(ema, unwrapped, tmp / "mmdit_ema")
                 state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
@@ -1195,22 +1468,27 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
     except OSError as e:  # a full disk, a lost mount: the previous checkpoints stay as they were
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
-        print(f"error: step {global_step}: checkpoint not written ({reason}); the previous checkpoints are intact, "
-              f"resume from them with --resume_from_checkpoint latest", file=sys.stderr)
+        print(
+            f"error: step {global_step}: checkpoint not written ({reason}); the previous checkpoints are intact, "
+            f"resume from them with --resume_from_checkpoint latest",
+            file=sys.stderr,
+        )
         sys.exit(1)
     if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
+        for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
 
+# Copied from train_mnist.list_checkpoints
 def list_checkpoints(output_dir):
     """Complete checkpoints (those with a manifest), oldest first."""
     found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+# Copied from train_mnist.find_checkpoint
 def find_checkpoint(accelerator, args):
     """The folder --resume_from_checkpoint names, checked against its manifest, or None for a new run. "latest"
     falls back past damaged checkpoints to the newest intact one; a damaged explicit path is an error."""
@@ -1230,8 +1508,10 @@ def find_checkpoint(accelerator, args):
                 break
             accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
         if found and choice[0] is None:
-            fail(f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
-                 f"with --overwrite_output_dir")
+            fail(
+                f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
+                f"with --overwrite_output_dir"
+            )
     if accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(choice, src=0)
     return None if choice[0] is None else Path(choice[0])
@@ -1253,13 +1533,16 @@ def load_checkpoint(accelerator, path, model, ema, train_rng, args):
     if saved == accelerator.num_processes:
         train_rng.set_state(load_file(path / f"train_rng_{rank}.safetensors")["state"])
     else:
-        accelerator.print(f"warning: {path} was written by {saved} processes, resumed on {accelerator.num_processes}: "
-                          f"same step, learning rate and data position, new random streams (not bitwise)")
+        accelerator.print(
+            f"warning: {path} was written by {saved} processes, resumed on {accelerator.num_processes}: "
+            f"same step, learning rate and data position, new random streams (not bitwise)"
+        )
         train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
     if ema is not None:
         # Straight onto the device the EMA lives on: load_state_dict keeps the tensors it is given.
-        weights = load_file(path / "mmdit_ema" / "diffusion_pytorch_model.safetensors",
-                            device=str(ema.shadow_params[0].device))
+        weights = load_file(
+            path / "mmdit_ema" / "diffusion_pytorch_model.safetensors", device=str(ema.shadow_params[0].device)
+        )
         shadow = [weights[name] for name, _ in accelerator.unwrap_model(model).named_parameters()]
         ema.load_state_dict({**state["ema"], "shadow_params": shadow})
     return state
@@ -1268,14 +1551,27 @@ def load_checkpoint(accelerator, path, model, ema, train_rng, args):
 def write_sampling_files(ctx, args, folder):
     """export_config.json: with the model beside it, what --sample_from needs (tokenizer, frozen encoder and VAE
     names, the compact vocabulary, image space and sampler settings)."""
-    config = {"script": SCRIPT, "mmdit": ctx.mmdit_config, "tokenizer": args.tokenizer,
-              "text_encoder": args.text_encoder, "max_text_length": args.max_text_length,
-              "vocabulary": ctx.vocabulary.ids.tolist(), "dataset": args.dataset, "data_root": args.data_root,
-              "caption_template": args.caption_template, "kind": ctx.kind, "shape": list(ctx.shape),
-              "vae": ctx.vae_name, "latent_scaling": list(ctx.scaling) if ctx.scaling else None,
-              "guidance_scale": args.guidance_scale, "text_guidance_scale": args.text_guidance_scale,
-              "num_inference_steps": args.num_inference_steps, "text_sampler": args.text_sampler,
-              "text_inference_steps": ctx.text_inference_steps, "validation_prompts": validation_prompts(ctx)}
+    config = {
+        "script": SCRIPT,
+        "mmdit": ctx.mmdit_config,
+        "tokenizer": args.tokenizer,
+        "text_encoder": args.text_encoder,
+        "max_text_length": args.max_text_length,
+        "vocabulary": ctx.vocabulary.ids.tolist(),
+        "dataset": args.dataset,
+        "data_root": args.data_root,
+        "caption_template": args.caption_template,
+        "kind": ctx.kind,
+        "shape": list(ctx.shape),
+        "vae": ctx.vae_name,
+        "latent_scaling": list(ctx.scaling) if ctx.scaling else None,
+        "guidance_scale": args.guidance_scale,
+        "text_guidance_scale": args.text_guidance_scale,
+        "num_inference_steps": args.num_inference_steps,
+        "text_sampler": args.text_sampler,
+        "text_inference_steps": ctx.text_inference_steps,
+        "validation_prompts": validation_prompts(ctx),
+    }
     (folder / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
 
 
@@ -1285,10 +1581,13 @@ def model_card(args, global_step, metrics_path):
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     last = rows[-1] if rows else {"loss": math.nan, "image_loss": math.nan, "text_loss": math.nan}
-    data = ModelCardData(library_name="diffusers", license="other",
-                         datasets=["ylecun/mnist"] if args.dataset == "mnist" else None,
-                         tags=["diffusers", "mmdit", "text-to-image", "image-to-text", KIND.replace(" ", "-")]
-                         + (["mnist"] if args.dataset == "mnist" else []))
+    data = ModelCardData(
+        library_name="diffusers",
+        license="other",
+        datasets=["ylecun/mnist"] if args.dataset == "mnist" else None,
+        tags=["diffusers", "mmdit", "text-to-image", "image-to-text", KIND.replace(" ", "-")]
+        + (["mnist"] if args.dataset == "mnist" else []),
+    )
     command = " ".join(["python", SCRIPT, *sys.argv[1:]])
     space = f"the latents of the VAE `{args.vae}`" if args.vae else "pixels"
     return f"""---
@@ -1338,6 +1637,7 @@ def export_model(model, write_sampling_files, output_dir, card, grid):
     write_manifest(output_dir, parts)
 
 
+# Copied from train_mnist.RunLock
 class RunLock:
     """One training run per output folder: run.lock holds the PID, the host and a heartbeat time refreshed every
     minute. A lock whose process is gone (same host) or whose heartbeat is older than `stale_after` seconds
@@ -1357,8 +1657,10 @@ class RunLock:
             other = {"pid": None, "host": None, "heartbeat": 0}
         if other is not None and other.get("pid") != self.me["pid"]:
             if self.alive(other):
-                fail(f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
-                     f"there; wait for it, stop it, or pick another --output_dir")
+                fail(
+                    f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
+                    f"there; wait for it, stop it, or pick another --output_dir"
+                )
             print(f"warning: taking over the stale lock of PID {other.get('pid')} on {other.get('host')}")
         self.write()
         threading.Thread(target=self.beat, daemon=True).start()
@@ -1388,6 +1690,7 @@ class RunLock:
         self.path.unlink(missing_ok=True)
 
 
+# Copied from train_mnist.claim_output_dir
 def claim_output_dir(args):
     """Main process, before any heavy work: take the lock, and refuse to mix a new run with another run's
     checkpoints (--resume_from_checkpoint latest would later pick the old run's higher step)."""
@@ -1407,8 +1710,10 @@ def claim_output_dir(args):
     if old and not args.resume_from_checkpoint:
         if not args.overwrite_output_dir:
             lock.release()
-            fail(f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
-                 f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them")
+            fail(
+                f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
+                f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them"
+            )
         for path in old:
             shutil.rmtree(path)
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -1421,16 +1726,25 @@ def write_run_config(args, accelerator):
     import transformers
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
-    config = {"args": vars(args), "git_commit": commit, "num_processes": accelerator.num_processes,
-              "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
-              "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, accelerate)}}
+    config = {
+        "args": vars(args),
+        "git_commit": commit,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
+        "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, accelerate)},
+    }
     (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2))
 
 
+# Copied from train_mnist.StopRequest
 class StopRequest:
     """SIGTERM/SIGINT ask for a checkpoint at a step boundary, then a clean exit (pre-emptible clusters).
 
@@ -1455,8 +1769,9 @@ class StopRequest:
             agreed = bool(self.flag.item())  # a CPU tensor: no device sync
         if not agreed:
             self.flag.fill_(float(self.event.is_set()))
-            self.pending = torch.distributed.all_reduce(self.flag, torch.distributed.ReduceOp.MAX, self.group,
-                                                        async_op=True)
+            self.pending = torch.distributed.all_reduce(
+                self.flag, torch.distributed.ReduceOp.MAX, self.group, async_op=True
+            )
         return agreed
 
     def close(self):
@@ -1473,14 +1788,20 @@ def resolve_dim_text(args):
         return args.dim_text or 128
     hidden = text_encoder_hidden_size(args.text_encoder)
     if args.dim_text is not None and args.dim_text != hidden:
-        fail(f"--dim_text {args.dim_text} does not match the hidden size of --text_encoder {args.text_encoder} "
-             f"({hidden}): pass --dim_text {hidden}")
+        fail(
+            f"--dim_text {args.dim_text} does not match the hidden size of --text_encoder {args.text_encoder} "
+            f"({hidden}): pass --dim_text {hidden}"
+        )
     return hidden
 
 
 def build_model(mmdit_config, text_encoder, num_tokens, max_text_length, adaln_zero=True):
-    return TextImageModel(**mmdit_config, num_text_tokens=num_tokens if text_encoder == "learned" else None,
-                          max_text_length=max_text_length, adaln_zero=adaln_zero)
+    return TextImageModel(
+        **mmdit_config,
+        num_text_tokens=num_tokens if text_encoder == "learned" else None,
+        max_text_length=max_text_length,
+        adaln_zero=adaln_zero,
+    )
 
 
 def generate_from_export(args, accelerator):
@@ -1500,16 +1821,28 @@ def generate_from_export(args, accelerator):
     val_x0, val_captions, val_source = None, [], "no held-out images"
     if config["dataset"] == "mnist" and Path(args.data_root or "", "MNIST", "raw").is_dir():
         test_images, test_labels = load_mnist(Path(args.data_root), train=False)
-        val_x0 = test_images[:args.num_validation_images].float().div(127.5).sub(1.0)
-        val_captions = [mnist_caption(args.caption_template, d) for d in test_labels[:args.num_validation_images]]
+        val_x0 = test_images[: args.num_validation_images].float().div(127.5).sub(1.0)
+        val_captions = [mnist_caption(args.caption_template, d) for d in test_labels[: args.num_validation_images]]
         val_source = "MNIST test images"
-    ctx = Sampling(tokenizer=tokenizer, vocabulary=vocabulary, frozen_encoder=frozen and frozen.to(device),
-                   max_text_length=config["max_text_length"], device=device, shape=tuple(config["shape"]),
-                   kind=config["kind"], vae=vae, scaling=config["latent_scaling"], dataset=config["dataset"],
-                   caption_template=config["caption_template"], val_captions=val_captions or
-                   config["validation_prompts"], val_x0=val_x0, val_source=val_source,
-                   text_guidance_scale=args.text_guidance_scale, text_sampler=args.text_sampler,
-                   text_inference_steps=args.text_inference_steps or config["max_text_length"])
+    ctx = Sampling(
+        tokenizer=tokenizer,
+        vocabulary=vocabulary,
+        frozen_encoder=frozen and frozen.to(device),
+        max_text_length=config["max_text_length"],
+        device=device,
+        shape=tuple(config["shape"]),
+        kind=config["kind"],
+        vae=vae,
+        scaling=config["latent_scaling"],
+        dataset=config["dataset"],
+        caption_template=config["caption_template"],
+        val_captions=val_captions or config["validation_prompts"],
+        val_x0=val_x0,
+        val_source=val_source,
+        text_guidance_scale=args.text_guidance_scale,
+        text_sampler=args.text_sampler,
+        text_inference_steps=args.text_inference_steps or config["max_text_length"],
+    )
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
@@ -1568,46 +1901,89 @@ def main(args):
     token_ids = tokenize(tokenizer, data.captions, args.max_text_length)
     vocabulary = Vocabulary.from_captions(tokenizer, token_ids)
     caption_tokens = vocabulary.compact(token_ids).to(accelerator.device)  # [distinct captions, L]
-    train_dataloader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data.tensors),
-                                                   batch_size=args.train_batch_size, shuffle=True,
-                                                   drop_last=len(data.tensors[0]) >= args.train_batch_size,
-                                                   num_workers=args.dataloader_num_workers,
-                                                   pin_memory=accelerator.device.type == "cuda")
+    train_dataloader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(*data.tensors),
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=len(data.tensors[0]) >= args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
 
     # ---- Models: MMDiT (+ learned text embedding), or a frozen BERT as the caption's input embedding ----------
     frozen = None
     if args.text_encoder != "learned":  # frozen: in the run's precision (bf16 or fp16 weights), states read as fp32
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
         frozen = BertTextEncoder(args.text_encoder, vocabulary).to(accelerator.device, dtype=weight_dtype)
-    mmdit_config = dict(in_channels=data.shape[0], image_size=data.shape[-1], patch_size=args.patch_size,
-                        dim_image=args.dim_image, dim_text=dim_text, text_out_dim=vocabulary.size, depth=args.depth,
-                        num_heads=args.num_heads, mlp_ratio=args.mlp_ratio, pooled_text=args.pooled_text,
-                        stem_channels=args.stem_channels)
-    model = build_model(mmdit_config, args.text_encoder, vocabulary.size + 1, args.max_text_length,
-                        adaln_zero=args.weight_init == "adaln_zero")
+    mmdit_config = dict(
+        in_channels=data.shape[0],
+        image_size=data.shape[-1],
+        patch_size=args.patch_size,
+        dim_image=args.dim_image,
+        dim_text=dim_text,
+        text_out_dim=vocabulary.size,
+        depth=args.depth,
+        num_heads=args.num_heads,
+        mlp_ratio=args.mlp_ratio,
+        pooled_text=args.pooled_text,
+        stem_channels=args.stem_channels,
+    )
+    model = build_model(
+        mmdit_config,
+        args.text_encoder,
+        vocabulary.size + 1,
+        args.max_text_length,
+        adaln_zero=args.weight_init == "adaln_zero",
+    )
     model.mmdit.gradient_checkpointing = args.gradient_checkpointing
     ema = None
     if args.use_ema:
-        ema = EMAModel(model.parameters(), decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0,
-                       power=args.ema_power, foreach=True)
+        ema = EMAModel(
+            model.parameters(),
+            decay=args.ema_decay,
+            use_ema_warmup=True,
+            inv_gamma=1.0,
+            power=args.ema_power,
+            foreach=True,
+        )
         ema.to(accelerator.device)
-    accelerator.print(f"MMDiT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M trained parameters; "
-                      f"{len(data.tensors[0])} examples ({args.dataset}, {data.kind} {data.shape}), "
-                      f"{len(data.captions)} distinct captions, {vocabulary.size} caption tokens")
-    ctx = Sampling(tokenizer=tokenizer, vocabulary=vocabulary, frozen_encoder=frozen,
-                   max_text_length=args.max_text_length, device=accelerator.device, shape=data.shape,
-                   kind=data.kind, vae=vae, vae_name=vae_name, scaling=scaling, dataset=args.dataset,
-                   caption_template=args.caption_template, val_captions=data.val_captions,
-                   val_x0=validation_images(data, scaling), val_source=data.val_source,
-                   text_guidance_scale=args.text_guidance_scale, text_sampler=args.text_sampler,
-                   text_inference_steps=args.text_inference_steps or args.max_text_length,
-                   mmdit_config=mmdit_config)
+    accelerator.print(
+        f"MMDiT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M trained parameters; "
+        f"{len(data.tensors[0])} examples ({args.dataset}, {data.kind} {data.shape}), "
+        f"{len(data.captions)} distinct captions, {vocabulary.size} caption tokens"
+    )
+    ctx = Sampling(
+        tokenizer=tokenizer,
+        vocabulary=vocabulary,
+        frozen_encoder=frozen,
+        max_text_length=args.max_text_length,
+        device=accelerator.device,
+        shape=data.shape,
+        kind=data.kind,
+        vae=vae,
+        vae_name=vae_name,
+        scaling=scaling,
+        dataset=args.dataset,
+        caption_template=args.caption_template,
+        val_captions=data.val_captions,
+        val_x0=validation_images(data, scaling),
+        val_source=data.val_source,
+        text_guidance_scale=args.text_guidance_scale,
+        text_sampler=args.text_sampler,
+        text_inference_steps=args.text_inference_steps or args.max_text_length,
+        mmdit_config=mmdit_config,
+    )
     sampling_files = functools.partial(write_sampling_files, ctx, args)
 
     # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
     # Fused AdamW: one kernel for all tensors, and it can skip a non-finite step on the device (found_inf below).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        fused=True,
+    )
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -1629,15 +2005,19 @@ def main(args):
         accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
     # Not prepared: accelerate would step it once per process and save it pickled. It counts optimizer steps
     # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=max_train_steps, last_epoch=global_step - 1)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=max_train_steps,
+        last_epoch=global_step - 1,
+    )
     if args.report_to:
         accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
 
     # ---- Training loop: the host reads device values only every --logging_steps -------------------------------
     metrics_path = output_dir / "metrics.jsonl"
-    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
-                    desc="train")
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process, desc="train")
     sums = torch.zeros(3, device=accelerator.device)  # image loss, text loss, examples
     # Optimizer steps with a non-finite gradient: in total, in the current run, and the longest run since the
     # last logging step (the only place the host reads them).
@@ -1656,8 +2036,9 @@ def main(args):
             epoch_batches += 1
             with accelerator.accumulate(model):
                 x0 = to_model_input(mean, std, data.kind, scaling, train_rng)
-                image_loss, text_loss = training_step(model, frozen, x0, caption_tokens[caption_index], vocabulary,
-                                                      args, train_rng)
+                image_loss, text_loss = training_step(
+                    model, frozen, x0, caption_tokens[caption_index], vocabulary, args, train_rng
+                )
                 loss = (image_loss.sum() + args.text_loss_weight * text_loss.sum()) / x0.shape[0]
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -1672,8 +2053,13 @@ def main(args):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             # The example count is a fill on the device, not a copy from the host (which would wait for it).
-            sums += torch.stack([image_loss.detach().sum().float(), text_loss.detach().sum().float(),
-                                 torch.full((), float(x0.shape[0]), device=x0.device)])
+            sums += torch.stack(
+                [
+                    image_loss.detach().sum().float(),
+                    text_loss.detach().sum().float(),
+                    torch.full((), float(x0.shape[0]), device=x0.device),
+                ]
+            )
             window_samples += x0.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
@@ -1693,37 +2079,50 @@ def main(args):
                 total_nonfinite, longest = torch.stack([nonfinite_steps, longest_run]).tolist()
                 elapsed = time.perf_counter() - window_start
                 image_l, text_l = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
-                row = {"step": global_step, "epoch": epoch, "loss": image_l + args.text_loss_weight * text_l,
-                       "image_loss": image_l, "text_loss": text_l, "lr": lr_scheduler.get_last_lr()[0],
-                       "grad_norm": grad_norm.item(), "samples_per_s": window_samples / max(elapsed, 1e-9),
-                       "nonfinite_steps": int(total_nonfinite)}
+                row = {
+                    "step": global_step,
+                    "epoch": epoch,
+                    "loss": image_l + args.text_loss_weight * text_l,
+                    "image_loss": image_l,
+                    "text_loss": text_l,
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm.item(),
+                    "samples_per_s": window_samples / max(elapsed, 1e-9),
+                    "nonfinite_steps": int(total_nonfinite),
+                }
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
-                    progress.set_postfix(image=f"{image_l:.4f}", text=f"{text_l:.4f}",
-                                         samples_s=f"{row['samples_per_s']:.0f}")
+                    progress.set_postfix(
+                        image=f"{image_l:.4f}", text=f"{text_l:.4f}", samples_s=f"{row['samples_per_s']:.0f}"
+                    )
                 accelerator.log(row, step=global_step)
                 sums.zero_()
                 longest_run.copy_(nonfinite_run)
                 window_start, window_samples = time.perf_counter(), 0
                 if longest >= args.max_nonfinite_steps:  # the same on every process
-                    accelerator.print(f"error: {int(longest)} steps in a row with a non-finite gradient before step "
-                                      f"{global_step}; lower --learning_rate. The last checkpoint is intact.")
+                    accelerator.print(
+                        f"error: {int(longest)} steps in a row with a non-finite gradient before step "
+                        f"{global_step}; lower --learning_rate. The last checkpoint is intact."
+                    )
                     sys.exit(1)
 
             stop_now = stop()
             position = (epoch, epoch_batches * accelerator.num_processes)
             if (global_step % args.checkpointing_steps == 0 or stop_now) and global_step < max_train_steps:
-                path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position,
-                                       sampling_files)
+                path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, sampling_files)
                 accelerator.print(f"\nsaved {path}")
             if stop_now:
-                accelerator.print(f"stop requested: exiting at step {global_step}; resume with "
-                                  f"--resume_from_checkpoint latest")
+                accelerator.print(
+                    f"stop requested: exiting at step {global_step}; resume with --resume_from_checkpoint latest"
+                )
                 accelerator.end_training()
                 return
-            if global_step % args.validation_steps == 0 and global_step < max_train_steps \
-                    and accelerator.is_main_process:
+            if (
+                global_step % args.validation_steps == 0
+                and global_step < max_train_steps
+                and accelerator.is_main_process
+            ):
                 if ema is not None:
                     ema.store(model.parameters())
                     ema.copy_to(model.parameters())

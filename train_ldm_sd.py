@@ -63,28 +63,48 @@ NEGATABLE = {"use_ema", "ema_warmup", "foreach_ema"}  # BooleanOptionalAction fl
 # Named UNet sizes for --unet_from_scratch. in/out channels, cross_attention_dim and sample_size always come from
 # the VAE and the text encoder.
 UNET_PRESETS = {
-    "sd15": dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, attention_head_dim=8,
-                 down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3),
-    "small": dict(block_out_channels=[64, 128, 256], layers_per_block=1, attention_head_dim=8, norm_num_groups=32,
-                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
-    "mnist-small": dict(block_out_channels=[32, 64, 64], layers_per_block=1, attention_head_dim=16,
-                        norm_num_groups=8,
-                        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
-    "tiny": dict(block_out_channels=[16, 32], layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
-                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"]),
+    "sd15": dict(
+        block_out_channels=[320, 640, 1280, 1280],
+        layers_per_block=2,
+        attention_head_dim=8,
+        down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    ),
+    "small": dict(
+        block_out_channels=[64, 128, 256],
+        layers_per_block=1,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    ),
+    "mnist-small": dict(
+        block_out_channels=[32, 64, 64],
+        layers_per_block=1,
+        attention_head_dim=16,
+        norm_num_groups=8,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    ),
+    "tiny": dict(
+        block_out_channels=[16, 32],
+        layers_per_block=1,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+    ),
 }
 
 
+# Copied from train_mnist.fail
 def fail(message):
     """A user mistake: one line naming the flag or file and the fix, exit code 2, before any heavy work."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
+# Copied from train_mnist.float_list
 def float_list(text):
     return [float(x) for x in text.split(",") if x.strip()]
 
@@ -94,63 +114,112 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     g = parser.add_argument_group("models")
-    g.add_argument("--pretrained_model_name_or_path", default=None,
-                   help=f"Stable Diffusion layout (tokenizer/ text_encoder/ vae/ unet/ scheduler/), hub id or folder. "
-                        f"Default {DEFAULT_MODEL}.")
+    g.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help=f"Stable Diffusion layout (tokenizer/ text_encoder/ vae/ unet/ scheduler/), hub id or folder. "
+        f"Default {DEFAULT_MODEL}.",
+    )
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help='Weights variant of the folder, e.g. "fp16".')
-    g.add_argument("--cache_dir", default=None,
-                   help="The directory where the downloaded models and datasets will be stored.")
-    g.add_argument("--unet_from_scratch", action="store_true",
-                   help="Train a new UNet (size from --unet_config) on the folder's frozen VAE, text encoder and "
-                        "scheduler, instead of fine-tuning the folder's UNet.")
-    g.add_argument("--unet_config", default="small",
-                   help=f"With --unet_from_scratch: a UNet2DConditionModel config JSON, or one of "
-                        f"{', '.join(UNET_PRESETS)}.")
-    g.add_argument("--vae_name_or_path", default=None,
-                   help="Overrides the folder's VAE. With --precomputed_data_dir the shards' VAE (index.json) is "
-                        "loaded and exported.")
-    g.add_argument("--text_encoder_name_or_path", default=None,
-                   help="Overrides the folder's text encoder and tokenizer (CLIP text, BERT family, T5 encoder). "
-                        "With --precomputed_data_dir, the one that encoded the shards (index.json).")
-    g.add_argument("--tokenizer_max_length", type=int, default=None,
-                   help="Tokens per caption (default: the tokenizer's model_max_length, at most the encoder's "
-                        "positions; with --precomputed_data_dir, the shards'). Written into the exported tokenizer so "
-                        "the pipeline pads the same way.")
+    g.add_argument(
+        "--cache_dir", default=None, help="The directory where the downloaded models and datasets will be stored."
+    )
+    g.add_argument(
+        "--unet_from_scratch",
+        action="store_true",
+        help="Train a new UNet (size from --unet_config) on the folder's frozen VAE, text encoder and "
+        "scheduler, instead of fine-tuning the folder's UNet.",
+    )
+    g.add_argument(
+        "--unet_config",
+        default="small",
+        help=f"With --unet_from_scratch: a UNet2DConditionModel config JSON, or one of {', '.join(UNET_PRESETS)}.",
+    )
+    g.add_argument(
+        "--vae_name_or_path",
+        default=None,
+        help="Overrides the folder's VAE. With --precomputed_data_dir the shards' VAE (index.json) is "
+        "loaded and exported.",
+    )
+    g.add_argument(
+        "--text_encoder_name_or_path",
+        default=None,
+        help="Overrides the folder's text encoder and tokenizer (CLIP text, BERT family, T5 encoder). "
+        "With --precomputed_data_dir, the one that encoded the shards (index.json).",
+    )
+    g.add_argument(
+        "--tokenizer_max_length",
+        type=int,
+        default=None,
+        help="Tokens per caption (default: the tokenizer's model_max_length, at most the encoder's "
+        "positions; with --precomputed_data_dir, the shards'). Written into the exported tokenizer so "
+        "the pipeline pads the same way.",
+    )
 
     g = parser.add_argument_group("data (one of --dataset_name, --train_data_dir, --precomputed_data_dir)")
-    g.add_argument("--dataset_name", default=None,
-                   help=f"datasets hub id, local dataset or save_to_disk folder. Default {DEFAULT_DATASET} when no "
-                        f"data flag is given.")
+    g.add_argument(
+        "--dataset_name",
+        default=None,
+        help=f"datasets hub id, local dataset or save_to_disk folder. Default {DEFAULT_DATASET} when no "
+        f"data flag is given.",
+    )
     g.add_argument("--dataset_config_name", default=None)
     g.add_argument("--streaming", action="store_true", help="Stream --dataset_name (needs --max_train_steps).")
     g.add_argument("--train_data_dir", "--data_root", default=None, help="Imagefolder with metadata.jsonl captions.")
-    g.add_argument("--precomputed_data_dir", default=None,
-                   help="Shards of prepare_data_multi_gpu.py: the VAE and text encoder do not run during training.")
+    g.add_argument(
+        "--precomputed_data_dir",
+        default=None,
+        help="Shards of prepare_data_multi_gpu.py: the VAE and text encoder do not run during training.",
+    )
     g.add_argument("--image_column", default="image")
     g.add_argument("--caption_column", default="text")
-    g.add_argument("--max_samples", "--max_train_samples", type=int, default=None,
-                   help="Truncate the training set to N examples.")
+    g.add_argument(
+        "--max_samples", "--max_train_samples", type=int, default=None, help="Truncate the training set to N examples."
+    )
     g.add_argument("--resolution", type=int, default=512)
-    g.add_argument("--image_interpolation_mode", default="lanczos",
-                   choices=[mode.name.lower() for mode in transforms.InterpolationMode],
-                   help="The image interpolation method to use for resizing images.")
+    g.add_argument(
+        "--image_interpolation_mode",
+        default="lanczos",
+        choices=[mode.name.lower() for mode in transforms.InterpolationMode],
+        help="The image interpolation method to use for resizing images.",
+    )
     g.add_argument("--center_crop", action="store_true", help="Center crop instead of a random crop.")
     g.add_argument("--random_flip", action="store_true", help="Mirror images at random (afresh every step).")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = parser.add_argument_group("objective")
-    g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default=None,
-                   help="Default: the folder's scheduler's.")
-    g.add_argument("--snr_gamma", type=float, default=None,
-                   help="Min-SNR loss weighting (Hang et al. 2023); 5 is the paper's value. Default: plain MSE.")
+    g.add_argument(
+        "--prediction_type",
+        choices=["epsilon", "v_prediction"],
+        default=None,
+        help="Default: the folder's scheduler's.",
+    )
+    g.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR loss weighting (Hang et al. 2023); 5 is the paper's value. Default: plain MSE.",
+    )
     g.add_argument("--noise_offset", type=float, default=0.0, help="Adds offset * N(0,1) per channel to the noise.")
-    g.add_argument("--input_perturbation", type=float, default=0.0,
-                   help="Noise the input with eps + p * N(0,1) while the target stays eps (Ning et al. 2023).")
-    g.add_argument("--rescale_betas_zero_snr", action="store_true",
-                   help="Rescale the schedule to zero terminal SNR (Lin et al. 2023); use with v_prediction.")
-    g.add_argument("--cond_dropout_prob", "--proportion_empty_prompts", type=float, default=0.1,
-                   help="Probability of replacing a caption by the empty prompt, drawn afresh at every step.")
+    g.add_argument(
+        "--input_perturbation",
+        type=float,
+        default=0.0,
+        help="Noise the input with eps + p * N(0,1) while the target stays eps (Ning et al. 2023).",
+    )
+    g.add_argument(
+        "--rescale_betas_zero_snr",
+        action="store_true",
+        help="Rescale the schedule to zero terminal SNR (Lin et al. 2023); use with v_prediction.",
+    )
+    g.add_argument(
+        "--cond_dropout_prob",
+        "--proportion_empty_prompts",
+        type=float,
+        default=0.1,
+        help="Probability of replacing a caption by the empty prompt, drawn afresh at every step.",
+    )
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--output_dir", default="output_ldm_sd")
@@ -159,10 +228,14 @@ def parse_args(argv=None):
     g.add_argument("--num_train_epochs", "--epochs", "--num_epochs", type=int, default=50)
     g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs when set.")
     g.add_argument("--learning_rate", type=float, default=1e-5)
-    g.add_argument("--scale_lr", action="store_true",
-                   help="Multiply the learning rate by processes x accumulation x batch size.")
-    g.add_argument("--lr_scheduler", default="constant",
-                   help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+    g.add_argument(
+        "--scale_lr", action="store_true", help="Multiply the learning rate by processes x accumulation x batch size."
+    )
+    g.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
+    )
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--gradient_accumulation_steps", type=int, default=4)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
@@ -170,80 +243,136 @@ def parse_args(argv=None):
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--use_8bit_adam", action="store_true",
-                   help="bitsandbytes' 8-bit AdamW (CUDA). It cannot skip a step on the device: a step with a "
-                        "non-finite gradient is taken with zero gradients instead (the moments decay, weight decay "
-                        "applies).")
-    g.add_argument("--max_nonfinite_steps", type=int, default=10,
-                   help="Stop after this many optimizer steps in a row with a non-finite gradient.")
-    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="Keep an EMA of the UNet for validation and the export.")
+    g.add_argument(
+        "--use_8bit_adam",
+        action="store_true",
+        help="bitsandbytes' 8-bit AdamW (CUDA). It cannot skip a step on the device: a step with a "
+        "non-finite gradient is taken with zero gradients instead (the moments decay, weight decay "
+        "applies).",
+    )
+    g.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=10,
+        help="Stop after this many optimizer steps in a row with a non-finite gradient.",
+    )
+    g.add_argument(
+        "--use_ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Keep an EMA of the UNet for validation and the export.",
+    )
     g.add_argument("--ema_decay", type=float, default=0.9999, help="Largest EMA decay.")
-    g.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=True,
-                   help="Warm the decay up: 1 - (1 + step) ** -ema_power.")
+    g.add_argument(
+        "--ema_warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Warm the decay up: 1 - (1 + step) ** -ema_power.",
+    )
     g.add_argument("--ema_power", type=float, default=2 / 3)
-    g.add_argument("--offload_ema", action="store_true",
-                   help="Keep the EMA weights in CPU memory and update them there: each update copies the UNet's "
-                        "weights to the CPU (one way). Combine with --ema_update_every to copy less often.")
-    g.add_argument("--ema_update_every", type=int, default=1,
-                   help="Update the EMA every N optimizer steps (and before every checkpoint, validation and the "
-                        "export), with the decay of the N steps it stands for (the product of their decays), so "
-                        "the average spans the same number of steps. N > 1 averages fewer samples of the weights.")
-    g.add_argument("--foreach_ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="Update the EMA with one torch._foreach call over all tensors; --no-foreach_ema: one call "
-                        "per tensor (less temporary memory).")
+    g.add_argument(
+        "--offload_ema",
+        action="store_true",
+        help="Keep the EMA weights in CPU memory and update them there: each update copies the UNet's "
+        "weights to the CPU (one way). Combine with --ema_update_every to copy less often.",
+    )
+    g.add_argument(
+        "--ema_update_every",
+        type=int,
+        default=1,
+        help="Update the EMA every N optimizer steps (and before every checkpoint, validation and the "
+        "export), with the decay of the N steps it stands for (the product of their decays), so "
+        "the average spans the same number of steps. N > 1 averages fewer samples of the weights.",
+    )
+    g.add_argument(
+        "--foreach_ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Update the EMA with one torch._foreach call over all tensors; --no-foreach_ema: one call "
+        "per tensor (less temporary memory).",
+    )
 
     g = parser.add_argument_group("speed and memory")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="Autocast precision; fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag. "
-                        "The UNet trains in fp32 under autocast; the frozen VAE and text encoder are cast to it.")
+    g.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Autocast precision; fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag. "
+        "The UNet trains in fp32 under autocast; the frozen VAE and text encoder are cast to it.",
+    )
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
 
     g = parser.add_argument_group("validation")
-    g.add_argument("--validation_prompts", nargs="+", default=None,
-                   help="Default: the captions of the first 4 training examples.")
+    g.add_argument(
+        "--validation_prompts", nargs="+", default=None, help="Default: the captions of the first 4 training examples."
+    )
     g.add_argument("--num_validation_images", type=int, default=2, help="Images per prompt and guidance scale.")
-    g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 3.0, 7.5],
-                   help="Columns of the validation grid.")
+    g.add_argument(
+        "--validation_guidance_scales", type=float_list, default=[1.0, 3.0, 7.5], help="Columns of the validation grid."
+    )
     g.add_argument("--guidance_scale", type=float, default=7.5, help="Written as the export's suggestion.")
     g.add_argument("--num_inference_steps", type=int, default=25, help="DPM-Solver++ steps of the validation.")
-    g.add_argument("--validation_steps", type=int, default=None,
-                   help="Run validation every X optimizer steps; 500 when --validation_epochs is not given.")
-    g.add_argument("--validation_epochs", type=int, default=None,
-                   help="Run validation every X epochs (at the end of epochs X, 2X, ...), instead of every "
-                        "--validation_steps.")
-    g.add_argument("--sample_from", default=None,
-                   help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.")
+    g.add_argument(
+        "--validation_steps",
+        type=int,
+        default=None,
+        help="Run validation every X optimizer steps; 500 when --validation_epochs is not given.",
+    )
+    g.add_argument(
+        "--validation_epochs",
+        type=int,
+        default=None,
+        help="Run validation every X epochs (at the end of epochs X, 2X, ...), instead of every --validation_steps.",
+    )
+    g.add_argument(
+        "--sample_from",
+        default=None,
+        help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.",
+    )
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=10)
-    g.add_argument("--logging_dir", default="logs",
-                   help="TensorBoard log directory, relative to --output_dir (an absolute path is used as it is).")
+    g.add_argument(
+        "--logging_dir",
+        default="logs",
+        help="TensorBoard log directory, relative to --output_dir (an absolute path is used as it is).",
+    )
     g.add_argument("--checkpointing_steps", type=int, default=500)
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None,
-                   help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.')
-    g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.")
-    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none",
-                   help="Send metrics and validation grids to a tracker (its package must be installed); all: every "
-                        "installed one.")
+    g.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.',
+    )
+    g.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.",
+    )
+    g.add_argument(
+        "--report_to",
+        choices=["none", "tensorboard", "wandb", "all"],
+        default="none",
+        help="Send metrics and validation grids to a tracker (its package must be installed); all: every "
+        "installed one.",
+    )
     g.add_argument("--tracker_project_name", default="text2image-fine-tune", help="Project (wandb) or run folder name.")
 
     argv = sys.argv[1:] if argv is None else list(argv)
     return parser.parse_args([underscore_flag(a) for a in argv])
 
 
+# Copied from train_mnist.underscore_flag
 def underscore_flag(arg):
     """Every flag also accepts its hyphen spelling: --max-samples == --max_samples, --no-use-ema == --no-use_ema."""
     if not arg.startswith("--"):
         return arg
     name, eq, value = arg[2:].partition("=")
     negation = "no-" if name.startswith(("no-", "no_")) and name[3:].replace("-", "_") in NEGATABLE else ""
-    return "--" + negation + name[len(negation):].replace("-", "_") + eq + value
+    return "--" + negation + name[len(negation) :].replace("-", "_") + eq + value
 
 
 def check_args(args):
@@ -253,8 +382,10 @@ def check_args(args):
     args.report_to = installed_trackers(args.report_to)
     if args.sample_from:  # generation only: the data, model and training flags do not apply
         if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
-            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
-                 f"or one of its checkpoint-N folders")
+            fail(
+                f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
+                f"or one of its checkpoint-N folders"
+            )
         if problem := manifest_problem(Path(args.sample_from)):
             fail(f"--sample_from {args.sample_from}: damaged or incomplete ({problem}); pass an intact export")
         return
@@ -267,20 +398,26 @@ def check_args(args):
     if args.train_data_dir and not Path(args.train_data_dir).is_dir():
         fail(f"--train_data_dir {args.train_data_dir}: no such folder")
     if args.precomputed_data_dir and not (Path(args.precomputed_data_dir) / "index.json").is_file():
-        fail(f"--precomputed_data_dir {args.precomputed_data_dir}: no index.json; write the folder with "
-             f"prepare_data_multi_gpu.py (an interrupted run writes index.json only when every shard is done)")
+        fail(
+            f"--precomputed_data_dir {args.precomputed_data_dir}: no index.json; write the folder with "
+            f"prepare_data_multi_gpu.py (an interrupted run writes index.json only when every shard is done)"
+        )
     if args.streaming and not args.dataset_name:
         fail("--streaming applies to --dataset_name only")
     if args.streaming and not args.max_train_steps:
         fail("--streaming: a stream has no known length; give --max_train_steps")
     if args.resolution % 8:
-        fail(f"--resolution {args.resolution}: must be divisible by 8 (the VAE and StableDiffusionPipeline need "
-             f"it); try {max(8, args.resolution // 8 * 8)}")
+        fail(
+            f"--resolution {args.resolution}: must be divisible by 8 (the VAE and StableDiffusionPipeline need "
+            f"it); try {max(8, args.resolution // 8 * 8)}"
+        )
     if args.max_samples is not None and args.max_samples < 1:
         fail(f"--max_samples {args.max_samples}: must be at least 1 (leave it out to use the whole dataset)")
     if args.validation_epochs is not None and args.validation_steps is not None:
-        fail("--validation_epochs and --validation_steps: give one of them (validation every N epochs, or every N "
-             "optimizer steps)")
+        fail(
+            "--validation_epochs and --validation_steps: give one of them (validation every N epochs, or every N "
+            "optimizer steps)"
+        )
     for flag in ("validation_epochs", "validation_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag} {getattr(args, flag)}: must be at least 1")
@@ -296,8 +433,10 @@ def check_args(args):
         try:
             import xformers  # noqa: F401
         except ImportError:
-            fail("--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers "
-                 "built for your torch; PyTorch's SDPA attention is used without the flag)")
+            fail(
+                "--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers "
+                "built for your torch; PyTorch's SDPA attention is used without the flag)"
+            )
     if args.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401
@@ -308,6 +447,7 @@ def check_args(args):
             fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
 
 
+# Copied from train_mnist.installed_trackers
 def installed_trackers(report_to):
     """--report_to as accelerate's log_with: a tracker whose package is missing is an error, never silence."""
     import importlib.util
@@ -321,8 +461,10 @@ def installed_trackers(report_to):
             fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
         return found
     if not importlib.util.find_spec(packages[report_to]):
-        fail(f"--report_to {report_to}: the {packages[report_to]} package is not installed; "
-             f"pip install {packages[report_to]}")
+        fail(
+            f"--report_to {report_to}: the {packages[report_to]} package is not installed; "
+            f"pip install {packages[report_to]}"
+        )
     return [report_to]
 
 
@@ -336,6 +478,7 @@ def validation_due(args, global_step, max_train_steps, epoch_end=None):
     return bool(args.validation_epochs) and (epoch_end + 1) % args.validation_epochs == 0
 
 
+# Copied from train_mnist.check_accelerator
 def check_accelerator(accelerator):
     """Checks of what accelerate resolved from the flags, its config file and the launcher, before heavy work."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
@@ -373,7 +516,8 @@ class ImageCaptions:
     def __init__(self, args, tokenizer, max_length, mode):
         self.args, self.tokenizer, self.max_length, self.mode = args, tokenizer, max_length, mode
         self.resize = transforms.Resize(
-            args.resolution, interpolation=transforms.InterpolationMode[args.image_interpolation_mode.upper()])
+            args.resolution, interpolation=transforms.InterpolationMode[args.image_interpolation_mode.upper()]
+        )
         self.epoch = 0
 
     def crop(self, image, caption, position):
@@ -383,19 +527,28 @@ class ImageCaptions:
             caption = rng.choice(caption) if caption else ""
         image = self.resize(image)
         w, h, r = image.size[0], image.size[1], self.args.resolution
-        top, left = ((h - r) // 2, (w - r) // 2) if self.args.center_crop else (rng.randint(0, h - r),
-                                                                                rng.randint(0, w - r))
+        top, left = (
+            ((h - r) // 2, (w - r) // 2) if self.args.center_crop else (rng.randint(0, h - r), rng.randint(0, w - r))
+        )
         return image.crop((left, top, left + r, top + r)), caption or ""
 
     def examples(self, crops):
         """[(image, caption)] -> examples; pixels in [-1, 1] as ToTensor + Normalize([0.5], [0.5]) give them."""
-        tokens = self.tokenizer([c for _, c in crops], padding="max_length", max_length=self.max_length,
-                                truncation=True, return_tensors="pt")
-        pixels = np.stack([np.asarray(image, dtype=np.uint8).reshape(image.size[1], image.size[0], -1)
-                           for image, _ in crops])
+        tokens = self.tokenizer(
+            [c for _, c in crops],
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        pixels = np.stack(
+            [np.asarray(image, dtype=np.uint8).reshape(image.size[1], image.size[0], -1) for image, _ in crops]
+        )
         pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div(255).sub_(0.5).div_(0.5)
-        return [{"pixel_values": pixels[k], "input_ids": tokens.input_ids[k],
-                 "attention_mask": tokens.attention_mask[k]} for k in range(len(crops))]
+        return [
+            {"pixel_values": pixels[k], "input_ids": tokens.input_ids[k], "attention_mask": tokens.attention_mask[k]}
+            for k in range(len(crops))
+        ]
 
     def example(self, image, caption, position):
         return self.examples([self.crop(image, caption, position)])[0]
@@ -470,8 +623,9 @@ class PrecomputedDataset(torch.utils.data.Dataset):
         for c in counts:
             self.offsets.append(self.offsets[-1] + c)
         self.length = self.offsets[-1] if max_samples is None else min(max_samples, self.offsets[-1])
-        self.keys = ["latent_mean", "latent_std"] + (["latent_mean_flipped", "latent_std_flipped"]
-                                                      if index.get("random_flip") else [])
+        self.keys = ["latent_mean", "latent_std"] + (
+            ["latent_mean_flipped", "latent_std_flipped"] if index.get("random_flip") else []
+        )
         self.text_key = index["text_encoders"][0]["key"]
         self.handles = {}
 
@@ -486,8 +640,8 @@ class PrecomputedDataset(torch.utils.data.Dataset):
         if s not in self.handles:
             self.handles[s] = safe_open(str(self.files[s]), framework="pt")
         f, r = self.handles[s], i - self.offsets[s]
-        item = {k: f.get_slice(k)[r:r + 1][0] for k in self.keys}
-        item["hidden_states"] = f.get_slice(f"{self.text_key}.hidden_states")[r:r + 1][0]
+        item = {k: f.get_slice(k)[r : r + 1][0] for k in self.keys}
+        item["hidden_states"] = f.get_slice(f"{self.text_key}.hidden_states")[r : r + 1][0]
         return item
 
     def captions(self, k):
@@ -522,23 +676,34 @@ def check_shards_text_encoder(args, index):
     even one of the same width, is refused before a model loads."""
     entry = index["text_encoders"][0]
     if args.text_encoder_name_or_path:
-        option, ours, our_tokenizer = ("--text_encoder_name_or_path", args.text_encoder_name_or_path,
-                                       args.text_encoder_name_or_path)
+        option, ours, our_tokenizer = (
+            "--text_encoder_name_or_path",
+            args.text_encoder_name_or_path,
+            args.text_encoder_name_or_path,
+        )
     else:
         folder = args.pretrained_model_name_or_path
         option, ours, our_tokenizer = "--pretrained_model_name_or_path", f"{folder}/text_encoder", f"{folder}/tokenizer"
     theirs = entry.get("name_or_path")
-    if local_name(theirs) != local_name(ours) or local_name(entry.get("tokenizer") or our_tokenizer) != \
-            local_name(our_tokenizer):
+    if local_name(theirs) != local_name(ours) or local_name(entry.get("tokenizer") or our_tokenizer) != local_name(
+        our_tokenizer
+    ):
         parent, _, sub = str(theirs).rpartition("/")
-        fix = (f"--pretrained_model_name_or_path {parent} without --text_encoder_name_or_path"
-               if sub == "text_encoder" and parent else f"--text_encoder_name_or_path {theirs}")
-        fail(f"--precomputed_data_dir {args.precomputed_data_dir}: its captions were encoded by the text encoder "
-             f"{theirs} (tokenizer {entry.get('tokenizer')}), this run's is {ours} ({option}); pass {fix}, or "
-             f"re-encode the shards with this run's encoder")
+        fix = (
+            f"--pretrained_model_name_or_path {parent} without --text_encoder_name_or_path"
+            if sub == "text_encoder" and parent
+            else f"--text_encoder_name_or_path {theirs}"
+        )
+        fail(
+            f"--precomputed_data_dir {args.precomputed_data_dir}: its captions were encoded by the text encoder "
+            f"{theirs} (tokenizer {entry.get('tokenizer')}), this run's is {ours} ({option}); pass {fix}, or "
+            f"re-encode the shards with this run's encoder"
+        )
     if args.tokenizer_max_length not in (None, entry["max_length"]):
-        fail(f"--tokenizer_max_length {args.tokenizer_max_length}: the shards hold {entry['max_length']} tokens per "
-             f"caption; drop the flag or re-encode the shards")
+        fail(
+            f"--tokenizer_max_length {args.tokenizer_max_length}: the shards hold {entry['max_length']} tokens per "
+            f"caption; drop the flag or re-encode the shards"
+        )
 
 
 def vae_source(args, index):
@@ -549,9 +714,11 @@ def vae_source(args, index):
         name, sub = index["vae"]["name_or_path"], index["vae"].get("subfolder")
         full = f"{name}/{sub}" if sub else name
         if args.vae_name_or_path and local_name(args.vae_name_or_path) != local_name(full):
-            fail(f"--vae_name_or_path {args.vae_name_or_path}: the latents of --precomputed_data_dir "
-                 f"{args.precomputed_data_dir} were encoded by the VAE {full}, which is loaded and exported; drop "
-                 f"the flag or re-encode the shards")
+            fail(
+                f"--vae_name_or_path {args.vae_name_or_path}: the latents of --precomputed_data_dir "
+                f"{args.precomputed_data_dir} were encoded by the VAE {full}, which is loaded and exported; drop "
+                f"the flag or re-encode the shards"
+            )
         return name, sub, f"--precomputed_data_dir {args.precomputed_data_dir} (index.json's VAE)"
     if args.vae_name_or_path:
         return args.vae_name_or_path, None, "--vae_name_or_path"
@@ -564,17 +731,25 @@ def load_hf_dataset(args):
 
     try:
         if args.train_data_dir:
-            ds = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, split="train",
-                                       cache_dir=args.cache_dir)
+            ds = datasets.load_dataset(
+                "imagefolder", data_dir=args.train_data_dir, split="train", cache_dir=args.cache_dir
+            )
         elif Path(args.dataset_name).is_dir() and (Path(args.dataset_name) / "state.json").is_file():
             ds = datasets.load_from_disk(args.dataset_name)
         else:
-            ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train",
-                                       streaming=args.streaming, cache_dir=args.cache_dir)
+            ds = datasets.load_dataset(
+                args.dataset_name,
+                args.dataset_config_name,
+                split="train",
+                streaming=args.streaming,
+                cache_dir=args.cache_dir,
+            )
     except (OSError, ValueError, FileNotFoundError) as e:
         flag = "--train_data_dir" if args.train_data_dir else "--dataset_name"
-        fail(f"{flag} {args.train_data_dir or args.dataset_name}: cannot load it ({type(e).__name__}: "
-             f"{str(e).splitlines()[0][:200] if str(e) else ''})")
+        fail(
+            f"{flag} {args.train_data_dir or args.dataset_name}: cannot load it ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''})"
+        )
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"]
     columns = list(ds.column_names or (ds.features or {}).keys())
@@ -609,20 +784,28 @@ def build_dataset(args, tokenizer, max_length, vae_channels, index):
 # ----------------------------------------------------------------------------------------------------------------
 def load_text_encoder(args):
     """Tokenizer + frozen text encoder: the folder's, or --text_encoder_name_or_path's."""
-    path, sub = ((args.text_encoder_name_or_path, "") if args.text_encoder_name_or_path
-                 else (args.pretrained_model_name_or_path, "text_encoder"))
+    path, sub = (
+        (args.text_encoder_name_or_path, "")
+        if args.text_encoder_name_or_path
+        else (args.pretrained_model_name_or_path, "text_encoder")
+    )
     flag = "--text_encoder_name_or_path" if args.text_encoder_name_or_path else "--pretrained_model_name_or_path"
     try:
         config = AutoConfig.from_pretrained(path, subfolder=sub, revision=args.revision, cache_dir=args.cache_dir)
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer" if sub else "", revision=args.revision,
-                                                  cache_dir=args.cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, subfolder="tokenizer" if sub else "", revision=args.revision, cache_dir=args.cache_dir
+        )
     except (OSError, ValueError) as e:
-        fail(f"{flag} {path}: cannot load a text encoder and tokenizer from it ({type(e).__name__}); pass a folder "
-             f"in Stable Diffusion layout (or with config.json and tokenizer files), or a hub id when online")
+        fail(
+            f"{flag} {path}: cannot load a text encoder and tokenizer from it ({type(e).__name__}); pass a folder "
+            f"in Stable Diffusion layout (or with config.json and tokenizer files), or a hub id when online"
+        )
     model_cls = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel}.get(
-        config.model_type, AutoModel)
-    model = model_cls.from_pretrained(path, subfolder=sub, revision=args.revision,
-                                      variant=args.variant if sub else None, cache_dir=args.cache_dir)
+        config.model_type, AutoModel
+    )
+    model = model_cls.from_pretrained(
+        path, subfolder=sub, revision=args.revision, variant=args.variant if sub else None, cache_dir=args.cache_dir
+    )
     return tokenizer, model.requires_grad_(False).eval()
 
 
@@ -630,11 +813,14 @@ def load_vae(args, source):
     """The frozen AutoencoderKL of `source` (see vae_source)."""
     path, sub, flag = source
     try:
-        vae = AutoencoderKL.from_pretrained(path, subfolder=sub, revision=args.revision,
-                                            variant=args.variant if sub else None, cache_dir=args.cache_dir)
+        vae = AutoencoderKL.from_pretrained(
+            path, subfolder=sub, revision=args.revision, variant=args.variant if sub else None, cache_dir=args.cache_dir
+        )
     except (OSError, ValueError) as e:
-        fail(f"{flag} {path}: cannot load an AutoencoderKL from it{f' (subfolder {sub})' if sub else ''} "
-             f"({type(e).__name__})")
+        fail(
+            f"{flag} {path}: cannot load an AutoencoderKL from it{f' (subfolder {sub})' if sub else ''} "
+            f"({type(e).__name__})"
+        )
     return vae.requires_grad_(False).eval()
 
 
@@ -643,24 +829,35 @@ def latent_scale(vae):
     A VAE's shift_factor is left out on purpose: the pipeline does not add it back when decoding (nor subtract it
     when encoding, img2img), so latents trained shifted would decode wrong from the export; unshifted they are
     only not centred. Recorded in run_config.json."""
-    return {"scaling_factor": vae.config.scaling_factor, "shift_factor": 0.0,
-            "vae_shift_factor_not_applied": vae.config.get("shift_factor") or 0.0}
+    return {
+        "scaling_factor": vae.config.scaling_factor,
+        "shift_factor": 0.0,
+        "vae_shift_factor_not_applied": vae.config.get("shift_factor") or 0.0,
+    }
 
 
 def build_unet(args, latent_channels, latent_size, cross_attention_dim):
     """The folder's UNet (fine-tuning) or a new one of --unet_config (from scratch)."""
     if not args.unet_from_scratch:
         try:
-            unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
-                                                        revision=args.revision, variant=args.variant,
-                                                        cache_dir=args.cache_dir)
+            unet = UNet2DConditionModel.from_pretrained(
+                args.pretrained_model_name_or_path,
+                subfolder="unet",
+                revision=args.revision,
+                variant=args.variant,
+                cache_dir=args.cache_dir,
+            )
         except (OSError, ValueError) as e:
-            fail(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no loadable unet/ "
-                 f"({type(e).__name__}); add --unet_from_scratch to train a new UNet")
+            fail(
+                f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no loadable unet/ "
+                f"({type(e).__name__}); add --unet_from_scratch to train a new UNet"
+            )
         if unet.config.in_channels != latent_channels or unet.config.cross_attention_dim != cross_attention_dim:
-            fail(f"--pretrained_model_name_or_path: its UNet reads {unet.config.in_channels} channels and "
-                 f"{unet.config.cross_attention_dim}-d text, the VAE gives {latent_channels} and the text encoder "
-                 f"{cross_attention_dim}; use matching components or --unet_from_scratch")
+            fail(
+                f"--pretrained_model_name_or_path: its UNet reads {unet.config.in_channels} channels and "
+                f"{unet.config.cross_attention_dim}-d text, the VAE gives {latent_channels} and the text encoder "
+                f"{cross_attention_dim}; use matching components or --unet_from_scratch"
+            )
         return unet
     if args.unet_config in UNET_PRESETS:
         config = dict(UNET_PRESETS[args.unet_config])
@@ -668,28 +865,38 @@ def build_unet(args, latent_channels, latent_size, cross_attention_dim):
         config = {k: v for k, v in json.loads(Path(args.unet_config).read_text()).items() if not k.startswith("_")}
     levels = len(config["block_out_channels"])
     if latent_size % 2 ** (levels - 1):
-        fail(f"--resolution {args.resolution}: {latent_size}x{latent_size} latents cannot be halved "
-             f"{levels - 1} times by the UNet of --unet_config; pick a resolution whose latent size divides by "
-             f"{2 ** (levels - 1)}")
-    config.update(in_channels=latent_channels, out_channels=latent_channels, sample_size=latent_size,
-                  cross_attention_dim=cross_attention_dim)
+        fail(
+            f"--resolution {args.resolution}: {latent_size}x{latent_size} latents cannot be halved "
+            f"{levels - 1} times by the UNet of --unet_config; pick a resolution whose latent size divides by "
+            f"{2 ** (levels - 1)}"
+        )
+    config.update(
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        sample_size=latent_size,
+        cross_attention_dim=cross_attention_dim,
+    )
     return UNet2DConditionModel(**config)
 
 
 def build_noise_scheduler(args):
     """The folder's DDPM schedule, with --prediction_type and --rescale_betas_zero_snr applied."""
     try:
-        config = DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
-                                           revision=args.revision, cache_dir=args.cache_dir)
+        config = DDPMScheduler.load_config(
+            args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
+        )
     except (OSError, ValueError) as e:
-        fail(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no scheduler/ "
-             f"({type(e).__name__})")
+        fail(
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no scheduler/ ({type(e).__name__})"
+        )
     prediction_type = args.prediction_type or config.get("prediction_type", "epsilon")
     if args.rescale_betas_zero_snr and prediction_type == "epsilon":
         # At the last timestep the input is pure noise: eps is the input itself, and x0 cannot be recovered from it.
-        fail("--rescale_betas_zero_snr cannot be learned with --prediction_type epsilon (given, or the folder's "
-             "scheduler's): at zero terminal SNR the image cannot be recovered from a predicted noise; add "
-             "--prediction_type v_prediction")
+        fail(
+            "--rescale_betas_zero_snr cannot be learned with --prediction_type epsilon (given, or the folder's "
+            "scheduler's): at zero terminal SNR the image cannot be recovered from a predicted noise; add "
+            "--prediction_type v_prediction"
+        )
     overrides = {}
     if args.prediction_type:
         overrides["prediction_type"] = args.prediction_type
@@ -700,8 +907,7 @@ def build_noise_scheduler(args):
 
 def build_sampler(noise_scheduler):
     """DPM-Solver++ (2M) on the training schedule: the validation and exported sampler."""
-    return DPMSolverMultistepScheduler.from_config(noise_scheduler.config, algorithm_type="dpmsolver++",
-                                                   solver_order=2)
+    return DPMSolverMultistepScheduler.from_config(noise_scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
 
 
 def text_uses_mask(text_encoder):
@@ -762,14 +968,13 @@ def training_step(unet, noise_scheduler, latents, states, args, generator):
     n, device = latents.shape[0], latents.device
     noise = torch.randn(latents.shape, generator=generator, device=device)
     if args.noise_offset:  # https://www.crosslabs.org/blog/diffusion-with-offset-noise
-        noise = noise + args.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=generator,
-                                                        device=device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator,
-                              device=device)
+        noise = noise + args.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=generator, device=device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
     model_input_noise = noise
     if args.input_perturbation:
-        model_input_noise = noise + args.input_perturbation * torch.randn(noise.shape, generator=generator,
-                                                                          device=device)
+        model_input_noise = noise + args.input_perturbation * torch.randn(
+            noise.shape, generator=generator, device=device
+        )
     noisy = noise_scheduler.add_noise(latents, model_input_noise, timesteps)
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
@@ -794,9 +999,16 @@ def min_snr_weight(noise_scheduler, timesteps, gamma):
 # Validation, plots
 # ----------------------------------------------------------------------------------------------------------------
 def make_pipeline(vae, text_encoder, tokenizer, unet, sampler):
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=sampler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sampler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -806,22 +1018,30 @@ def log_validation(pipeline, prompts, args, path, accelerator, trackers=(), step
     """Grid: one row per prompt, one panel per guidance scale (--num_validation_images each), fixed seed; written to
     `path` and sent to the trackers (TensorBoard: the grid; wandb: one image per prompt, captioned with it)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
     scales, k = args.validation_guidance_scales, args.num_validation_images
-    fig, axes = plt.subplots(len(prompts), len(scales), figsize=(2.2 * k * len(scales), 2.4 * len(prompts)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(prompts), len(scales), figsize=(2.2 * k * len(scales), 2.4 * len(prompts)), squeeze=False
+    )
     rows = [[] for _ in prompts]  # per prompt: its strip at every guidance scale
     for col, scale in enumerate(scales):
         generator = torch.Generator(accelerator.device).manual_seed(args.seed)  # same noise in every panel
         with accelerator.autocast():
-            images = pipeline([p for p in prompts for _ in range(k)], height=args.resolution, width=args.resolution,
-                              num_inference_steps=args.num_inference_steps, guidance_scale=scale,
-                              generator=generator, output_type="np").images
+            images = pipeline(
+                [p for p in prompts for _ in range(k)],
+                height=args.resolution,
+                width=args.resolution,
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=scale,
+                generator=generator,
+                output_type="np",
+            ).images
         for row, prompt in enumerate(prompts):
-            strip = np.concatenate(list(images[row * k:(row + 1) * k]), axis=1)
+            strip = np.concatenate(list(images[row * k : (row + 1) * k]), axis=1)
             rows[row].append(strip)
             ax = axes[row][col]
             ax.imshow(strip.squeeze(-1) if strip.shape[-1] == 1 else strip, cmap="gray", vmin=0, vmax=1)
@@ -843,13 +1063,18 @@ def log_validation(pipeline, prompts, args, path, accelerator, trackers=(), step
         if wandb_trackers:  # as diffusers' examples: one image per prompt, the prompt as its caption
             import wandb
 
-            per_prompt = [wandb.Image((np.concatenate(strips, axis=1) * 255).round().astype(np.uint8).squeeze(),
-                                      caption=f"{prompt} ({guidance})")
-                          for prompt, strips in zip(prompts, rows, strict=True)]
+            per_prompt = [
+                wandb.Image(
+                    (np.concatenate(strips, axis=1) * 255).round().astype(np.uint8).squeeze(),
+                    caption=f"{prompt} ({guidance})",
+                )
+                for prompt, strips in zip(prompts, rows, strict=True)
+            ]
             for tracker in wandb_trackers:
                 tracker.log({"validation": per_prompt}, step=step)
 
 
+# Copied from train_mnist.log_image
 def log_image(trackers, path, step, caption):
     """A PNG written to disk, sent to every tracker that shows images."""
     from PIL import Image
@@ -867,6 +1092,7 @@ def log_image(trackers, path, step, caption):
 
 def plot_loss(metrics_path, out_path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -890,6 +1116,7 @@ def plot_loss(metrics_path, out_path):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and export
 # ----------------------------------------------------------------------------------------------------------------
+# Copied from train_mnist.file_digest
 def file_digest(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -898,6 +1125,7 @@ def file_digest(path):
     return digest.hexdigest()
 
 
+# Copied from train_mnist.write_manifest
 def write_manifest(folder, names):
     """Size and sha256 of the files `names` (relative to `folder`, or the folders they name), written last."""
     files = {}
@@ -911,6 +1139,7 @@ def write_manifest(folder, names):
     os.replace(tmp, folder / MANIFEST)
 
 
+# Copied from train_mnist.manifest_problem
 def manifest_problem(folder):
     """What is wrong with a checkpoint or export folder, in a few words, or None when its manifest holds."""
     try:
@@ -930,6 +1159,7 @@ def manifest_problem(folder):
     return None
 
 
+# Copied from train_mnist.save_ema
 def save_ema(ema, model, folder):
     """The EMA weights in diffusers' save_pretrained layout (config.json + diffusion_pytorch_model.safetensors):
     `from_pretrained(checkpoint, subfolder=...)` loads them. Buffers come from the model; the EMA's own state
@@ -938,8 +1168,11 @@ def save_ema(ema, model, folder):
     model.save_config(folder)
     state = model.state_dict()
     state.update((name, shadow) for (name, _), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True))
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, folder / "diffusion_pytorch_model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous() for k, v in state.items()},
+        folder / "diffusion_pytorch_model.safetensors",
+        metadata={"format": "pt"},
+    )
 
 
 def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position, write_sampling_files):
@@ -959,9 +1192,14 @@ def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, positi
         save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(unet)
-            state = {"script": "train_ldm_sd.py", "global_step": global_step,
-                     "num_processes": accelerator.num_processes, "epoch": position[0], "epoch_batches": position[1],
-                     "ema": None}
+            state = {
+                "script": "train_ldm_sd.py",
+                "global_step": global_step,
+                "num_processes": accelerator.num_processes,
+                "epoch": position[0],
+                "epoch_batches": position[1],
+                "ema": None,
+            }
             if ema is not None:
                 save_ema(ema, model, tmp / "unet_ema")  # up to date (catch_up_ema); offloaded shadows read on the CPU
                 state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
@@ -978,22 +1216,27 @@ def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, positi
     except OSError as e:  # a full disk, a lost mount: the previous checkpoints stay as they were
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
-        print(f"error: step {global_step}: checkpoint not written ({reason}); the previous checkpoints are intact, "
-              f"resume from them with --resume_from_checkpoint latest", file=sys.stderr)
+        print(
+            f"error: step {global_step}: checkpoint not written ({reason}); the previous checkpoints are intact, "
+            f"resume from them with --resume_from_checkpoint latest",
+            file=sys.stderr,
+        )
         sys.exit(1)
     if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
+        for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
 
+# Copied from train_mnist.list_checkpoints
 def list_checkpoints(output_dir):
     """Complete checkpoints (those with a manifest), oldest first."""
     found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+# Copied from train_mnist.find_checkpoint
 def find_checkpoint(accelerator, args):
     """The folder --resume_from_checkpoint names, checked against its manifest, or None for a new run. "latest"
     falls back past damaged checkpoints to the newest intact one; a damaged explicit path is an error."""
@@ -1013,8 +1256,10 @@ def find_checkpoint(accelerator, args):
                 break
             accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
         if found and choice[0] is None:
-            fail(f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
-                 f"with --overwrite_output_dir")
+            fail(
+                f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
+                f"with --overwrite_output_dir"
+            )
     if accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(choice, src=0)
     return None if choice[0] is None else Path(choice[0])
@@ -1041,13 +1286,16 @@ def load_checkpoint(accelerator, path, unet, ema, train_rng, args):
     if saved == accelerator.num_processes:
         train_rng.set_state(load_file(path / f"train_rng_{rank}.safetensors")["state"])
     else:
-        accelerator.print(f"warning: {path} was written by {saved} processes, resumed on {accelerator.num_processes}: "
-                          f"same step, learning rate and data position, new random streams (not bitwise)")
+        accelerator.print(
+            f"warning: {path} was written by {saved} processes, resumed on {accelerator.num_processes}: "
+            f"same step, learning rate and data position, new random streams (not bitwise)"
+        )
         train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
     if ema is not None:
         # Straight onto the device the EMA lives on: load_state_dict keeps the tensors it is given.
-        weights = load_file(path / "unet_ema" / "diffusion_pytorch_model.safetensors",
-                            device=str(ema.shadow_params[0].device))
+        weights = load_file(
+            path / "unet_ema" / "diffusion_pytorch_model.safetensors", device=str(ema.shadow_params[0].device)
+        )
         shadow = [weights[name] for name, _ in accelerator.unwrap_model(unet).named_parameters()]
         ema.load_state_dict({**state["ema"], "shadow_params": shadow})
     return state
@@ -1056,16 +1304,27 @@ def load_checkpoint(accelerator, path, unet, ema, train_rng, args):
 def export_config(args, vae_from, max_length, prompts):
     """What --sample_from needs besides the UNet and the sampler: the base pipeline's VAE, text encoder and tokenizer
     as this run loaded them (named, never copied into a checkpoint), the prompt length, resolution and prompts."""
-    text = ((args.text_encoder_name_or_path, "") if args.text_encoder_name_or_path
-            else (args.pretrained_model_name_or_path, "text_encoder"))
-    return {"script": "train_ldm_sd.py",
-            "pretrained_model_name_or_path": local_name(args.pretrained_model_name_or_path),
-            "revision": args.revision, "variant": args.variant,
-            "text_encoder": {"name_or_path": local_name(text[0]), "subfolder": text[1],
-                             "tokenizer_subfolder": "tokenizer" if text[1] else ""},
-            "vae": {"name_or_path": local_name(vae_from[0]), "subfolder": vae_from[1]},
-            "tokenizer_max_length": max_length, "resolution": args.resolution, "guidance_scale": args.guidance_scale,
-            "validation_prompts": list(prompts)}
+    text = (
+        (args.text_encoder_name_or_path, "")
+        if args.text_encoder_name_or_path
+        else (args.pretrained_model_name_or_path, "text_encoder")
+    )
+    return {
+        "script": "train_ldm_sd.py",
+        "pretrained_model_name_or_path": local_name(args.pretrained_model_name_or_path),
+        "revision": args.revision,
+        "variant": args.variant,
+        "text_encoder": {
+            "name_or_path": local_name(text[0]),
+            "subfolder": text[1],
+            "tokenizer_subfolder": "tokenizer" if text[1] else "",
+        },
+        "vae": {"name_or_path": local_name(vae_from[0]), "subfolder": vae_from[1]},
+        "tokenizer_max_length": max_length,
+        "resolution": args.resolution,
+        "guidance_scale": args.guidance_scale,
+        "validation_prompts": list(prompts),
+    }
 
 
 def write_sampling_files(sampler, config, folder):
@@ -1097,13 +1356,19 @@ def model_card(args, global_step, metrics_path):
     base = args.pretrained_model_name_or_path
     hub_base = not Path(base).exists()  # a local folder is no hub id: named in the text only
     dataset = args.dataset_name if args.dataset_name and not Path(args.dataset_name).exists() else None
-    data = ModelCardData(library_name="diffusers", license=sd_license(base), base_model=base if hub_base else None,
-                         datasets=[dataset] if dataset else None,
-                         tags=["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers",
-                               "diffusers-training"])
+    data = ModelCardData(
+        library_name="diffusers",
+        license=sd_license(base),
+        base_model=base if hub_base else None,
+        datasets=[dataset] if dataset else None,
+        tags=["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "diffusers-training"],
+    )
     command = " ".join(["python train_ldm_sd.py", *sys.argv[1:]])
-    how = ("a new UNet trained from scratch with the frozen VAE and text encoder of" if args.unet_from_scratch
-           else "the UNet fine-tuned from")
+    how = (
+        "a new UNet trained from scratch with the frozen VAE and text encoder of"
+        if args.unet_from_scratch
+        else "the UNet fine-tuned from"
+    )
     return f"""---
 {data.to_yaml()}
 ---
@@ -1153,6 +1418,7 @@ def export_model(pipeline, write_sampling_files, output_dir, card, grid):
     write_manifest(output_dir, parts)
 
 
+# Copied from train_mnist.RunLock
 class RunLock:
     """One training run per output folder: run.lock holds the PID, the host and a heartbeat time refreshed every
     minute. A lock whose process is gone (same host) or whose heartbeat is older than `stale_after` seconds
@@ -1172,8 +1438,10 @@ class RunLock:
             other = {"pid": None, "host": None, "heartbeat": 0}
         if other is not None and other.get("pid") != self.me["pid"]:
             if self.alive(other):
-                fail(f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
-                     f"there; wait for it, stop it, or pick another --output_dir")
+                fail(
+                    f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
+                    f"there; wait for it, stop it, or pick another --output_dir"
+                )
             print(f"warning: taking over the stale lock of PID {other.get('pid')} on {other.get('host')}")
         self.write()
         threading.Thread(target=self.beat, daemon=True).start()
@@ -1203,6 +1471,7 @@ class RunLock:
         self.path.unlink(missing_ok=True)
 
 
+# Copied from train_mnist.claim_output_dir
 def claim_output_dir(args):
     """Main process, before any heavy work: take the lock, and refuse to mix a new run with another run's
     checkpoints (--resume_from_checkpoint latest would later pick the old run's higher step)."""
@@ -1222,8 +1491,10 @@ def claim_output_dir(args):
     if old and not args.resume_from_checkpoint:
         if not args.overwrite_output_dir:
             lock.release()
-            fail(f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
-                 f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them")
+            fail(
+                f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
+                f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them"
+            )
         for path in old:
             shutil.rmtree(path)
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -1237,17 +1508,26 @@ def write_run_config(args, accelerator, extra):
     import transformers
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
-    config = {"args": vars(args), "git_commit": commit, "num_processes": accelerator.num_processes,
-              "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
-              **extra,
-              "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, accelerate, datasets)}}
+    config = {
+        "args": vars(args),
+        "git_commit": commit,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
+        **extra,
+        "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, accelerate, datasets)},
+    }
     (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
 
 
+# Copied from train_mnist.StopRequest
 class StopRequest:
     """SIGTERM/SIGINT ask for a checkpoint at a step boundary, then a clean exit (pre-emptible clusters).
 
@@ -1272,8 +1552,9 @@ class StopRequest:
             agreed = bool(self.flag.item())  # a CPU tensor: no device sync
         if not agreed:
             self.flag.fill_(float(self.event.is_set()))
-            self.pending = torch.distributed.all_reduce(self.flag, torch.distributed.ReduceOp.MAX, self.group,
-                                                        async_op=True)
+            self.pending = torch.distributed.all_reduce(
+                self.flag, torch.distributed.ReduceOp.MAX, self.group, async_op=True
+            )
         return agreed
 
     def close(self):
@@ -1314,12 +1595,18 @@ def generate_from_export(args, accelerator):
         for part in ("text_encoder", "vae"):
             path = config[part]["name_or_path"]
             if Path(path).is_absolute() and not Path(path).exists():
-                fail(f"--sample_from {export}: the {part} its {EXPORT_CONFIG} names, {path}, is gone; restore it "
-                     f"or sample from the finished run's export")
+                fail(
+                    f"--sample_from {export}: the {part} its {EXPORT_CONFIG} names, {path}, is gone; restore it "
+                    f"or sample from the finished run's export"
+                )
         text = config["text_encoder"]  # the base folder's text_encoder/ and tokenizer/, or another encoder's folder
-        base = argparse.Namespace(pretrained_model_name_or_path=config["pretrained_model_name_or_path"],
-                                  text_encoder_name_or_path=None if text["subfolder"] else text["name_or_path"],
-                                  revision=config["revision"], variant=config["variant"], cache_dir=args.cache_dir)
+        base = argparse.Namespace(
+            pretrained_model_name_or_path=config["pretrained_model_name_or_path"],
+            text_encoder_name_or_path=None if text["subfolder"] else text["name_or_path"],
+            revision=config["revision"],
+            variant=config["variant"],
+            cache_dir=args.cache_dir,
+        )
         tokenizer, text_encoder = load_text_encoder(base)
         tokenizer.model_max_length = config["tokenizer_max_length"]
         vae = load_vae(base, (config["vae"]["name_or_path"], config["vae"]["subfolder"], f"--sample_from {export}"))
@@ -1348,8 +1635,9 @@ def main(args):
         # "auto" is CPU without CUDA; then several processes (torchrun, accelerate launch) talk over gloo.
         cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
         log_with=args.report_to or None,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=Path(args.output_dir, args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)
+        ),
         # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
         # non_blocking: a batch from pinned memory reaches the GPU without the host waiting for the GPU's queue.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
@@ -1376,23 +1664,31 @@ def main(args):
     tokenizer, text_encoder = load_text_encoder(args)
     vae = load_vae(args, vae_from)
     hidden = text_encoder.config.hidden_size
-    max_length = args.tokenizer_max_length or min(tokenizer.model_max_length,
-                                                  getattr(text_encoder.config, "max_position_embeddings", 512))
+    max_length = args.tokenizer_max_length or min(
+        tokenizer.model_max_length, getattr(text_encoder.config, "max_position_embeddings", 512)
+    )
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent_info = latent_scale(vae)
     if index is not None:  # the shards decide resolution, scale and text length; they must fit the export's parts
         flag = f"--precomputed_data_dir {args.precomputed_data_dir}"
         enc = index["text_encoders"][0]
         if enc["hidden_size"] != hidden or index["vae"]["latent_channels"] != vae.config.latent_channels:
-            fail(f"{flag}: shards of {enc['hidden_size']}-d text and {index['vae']['latent_channels']}-channel latents "
-                 f"do not fit this text encoder ({hidden}-d) and VAE ({vae.config.latent_channels} channels)")
-        if enc.get("use_attention_mask", text_uses_mask(text_encoder)) != text_uses_mask(text_encoder) or \
-                enc.get("prefix"):
-            fail(f"{flag}: the text states were encoded unlike StableDiffusionPipeline does (attention mask or "
-                 f"prefix); prepare them with --text_encoder_attention_mask auto and no --text_prefix")
+            fail(
+                f"{flag}: shards of {enc['hidden_size']}-d text and {index['vae']['latent_channels']}-channel latents "
+                f"do not fit this text encoder ({hidden}-d) and VAE ({vae.config.latent_channels} channels)"
+            )
+        if enc.get("use_attention_mask", text_uses_mask(text_encoder)) != text_uses_mask(text_encoder) or enc.get(
+            "prefix"
+        ):
+            fail(
+                f"{flag}: the text states were encoded unlike StableDiffusionPipeline does (attention mask or "
+                f"prefix); prepare them with --text_encoder_attention_mask auto and no --text_prefix"
+            )
         if abs(index["vae"]["scaling_factor"] - vae.config.scaling_factor) > 1e-6 * vae.config.scaling_factor:
-            fail(f"{flag}: encoded with a VAE of scaling factor {index['vae']['scaling_factor']}, but index.json's VAE "
-                 f"{vae_from[0]} now has {vae.config.scaling_factor}; re-encode the shards")
+            fail(
+                f"{flag}: encoded with a VAE of scaling factor {index['vae']['scaling_factor']}, but index.json's VAE "
+                f"{vae_from[0]} now has {vae.config.scaling_factor}; re-encode the shards"
+            )
         args.resolution, max_length = index["resolution"], enc["max_length"]
     for frozen in (vae, text_encoder):  # frozen models in the weight dtype (.to(dtype) only when it changes one)
         frozen.to(accelerator.device)
@@ -1404,15 +1700,20 @@ def main(args):
     # ---- Data -------------------------------------------------------------------------------------------------
     dataset, first_captions = build_dataset(args, tokenizer, max_length, vae.config.in_channels, index)
     prompts = args.validation_prompts or first_captions
-    sampling_files = functools.partial(write_sampling_files, sampler,
-                                       export_config(args, vae_from, max_length, prompts))
+    sampling_files = functools.partial(
+        write_sampling_files, sampler, export_config(args, vae_from, max_length, prompts)
+    )
     if not isinstance(dataset, torch.utils.data.IterableDataset) and len(dataset) == 0:
         fail("the dataset is empty")
     streaming = isinstance(dataset, torch.utils.data.IterableDataset)
     train_dataloader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.train_batch_size, shuffle=not streaming,
-        drop_last=not streaming and len(dataset) >= args.train_batch_size, num_workers=args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda")
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=not streaming,
+        drop_last=not streaming and len(dataset) >= args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
     empty_states = encode_prompts(tokenizer, text_encoder, [""], max_length, accelerator.device)
     if index is not None:
         empty = load_file(Path(args.precomputed_data_dir) / "empty_prompt.safetensors")
@@ -1426,14 +1727,23 @@ def main(args):
         unet.enable_xformers_memory_efficient_attention()
     ema = None
     if args.use_ema:
-        ema = StridedEMA(unet.parameters(), decay=args.ema_decay, use_ema_warmup=args.ema_warmup, inv_gamma=1.0,
-                         power=args.ema_power, foreach=args.foreach_ema, model_cls=UNet2DConditionModel,
-                         model_config=unet.config)
+        ema = StridedEMA(
+            unet.parameters(),
+            decay=args.ema_decay,
+            use_ema_warmup=args.ema_warmup,
+            inv_gamma=1.0,
+            power=args.ema_power,
+            foreach=args.foreach_ema,
+            model_cls=UNet2DConditionModel,
+            model_config=unet.config,
+        )
         ema.to("cpu" if args.offload_ema else accelerator.device)
-    accelerator.print(f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters "
-                      f"({'from scratch' if args.unet_from_scratch else 'fine-tuned'}); latents "
-                      f"{vae.config.latent_channels}x{args.resolution // factor}x{args.resolution // factor}; text "
-                      f"{max_length}x{hidden}; data: {'precomputed' if index else 'encoded online'}")
+    accelerator.print(
+        f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters "
+        f"({'from scratch' if args.unet_from_scratch else 'fine-tuned'}); latents "
+        f"{vae.config.latent_channels}x{args.resolution // factor}x{args.resolution // factor}; text "
+        f"{max_length}x{hidden}; data: {'precomputed' if index else 'encoded online'}"
+    )
     if accelerator.is_main_process:
         write_run_config(args, accelerator, {"tokenizer_max_length": max_length, "latent": latent_info})
 
@@ -1444,19 +1754,27 @@ def main(args):
     fused = not args.use_8bit_adam
     if args.use_8bit_adam:
         import bitsandbytes as bnb
+
         optimizer_cls, options = bnb.optim.AdamW8bit, {}
     else:  # Fused AdamW: one kernel for all tensors, and it can skip a non-finite step on the device (found_inf below).
         optimizer_cls, options = torch.optim.AdamW, {"fused": True}
-    optimizer = optimizer_cls(unet.parameters(), lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **options)
+    optimizer = optimizer_cls(
+        unet.parameters(),
+        lr=lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        **options,
+    )
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
     # Listed once: the prepared (DDP) model yields the very Parameter objects the optimizer and the EMA were given.
     params = list(unet.parameters())
     # With --offload_ema the EMA reads the weights from CPU copies (filled one way, device to host, per update).
     ema_inputs = params
     if ema is not None and args.offload_ema and accelerator.device.type != "cpu":
-        ema_inputs = [torch.empty_like(p, device="cpu", pin_memory=True).requires_grad_(p.requires_grad)
-                      for p in params]
+        ema_inputs = [
+            torch.empty_like(p, device="cpu", pin_memory=True).requires_grad_(p.requires_grad) for p in params
+        ]
     if streaming:  # a stream has no length: --max_train_steps is required, epochs end when the stream does
         max_train_steps = args.max_train_steps
     else:
@@ -1480,8 +1798,13 @@ def main(args):
         accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
     # Not prepared: accelerate would step it once per process and save it pickled. It counts optimizer steps
     # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=max_train_steps, last_epoch=global_step - 1)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=max_train_steps,
+        last_epoch=global_step - 1,
+    )
     if args.report_to:
         accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
     ema_step = global_step  # the optimizer step whose weights the EMA saw last (checkpoints hold an up-to-date one)
@@ -1504,8 +1827,15 @@ def main(args):
                 ema.store(params)
                 ema.copy_to(params)
             pipeline = make_pipeline(vae, text_encoder, tokenizer, accelerator.unwrap_model(unet).eval(), sampler)
-            log_validation(pipeline, prompts, args, output_dir / "samples" / f"step-{global_step}.png", accelerator,
-                           accelerator.trackers, global_step)
+            log_validation(
+                pipeline,
+                prompts,
+                args,
+                output_dir / "samples" / f"step-{global_step}.png",
+                accelerator,
+                accelerator.trackers,
+                global_step,
+            )
             plot_loss(metrics_path, output_dir / "loss.png")
             if ema is not None:
                 ema.restore(params)
@@ -1513,8 +1843,7 @@ def main(args):
 
     # ---- Training loop: the host reads device values only every --logging_steps -------------------------------
     metrics_path = output_dir / "metrics.jsonl"
-    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
-                    desc="train")
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process, desc="train")
     num_bins = 4  # loss per quarter of the timestep range: where the model still has to learn
     bin_loss = torch.zeros(num_bins, device=accelerator.device)
     bin_count = torch.zeros(num_bins, device=accelerator.device)
@@ -1579,15 +1908,22 @@ def main(args):
                 totals = accelerator.reduce(torch.stack([bin_loss, bin_count]), "sum").cpu()
                 total_nonfinite, longest = torch.stack([nonfinite_steps, longest_run]).tolist()
                 elapsed = time.perf_counter() - window_start
-                row = {"step": global_step, "epoch": epoch,
-                       "loss": (totals[0].sum() / totals[1].sum().clamp(min=1)).item(),
-                       "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
-                       "samples_per_s": window_samples / max(elapsed, 1e-9), "nonfinite_steps": int(total_nonfinite)}
-                row.update({f"loss_t{i}": (totals[0, i] / totals[1, i]).item()
-                            for i in range(num_bins) if totals[1, i] > 0})
+                row = {
+                    "step": global_step,
+                    "epoch": epoch,
+                    "loss": (totals[0].sum() / totals[1].sum().clamp(min=1)).item(),
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm.item(),
+                    "samples_per_s": window_samples / max(elapsed, 1e-9),
+                    "nonfinite_steps": int(total_nonfinite),
+                }
+                row.update(
+                    {f"loss_t{i}": (totals[0, i] / totals[1, i]).item() for i in range(num_bins) if totals[1, i] > 0}
+                )
                 if not warned_bad and int(num_bad):
-                    accelerator.print(f"warning: unreadable images are skipped ({int(num_bad)} so far; total at the "
-                                      f"end)")
+                    accelerator.print(
+                        f"warning: unreadable images are skipped ({int(num_bad)} so far; total at the end)"
+                    )
                     warned_bad = True
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:
@@ -1599,8 +1935,10 @@ def main(args):
                 longest_run.copy_(nonfinite_run)
                 window_start, window_samples = time.perf_counter(), 0
                 if longest >= args.max_nonfinite_steps:  # the same on every process
-                    accelerator.print(f"error: {int(longest)} steps in a row with a non-finite gradient before step "
-                                      f"{global_step}; lower --learning_rate. The last checkpoint is intact.")
+                    accelerator.print(
+                        f"error: {int(longest)} steps in a row with a non-finite gradient before step "
+                        f"{global_step}; lower --learning_rate. The last checkpoint is intact."
+                    )
                     sys.exit(1)
 
             stop_now = stop()
@@ -1610,8 +1948,9 @@ def main(args):
                 path = save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position, sampling_files)
                 accelerator.print(f"\nsaved {path}")
             if stop_now:
-                accelerator.print(f"stop requested: exiting at step {global_step}; resume with "
-                                  f"--resume_from_checkpoint latest")
+                accelerator.print(
+                    f"stop requested: exiting at step {global_step}; resume with --resume_from_checkpoint latest"
+                )
                 accelerator.end_training()
                 return
             if validation_due(args, global_step, max_train_steps):
@@ -1647,8 +1986,10 @@ def main(args):
         export_model(pipeline, sampling_files, output_dir, card, grid)
         summary = {"global_step": global_step, "train_seconds": train_seconds, "num_bad_images": num_bad}
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        accelerator.print(f"done: step {global_step}, {train_seconds / 60:.1f} min of training; "
-                          f"StableDiffusionPipeline in {output_dir}")
+        accelerator.print(
+            f"done: step {global_step}, {train_seconds / 60:.1f} min of training; "
+            f"StableDiffusionPipeline in {output_dir}"
+        )
     accelerator.end_training()
 
 

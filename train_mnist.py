@@ -68,35 +68,63 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset_path", "--data_root", default="./dataset_cache",
-                   help="Folder holding MNIST/raw (torchvision layout); downloaded there when missing and online.")
+    g.add_argument(
+        "--dataset_path",
+        "--data_root",
+        default="./dataset_cache",
+        help="Folder holding MNIST/raw (torchvision layout); downloaded there when missing and online.",
+    )
     g.add_argument("--caption_template", default="A handwritten digit {}", help="Caption of a digit; {} is the digit.")
     g.add_argument("--max_samples", type=int, default=None, help="Truncate the training set to N examples.")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = parser.add_argument_group("models")
-    g.add_argument("--text_encoder_name_or_path", default=None,
-                   help="Frozen text encoder (hub id or local folder with its tokenizer): CLIP text, BERT family, T5 "
-                        "encoder. Default openai/clip-vit-base-patch32; with --sample_from, the export's encoder.")
+    g.add_argument(
+        "--text_encoder_name_or_path",
+        default=None,
+        help="Frozen text encoder (hub id or local folder with its tokenizer): CLIP text, BERT family, T5 "
+        "encoder. Default openai/clip-vit-base-patch32; with --sample_from, the export's encoder.",
+    )
     g.add_argument("--tokenizer_max_length", type=int, default=8, help="Tokens per caption (padded/truncated).")
     g.add_argument("--block_out_channels", type=int_list, default=[32, 64, 64], help="UNet width per level.")
-    g.add_argument("--cross_attention_levels", type=int_list, default=[2],
-                   help="Levels (0 = full resolution) whose blocks cross-attend to the text; the mid block does too.")
+    g.add_argument(
+        "--cross_attention_levels",
+        type=int_list,
+        default=[2],
+        help="Levels (0 = full resolution) whose blocks cross-attend to the text; the mid block does too.",
+    )
     g.add_argument("--layers_per_block", type=int, default=1)
-    g.add_argument("--patch_size", type=int, choices=[1, 2, 4], default=2,
-                   help="Feed the UNet p x p pixel patches as channels: p=2 costs a quarter of p=1.")
+    g.add_argument(
+        "--patch_size",
+        type=int,
+        choices=[1, 2, 4],
+        default=2,
+        help="Feed the UNet p x p pixel patches as channels: p=2 costs a quarter of p=1.",
+    )
     g.add_argument("--attention_head_dim", type=int, default=16)
     g.add_argument("--norm_num_groups", type=int, default=8)
 
     g = parser.add_argument_group("objective")
-    g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="v_prediction",
-                   help="v is well conditioned at every noise level; epsilon needs the sampler's x0 clipping most.")
+    g.add_argument(
+        "--prediction_type",
+        choices=["epsilon", "v_prediction"],
+        default="v_prediction",
+        help="v is well conditioned at every noise level; epsilon needs the sampler's x0 clipping most.",
+    )
     g.add_argument("--num_train_timesteps", type=int, default=1000)
     g.add_argument("--beta_schedule", default="squaredcos_cap_v2", help="DDPMScheduler beta schedule.")
-    g.add_argument("--snr_gamma", type=float, default=5.0,
-                   help="Min-SNR loss weighting (Hang et al. 2023): caps the weight of low-noise steps; 0 = plain MSE.")
-    g.add_argument("--cond_dropout_prob", type=float, default=0.1,
-                   help="Probability of replacing the caption by the empty prompt (trains the guidance branch).")
+    g.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=5.0,
+        help="Min-SNR loss weighting (Hang et al. 2023): caps the weight of low-noise steps; 0 = plain MSE.",
+    )
+    g.add_argument(
+        "--cond_dropout_prob",
+        type=float,
+        default=0.1,
+        help="Probability of replacing the caption by the empty prompt (trains the guidance branch).",
+    )
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--output_dir", default="output_mnist")
@@ -108,50 +136,87 @@ def parse_args(argv=None):
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.99)
     g.add_argument("--adam_weight_decay", type=float, default=0.0)
-    g.add_argument("--lr_scheduler", default="cosine",
-                   help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+    g.add_argument(
+        "--lr_scheduler",
+        default="cosine",
+        help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
+    )
     g.add_argument("--lr_warmup_steps", type=int, default=200)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--max_nonfinite_steps", type=int, default=10,
-                   help="Stop after this many optimizer steps in a row with a non-finite gradient.")
-    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="Keep an EMA of the weights (with warmup) for samples and the export.")
+    g.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=10,
+        help="Stop after this many optimizer steps in a row with a non-finite gradient.",
+    )
+    g.add_argument(
+        "--use_ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Keep an EMA of the weights (with warmup) for samples and the export.",
+    )
     g.add_argument("--ema_decay", type=float, default=0.999, help="Largest EMA decay, reached after the warmup.")
     g.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
 
     g = parser.add_argument_group("speed and memory")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="Autocast precision; fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag.")
+    g.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Autocast precision; fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag.",
+    )
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
 
     g = parser.add_argument_group("sampling and evaluation")
-    g.add_argument("--guidance_scale", type=float, default=2.0,
-                   help="uncond + s * (cond - uncond); 1 = no guidance. Used for --num_eval_samples.")
-    g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 2.0, 4.0],
-                   help="Columns of the validation grid.")
+    g.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=2.0,
+        help="uncond + s * (cond - uncond); 1 = no guidance. Used for --num_eval_samples.",
+    )
+    g.add_argument(
+        "--validation_guidance_scales", type=float_list, default=[1.0, 2.0, 4.0], help="Columns of the validation grid."
+    )
     g.add_argument("--num_inference_steps", type=int, default=10, help="DPM-Solver++ steps.")
-    g.add_argument("--num_eval_samples", type=int, default=0,
-                   help="Write N samples (balanced over the digits) to <output_dir>/eval_samples.npz at the end.")
+    g.add_argument(
+        "--num_eval_samples",
+        type=int,
+        default=0,
+        help="Write N samples (balanced over the digits) to <output_dir>/eval_samples.npz at the end.",
+    )
     g.add_argument("--eval_batch_size", type=int, default=250)
-    g.add_argument("--sample_from", default=None,
-                   help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.")
+    g.add_argument(
+        "--sample_from",
+        default=None,
+        help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.",
+    )
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=50)
     g.add_argument("--validation_steps", type=int, default=1000)
     g.add_argument("--checkpointing_steps", type=int, default=1000)
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None,
-                   help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.')
-    g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.")
-    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none",
-                   help="Send metrics and validation grids to a tracker (its package must be installed); all: every "
-                        "installed one.")
+    g.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.',
+    )
+    g.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.",
+    )
+    g.add_argument(
+        "--report_to",
+        choices=["none", "tensorboard", "wandb", "all"],
+        default="none",
+        help="Send metrics and validation grids to a tracker (its package must be installed); all: every "
+        "installed one.",
+    )
     g.add_argument("--tracker_project_name", default="train_mnist", help="Project (wandb) or run folder name.")
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -164,7 +229,7 @@ def underscore_flag(arg):
         return arg
     name, eq, value = arg[2:].partition("=")
     negation = "no-" if name.startswith(("no-", "no_")) and name[3:].replace("-", "_") in NEGATABLE else ""
-    return "--" + negation + name[len(negation):].replace("-", "_") + eq + value
+    return "--" + negation + name[len(negation) :].replace("-", "_") + eq + value
 
 
 def check_args(args):
@@ -184,8 +249,10 @@ def check_args(args):
         fail(f"--cross_attention_levels {args.cross_attention_levels}: levels are 0..{levels - 1}")
     if args.sample_from:
         if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
-            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
-                 f"or one of its checkpoint-N folders")
+            fail(
+                f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
+                f"or one of its checkpoint-N folders"
+            )
         if problem := manifest_problem(Path(args.sample_from)):
             fail(f"--sample_from {args.sample_from}: damaged or incomplete ({problem}); pass an intact export")
     if args.enable_xformers_memory_efficient_attention:
@@ -212,8 +279,10 @@ def installed_trackers(report_to):
             fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
         return found
     if not importlib.util.find_spec(packages[report_to]):
-        fail(f"--report_to {report_to}: the {packages[report_to]} package is not installed; "
-             f"pip install {packages[report_to]}")
+        fail(
+            f"--report_to {report_to}: the {packages[report_to]} package is not installed; "
+            f"pip install {packages[report_to]}"
+        )
     return [report_to]
 
 
@@ -239,8 +308,10 @@ def build_dataset(args):
         try:
             mnist = torchvision.datasets.MNIST(root, train=True, download=True)
         except Exception as e:  # offline, proxy, disk full: all end the same way
-            fail(f"--dataset_path {root}: MNIST is not there and could not be downloaded ({type(e).__name__}); "
-                 f"point --dataset_path at a folder holding MNIST/raw/train-images-idx3-ubyte etc.")
+            fail(
+                f"--dataset_path {root}: MNIST is not there and could not be downloaded ({type(e).__name__}); "
+                f"point --dataset_path at a folder holding MNIST/raw/train-images-idx3-ubyte etc."
+            )
     n = len(mnist) if args.max_samples is None else min(args.max_samples, len(mnist))
     images = mnist.data[:n].float().div(127.5).sub(1.0).unsqueeze(1)  # white digit on black, in [-1, 1]
     images = F.pad(images, (PAD, PAD, PAD, PAD), value=-1.0)
@@ -260,8 +331,10 @@ def load_text_encoder(name_or_path):
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        fail(f"--text_encoder_name_or_path {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder "
-             f"with config.json and the tokenizer files, or a hub id when online")
+        fail(
+            f"--text_encoder_name_or_path {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder "
+            f"with config.json and the tokenizer files, or a hub id when online"
+        )
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     model_cls = {"clip": CLIPTextModel, "t5": T5EncoderModel, "mt5": T5EncoderModel}.get(config.model_type, AutoModel)
     text_encoder = model_cls.from_pretrained(name_or_path)
@@ -282,11 +355,16 @@ def build_unet(args, cross_attention_dim):
     down = [("CrossAttnDownBlock2D" if i in args.cross_attention_levels else "DownBlock2D") for i in levels]
     up = [b.replace("Down", "Up") for b in reversed(down)]
     return UNet2DConditionModel(
-        sample_size=(IMAGE_SIZE + 2 * PAD) // args.patch_size, in_channels=args.patch_size**2,
+        sample_size=(IMAGE_SIZE + 2 * PAD) // args.patch_size,
+        in_channels=args.patch_size**2,
         out_channels=args.patch_size**2,
-        block_out_channels=args.block_out_channels, layers_per_block=args.layers_per_block,
-        down_block_types=down, up_block_types=up, norm_num_groups=args.norm_num_groups,
-        cross_attention_dim=cross_attention_dim, attention_head_dim=args.attention_head_dim,
+        block_out_channels=args.block_out_channels,
+        layers_per_block=args.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        norm_num_groups=args.norm_num_groups,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=args.attention_head_dim,
     )
 
 
@@ -298,17 +376,26 @@ def denoise(unet, x, t, states, mask, patch_size):
 
 
 def build_noise_scheduler(args):
-    return DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
-                         prediction_type=args.prediction_type, clip_sample=False)
+    return DDPMScheduler(
+        num_train_timesteps=args.num_train_timesteps,
+        beta_schedule=args.beta_schedule,
+        prediction_type=args.prediction_type,
+        clip_sample=False,
+    )
 
 
 def build_sampler(noise_scheduler_config):
     """Second-order DPM-Solver++ on the training schedule: good digits in ~10 steps. Its data prediction is
     clipped to the pixel range [-1, 1] (thresholding with sample_max_value=1): near t=T the squared-cosine
     schedule has alpha ~ 1e-3, so x0 = (x_t - sigma * eps) / alpha multiplies epsilon errors by ~1000."""
-    return DPMSolverMultistepScheduler.from_config(noise_scheduler_config, algorithm_type="dpmsolver++",
-                                                   solver_order=2, final_sigmas_type="zero", thresholding=True,
-                                                   sample_max_value=1.0)
+    return DPMSolverMultistepScheduler.from_config(
+        noise_scheduler_config,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        final_sigmas_type="zero",
+        thresholding=True,
+        sample_max_value=1.0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,8 +405,9 @@ def training_step(unet, noise_scheduler, images, labels, text_states, text_mask,
     """Noise a batch at random timesteps, drop captions for guidance, return per-sample losses and timesteps."""
     n = images.shape[0]
     noise = torch.randn(images.shape, generator=generator, device=images.device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator,
-                              device=images.device)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator, device=images.device
+    )
     # Classifier-free guidance: the unconditional branch is the same network reading the empty prompt.
     drop = torch.rand(n, generator=generator, device=images.device) < args.cond_dropout_prob
     prompt_index = torch.where(drop, torch.full_like(labels, NULL), labels)
@@ -336,8 +424,9 @@ def training_step(unet, noise_scheduler, images, labels, text_states, text_mask,
 
 
 @torch.no_grad()
-def sample(unet, sampler, cond_states, cond_mask, null_states, null_mask, guidance_scale, num_inference_steps,
-           generator):
+def sample(
+    unet, sampler, cond_states, cond_mask, null_states, null_mask, guidance_scale, num_inference_steps, generator
+):
     """Generate len(cond_states) images [n, 1, 32, 32] in [-1, 1] with classifier-free guidance."""
     n = cond_states.shape[0]
     patch_size = math.isqrt(unet.config.in_channels)  # the UNet reads p x p patches as p * p channels
@@ -364,7 +453,7 @@ def sample(unet, sampler, cond_states, cond_mask, null_states, null_mask, guidan
 
 def to_uint8(images):
     """[n, 1, 32, 32] in [-1, 1] -> uint8 [n, 28, 28], white digit on black like MNIST."""
-    images = images[:, 0, PAD:PAD + IMAGE_SIZE, PAD:PAD + IMAGE_SIZE]
+    images = images[:, 0, PAD : PAD + IMAGE_SIZE, PAD : PAD + IMAGE_SIZE]
     return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
 
 
@@ -375,6 +464,7 @@ def log_validation(unet, sampler, prompts, args, path, trackers=(), step=0, per_
     """Grid: one row per digit prompt, one panel per guidance scale, labelled; written to `path` and sent to the
     trackers (TensorBoard: an image; wandb: an image captioned with its prompts)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -384,8 +474,19 @@ def log_validation(unet, sampler, prompts, args, path, trackers=(), step=0, per_
     fig, axes = plt.subplots(1, len(scales), figsize=(1.6 * per_digit * len(scales), 12), squeeze=False)
     for ax, scale in zip(axes[0], scales, strict=True):
         generator = torch.Generator(states.device).manual_seed(args.seed)  # same noise in every panel and step
-        images = to_uint8(sample(unet, sampler, states[labels], mask[labels], states[NULL:], mask[NULL:],
-                                 scale, args.num_inference_steps, generator))
+        images = to_uint8(
+            sample(
+                unet,
+                sampler,
+                states[labels],
+                mask[labels],
+                states[NULL:],
+                mask[NULL:],
+                scale,
+                args.num_inference_steps,
+                generator,
+            )
+        )
         grid = images.view(10, per_digit, IMAGE_SIZE, IMAGE_SIZE).permute(0, 2, 1, 3).reshape(10 * IMAGE_SIZE, -1)
         ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"guidance {scale:g}")
@@ -418,6 +519,7 @@ def log_image(trackers, path, step, caption):
 
 def plot_loss(metrics_path, out_path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -445,12 +547,30 @@ def write_eval_samples(unet, sampler, prompts, args, path):
     generator = torch.Generator(states.device).manual_seed(args.seed + 1)
     start, chunks = time.perf_counter(), []
     for batch in labels.split(args.eval_batch_size):
-        chunks.append(to_uint8(sample(unet, sampler, states[batch], mask[batch], states[NULL:], mask[NULL:],
-                                      args.guidance_scale, args.num_inference_steps, generator)))
+        chunks.append(
+            to_uint8(
+                sample(
+                    unet,
+                    sampler,
+                    states[batch],
+                    mask[batch],
+                    states[NULL:],
+                    mask[NULL:],
+                    args.guidance_scale,
+                    args.num_inference_steps,
+                    generator,
+                )
+            )
+        )
     seconds = time.perf_counter() - start
-    np.savez_compressed(path, images=torch.cat(chunks).numpy(), labels=labels.cpu().numpy(),
-                        guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
-                        sample_seconds=seconds)
+    np.savez_compressed(
+        path,
+        images=torch.cat(chunks).numpy(),
+        labels=labels.cpu().numpy(),
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.num_inference_steps,
+        sample_seconds=seconds,
+    )
     return seconds
 
 
@@ -505,8 +625,11 @@ def save_ema(ema, model, folder):
     model.save_config(folder)
     state = model.state_dict()
     state.update((name, shadow) for (name, _), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True))
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, folder / "diffusion_pytorch_model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous() for k, v in state.items()},
+        folder / "diffusion_pytorch_model.safetensors",
+        metadata={"format": "pt"},
+    )
 
 
 def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position, write_sampling_files):
@@ -526,9 +649,14 @@ def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, positi
         save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(unet)
-            state = {"script": "train_mnist.py", "global_step": global_step,
-                     "num_processes": accelerator.num_processes, "epoch": position[0], "epoch_batches": position[1],
-                     "ema": None}
+            state = {
+                "script": "train_mnist.py",
+                "global_step": global_step,
+                "num_processes": accelerator.num_processes,
+                "epoch": position[0],
+                "epoch_batches": position[1],
+                "ema": None,
+            }
             if ema is not None:
                 save_ema(ema, model, tmp / "unet_ema")
                 state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
@@ -545,11 +673,14 @@ def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, positi
     except OSError as e:  # a full disk, a lost mount: the previous checkpoints stay as they were
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
-        print(f"error: step {global_step}: checkpoint not written ({reason}); the previous checkpoints are intact, "
-              f"resume from them with --resume_from_checkpoint latest", file=sys.stderr)
+        print(
+            f"error: step {global_step}: checkpoint not written ({reason}); the previous checkpoints are intact, "
+            f"resume from them with --resume_from_checkpoint latest",
+            file=sys.stderr,
+        )
         sys.exit(1)
     if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
+        for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
@@ -580,8 +711,10 @@ def find_checkpoint(accelerator, args):
                 break
             accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
         if found and choice[0] is None:
-            fail(f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
-                 f"with --overwrite_output_dir")
+            fail(
+                f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
+                f"with --overwrite_output_dir"
+            )
     if accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(choice, src=0)
     return None if choice[0] is None else Path(choice[0])
@@ -603,13 +736,16 @@ def load_checkpoint(accelerator, path, unet, ema, train_rng, args):
     if saved == accelerator.num_processes:
         train_rng.set_state(load_file(path / f"train_rng_{rank}.safetensors")["state"])
     else:
-        accelerator.print(f"warning: {path} was written by {saved} processes, resumed on {accelerator.num_processes}: "
-                          f"same step, learning rate and data position, new random streams (not bitwise)")
+        accelerator.print(
+            f"warning: {path} was written by {saved} processes, resumed on {accelerator.num_processes}: "
+            f"same step, learning rate and data position, new random streams (not bitwise)"
+        )
         train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
     if ema is not None:
         # Straight onto the device the EMA lives on: load_state_dict keeps the tensors it is given.
-        weights = load_file(path / "unet_ema" / "diffusion_pytorch_model.safetensors",
-                            device=str(ema.shadow_params[0].device))
+        weights = load_file(
+            path / "unet_ema" / "diffusion_pytorch_model.safetensors", device=str(ema.shadow_params[0].device)
+        )
         shadow = [weights[name] for name, _ in accelerator.unwrap_model(unet).named_parameters()]
         ema.load_state_dict({**state["ema"], "shadow_params": shadow})
     return state
@@ -618,9 +754,16 @@ def load_checkpoint(accelerator, path, unet, ema, train_rng, args):
 def write_sampling_files(sampler, args, text_encoder_name, folder):
     """The sampler and export_config.json: with the UNet beside them, what --sample_from needs."""
     sampler.save_pretrained(folder / "scheduler")
-    config = {"text_encoder_name_or_path": text_encoder_name, "tokenizer_max_length": args.tokenizer_max_length,
-              "caption_template": args.caption_template, "image_size": IMAGE_SIZE, "padding": PAD,
-              "patch_size": args.patch_size, "pad_value": -1.0, "guidance_scale": args.guidance_scale}
+    config = {
+        "text_encoder_name_or_path": text_encoder_name,
+        "tokenizer_max_length": args.tokenizer_max_length,
+        "caption_template": args.caption_template,
+        "image_size": IMAGE_SIZE,
+        "padding": PAD,
+        "patch_size": args.patch_size,
+        "pad_value": -1.0,
+        "guidance_scale": args.guidance_scale,
+    }
     (folder / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
 
 
@@ -629,8 +772,12 @@ def model_card(args, text_encoder_name, global_step, metrics_path):
     from huggingface_hub import ModelCardData
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    data = ModelCardData(library_name="diffusers", license="other", datasets=["ylecun/mnist"],
-                         tags=["diffusers", "text-to-image", "unet", "pixel-diffusion", "mnist"])
+    data = ModelCardData(
+        library_name="diffusers",
+        license="other",
+        datasets=["ylecun/mnist"],
+        tags=["diffusers", "text-to-image", "unet", "pixel-diffusion", "mnist"],
+    )
     command = " ".join(["python train_mnist.py", *sys.argv[1:]])
     return f"""---
 {data.to_yaml()}
@@ -698,8 +845,10 @@ class RunLock:
             other = {"pid": None, "host": None, "heartbeat": 0}
         if other is not None and other.get("pid") != self.me["pid"]:
             if self.alive(other):
-                fail(f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
-                     f"there; wait for it, stop it, or pick another --output_dir")
+                fail(
+                    f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
+                    f"there; wait for it, stop it, or pick another --output_dir"
+                )
             print(f"warning: taking over the stale lock of PID {other.get('pid')} on {other.get('host')}")
         self.write()
         threading.Thread(target=self.beat, daemon=True).start()
@@ -748,8 +897,10 @@ def claim_output_dir(args):
     if old and not args.resume_from_checkpoint:
         if not args.overwrite_output_dir:
             lock.release()
-            fail(f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
-                 f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them")
+            fail(
+                f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
+                f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them"
+            )
         for path in old:
             shutil.rmtree(path)
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -762,14 +913,21 @@ def write_run_config(args, accelerator):
     import transformers
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
-    config = {"args": vars(args), "git_commit": commit, "num_processes": accelerator.num_processes,
-              "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
-              "versions": {m.__name__: m.__version__ for m in (torch, torchvision, diffusers, transformers,
-                                                                accelerate)}}
+    config = {
+        "args": vars(args),
+        "git_commit": commit,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
+        "versions": {m.__name__: m.__version__ for m in (torch, torchvision, diffusers, transformers, accelerate)},
+    }
     (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -797,8 +955,9 @@ class StopRequest:
             agreed = bool(self.flag.item())  # a CPU tensor: no device sync
         if not agreed:
             self.flag.fill_(float(self.event.is_set()))
-            self.pending = torch.distributed.all_reduce(self.flag, torch.distributed.ReduceOp.MAX, self.group,
-                                                        async_op=True)
+            self.pending = torch.distributed.all_reduce(
+                self.flag, torch.distributed.ReduceOp.MAX, self.group, async_op=True
+            )
         return agreed
 
     def close(self):
@@ -813,8 +972,13 @@ def generate_from_export(args, accelerator):
     export = Path(args.sample_from)
     config = json.loads((export / EXPORT_CONFIG).read_text())
     tokenizer, text_encoder = load_text_encoder(args.text_encoder_name_or_path or config["text_encoder_name_or_path"])
-    prompts = encode_prompts(tokenizer, text_encoder, captions(config["caption_template"]),
-                             config["tokenizer_max_length"], accelerator.device)
+    prompts = encode_prompts(
+        tokenizer,
+        text_encoder,
+        captions(config["caption_template"]),
+        config["tokenizer_max_length"],
+        accelerator.device,
+    )
     subfolder = "unet" if (export / "unet").is_dir() else "unet_ema"  # an export, or a checkpoint with EMA
     unet = UNet2DConditionModel.from_pretrained(export, subfolder=subfolder).to(accelerator.device).eval()
     sampler = DPMSolverMultistepScheduler.from_pretrained(export / "scheduler")
@@ -861,16 +1025,21 @@ def main(args):
 
     # ---- Data -------------------------------------------------------------------------------------------------
     dataset = build_dataset(args)
-    train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
-                                                   drop_last=len(dataset) >= args.train_batch_size,
-                                                   num_workers=args.dataloader_num_workers,
-                                                   pin_memory=accelerator.device.type == "cuda")
+    train_dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=len(dataset) >= args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
 
     # ---- Frozen text encoder: the 10 captions and the empty prompt, encoded once ------------------------------
     text_encoder_name = args.text_encoder_name_or_path or "openai/clip-vit-base-patch32"
     tokenizer, text_encoder = load_text_encoder(text_encoder_name)
-    prompts = encode_prompts(tokenizer, text_encoder, captions(args.caption_template), args.tokenizer_max_length,
-                             accelerator.device)
+    prompts = encode_prompts(
+        tokenizer, text_encoder, captions(args.caption_template), args.tokenizer_max_length, accelerator.device
+    )
     text_states, text_mask = prompts
     del text_encoder  # never needed again
 
@@ -885,17 +1054,31 @@ def main(args):
     sampling_files = functools.partial(write_sampling_files, sampler, args, text_encoder_name)
     ema = None
     if args.use_ema:
-        ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0,
-                       power=args.ema_power, foreach=True, model_cls=UNet2DConditionModel,
-                       model_config=unet.config)
+        ema = EMAModel(
+            unet.parameters(),
+            decay=args.ema_decay,
+            use_ema_warmup=True,
+            inv_gamma=1.0,
+            power=args.ema_power,
+            foreach=True,
+            model_cls=UNet2DConditionModel,
+            model_config=unet.config,
+        )
         ema.to(accelerator.device)
-    accelerator.print(f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters; "
-                      f"text states {tuple(text_states.shape[1:])} from {text_encoder_name}")
+    accelerator.print(
+        f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters; "
+        f"text states {tuple(text_states.shape[1:])} from {text_encoder_name}"
+    )
 
     # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
     # Fused AdamW: one kernel for all tensors, and it can skip a non-finite step on the device (found_inf below).
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(
+        unet.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        fused=True,
+    )
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -917,15 +1100,19 @@ def main(args):
         accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
     # Not prepared: accelerate would step it once per process and save it pickled. It counts optimizer steps
     # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=max_train_steps, last_epoch=global_step - 1)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=max_train_steps,
+        last_epoch=global_step - 1,
+    )
     if args.report_to:
         accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
 
     # ---- Training loop: the host reads device values only every --logging_steps -------------------------------
     metrics_path = output_dir / "metrics.jsonl"
-    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process,
-                    desc="train")
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process, desc="train")
     num_bins = 4  # loss per quarter of the timestep range: where the model still has to learn
     bin_loss = torch.zeros(num_bins, device=accelerator.device)
     bin_count = torch.zeros(num_bins, device=accelerator.device)
@@ -945,8 +1132,9 @@ def main(args):
         for images, labels in batches:
             epoch_batches += 1
             with accelerator.accumulate(unet):
-                per_sample, timesteps = training_step(unet, noise_scheduler, images, labels, text_states, text_mask,
-                                                      args, train_rng)
+                per_sample, timesteps = training_step(
+                    unet, noise_scheduler, images, labels, text_states, text_mask, args, train_rng
+                )
                 accelerator.backward(per_sample.mean())
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm or float("inf"))
@@ -980,12 +1168,22 @@ def main(args):
                 bin_totals = accelerator.reduce(torch.stack([bin_loss, bin_count]), "sum").cpu()
                 total_nonfinite, longest = torch.stack([nonfinite_steps, longest_run]).tolist()
                 elapsed = time.perf_counter() - window_start
-                row = {"step": global_step, "epoch": epoch,
-                       "loss": (bin_totals[0].sum() / bin_totals[1].sum().clamp(min=1)).item(),
-                       "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
-                       "samples_per_s": window_samples / max(elapsed, 1e-9), "nonfinite_steps": int(total_nonfinite)}
-                row.update({f"loss_t{i}": (bin_totals[0, i] / bin_totals[1, i]).item()
-                            for i in range(num_bins) if bin_totals[1, i] > 0})
+                row = {
+                    "step": global_step,
+                    "epoch": epoch,
+                    "loss": (bin_totals[0].sum() / bin_totals[1].sum().clamp(min=1)).item(),
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm.item(),
+                    "samples_per_s": window_samples / max(elapsed, 1e-9),
+                    "nonfinite_steps": int(total_nonfinite),
+                }
+                row.update(
+                    {
+                        f"loss_t{i}": (bin_totals[0, i] / bin_totals[1, i]).item()
+                        for i in range(num_bins)
+                        if bin_totals[1, i] > 0
+                    }
+                )
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -996,8 +1194,10 @@ def main(args):
                 longest_run.copy_(nonfinite_run)
                 window_start, window_samples = time.perf_counter(), 0
                 if longest >= args.max_nonfinite_steps:  # the same on every process
-                    accelerator.print(f"error: {int(longest)} steps in a row with a non-finite gradient before step "
-                                      f"{global_step}; lower --learning_rate. The last checkpoint is intact.")
+                    accelerator.print(
+                        f"error: {int(longest)} steps in a row with a non-finite gradient before step "
+                        f"{global_step}; lower --learning_rate. The last checkpoint is intact."
+                    )
                     sys.exit(1)
 
             stop_now = stop()
@@ -1006,18 +1206,29 @@ def main(args):
                 path = save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position, sampling_files)
                 accelerator.print(f"\nsaved {path}")
             if stop_now:
-                accelerator.print(f"stop requested: exiting at step {global_step}; resume with "
-                                  f"--resume_from_checkpoint latest")
+                accelerator.print(
+                    f"stop requested: exiting at step {global_step}; resume with --resume_from_checkpoint latest"
+                )
                 accelerator.end_training()
                 return
-            if global_step % args.validation_steps == 0 and global_step < max_train_steps \
-                    and accelerator.is_main_process:
+            if (
+                global_step % args.validation_steps == 0
+                and global_step < max_train_steps
+                and accelerator.is_main_process
+            ):
                 validation_unet = accelerator.unwrap_model(unet)
                 if ema is not None:
                     ema.store(unet.parameters())
                     ema.copy_to(unet.parameters())
-                log_validation(validation_unet.eval(), sampler, prompts, args,
-                               output_dir / "samples" / f"step-{global_step}.png", accelerator.trackers, global_step)
+                log_validation(
+                    validation_unet.eval(),
+                    sampler,
+                    prompts,
+                    args,
+                    output_dir / "samples" / f"step-{global_step}.png",
+                    accelerator.trackers,
+                    global_step,
+                )
                 plot_loss(metrics_path, output_dir / "loss.png")
                 if ema is not None:
                     ema.restore(unet.parameters())
@@ -1043,8 +1254,9 @@ def main(args):
         export_model(final_unet, sampling_files, output_dir, card, grid)
         summary = {"global_step": global_step, "train_seconds": train_seconds}
         if args.num_eval_samples:
-            summary["sample_seconds"] = write_eval_samples(final_unet, sampler, prompts, args,
-                                                           output_dir / "eval_samples.npz")
+            summary["sample_seconds"] = write_eval_samples(
+                final_unet, sampler, prompts, args, output_dir / "eval_samples.npz"
+            )
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"done: step {global_step}, {train_seconds / 60:.1f} min of training; export in {output_dir}")
     accelerator.end_training()

@@ -69,8 +69,13 @@ def main():
         scale = 1 / shift
         labels = torch.randint(0, 10, (args.num_examples,), generator=generator)
         rows[f"caption, text_shift {shift}"] = [
-            float((torch.cdist(noisy(scale * table[labels], t), abar[t].sqrt() * scale * table).argmin(1) == labels)
-                  .float().mean()) for t in TIMESTEPS]
+            float(
+                (torch.cdist(noisy(scale * table[labels], t), abar[t].sqrt() * scale * table).argmin(1) == labels)
+                .float()
+                .mean()
+            )
+            for t in TIMESTEPS
+        ]
 
     # Images: pixels in [-1, 1]; the posterior of each class is a sum over that class's training digits.
     train_x, train_y = script.load_mnist(Path(args.data_root), train=True)
@@ -80,7 +85,7 @@ def main():
     test_x = test_x[:1000].float().div(127.5).sub(1).flatten(1)
     accuracy = []
     for t in TIMESTEPS:
-        log_lik = -torch.cdist(noisy(test_x, t), abar[t].sqrt() * train_x) ** 2 / (2 * (1 - abar[t]))
+        log_lik = -(torch.cdist(noisy(test_x, t), abar[t].sqrt() * train_x) ** 2) / (2 * (1 - abar[t]))
         posterior = torch.stack([log_lik[:, train_y == k].logsumexp(1) for k in range(10)], 1)
         accuracy.append(float((posterior.argmax(1) == test_y).float().mean()))
     rows["image (MNIST digit)"] = accuracy
@@ -92,9 +97,18 @@ def main():
     print("| SNR abar/(1-abar) | " + " | ".join(f"{float(abar[t] / (1 - abar[t])):.3g}" for t in TIMESTEPS) + " |")
     docs = Path(args.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
-    (docs / "caption_noise.json").write_text(json.dumps(
-        {"timesteps": TIMESTEPS, "accuracy": rows, "text_encoder": args.text_encoder,
-         "max_text_length": args.max_text_length, "num_examples": args.num_examples}, indent=2))
+    (docs / "caption_noise.json").write_text(
+        json.dumps(
+            {
+                "timesteps": TIMESTEPS,
+                "accuracy": rows,
+                "text_encoder": args.text_encoder,
+                "max_text_length": args.max_text_length,
+                "num_examples": args.num_examples,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -56,12 +56,14 @@ def main():
             abar = abar_all[t]
             e_t = abar.sqrt() * e0 + (1 - abar).sqrt() * torch.randn(e0.shape, generator=generator)
             rows["noisy caption only (Bayes)"].append(accuracy(e_t, abar.sqrt()))
-            for name, image, t_image in (("model x0, clean image given", x0, 0.0),
-                                         ("model x0, image at full noise",
-                                          torch.randn(x0.shape, generator=generator), 0.999)):
+            for name, image, t_image in (
+                ("model x0, clean image given", x0, 0.0),
+                ("model x0, image at full noise", torch.randn(x0.shape, generator=generator), 0.999),
+            ):
                 _, pred = model(image, torch.full((n,), t_image), e_t, torch.full((n,), t / 1000))
-                x0_pred = tc.x0_from_prediction(e_t, pred, torch.full((n,), t), abar_all, config["prediction_type"],
-                                                clip=1e4)
+                x0_pred = tc.x0_from_prediction(
+                    e_t, pred, torch.full((n,), t), abar_all, config["prediction_type"], clip=1e4
+                )
                 rows[name].append(accuracy(x0_pred, 1.0))
     print(f"text_shift {config.get('text_shift', 1.0)}, {n} MNIST test images: nearest-caption digit accuracy")
     print("| t | " + " | ".join(str(t) for t in TIMESTEPS) + " |")

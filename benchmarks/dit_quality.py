@@ -30,31 +30,72 @@ REPO = Path(__file__).resolve().parents[1]
 # diffusers' default init (after 200 steps of batch 64 it recognises its class 2.6x more often than adaLN-Zero).
 # Batch 32: at the same number of images, 4x the optimizer steps of batch 128 took flow from 81.8% to 99.9%.
 MODEL = ["--model", "DiT-S/4", "--hidden_size", "192", "--depth", "6", "--num_heads", "3"]
-COMMON = ["--dataset_name", "mnist", "--vae_name_or_path", "none", "--resolution", "32", *MODEL,
-          "--weight_init", "pytorch",
-          "--train_batch_size", "32", "--learning_rate", "1e-3", "--adam_beta2", "0.99", "--lr_scheduler", "cosine",
-          "--lr_warmup_steps", "100", "--ema_decay", "0.999", "--cond_dropout_prob", "0.1",
-          "--validation_steps", "100000", "--checkpointing_steps", "100000", "--logging_steps", "50"]
+COMMON = [
+    "--dataset_name",
+    "mnist",
+    "--vae_name_or_path",
+    "none",
+    "--resolution",
+    "32",
+    *MODEL,
+    "--weight_init",
+    "pytorch",
+    "--train_batch_size",
+    "32",
+    "--learning_rate",
+    "1e-3",
+    "--adam_beta2",
+    "0.99",
+    "--lr_scheduler",
+    "cosine",
+    "--lr_warmup_steps",
+    "100",
+    "--ema_decay",
+    "0.999",
+    "--cond_dropout_prob",
+    "0.1",
+    "--validation_steps",
+    "100000",
+    "--checkpointing_steps",
+    "100000",
+    "--logging_steps",
+    "50",
+]
 # ddpm in pixel space uses what train_mnist.py measured to work there: squared-cosine betas, v-prediction and
 # min-SNR-5 weighting (DiT's own linear betas + epsilon are tuned for VAE latents).
 RECIPES = {
     "flow": [*COMMON, "--objective", "flow", "--max_train_steps", "2200"],
-    "ddpm": [*COMMON, "--objective", "ddpm", "--max_train_steps", "2200", "--beta_schedule", "squaredcos_cap_v2",
-             "--prediction_type", "v_prediction", "--snr_gamma", "5"],
+    "ddpm": [
+        *COMMON,
+        "--objective",
+        "ddpm",
+        "--max_train_steps",
+        "2200",
+        "--beta_schedule",
+        "squaredcos_cap_v2",
+        "--prediction_type",
+        "v_prediction",
+        "--snr_gamma",
+        "5",
+    ],
 }
 
 
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_root", default="../shared/datasets", help="Folder holding MNIST/raw.")
     parser.add_argument("--output_dir", default="output/dit_quality")
     parser.add_argument("--objective", choices=sorted(RECIPES), default="flow")
     parser.add_argument("--guidance_scales", default="1.75", help="Sampled and scored, one set of 1000 each.")
-    parser.add_argument("--guidance_scale", type=float, default=1.75,
-                        help="The headline scale (one of the above). 1.75: 97.8%% / fid_ratio 2.82 (docs/dit.md).")
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.75,
+        help="The headline scale (one of the above). 1.75: 97.8%% / fid_ratio 2.82 (docs/dit.md).",
+    )
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--judge_path", default=str(REPO / "benchmarks" / ".cache" / "mnist_judge.safetensors"))
     parser.add_argument("--docs_dir", default=str(REPO / "docs"))
@@ -76,8 +117,16 @@ def main(args):
     scorer = Scorer(judge, args.data_root)
     out = Path(args.output_dir)
     model_dir = out / "model"
-    train = [sys.executable, "train_dit.py", *RECIPES[args.objective], "--data_root", args.data_root,
-             "--output_dir", str(model_dir), *args.extra]
+    train = [
+        sys.executable,
+        "train_dit.py",
+        *RECIPES[args.objective],
+        "--data_root",
+        args.data_root,
+        "--output_dir",
+        str(model_dir),
+        *args.extra,
+    ]
     if not args.skip_training:
         if model_dir.exists():
             shutil.rmtree(model_dir)
@@ -87,28 +136,54 @@ def main(args):
     rows = []
     for scale in [float(s) for s in args.guidance_scales.split(",")]:
         folder = out / f"gs-{scale}"
-        run([sys.executable, "train_dit.py", "--sample_from", str(model_dir), "--output_dir", str(folder),
-             "--num_eval_samples", "1000", "--guidance_scale", str(scale),
-             "--num_inference_steps", str(args.num_inference_steps), "--validation_guidance_scales", str(scale)])
+        run(
+            [
+                sys.executable,
+                "train_dit.py",
+                "--sample_from",
+                str(model_dir),
+                "--output_dir",
+                str(folder),
+                "--num_eval_samples",
+                "1000",
+                "--guidance_scale",
+                str(scale),
+                "--num_inference_steps",
+                str(args.num_inference_steps),
+                "--validation_guidance_scales",
+                str(scale),
+            ]
+        )
         row = score_npz(scorer, folder / "eval_samples.npz")
         row["class_accuracy"] = row.pop("prompt_accuracy")
         rows.append(row)
-        print(f"guidance {scale:g}: class_accuracy={row['class_accuracy']:.4f} fid_ratio={row['fid_ratio']:.3f} "
-              f"sample_seconds={row['sample_seconds']:.1f}", flush=True)
+        print(
+            f"guidance {scale:g}: class_accuracy={row['class_accuracy']:.4f} fid_ratio={row['fid_ratio']:.3f} "
+            f"sample_seconds={row['sample_seconds']:.1f}",
+            flush=True,
+        )
     headline = next(r for r in rows if r["guidance_scale"] == args.guidance_scale)
     shutil.copyfile(headline["npz"], out / "eval_samples.npz")
-    report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "command": shlex.join(["python", "benchmarks/dit_quality.py", *args.argv]),
-              "train_command": shlex.join(train), "objective": args.objective, "judge_accuracy": judge_accuracy,
-              "train_minutes": train_seconds / 60, "num_inference_steps": args.num_inference_steps,
-              "headline": headline, "sweep": rows}
+    report = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "benchmarks/dit_quality.py", *args.argv]),
+        "train_command": shlex.join(train),
+        "objective": args.objective,
+        "judge_accuracy": judge_accuracy,
+        "train_minutes": train_seconds / 60,
+        "num_inference_steps": args.num_inference_steps,
+        "headline": headline,
+        "sweep": rows,
+    }
     docs = Path(args.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
     (docs / f"dit_quality_{args.objective}.json").write_text(json.dumps(report, indent=2) + "\n")
     final_grid = max((model_dir / "samples").glob("step-*.png"), key=lambda p: int(p.stem.split("-")[1]))
     shutil.copyfile(final_grid, docs / f"dit_samples_{args.objective}.png")
-    print(f"class_accuracy={headline['class_accuracy']:.4f} fid_ratio={headline['fid_ratio']:.3f} "
-          f"train_minutes={train_seconds / 60:.2f} sample_seconds={headline['sample_seconds']:.1f}")
+    print(
+        f"class_accuracy={headline['class_accuracy']:.4f} fid_ratio={headline['fid_ratio']:.3f} "
+        f"train_minutes={train_seconds / 60:.2f} sample_seconds={headline['sample_seconds']:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -20,9 +20,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-              layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=256)
+SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32,
+    sample_size=256,
+)
 
 
 def parse_args(argv=None):
@@ -31,8 +39,11 @@ def parse_args(argv=None):
     parser.add_argument("--models", default="DiT-S/2,DiT-B/2")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="Timed steps, after one warm-up step.")
-    parser.add_argument("--flags", default="base,gradient_checkpointing,bf16,torch_compile,foreach_adamw",
-                        help="Speed settings tried on the first model (precomputed inputs).")
+    parser.add_argument(
+        "--flags",
+        default="base,gradient_checkpointing,bf16,torch_compile,foreach_adamw",
+        help="Speed settings tried on the first model (precomputed inputs).",
+    )
     parser.add_argument("--docs_dir", default=str(REPO / "docs"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -64,8 +75,10 @@ def worker(config):
         vae = AutoencoderKL(**SD_VAE).requires_grad_(False).eval().to(device)
         batch = {"pixels": torch.rand(n, 3, 256, 256, device=device) * 2 - 1}
     else:
-        batch = {"latent_mean": torch.randn(n, 4, 32, 32, device=device),
-                 "latent_std": torch.rand(n, 4, 32, 32, device=device) * 0.1}
+        batch = {
+            "latent_mean": torch.randn(n, 4, 32, 32, device=device),
+            "latent_std": torch.rand(n, 4, 32, 32, device=device) * 0.1,
+        }
     cond = {"class_labels": torch.randint(0, 1000, (n,), device=device)}
     null = {"class_labels": torch.tensor([1000], device=device)}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["flag"] == "bf16")
@@ -88,21 +101,37 @@ def worker(config):
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / config["steps"]
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB -> GiB
-    print(json.dumps({**config, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-                      "steps_per_s": 1 / seconds, "images_per_s": n / seconds, "peak_gib": peak,
-                      "threads": torch.get_num_threads()}))
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )  # KiB -> GiB
+    print(
+        json.dumps(
+            {
+                **config,
+                "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+                "steps_per_s": 1 / seconds,
+                "images_per_s": n / seconds,
+                "peak_gib": peak,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 def run_worker(config):
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(config)], capture_output=True, text=True,
-                          cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(config)], capture_output=True, text=True, cwd=REPO
+    )
     if proc.returncode:
         raise SystemExit(f"{config}: failed\n{proc.stderr[-3000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"{row['model']:9s} {row['inputs']:12s} {row['flag']:22s} {row['steps_per_s']:.3f} steps/s "
-          f"{row['images_per_s']:.2f} img/s  peak {row['peak_gib']:.2f} GiB", flush=True)
+    print(
+        f"{row['model']:9s} {row['inputs']:12s} {row['flag']:22s} {row['steps_per_s']:.3f} steps/s "
+        f"{row['images_per_s']:.2f} img/s  peak {row['peak_gib']:.2f} GiB",
+        flush=True,
+    )
     return row
 
 
@@ -120,11 +149,16 @@ def main(args):
         if flag != "base":
             rows.append(run_worker({**base, "model": models[0], "inputs": "precomputed", "flag": flag}))
     lookup = {(r["model"], r["inputs"], r["flag"]): r for r in rows}
-    speedup = (lookup[(models[0], "precomputed", "base")]["steps_per_s"]
-               / lookup[(models[0], "online_vae", "base")]["steps_per_s"])
+    speedup = (
+        lookup[(models[0], "precomputed", "base")]["steps_per_s"]
+        / lookup[(models[0], "online_vae", "base")]["steps_per_s"]
+    )
     lines = ["| model | inputs | setting | steps/s | images/s | peak memory (GiB) |", "|---|---|---|---:|---:|---:|"]
-    lines += [f"| {r['model']} | {r['inputs']} | {r['flag']} | {r['steps_per_s']:.3f} | {r['images_per_s']:.2f} | "
-              f"{r['peak_gib']:.2f} |" for r in rows]
+    lines += [
+        f"| {r['model']} | {r['inputs']} | {r['flag']} | {r['steps_per_s']:.3f} | {r['images_per_s']:.2f} | "
+        f"{r['peak_gib']:.2f} |"
+        for r in rows
+    ]
     command = "python benchmarks/dit_throughput.py " + " ".join(sys.argv[1:])
     docs = Path(args.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
@@ -132,7 +166,8 @@ def main(args):
     (docs / f"dit_throughput{suffix}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
     (docs / f"dit_throughput{suffix}.md").write_text(
         f"# DiT training throughput ({args.device}, batch {args.batch_size}, 256 px = 32x32x4 latents)\n\n"
-        f"`{command}`\n\n" + "\n".join(lines) + "\n")
+        f"`{command}`\n\n" + "\n".join(lines) + "\n"
+    )
     print("\n".join(lines))
     print(f"precomputed_speedup={speedup:.2f}")
 

@@ -42,48 +42,120 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 
-DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-                sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, attention_head_dim=8,
-                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-              layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=512)
-CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                   num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+DIT_XL_2 = dict(
+    num_attention_heads=16,
+    attention_head_dim=72,
+    in_channels=4,
+    out_channels=8,
+    num_layers=28,
+    sample_size=32,
+    patch_size=2,
+    num_embeds_ada_norm=1000,
+)
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    attention_head_dim=8,
+    block_out_channels=(320, 640, 1280, 1280),
+    cross_attention_dim=768,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32,
+    sample_size=512,
+)
+CLIP_L_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+)
 
 # --tiny: the same code paths at sizes a CPU runs in seconds.
-TINY_DIT = dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=2,
-                sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
-TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, attention_head_dim=8,
-                 block_out_channels=(32, 64), cross_attention_dim=32, norm_num_groups=8,
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
-                layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, sample_size=64)
-TINY_CLIP_TEXT = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
-                      bos_token_id=998, eos_token_id=999, pad_token_id=999)
+TINY_DIT = dict(
+    num_attention_heads=2,
+    attention_head_dim=32,
+    in_channels=4,
+    out_channels=8,
+    num_layers=2,
+    sample_size=8,
+    patch_size=2,
+    num_embeds_ada_norm=1000,
+)
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    attention_head_dim=8,
+    block_out_channels=(32, 64),
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(8, 8, 16, 16),
+    layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=8,
+    sample_size=64,
+)
+TINY_CLIP_TEXT = dict(
+    vocab_size=1000,
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    bos_token_id=998,
+    eos_token_id=999,
+    pad_token_id=999,
+)
 PAPER_GFLOPS = {"DiT-XL/2": 119.0}  # per image forward, 256 px: the DiT paper's (multiply-add) count
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--only", choices=["dit", "unet"], default=None, help="Run one part only.")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cuda or cpu.")
     parser.add_argument("--tiny", action="store_true", help="Tiny models and batches: a smoke test (CPU is fine).")
     parser.add_argument("--warmup_steps", type=int, default=3, help="Untimed steps first (kernel choice, caches).")
     parser.add_argument("--steps", type=int, default=10, help="Timed optimizer steps per configuration.")
     parser.add_argument("--dit_batch_size", type=int, default=128)
-    parser.add_argument("--max_batch_size", type=int, default=2048,
-                        help="Stop the DiT search for the largest batch here; 0: measure --dit_batch_size only.")
+    parser.add_argument(
+        "--max_batch_size",
+        type=int,
+        default=2048,
+        help="Stop the DiT search for the largest batch here; 0: measure --dit_batch_size only.",
+    )
     parser.add_argument("--unet_batch_size", type=int, default=16)
-    parser.add_argument("--peak_tflops", type=float, default=989.0,
-                        help="The GPU's bf16 dense peak: 989 for H100/H200 SXM, 756 for H100 PCIe, 312 for A100.")
+    parser.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=989.0,
+        help="The GPU's bf16 dense peak: 989 for H100/H200 SXM, 756 for H100 PCIe, 312 for A100.",
+    )
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the trained model (not the encoders).")
     parser.add_argument("--output", default=str(REPO / "output" / "gpu_throughput.json"), help="JSON results.")
@@ -165,8 +237,12 @@ def bench_dit(args, device):
     latent_shape = (config["in_channels"], config["sample_size"], config["sample_size"])
 
     def batch(n):
-        return (torch.randn(n, *latent_shape, device=device), torch.randint(0, 1000, (n,), device=device),
-                torch.randint(0, 1000, (n,), device=device), torch.randn(n, *latent_shape, device=device))
+        return (
+            torch.randn(n, *latent_shape, device=device),
+            torch.randint(0, 1000, (n,), device=device),
+            torch.randint(0, 1000, (n,), device=device),
+            torch.randn(n, *latent_shape, device=device),
+        )
 
     def train_step(x0, labels, t, noise):
         abar = alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -175,7 +251,7 @@ def bench_dit(args, device):
             out = model(x_t, timestep=t, class_labels=labels).sample
         # Learned sigma: the first half of the channels is epsilon. DiT's variational-bound term on the second
         # half costs a few elementwise ops; the MSE alone times the model just as well.
-        loss = F.mse_loss(out[:, :latent_shape[0]].float(), noise)
+        loss = F.mse_loss(out[:, : latent_shape[0]].float(), noise)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -183,8 +259,10 @@ def bench_dit(args, device):
     one = batch(1)
     counted = forward_flops(lambda: model(one[0], timestep=one[2], class_labels=one[1]))
     paper = PAPER_GFLOPS.get(name, counted / 2 / 1e9) * 1e9  # the paper's unit: multiply-adds
-    print(f"{name}: {params / 1e6:.0f}M parameters, {counted / 1e9:.4g} GFLOPs per image forward (counted), "
-          f"{paper / 1e9:.4g} in the DiT paper's count")
+    print(
+        f"{name}: {params / 1e6:.0f}M parameters, {counted / 1e9:.4g} GFLOPs per image forward (counted), "
+        f"{paper / 1e9:.4g} in the DiT paper's count"
+    )
     if args.compile:  # in place, after counting: the module's __call__ runs the compiled forward from here on
         model.compile()
 
@@ -210,17 +288,29 @@ def bench_dit(args, device):
             optimizer.zero_grad(set_to_none=True)
             reset_peak_memory(device)
             out_of_memory = True
-            print(f"{name} batch {n}: out of memory" + (f"; the largest batch that fits is "
-                                                          f"{rows[-1]['batch_size']}" if rows else ""))
+            print(
+                f"{name} batch {n}: out of memory"
+                + (f"; the largest batch that fits is {rows[-1]['batch_size']}" if rows else "")
+            )
             break
         images_per_s = n / seconds
-        rows.append({"part": "dit", "model": name, "batch_size": n, "steps_per_s": 1 / seconds,
-                     "images_per_s": images_per_s, "peak_memory_gib": peak_memory_gib(device),
-                     "gflops_per_image_forward": counted / 1e9, "paper_gflops_per_image_forward": paper / 1e9,
-                     "train_tflops": 3 * counted * images_per_s / 1e12,
-                     "mfu": 3 * counted * images_per_s / (args.peak_tflops * 1e12),
-                     "mfu_paper": 3 * paper * images_per_s / (args.peak_tflops * 1e12),
-                     "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile})
+        rows.append(
+            {
+                "part": "dit",
+                "model": name,
+                "batch_size": n,
+                "steps_per_s": 1 / seconds,
+                "images_per_s": images_per_s,
+                "peak_memory_gib": peak_memory_gib(device),
+                "gflops_per_image_forward": counted / 1e9,
+                "paper_gflops_per_image_forward": paper / 1e9,
+                "train_tflops": 3 * counted * images_per_s / 1e12,
+                "mfu": 3 * counted * images_per_s / (args.peak_tflops * 1e12),
+                "mfu_paper": 3 * paper * images_per_s / (args.peak_tflops * 1e12),
+                "gradient_checkpointing": args.gradient_checkpointing,
+                "compile": args.compile,
+            }
+        )
         print(format_row(rows[-1]))
     if len(rows) > 1:  # the last batch that ran: the largest that fits, or the search stopped at --max_batch_size
         rows[-1]["largest_batch"] = "fits; doubling it ran out of memory" if out_of_memory else "--max_batch_size"
@@ -254,8 +344,9 @@ def bench_unet(args, device):
     diffusers_logging.set_verbosity_warning()
     text_encoder = build_on(device, lambda: CLIPTextModel(text_config)).to(dtype=torch.bfloat16).eval()
     text_encoder.requires_grad_(False)
-    alphas_cumprod = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, device=device,
-                                                      dtype=torch.float64) ** 2, 0).float()  # scaled_linear
+    alphas_cumprod = torch.cumprod(
+        1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, device=device, dtype=torch.float64) ** 2, 0
+    ).float()  # scaled_linear
     params = sum(p.numel() for p in unet.parameters())
 
     latents = torch.randn(n, 4, latent_side, latent_side, device=device)
@@ -281,15 +372,20 @@ def bench_unet(args, device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    counted = forward_flops(lambda: unet(latents[:1], torch.tensor([500], device=device),
-                                         encoder_hidden_states=states[:1]))
-    print(f"{name}: {params / 1e6:.0f}M parameters, {counted / 1e9:.4g} GFLOPs per image forward (counted), "
-          f"{resolution} px, batch {n}")
+    counted = forward_flops(
+        lambda: unet(latents[:1], torch.tensor([500], device=device), encoder_hidden_states=states[:1])
+    )
+    print(
+        f"{name}: {params / 1e6:.0f}M parameters, {counted / 1e9:.4g} GFLOPs per image forward (counted), "
+        f"{resolution} px, batch {n}"
+    )
     if args.compile:
         unet.compile()
     rows = []
-    for variant, step in (("with shards", lambda: train_step(latents, states)),
-                          ("without shards", lambda: train_step(*encode()))):
+    for variant, step in (
+        ("with shards", lambda: train_step(latents, states)),
+        ("without shards", lambda: train_step(*encode())),
+    ):
         reset_peak_memory(device)
         try:
             seconds = time_steps(step, device, args.warmup_steps, args.steps)
@@ -303,13 +399,24 @@ def bench_unet(args, device):
             print(f"{name} {variant} batch {n}: out of memory")
             continue
         images_per_s = n / seconds
-        rows.append({"part": "unet", "model": name, "variant": variant, "batch_size": n, "resolution": resolution,
-                     "steps_per_s": 1 / seconds, "images_per_s": images_per_s,
-                     "peak_memory_gib": peak_memory_gib(device), "gflops_per_image_forward": counted / 1e9,
-                     "train_tflops": 3 * counted * images_per_s / 1e12,
-                     # The UNet's FLOPs only: the encoders' work is overhead, not model FLOPs.
-                     "mfu": 3 * counted * images_per_s / (args.peak_tflops * 1e12),
-                     "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile})
+        rows.append(
+            {
+                "part": "unet",
+                "model": name,
+                "variant": variant,
+                "batch_size": n,
+                "resolution": resolution,
+                "steps_per_s": 1 / seconds,
+                "images_per_s": images_per_s,
+                "peak_memory_gib": peak_memory_gib(device),
+                "gflops_per_image_forward": counted / 1e9,
+                "train_tflops": 3 * counted * images_per_s / 1e12,
+                # The UNet's FLOPs only: the encoders' work is overhead, not model FLOPs.
+                "mfu": 3 * counted * images_per_s / (args.peak_tflops * 1e12),
+                "gradient_checkpointing": args.gradient_checkpointing,
+                "compile": args.compile,
+            }
+        )
         print(format_row(rows[-1]))
     if len(rows) == 2:
         rows[1]["slowdown_without_shards"] = rows[0]["steps_per_s"] / rows[1]["steps_per_s"]
@@ -319,19 +426,34 @@ def bench_unet(args, device):
 # ---------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------
-COLUMNS = [("model", "{}", 12), ("variant", "{}", 14), ("batch_size", "{}", 6), ("steps_per_s", "{:.2f}", 8),
-           ("images_per_s", "{:.1f}", 9), ("peak_memory_gib", "{:.1f}", 8), ("train_tflops", "{:.0f}", 7),
-           ("mfu", "{:.1%}", 7), ("mfu_paper", "{:.1%}", 9)]
-HEADERS = {"batch_size": "batch", "steps_per_s": "steps/s", "images_per_s": "img/s", "peak_memory_gib": "GiB",
-           "train_tflops": "TFLOP/s", "mfu_paper": "mfu(119)"}
+COLUMNS = [
+    ("model", "{}", 12),
+    ("variant", "{}", 14),
+    ("batch_size", "{}", 6),
+    ("steps_per_s", "{:.2f}", 8),
+    ("images_per_s", "{:.1f}", 9),
+    ("peak_memory_gib", "{:.1f}", 8),
+    ("train_tflops", "{:.0f}", 7),
+    ("mfu", "{:.1%}", 7),
+    ("mfu_paper", "{:.1%}", 9),
+]
+HEADERS = {
+    "batch_size": "batch",
+    "steps_per_s": "steps/s",
+    "images_per_s": "img/s",
+    "peak_memory_gib": "GiB",
+    "train_tflops": "TFLOP/s",
+    "mfu_paper": "mfu(119)",
+}
 
 
 def format_row(row):
     cells = []
     for key, fmt, width in COLUMNS:
         value = row.get(key, "-" if key != "variant" else "")
-        cells.append((fmt.format(value) if value not in (None, "-", "") else ("-" if value is None else value))
-                     .ljust(width))
+        cells.append(
+            (fmt.format(value) if value not in (None, "-", "") else ("-" if value is None else value)).ljust(width)
+        )
     return " ".join(cells)
 
 
@@ -353,8 +475,10 @@ def main(args):
     import diffusers
     import transformers
 
-    print(f"device: {gpu}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
-          f"transformers {transformers.__version__}; peak {args.peak_tflops:.0f} TFLOP/s bf16 dense")
+    print(
+        f"device: {gpu}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"transformers {transformers.__version__}; peak {args.peak_tflops:.0f} TFLOP/s bf16 dense"
+    )
     print(" ".join(HEADERS.get(key, key).ljust(width) for key, _, width in COLUMNS))
     rows = []
     if args.only in (None, "dit"):
@@ -363,12 +487,23 @@ def main(args):
     if args.only in (None, "unet"):
         rows += bench_unet(args, device)
 
-    results = {"device": gpu, "device_type": device.type, "torch": torch.__version__,
-               "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-               "peak_tflops": args.peak_tflops, "tiny": args.tiny, "warmup_steps": args.warmup_steps,
-               "steps": args.steps, "anchor": {"source": "fast-DiT, DiT-XL/2, global batch 128, 1x A100",
-                                               "steps_per_s": 0.84, "mfu_paper": 0.84 * 128 * 3 * 119e9 / 312e12},
-               "rows": rows}
+    results = {
+        "device": gpu,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "peak_tflops": args.peak_tflops,
+        "tiny": args.tiny,
+        "warmup_steps": args.warmup_steps,
+        "steps": args.steps,
+        "anchor": {
+            "source": "fast-DiT, DiT-XL/2, global batch 128, 1x A100",
+            "steps_per_s": 0.84,
+            "mfu_paper": 0.84 * 128 * 3 * 119e9 / 312e12,
+        },
+        "rows": rows,
+    }
     print("\nsummary")
     print(" ".join(HEADERS.get(key, key).ljust(width) for key, _, width in COLUMNS))
     for row in rows:

@@ -48,20 +48,54 @@ TOKENS = 8
 VAE_STEPS, VAE_BATCH, VAE_LR, VAE_KL_WEIGHT = 900, 64, 2e-3, 1e-5
 
 # train_ldm_sd.py flags on top of the data, base folder and output folder that the benchmark passes itself.
-RECIPE = ["--unet_from_scratch", "--unet_config", "mnist-small", "--prediction_type", "v_prediction",
-          "--snr_gamma", "5", "--train_batch_size", "64", "--gradient_accumulation_steps", "1",
-          "--max_train_steps", "2000", "--learning_rate", "1e-3",
-          "--lr_scheduler", "cosine", "--lr_warmup_steps", "50", "--use_ema", "--ema_decay", "0.999",
-          "--cond_dropout_prob", "0.1", "--validation_steps", "100000", "--checkpointing_steps", "500",
-          "--logging_steps", "50", "--num_inference_steps", "20", "--guidance_scale", "3",
-          "--validation_guidance_scales", "1,2,4", "--dataloader_num_workers", "0"]
+RECIPE = [
+    "--unet_from_scratch",
+    "--unet_config",
+    "mnist-small",
+    "--prediction_type",
+    "v_prediction",
+    "--snr_gamma",
+    "5",
+    "--train_batch_size",
+    "64",
+    "--gradient_accumulation_steps",
+    "1",
+    "--max_train_steps",
+    "2000",
+    "--learning_rate",
+    "1e-3",
+    "--lr_scheduler",
+    "cosine",
+    "--lr_warmup_steps",
+    "50",
+    "--use_ema",
+    "--ema_decay",
+    "0.999",
+    "--cond_dropout_prob",
+    "0.1",
+    "--validation_steps",
+    "100000",
+    "--checkpointing_steps",
+    "500",
+    "--logging_steps",
+    "50",
+    "--num_inference_steps",
+    "20",
+    "--guidance_scale",
+    "3",
+    "--validation_guidance_scales",
+    "1,2,4",
+    "--dataloader_num_workers",
+    "0",
+]
 
 
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Flags after a bare '--' are appended to RECIPE (train_ldm_sd.py).")
+    own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="Flags after a bare '--' are appended to RECIPE (train_ldm_sd.py)."
+    )
     parser.add_argument("--data_root", default="../shared/datasets", help="Folder holding MNIST/raw.")
     parser.add_argument("--text_encoder_name_or_path", required=True, help="Frozen text encoder (local folder).")
     parser.add_argument("--output_dir", default="output/ldm_mnist")
@@ -100,9 +134,17 @@ def fit_vae(args, base):
 
     torch.manual_seed(0)
     x_train, _ = mnist_pixels(args.data_root, train=True)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(16, 32, 32), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=RESOLUTION,
-                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+    vae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=RESOLUTION,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+    )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=VAE_LR, total_steps=VAE_STEPS, pct_start=0.05)
     generator = torch.Generator().manual_seed(0)
@@ -122,7 +164,7 @@ def fit_vae(args, base):
     seconds = time.perf_counter() - start
     vae.eval()
     with torch.no_grad():  # SD's convention: latents * scaling_factor have unit variance
-        z = torch.cat([vae.encode(x_train[i:i + 1000]).latent_dist.sample(generator) for i in range(0, 10000, 1000)])
+        z = torch.cat([vae.encode(x_train[i : i + 1000]).latent_dist.sample(generator) for i in range(0, 10000, 1000)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     vae.save_pretrained(base / "vae")
 
@@ -130,18 +172,31 @@ def fit_vae(args, base):
     tokenizer.model_max_length = TOKENS  # the pipeline pads prompts to this: "A handwritten digit 7" is 7 tokens
     tokenizer.save_pretrained(base / "tokenizer")
     AutoModel.from_pretrained(args.text_encoder_name_or_path).save_pretrained(base / "text_encoder")
-    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                  clip_sample=False, steps_offset=1).save_pretrained(base / "scheduler")
+    DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        steps_offset=1,
+    ).save_pretrained(base / "scheduler")
 
     # Reconstruction quality in the judge's eyes: the ceiling of what the LDM can reach through this VAE.
     x_test, y_test = mnist_pixels(args.data_root, train=False)
     with torch.no_grad():
-        recon = torch.cat([vae.decode(vae.encode(x_test[i:i + 1000]).latent_dist.mean).sample
-                           for i in range(0, 1000, 1000)])
-    stats = {"vae_train_seconds": seconds, "vae_steps": VAE_STEPS, "vae_batch": VAE_BATCH,
-             "scaling_factor": vae.config.scaling_factor, "vae_params": sum(p.numel() for p in vae.parameters()),
-             "recon_l1": float((recon - x_test[:1000]).abs().mean()),
-             "recon_images": to_judge_uint8(recon).tolist(), "recon_labels": y_test[:1000].tolist()}
+        recon = torch.cat(
+            [vae.decode(vae.encode(x_test[i : i + 1000]).latent_dist.mean).sample for i in range(0, 1000, 1000)]
+        )
+    stats = {
+        "vae_train_seconds": seconds,
+        "vae_steps": VAE_STEPS,
+        "vae_batch": VAE_BATCH,
+        "scaling_factor": vae.config.scaling_factor,
+        "vae_params": sum(p.numel() for p in vae.parameters()),
+        "recon_l1": float((recon - x_test[:1000]).abs().mean()),
+        "recon_images": to_judge_uint8(recon).tolist(),
+        "recon_labels": y_test[:1000].tolist(),
+    }
     (base / "vae_fit.json").write_text(json.dumps(stats))
     print(f"vae: {seconds:.0f}s, scaling_factor {vae.config.scaling_factor:.4f}, test L1 {stats['recon_l1']:.4f}")
 
@@ -157,15 +212,41 @@ def run_command(command):
 
 
 def prepare_command(args, base, shards):
-    return [sys.executable, str(REPO_ROOT / "prepare_data_multi_gpu.py"), "--mnist_root", args.data_root,
-            "--caption_template", CAPTION, "--pretrained_model_name_or_path", str(base), "--resolution",
-            str(RESOLUTION), "--shard_size", "4096", "--batch_size", "256", "--output_dir", str(shards)]
+    return [
+        sys.executable,
+        str(REPO_ROOT / "prepare_data_multi_gpu.py"),
+        "--mnist_root",
+        args.data_root,
+        "--caption_template",
+        CAPTION,
+        "--pretrained_model_name_or_path",
+        str(base),
+        "--resolution",
+        str(RESOLUTION),
+        "--shard_size",
+        "4096",
+        "--batch_size",
+        "256",
+        "--output_dir",
+        str(shards),
+    ]
 
 
 def train_command(args, base, shards, model):
-    return [sys.executable, str(REPO_ROOT / "train_ldm_sd.py"), "--pretrained_model_name_or_path", str(base),
-            "--precomputed_data_dir", str(shards), "--output_dir", str(model), "--validation_prompts",
-            *[CAPTION.format(d) for d in range(10)], *RECIPE, *args.trainer_args]
+    return [
+        sys.executable,
+        str(REPO_ROOT / "train_ldm_sd.py"),
+        "--pretrained_model_name_or_path",
+        str(base),
+        "--precomputed_data_dir",
+        str(shards),
+        "--output_dir",
+        str(model),
+        "--validation_prompts",
+        *[CAPTION.format(d) for d in range(10)],
+        *RECIPE,
+        *args.trainer_args,
+    ]
 
 
 @torch.no_grad()
@@ -175,22 +256,37 @@ def generate(pipeline, scale, args, batch=250):
     generator = torch.Generator().manual_seed(1)
     start, chunks = time.perf_counter(), []
     for i in range(0, len(labels), batch):
-        prompts = [CAPTION.format(d) for d in labels[i:i + batch]]
-        images = pipeline(prompts, height=RESOLUTION, width=RESOLUTION, num_inference_steps=args.num_inference_steps,
-                          guidance_scale=scale, generator=generator, output_type="pt").images  # [n, 1, 32, 32]
+        prompts = [CAPTION.format(d) for d in labels[i : i + batch]]
+        images = pipeline(
+            prompts,
+            height=RESOLUTION,
+            width=RESOLUTION,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=scale,
+            generator=generator,
+            output_type="pt",
+        ).images  # [n, 1, 32, 32]
         chunks.append(to_judge_uint8(images[:, :1].float() * 2 - 1))
     return np.concatenate(chunks), labels, time.perf_counter() - start
 
 
 def save_grid(pipeline, scale, args, path, per_digit=8):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     generator = torch.Generator().manual_seed(0)
     prompts = [CAPTION.format(d) for d in range(10) for _ in range(per_digit)]
-    images = pipeline(prompts, height=RESOLUTION, width=RESOLUTION, num_inference_steps=args.num_inference_steps,
-                      guidance_scale=scale, generator=generator, output_type="pt").images
+    images = pipeline(
+        prompts,
+        height=RESOLUTION,
+        width=RESOLUTION,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=scale,
+        generator=generator,
+        output_type="pt",
+    ).images
     digits = to_judge_uint8(images[:, :1].float() * 2 - 1)
     grid = digits.reshape(10, per_digit, 28, 28).transpose(0, 2, 1, 3).reshape(280, -1)
     fig, ax = plt.subplots(figsize=(per_digit * 0.6 + 2.2, 6.4))
@@ -198,8 +294,9 @@ def save_grid(pipeline, scale, args, path, per_digit=8):
     ax.set_xticks([])
     ax.set_yticks([28 * (d + 0.5) for d in range(10)])
     ax.set_yticklabels([CAPTION.format(d) for d in range(10)], fontsize=8)
-    ax.set_title(f"train_ldm_sd.py export, guidance {scale:g}, {args.num_inference_steps} DPM-Solver++ steps",
-                 fontsize=8)
+    ax.set_title(
+        f"train_ldm_sd.py export, guidance {scale:g}, {args.num_inference_steps} DPM-Solver++ steps", fontsize=8
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -233,8 +330,11 @@ def main(args):
     judge, judge_accuracy = get_judge(args.judge_path, args.data_root)
     scorer = Scorer(judge, args.data_root)
     recon = scorer.score(np.array(vae_fit["recon_images"], dtype=np.uint8), np.array(vae_fit["recon_labels"]))
-    print(f"VAE reconstructions of 1000 test digits: judge accuracy {recon['prompt_accuracy']:.4f}, "
-          f"fid_ratio {recon['fid_ratio']:.3f}", flush=True)
+    print(
+        f"VAE reconstructions of 1000 test digits: judge accuracy {recon['prompt_accuracy']:.4f}, "
+        f"fid_ratio {recon['fid_ratio']:.3f}",
+        flush=True,
+    )
     pipeline = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
     pipeline.set_progress_bar_config(disable=True)
     rows = []
@@ -243,8 +343,11 @@ def main(args):
         images, labels, seconds = generate(pipeline, scale, args)
         row = {**scorer.score(images, labels), "guidance_scale": scale, "sample_seconds": seconds}
         rows.append(row)
-        print(f"guidance {scale:g}: prompt_accuracy={row['prompt_accuracy']:.4f} fid_ratio={row['fid_ratio']:.3f} "
-              f"({seconds:.1f}s for {len(images)} samples)", flush=True)
+        print(
+            f"guidance {scale:g}: prompt_accuracy={row['prompt_accuracy']:.4f} fid_ratio={row['fid_ratio']:.3f} "
+            f"({seconds:.1f}s for {len(images)} samples)",
+            flush=True,
+        )
     headline = next(r for r in rows if r["guidance_scale"] == args.guidance_scale)
     docs = Path(args.docs_dir)
     save_grid(pipeline, args.guidance_scale, args, docs / "ldm_mnist_samples.png")
@@ -252,30 +355,55 @@ def main(args):
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join(["python", "benchmarks/ldm_mnist_quality.py", *args.argv]),
-        "train_command": shlex.join(command), "prepare_command": shlex.join(prepare_command(args, base, shards)),
-        "recipe": RECIPE, "extra_trainer_args": args.trainer_args,
-        "vae": {k: v for k, v in vae_fit.items() if not k.startswith("recon_")} | {
-            "recon_judge_accuracy": recon["prompt_accuracy"], "recon_fid_ratio": recon["fid_ratio"]},
-        "prepare_seconds": prepare_seconds, "train_seconds": train_seconds, "train_minutes": train_seconds / 60,
-        "judge_accuracy": judge_accuracy, "num_eval_samples": args.num_eval_samples,
-        "num_inference_steps": args.num_inference_steps, "headline": headline, "sweep": rows,
+        "train_command": shlex.join(command),
+        "prepare_command": shlex.join(prepare_command(args, base, shards)),
+        "recipe": RECIPE,
+        "extra_trainer_args": args.trainer_args,
+        "vae": {k: v for k, v in vae_fit.items() if not k.startswith("recon_")}
+        | {"recon_judge_accuracy": recon["prompt_accuracy"], "recon_fid_ratio": recon["fid_ratio"]},
+        "prepare_seconds": prepare_seconds,
+        "train_seconds": train_seconds,
+        "train_minutes": train_seconds / 60,
+        "judge_accuracy": judge_accuracy,
+        "num_eval_samples": args.num_eval_samples,
+        "num_inference_steps": args.num_inference_steps,
+        "headline": headline,
+        "sweep": rows,
     }
     (docs / "ldm_mnist_quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["# train_ldm_sd.py on MNIST through a small VAE: quality", "",
-             f"Measured {report['date']} with `{report['command']}`.", "",
-             f"VAE: {vae_fit['vae_params'] / 1e6:.2f}M parameters, fitted in {vae_fit['vae_train_seconds']:.0f}s "
-             f"({vae_fit['vae_steps']} steps of batch {vae_fit['vae_batch']}); its reconstructions of 1000 test "
-             f"digits: judge accuracy {recon['prompt_accuracy']:.4f}, fid_ratio {recon['fid_ratio']:.3f}.",
-             f"Training: {train_seconds / 60:.2f} minutes. Judge test accuracy {judge_accuracy:.4f}.", "",
-             "| guidance | prompt_accuracy | fid_ratio | seconds for 1000 samples |", "|---:|---:|---:|---:|"]
-    lines += [f"| {r['guidance_scale']:g} | {r['prompt_accuracy']:.4f} | {r['fid_ratio']:.3f} | "
-              f"{r['sample_seconds']:.1f} |" for r in rows]
-    lines += ["", "Commands run by the benchmark:", "", "```", report["prepare_command"], report["train_command"],
-              "```", ""]
+    lines = [
+        "# train_ldm_sd.py on MNIST through a small VAE: quality",
+        "",
+        f"Measured {report['date']} with `{report['command']}`.",
+        "",
+        f"VAE: {vae_fit['vae_params'] / 1e6:.2f}M parameters, fitted in {vae_fit['vae_train_seconds']:.0f}s "
+        f"({vae_fit['vae_steps']} steps of batch {vae_fit['vae_batch']}); its reconstructions of 1000 test "
+        f"digits: judge accuracy {recon['prompt_accuracy']:.4f}, fid_ratio {recon['fid_ratio']:.3f}.",
+        f"Training: {train_seconds / 60:.2f} minutes. Judge test accuracy {judge_accuracy:.4f}.",
+        "",
+        "| guidance | prompt_accuracy | fid_ratio | seconds for 1000 samples |",
+        "|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['guidance_scale']:g} | {r['prompt_accuracy']:.4f} | {r['fid_ratio']:.3f} | {r['sample_seconds']:.1f} |"
+        for r in rows
+    ]
+    lines += [
+        "",
+        "Commands run by the benchmark:",
+        "",
+        "```",
+        report["prepare_command"],
+        report["train_command"],
+        "```",
+        "",
+    ]
     (docs / "ldm_mnist_quality.md").write_text("\n".join(lines))
     print("\n".join(lines))
-    print(f"prompt_accuracy={headline['prompt_accuracy']:.4f} fid_ratio={headline['fid_ratio']:.3f} "
-          f"judge_accuracy={judge_accuracy:.4f} train_minutes={train_seconds / 60:.2f}")
+    print(
+        f"prompt_accuracy={headline['prompt_accuracy']:.4f} fid_ratio={headline['fid_ratio']:.3f} "
+        f"judge_accuracy={judge_accuracy:.4f} train_minutes={train_seconds / 60:.2f}"
+    )
     return report
 
 

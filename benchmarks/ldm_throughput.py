@@ -30,8 +30,13 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "CUDA_VISIBLE_DEVICES": "",
+}
 
 
 def parse_args(argv=None):
@@ -67,23 +72,31 @@ def build_inputs(args, root):
             r = args.resolution
             pixels = rng.integers(0, 60, size=(r, r, 3), dtype=np.uint8)
             a, b = sorted(rng.integers(r // 8, r - r // 8, size=2))
-            pixels[a:b + 8, a:b + 8] = colors[color]
+            pixels[a : b + 8, a : b + 8] = colors[color]
             Image.fromarray(pixels).save(images / f"{i:05d}.png")
             lines.append(json.dumps({"file_name": f"{i:05d}.png", "text": f"a {color} square on a dark background"}))
         (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     base = root / "sd-small"
     if not (base / "scheduler").is_dir():
         torch.manual_seed(0)
-        AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64, 128, 128), layers_per_block=1,
-                      latent_channels=4, norm_num_groups=32, sample_size=args.resolution,
-                      down_block_types=("DownEncoderBlock2D",) * 4,
-                      up_block_types=("UpDecoderBlock2D",) * 4).save_pretrained(base / "vae")
+        AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64, 128, 128),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=args.resolution,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+        ).save_pretrained(base / "vae")
         tokenizer = AutoTokenizer.from_pretrained(args.text_encoder_name_or_path)
         tokenizer.model_max_length = 77
         tokenizer.save_pretrained(base / "tokenizer")
         AutoModel.from_pretrained(args.text_encoder_name_or_path).save_pretrained(base / "text_encoder")
-        DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                      steps_offset=1).save_pretrained(base / "scheduler")
+        DDPMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+        ).save_pretrained(base / "scheduler")
     return images, base
 
 
@@ -92,8 +105,9 @@ def run(command, env_extra=None):
     print("+ " + shlex.join(command), flush=True)
     env = {**os.environ, **ENV, **(env_extra or {})}
     start = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     peaks = {}
 
     def watch():  # VmHWM is the process's own peak RSS; sample it until the process tree is gone
@@ -136,33 +150,97 @@ def descendants(pid):
 def prepare(args, images, base, out, processes, threads):
     command = [sys.executable]
     if processes > 1:
-        command += ["-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1",
-                    "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += [str(REPO_ROOT / "prepare_data_multi_gpu.py"), "--pretrained_model_name_or_path", str(base),
-                "--train_data_dir", str(images), "--resolution", str(args.resolution), "--center_crop",
-                "--shard_size", "64", "--batch_size", "16", "--output_dir", str(out)]
+        command += [
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--multi_gpu",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
+    command += [
+        str(REPO_ROOT / "prepare_data_multi_gpu.py"),
+        "--pretrained_model_name_or_path",
+        str(base),
+        "--train_data_dir",
+        str(images),
+        "--resolution",
+        str(args.resolution),
+        "--center_crop",
+        "--shard_size",
+        "64",
+        "--batch_size",
+        "16",
+        "--output_dir",
+        str(out),
+    ]
     output, wall, peak = run(command, {"OMP_NUM_THREADS": str(threads)})
     m = re.search(r"encoded (\d+) images in ([\d.]+)s: ([\d.]+) images/s", output)
-    return {"processes": processes, "threads_per_process": threads, "images": int(m.group(1)),
-            "encode_seconds": float(m.group(2)), "images_per_s": float(m.group(3)), "wall_seconds": wall,
-            "peak_rss_mib": peak}
+    return {
+        "processes": processes,
+        "threads_per_process": threads,
+        "images": int(m.group(1)),
+        "encode_seconds": float(m.group(2)),
+        "images_per_s": float(m.group(3)),
+        "wall_seconds": wall,
+        "peak_rss_mib": peak,
+    }
 
 
 def train(args, base, data_flags, out):
-    command = [sys.executable, str(REPO_ROOT / "train_ldm_sd.py"), "--pretrained_model_name_or_path", str(base),
-               *data_flags, "--output_dir", str(out), "--unet_from_scratch", "--unet_config", "small",
-               "--resolution", str(args.resolution), "--center_crop", "--train_batch_size", str(args.train_batch_size),
-               "--gradient_accumulation_steps", "1", "--max_train_steps", str(args.train_steps),
-               "--logging_steps", "10", "--validation_steps", "100000", "--checkpointing_steps", "100000",
-               "--learning_rate", "1e-4", "--validation_prompts", "a red square on a dark background",
-               "--num_inference_steps", "2", "--validation_guidance_scales", "1", "--num_validation_images", "1"]
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "train_ldm_sd.py"),
+        "--pretrained_model_name_or_path",
+        str(base),
+        *data_flags,
+        "--output_dir",
+        str(out),
+        "--unet_from_scratch",
+        "--unet_config",
+        "small",
+        "--resolution",
+        str(args.resolution),
+        "--center_crop",
+        "--train_batch_size",
+        str(args.train_batch_size),
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_train_steps",
+        str(args.train_steps),
+        "--logging_steps",
+        "10",
+        "--validation_steps",
+        "100000",
+        "--checkpointing_steps",
+        "100000",
+        "--learning_rate",
+        "1e-4",
+        "--validation_prompts",
+        "a red square on a dark background",
+        "--num_inference_steps",
+        "2",
+        "--validation_guidance_scales",
+        "1",
+        "--num_validation_images",
+        "1",
+    ]
     output, wall, peak = run(command)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steady = [r["samples_per_s"] for r in rows[1:]] or [rows[-1]["samples_per_s"]]  # the first window warms up
     samples_per_s = float(np.mean(steady))
-    return {"samples_per_s": samples_per_s, "steps_per_s": samples_per_s / args.train_batch_size,
-            "wall_seconds": wall, "peak_rss_mib": peak,
-            "unet_params_m": float(re.search(r"UNet: ([\d.]+)M", output).group(1))}
+    return {
+        "samples_per_s": samples_per_s,
+        "steps_per_s": samples_per_s / args.train_batch_size,
+        "wall_seconds": wall,
+        "peak_rss_mib": peak,
+        "unet_params_m": float(re.search(r"UNet: ([\d.]+)M", output).group(1)),
+    }
 
 
 def main(args):
@@ -178,27 +256,40 @@ def main(args):
         results["prepare"].append(row)
         print(f"prepare: {processes} process(es) x {threads} thread(s): {row['images_per_s']:.1f} images/s", flush=True)
     shards = root / "shards-1p2t"
-    for mode, flags in (("online", ["--train_data_dir", str(images)]), ("precomputed",
-                                                                         ["--precomputed_data_dir", str(shards)])):
+    for mode, flags in (
+        ("online", ["--train_data_dir", str(images)]),
+        ("precomputed", ["--precomputed_data_dir", str(shards)]),
+    ):
         out = root / f"train-{mode}"
         shutil.rmtree(out, ignore_errors=True)
         results["train"][mode] = train(args, base, flags, out)
         r = results["train"][mode]
-        print(f"train {mode}: {r['steps_per_s']:.3f} steps/s ({r['samples_per_s']:.1f} samples/s), peak RSS "
-              f"{r['peak_rss_mib']:.0f} MiB", flush=True)
+        print(
+            f"train {mode}: {r['steps_per_s']:.3f} steps/s ({r['samples_per_s']:.1f} samples/s), peak RSS "
+            f"{r['peak_rss_mib']:.0f} MiB",
+            flush=True,
+        )
     p = {(r["processes"], r["threads_per_process"]): r["images_per_s"] for r in results["prepare"]}
     results["speedups"] = {
-        "train_precomputed_over_online": results["train"]["precomputed"]["steps_per_s"] /
-        results["train"]["online"]["steps_per_s"],
+        "train_precomputed_over_online": results["train"]["precomputed"]["steps_per_s"]
+        / results["train"]["online"]["steps_per_s"],
         "prepare_2proc_over_1proc_1thread": p[(2, 1)] / p[(1, 1)],
         "prepare_2proc_over_1proc_2threads": p[(2, 1)] / p[(1, 2)],
     }
-    results.update(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                   command=shlex.join(["python", "benchmarks/ldm_throughput.py", *args.argv]),
-                   machine={"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-                   config={"resolution": args.resolution, "batch": args.train_batch_size, "steps": args.train_steps,
-                           "images": args.num_images, "vae": "32-64-128-128, 8x", "unet": "small preset",
-                           "text_encoder": "all-MiniLM-L6-v2, 77 tokens"})
+    results.update(
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        command=shlex.join(["python", "benchmarks/ldm_throughput.py", *args.argv]),
+        machine={"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        config={
+            "resolution": args.resolution,
+            "batch": args.train_batch_size,
+            "steps": args.train_steps,
+            "images": args.num_images,
+            "vae": "32-64-128-128, 8x",
+            "unet": "small preset",
+            "text_encoder": "all-MiniLM-L6-v2, 77 tokens",
+        },
+    )
     write_docs(args, results)
     return results
 
@@ -209,22 +300,36 @@ def write_docs(args, results):
     (docs / "ldm_throughput.json").write_text(json.dumps(results, indent=2) + "\n")
     t, s = results["train"], results["speedups"]
     lines = [
-        "# train_ldm_sd.py / prepare_data_multi_gpu.py throughput (CPU)", "",
-        f"Measured {results['date']} on {results['machine']['cores']} CPU cores with "
-        f"`{results['command']}`.", "",
-        "| training, batch 8, 128 px | steps/s | samples/s | peak RSS (MiB) |", "|---|---:|---:|---:|",
+        "# train_ldm_sd.py / prepare_data_multi_gpu.py throughput (CPU)",
+        "",
+        f"Measured {results['date']} on {results['machine']['cores']} CPU cores with `{results['command']}`.",
+        "",
+        "| training, batch 8, 128 px | steps/s | samples/s | peak RSS (MiB) |",
+        "|---|---:|---:|---:|",
     ]
     for mode in ("online", "precomputed"):
-        lines.append(f"| {mode} | {t[mode]['steps_per_s']:.3f} | {t[mode]['samples_per_s']:.1f} | "
-                     f"{t[mode]['peak_rss_mib']:.0f} |")
-    lines += ["", f"Precomputed / online: **{s['train_precomputed_over_online']:.2f}x**.", "",
-              "| prepare_data, 128 px | images/s | encode seconds | peak RSS (MiB, all processes) |",
-              "|---|---:|---:|---:|"]
+        lines.append(
+            f"| {mode} | {t[mode]['steps_per_s']:.3f} | {t[mode]['samples_per_s']:.1f} | "
+            f"{t[mode]['peak_rss_mib']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Precomputed / online: **{s['train_precomputed_over_online']:.2f}x**.",
+        "",
+        "| prepare_data, 128 px | images/s | encode seconds | peak RSS (MiB, all processes) |",
+        "|---|---:|---:|---:|",
+    ]
     for r in results["prepare"]:
-        lines.append(f"| {r['processes']} process(es) x {r['threads_per_process']} thread(s) | "
-                     f"{r['images_per_s']:.1f} | {r['encode_seconds']:.1f} | {r['peak_rss_mib']:.0f} |")
-    lines += ["", f"2 processes / 1 process (1 thread each): **{s['prepare_2proc_over_1proc_1thread']:.2f}x**; "
-              f"2 processes / 1 process with both cores as threads: {s['prepare_2proc_over_1proc_2threads']:.2f}x.", ""]
+        lines.append(
+            f"| {r['processes']} process(es) x {r['threads_per_process']} thread(s) | "
+            f"{r['images_per_s']:.1f} | {r['encode_seconds']:.1f} | {r['peak_rss_mib']:.0f} |"
+        )
+    lines += [
+        "",
+        f"2 processes / 1 process (1 thread each): **{s['prepare_2proc_over_1proc_1thread']:.2f}x**; "
+        f"2 processes / 1 process with both cores as threads: {s['prepare_2proc_over_1proc_2threads']:.2f}x.",
+        "",
+    ]
     (docs / "ldm_throughput.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -50,8 +50,18 @@ DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 # 20 minutes on 2 CPU cores. Validation and checkpoint at the end only.
 # Batch 32 and PyTorch's init: at this budget optimizer steps, not images, limit a small transformer, and adaLN-Zero
 # is the slowest start (docs/dit.md, docs/mmdit.md).
-COMMON = ["--max_text_length", "8", "--validation_steps", "100000", "--checkpointing_steps", "100000",
-          "--train_batch_size", "32", "--weight_init", "pytorch"]
+COMMON = [
+    "--max_text_length",
+    "8",
+    "--validation_steps",
+    "100000",
+    "--checkpointing_steps",
+    "100000",
+    "--train_batch_size",
+    "32",
+    "--weight_init",
+    "pytorch",
+]
 SAMPLING = {"discrete": ["--text_inference_steps", "4"], "continuous": []}  # used by training and --skip_training
 RECIPES = {
     # 4400 steps of batch 32 (2.3 epochs): 16.7 min alone in session 8 (16.0 in session 4; 26-29 on a slower machine).
@@ -63,34 +73,60 @@ RECIPES = {
 
 
 def normalize_flags(argv):
-    return [("--" + a[2:].partition("=")[0].replace("-", "_") + "".join(a[2:].partition("=")[1:]))
-            if a.startswith("--") and len(a) > 2 else a for a in argv]
+    return [
+        ("--" + a[2:].partition("=")[0].replace("-", "_") + "".join(a[2:].partition("=")[1:]))
+        if a.startswith("--") and len(a) > 2
+        else a
+        for a in argv
+    ]
 
 
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--script", choices=sorted(SCRIPTS), required=True)
     parser.add_argument("--data_root", default="../shared/datasets", help="Folder holding MNIST/raw.")
     parser.add_argument("--output_dir", default=None, help="Default output/mmdit_quality_<script>.")
-    parser.add_argument("--text_encoder_name_or_path", default=None,
-                        help="continuous: --text_encoder; discrete: --tokenizer (the learned encoder is trained).")
+    parser.add_argument(
+        "--text_encoder_name_or_path",
+        default=None,
+        help="continuous: --text_encoder; discrete: --tokenizer (the learned encoder is trained).",
+    )
     parser.add_argument("--num_eval_samples", type=int, default=1000, help="Text-to-image samples (balanced).")
-    parser.add_argument("--num_eval_captions", type=int, default=10000,
-                        help="The first N MNIST test images to caption; default all 10000 (continuous: 20 guided "
-                             "DPM-Solver steps each, about 17 minutes alone). The first 5000 are harder than the last "
-                             "5000 (docs/mmdit.md), so a smaller N reads low.")
-    parser.add_argument("--num_eval_joint", type=int, default=1000,
-                        help="Jointly generated (image, caption) pairs, scored for agreement (0: none).")
+    parser.add_argument(
+        "--num_eval_captions",
+        type=int,
+        default=10000,
+        help="The first N MNIST test images to caption; default all 10000 (continuous: 20 guided "
+        "DPM-Solver steps each, about 17 minutes alone). The first 5000 are harder than the last "
+        "5000 (docs/mmdit.md), so a smaller N reads low.",
+    )
+    parser.add_argument(
+        "--num_eval_joint",
+        type=int,
+        default=1000,
+        help="Jointly generated (image, caption) pairs, scored for agreement (0: none).",
+    )
     parser.add_argument("--skip_training", action="store_true", help="Reuse OUT/model; sample from its export.")
-    parser.add_argument("--guidance_scales", type=float_list, default=[],
-                        help="Sweep (with --skip_training): text-to-image guidance scales, 1000 samples each; "
-                             "writes docs/mmdit_guidance_<script>.json instead of the main report.")
-    parser.add_argument("--text_guidance_scales", type=float_list, default=[],
-                        help="Sweep (with --skip_training): image-to-text guidance scales, --num_eval_captions each.")
-    parser.add_argument("--score_only", action="store_true",
-                        help="Only score OUT/eval_samples.npz and OUT/captions.jsonl (or those in OUT/model).")
+    parser.add_argument(
+        "--guidance_scales",
+        type=float_list,
+        default=[],
+        help="Sweep (with --skip_training): text-to-image guidance scales, 1000 samples each; "
+        "writes docs/mmdit_guidance_<script>.json instead of the main report.",
+    )
+    parser.add_argument(
+        "--text_guidance_scales",
+        type=float_list,
+        default=[],
+        help="Sweep (with --skip_training): image-to-text guidance scales, --num_eval_captions each.",
+    )
+    parser.add_argument(
+        "--score_only",
+        action="store_true",
+        help="Only score OUT/eval_samples.npz and OUT/captions.jsonl (or those in OUT/model).",
+    )
     parser.add_argument("--judge_path", default=str(REPO_ROOT / "benchmarks" / ".cache" / "mnist_judge.safetensors"))
     parser.add_argument("--docs_dir", default=str(REPO_ROOT / "docs"))
     args = parser.parse_args(normalize_flags(own))
@@ -139,8 +175,12 @@ def joint_scores(path, scorer):
         images, captions = np.asarray(data["images"]), data["captions"].tolist()
     digits = np.array([-1 if d is None else d for d in map(caption_digit, captions)])
     scores = scorer.score(images, digits)
-    return {"joint_agreement": scores["prompt_accuracy"], "joint_fid_ratio": scores["fid_ratio"],
-            "num_eval_joint": len(images), "joint_digit_counts": np.bincount(digits + 1, minlength=11).tolist()}
+    return {
+        "joint_agreement": scores["prompt_accuracy"],
+        "joint_fid_ratio": scores["fid_ratio"],
+        "num_eval_joint": len(images),
+        "joint_digit_counts": np.bincount(digits + 1, minlength=11).tolist(),
+    }
 
 
 def run(command):
@@ -149,15 +189,35 @@ def run(command):
 
 
 def eval_flags(num_samples, num_captions, num_joint=0):
-    return ["--num_eval_samples", str(num_samples), "--num_eval_captions", str(num_captions),
-            "--num_eval_joint", str(num_joint), "--eval_batch_size", "500"]
+    return [
+        "--num_eval_samples",
+        str(num_samples),
+        "--num_eval_captions",
+        str(num_captions),
+        "--num_eval_joint",
+        str(num_joint),
+        "--eval_batch_size",
+        "500",
+    ]
 
 
 def sample_from_export(args, folder, flags):
     """Sample and caption from the export in OUT/model into folder (the trainer's --sample_only)."""
-    run([sys.executable, str(REPO_ROOT / SCRIPTS[args.script]), "--sample_only", str(args.output_dir / "model"),
-         "--data_root", args.data_root, "--output_dir", str(folder), *SAMPLING[args.script], *flags,
-         *args.trainer_args])
+    run(
+        [
+            sys.executable,
+            str(REPO_ROOT / SCRIPTS[args.script]),
+            "--sample_only",
+            str(args.output_dir / "model"),
+            "--data_root",
+            args.data_root,
+            "--output_dir",
+            str(folder),
+            *SAMPLING[args.script],
+            *flags,
+            *args.trainer_args,
+        ]
+    )
 
 
 def sweep(args, mq):
@@ -172,15 +232,22 @@ def sweep(args, mq):
         row = {flag: scale}
         if num_samples:
             scores = scorer.score(*mq.load_samples(folder / "eval_samples.npz")[:2])
-            row.update(t2i_accuracy=scores["prompt_accuracy"], fid_ratio=scores["fid_ratio"],
-                       num_eval_samples=scores["num_samples"])
+            row.update(
+                t2i_accuracy=scores["prompt_accuracy"],
+                fid_ratio=scores["fid_ratio"],
+                num_eval_samples=scores["num_samples"],
+            )
         else:
             row["i2t_accuracy"], row["num_eval_captions"] = caption_accuracy(folder / "captions.jsonl")
         print(json.dumps(row), flush=True)
         rows.append(row)
-    report = {"script": SCRIPTS[args.script], "model": str(model_dir), "sweep": rows,
-              "trainer_args": json.loads((model_dir / "run_config.json").read_text())["args"],
-              "date": time.strftime("%Y-%m-%d %H:%M")}
+    report = {
+        "script": SCRIPTS[args.script],
+        "model": str(model_dir),
+        "sweep": rows,
+        "trainer_args": json.loads((model_dir / "run_config.json").read_text())["args"],
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
     docs = Path(args.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
     (docs / f"mmdit_guidance_{args.script}.json").write_text(json.dumps(report, indent=2, default=str))
@@ -192,15 +259,31 @@ def main(args):
     script = SCRIPTS[args.script]
     model_dir = args.output_dir / "model"
     encoder = args.text_encoder_name_or_path or default_encoder()
-    encoder_flags = [] if encoder is None else (["--text_encoder", encoder] if args.script == "continuous"
-                                                else ["--tokenizer", encoder])
+    encoder_flags = (
+        []
+        if encoder is None
+        else (["--text_encoder", encoder] if args.script == "continuous" else ["--tokenizer", encoder])
+    )
     flags = eval_flags(args.num_eval_samples, args.num_eval_captions, args.num_eval_joint)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     if not args.skip_training and not args.score_only:
         # The training run writes the evaluation files from its final (EMA) export as it ends.
-        run([sys.executable, str(REPO_ROOT / script), "--data_root", args.data_root, "--output_dir", str(model_dir),
-             "--overwrite_output_dir", *encoder_flags, *RECIPES[args.script], *SAMPLING[args.script], *flags,
-             *args.trainer_args])
+        run(
+            [
+                sys.executable,
+                str(REPO_ROOT / script),
+                "--data_root",
+                args.data_root,
+                "--output_dir",
+                str(model_dir),
+                "--overwrite_output_dir",
+                *encoder_flags,
+                *RECIPES[args.script],
+                *SAMPLING[args.script],
+                *flags,
+                *args.trainer_args,
+            ]
+        )
         for name in ("eval_samples.npz", "captions.jsonl", "eval_joint.npz"):
             if (model_dir / name).is_file():
                 shutil.copy(model_dir / name, args.output_dir / name)
@@ -220,21 +303,36 @@ def main(args):
     summary = json.loads((model_dir / "train_summary.json").read_text())
     run_config = json.loads((model_dir / "run_config.json").read_text())
     train_minutes = summary["train_seconds"] / 60
-    report = {"script": script, "t2i_accuracy": scores["prompt_accuracy"], "fid_ratio": scores["fid_ratio"],
-              "num_eval_samples": scores["num_samples"], "i2t_accuracy": i2t, "num_eval_captions": num_captions,
-              "i2t_accuracy_first_2000": caption_accuracy(args.output_dir / "captions.jsonl", first=2000)[0],
-              "judge_accuracy": judge_accuracy, "train_minutes": train_minutes,
-              "train_steps": summary["global_step"], "sample_seconds": summary.get("sample_seconds"),
-              "caption_seconds": summary.get("caption_seconds"), "joint_seconds": summary.get("joint_seconds"), **joint,
-              "trainer_args": run_config["args"],
-              "date": time.strftime("%Y-%m-%d %H:%M")}
+    report = {
+        "script": script,
+        "t2i_accuracy": scores["prompt_accuracy"],
+        "fid_ratio": scores["fid_ratio"],
+        "num_eval_samples": scores["num_samples"],
+        "i2t_accuracy": i2t,
+        "num_eval_captions": num_captions,
+        "i2t_accuracy_first_2000": caption_accuracy(args.output_dir / "captions.jsonl", first=2000)[0],
+        "judge_accuracy": judge_accuracy,
+        "train_minutes": train_minutes,
+        "train_steps": summary["global_step"],
+        "sample_seconds": summary.get("sample_seconds"),
+        "caption_seconds": summary.get("caption_seconds"),
+        "joint_seconds": summary.get("joint_seconds"),
+        **joint,
+        "trainer_args": run_config["args"],
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
     docs = Path(args.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
     (docs / f"mmdit_quality_{args.script}.json").write_text(json.dumps(report, indent=2, default=str))
-    print(f"fid_ratio={scores['fid_ratio']:.3f} judge_accuracy={judge_accuracy:.4f} "
-          f"captions={num_captions} samples={scores['num_samples']}"
-          + (f" joint_agreement={joint['joint_agreement']:.4f} joint_fid_ratio={joint['joint_fid_ratio']:.3f}"
-             if joint else ""))
+    print(
+        f"fid_ratio={scores['fid_ratio']:.3f} judge_accuracy={judge_accuracy:.4f} "
+        f"captions={num_captions} samples={scores['num_samples']}"
+        + (
+            f" joint_agreement={joint['joint_agreement']:.4f} joint_fid_ratio={joint['joint_fid_ratio']:.3f}"
+            if joint
+            else ""
+        )
+    )
     print(f"t2i_accuracy={scores['prompt_accuracy']:.4f} i2t_accuracy={i2t:.4f} train_minutes={train_minutes:.1f}")
 
 

@@ -15,11 +15,47 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-WORDS = ["a", "handwritten", "digit", "photo", "of", "the", "number", "red", "blue", "square", "circle",
-         "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "zero", "one", "two", "three", "four", "five", "six",
-         "seven", "eight", "nine"]
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+    "WANDB_MODE": "disabled",
+}
+WORDS = [
+    "a",
+    "handwritten",
+    "digit",
+    "photo",
+    "of",
+    "the",
+    "number",
+    "red",
+    "blue",
+    "square",
+    "circle",
+    "0",
+    "1",
+    "2",
+    "3",
+    "4",
+    "5",
+    "6",
+    "7",
+    "8",
+    "9",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+]
 
 
 def run_script(script, *args, launcher="python", expect_rc=0, timeout=600, env=None):
@@ -33,8 +69,21 @@ def run_script(script, *args, launcher="python", expect_rc=0, timeout=600, env=N
     if launcher == "python":
         cmd = [sys.executable, str(REPO / script)]
     elif launcher == "accelerate":
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-               "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / script)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--multi_gpu",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(REPO / script),
+        ]
     else:
         raise ValueError(launcher)
     cmd += [str(a) for a in args]
@@ -89,10 +138,17 @@ def tiny_clip(tmp_path_factory):
     (path / "vocab.json").write_text(json.dumps(vocab))
     (path / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=77,
-                            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                            pad_token_id=vocab["<|endoftext|>"])
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
     CLIPTextModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -107,8 +163,14 @@ def tiny_bert(tmp_path_factory):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [chr(c) for c in range(97, 123)]
     (path / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
     tokenizer = BertTokenizer(str(path / "vocab.txt"))
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -123,10 +185,17 @@ def tiny_vae(tmp_path_factory):
     from diffusers import AutoencoderKL
 
     path = tmp_path_factory.mktemp("tiny-vae")
-    AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
-                  norm_num_groups=8, sample_size=32,
-                  down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                  up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D")).save_pretrained(path)
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    ).save_pretrained(path)
     return path
 
 
@@ -139,7 +208,7 @@ def fake_digits(n, seed):
     labels = np.arange(n) % 10
     images = rng.integers(0, 30, size=(n, 28, 28), dtype=np.uint8)
     for i, label in enumerate(labels):
-        images[i, 4:24, 2 + 2 * label:5 + 2 * label] = 255
+        images[i, 4:24, 2 + 2 * label : 5 + 2 * label] = 255
     return images, labels.astype(np.uint8)
 
 
@@ -201,12 +270,14 @@ def check_damaged_checkpoint_and_claims(script, module, args, out, capsys, read_
     weights = out / "checkpoint-3" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
     before = sorted(p.name for p in out.iterdir())
-    proc = run_script(script, *args, "--max_train_steps", "4", "--resume_from_checkpoint", out / "checkpoint-3",
-                      expect_rc=2)
+    proc = run_script(
+        script, *args, "--max_train_steps", "4", "--resume_from_checkpoint", out / "checkpoint-3", expect_rc=2
+    )
     one_error(proc.stderr, "--resume_from_checkpoint", "damaged")
     with pytest.raises(SystemExit) as stopped:  # checked before any data or model is loaded
-        module.check_args(module.parse_args(["--sample_from", str(out / "checkpoint-3"), "--output_dir",
-                                             str(out.parent / "samples")]))
+        module.check_args(
+            module.parse_args(["--sample_from", str(out / "checkpoint-3"), "--output_dir", str(out.parent / "samples")])
+        )
     assert stopped.value.code == 2
     one_error(capsys.readouterr().err, "--sample_from", "damaged")
 
@@ -215,8 +286,9 @@ def check_damaged_checkpoint_and_claims(script, module, args, out, capsys, read_
 
     for argv, words in (((), ("--overwrite_output_dir",)), (("--resume_from_checkpoint", "latest"), ("PID",))):
         if words == ("PID",):  # a live process on this host holds the lock: this test's parent
-            (out / "run.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
-                                                      "heartbeat": time.time()}))
+            (out / "run.lock").write_text(
+                json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "heartbeat": time.time()})
+            )
         with pytest.raises(SystemExit) as stopped:
             claim(*argv)
         assert stopped.value.code == 2
@@ -230,8 +302,9 @@ def check_damaged_checkpoint_and_claims(script, module, args, out, capsys, read_
     assert [r["step"] for r in read_metrics(out)][-2:] == [3, 4]
 
     # A stale lock (its process is gone) is taken over; --overwrite_output_dir deletes the old run's steps.
-    (out / "run.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname(),
-                                              "heartbeat": time.time()}))
+    (out / "run.lock").write_text(
+        json.dumps({"pid": 2**22 + 7, "host": socket.gethostname(), "heartbeat": time.time()})
+    )
     lock = claim("--overwrite_output_dir")
     assert "taking over the stale lock" in capsys.readouterr().out
     assert not list(out.glob("checkpoint-*")) and not (out / "metrics.jsonl").exists()

@@ -37,8 +37,9 @@ ON_CUDA = DEVICE == "cuda"
 NO_GPU_REASON = "needs a CUDA GPU (torch.cuda.is_available() is False); run .ci/gpu_lane on one"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(ON_CUDA and not torch.cuda.is_available(), reason=NO_GPU_REASON)]
 # fp16 (GradScaler), torch.compile and xformers are checked on CUDA only, also under GPU_TESTS_DEVICE=cpu.
-requires_cuda = pytest.mark.skipif(not ON_CUDA or not torch.cuda.is_available(),
-                                   reason=NO_GPU_REASON if ON_CUDA else "CUDA only: GPU_TESTS_DEVICE=cpu")
+requires_cuda = pytest.mark.skipif(
+    not ON_CUDA or not torch.cuda.is_available(), reason=NO_GPU_REASON if ON_CUDA else "CUDA only: GPU_TESTS_DEVICE=cpu"
+)
 
 BF16 = ["--mixed_precision", "bf16", "--device", DEVICE]
 MNIST, DIT, LDM = "train_mnist.py", "train_dit.py", "train_ldm_sd.py"
@@ -46,19 +47,83 @@ DISCRETE, CONTINUOUS = "train_image_discrete.py", "train_image_continuous.py"
 TRAINERS = [MNIST, DIT, LDM, DISCRETE, CONTINUOUS]
 
 # The FAST flag lists of tests/test_train_*.py (tiny models, 2 sampler steps, a metrics row per step).
-MNIST_FAST = ["--train_batch_size", "8", "--num_inference_steps", "2", "--validation_guidance_scales", "1,2",
-              "--block_out_channels", "16,32", "--cross_attention_levels", "1", "--attention_head_dim", "8",
-              "--logging_steps", "1"]
-DIT_FAST = ["--model", "DiT-S/2", "--depth", "2", "--hidden_size", "32", "--num_heads", "2",
-            "--train_batch_size", "4", "--logging_steps", "1", "--num_inference_steps", "2",
-            "--validation_guidance_scales", "1,3", "--seed", "0"]
-LDM_FAST = ["--resolution", "32", "--train_batch_size", "4", "--gradient_accumulation_steps", "1",
-            "--learning_rate", "1e-3", "--num_inference_steps", "2", "--validation_guidance_scales", "1,3",
-            "--num_validation_images", "1", "--validation_prompts", "a red square", "a blue circle",
-            "--logging_steps", "1", "--dataloader_num_workers", "0"]
-MMDIT_FAST = ["--dim-image", "32", "--depth", "1", "--num-heads", "2", "--num-inference-steps", "2",
-              "--validation-guidance-scales", "1,2", "--logging-steps", "1", "--max-text-length", "8",
-              "--num-validation-images", "3"]
+MNIST_FAST = [
+    "--train_batch_size",
+    "8",
+    "--num_inference_steps",
+    "2",
+    "--validation_guidance_scales",
+    "1,2",
+    "--block_out_channels",
+    "16,32",
+    "--cross_attention_levels",
+    "1",
+    "--attention_head_dim",
+    "8",
+    "--logging_steps",
+    "1",
+]
+DIT_FAST = [
+    "--model",
+    "DiT-S/2",
+    "--depth",
+    "2",
+    "--hidden_size",
+    "32",
+    "--num_heads",
+    "2",
+    "--train_batch_size",
+    "4",
+    "--logging_steps",
+    "1",
+    "--num_inference_steps",
+    "2",
+    "--validation_guidance_scales",
+    "1,3",
+    "--seed",
+    "0",
+]
+LDM_FAST = [
+    "--resolution",
+    "32",
+    "--train_batch_size",
+    "4",
+    "--gradient_accumulation_steps",
+    "1",
+    "--learning_rate",
+    "1e-3",
+    "--num_inference_steps",
+    "2",
+    "--validation_guidance_scales",
+    "1,3",
+    "--num_validation_images",
+    "1",
+    "--validation_prompts",
+    "a red square",
+    "a blue circle",
+    "--logging_steps",
+    "1",
+    "--dataloader_num_workers",
+    "0",
+]
+MMDIT_FAST = [
+    "--dim-image",
+    "32",
+    "--depth",
+    "1",
+    "--num-heads",
+    "2",
+    "--num-inference-steps",
+    "2",
+    "--validation-guidance-scales",
+    "1,2",
+    "--logging-steps",
+    "1",
+    "--max-text-length",
+    "8",
+    "--num-validation-images",
+    "3",
+]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,7 +138,7 @@ def class_folder(tmp_path_factory):
         (root / name).mkdir()
         for i in range(3):
             pixels = rng.integers(0, 60, size=(32, 32, 3), dtype=np.uint8)
-            pixels[:, 10 * c:10 * c + 10] = 200
+            pixels[:, 10 * c : 10 * c + 10] = 200
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
 
@@ -88,16 +153,31 @@ def tiny_sd(tmp_path_factory, tiny_clip, tiny_vae):
     tokenizer = CLIPTokenizer.from_pretrained(tiny_clip)
     tokenizer.model_max_length = 16
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                layers_per_block=1, norm_num_groups=8, attention_head_dim=8, cross_attention_dim=32,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              steps_offset=1)
-    StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(tiny_vae),
-                            text_encoder=CLIPTextModel.from_pretrained(tiny_clip), tokenizer=tokenizer, unet=unet,
-                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(path)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+    )
+    StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(tiny_vae),
+        text_encoder=CLIPTextModel.from_pretrained(tiny_clip),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(path)
     return path
 
 
@@ -112,17 +192,34 @@ def train_args(request, tiny_mnist, tiny_clip, tiny_bert, tiny_imagefolder, clas
             data = ["--dataset_path", tiny_mnist, "--text_encoder_name_or_path", tiny_clip, *MNIST_FAST]
         elif script == DIT:  # latents of a tiny VAE, 3 classes: exports a DiTPipeline
             tiny_vae = request.getfixturevalue("tiny_vae")
-            data = ["--train_data_dir", class_folder, "--vae_name_or_path", tiny_vae, "--resolution", "32",
-                    *DIT_FAST]
+            data = ["--train_data_dir", class_folder, "--vae_name_or_path", tiny_vae, "--resolution", "32", *DIT_FAST]
         elif script == LDM:
             tiny_sd = request.getfixturevalue("tiny_sd")
             data = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", tiny_imagefolder, *LDM_FAST]
         elif script == DISCRETE:
-            data = ["--data_root", tiny_mnist, "--tokenizer", tiny_bert, "--dim_text", "32",
-                    "--train_batch_size", "8", *MMDIT_FAST]
+            data = [
+                "--data_root",
+                tiny_mnist,
+                "--tokenizer",
+                tiny_bert,
+                "--dim_text",
+                "32",
+                "--train_batch_size",
+                "8",
+                *MMDIT_FAST,
+            ]
         else:
-            data = ["--data_root", tiny_mnist, "--text_encoder", tiny_bert, "--dim_text", "32",
-                    "--train_batch_size", "8", *MMDIT_FAST]
+            data = [
+                "--data_root",
+                tiny_mnist,
+                "--text_encoder",
+                tiny_bert,
+                "--dim_text",
+                "32",
+                "--train_batch_size",
+                "8",
+                *MMDIT_FAST,
+            ]
         return [*data, *BF16, "--output_dir", output_dir]
 
     return make
@@ -135,8 +232,20 @@ def sample_args(script, export, output_dir, tiny_mnist):
     elif script == DIT:
         extra = ["--num_eval_samples", "6", "--num_inference_steps", "2", "--validation_guidance_scales", "1,3"]
     elif script in (DISCRETE, CONTINUOUS):
-        extra = ["--data_root", tiny_mnist, "--num_eval_samples", "10", "--num_eval_captions", "5",
-                 "--num_eval_joint", "3", "--num_inference_steps", "2", "--validation_guidance_scales", "1"]
+        extra = [
+            "--data_root",
+            tiny_mnist,
+            "--num_eval_samples",
+            "10",
+            "--num_eval_captions",
+            "5",
+            "--num_eval_joint",
+            "3",
+            "--num_inference_steps",
+            "2",
+            "--validation_guidance_scales",
+            "1",
+        ]
     else:
         raise ValueError(f"{script} has no --sample_from")
     return ["--sample_from", export, "--output_dir", output_dir, *BF16, *extra]
@@ -189,8 +298,13 @@ def assert_finite(weights, where):
 
 
 # Where a checkpoint keeps the EMA model (diffusers save_pretrained layout).
-EMA_FOLDER = {MNIST: "unet_ema", DIT: "transformer_ema", LDM: "unet_ema", DISCRETE: "mmdit_ema",
-              CONTINUOUS: "mmdit_ema"}
+EMA_FOLDER = {
+    MNIST: "unet_ema",
+    DIT: "transformer_ema",
+    LDM: "unet_ema",
+    DISCRETE: "mmdit_ema",
+    CONTINUOUS: "mmdit_ema",
+}
 
 
 def ema_weights(checkpoint, script):
@@ -220,15 +334,23 @@ def check_export_loads(script, out):
 
         labels = json.loads((out / "export_config.json").read_text())["label_names"]
         pipe = DiTPipeline.from_pretrained(out, id2label=dict(enumerate(labels))).to(DEVICE)
-        images = pipe(class_labels=[0, 2], guidance_scale=4.0, num_inference_steps=2, generator=generator,
-                      output_type="np").images
+        images = pipe(
+            class_labels=[0, 2], guidance_scale=4.0, num_inference_steps=2, generator=generator, output_type="np"
+        ).images
         assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
     elif script == LDM:
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None).to(DEVICE)
-        image = pipe("a red square", num_inference_steps=2, height=32, width=32, guidance_scale=3.0,
-                     generator=generator, output_type="np").images[0]
+        image = pipe(
+            "a red square",
+            num_inference_steps=2,
+            height=32,
+            width=32,
+            guidance_scale=3.0,
+            generator=generator,
+            output_type="np",
+        ).images[0]
         assert image.shape == (32, 32, 3) and np.isfinite(image).all()
     else:  # mmdit/ (a diffusers ModelMixin defined in the script) + export_config.json: --sample_from (below)
         config = json.loads((out / "mmdit" / "config.json").read_text())
@@ -262,8 +384,17 @@ def test_bf16_sigterm_resume_with_ema_then_sample(script, train_args, tiny_mnist
     # the resume fails on mixed devices unless they were moved to the GPU. --gradient_checkpointing changes
     # what is recomputed, not the weights, so the resumed half also covers it.
     final = step + 20
-    resumed = [*train_args(script, out), "--max_train_steps", final, "--checkpointing_steps", "1000", *validation,
-               "--resume_from_checkpoint", "latest", "--gradient_checkpointing"]
+    resumed = [
+        *train_args(script, out),
+        "--max_train_steps",
+        final,
+        "--checkpointing_steps",
+        "1000",
+        *validation,
+        "--resume_from_checkpoint",
+        "latest",
+        "--gradient_checkpointing",
+    ]
     proc = run_script(script, *resumed, timeout=300)
     assert "resumed from" in proc.stdout and f"step {step}" in proc.stdout
     steps = [r["step"] for r in read_metrics(out)]
@@ -310,12 +441,27 @@ def test_fp16_persistent_overflow_stops_with_exit_1(tiny_mnist, tiny_clip, tmp_p
     """The GradScaler skips an overflowing step and halves its scale; a loss that is never finite must still end
     the run after --max_nonfinite_steps steps in a row, exit code 1, instead of training on without updates."""
     out = tmp_path / "run"
-    args = ["--dataset_path", tiny_mnist, "--text_encoder_name_or_path", tiny_clip, *MNIST_FAST,
-            "--mixed_precision", "fp16", "--device", "cuda", "--max_nonfinite_steps", "3", "--max_train_steps", "12",
-            "--validation_steps", "1000", "--output_dir", out]
+    args = [
+        "--dataset_path",
+        tiny_mnist,
+        "--text_encoder_name_or_path",
+        tiny_clip,
+        *MNIST_FAST,
+        "--mixed_precision",
+        "fp16",
+        "--device",
+        "cuda",
+        "--max_nonfinite_steps",
+        "3",
+        "--max_train_steps",
+        "12",
+        "--validation_steps",
+        "1000",
+        "--output_dir",
+        out,
+    ]
     cmd = [sys.executable, "-c", OVERFLOW.format(repo=str(REPO)), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1, f"exit code {proc.returncode}, expected 1\n{output[-4000:]}"
     assert "non-finite" in output, output[-4000:]
@@ -331,10 +477,31 @@ def test_fp16_persistent_overflow_stops_with_exit_1(tiny_mnist, tiny_clip, tmp_p
 @requires_cuda
 def test_dit_torch_compile(tiny_mnist, tmp_path):
     out = tmp_path / "run"
-    run_script(DIT, "--dataset_name", "mnist", "--vae_name_or_path", "none", "--resolution", "32",
-               "--data_root", tiny_mnist, *DIT_FAST, "--model", "DiT-S/4", "--torch_compile", *BF16,
-               "--max_train_steps", "6", "--validation_steps", "1000", "--validation_guidance_scales", "1",
-               "--output_dir", out, timeout=400)
+    run_script(
+        DIT,
+        "--dataset_name",
+        "mnist",
+        "--vae_name_or_path",
+        "none",
+        "--resolution",
+        "32",
+        "--data_root",
+        tiny_mnist,
+        *DIT_FAST,
+        "--model",
+        "DiT-S/4",
+        "--torch_compile",
+        *BF16,
+        "--max_train_steps",
+        "6",
+        "--validation_steps",
+        "1000",
+        "--validation_guidance_scales",
+        "1",
+        "--output_dir",
+        out,
+        timeout=400,
+    )
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 7)) and all(math.isfinite(r["loss"]) for r in rows)
     # The compiled model saves under the plain model's names: the export loads without torch.compile.
@@ -351,7 +518,19 @@ def test_xformers_attention(tiny_mnist, tiny_clip, tmp_path):
     except ImportError:
         pytest.skip("xformers is not installed (pip install the xformers built for this torch)")
     out = tmp_path / "run"
-    run_script(MNIST, "--dataset_path", tiny_mnist, "--text_encoder_name_or_path", tiny_clip, *MNIST_FAST, *BF16,
-               "--enable_xformers_memory_efficient_attention", "--max_train_steps", "3", "--output_dir", out)
+    run_script(
+        MNIST,
+        "--dataset_path",
+        tiny_mnist,
+        "--text_encoder_name_or_path",
+        tiny_clip,
+        *MNIST_FAST,
+        *BF16,
+        "--enable_xformers_memory_efficient_attention",
+        "--max_train_steps",
+        "3",
+        "--output_dir",
+        out,
+    )
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)

@@ -34,11 +34,28 @@ def script():
 
 def test_two_processes_write_the_format_then_train_from_it(tiny_sd, tiny_imagefolder, tmp_path):  # noqa: F811
     shards = tmp_path / "shards"
-    common = ["--pretrained_model_name_or_path", tiny_sd, "--resolution", "32", "--random_flip", "--shard_size", "5",
-              "--batch_size", "3"]
+    common = [
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--resolution",
+        "32",
+        "--random_flip",
+        "--shard_size",
+        "5",
+        "--batch_size",
+        "3",
+    ]
     # Two processes streaming the folder: each rank takes its own shards' examples out of the stream.
-    proc = run_script(SCRIPT, *common, "--dataset_name", tiny_imagefolder, "--streaming", "--output_dir", shards,
-                      launcher="accelerate")
+    proc = run_script(
+        SCRIPT,
+        *common,
+        "--dataset_name",
+        tiny_imagefolder,
+        "--streaming",
+        "--output_dir",
+        shards,
+        launcher="accelerate",
+    )
     assert "with 2 process(es)" in proc.stdout and "rank 1: encoded 5 images" in proc.stdout
     index, tensors = shard_tensors(shards)
     assert index["format"] == "precomputed-diffusion-shards" and index["version"] == 1
@@ -48,6 +65,7 @@ def test_two_processes_write_the_format_then_train_from_it(tiny_sd, tiny_imagefo
     # The VAE is recorded as from_pretrained loads it: the SD folder plus its subfolder.
     assert index["vae"]["name_or_path"] == str(tiny_sd) and index["vae"]["subfolder"] == "vae"
     from diffusers import AutoencoderKL
+
     AutoencoderKL.from_pretrained(index["vae"]["name_or_path"], subfolder=index["vae"]["subfolder"])
     settings = json.loads((shards / "settings.json").read_text())
     assert index["settings"] == settings and settings["resolution"] == 32 and settings["shard_size"] == 5
@@ -59,8 +77,9 @@ def test_two_processes_write_the_format_then_train_from_it(tiny_sd, tiny_imagefo
     assert index["tensors"]["text_encoder.hidden_states"] == {"shape": [16, 32], "dtype": "float16"}
     assert index["tensors"]["text_encoder.pooled"]["shape"] == [32]
     assert torch.cat([t["index"] for t in tensors]).tolist() == list(range(12))
-    assert all((t["latent_std"] > 0).all() and not torch.equal(t["latent_mean"], t["latent_mean_flipped"])
-               for t in tensors)
+    assert all(
+        (t["latent_std"] > 0).all() and not torch.equal(t["latent_mean"], t["latent_mean_flipped"]) for t in tensors
+    )
     with safe_open(str(shards / "shard-00000.safetensors"), framework="pt") as f:
         captions = json.loads(f.metadata()["captions"])
     assert captions[1] == "a red square" and len(captions) == 5  # metadata.jsonl order
@@ -75,23 +94,54 @@ def test_two_processes_write_the_format_then_train_from_it(tiny_sd, tiny_imagefo
 
     # Train from the shards: neither the VAE nor the text encoder runs per step.
     out = tmp_path / "run"
-    proc = run_script("train_ldm_sd.py", "--pretrained_model_name_or_path", tiny_sd, "--precomputed_data_dir",
-                      shards, "--output_dir", out, *FAST, "--unet_from_scratch", "--unet_config", "tiny",
-                      "--random_flip", "--max_train_steps", "2", "--cond_dropout_prob", "0.3")
+    proc = run_script(
+        "train_ldm_sd.py",
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--precomputed_data_dir",
+        shards,
+        "--output_dir",
+        out,
+        *FAST,
+        "--unet_from_scratch",
+        "--unet_config",
+        "tiny",
+        "--random_flip",
+        "--max_train_steps",
+        "2",
+        "--cond_dropout_prob",
+        "0.3",
+    )
     assert "data: precomputed" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
     assert (out / "model_index.json").is_file() and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_rerun_same_settings_resumes_other_settings_refused_bad_images_counted(tiny_sd,  # noqa: F811
-                                                                                 tiny_imagefolder, script, tmp_path):
+def test_rerun_same_settings_resumes_other_settings_refused_bad_images_counted(
+    tiny_sd,  # noqa: F811
+    tiny_imagefolder,
+    script,
+    tmp_path,
+):
     images = tmp_path / "images"
     shutil.copytree(tiny_imagefolder, images)
     (images / "005.png").write_bytes(b"not a png")  # unreadable: skipped and counted
     shards = tmp_path / "shards"
-    args = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", images, "--resolution", "32",
-            "--shard_size", "4", "--output_dir", shards, "--latent_dtype", "float32"]
+    args = [
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--train_data_dir",
+        images,
+        "--resolution",
+        "32",
+        "--shard_size",
+        "4",
+        "--output_dir",
+        shards,
+        "--latent_dtype",
+        "float32",
+    ]
     proc = run_script(SCRIPT, *args)
     assert "1 unreadable images were skipped" in proc.stderr
     index, tensors = shard_tensors(shards)
@@ -112,8 +162,12 @@ def test_rerun_same_settings_resumes_other_settings_refused_bad_images_counted(t
 
     # Other settings into the same folder: refused before any model loads (the model folder named does not exist),
     # naming every differing setting; the shards and index.json are left as they were.
-    other = [a if a != tiny_sd else tmp_path / "no-model" for a in args] + ["--seed", "1",
-                                                                            "--image_interpolation_mode", "bicubic"]
+    other = [a if a != tiny_sd else tmp_path / "no-model" for a in args] + [
+        "--seed",
+        "1",
+        "--image_interpolation_mode",
+        "bicubic",
+    ]
     other[other.index("--shard_size") + 1] = "3"
     proc = run_script(SCRIPT, *other, expect_rc=2)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -144,10 +198,21 @@ def test_rerun_same_settings_resumes_other_settings_refused_bad_images_counted(t
         assert torch.equal(script.image_transform(script.parse_args(argv))(image, 0), expected)
 
 
-def test_mnist_and_captions_json_sources_with_two_text_encoders(tiny_vae, tiny_clip, tiny_bert, tiny_mnist,
-                                                                tiny_imagefolder, tmp_path):
-    encoders = ["--vae_name_or_path", tiny_vae, "--text_encoder_name_or_path", tiny_clip,
-                "--text_encoder_name_or_path", tiny_bert, "--tokenizer_max_length", "8", "--resolution", "32"]
+def test_mnist_and_captions_json_sources_with_two_text_encoders(
+    tiny_vae, tiny_clip, tiny_bert, tiny_mnist, tiny_imagefolder, tmp_path
+):
+    encoders = [
+        "--vae_name_or_path",
+        tiny_vae,
+        "--text_encoder_name_or_path",
+        tiny_clip,
+        "--text_encoder_name_or_path",
+        tiny_bert,
+        "--tokenizer_max_length",
+        "8",
+        "--resolution",
+        "32",
+    ]
     mnist = tmp_path / "mnist"
     run_script(SCRIPT, "--mnist_root", tiny_mnist, "--max_samples", "12", "--output_dir", mnist, *encoders)
     index, tensors = shard_tensors(mnist)
@@ -171,8 +236,19 @@ def test_mnist_and_captions_json_sources_with_two_text_encoders(tiny_vae, tiny_c
 
 def test_streaming_ranks_take_only_their_shards_examples(script, tiny_imagefolder, tmp_path, monkeypatch):
     """Each rank reads the stream but converts only the examples of its own shards (shard s: rank s % world)."""
-    args = script.parse_args(["--dataset_name", str(tiny_imagefolder), "--streaming", "--shard_size", "5",
-                              "--vae_name_or_path", "none", "--output_dir", str(tmp_path)])
+    args = script.parse_args(
+        [
+            "--dataset_name",
+            str(tiny_imagefolder),
+            "--streaming",
+            "--shard_size",
+            "5",
+            "--vae_name_or_path",
+            "none",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     converted = []
     pick_caption = script.pick_caption
 
@@ -195,8 +271,21 @@ def test_streaming_rerun_after_the_source_shrank_indexes_only_this_runs_shards(t
     images = tmp_path / "images"
     shutil.copytree(tiny_imagefolder, images)
     shards = tmp_path / "shards"
-    args = ["--dataset_name", images, "--streaming", "--vae_name_or_path", tiny_vae, "--text_encoder_name_or_path",
-            "none", "--resolution", "32", "--shard_size", "4", "--output_dir", shards]
+    args = [
+        "--dataset_name",
+        images,
+        "--streaming",
+        "--vae_name_or_path",
+        tiny_vae,
+        "--text_encoder_name_or_path",
+        "none",
+        "--resolution",
+        "32",
+        "--shard_size",
+        "4",
+        "--output_dir",
+        shards,
+    ]
     run_script(SCRIPT, *args)
     index, tensors = shard_tensors(shards)
     assert [s["num_examples"] for s in index["shards"]] == [4, 4, 4] and index["settings"]["shard_size"] == 4
@@ -213,7 +302,9 @@ def test_streaming_rerun_after_the_source_shrank_indexes_only_this_runs_shards(t
     assert "encoded 2 images" in proc.stdout and "removed 1 shard files" in proc.stdout
     index, tensors = shard_tensors(shards)
     assert index["num_examples"] == 6 and [s["file"] for s in index["shards"]] == [
-        "shard-00000.safetensors", "shard-00001.safetensors"]
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
     assert not (shards / "shard-00002.safetensors").exists()
     assert (shards / "shard-00000.safetensors").stat().st_mtime == 1
     assert all(torch.equal(before[k], tensors[0][k]) for k in before)
@@ -231,8 +322,16 @@ def test_ddp_timeout_reaches_the_process_group(script, tiny_vae, tiny_imagefolde
         raise Stop
 
     monkeypatch.setattr(script, "Accelerator", accelerator)
-    common = ["--train_data_dir", str(tiny_imagefolder), "--vae_name_or_path", str(tiny_vae), "--resolution", "32",
-              "--output_dir", str(tmp_path / "out")]
+    common = [
+        "--train_data_dir",
+        str(tiny_imagefolder),
+        "--vae_name_or_path",
+        str(tiny_vae),
+        "--resolution",
+        "32",
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     for flags, seconds in (([], 1800), (["--ddp_timeout", "7200"], 7200)):
         with pytest.raises(Stop):
             script.main(script.parse_args(common + flags))
@@ -245,8 +344,18 @@ def test_ddp_timeout_reaches_the_process_group(script, tiny_vae, tiny_imagefolde
 
 @pytest.mark.parametrize("case", ["resolution", "caption_column"])
 def test_bad_input_is_one_line_exit_2(case, tiny_vae, tiny_clip, tiny_imagefolder, tmp_path):
-    args = ["--vae_name_or_path", tiny_vae, "--text_encoder_name_or_path", tiny_clip, "--resolution", "32",
-            "--output_dir", tmp_path / "out", "--train_data_dir", tiny_imagefolder]
+    args = [
+        "--vae_name_or_path",
+        tiny_vae,
+        "--text_encoder_name_or_path",
+        tiny_clip,
+        "--resolution",
+        "32",
+        "--output_dir",
+        tmp_path / "out",
+        "--train_data_dir",
+        tiny_imagefolder,
+    ]
     flag = {"resolution": "--resolution", "caption_column": "--caption_column"}[case]
     if case == "resolution":
         args[args.index("--resolution") + 1] = "30"

@@ -18,8 +18,19 @@ from safetensors.torch import load_file
 
 SCRIPT = "train_dit.py"
 TINY = ["--model", "DiT-S/4", "--depth", "2", "--hidden_size", "32", "--num_heads", "2"]
-FAST = [*TINY, "--train_batch_size", "4", "--logging_steps", "1", "--num_inference_steps", "2",
-        "--validation_guidance_scales", "1,3", "--seed", "0"]
+FAST = [
+    *TINY,
+    "--train_batch_size",
+    "4",
+    "--logging_steps",
+    "1",
+    "--num_inference_steps",
+    "2",
+    "--validation_guidance_scales",
+    "1,3",
+    "--seed",
+    "0",
+]
 PIXEL_MNIST = ["--dataset_name", "mnist", "--vae_name_or_path", "none", "--resolution", "32"]
 
 
@@ -43,7 +54,7 @@ def class_folder(tmp_path_factory):
         (root / name).mkdir()
         for i in range(3):
             pixels = rng.integers(0, 60, size=(32, 32, 3), dtype=np.uint8)
-            pixels[:, 10 * c:10 * c + 10] = 200
+            pixels[:, 10 * c : 10 * c + 10] = 200
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
 
@@ -55,7 +66,7 @@ def broken_folder(tmp_path_factory):
     for c, name in enumerate(["cat", "dog"]):
         (root / name).mkdir()
         pixels = np.full((32, 32, 3), 40, dtype=np.uint8)
-        pixels[:, 16 * c:16 * c + 16] = 200
+        pixels[:, 16 * c : 16 * c + 16] = 200
         Image.fromarray(pixels).save(root / name / "good.png")
         (root / name / "torn.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     return root
@@ -63,14 +74,33 @@ def broken_folder(tmp_path_factory):
 
 def test_pixel_mnist_max_samples_pipeline_then_sample_from(tiny_mnist, tmp_path):
     out = tmp_path / "run"
-    run_script(SCRIPT, *PIXEL_MNIST, "--data-root", tiny_mnist, *FAST, "--max-samples", "10",
-               "--max_train_steps", "2", "--num_eval_samples", "20", "--output-dir", out)
+    run_script(
+        SCRIPT,
+        *PIXEL_MNIST,
+        "--data-root",
+        tiny_mnist,
+        *FAST,
+        "--max-samples",
+        "10",
+        "--max_train_steps",
+        "2",
+        "--num_eval_samples",
+        "20",
+        "--output-dir",
+        out,
+    )
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
     assert {"loss_t0", "loss_t3"} & rows[0].keys() and rows[-1]["nonfinite_steps"] == 0
-    for name in ["run_config.json", "loss.png", "samples/step-2.png", "checkpoint-2/model.safetensors",
-                 "checkpoint-2/transformer_ema/diffusion_pytorch_model.safetensors", "transformer/config.json",
-                 "scheduler/scheduler_config.json"]:
+    for name in [
+        "run_config.json",
+        "loss.png",
+        "samples/step-2.png",
+        "checkpoint-2/model.safetensors",
+        "checkpoint-2/transformer_ema/diffusion_pytorch_model.safetensors",
+        "transformer/config.json",
+        "scheduler/scheduler_config.json",
+    ]:
         assert (out / name).is_file(), name
     config = json.loads((out / "transformer" / "config.json").read_text())
     assert config["_class_name"] == "DiTTransformer2DModel" and config["in_channels"] == 1
@@ -81,8 +111,19 @@ def test_pixel_mnist_max_samples_pipeline_then_sample_from(tiny_mnist, tmp_path)
 
     # The export samples again without training, with the same weights: same images for the same seed.
     gen = tmp_path / "gen"
-    run_script(SCRIPT, "--sample_from", out, "--num_eval_samples", "20", "--num_inference_steps", "2",
-               "--validation_guidance_scales", "1,3", "--output_dir", gen)
+    run_script(
+        SCRIPT,
+        "--sample_from",
+        out,
+        "--num_eval_samples",
+        "20",
+        "--num_inference_steps",
+        "2",
+        "--validation_guidance_scales",
+        "1,3",
+        "--output_dir",
+        gen,
+    )
     assert (gen / "samples" / "export.png").is_file()
     with np.load(out / "eval_samples.npz") as a, np.load(gen / "eval_samples.npz") as b:
         assert np.array_equal(a["images"], b["images"])
@@ -92,9 +133,29 @@ def test_latent_class_folder_exports_a_dit_pipeline_with_guidance(tiny_vae, clas
     from diffusers import DiTPipeline, DiTTransformer2DModel
 
     out = tmp_path / "run"
-    run_script(SCRIPT, "--train_data_dir", class_folder, "--vae_name_or_path", tiny_vae, "--resolution", "32",
-               *FAST, "--model", "DiT-S/2", "--random_flip", "--max_train_steps", "2", "--num_eval_samples", "6",
-               "--report_to", "tensorboard", "--tracker_project_name", "tiny", "--output_dir", out)
+    run_script(
+        SCRIPT,
+        "--train_data_dir",
+        class_folder,
+        "--vae_name_or_path",
+        tiny_vae,
+        "--resolution",
+        "32",
+        *FAST,
+        "--model",
+        "DiT-S/2",
+        "--random_flip",
+        "--max_train_steps",
+        "2",
+        "--num_eval_samples",
+        "6",
+        "--report_to",
+        "tensorboard",
+        "--tracker_project_name",
+        "tiny",
+        "--output_dir",
+        out,
+    )
     export = json.loads((out / "export_config.json").read_text())
     assert export["num_classes"] == 3 and export["label_names"] == ["cat", "dog", "fox"]
     assert export["input_shape"] == [4, 16, 16]
@@ -112,11 +173,20 @@ def test_latent_class_folder_exports_a_dit_pipeline_with_guidance(tiny_vae, clas
     checkpoint = out / "checkpoint-2"
     assert td.manifest_problem(out) is None and td.manifest_problem(checkpoint) is None
     parts = {name.split("/")[0] for name in json.loads((out / "manifest.json").read_text())["files"]}
-    assert parts == {"model_index.json", "transformer", "vae", "scheduler", "export_config.json", "README.md",
-                     "samples.png"}
+    assert parts == {
+        "model_index.json",
+        "transformer",
+        "vae",
+        "scheduler",
+        "export_config.json",
+        "README.md",
+        "samples.png",
+    }
     assert not (checkpoint / "vae").exists() and (checkpoint / "scheduler" / "scheduler_config.json").is_file()
-    assert json.loads((checkpoint / "export_config.json").read_text())["vae"] == {"name_or_path": str(tiny_vae),
-                                                                                 "subfolder": None}
+    assert json.loads((checkpoint / "export_config.json").read_text())["vae"] == {
+        "name_or_path": str(tiny_vae),
+        "subfolder": None,
+    }
     ema = DiTTransformer2DModel.from_pretrained(checkpoint, subfolder="transformer_ema").state_dict()
     exported = pipe.transformer.state_dict()
     assert ema.keys() == exported.keys()
@@ -137,42 +207,121 @@ def test_latent_class_folder_exports_a_dit_pipeline_with_guidance(tiny_vae, clas
     assert "--max_train_steps 2" in card.text and "(samples.png)" in card.text and (out / "samples.png").is_file()
 
     gen = tmp_path / "from-checkpoint"
-    run_script(SCRIPT, "--sample_from", checkpoint, "--num_eval_samples", "6", "--num_inference_steps", "2",
-               "--validation_guidance_scales", "1,3", "--output_dir", gen)
+    run_script(
+        SCRIPT,
+        "--sample_from",
+        checkpoint,
+        "--num_eval_samples",
+        "6",
+        "--num_inference_steps",
+        "2",
+        "--validation_guidance_scales",
+        "1,3",
+        "--output_dir",
+        gen,
+    )
     with np.load(out / "eval_samples.npz") as a, np.load(gen / "eval_samples.npz") as b:
         assert np.array_equal(a["images"], b["images"])  # the same samples as at the end of training
 
 
 def test_text_conditional_flow_from_captions_then_sample_from(tiny_vae, tiny_clip, tiny_imagefolder, tmp_path):
     out = tmp_path / "run"
-    proc = run_script(SCRIPT, "--train_data_dir", tiny_imagefolder, "--conditioning", "text",
-                      "--text_encoder_name_or_path", tiny_clip, "--tokenizer_max_length", "12",
-                      "--vae_name_or_path", tiny_vae, "--resolution", "32", *FAST, "--model", "DiT-S/2",
-                      "--objective", "flow", "--flow_shift", "2", "--guidance_interval", "0.1,0.9",
-                      "--cond_dropout_prob", "0.5", "--max_train_steps", "2", "--output_dir", out)
+    proc = run_script(
+        SCRIPT,
+        "--train_data_dir",
+        tiny_imagefolder,
+        "--conditioning",
+        "text",
+        "--text_encoder_name_or_path",
+        tiny_clip,
+        "--tokenizer_max_length",
+        "12",
+        "--vae_name_or_path",
+        tiny_vae,
+        "--resolution",
+        "32",
+        *FAST,
+        "--model",
+        "DiT-S/2",
+        "--objective",
+        "flow",
+        "--flow_shift",
+        "2",
+        "--guidance_interval",
+        "0.1,0.9",
+        "--cond_dropout_prob",
+        "0.5",
+        "--max_train_steps",
+        "2",
+        "--output_dir",
+        out,
+    )
     assert "input [4, 16, 16] (latents)" in proc.stdout
     assert json.loads((out / "transformer" / "config.json").read_text())["_class_name"] == "PixArtTransformer2DModel"
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler" and scheduler["shift"] == 2.0
     gen = tmp_path / "gen"
-    run_script(SCRIPT, "--sample_from", out, "--validation_prompts", "a red square", "a blue circle",
-               "--num_inference_steps", "2", "--validation_guidance_scales", "2", "--output_dir", gen)
+    run_script(
+        SCRIPT,
+        "--sample_from",
+        out,
+        "--validation_prompts",
+        "a red square",
+        "a blue circle",
+        "--num_inference_steps",
+        "2",
+        "--validation_guidance_scales",
+        "2",
+        "--output_dir",
+        gen,
+    )
     assert (gen / "samples" / "export.png").is_file()
 
 
 def test_precomputed_shards_class_and_text(tiny_vae, tiny_clip, tiny_mnist, tmp_path):
     shards = tmp_path / "shards"
     # A prefix and the mask given to the encoder: not what train_dit.py does online, so the export must say so.
-    run_script("prepare_data_multi_gpu.py", "--mnist_root", tiny_mnist, "--max_samples", "12",
-               "--vae_name_or_path", tiny_vae, "--text_encoder_name_or_path", tiny_clip, "--tokenizer_max_length",
-               "12", "--resolution", "32", "--shard_size", "5", "--text_prefix", "a photo: ",
-               "--text_encoder_attention_mask", "on", "--output_dir", shards)
+    run_script(
+        "prepare_data_multi_gpu.py",
+        "--mnist_root",
+        tiny_mnist,
+        "--max_samples",
+        "12",
+        "--vae_name_or_path",
+        tiny_vae,
+        "--text_encoder_name_or_path",
+        tiny_clip,
+        "--tokenizer_max_length",
+        "12",
+        "--resolution",
+        "32",
+        "--shard_size",
+        "5",
+        "--text_prefix",
+        "a photo: ",
+        "--text_encoder_attention_mask",
+        "on",
+        "--output_dir",
+        shards,
+    )
     index = json.loads((shards / "index.json").read_text())
     assert "label" in index["tensors"] and index["vae"]["latent_size"] == 16
     for conditioning in ("class", "text"):
         out = tmp_path / conditioning
-        proc = run_script(SCRIPT, "--precomputed_data_dir", shards, "--conditioning", conditioning, *FAST,
-                          "--model", "DiT-S/2", "--max_train_steps", "2", "--output_dir", out)
+        proc = run_script(
+            SCRIPT,
+            "--precomputed_data_dir",
+            shards,
+            "--conditioning",
+            conditioning,
+            *FAST,
+            "--model",
+            "DiT-S/2",
+            "--max_train_steps",
+            "2",
+            "--output_dir",
+            out,
+        )
         assert "12 examples" in proc.stdout and "input [4, 16, 16] (latents)" in proc.stdout
         assert all(math.isfinite(r["loss"]) for r in metrics(out))
         assert (out / "samples" / "step-2.png").is_file()
@@ -181,8 +330,13 @@ def test_precomputed_shards_class_and_text(tiny_vae, tiny_clip, tiny_mnist, tmp_
     # defaults); the VAE is recorded as from_pretrained loads it.
     export = json.loads((tmp_path / "text" / "export_config.json").read_text())
     assert export["vae"] == {"name_or_path": str(tiny_vae), "subfolder": None}
-    assert export["text"] == {"text_encoder": str(tiny_clip), "tokenizer": str(tiny_clip), "prefix": "a photo: ",
-                              "use_attention_mask": True, "tokenizer_max_length": 12}
+    assert export["text"] == {
+        "text_encoder": str(tiny_clip),
+        "tokenizer": str(tiny_clip),
+        "prefix": "a photo: ",
+        "use_attention_mask": True,
+        "tokenizer_max_length": 12,
+    }
     td = train_dit()
     tokenizer, encoder = td.load_text_encoder(export["text"]["text_encoder"], export["text"]["tokenizer"])
     states, mask = td.encode_prompts(tokenizer, encoder, [""], export["text"], "cpu")
@@ -190,8 +344,17 @@ def test_precomputed_shards_class_and_text(tiny_vae, tiny_clip, tiny_mnist, tmp_
     assert torch.equal(mask, empty["text_encoder.attention_mask"])
     torch.testing.assert_close(states, empty["text_encoder.hidden_states"].float(), atol=1e-2, rtol=1e-2)
     gen = tmp_path / "gen"
-    run_script(SCRIPT, "--sample_from", tmp_path / "text", "--num_inference_steps", "2",
-               "--validation_guidance_scales", "2", "--output_dir", gen)
+    run_script(
+        SCRIPT,
+        "--sample_from",
+        tmp_path / "text",
+        "--num_inference_steps",
+        "2",
+        "--validation_guidance_scales",
+        "2",
+        "--output_dir",
+        gen,
+    )
     assert (gen / "samples" / "export.png").is_file()
 
 
@@ -200,9 +363,27 @@ def test_two_processes(broken_folder, tmp_path):
     hold one image, so a process's whole batch is unreadable: it must still run the step with the other process
     (a stand-in image), and the count is summed over the processes. Then the 2-process checkpoint resumes on 1."""
     out = tmp_path / "run"
-    args = ["--train_data_dir", broken_folder, "--vae_name_or_path", "none", "--resolution", "32", *FAST,
-            "--train_batch_size", "1", "--objective", "flow", "--lr_scheduler", "constant_with_warmup",
-            "--lr_warmup_steps", "4", "--validation_steps", "100", "--max_train_steps", "2"]
+    args = [
+        "--train_data_dir",
+        broken_folder,
+        "--vae_name_or_path",
+        "none",
+        "--resolution",
+        "32",
+        *FAST,
+        "--train_batch_size",
+        "1",
+        "--objective",
+        "flow",
+        "--lr_scheduler",
+        "constant_with_warmup",
+        "--lr_warmup_steps",
+        "4",
+        "--validation_steps",
+        "100",
+        "--max_train_steps",
+        "2",
+    ]
     run_script(SCRIPT, *args, "--checkpointing_steps", "1", "--output_dir", out, launcher="accelerate", timeout=300)
     config = json.loads((out / "run_config.json").read_text())
     assert config["num_processes"] == 2
@@ -227,14 +408,49 @@ def test_two_processes(broken_folder, tmp_path):
 def test_resume_is_exact_and_total_limit_prunes(tiny_mnist, tmp_path):
     # 24 examples in batches of 4: 6 steps per epoch, so step 2 is mid-epoch. Flow, flips and guidance dropout
     # all draw random numbers: the resumed run must restore the data position and every generator.
-    common = [*PIXEL_MNIST, "--data_root", tiny_mnist, *FAST, "--objective", "flow", "--random_flip",
-              "--max_samples", "24", "--validation_steps", "100", "--cond_dropout_prob", "0.3"]
+    common = [
+        *PIXEL_MNIST,
+        "--data_root",
+        tiny_mnist,
+        *FAST,
+        "--objective",
+        "flow",
+        "--random_flip",
+        "--max_samples",
+        "24",
+        "--validation_steps",
+        "100",
+        "--cond_dropout_prob",
+        "0.3",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_script(SCRIPT, *common, "--max_train_steps", "4", "--output_dir", straight)
-    run_script(SCRIPT, *common, "--max_train_steps", "2", "--checkpointing_steps", "1",
-               "--checkpoints_total_limit", "2", "--output_dir", resumed)
-    proc = run_script(SCRIPT, *common, "--max_train_steps", "4", "--checkpointing_steps", "100",
-                      "--checkpoints_total_limit", "2", "--resume_from_checkpoint", "latest", "--output_dir", resumed)
+    run_script(
+        SCRIPT,
+        *common,
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "1",
+        "--checkpoints_total_limit",
+        "2",
+        "--output_dir",
+        resumed,
+    )
+    proc = run_script(
+        SCRIPT,
+        *common,
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "100",
+        "--checkpoints_total_limit",
+        "2",
+        "--resume_from_checkpoint",
+        "latest",
+        "--output_dir",
+        resumed,
+    )
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
     assert_same_weights(straight / "checkpoint-4", resumed / "checkpoint-4")
     assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
@@ -252,9 +468,14 @@ def test_bad_input_is_one_line_exit_2(case, tiny_mnist, tmp_path):
     }[case]
     if case == "missing_tracker" and importlib.util.find_spec("wandb"):  # not a dependency of the suite
         pytest.skip("wandb is installed here")
-    expected = {"resolution": "--resolution 30", "preset": "--model DiT-Q/2", "num_classes": "--num_classes 7",
-                "xformers": "xformers is not installed", "no_source": "give exactly one of",
-                "missing_tracker": "--report_to wandb"}[case]
+    expected = {
+        "resolution": "--resolution 30",
+        "preset": "--model DiT-Q/2",
+        "num_classes": "--num_classes 7",
+        "xformers": "xformers is not installed",
+        "no_source": "give exactly one of",
+        "missing_tracker": "--report_to wandb",
+    }[case]
     proc = run_script(SCRIPT, *FAST, *args, "--max_train_steps", "1", "--output_dir", tmp_path / "o", expect_rc=2)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
@@ -266,13 +487,18 @@ def test_label_dropout_happens_once_per_example_not_per_block():
     import sys
 
     from conftest import REPO
+
     sys.path.insert(0, str(REPO))
     import train_dit
 
     args = train_dit.parse_args([*TINY, "--dataset_name", "mnist"])
     model = train_dit.build_transformer(args, 1, 32, 10, None).train()
-    assert model(torch.randn(2, 1, 32, 32), timestep=torch.tensor([1, 999]),
-                 class_labels=torch.tensor([0, 1])).sample.abs().max() == 0  # adaLN-Zero: DiT's init, output 0
+    assert (
+        model(torch.randn(2, 1, 32, 32), timestep=torch.tensor([1, 999]), class_labels=torch.tensor([0, 1]))
+        .sample.abs()
+        .max()
+        == 0
+    )  # adaLN-Zero: DiT's init, output 0
     with torch.no_grad():  # leave the zero init, so that labels change the output
         for p in model.parameters():
             p.normal_(std=0.05)
@@ -292,8 +518,18 @@ def test_bf16_from_the_flag_or_from_accelerate(tiny_mnist, tmp_path):
     """bf16 autocast runs on CPU; the precision accelerate resolves (flag, or the launcher's environment when the
     flag is left out) is the one recorded, and the export is fp32."""
     flag, env = tmp_path / "flag", tmp_path / "env"
-    common = [*PIXEL_MNIST, "--data_root", tiny_mnist, *FAST, "--max_train_steps", "2", "--validation_steps", "100",
-              "--validation_guidance_scales", "1"]
+    common = [
+        *PIXEL_MNIST,
+        "--data_root",
+        tiny_mnist,
+        *FAST,
+        "--max_train_steps",
+        "2",
+        "--validation_steps",
+        "100",
+        "--validation_guidance_scales",
+        "1",
+    ]
     run_script(SCRIPT, *common, "--mixed_precision", "bf16", "--output_dir", flag)
     # What `accelerate launch --mixed_precision bf16` (or an accelerate config set to bf16) hands the script.
     run_script(SCRIPT, *common, "--output_dir", env, env={"ACCELERATE_MIXED_PRECISION": "bf16"})
@@ -336,20 +572,32 @@ def test_precomputed_text_convention_is_the_shards_or_refused(tiny_vae, tmp_path
     """Text states from shards are used with the encoder, tokenizer, prefix, length and mask setting they were
     encoded with (index.json); flags that contradict them and shards without the padding mask are refused."""
     td = train_dit()
-    entry = {"key": "text_encoder", "name_or_path": "org/sd/text_encoder", "tokenizer": "org/sd/tokenizer",
-             "max_length": 12, "prefix": "query: ", "use_attention_mask": False}
+    entry = {
+        "key": "text_encoder",
+        "name_or_path": "org/sd/text_encoder",
+        "tokenizer": "org/sd/tokenizer",
+        "max_length": 12,
+        "prefix": "query: ",
+        "use_attention_mask": False,
+    }
     tensors = {"text_encoder.hidden_states": {"shape": [12, 32]}, "text_encoder.attention_mask": {"shape": [12]}}
     index = {"text_encoders": [entry], "tensors": tensors}
     common = ["--precomputed_data_dir", str(tmp_path), "--conditioning", "text"]
     assert td.text_convention(td.parse_args(common), index) == {
-        "text_encoder": "org/sd/text_encoder", "tokenizer": "org/sd/tokenizer", "prefix": "query: ",
-        "use_attention_mask": False, "tokenizer_max_length": 12}
+        "text_encoder": "org/sd/text_encoder",
+        "tokenizer": "org/sd/tokenizer",
+        "prefix": "query: ",
+        "use_attention_mask": False,
+        "tokenizer_max_length": 12,
+    }
     assert td.split_subfolder("org/sd/text_encoder") == ("org/sd", "text_encoder")
     refused = {
         "--text_encoder_name_or_path other": (common + ["--text_encoder_name_or_path", "other"], index),
         "--tokenizer_max_length 77": (common + ["--tokenizer_max_length", "77"], index),
-        "--precomputed_data_dir": (common, {"text_encoders": [entry], "tensors": {
-            "text_encoder.hidden_states": {"shape": [12, 32]}}}),
+        "--precomputed_data_dir": (
+            common,
+            {"text_encoders": [entry], "tensors": {"text_encoder.hidden_states": {"shape": [12, 32]}}},
+        ),
     }
     for expected, (argv, bad_index) in refused.items():
         with pytest.raises(SystemExit) as stopped:
@@ -373,8 +621,12 @@ def export_fixture(td, tiny_vae, num_classes, shift_factor=0.0):
         vae = shifted
     model = td.build_transformer(args, 4, 16, num_classes, None)
     sampler = td.build_sampler(args, td.build_noise_scheduler(args), pixel_space=False)
-    meta = {"conditioning": "class", "num_classes": num_classes, "label_names": None,
-            "vae_scale": {"scaling_factor": vae.config.scaling_factor, "shift_factor": shift_factor}}
+    meta = {
+        "conditioning": "class",
+        "num_classes": num_classes,
+        "label_names": None,
+        "vae_scale": {"scaling_factor": vae.config.scaling_factor, "shift_factor": shift_factor},
+    }
     return args, model, sampler, vae, meta
 
 
@@ -430,8 +682,22 @@ def test_damaged_checkpoint_falls_back_and_the_folder_is_one_runs(tiny_mnist, tm
     """`latest` skips a damaged checkpoint (one line) for the newest intact one; a damaged explicit path, a locked
     folder and a new run into another run's checkpoints are one-line errors that change nothing."""
     out = tmp_path / "run"
-    args = [*PIXEL_MNIST, "--data_root", tiny_mnist, *FAST, "--max_samples", "8", "--checkpointing_steps", "1",
-            "--validation_steps", "100", "--validation_guidance_scales", "1", "--output_dir", out]
+    args = [
+        *PIXEL_MNIST,
+        "--data_root",
+        tiny_mnist,
+        *FAST,
+        "--max_samples",
+        "8",
+        "--checkpointing_steps",
+        "1",
+        "--validation_steps",
+        "100",
+        "--validation_guidance_scales",
+        "1",
+        "--output_dir",
+        out,
+    ]
     run_script(SCRIPT, *args, "--max_train_steps", "3")
     assert not (out / "run.lock").exists()  # released at the end
     check_damaged_checkpoint_and_claims(SCRIPT, train_dit(), args, out, capsys, metrics)

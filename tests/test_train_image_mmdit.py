@@ -15,15 +15,33 @@ from conftest import REPO, assert_same_weights, check_damaged_checkpoint_and_cla
 from safetensors.torch import load_file, save_file
 
 DISCRETE, CONTINUOUS = "train_image_discrete.py", "train_image_continuous.py"
-TINY = ["--dim-image", "32", "--depth", "1", "--num-heads", "2", "--num-inference-steps", "2",
-        "--validation-guidance-scales", "1,2", "--logging-steps", "1", "--max-text-length", "8",
-        "--num-validation-images", "3", "--device", "cpu"]
+TINY = [
+    "--dim-image",
+    "32",
+    "--depth",
+    "1",
+    "--num-heads",
+    "2",
+    "--num-inference-steps",
+    "2",
+    "--validation-guidance-scales",
+    "1,2",
+    "--logging-steps",
+    "1",
+    "--max-text-length",
+    "8",
+    "--num-validation-images",
+    "3",
+    "--device",
+    "cpu",
+]
 
 
 def text_flags(script, tiny_bert, frozen=False):
     if script == DISCRETE:
-        return ["--tokenizer", tiny_bert] + (["--text-encoder", tiny_bert, "--dim-text", "32"] if frozen else
-                                             ["--dim-text", "32"])
+        return ["--tokenizer", tiny_bert] + (
+            ["--text-encoder", tiny_bert, "--dim-text", "32"] if frozen else ["--dim-text", "32"]
+        )
     return ["--text-encoder", tiny_bert, "--dim-text", "32"]
 
 
@@ -58,8 +76,23 @@ def load_module(script):
 def test_seed_command_whole_pipeline_then_sample_only(script, tiny_mnist, tiny_bert, tmp_path):
     out = tmp_path / "run"
     # The seed command with tiny sizes (hyphen spellings and seed aliases), then generation from the export.
-    run_script(script, "--data-root", tiny_mnist, "--epochs", "2", "--batch-size", "4", "--max-samples", "10",
-               *text_flags(script, tiny_bert), *TINY, "--output-dir", out, "--checkpointing-steps", "3")
+    run_script(
+        script,
+        "--data-root",
+        tiny_mnist,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-samples",
+        "10",
+        *text_flags(script, tiny_bert),
+        *TINY,
+        "--output-dir",
+        out,
+        "--checkpointing-steps",
+        "3",
+    )
     # 10 samples, batch 4, drop_last: 2 steps per epoch, 2 epochs.
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -88,9 +121,27 @@ def test_seed_command_whole_pipeline_then_sample_only(script, tiny_mnist, tiny_b
         assert model_config["dim_text"] == 32 and torch.equal(weights["text_basis"], torch.eye(32))
 
     again = tmp_path / "from-export"
-    run_script(script, "--sample-only", out, "--data-root", tiny_mnist, "--output-dir", again,
-               "--num-eval-samples", "10", "--num-eval-captions", "5", "--num-eval-joint", "3",
-               "--num-inference-steps", "2", "--validation-guidance-scales", "1", "--device", "cpu")
+    run_script(
+        script,
+        "--sample-only",
+        out,
+        "--data-root",
+        tiny_mnist,
+        "--output-dir",
+        again,
+        "--num-eval-samples",
+        "10",
+        "--num-eval-captions",
+        "5",
+        "--num-eval-joint",
+        "3",
+        "--num-inference-steps",
+        "2",
+        "--validation-guidance-scales",
+        "1",
+        "--device",
+        "cpu",
+    )
     evals = np.load(again / "eval_samples.npz")
     assert evals["images"].shape == (10, 28, 28) and evals["images"].dtype == np.uint8
     assert sorted(evals["labels"].tolist()) == list(range(10))
@@ -110,8 +161,19 @@ def test_imagefolder_frozen_encoder_counts_missing_images(script, tiny_imagefold
     with open(data / "metadata.jsonl", "a") as f:
         f.write(json.dumps({"file_name": "missing.png", "text": "a red square"}) + "\n")
     out = tmp_path / "run"
-    proc = run_script(script, "--data_root", data, *text_flags(script, tiny_bert, frozen=True), *TINY,
-                      "--max_train_steps", "2", "--train_batch_size", "4", "--output_dir", out)
+    proc = run_script(
+        script,
+        "--data_root",
+        data,
+        *text_flags(script, tiny_bert, frozen=True),
+        *TINY,
+        "--max_train_steps",
+        "2",
+        "--train_batch_size",
+        "4",
+        "--output_dir",
+        out,
+    )
     assert "skipped 1 of 13 images" in proc.stderr  # counted, never a blank image
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     export = json.loads((out / "export_config.json").read_text())
@@ -128,18 +190,38 @@ def write_shards(root, tiny_vae, n=10):
     shards = []
     for s, start in enumerate(range(0, n, 6)):
         rows = list(range(start, min(start + 6, n)))
-        tensors = {"index": torch.tensor(rows), "latent_mean": torch.randn(len(rows), 4, 16, 16, generator=rng),
-                   "latent_std": torch.full((len(rows), 4, 16, 16), 0.1)}
-        save_file(tensors, root / f"shard-{s:05d}.safetensors",
-                  metadata={"captions": json.dumps([captions[i] for i in rows])})
+        tensors = {
+            "index": torch.tensor(rows),
+            "latent_mean": torch.randn(len(rows), 4, 16, 16, generator=rng),
+            "latent_std": torch.full((len(rows), 4, 16, 16), 0.1),
+        }
+        save_file(
+            tensors, root / f"shard-{s:05d}.safetensors", metadata={"captions": json.dumps([captions[i] for i in rows])}
+        )
         shards.append({"file": f"shard-{s:05d}.safetensors", "num_examples": len(rows)})
-    index = {"format": "precomputed-diffusion-shards", "version": 1, "num_examples": n, "num_skipped": 0,
-             "shard_size": 6, "shards": shards, "source": {"kind": "imagefolder", "path": "x", "split": "train"},
-             "resolution": 32, "center_crop": False, "random_flip": False,
-             "vae": {"name_or_path": str(tiny_vae), "scaling_factor": 0.18215, "shift_factor": 0.0,
-                     "latent_channels": 4, "latent_size": 16, "dtype": "float32"},
-             "text_encoders": [], "label_names": None,
-             "tensors": {"latent_mean": {"shape": [4, 16, 16], "dtype": "float32"}}}
+    index = {
+        "format": "precomputed-diffusion-shards",
+        "version": 1,
+        "num_examples": n,
+        "num_skipped": 0,
+        "shard_size": 6,
+        "shards": shards,
+        "source": {"kind": "imagefolder", "path": "x", "split": "train"},
+        "resolution": 32,
+        "center_crop": False,
+        "random_flip": False,
+        "vae": {
+            "name_or_path": str(tiny_vae),
+            "scaling_factor": 0.18215,
+            "shift_factor": 0.0,
+            "latent_channels": 4,
+            "latent_size": 16,
+            "dtype": "float32",
+        },
+        "text_encoders": [],
+        "label_names": None,
+        "tensors": {"latent_mean": {"shape": [4, 16, 16], "dtype": "float32"}},
+    }
     (root / "index.json").write_text(json.dumps(index))
 
 
@@ -147,8 +229,19 @@ def test_discrete_reads_precomputed_shards(tiny_vae, tiny_bert, tmp_path):
     shards = tmp_path / "shards"
     write_shards(shards, tiny_vae)
     out = tmp_path / "run"
-    proc = run_script(DISCRETE, "--data-root", shards, *text_flags(DISCRETE, tiny_bert), *TINY, "--max-train-steps",
-                      "2", "--batch-size", "4", "--output-dir", out)
+    proc = run_script(
+        DISCRETE,
+        "--data-root",
+        shards,
+        *text_flags(DISCRETE, tiny_bert),
+        *TINY,
+        "--max-train-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--output-dir",
+        out,
+    )
     assert "10 examples (precomputed, latents (4, 16, 16))" in proc.stdout
     assert (out / "samples" / "step-2.png").is_file()  # decoded through the shards' VAE
     export = json.loads((out / "export_config.json").read_text())
@@ -159,9 +252,27 @@ def test_discrete_reads_precomputed_shards(tiny_vae, tiny_bert, tmp_path):
 def test_resume_matches_uninterrupted_run(script, tiny_mnist, tiny_bert, tmp_path):
     straight = tmp_path / "straight"
     latent = ["--text-latent-dim", "16"] if script == CONTINUOUS else []  # a projected caption, 32 -> 16
-    args = ["--data-root", tiny_mnist, *text_flags(script, tiny_bert), *latent, *TINY, "--max_train_steps", "4",
-            "--checkpointing_steps", "2", "--lr_warmup_steps", "1", "--ema_power", "1.0", "--train_batch_size", "8",
-            "--validation_steps", "100", "--output_dir", straight]
+    args = [
+        "--data-root",
+        tiny_mnist,
+        *text_flags(script, tiny_bert),
+        *latent,
+        *TINY,
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--lr_warmup_steps",
+        "1",
+        "--ema_power",
+        "1.0",
+        "--train_batch_size",
+        "8",
+        "--validation_steps",
+        "100",
+        "--output_dir",
+        straight,
+    ]
     run_script(script, *args)
     # Resume in a fresh folder from the step-2 checkpoint (mid-epoch: 64 samples / batch 8 = 8 steps per epoch).
     resumed = tmp_path / "resumed"
@@ -181,10 +292,19 @@ def test_resume_matches_uninterrupted_run(script, tiny_mnist, tiny_bert, tmp_pat
 @pytest.mark.parametrize("script", [DISCRETE])  # train_image_continuous.py: test_continuous_two_processes_...
 def test_two_processes(script, tiny_mnist, tiny_bert, tmp_path):
     out = tmp_path / "run"
-    args = ["--data_root", tiny_mnist, *text_flags(script, tiny_bert), *TINY[:-2], "--max_train_steps", "2",
-            "--train_batch_size", "4"]
-    run_script(script, *args, "--device", "auto", "--checkpointing_steps", "1", "--output_dir", out,
-               launcher="accelerate")
+    args = [
+        "--data_root",
+        tiny_mnist,
+        *text_flags(script, tiny_bert),
+        *TINY[:-2],
+        "--max_train_steps",
+        "2",
+        "--train_batch_size",
+        "4",
+    ]
+    run_script(
+        script, *args, "--device", "auto", "--checkpointing_steps", "1", "--output_dir", out, launcher="accelerate"
+    )
     assert json.loads((out / "run_config.json").read_text())["num_processes"] == 2
     for rank in (0, 1):
         assert (out / "checkpoint-2" / f"train_rng_{rank}.safetensors").is_file()
@@ -202,12 +322,26 @@ def test_two_processes(script, tiny_mnist, tiny_bert, tmp_path):
     assert (state["num_processes"], state["epoch"], state["epoch_batches"]) == (1, 0, 3)  # 2 batches, then 1
 
 
-@pytest.mark.parametrize("script,case", [(script, case) for script in (DISCRETE, CONTINUOUS)
-                                         for case in ("dim_text_mismatch", "missing_data_root", "missing_tracker")]
-                         + [(CONTINUOUS, "text_latent_dim_too_large")])
+@pytest.mark.parametrize(
+    "script,case",
+    [
+        (script, case)
+        for script in (DISCRETE, CONTINUOUS)
+        for case in ("dim_text_mismatch", "missing_data_root", "missing_tracker")
+    ]
+    + [(CONTINUOUS, "text_latent_dim_too_large")],
+)
 def test_bad_input_is_one_line_exit_2(script, case, tiny_mnist, tiny_bert, tmp_path):
-    args = ["--data-root", tiny_mnist, *text_flags(script, tiny_bert, frozen=True), *TINY, "--max-train-steps", "1",
-            "--output-dir", tmp_path / "run"]
+    args = [
+        "--data-root",
+        tiny_mnist,
+        *text_flags(script, tiny_bert, frozen=True),
+        *TINY,
+        "--max-train-steps",
+        "1",
+        "--output-dir",
+        tmp_path / "run",
+    ]
     if case == "dim_text_mismatch":
         args[args.index("--dim-text") + 1] = "768"
         flag = "--dim_text 768"
@@ -253,8 +387,9 @@ def test_vocabulary_mask_is_not_pad_and_never_predicted(discrete, vocabulary):
     assert (compact < vocab.size).all() and (compact == vocab.pad_id).any()
     assert vocab.decode(tokenizer, compact) == ["a handwritten digit seven", "a digit one"]
     # The model's caption head has one logit per real token: the mask cannot be predicted.
-    model = discrete.TextImageModel(1, 8, 4, 16, 16, vocab.size, 1, 2, num_text_tokens=vocab.size + 1,
-                                    max_text_length=8)
+    model = discrete.TextImageModel(
+        1, 8, 4, 16, 16, vocab.size, 1, 2, num_text_tokens=vocab.size + 1, max_text_length=8
+    )
     _, logits = model(torch.randn(2, 1, 8, 8), torch.rand(2), torch.full((2, 8), vocab.mask_id), torch.ones(2))
     assert logits.shape == (2, 8, vocab.size)
 
@@ -276,8 +411,20 @@ class RecordingModel(torch.nn.Module):
 @pytest.mark.parametrize("schedule", ["linear", "square", "cosine"])
 def test_mdlm_loss_masked_tokens_weighted_by_the_schedule(discrete, vocabulary, schedule):
     _, vocab, ids = vocabulary
-    args = discrete.parse_args(["--data_root", "x", "--image_clean_prob", "0", "--text_clean_prob", "0",
-                                "--cond_dropout_prob", "0", "--text_schedule", schedule])
+    args = discrete.parse_args(
+        [
+            "--data_root",
+            "x",
+            "--image_clean_prob",
+            "0",
+            "--text_clean_prob",
+            "0",
+            "--cond_dropout_prob",
+            "0",
+            "--text_schedule",
+            schedule,
+        ]
+    )
     n = 64
     clean = vocab.compact(ids)[torch.arange(n) % 2]
     model = RecordingModel(vocab.size)
@@ -322,11 +469,25 @@ def test_schedules_estimate_the_same_loss_square_with_half_the_variance(discrete
     model = OneHardTokenModel(clean, vocab.size)
     stats = {}
     for schedule in ("linear", "square", "cosine"):
-        args = discrete.parse_args(["--data_root", "x", "--image_clean_prob", "0", "--text_clean_prob", "0",
-                                    "--cond_dropout_prob", "0", "--text_schedule", schedule])
+        args = discrete.parse_args(
+            [
+                "--data_root",
+                "x",
+                "--image_clean_prob",
+                "0",
+                "--text_clean_prob",
+                "0",
+                "--cond_dropout_prob",
+                "0",
+                "--text_schedule",
+                schedule,
+            ]
+        )
         generator = torch.Generator().manual_seed(0)
-        losses = [discrete.training_step(model, None, torch.zeros(n, 1, 8, 8), clean, vocab, args, generator)[1]
-                  for _ in range(10)]
+        losses = [
+            discrete.training_step(model, None, torch.zeros(n, 1, 8, 8), clean, vocab, args, generator)[1]
+            for _ in range(10)
+        ]
         per_token = torch.cat(losses) * ids.shape[1] / math.log(vocab.size)  # the hard token's loss / its CE
         stats[schedule] = (per_token.mean().item(), per_token.var().item())
     assert abs(stats["linear"][0] - 1) < 0.03 and abs(stats["cosine"][0] - 1) < 0.03
@@ -336,13 +497,20 @@ def test_schedules_estimate_the_same_loss_square_with_half_the_variance(discrete
 
 def test_dropped_modalities_are_removed_from_attention(discrete, vocabulary):
     _, vocab, ids = vocabulary
-    args = discrete.parse_args(["--data_root", "x", "--image_clean_prob", "0", "--text_clean_prob", "0",
-                                "--cond_dropout_prob", "0.45"])
+    args = discrete.parse_args(
+        ["--data_root", "x", "--image_clean_prob", "0", "--text_clean_prob", "0", "--cond_dropout_prob", "0.45"]
+    )
     model = RecordingModel(vocab.size)
     n = 64
-    image_loss, text_loss = discrete.training_step(model, None, torch.randn(n, 1, 8, 8),
-                                                   vocab.compact(ids)[torch.arange(n) % 2], vocab, args,
-                                                   torch.Generator().manual_seed(1))
+    image_loss, text_loss = discrete.training_step(
+        model,
+        None,
+        torch.randn(n, 1, 8, 8),
+        vocab.compact(ids)[torch.arange(n) % 2],
+        vocab,
+        args,
+        torch.Generator().manual_seed(1),
+    )
     _, _, key_mask = model.seen
     image_kept, text_kept = key_mask[:, 0], key_mask[:, -1]
     assert not (~image_kept & ~text_kept).any() and (~image_kept).any() and (~text_kept).any()
@@ -369,8 +537,16 @@ def test_samplers_carry_over_unmasked_tokens(discrete, sampler):
 def test_discrete_joint_draws_the_caption_without_the_image_then_the_image_from_it(discrete, vocabulary):
     _, vocab, _ = vocabulary
     torch.manual_seed(0)
-    config = dict(in_channels=1, image_size=8, patch_size=4, dim_image=16, dim_text=16, text_out_dim=vocab.size,
-                  depth=1, num_heads=2)
+    config = dict(
+        in_channels=1,
+        image_size=8,
+        patch_size=4,
+        dim_image=16,
+        dim_text=16,
+        text_out_dim=vocab.size,
+        depth=1,
+        num_heads=2,
+    )
     model = discrete.build_model(config, "learned", vocab.size + 1, 8, adaln_zero=False).eval()
     calls, forward = [], model.forward
 
@@ -401,8 +577,9 @@ def test_continuous_standardisation_and_retrieval():
     assert torch.allclose(examples.var(dim=(0, 1), unbiased=False), torch.ones(6), atol=1e-4)
     captions = [f"caption {i}" for i in range(5)]
     assert continuous.nearest_captions(table + 0.01 * torch.randn(5, 4, 6), table, captions) == captions
-    model = continuous.TextImageModel(1, 8, 4, dim_image=16, dim_text=6, text_out_dim=6, depth=1, num_heads=2,
-                                      max_text_length=4, encoder_dim=6)
+    model = continuous.TextImageModel(
+        1, 8, 4, dim_image=16, dim_text=6, text_out_dim=6, depth=1, num_heads=2, max_text_length=4, encoder_dim=6
+    )
     model.text_mean, model.text_std = mean, std
     assert torch.allclose(model.unstandardise(model.standardise(table)), table, atol=1e-4)
 
@@ -421,13 +598,17 @@ def test_continuous_text_basis_keeps_what_tells_captions_apart():
     assert kept == pytest.approx(1.0, abs=1e-6)  # the table has rank 4
     identity, share = continuous.text_basis(standardised, caption_ids, 0)
     assert torch.equal(identity, torch.eye(10)) and share == 1.0
-    model = continuous.TextImageModel(1, 8, 4, dim_image=16, dim_text=4, text_out_dim=4, depth=1, num_heads=2,
-                                      max_text_length=3, encoder_dim=10)
+    model = continuous.TextImageModel(
+        1, 8, 4, dim_image=16, dim_text=4, text_out_dim=4, depth=1, num_heads=2, max_text_length=3, encoder_dim=10
+    )
     model.text_mean, model.text_std, model.text_basis = mean, std, basis
     latent = model.standardise(table)  # [6, 3, 4]: the whole table lives in 4 directions, nothing is lost
     assert latent.shape == (6, 3, 4) and torch.allclose(model.unstandardise(latent), table, atol=1e-4)
-    assert torch.allclose(torch.cdist(latent.flatten(1), latent.flatten(1)),
-                          torch.cdist(standardised.flatten(1), standardised.flatten(1)), atol=1e-3)
+    assert torch.allclose(
+        torch.cdist(latent.flatten(1), latent.flatten(1)),
+        torch.cdist(standardised.flatten(1), standardised.flatten(1)),
+        atol=1e-3,
+    )
     # Two directions keep the two of largest variance: more than any other pair of the four.
     examples = standardised[caption_ids].flatten(0, 1)  # every token of every example, as the basis weighs them
     top2, share = continuous.text_basis(standardised, caption_ids, 2)
@@ -436,7 +617,7 @@ def test_continuous_text_basis_keeps_what_tells_captions_apart():
     assert share == pytest.approx(float(kept / examples.pow(2).sum()), rel=1e-4)
     # Samplers clip in standardised units of the encoder's dimensions (then project back: no longer than that).
     clipped = model.clip_text(latent * 100, 5.0)
-    assert clipped.shape == latent.shape and (clipped.norm(dim=-1) <= 5.0 * 10 ** 0.5 + 1e-4).all()
+    assert clipped.shape == latent.shape and (clipped.norm(dim=-1) <= 5.0 * 10**0.5 + 1e-4).all()
     assert torch.equal(model.clip_text(latent, 1e4), latent @ basis.T @ basis)
 
 
@@ -445,16 +626,27 @@ def test_continuous_text_loss_is_averaged_over_the_encoder_dimensions():
     # loss weighs what it did in the full space whatever --text_latent_dim is. A model that predicts zeros
     # against epsilon targets has a per-example loss of sum(eps^2) / (L * 16), about 4 / 16.
     continuous = load_module(CONTINUOUS)
-    args = continuous.parse_args(["--prediction_type", "epsilon", "--image_clean_prob", "0", "--text_clean_prob", "0",
-                                  "--cond_dropout_prob", "0"])
+    args = continuous.parse_args(
+        [
+            "--prediction_type",
+            "epsilon",
+            "--image_clean_prob",
+            "0",
+            "--text_clean_prob",
+            "0",
+            "--cond_dropout_prob",
+            "0",
+        ]
+    )
     scheduler = continuous.build_noise_scheduler(args)
 
     def zeros(image, t_image, text, t_text):
         return torch.zeros_like(image), torch.zeros_like(text)
 
     generator = torch.Generator().manual_seed(0)
-    image_loss, text_loss = continuous.training_step(zeros, scheduler, scheduler, torch.zeros(512, 1, 8, 8),
-                                                     torch.zeros(512, 8, 4), 16, args, generator)
+    image_loss, text_loss = continuous.training_step(
+        zeros, scheduler, scheduler, torch.zeros(512, 1, 8, 8), torch.zeros(512, 8, 4), 16, args, generator
+    )
     assert text_loss.shape == (512,) and abs(float(text_loss.mean()) - 4 / 16) < 0.01
     assert abs(float(image_loss.mean()) - 1.0) < 0.05  # the image's MSE stays a per-element mean
 
@@ -486,8 +678,9 @@ def test_continuous_prediction_recovers_x0(prediction_type):
     t = torch.tensor([0, 250, 600, 900])
     target = continuous.training_target(scheduler, x0, eps, t)
     assert torch.equal(target, eps) == (prediction_type == "epsilon")
-    recovered = continuous.x0_from_prediction(scheduler.add_noise(x0, eps, t), target, t, scheduler.alphas_cumprod,
-                                              prediction_type, clip=1e4)
+    recovered = continuous.x0_from_prediction(
+        scheduler.add_noise(x0, eps, t), target, t, scheduler.alphas_cumprod, prediction_type, clip=1e4
+    )
     assert torch.allclose(recovered, x0, atol=1e-4)
 
 
@@ -498,8 +691,9 @@ def test_weight_init_adaln_zero_starts_at_zero_output_pytorch_does_not(script):
     outputs = {}
     for adaln_zero in (True, False):
         torch.manual_seed(0)
-        mmdit = module.MMDiT(1, 8, 4, dim_image=16, dim_text=12, text_out_dim=5, depth=2, num_heads=2,
-                             adaln_zero=adaln_zero)
+        mmdit = module.MMDiT(
+            1, 8, 4, dim_image=16, dim_text=12, text_out_dim=5, depth=2, num_heads=2, adaln_zero=adaln_zero
+        )
         outputs[adaln_zero] = mmdit(image, t, text, t)
     assert all(out.abs().max() == 0 for out in outputs[True])  # DiT's: every block and output layer at zero
     assert all(out.abs().mean() > 1e-3 for out in outputs[False])
@@ -544,10 +738,21 @@ def test_conv_stem_lets_a_patch_token_see_its_neighbours_edge(script):
 
 def test_continuous_two_processes_then_resume_on_one(tiny_mnist, tiny_bert, tmp_path):
     out = tmp_path / "run"
-    args = ["--data_root", tiny_mnist, *text_flags(CONTINUOUS, tiny_bert), *TINY[:-2], "--max_train_steps", "2",
-            "--train_batch_size", "4", "--validation_steps", "100"]
-    run_script(CONTINUOUS, *args, "--device", "auto", "--checkpointing_steps", "1", "--output_dir", out,
-               launcher="accelerate")
+    args = [
+        "--data_root",
+        tiny_mnist,
+        *text_flags(CONTINUOUS, tiny_bert),
+        *TINY[:-2],
+        "--max_train_steps",
+        "2",
+        "--train_batch_size",
+        "4",
+        "--validation_steps",
+        "100",
+    ]
+    run_script(
+        CONTINUOUS, *args, "--device", "auto", "--checkpointing_steps", "1", "--output_dir", out, launcher="accelerate"
+    )
     assert json.loads((out / "run_config.json").read_text())["num_processes"] == 2
     for rank in (0, 1):
         assert (out / "checkpoint-2" / f"train_rng_{rank}.safetensors").is_file()
@@ -569,8 +774,18 @@ def test_continuous_bf16_from_the_flag_or_from_accelerate(tiny_mnist, tiny_bert,
     """bf16 autocast runs on CPU; the precision accelerate resolves (flag, or the launcher's environment when the
     flag is left out) is the one recorded."""
     flag, env = tmp_path / "flag", tmp_path / "env"
-    args = ["--data_root", tiny_mnist, *text_flags(CONTINUOUS, tiny_bert), *TINY, "--max_train_steps", "2",
-            "--train_batch_size", "4", "--validation_steps", "100"]
+    args = [
+        "--data_root",
+        tiny_mnist,
+        *text_flags(CONTINUOUS, tiny_bert),
+        *TINY,
+        "--max_train_steps",
+        "2",
+        "--train_batch_size",
+        "4",
+        "--validation_steps",
+        "100",
+    ]
     run_script(CONTINUOUS, *args, "--output_dir", flag, "--mixed_precision", "bf16")
     # What `accelerate launch --mixed_precision bf16` (or an accelerate config set to bf16) hands the script.
     run_script(CONTINUOUS, *args, "--output_dir", env, env={"ACCELERATE_MIXED_PRECISION": "bf16"})
@@ -588,8 +803,18 @@ def test_discrete_bf16_from_the_flag_or_from_accelerate(tiny_mnist, tiny_bert, t
     """bf16 autocast runs on CPU, the frozen text encoder in bf16 too; the precision accelerate resolves (flag, or
     the launcher's environment when the flag is left out) is the one recorded."""
     flag, env = tmp_path / "flag", tmp_path / "env"
-    args = ["--data_root", tiny_mnist, *text_flags(DISCRETE, tiny_bert, frozen=True), *TINY, "--max_train_steps",
-            "2", "--train_batch_size", "4", "--validation_steps", "100"]
+    args = [
+        "--data_root",
+        tiny_mnist,
+        *text_flags(DISCRETE, tiny_bert, frozen=True),
+        *TINY,
+        "--max_train_steps",
+        "2",
+        "--train_batch_size",
+        "4",
+        "--validation_steps",
+        "100",
+    ]
     run_script(DISCRETE, *args, "--output_dir", flag, "--mixed_precision", "bf16")
     # What `accelerate launch --mixed_precision bf16` (or an accelerate config set to bf16) hands the script.
     run_script(DISCRETE, *args, "--output_dir", env, env={"ACCELERATE_MIXED_PRECISION": "bf16"})
@@ -628,20 +853,41 @@ def export_weights(out):
 @pytest.mark.parametrize("learned", [True, False])
 def test_discrete_model_save_pretrained_round_trip_is_bitwise(discrete, learned, tmp_path):
     torch.manual_seed(0)
-    model = discrete.build_model(dict(in_channels=1, image_size=8, patch_size=4, dim_image=16, dim_text=16,
-                                      text_out_dim=7, depth=1, num_heads=2, pooled_text=True, stem_channels=3),
-                                 "learned" if learned else "frozen-bert", 8, 8, adaln_zero=False)
+    model = discrete.build_model(
+        dict(
+            in_channels=1,
+            image_size=8,
+            patch_size=4,
+            dim_image=16,
+            dim_text=16,
+            text_out_dim=7,
+            depth=1,
+            num_heads=2,
+            pooled_text=True,
+            stem_channels=3,
+        ),
+        "learned" if learned else "frozen-bert",
+        8,
+        8,
+        adaln_zero=False,
+    )
     model.save_pretrained(tmp_path / "mmdit")
-    assert sorted(p.name for p in (tmp_path / "mmdit").iterdir()) == ["config.json",
-                                                                       "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "mmdit").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
     config = json.loads((tmp_path / "mmdit" / "config.json").read_text())
     assert config["num_text_tokens"] == (8 if learned else None) and config["stem_channels"] == 3
     loaded = discrete.TextImageModel.from_pretrained(tmp_path / "mmdit")
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.startswith("text_input") for k in a) == learned  # a frozen encoder is never part of it
-    inputs = (torch.randn(2, 1, 8, 8), torch.rand(2),
-              torch.randint(0, 8, (2, 8)) if learned else torch.randn(2, 8, 16), torch.rand(2))
+    inputs = (
+        torch.randn(2, 1, 8, 8),
+        torch.rand(2),
+        torch.randint(0, 8, (2, 8)) if learned else torch.randn(2, 8, 16),
+        torch.rand(2),
+    )
     for x, y in zip(model.eval()(*inputs), loaded(*inputs), strict=True):
         assert torch.equal(x, y)
 
@@ -652,14 +898,31 @@ def test_discrete_model_save_pretrained_round_trip_is_bitwise(discrete, learned,
 def test_continuous_model_save_pretrained_round_trip_is_bitwise(tmp_path):
     continuous = load_module(CONTINUOUS)
     torch.manual_seed(0)
-    model = continuous.build_model(dict(in_channels=1, image_size=8, patch_size=4, dim_image=16, dim_text=4,
-                                        text_out_dim=4, depth=1, num_heads=2, mlp_ratio=2.0, pooled_text=True,
-                                        stem_channels=3), 5, 10, adaln_zero=False)
+    model = continuous.build_model(
+        dict(
+            in_channels=1,
+            image_size=8,
+            patch_size=4,
+            dim_image=16,
+            dim_text=4,
+            text_out_dim=4,
+            depth=1,
+            num_heads=2,
+            mlp_ratio=2.0,
+            pooled_text=True,
+            stem_channels=3,
+        ),
+        5,
+        10,
+        adaln_zero=False,
+    )
     model.text_mean, model.text_std = torch.randn(10), torch.rand(10) + 0.5  # the caption statistics: buffers
     model.text_basis = torch.linalg.qr(torch.randn(10, 4))[0]
     model.save_pretrained(tmp_path / "mmdit")
-    assert sorted(p.name for p in (tmp_path / "mmdit").iterdir()) == ["config.json",
-                                                                       "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "mmdit").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
     config = json.loads((tmp_path / "mmdit" / "config.json").read_text())
     assert (config["encoder_dim"], config["dim_text"], config["max_text_length"]) == (10, 4, 5)
     loaded = continuous.TextImageModel.from_pretrained(tmp_path / "mmdit")
@@ -671,8 +934,9 @@ def test_continuous_model_save_pretrained_round_trip_is_bitwise(tmp_path):
         assert torch.equal(x, y)
 
 
-def test_continuous_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(tiny_mnist, tiny_bert, tmp_path,
-                                                                                capsys):
+def test_continuous_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(
+    tiny_mnist, tiny_bert, tmp_path, capsys
+):
     """A checkpoint holds the EMA model in save_pretrained layout (at the last step: the export's weights) and all
     that --sample_from needs, behind a manifest. `latest` skips a damaged checkpoint (one line) for the newest intact
     one; a damaged explicit path, a locked folder and a new run into another run's checkpoints are one-line errors
@@ -680,10 +944,23 @@ def test_continuous_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(
 
     continuous = load_module(CONTINUOUS)
     out = tmp_path / "run"
-    args = ["--data-root", tiny_mnist, *text_flags(CONTINUOUS, tiny_bert), *TINY, "--train_batch_size", "4",
-            "--checkpointing_steps", "1", "--validation_steps", "100", "--output_dir", out]
-    run_script(CONTINUOUS, *args, "--max_train_steps", "3", "--report_to", "tensorboard", "--tracker_project_name",
-               "tiny")
+    args = [
+        "--data-root",
+        tiny_mnist,
+        *text_flags(CONTINUOUS, tiny_bert),
+        *TINY,
+        "--train_batch_size",
+        "4",
+        "--checkpointing_steps",
+        "1",
+        "--validation_steps",
+        "100",
+        "--output_dir",
+        out,
+    ]
+    run_script(
+        CONTINUOUS, *args, "--max_train_steps", "3", "--report_to", "tensorboard", "--tracker_project_name", "tiny"
+    )
     assert not (out / "run.lock").exists()  # released at the end
     assert continuous.manifest_problem(out) is None and continuous.manifest_problem(out / "checkpoint-3") is None
     assert not list(out.rglob("ema.safetensors")) and not (out / ".export.tmp").exists()
@@ -693,8 +970,21 @@ def test_continuous_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     check_tensorboard_and_model_card(out, [1, 2, 3], "continuous-text-embedding-diffusion")
     again = tmp_path / "from-checkpoint"
-    run_script(CONTINUOUS, "--sample_from", out / "checkpoint-3", "--data-root", tiny_mnist, "--output_dir", again,
-               "--num_inference_steps", "2", "--validation_guidance_scales", "1", "--device", "cpu")
+    run_script(
+        CONTINUOUS,
+        "--sample_from",
+        out / "checkpoint-3",
+        "--data-root",
+        tiny_mnist,
+        "--output_dir",
+        again,
+        "--num_inference_steps",
+        "2",
+        "--validation_guidance_scales",
+        "1",
+        "--device",
+        "cpu",
+    )
     assert (again / "samples" / "step-export.png").is_file()
 
     check_damaged_checkpoint_and_claims(CONTINUOUS, continuous, args, out, capsys, read_metrics)
@@ -712,16 +1002,18 @@ def test_continuous_disk_full_while_saving_leaves_the_previous_checkpoint(tmp_pa
     out = tmp_path / "run"
     args = continuous.parse_args(["--output_dir", str(out), "--max_train_steps", "1"])
     accelerator = Accelerator(cpu=True)
-    model = continuous.build_model(dict(in_channels=1, image_size=8, patch_size=4, dim_image=16, dim_text=4,
-                                        text_out_dim=4, depth=1, num_heads=2), 5, 10)
+    model = continuous.build_model(
+        dict(in_channels=1, image_size=8, patch_size=4, dim_image=16, dim_text=4, text_out_dim=4, depth=1, num_heads=2),
+        5,
+        10,
+    )
     ema = EMAModel(model.parameters(), foreach=True)
     optimizer = torch.optim.AdamW(model.parameters())
     model, optimizer = accelerator.prepare(model, optimizer)
     rng = torch.Generator().manual_seed(0)
     out.mkdir()
     sampler = continuous.build_sampler(continuous.build_noise_scheduler(args).config)
-    sampling = continuous.functools.partial(continuous.write_sampling_files, sampler, sampler,
-                                            {"script": CONTINUOUS})
+    sampling = continuous.functools.partial(continuous.write_sampling_files, sampler, sampler, {"script": CONTINUOUS})
     continuous.save_checkpoint(accelerator, args, model, ema, rng, 1, (0, 1), sampling)
     assert (out / "checkpoint-1" / "mmdit_ema" / "config.json").is_file()
 
@@ -737,18 +1029,32 @@ def test_continuous_disk_full_while_saving_leaves_the_previous_checkpoint(tmp_pa
     assert continuous.manifest_problem(out / "checkpoint-1") is None
 
 
-def test_discrete_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(discrete, tiny_mnist, tiny_bert,
-                                                                              tmp_path, capsys):
+def test_discrete_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(
+    discrete, tiny_mnist, tiny_bert, tmp_path, capsys
+):
     """A checkpoint holds the EMA model in save_pretrained layout (at the last step: the export's weights) and all
     that --sample_from needs, behind a manifest. `latest` skips a damaged checkpoint (one line) for the newest intact
     one; a damaged explicit path, a locked folder and a new run into another run's checkpoints are one-line errors
     that change nothing; a stale lock is taken over; --overwrite_output_dir starts anew."""
 
     out = tmp_path / "run"
-    args = ["--data-root", tiny_mnist, *text_flags(DISCRETE, tiny_bert), *TINY, "--train_batch_size", "4",
-            "--checkpointing_steps", "1", "--validation_steps", "100", "--output_dir", out]
-    run_script(DISCRETE, *args, "--max_train_steps", "3", "--report_to", "tensorboard", "--tracker_project_name",
-               "tiny")
+    args = [
+        "--data-root",
+        tiny_mnist,
+        *text_flags(DISCRETE, tiny_bert),
+        *TINY,
+        "--train_batch_size",
+        "4",
+        "--checkpointing_steps",
+        "1",
+        "--validation_steps",
+        "100",
+        "--output_dir",
+        out,
+    ]
+    run_script(
+        DISCRETE, *args, "--max_train_steps", "3", "--report_to", "tensorboard", "--tracker_project_name", "tiny"
+    )
     assert not (out / "run.lock").exists()  # released at the end
     assert discrete.manifest_problem(out) is None and discrete.manifest_problem(out / "checkpoint-3") is None
     assert not list(out.rglob("ema.safetensors")) and not (out / ".export.tmp").exists()
@@ -759,8 +1065,21 @@ def test_discrete_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(di
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     check_tensorboard_and_model_card(out, [1, 2, 3], "masked-discrete-text-diffusion")
     again = tmp_path / "from-checkpoint"
-    run_script(DISCRETE, "--sample_from", out / "checkpoint-3", "--data-root", tiny_mnist, "--output_dir", again,
-               "--num_inference_steps", "2", "--validation_guidance_scales", "1", "--device", "cpu")
+    run_script(
+        DISCRETE,
+        "--sample_from",
+        out / "checkpoint-3",
+        "--data-root",
+        tiny_mnist,
+        "--output_dir",
+        again,
+        "--num_inference_steps",
+        "2",
+        "--validation_guidance_scales",
+        "1",
+        "--device",
+        "cpu",
+    )
     assert (again / "samples" / "step-export.png").is_file()
 
     check_damaged_checkpoint_and_claims(DISCRETE, discrete, args, out, capsys, read_metrics)
@@ -778,8 +1097,14 @@ def test_discrete_disk_full_while_saving_leaves_the_previous_checkpoint(discrete
     out = tmp_path / "run"
     args = discrete.parse_args(["--data_root", "x", "--output_dir", str(out)])
     accelerator = Accelerator(cpu=True)
-    model = discrete.build_model(dict(in_channels=1, image_size=8, patch_size=4, dim_image=16, dim_text=16,
-                                      text_out_dim=7, depth=1, num_heads=2), "learned", 8, 8)
+    model = discrete.build_model(
+        dict(
+            in_channels=1, image_size=8, patch_size=4, dim_image=16, dim_text=16, text_out_dim=7, depth=1, num_heads=2
+        ),
+        "learned",
+        8,
+        8,
+    )
     ema = EMAModel(model.parameters(), foreach=True)
     optimizer = torch.optim.AdamW(model.parameters())
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -11,10 +11,29 @@ from conftest import REPO, assert_same_weights, check_damaged_checkpoint_and_cla
 from safetensors.torch import load_file
 
 SCRIPT = "train_ldm_sd.py"
-FAST = ["--resolution", "32", "--train_batch_size", "4", "--gradient_accumulation_steps", "1",
-        "--learning_rate", "1e-3", "--num_inference_steps", "2", "--validation_guidance_scales", "1,3",
-        "--num_validation_images", "1", "--validation_prompts", "a red square", "a blue circle",
-        "--logging_steps", "1", "--dataloader_num_workers", "0"]
+FAST = [
+    "--resolution",
+    "32",
+    "--train_batch_size",
+    "4",
+    "--gradient_accumulation_steps",
+    "1",
+    "--learning_rate",
+    "1e-3",
+    "--num_inference_steps",
+    "2",
+    "--validation_guidance_scales",
+    "1,3",
+    "--num_validation_images",
+    "1",
+    "--validation_prompts",
+    "a red square",
+    "a blue circle",
+    "--logging_steps",
+    "1",
+    "--dataloader_num_workers",
+    "0",
+]
 
 
 @pytest.fixture(scope="session")
@@ -27,16 +46,31 @@ def tiny_sd(tmp_path_factory, tiny_clip, tiny_vae):
     tokenizer = CLIPTokenizer.from_pretrained(tiny_clip)
     tokenizer.model_max_length = 16
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                layers_per_block=1, norm_num_groups=8, attention_head_dim=8, cross_attention_dim=32,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              steps_offset=1)
-    StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(tiny_vae),
-                            text_encoder=CLIPTextModel.from_pretrained(tiny_clip), tokenizer=tokenizer, unet=unet,
-                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(path)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+    )
+    StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(tiny_vae),
+        text_encoder=CLIPTextModel.from_pretrained(tiny_clip),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(path)
     return path
 
 
@@ -52,11 +86,32 @@ def ldm():
 def fake_shards(folder, text_encoder, tokenizer, vae=None):
     """An index.json of prepare_data_multi_gpu.py (no shard files: enough for the checks made before loading)."""
     folder.mkdir(parents=True, exist_ok=True)
-    index = {"format": "precomputed-diffusion-shards", "version": 1, "resolution": 32, "random_flip": False,
-             "shards": [], "vae": vae or {"name_or_path": "org/sd", "subfolder": "vae", "scaling_factor": 0.18215,
-                                          "shift_factor": 0.0, "latent_channels": 4},
-             "text_encoders": [{"key": "text_encoder", "name_or_path": text_encoder, "tokenizer": tokenizer,
-                                "max_length": 16, "hidden_size": 32, "prefix": "", "use_attention_mask": False}]}
+    index = {
+        "format": "precomputed-diffusion-shards",
+        "version": 1,
+        "resolution": 32,
+        "random_flip": False,
+        "shards": [],
+        "vae": vae
+        or {
+            "name_or_path": "org/sd",
+            "subfolder": "vae",
+            "scaling_factor": 0.18215,
+            "shift_factor": 0.0,
+            "latent_channels": 4,
+        },
+        "text_encoders": [
+            {
+                "key": "text_encoder",
+                "name_or_path": text_encoder,
+                "tokenizer": tokenizer,
+                "max_length": 16,
+                "hidden_size": 32,
+                "prefix": "",
+                "use_attention_mask": False,
+            }
+        ],
+    }
     (folder / "index.json").write_text(json.dumps(index))
     return index
 
@@ -71,15 +126,38 @@ def load_weights(checkpoint, name):
 
 def test_finetune_two_steps_then_export_makes_an_image(ldm, tiny_sd, tiny_imagefolder, tmp_path):
     out = tmp_path / "run"
-    run_script(SCRIPT, "--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", tiny_imagefolder,
-               "--output_dir", out, *FAST, "--max_train_steps", "2", "--random_flip", "--snr_gamma", "5",
-               "--noise_offset", "0.05", "--input_perturbation", "0.1", "--proportion_empty_prompts", "0.5",
-               "--report_to", "tensorboard", "--tracker_project_name", "tiny")
+    run_script(
+        SCRIPT,
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--train_data_dir",
+        tiny_imagefolder,
+        "--output_dir",
+        out,
+        *FAST,
+        "--max_train_steps",
+        "2",
+        "--random_flip",
+        "--snr_gamma",
+        "5",
+        "--noise_offset",
+        "0.05",
+        "--input_perturbation",
+        "0.1",
+        "--proportion_empty_prompts",
+        "0.5",
+        "--report_to",
+        "tensorboard",
+        "--tracker_project_name",
+        "tiny",
+    )
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
-    assert all((out / "checkpoint-2" / f).is_file() for f in ("model.safetensors", "unet_ema/config.json",
-                                                              "unet_ema/diffusion_pytorch_model.safetensors"))
+    assert all(
+        (out / "checkpoint-2" / f).is_file()
+        for f in ("model.safetensors", "unet_ema/config.json", "unet_ema/diffusion_pytorch_model.safetensors")
+    )
     assert not (out / "checkpoint-2" / "ema.safetensors").exists() and not (out / "checkpoint-2" / "vae").exists()
     assert (out / "samples" / "step-2.png").stat().st_size > 1000 and (out / "loss.png").is_file()
     config = json.loads((out / "run_config.json").read_text())
@@ -90,8 +168,15 @@ def test_finetune_two_steps_then_export_makes_an_image(ldm, tiny_sd, tiny_imagef
 
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     assert pipe.unet.dtype == torch.float32 and pipe.tokenizer.model_max_length == 16
-    image = pipe("a red square", num_inference_steps=2, height=32, width=32, guidance_scale=3.0,
-                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    image = pipe(
+        "a red square",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
     assert image.shape == (32, 32, 3) and (image >= 0).all() and (image <= 1).all()
     # Fine-tuned: the export's UNet has the folder's architecture, and its weights are the EMA's, not the raw ones.
     original = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
@@ -120,8 +205,19 @@ def test_finetune_two_steps_then_export_makes_an_image(ldm, tiny_sd, tiny_imagef
     # text encoder, which the checkpoint names): the grid of the recorded prompts, no training flag needed.
     for source in (out, out / "checkpoint-2"):
         again = tmp_path / f"from-{source.name}"
-        run_script(SCRIPT, "--sample_from", source, "--output_dir", again, "--num_inference_steps", "2",
-                   "--validation_guidance_scales", "1", "--num_validation_images", "1")
+        run_script(
+            SCRIPT,
+            "--sample_from",
+            source,
+            "--output_dir",
+            again,
+            "--num_inference_steps",
+            "2",
+            "--validation_guidance_scales",
+            "1",
+            "--num_validation_images",
+            "1",
+        )
         assert (again / "samples" / "export.png").stat().st_size > 1000
         assert not (again / "run.lock").exists()
     # At the last step the checkpoint's UNet is the export's, and its parts are the export's: the same grid.
@@ -132,11 +228,37 @@ def test_finetune_two_steps_then_export_makes_an_image(ldm, tiny_sd, tiny_imagef
 def test_from_scratch_max_samples_whole_pipeline(tiny_sd, tiny_imagefolder, tmp_path):
     out = tmp_path / "run"
     # Hyphen spellings and the seed aliases are accepted.
-    run_script(SCRIPT, "--pretrained-model-name-or-path", tiny_sd, "--data-root", tiny_imagefolder, "--output-dir",
-               out, *FAST, "--unet-from-scratch", "--unet-config", "tiny", "--max-samples", "10", "--epochs", "2",
-               "--batch-size", "4", "--checkpointing-steps", "3", "--validation_epochs", "1",
-               "--center_crop", "--prediction_type", "v_prediction", "--rescale_betas_zero_snr",
-               "--image_interpolation_mode", "bicubic", "--cache_dir", tmp_path / "cache")
+    run_script(
+        SCRIPT,
+        "--pretrained-model-name-or-path",
+        tiny_sd,
+        "--data-root",
+        tiny_imagefolder,
+        "--output-dir",
+        out,
+        *FAST,
+        "--unet-from-scratch",
+        "--unet-config",
+        "tiny",
+        "--max-samples",
+        "10",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--checkpointing-steps",
+        "3",
+        "--validation_epochs",
+        "1",
+        "--center_crop",
+        "--prediction_type",
+        "v_prediction",
+        "--rescale_betas_zero_snr",
+        "--image_interpolation_mode",
+        "bicubic",
+        "--cache_dir",
+        tmp_path / "cache",
+    )
     # 10 samples, batch 4, drop_last: 2 steps per epoch, 2 epochs.
     assert json.loads((out / "train_summary.json").read_text())["global_step"] == 4
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
@@ -152,10 +274,30 @@ def test_from_scratch_max_samples_whole_pipeline(tiny_sd, tiny_imagefolder, tmp_
 
 def test_resume_matches_uninterrupted_run_and_total_limit(tiny_sd, tiny_imagefolder, tmp_path):
     straight = tmp_path / "straight"
-    args = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", tiny_imagefolder, "--output_dir",
-            straight, *FAST, "--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "2",
-            "--validation_steps", "100", "--random_flip", "--ema_power", "1.0", "--lr_scheduler", "cosine",
-            "--lr_warmup_steps", "1"]
+    args = [
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--train_data_dir",
+        tiny_imagefolder,
+        "--output_dir",
+        straight,
+        *FAST,
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--validation_steps",
+        "100",
+        "--random_flip",
+        "--ema_power",
+        "1.0",
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        "1",
+    ]
     run_script(SCRIPT, *args)
     # Resume in a fresh folder from the step-2 checkpoint, mid-epoch (12 images / batch 2 = 6 steps per epoch).
     resumed = tmp_path / "resumed"
@@ -172,18 +314,44 @@ def test_resume_matches_uninterrupted_run_and_total_limit(tiny_sd, tiny_imagefol
     assert any(not torch.equal(w2[k], w4[k]) for k in w2)
 
 
-@pytest.mark.parametrize("case", ["caption_column", "missing_folder", "resolution", "xformers", "bitsandbytes",
-                                  "shards_text_encoder", "zero_snr_epsilon", "missing_tracker"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "caption_column",
+        "missing_folder",
+        "resolution",
+        "xformers",
+        "bitsandbytes",
+        "shards_text_encoder",
+        "zero_snr_epsilon",
+        "missing_tracker",
+    ],
+)
 def test_bad_input_is_one_line_exit_2(case, tiny_sd, tiny_imagefolder, tmp_path):
-    args = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", tiny_imagefolder, "--output_dir",
-            tmp_path / "run", *FAST, "--max_train_steps", "1"]
-    flag = {"caption_column": "--caption_column", "missing_folder": "--train_data_dir", "resolution": "--resolution",
-            "xformers": "--enable_xformers_memory_efficient_attention", "bitsandbytes": "--use_8bit_adam",
-            "shards_text_encoder": "--precomputed_data_dir", "zero_snr_epsilon": "--rescale_betas_zero_snr",
-            "missing_tracker": "--report_to"}[case]
+    args = [
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--train_data_dir",
+        tiny_imagefolder,
+        "--output_dir",
+        tmp_path / "run",
+        *FAST,
+        "--max_train_steps",
+        "1",
+    ]
+    flag = {
+        "caption_column": "--caption_column",
+        "missing_folder": "--train_data_dir",
+        "resolution": "--resolution",
+        "xformers": "--enable_xformers_memory_efficient_attention",
+        "bitsandbytes": "--use_8bit_adam",
+        "shards_text_encoder": "--precomputed_data_dir",
+        "zero_snr_epsilon": "--rescale_betas_zero_snr",
+        "missing_tracker": "--report_to",
+    }[case]
     if case == "shards_text_encoder":  # captions encoded by another 32-d encoder: refused before any model loads
         fake_shards(tmp_path / "shards", "org/other-clip", "org/other-clip")
-        args[args.index("--train_data_dir"):args.index("--train_data_dir") + 2] = [flag, tmp_path / "shards"]
+        args[args.index("--train_data_dir") : args.index("--train_data_dir") + 2] = [flag, tmp_path / "shards"]
     elif case == "zero_snr_epsilon":  # the folder's scheduler predicts epsilon
         args += [flag]
     elif case == "missing_tracker":
@@ -216,13 +384,42 @@ def test_bf16_from_the_flag_or_from_accelerate(tiny_sd, tiny_imagefolder, tmp_pa
     flag is left out) is the one recorded. The second run also updates its offloaded EMA every 3 steps: the 2 steps
     are caught up at the end, with the decay of both (0 at the first step: the EMA is the last weights)."""
     flag, env = tmp_path / "flag", tmp_path / "env"
-    common = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", tiny_imagefolder, *FAST,
-              "--max_train_steps", "2", "--validation_steps", "100", "--validation_guidance_scales", "3"]
-    run_script(SCRIPT, *common, "--output_dir", flag, "--mixed_precision", "bf16", "--report_to", "tensorboard",
-               "--logging_dir", "tb")
+    common = [
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--train_data_dir",
+        tiny_imagefolder,
+        *FAST,
+        "--max_train_steps",
+        "2",
+        "--validation_steps",
+        "100",
+        "--validation_guidance_scales",
+        "3",
+    ]
+    run_script(
+        SCRIPT,
+        *common,
+        "--output_dir",
+        flag,
+        "--mixed_precision",
+        "bf16",
+        "--report_to",
+        "tensorboard",
+        "--logging_dir",
+        "tb",
+    )
     # What `accelerate launch --mixed_precision bf16` (or an accelerate config set to bf16) hands the script.
-    run_script(SCRIPT, *common, "--output_dir", env, "--offload_ema", "--ema_update_every", "3",
-               env={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    run_script(
+        SCRIPT,
+        *common,
+        "--output_dir",
+        env,
+        "--offload_ema",
+        "--ema_update_every",
+        "3",
+        env={"ACCELERATE_MIXED_PRECISION": "bf16"},
+    )
     assert list((flag / "tb" / "text2image-fine-tune").glob("events.out.tfevents.*"))  # --logging_dir, default project
     for out in (flag, env):
         assert json.loads((out / "run_config.json").read_text())["mixed_precision"] == "bf16"
@@ -262,10 +459,15 @@ def test_shards_text_encoder_identity_and_vae_from_index(ldm, tiny_sd, tmp_path,
     """Shards are used only with the text encoder and tokenizer that encoded them (same path however written);
     their VAE loads from index.json's name_or_path + subfolder, or, in older shards, from name_or_path alone."""
     monkeypatch.chdir(tiny_sd.parent)
-    index = fake_shards(tmp_path / "shards", f"./{tiny_sd.name}/text_encoder", f"{tiny_sd.name}/tokenizer",
-                        vae={"name_or_path": str(tiny_sd), "subfolder": "vae", "scaling_factor": 0.18215})
-    args = ldm.parse_args(["--pretrained_model_name_or_path", str(tiny_sd), "--precomputed_data_dir",
-                           str(tmp_path / "shards")])
+    index = fake_shards(
+        tmp_path / "shards",
+        f"./{tiny_sd.name}/text_encoder",
+        f"{tiny_sd.name}/tokenizer",
+        vae={"name_or_path": str(tiny_sd), "subfolder": "vae", "scaling_factor": 0.18215},
+    )
+    args = ldm.parse_args(
+        ["--pretrained_model_name_or_path", str(tiny_sd), "--precomputed_data_dir", str(tmp_path / "shards")]
+    )
     ldm.check_shards_text_encoder(args, index)  # the same folder, written relative
     assert ldm.vae_source(args, index)[:2] == (str(tiny_sd), "vae")
     assert ldm.load_vae(args, ldm.vae_source(args, index)).config.latent_channels == 4
@@ -278,8 +480,15 @@ def test_shards_text_encoder_identity_and_vae_from_index(ldm, tiny_sd, tmp_path,
     }
     for expected, (extra, bad_index) in refused.items():
         with pytest.raises(SystemExit) as stopped:
-            bad_args = ldm.parse_args(["--pretrained_model_name_or_path", str(tiny_sd), "--precomputed_data_dir",
-                                       str(tmp_path / "shards"), *extra])
+            bad_args = ldm.parse_args(
+                [
+                    "--pretrained_model_name_or_path",
+                    str(tiny_sd),
+                    "--precomputed_data_dir",
+                    str(tmp_path / "shards"),
+                    *extra,
+                ]
+            )
             ldm.check_shards_text_encoder(bad_args, bad_index)
             ldm.vae_source(bad_args, bad_index)
         lines = capsys.readouterr().err.strip().splitlines()
@@ -296,20 +505,38 @@ def test_vae_shift_factor_is_not_applied_so_the_pipeline_decodes_right(ldm, tiny
     vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
     shifted = AutoencoderKL.from_config({**vae.config, "shift_factor": 0.5})
     info = ldm.latent_scale(shifted)
-    assert info == {"scaling_factor": vae.config.scaling_factor, "shift_factor": 0.0,
-                    "vae_shift_factor_not_applied": 0.5}
+    assert info == {
+        "scaling_factor": vae.config.scaling_factor,
+        "shift_factor": 0.0,
+        "vae_shift_factor_not_applied": 0.5,
+    }
     args = ldm.parse_args(["--dataset_name", "x"])
     mean = torch.randn(2, 4, 16, 16)
-    z = ldm.batch_to_latents({"latent_mean": mean, "latent_std": torch.zeros_like(mean)}, shifted, info, args,
-                             torch.Generator().manual_seed(0), torch.float32)
+    z = ldm.batch_to_latents(
+        {"latent_mean": mean, "latent_std": torch.zeros_like(mean)},
+        shifted,
+        info,
+        args,
+        torch.Generator().manual_seed(0),
+        torch.float32,
+    )
     torch.testing.assert_close(z / shifted.config.scaling_factor, mean)  # what the pipeline hands vae.decode
 
 
 def test_zero_terminal_snr_min_snr_weight_is_finite_with_v_prediction(ldm, tiny_sd):
     """At t = T zero terminal SNR makes the min-SNR weight 0 / 0 for epsilon (refused, see the bad-input test);
     with v_prediction it is min(0, gamma) / (0 + 1) = 0, and finite at every timestep."""
-    args = ldm.parse_args(["--pretrained_model_name_or_path", str(tiny_sd), "--prediction_type", "v_prediction",
-                           "--rescale_betas_zero_snr", "--snr_gamma", "5"])
+    args = ldm.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            str(tiny_sd),
+            "--prediction_type",
+            "v_prediction",
+            "--rescale_betas_zero_snr",
+            "--snr_gamma",
+            "5",
+        ]
+    )
     scheduler = ldm.build_noise_scheduler(args)
     timesteps = torch.arange(scheduler.config.num_train_timesteps)
     weights = ldm.min_snr_weight(scheduler, timesteps, 5.0)
@@ -321,8 +548,19 @@ def test_damaged_checkpoint_falls_back_and_the_folder_is_one_runs(ldm, tiny_sd, 
     """`latest` skips a damaged checkpoint (one line) for the newest intact one; a damaged explicit path, a locked
     folder and a new run into another run's checkpoints are one-line errors that change nothing."""
     out = tmp_path / "run"
-    args = ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", tiny_imagefolder, "--output_dir", out,
-            *FAST, "--checkpointing_steps", "1", "--validation_steps", "100"]
+    args = [
+        "--pretrained_model_name_or_path",
+        tiny_sd,
+        "--train_data_dir",
+        tiny_imagefolder,
+        "--output_dir",
+        out,
+        *FAST,
+        "--checkpointing_steps",
+        "1",
+        "--validation_steps",
+        "100",
+    ]
     run_script(SCRIPT, *args, "--max_train_steps", "3")
     assert not (out / "run.lock").exists()  # released at the end
     check_damaged_checkpoint_and_claims(SCRIPT, ldm, args, out, capsys, read_metrics)
@@ -334,8 +572,19 @@ def test_disk_full_while_saving_leaves_the_previous_checkpoint(ldm, tiny_sd, tmp
     from accelerate import Accelerator
 
     out = tmp_path / "run"
-    args = ldm.parse_args(["--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(out),
-                           "--unet_from_scratch", "--unet_config", "tiny", "--resolution", "32"])
+    args = ldm.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            str(tiny_sd),
+            "--output_dir",
+            str(out),
+            "--unet_from_scratch",
+            "--unet_config",
+            "tiny",
+            "--resolution",
+            "32",
+        ]
+    )
     accelerator = Accelerator(cpu=True)
     unet = ldm.build_unet(args, latent_channels=4, latent_size=16, cross_attention_dim=32)
     ema = ldm.StridedEMA(unet.parameters(), foreach=True)
@@ -344,8 +593,9 @@ def test_disk_full_while_saving_leaves_the_previous_checkpoint(ldm, tiny_sd, tmp
     rng = torch.Generator().manual_seed(0)
     out.mkdir()
     sampler = ldm.build_sampler(ldm.build_noise_scheduler(args))
-    sampling = ldm.functools.partial(ldm.write_sampling_files, sampler,
-                                     ldm.export_config(args, ldm.vae_source(args, None), 16, ["a red square"]))
+    sampling = ldm.functools.partial(
+        ldm.write_sampling_files, sampler, ldm.export_config(args, ldm.vae_source(args, None), 16, ["a red square"])
+    )
     ldm.save_checkpoint(accelerator, args, unet, ema, rng, 1, (0, 1), sampling)
 
     def full(*_, **__):
@@ -365,8 +615,14 @@ def test_diffusers_flags_parse_and_check(ldm, tiny_sd, tiny_imagefolder, tmp_pat
     --validation_steps (500 by default) and --validation_epochs exclude each other; --logging_dir and --cache_dir."""
     from torchvision.transforms import InterpolationMode
 
-    base = ["--pretrained_model_name_or_path", str(tiny_sd), "--train_data_dir", str(tiny_imagefolder),
-            "--output_dir", str(tmp_path / "run")]
+    base = [
+        "--pretrained_model_name_or_path",
+        str(tiny_sd),
+        "--train_data_dir",
+        str(tiny_imagefolder),
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
     args = ldm.parse_args([*base, "--max-train-samples", "3"])
     ldm.check_args(args)
     assert args.max_samples == 3 and args.validation_steps == 500 and args.validation_epochs is None
@@ -385,8 +641,10 @@ def test_diffusers_flags_parse_and_check(ldm, tiny_sd, tiny_imagefolder, tmp_pat
     ldm.check_args(steps)
     assert [s for s in range(1, 10) if ldm.validation_due(steps, s, 9)] == [3, 6]
     assert not ldm.validation_due(steps, 3, 9, epoch_end=0)
-    for extra, flag in ((["--validation_epochs", "1", "--validation_steps", "500"], "--validation_epochs"),
-                        (["--validation_epochs", "0"], "--validation_epochs 0")):
+    for extra, flag in (
+        (["--validation_epochs", "1", "--validation_steps", "500"], "--validation_epochs"),
+        (["--validation_epochs", "0"], "--validation_epochs 0"),
+    ):
         with pytest.raises(SystemExit) as stopped:
             ldm.check_args(ldm.parse_args([*base, *extra]))
         lines = capsys.readouterr().err.strip().splitlines()

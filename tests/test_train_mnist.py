@@ -22,9 +22,22 @@ from conftest import (
 from safetensors.torch import load_file
 
 SCRIPT = "train_mnist.py"
-FAST = ["--train_batch_size", "8", "--num_inference_steps", "2", "--validation_guidance_scales", "1,2",
-        "--block_out_channels", "16,32", "--cross_attention_levels", "1", "--attention_head_dim", "8",
-        "--logging_steps", "1"]
+FAST = [
+    "--train_batch_size",
+    "8",
+    "--num_inference_steps",
+    "2",
+    "--validation_guidance_scales",
+    "1,2",
+    "--block_out_channels",
+    "16,32",
+    "--cross_attention_levels",
+    "1",
+    "--attention_head_dim",
+    "8",
+    "--logging_steps",
+    "1",
+]
 
 
 def common(tiny_mnist, encoder, output_dir):
@@ -47,8 +60,16 @@ def read_metrics(output_dir):
 
 def test_two_steps_python_clip(tiny_mnist, tiny_clip, tmp_path):
     out = tmp_path / "run"
-    run_script(SCRIPT, *common(tiny_mnist, tiny_clip, out), "--max_train_steps", "2", "--report_to", "tensorboard",
-               "--tracker_project_name", "tiny")
+    run_script(
+        SCRIPT,
+        *common(tiny_mnist, tiny_clip, out),
+        "--max_train_steps",
+        "2",
+        "--report_to",
+        "tensorboard",
+        "--tracker_project_name",
+        "tiny",
+    )
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
@@ -93,15 +114,31 @@ def test_two_steps_python_clip(tiny_mnist, tiny_clip, tmp_path):
     assert "--max_train_steps 2" in card.text and "(samples.png)" in card.text and (out / "samples.png").is_file()
 
     again = tmp_path / "from-checkpoint"
-    run_script(SCRIPT, "--sample_from", out / "checkpoint-2", "--output_dir", again, "--num_inference_steps", "2",
-               "--validation_guidance_scales", "1")
+    run_script(
+        SCRIPT,
+        "--sample_from",
+        out / "checkpoint-2",
+        "--output_dir",
+        again,
+        "--num_inference_steps",
+        "2",
+        "--validation_guidance_scales",
+        "1",
+    )
     assert (again / "samples" / "export.png").is_file()
 
 
 def test_two_steps_accelerate_two_processes_bert(tiny_mnist, tiny_bert, tmp_path):
     out = tmp_path / "run"
-    run_script(SCRIPT, *common(tiny_mnist, tiny_bert, out), "--max_train_steps", "2", "--checkpointing_steps", "1",
-               launcher="accelerate")
+    run_script(
+        SCRIPT,
+        *common(tiny_mnist, tiny_bert, out),
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "1",
+        launcher="accelerate",
+    )
     config = json.loads((out / "run_config.json").read_text())
     assert config["num_processes"] == 2
     checkpoint = out / "checkpoint-2"
@@ -116,8 +153,9 @@ def test_two_steps_accelerate_two_processes_bert(tiny_mnist, tiny_bert, tmp_path
     # The 2-process run resumed on 1 process: same step, learning rate and data position (in batches of 8).
     one = tmp_path / "one"
     shutil.copytree(out / "checkpoint-1", one / "checkpoint-1")
-    proc = run_script(SCRIPT, *common(tiny_mnist, tiny_bert, one), "--max_train_steps", "2",
-                      "--resume_from_checkpoint", "latest")
+    proc = run_script(
+        SCRIPT, *common(tiny_mnist, tiny_bert, one), "--max_train_steps", "2", "--resume_from_checkpoint", "latest"
+    )
     assert "written by 2 processes, resumed on 1" in proc.stdout
     assert [r["step"] for r in read_metrics(one)] == [2]
     assert read_metrics(one)[0]["lr"] == rows[1]["lr"]
@@ -128,9 +166,26 @@ def test_two_steps_accelerate_two_processes_bert(tiny_mnist, tiny_bert, tmp_path
 def test_max_samples_whole_pipeline_then_sample_from_export(tiny_mnist, tiny_clip, tmp_path):
     out = tmp_path / "run"
     # Hyphen spellings and the seed aliases are accepted.
-    run_script(SCRIPT, "--data-root", tiny_mnist, "--text-encoder-name-or-path", tiny_clip, "--output-dir", out,
-               *FAST, "--max-samples", "10", "--epochs", "2", "--batch-size", "4", "--num-eval-samples", "20",
-               "--checkpointing_steps", "3")
+    run_script(
+        SCRIPT,
+        "--data-root",
+        tiny_mnist,
+        "--text-encoder-name-or-path",
+        tiny_clip,
+        "--output-dir",
+        out,
+        *FAST,
+        "--max-samples",
+        "10",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--num-eval-samples",
+        "20",
+        "--checkpointing_steps",
+        "3",
+    )
     # 10 samples, batch 4, drop_last: 2 steps per epoch, 2 epochs.
     assert json.loads((out / "train_summary.json").read_text())["global_step"] == 4
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
@@ -139,8 +194,21 @@ def test_max_samples_whole_pipeline_then_sample_from_export(tiny_mnist, tiny_cli
     assert np.bincount(evals["labels"], minlength=10).tolist() == [2] * 10
 
     again = tmp_path / "from-export"
-    run_script(SCRIPT, "--sample_from", out, "--output_dir", again, "--num_eval_samples", "10",
-               "--num_inference_steps", "2", "--validation_guidance_scales", "1,2", "--guidance_scale", "2")
+    run_script(
+        SCRIPT,
+        "--sample_from",
+        out,
+        "--output_dir",
+        again,
+        "--num_eval_samples",
+        "10",
+        "--num_inference_steps",
+        "2",
+        "--validation_guidance_scales",
+        "1,2",
+        "--guidance_scale",
+        "2",
+    )
     evals = np.load(again / "eval_samples.npz")
     assert evals["images"].shape == (10, 28, 28) and sorted(evals["labels"].tolist()) == list(range(10))
     assert float(evals["guidance_scale"]) == 2.0 and float(evals["sample_seconds"]) > 0
@@ -149,8 +217,17 @@ def test_max_samples_whole_pipeline_then_sample_from_export(tiny_mnist, tiny_cli
 
 def test_resume_matches_uninterrupted_run(tiny_mnist, tiny_clip, tmp_path):
     straight = tmp_path / "straight"
-    args = [*common(tiny_mnist, tiny_clip, straight), "--max_train_steps", "4", "--checkpointing_steps", "2",
-            "--lr_warmup_steps", "1", "--ema_power", "1.0"]
+    args = [
+        *common(tiny_mnist, tiny_clip, straight),
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--lr_warmup_steps",
+        "1",
+        "--ema_power",
+        "1.0",
+    ]
     run_script(SCRIPT, *args)
     # Resume in a fresh folder from the step-2 checkpoint (mid-epoch: 64 samples / batch 8 = 8 steps per epoch).
     resumed = tmp_path / "resumed"
@@ -160,8 +237,10 @@ def test_resume_matches_uninterrupted_run(tiny_mnist, tiny_clip, tmp_path):
     assert_same_weights(straight / "checkpoint-4", resumed / "checkpoint-4")
     # A resumed run that skipped the data position or reused the noise would still be close: make sure the
     # comparison is sharp by checking that training did move the weights between step 2 and step 4.
-    w2, w4 = load_file(straight / "checkpoint-2" / "model.safetensors"), load_file(straight / "checkpoint-4" /
-                                                                                   "model.safetensors")
+    w2, w4 = (
+        load_file(straight / "checkpoint-2" / "model.safetensors"),
+        load_file(straight / "checkpoint-4" / "model.safetensors"),
+    )
     assert any(not torch.equal(w2[k], w4[k]) for k in w2)
 
     # The 1-process run resumed on 2 processes: same steps and learning rates, data position in batches of 8
@@ -179,10 +258,23 @@ def test_resume_matches_uninterrupted_run(tiny_mnist, tiny_clip, tmp_path):
 
 def test_sigterm_saves_checkpoint_and_exits_zero(tiny_mnist, tiny_clip, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / SCRIPT), *map(str, common(tiny_mnist, tiny_clip, out)),
-           "--max_train_steps", "1000", "--checkpointing_steps", "1000"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**__import__("os").environ, **OFFLINE_ENV},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        str(REPO / SCRIPT),
+        *map(str, common(tiny_mnist, tiny_clip, out)),
+        "--max_train_steps",
+        "1000",
+        "--checkpointing_steps",
+        "1000",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**__import__("os").environ, **OFFLINE_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -199,18 +291,35 @@ def test_sigterm_saves_checkpoint_and_exits_zero(tiny_mnist, tiny_clip, tmp_path
 
 def test_checkpoints_total_limit(tiny_mnist, tiny_clip, tmp_path):
     out = tmp_path / "run"
-    run_script(SCRIPT, *common(tiny_mnist, tiny_clip, out), "--max_train_steps", "4", "--checkpointing_steps", "1",
-               "--checkpoints_total_limit", "2", "--validation_steps", "100")
+    run_script(
+        SCRIPT,
+        *common(tiny_mnist, tiny_clip, out),
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "1",
+        "--checkpoints_total_limit",
+        "2",
+        "--validation_steps",
+        "100",
+    )
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-3", "checkpoint-4"]
 
 
-@pytest.mark.parametrize("case", ["missing_dataset", "missing_encoder", "fp16_on_cpu", "max_samples_0",
-                                  "foreign_checkpoint", "missing_tracker"])
+@pytest.mark.parametrize(
+    "case",
+    ["missing_dataset", "missing_encoder", "fp16_on_cpu", "max_samples_0", "foreign_checkpoint", "missing_tracker"],
+)
 def test_bad_input_is_one_line_exit_2(case, tiny_mnist, tiny_clip, tmp_path):
     args = common(tiny_mnist, tiny_clip, tmp_path / "run") + ["--max_train_steps", "1"]
-    flag = {"missing_dataset": "--dataset_path", "missing_encoder": "--text_encoder_name_or_path",
-            "fp16_on_cpu": "--mixed_precision", "max_samples_0": "--max_samples",
-            "foreign_checkpoint": "--resume_from_checkpoint", "missing_tracker": "--report_to"}[case]
+    flag = {
+        "missing_dataset": "--dataset_path",
+        "missing_encoder": "--text_encoder_name_or_path",
+        "fp16_on_cpu": "--mixed_precision",
+        "max_samples_0": "--max_samples",
+        "foreign_checkpoint": "--resume_from_checkpoint",
+        "missing_tracker": "--report_to",
+    }[case]
     if case == "missing_dataset":
         args[args.index("--dataset_path") + 1] = tmp_path / "no-mnist-here"
     elif case == "missing_encoder":
@@ -238,11 +347,26 @@ def test_bf16_from_the_flag_or_from_accelerate(tiny_mnist, tiny_clip, tmp_path):
     """bf16 autocast runs on CPU; the precision accelerate resolves (flag, or the launcher's environment when the
     flag is left out) is the one recorded."""
     flag, env = tmp_path / "flag", tmp_path / "env"
-    run_script(SCRIPT, *common(tiny_mnist, tiny_clip, flag), "--max_train_steps", "2", "--mixed_precision", "bf16",
-               "--validation_steps", "100")
+    run_script(
+        SCRIPT,
+        *common(tiny_mnist, tiny_clip, flag),
+        "--max_train_steps",
+        "2",
+        "--mixed_precision",
+        "bf16",
+        "--validation_steps",
+        "100",
+    )
     # What `accelerate launch --mixed_precision bf16` (or an accelerate config set to bf16) hands the script.
-    run_script(SCRIPT, *common(tiny_mnist, tiny_clip, env), "--max_train_steps", "2", "--validation_steps", "100",
-               env={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    run_script(
+        SCRIPT,
+        *common(tiny_mnist, tiny_clip, env),
+        "--max_train_steps",
+        "2",
+        "--validation_steps",
+        "100",
+        env={"ACCELERATE_MIXED_PRECISION": "bf16"},
+    )
     for out in (flag, env):
         assert json.loads((out / "run_config.json").read_text())["mixed_precision"] == "bf16"
         assert all(math.isfinite(r["loss"]) for r in read_metrics(out))
@@ -254,9 +378,26 @@ def test_divergence_stops_with_a_message_and_finite_checkpoints(tiny_mnist, tiny
     """Non-finite gradients skip the update on the device and are counted; a long enough run of them stops the run
     (exit 1) with the weights of the last good step."""
     out = tmp_path / "run"
-    proc = run_script(SCRIPT, *common(tiny_mnist, tiny_clip, out), "--max_train_steps", "40", "--learning_rate", "1e6",
-                      "--lr_warmup_steps", "0", "--max_grad_norm", "0", "--max_nonfinite_steps", "3",
-                      "--checkpointing_steps", "1", "--validation_steps", "100", "--no-use_ema", expect_rc=1)
+    proc = run_script(
+        SCRIPT,
+        *common(tiny_mnist, tiny_clip, out),
+        "--max_train_steps",
+        "40",
+        "--learning_rate",
+        "1e6",
+        "--lr_warmup_steps",
+        "0",
+        "--max_grad_norm",
+        "0",
+        "--max_nonfinite_steps",
+        "3",
+        "--checkpointing_steps",
+        "1",
+        "--validation_steps",
+        "100",
+        "--no-use_ema",
+        expect_rc=1,
+    )
     assert "non-finite gradient" in proc.stdout + proc.stderr
     rows = read_metrics(out)
     assert rows[-1]["nonfinite_steps"] >= 3 and rows[-1]["step"] < 40
@@ -270,10 +411,28 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tiny_mnist,
     import psutil
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--multi_gpu", "--dynamo_backend", "no", str(REPO / SCRIPT),
-           *map(str, common(tiny_mnist, tiny_clip, out)), "--max_train_steps", "1000", "--logging_steps", "1000",
-           "--checkpointing_steps", "1000", "--validation_steps", "1000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--multi_gpu",
+        "--dynamo_backend",
+        "no",
+        str(REPO / SCRIPT),
+        *map(str, common(tiny_mnist, tiny_clip, out)),
+        "--max_train_steps",
+        "1000",
+        "--logging_steps",
+        "1000",
+        "--checkpointing_steps",
+        "1000",
+        "--validation_steps",
+        "1000",
+    ]
     env = {**__import__("os").environ, **OFFLINE_ENV, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
@@ -289,8 +448,10 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tiny_mnist,
     assert proc.returncode == 0, output[-3000:]
     checkpoints = list(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1, output[-3000:]
-    assert {p.name for p in checkpoints[0].glob("train_rng_*")} == {"train_rng_0.safetensors",
-                                                                    "train_rng_1.safetensors"}
+    assert {p.name for p in checkpoints[0].glob("train_rng_*")} == {
+        "train_rng_0.safetensors",
+        "train_rng_1.safetensors",
+    }
     assert 1 <= json.loads((checkpoints[0] / "training_state.json").read_text())["global_step"] < 1000
 
 
@@ -322,8 +483,9 @@ def test_disk_full_while_saving_leaves_the_previous_checkpoint(tiny_mnist, tiny_
     unet, optimizer = accelerator.prepare(unet, optimizer)
     rng = torch.Generator().manual_seed(0)
     out.mkdir()
-    sampling = module.functools.partial(module.write_sampling_files,
-                                        module.build_sampler(module.build_noise_scheduler(args).config), args, "enc")
+    sampling = module.functools.partial(
+        module.write_sampling_files, module.build_sampler(module.build_noise_scheduler(args).config), args, "enc"
+    )
     module.save_checkpoint(accelerator, args, unet, ema, rng, 1, (0, 1), sampling)
 
     def full(*_, **__):
