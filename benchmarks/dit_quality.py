@@ -5,7 +5,7 @@ several guidance scales from the export (`--sample_from`), and scores them with 
 benchmarks/mnist_quality.py: `class_accuracy` (the judge recognises the class it was asked for) and
 `fid_ratio` (Fréchet distance to real test digits in the judge's features over that of real train digits).
 
-    python benchmarks/dit_quality.py --data_root ../shared/datasets --output_dir output/dit_quality --objective flow
+    python benchmarks/dit_quality.py --data_root ./data --output_dir output/dit_quality --objective flow
     python benchmarks/dit_quality.py ... -- --learning_rate 5e-4      # extra train_dit.py flags after "--"
 
 Writes OUTPUT_DIR/eval_samples.npz (the headline guidance scale), docs/dit_quality_<objective>.json, and prints
@@ -86,7 +86,7 @@ def parse_args(argv=None):
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_root", default="../shared/datasets", help="Folder holding MNIST/raw.")
+    parser.add_argument("--data_root", default="./data", help="Folder holding MNIST/raw.")
     parser.add_argument("--output_dir", default="output/dit_quality")
     parser.add_argument("--objective", choices=sorted(RECIPES), default="flow")
     parser.add_argument("--guidance_scales", default="1.75", help="Sampled and scored, one set of 1000 each.")
@@ -98,7 +98,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--judge_path", default=str(REPO / "benchmarks" / ".cache" / "mnist_judge.safetensors"))
-    parser.add_argument("--docs_dir", default=str(REPO / "docs"))
+    parser.add_argument("--docs_dir", default=str(REPO / "benchmarks" / "output"))
     parser.add_argument("--skip_training", action="store_true", help="Score the model already in OUTPUT_DIR/model.")
     args = parser.parse_args(argv)
     args.extra, args.argv = extra, argv + (["--", *extra] if extra else [])

