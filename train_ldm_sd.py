@@ -1,14 +1,11 @@
-"""Train a Stable-Diffusion-style latent diffusion model: frozen VAE + frozen text encoder + UNet2DConditionModel.
+"""Fine-tune the UNet of a Stable Diffusion pipeline on image-caption pairs (or train a new one from scratch).
 
-Images are encoded by the VAE (online, or once by prepare_data_multi_gpu.py: --precomputed_data_dir), captions by
-the text encoder; the UNet learns to denoise z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps under the folder's DDPM
-schedule, MSE on eps or v (optionally min-SNR weighted). The folder's UNet is fine-tuned, or --unet_from_scratch
-trains a new one. Each step replaces a caption by the empty prompt with --cond_dropout_prob, so classifier-free
-guidance works. The result is a StableDiffusionPipeline folder (EMA UNet, fp32) that diffusers loads alone.
+The frozen VAE encodes the images (or prepare_data_multi_gpu.py did once: --precomputed_data_dir), the frozen text
+encoder the captions; the UNet predicts the noise (or v) of noised latents, MSE loss. Captions are dropped at random
+so that classifier-free guidance works. The export is a StableDiffusionPipeline folder (EMA UNet, fp32).
 
-    accelerate launch train_ldm_sd.py --mixed_precision bf16
-    python train_ldm_sd.py --precomputed_data_dir shards --pretrained_model_name_or_path SD_FOLDER --unet_from_scratch
-    python train_ldm_sd.py --sample_from output_ldm_sd/checkpoint-500 --output_dir samples-500
+    accelerate launch train_ldm_sd.py --dataset_name lambdalabs/naruto-blip-captions --mixed_precision bf16
+    python train_ldm_sd.py --sample_from sd-model-finetuned/checkpoint-500 --output_dir samples-500
 """
 
 import argparse
@@ -17,6 +14,7 @@ import bisect
 import errno
 import functools
 import hashlib
+import importlib.util
 import io
 import itertools
 import json
@@ -30,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,12 +55,11 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_DATASET = "lambdalabs/naruto-blip-captions"
 EXPORT_CONFIG = "export_config.json"
-MANIFEST = "manifest.json"  # written last in a checkpoint or export: size and hash of every file, the commit point
+MANIFEST = "manifest.json"  # written last in a checkpoint or export: size and hash of every file
 LOCK = "run.lock"  # one training run per output folder
-NEGATABLE = {"use_ema", "ema_warmup", "foreach_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
+NEGATABLE = {"use_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
 
-# Named UNet sizes for --unet_from_scratch. in/out channels, cross_attention_dim and sample_size always come from
-# the VAE and the text encoder.
+# UNet sizes for --unet_from_scratch; channels, cross_attention_dim and sample_size come from the VAE and text encoder.
 UNET_PRESETS = {
     "sd15": dict(
         block_out_channels=[320, 640, 1280, 1280],
@@ -97,9 +95,10 @@ UNET_PRESETS = {
 }
 
 
+# ---- Arguments ----
 # Copied from train_mnist.fail
 def fail(message):
-    """A user mistake: one line naming the flag or file and the fix, exit code 2, before any heavy work."""
+    """A user mistake: one line naming the flag or file and the fix, exit code 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -110,264 +109,120 @@ def float_list(text):
 
 
 def parse_args(argv=None):
+    """Flags shared with diffusers' train_text_to_image.py keep its defaults, except where the help says why."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    g = parser.add_argument_group("models")
-    g.add_argument(
+    add = parser.add_argument
+    # Models
+    add(
         "--pretrained_model_name_or_path",
-        default=None,
-        help=f"Stable Diffusion layout (tokenizer/ text_encoder/ vae/ unet/ scheduler/), hub id or folder. "
-        f"Default {DEFAULT_MODEL}.",
+        help=f"Hub id or folder in Stable Diffusion layout. Default {DEFAULT_MODEL}.",
     )
-    g.add_argument("--revision", default=None)
-    g.add_argument("--variant", default=None, help='Weights variant of the folder, e.g. "fp16".')
-    g.add_argument(
-        "--cache_dir", default=None, help="The directory where the downloaded models and datasets will be stored."
-    )
-    g.add_argument(
-        "--unet_from_scratch",
-        action="store_true",
-        help="Train a new UNet (size from --unet_config) on the folder's frozen VAE, text encoder and "
-        "scheduler, instead of fine-tuning the folder's UNet.",
-    )
-    g.add_argument(
-        "--unet_config",
-        default="small",
-        help=f"With --unet_from_scratch: a UNet2DConditionModel config JSON, or one of {', '.join(UNET_PRESETS)}.",
-    )
-    g.add_argument(
-        "--vae_name_or_path",
-        default=None,
-        help="Overrides the folder's VAE. With --precomputed_data_dir the shards' VAE (index.json) is "
-        "loaded and exported.",
-    )
-    g.add_argument(
+    add("--revision")
+    add("--variant", help='Weights variant of the folder, e.g. "fp16".')
+    add("--cache_dir", help="Where downloaded models and datasets are stored.")
+    add("--unet_from_scratch", action="store_true", help="Train a new UNet (--unet_config) instead of the folder's.")
+    add("--unet_config", default="small", help=f"A UNet config JSON, or one of {', '.join(UNET_PRESETS)}.")
+    add("--vae_name_or_path", help="Instead of the folder's VAE.")
+    add(
         "--text_encoder_name_or_path",
-        default=None,
-        help="Overrides the folder's text encoder and tokenizer (CLIP text, BERT family, T5 encoder). "
-        "With --precomputed_data_dir, the one that encoded the shards (index.json).",
+        help="Instead of the folder's text encoder and tokenizer (CLIP text, BERT family, T5 encoder).",
     )
-    g.add_argument(
-        "--tokenizer_max_length",
-        type=int,
-        default=None,
-        help="Tokens per caption (default: the tokenizer's model_max_length, at most the encoder's "
-        "positions; with --precomputed_data_dir, the shards'). Written into the exported tokenizer so "
-        "the pipeline pads the same way.",
-    )
-
-    g = parser.add_argument_group("data (one of --dataset_name, --train_data_dir, --precomputed_data_dir)")
-    g.add_argument(
+    add("--tokenizer_max_length", type=int, help="Tokens per caption. Default: the tokenizer's.")
+    # Data: one of --dataset_name, --train_data_dir, --precomputed_data_dir
+    add(
         "--dataset_name",
-        default=None,
-        help=f"datasets hub id, local dataset or save_to_disk folder. Default {DEFAULT_DATASET} when no "
-        f"data flag is given.",
+        help=f"datasets hub id, local dataset or save_to_disk folder. Default {DEFAULT_DATASET}.",
     )
-    g.add_argument("--dataset_config_name", default=None)
-    g.add_argument("--streaming", action="store_true", help="Stream --dataset_name (needs --max_train_steps).")
-    g.add_argument("--train_data_dir", "--data_root", default=None, help="Imagefolder with metadata.jsonl captions.")
-    g.add_argument(
-        "--precomputed_data_dir",
-        default=None,
-        help="Shards of prepare_data_multi_gpu.py: the VAE and text encoder do not run during training.",
-    )
-    g.add_argument("--image_column", default="image")
-    g.add_argument("--caption_column", default="text")
-    g.add_argument(
-        "--max_samples", "--max_train_samples", type=int, default=None, help="Truncate the training set to N examples."
-    )
-    g.add_argument("--resolution", type=int, default=512)
-    g.add_argument(
+    add("--dataset_config_name")
+    add("--streaming", action="store_true", help="Stream --dataset_name (needs --max_train_steps).")
+    add("--train_data_dir", help="Imagefolder with metadata.jsonl captions.")
+    add("--precomputed_data_dir", help="Shards of prepare_data_multi_gpu.py (latents, text states).")
+    add("--image_column", default="image")
+    add("--caption_column", default="text")
+    add("--max_samples", "--max_train_samples", type=int, help="Train on the first N examples.")
+    add("--resolution", type=int, default=512)
+    add(
         "--image_interpolation_mode",
         default="lanczos",
         choices=[mode.name.lower() for mode in transforms.InterpolationMode],
-        help="The image interpolation method to use for resizing images.",
     )
-    g.add_argument("--center_crop", action="store_true", help="Center crop instead of a random crop.")
-    g.add_argument("--random_flip", action="store_true", help="Mirror images at random (afresh every step).")
-    g.add_argument("--dataloader_num_workers", type=int, default=0)
-
-    g = parser.add_argument_group("objective")
-    g.add_argument(
-        "--prediction_type",
-        choices=["epsilon", "v_prediction"],
-        default=None,
-        help="Default: the folder's scheduler's.",
-    )
-    g.add_argument(
-        "--snr_gamma",
-        type=float,
-        default=None,
-        help="Min-SNR loss weighting (Hang et al. 2023); 5 is the paper's value. Default: plain MSE.",
-    )
-    g.add_argument("--noise_offset", type=float, default=0.0, help="Adds offset * N(0,1) per channel to the noise.")
-    g.add_argument(
-        "--input_perturbation",
-        type=float,
-        default=0.0,
-        help="Noise the input with eps + p * N(0,1) while the target stays eps (Ning et al. 2023).",
-    )
-    g.add_argument(
-        "--rescale_betas_zero_snr",
-        action="store_true",
-        help="Rescale the schedule to zero terminal SNR (Lin et al. 2023); use with v_prediction.",
-    )
-    g.add_argument(
+    add("--center_crop", action="store_true", help="Center crop instead of a random crop.")
+    add("--random_flip", action="store_true")
+    add("--dataloader_num_workers", type=int, default=0)
+    # Objective
+    add("--prediction_type", choices=["epsilon", "v_prediction"], help="Default: the folder's.")
+    add("--snr_gamma", type=float, help="Min-SNR loss weighting; 5 is the paper's value.")
+    add("--noise_offset", type=float, default=0.0)
+    add("--input_perturbation", type=float, default=0.0, help="Noise the input with eps + p * N(0, 1).")
+    add("--rescale_betas_zero_snr", action="store_true", help="Zero terminal SNR; needs v_prediction.")
+    add(
         "--cond_dropout_prob",
         "--proportion_empty_prompts",
         type=float,
         default=0.1,
-        help="Probability of replacing a caption by the empty prompt, drawn afresh at every step.",
+        help="Probability of training on the empty prompt; above 0 so that classifier-free guidance works.",
     )
-
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--output_dir", default="output_ldm_sd")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--train_batch_size", "--batch_size", type=int, default=1, help="Batch size per process.")
-    g.add_argument("--num_train_epochs", "--epochs", "--num_epochs", type=int, default=50)
-    g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs when set.")
-    g.add_argument("--learning_rate", type=float, default=1e-5)
-    g.add_argument(
-        "--scale_lr", action="store_true", help="Multiply the learning rate by processes x accumulation x batch size."
-    )
-    g.add_argument(
-        "--lr_scheduler",
-        default="constant",
-        help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
-    )
-    g.add_argument("--lr_warmup_steps", type=int, default=0)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=4)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument(
-        "--use_8bit_adam",
-        action="store_true",
-        help="bitsandbytes' 8-bit AdamW (CUDA). It cannot skip a step on the device: a step with a "
-        "non-finite gradient is taken with zero gradients instead (the moments decay, weight decay "
-        "applies).",
-    )
-    g.add_argument(
-        "--max_nonfinite_steps",
-        type=int,
-        default=10,
-        help="Stop after this many optimizer steps in a row with a non-finite gradient.",
-    )
-    g.add_argument(
+    # Optimisation
+    add("--output_dir", default="sd-model-finetuned")
+    add("--seed", type=int, default=0, help="Fixed by default: a resumed run crops and samples as the first did.")
+    add("--train_batch_size", "--batch_size", type=int, default=16, help="Batch size per process.")
+    add("--num_train_epochs", "--epochs", "--num_epochs", type=int, default=100)
+    add("--max_train_steps", type=int, help="Overrides --num_train_epochs.")
+    add("--learning_rate", type=float, default=1e-4)
+    add("--scale_lr", action="store_true", help="Multiply the learning rate by processes x accumulation x batch.")
+    add("--lr_scheduler", default="constant", help="constant, constant_with_warmup, linear, cosine, ...")
+    add("--lr_warmup_steps", type=int, default=500)
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--max_grad_norm", type=float, default=1.0)
+    add("--adam_beta1", type=float, default=0.9)
+    add("--adam_beta2", type=float, default=0.999)
+    add("--adam_weight_decay", type=float, default=1e-2)
+    add("--adam_epsilon", type=float, default=1e-8)
+    add("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA).")
+    add("--max_nonfinite_steps", type=int, default=10, help="Stop after N steps in a row with a non-finite gradient.")
+    add(
         "--use_ema",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Keep an EMA of the UNet for validation and the export.",
+        help="Validate and export an EMA of the UNet: on by default, it samples better.",
     )
-    g.add_argument("--ema_decay", type=float, default=0.9999, help="Largest EMA decay.")
-    g.add_argument(
-        "--ema_warmup",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Warm the decay up: 1 - (1 + step) ** -ema_power.",
-    )
-    g.add_argument("--ema_power", type=float, default=2 / 3)
-    g.add_argument(
-        "--offload_ema",
-        action="store_true",
-        help="Keep the EMA weights in CPU memory and update them there: each update copies the UNet's "
-        "weights to the CPU (one way). Combine with --ema_update_every to copy less often.",
-    )
-    g.add_argument(
-        "--ema_update_every",
-        type=int,
-        default=1,
-        help="Update the EMA every N optimizer steps (and before every checkpoint, validation and the "
-        "export), with the decay of the N steps it stands for (the product of their decays), so "
-        "the average spans the same number of steps. N > 1 averages fewer samples of the weights.",
-    )
-    g.add_argument(
-        "--foreach_ema",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Update the EMA with one torch._foreach call over all tensors; --no-foreach_ema: one call "
-        "per tensor (less temporary memory).",
-    )
-
-    g = parser.add_argument_group("speed and memory")
-    g.add_argument(
-        "--mixed_precision",
-        choices=["no", "fp16", "bf16"],
-        default=None,
-        help="Autocast precision; fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag. "
-        "The UNet trains in fp32 under autocast; the frozen VAE and text encoder are cast to it.",
-    )
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
-    g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
-
-    g = parser.add_argument_group("validation")
-    g.add_argument(
-        "--validation_prompts", nargs="+", default=None, help="Default: the captions of the first 4 training examples."
-    )
-    g.add_argument("--num_validation_images", type=int, default=2, help="Images per prompt and guidance scale.")
-    g.add_argument(
-        "--validation_guidance_scales", type=float_list, default=[1.0, 3.0, 7.5], help="Columns of the validation grid."
-    )
-    g.add_argument("--guidance_scale", type=float, default=7.5, help="Written as the export's suggestion.")
-    g.add_argument("--num_inference_steps", type=int, default=25, help="DPM-Solver++ steps of the validation.")
-    g.add_argument(
-        "--validation_steps",
-        type=int,
-        default=None,
-        help="Run validation every X optimizer steps; 500 when --validation_epochs is not given.",
-    )
-    g.add_argument(
-        "--validation_epochs",
-        type=int,
-        default=None,
-        help="Run validation every X epochs (at the end of epochs X, 2X, ...), instead of every --validation_steps.",
-    )
-    g.add_argument(
-        "--sample_from",
-        default=None,
-        help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.",
-    )
-
-    g = parser.add_argument_group("logging and checkpoints")
-    g.add_argument("--logging_steps", type=int, default=10)
-    g.add_argument(
-        "--logging_dir",
-        default="logs",
-        help="TensorBoard log directory, relative to --output_dir (an absolute path is used as it is).",
-    )
-    g.add_argument("--checkpointing_steps", type=int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
-    g.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.',
-    )
-    g.add_argument(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.",
-    )
-    g.add_argument(
-        "--report_to",
-        choices=["none", "tensorboard", "wandb", "all"],
-        default="none",
-        help="Send metrics and validation grids to a tracker (its package must be installed); all: every "
-        "installed one.",
-    )
-    g.add_argument("--tracker_project_name", default="text2image-fine-tune", help="Project (wandb) or run folder name.")
-
+    add("--ema_decay", type=float, default=0.9999, help="Largest EMA decay.")
+    add("--ema_power", type=float, default=2 / 3, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
+    add("--offload_ema", action="store_true", help="Keep the EMA in CPU memory.")
+    add("--ema_update_every", type=int, default=1, help="Update the EMA every N steps, with the N steps' decay.")
+    add("--foreach_ema", action="store_true", help="Update the EMA with one torch._foreach call (more memory).")
+    # Speed and memory
+    add("--mixed_precision", choices=["no", "fp16", "bf16"], help="Default: accelerate's config.")
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add("--allow_tf32", action="store_true")
+    add("--gradient_checkpointing", action="store_true")
+    add("--enable_xformers_memory_efficient_attention", action="store_true")
+    # Validation and sampling
+    add("--validation_prompts", nargs="+", help="Default: the first 4 training captions.")
+    add("--num_validation_images", type=int, default=2, help="Images per prompt and guidance scale.")
+    add("--validation_guidance_scales", type=float_list, default=[1.0, 3.0, 7.5], help="Columns of the grid.")
+    add("--num_inference_steps", type=int, default=25, help="DPM-Solver++ steps.")
+    add("--validation_epochs", type=int, help="Validate every N epochs. Default 5.")
+    add("--validation_steps", type=int, help="Validate every N steps instead of --validation_epochs.")
+    add("--sample_from", help="Sample an export or a checkpoint-N folder instead of training.")
+    # Logging and checkpoints
+    add("--logging_steps", type=int, default=10)
+    add("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir.")
+    add("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="tensorboard")
+    add("--tracker_project_name", default="text2image-fine-tune")
+    add("--checkpointing_steps", type=int, default=500)
+    add("--checkpoints_total_limit", type=int, help="Keep only the newest N checkpoints.")
+    add("--resume_from_checkpoint", help='A checkpoint folder, or "latest" in --output_dir.')
+    add("--overwrite_output_dir", action="store_true", help="Delete another run's checkpoints in --output_dir.")
     argv = sys.argv[1:] if argv is None else list(argv)
     return parser.parse_args([underscore_flag(a) for a in argv])
 
 
 # Copied from train_mnist.underscore_flag
 def underscore_flag(arg):
-    """Every flag also accepts its hyphen spelling: --max-samples == --max_samples, --no-use-ema == --no-use_ema."""
+    """--max-samples -> --max_samples, --no-use-ema -> --no-use_ema."""
     if not arg.startswith("--"):
         return arg
     name, eq, value = arg[2:].partition("=")
@@ -380,107 +235,68 @@ def check_args(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
     args.report_to = installed_trackers(args.report_to)
-    if args.sample_from:  # generation only: the data, model and training flags do not apply
+    if args.sample_from:  # generation only: the other flags do not apply
         if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
-            fail(
-                f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
-                f"or one of its checkpoint-N folders"
-            )
+            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG}; pass a run's output_dir or checkpoint-N")
         if problem := manifest_problem(Path(args.sample_from)):
-            fail(f"--sample_from {args.sample_from}: damaged or incomplete ({problem}); pass an intact export")
+            fail(f"--sample_from {args.sample_from}: damaged ({problem}); pass an intact export")
         return
     sources = [s for s in ("dataset_name", "train_data_dir", "precomputed_data_dir") if getattr(args, s)]
     if len(sources) > 1:
         fail(f"give one of --dataset_name, --train_data_dir, --precomputed_data_dir (got {', '.join(sources)})")
-    if not sources:
-        args.dataset_name = DEFAULT_DATASET
+    args.dataset_name = args.dataset_name or (None if sources else DEFAULT_DATASET)
     args.pretrained_model_name_or_path = args.pretrained_model_name_or_path or DEFAULT_MODEL
     if args.train_data_dir and not Path(args.train_data_dir).is_dir():
         fail(f"--train_data_dir {args.train_data_dir}: no such folder")
     if args.precomputed_data_dir and not (Path(args.precomputed_data_dir) / "index.json").is_file():
         fail(
-            f"--precomputed_data_dir {args.precomputed_data_dir}: no index.json; write the folder with "
-            f"prepare_data_multi_gpu.py (an interrupted run writes index.json only when every shard is done)"
+            f"--precomputed_data_dir {args.precomputed_data_dir}: no index.json; write it with "
+            f"prepare_data_multi_gpu.py"
         )
-    if args.streaming and not args.dataset_name:
-        fail("--streaming applies to --dataset_name only")
-    if args.streaming and not args.max_train_steps:
-        fail("--streaming: a stream has no known length; give --max_train_steps")
+    if args.streaming and not (args.dataset_name and args.max_train_steps):
+        fail("--streaming: needs --dataset_name and --max_train_steps (a stream has no known length)")
     if args.resolution % 8:
-        fail(
-            f"--resolution {args.resolution}: must be divisible by 8 (the VAE and StableDiffusionPipeline need "
-            f"it); try {max(8, args.resolution // 8 * 8)}"
-        )
-    if args.max_samples is not None and args.max_samples < 1:
-        fail(f"--max_samples {args.max_samples}: must be at least 1 (leave it out to use the whole dataset)")
-    if args.validation_epochs is not None and args.validation_steps is not None:
-        fail(
-            "--validation_epochs and --validation_steps: give one of them (validation every N epochs, or every N "
-            "optimizer steps)"
-        )
-    for flag in ("validation_epochs", "validation_steps"):
+        fail(f"--resolution {args.resolution}: must be divisible by 8 (the VAE's downsampling)")
+    for flag in ("max_samples", "validation_epochs", "validation_steps", "ema_update_every"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    if args.validation_epochs is None and args.validation_steps is None:
-        args.validation_steps = 500
+    if args.validation_epochs is not None and args.validation_steps is not None:
+        fail("--validation_epochs and --validation_steps: give one of them")
+    if args.validation_steps is None and args.validation_epochs is None:
+        args.validation_epochs = 5
     if not 0.0 <= args.cond_dropout_prob < 1.0:
         fail(f"--cond_dropout_prob {args.cond_dropout_prob}: must be in [0, 1)")
-    if args.ema_update_every < 1:
-        fail(f"--ema_update_every {args.ema_update_every}: must be at least 1")
     if args.unet_from_scratch and args.unet_config not in UNET_PRESETS and not Path(args.unet_config).is_file():
-        fail(f"--unet_config {args.unet_config}: neither a JSON file nor a preset ({', '.join(UNET_PRESETS)})")
-    if args.enable_xformers_memory_efficient_attention:
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            fail(
-                "--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers "
-                "built for your torch; PyTorch's SDPA attention is used without the flag)"
-            )
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            fail("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)")
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        fail(f"--unet_config {args.unet_config}: neither a JSON file nor one of {', '.join(UNET_PRESETS)}")
+    for flag, package in (
+        ("enable_xformers_memory_efficient_attention", "xformers"),
+        ("use_8bit_adam", "bitsandbytes"),
+    ):
+        if getattr(args, flag) and not importlib.util.find_spec(package):
+            fail(f"--{flag}: {package} is not installed (pip install {package})")
+    if args.resume_from_checkpoint not in (None, "latest"):
         if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
             fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
 
 
 # Copied from train_mnist.installed_trackers
 def installed_trackers(report_to):
-    """--report_to as accelerate's log_with: a tracker whose package is missing is an error, never silence."""
+    """--report_to as accelerate's log_with; a tracker whose package is missing is an error."""
     import importlib.util
 
-    packages = {"tensorboard": "tensorboard", "wandb": "wandb"}
     if report_to == "none":
         return []
-    if report_to == "all":
-        found = [name for name, package in packages.items() if importlib.util.find_spec(package)]
-        if not found:
-            fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
-        return found
-    if not importlib.util.find_spec(packages[report_to]):
-        fail(
-            f"--report_to {report_to}: the {packages[report_to]} package is not installed; "
-            f"pip install {packages[report_to]}"
-        )
-    return [report_to]
-
-
-def validation_due(args, global_step, max_train_steps, epoch_end=None):
-    """Whether to validate now: after an optimizer step (epoch_end None) every --validation_steps, or at the end of
-    epoch `epoch_end` (0-based) every --validation_epochs. Never at the last step: the final grid comes anyway."""
-    if global_step >= max_train_steps:
-        return False
-    if epoch_end is None:
-        return bool(args.validation_steps) and global_step % args.validation_steps == 0
-    return bool(args.validation_epochs) and (epoch_end + 1) % args.validation_epochs == 0
+    found = [name for name in ("tensorboard", "wandb") if report_to in (name, "all") and importlib.util.find_spec(name)]
+    if not found and report_to == "all":
+        fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
+    if not found:
+        fail(f"--report_to {report_to}: the {report_to} package is not installed; pip install {report_to}")
+    return found
 
 
 # Copied from train_mnist.check_accelerator
 def check_accelerator(accelerator):
-    """Checks of what accelerate resolved from the flags, its config file and the launcher, before heavy work."""
+    """Checks of what accelerate resolved from the flags, its config file and the launcher."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         fail("--mixed_precision fp16 (from the flag or accelerate's config) needs a CUDA GPU: use bf16 or no here")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -489,19 +305,13 @@ def check_accelerator(accelerator):
         fail("FSDP is not supported by this script (its EMA needs whole weights): launch it with DDP (--multi_gpu)")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data. Online examples are {"pixel_values", "input_ids", "attention_mask", "num_bad"}; precomputed ones
-# {"latent_mean", "latent_std"[, "..._flipped"], "hidden_states"}.
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Data ----
 def decode_image(raw, mode):
     """PIL image from a datasets {"path", "bytes"} dict, a PIL image or a path; None when unreadable."""
     try:
-        if isinstance(raw, Image.Image):
-            image = raw
-        elif isinstance(raw, dict):
-            image = Image.open(io.BytesIO(raw["bytes"])) if raw.get("bytes") else Image.open(raw["path"])
-        else:
-            image = Image.open(raw)
+        if isinstance(raw, dict):
+            raw = io.BytesIO(raw["bytes"]) if raw.get("bytes") else raw["path"]
+        image = raw if isinstance(raw, Image.Image) else Image.open(raw)
         image.load()
         return image.convert(mode)
     except Exception:  # truncated, not an image, missing file: skipped and counted
@@ -509,31 +319,29 @@ def decode_image(raw, mode):
 
 
 class ImageCaptions:
-    """Turns source rows into training examples: decode, resize, crop (center, or random with a seed of
-    (seed, example, epoch) so that a resumed run crops the same way), tokenize. A batch is tokenized in one call
-    and converted to tensors in one go."""
+    """Source rows to training examples: resize, crop, tokenize. A random crop and a choice among several captions
+    are seeded by (seed, example, epoch), so that a resumed run makes the same ones."""
 
     def __init__(self, args, tokenizer, max_length, mode):
         self.args, self.tokenizer, self.max_length, self.mode = args, tokenizer, max_length, mode
-        self.resize = transforms.Resize(
-            args.resolution, interpolation=transforms.InterpolationMode[args.image_interpolation_mode.upper()]
-        )
+        interpolation = transforms.InterpolationMode[args.image_interpolation_mode.upper()]
+        self.resize = transforms.Resize(args.resolution, interpolation=interpolation)
         self.epoch = 0
 
     def crop(self, image, caption, position):
-        """The resized and cropped image and the caption of one example."""
         rng = random.Random((self.args.seed * 1_000_003 + position) * 10_007 + self.epoch)
-        if isinstance(caption, (list, tuple)):  # several captions per image: a fresh choice every epoch
+        if isinstance(caption, (list, tuple)):
             caption = rng.choice(caption) if caption else ""
         image = self.resize(image)
-        w, h, r = image.size[0], image.size[1], self.args.resolution
-        top, left = (
-            ((h - r) // 2, (w - r) // 2) if self.args.center_crop else (rng.randint(0, h - r), rng.randint(0, w - r))
-        )
+        (w, h), r = image.size, self.args.resolution
+        if self.args.center_crop:
+            top, left = (h - r) // 2, (w - r) // 2
+        else:
+            top, left = rng.randint(0, h - r), rng.randint(0, w - r)
         return image.crop((left, top, left + r, top + r)), caption or ""
 
     def examples(self, crops):
-        """[(image, caption)] -> examples; pixels in [-1, 1] as ToTensor + Normalize([0.5], [0.5]) give them."""
+        """[(image, caption)] -> examples, tokenized in one call; pixels in [-1, 1]."""
         tokens = self.tokenizer(
             [c for _, c in crops],
             padding="max_length",
@@ -541,22 +349,17 @@ class ImageCaptions:
             truncation=True,
             return_tensors="pt",
         )
-        pixels = np.stack(
-            [np.asarray(image, dtype=np.uint8).reshape(image.size[1], image.size[0], -1) for image, _ in crops]
-        )
+        pixels = np.stack([np.asarray(image, dtype=np.uint8).reshape(*image.size[::-1], -1) for image, _ in crops])
         pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div(255).sub_(0.5).div_(0.5)
         return [
             {"pixel_values": pixels[k], "input_ids": tokens.input_ids[k], "attention_mask": tokens.attention_mask[k]}
             for k in range(len(crops))
         ]
 
-    def example(self, image, caption, position):
-        return self.examples([self.crop(image, caption, position)])[0]
-
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """A map-style datasets.Dataset (images not decoded by datasets). An unreadable image is replaced by the next
-    readable one and counted, so batches keep their size. The DataLoader reads a batch's rows in one access."""
+    """A map-style datasets.Dataset. An unreadable image is replaced by the next readable one and counted
+    (num_bad), so batches keep their size. The DataLoader reads a batch's rows in one access (__getitems__)."""
 
     def __init__(self, ds, make):
         self.ds, self.make = ds, make
@@ -567,31 +370,23 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch):
         self.make.epoch = epoch
 
-    def readable(self, i, row=None):
-        """(image, caption, index, unreadable rows skipped) of the first readable row from i on; row: the i-th."""
-        args = self.make.args
-        for bad in range(len(self)):
-            j = (i + bad) % len(self)
-            row = self.ds[j] if row is None else row
-            image = decode_image(row[args.image_column], self.make.mode)
-            if image is not None:
-                return image, row[args.caption_column], j, bad
-            row = None
-        raise RuntimeError("no image of the dataset is readable")
-
     def __getitem__(self, i):
         return self.__getitems__([i])[0]
 
     def __getitems__(self, indices):
-        args = self.make.args
+        image_column, caption_column = self.make.args.image_column, self.make.args.caption_column
         rows = self.ds[list(indices)]
-        crops, bads = [], []
+        crops, bad = [], []
         for k, i in enumerate(indices):
-            row = {args.image_column: rows[args.image_column][k], args.caption_column: rows[args.caption_column][k]}
-            image, caption, j, bad = self.readable(i, row)
-            crops.append(self.make.crop(image, caption, j))
-            bads.append(bad)
-        return [{**e, "num_bad": bad} for e, bad in zip(self.make.examples(crops), bads, strict=True)]
+            row, j = {c: rows[c][k] for c in (image_column, caption_column)}, i
+            while (image := decode_image(row[image_column], self.make.mode)) is None:
+                j = (j + 1) % len(self.ds)
+                if j == i:
+                    raise RuntimeError("no image of the dataset is readable")
+                row = self.ds[j]
+            crops.append(self.make.crop(image, row[caption_column], j))
+            bad.append((j - i) % len(self.ds))
+        return [{**e, "num_bad": n} for e, n in zip(self.make.examples(crops), bad, strict=True)]
 
 
 class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
@@ -609,30 +404,27 @@ class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
             if image is None:
                 bad += 1
                 continue
-            yield {**self.make.example(image, row[args.caption_column], position), "num_bad": bad}
+            example = self.make.examples([self.make.crop(image, row[args.caption_column], position)])[0]
+            yield {**example, "num_bad": bad}
             bad = 0
 
 
 class PrecomputedDataset(torch.utils.data.Dataset):
-    """Rows of the shards of prepare_data_multi_gpu.py (docs/precomputed_format.md), read through mmap."""
+    """Rows of the shards that prepare_data_multi_gpu.py writes, read through mmap."""
 
     def __init__(self, root, index, max_samples):
         self.files = [Path(root) / s["file"] for s in index["shards"]]
-        counts = [s["num_examples"] for s in index["shards"]]
-        self.offsets = [0]
-        for c in counts:
-            self.offsets.append(self.offsets[-1] + c)
-        self.length = self.offsets[-1] if max_samples is None else min(max_samples, self.offsets[-1])
-        self.keys = ["latent_mean", "latent_std"] + (
-            ["latent_mean_flipped", "latent_std_flipped"] if index.get("random_flip") else []
-        )
+        self.offsets = [0, *itertools.accumulate(s["num_examples"] for s in index["shards"])]
+        self.length = min(max_samples or self.offsets[-1], self.offsets[-1])
+        flipped = ["latent_mean_flipped", "latent_std_flipped"] if index.get("random_flip") else []
+        self.keys = ["latent_mean", "latent_std", *flipped]
         self.text_key = index["text_encoders"][0]["key"]
         self.handles = {}
 
     def __len__(self):
         return self.length
 
-    def __getstate__(self):  # safetensors handles do not pickle (DataLoader workers): each worker opens its own
+    def __getstate__(self):  # safetensors handles do not pickle: each DataLoader worker opens its own
         return {**self.__dict__, "handles": {}}
 
     def __getitem__(self, i):
@@ -653,11 +445,9 @@ def read_precomputed_index(args):
     index = json.loads((Path(args.precomputed_data_dir) / "index.json").read_text())
     flag = f"--precomputed_data_dir {args.precomputed_data_dir}"
     if index.get("format") != "precomputed-diffusion-shards" or index.get("version") != 1:
-        fail(f"{flag}: not a version-1 folder of prepare_data_multi_gpu.py (format {index.get('format')!r})")
-    if not index.get("vae"):
-        fail(f"{flag}: the shards hold no VAE latents; run prepare_data_multi_gpu.py with a VAE")
-    if not index.get("text_encoders"):
-        fail(f"{flag}: the shards hold no text encoder states; run prepare_data_multi_gpu.py with a text encoder")
+        fail(f"{flag}: not a version-1 folder of prepare_data_multi_gpu.py")
+    if not index.get("vae") or not index.get("text_encoders"):
+        fail(f"{flag}: the shards need VAE latents and text states; run prepare_data_multi_gpu.py with both models")
     if args.random_flip and not index.get("random_flip"):
         fail(f"{flag}: --random_flip needs flipped latents; prepare the shards with --random_flip")
     check_shards_text_encoder(args, index)
@@ -670,55 +460,53 @@ def local_name(name_or_path):
 
 
 def check_shards_text_encoder(args, index):
-    """The export encodes prompts with this run's text encoder (--text_encoder_name_or_path, or the folder's
-    text_encoder/ and tokenizer/): the shards' captions must have been encoded by that encoder and tokenizer
-    (index.json records both as prepare_data_multi_gpu.py loaded them), at the same length. Any other encoder,
-    even one of the same width, is refused before a model loads."""
+    """The export encodes prompts with this run's text encoder and tokenizer: the shards' captions must have been
+    encoded by the same ones (as index.json names them), at the same length."""
     entry = index["text_encoders"][0]
     if args.text_encoder_name_or_path:
-        option, ours, our_tokenizer = (
-            "--text_encoder_name_or_path",
-            args.text_encoder_name_or_path,
-            args.text_encoder_name_or_path,
-        )
+        option, ours, our_tokenizer = ("--text_encoder_name_or_path", *[args.text_encoder_name_or_path] * 2)
     else:
         folder = args.pretrained_model_name_or_path
         option, ours, our_tokenizer = "--pretrained_model_name_or_path", f"{folder}/text_encoder", f"{folder}/tokenizer"
-    theirs = entry.get("name_or_path")
-    if local_name(theirs) != local_name(ours) or local_name(entry.get("tokenizer") or our_tokenizer) != local_name(
-        our_tokenizer
-    ):
+    theirs, their_tokenizer = entry.get("name_or_path"), entry.get("tokenizer") or our_tokenizer
+    if (local_name(theirs), local_name(their_tokenizer)) != (local_name(ours), local_name(our_tokenizer)):
         parent, _, sub = str(theirs).rpartition("/")
-        fix = (
-            f"--pretrained_model_name_or_path {parent} without --text_encoder_name_or_path"
-            if sub == "text_encoder" and parent
-            else f"--text_encoder_name_or_path {theirs}"
-        )
+        if sub == "text_encoder" and parent:
+            fix = f"--pretrained_model_name_or_path {parent} without --text_encoder_name_or_path"
+        else:
+            fix = f"--text_encoder_name_or_path {theirs}"
         fail(
-            f"--precomputed_data_dir {args.precomputed_data_dir}: its captions were encoded by the text encoder "
-            f"{theirs} (tokenizer {entry.get('tokenizer')}), this run's is {ours} ({option}); pass {fix}, or "
-            f"re-encode the shards with this run's encoder"
+            f"--precomputed_data_dir {args.precomputed_data_dir}: its captions were encoded by {theirs} (tokenizer "
+            f"{entry.get('tokenizer')}), this run's encoder is {ours} ({option}); pass {fix}, or re-encode the shards"
         )
     if args.tokenizer_max_length not in (None, entry["max_length"]):
+        fail(f"--tokenizer_max_length {args.tokenizer_max_length}: the shards hold {entry['max_length']} tokens")
+
+
+def check_shards_fit(args, index, text_encoder, vae):
+    """The shards' text states and latents must fit this run's text encoder and VAE (the export's)."""
+    flag, enc = f"--precomputed_data_dir {args.precomputed_data_dir}", index["text_encoders"][0]
+    hidden, channels = text_encoder.config.hidden_size, vae.config.latent_channels
+    if (enc["hidden_size"], index["vae"]["latent_channels"]) != (hidden, channels):
+        fail(f"{flag}: {enc['hidden_size']}-d text and {index['vae']['latent_channels']}-channel latents do not fit")
+    mask = text_uses_mask(text_encoder)
+    if enc.get("use_attention_mask", mask) != mask or enc.get("prefix"):
         fail(
-            f"--tokenizer_max_length {args.tokenizer_max_length}: the shards hold {entry['max_length']} tokens per "
-            f"caption; drop the flag or re-encode the shards"
+            f"{flag}: text states encoded with another attention mask or a prefix than the pipeline's; "
+            f"prepare them with --text_encoder_attention_mask auto, no --text_prefix"
         )
+    if not math.isclose(index["vae"]["scaling_factor"], vae.config.scaling_factor, rel_tol=1e-6):
+        fail(f"{flag}: encoded with a VAE of another scaling factor; re-encode the shards")
 
 
 def vae_source(args, index):
-    """(name_or_path, subfolder, flag) that AutoencoderKL.from_pretrained loads the VAE from: with
-    --precomputed_data_dir the shards' VAE as index.json records it (subfolder absent in older shards, whose
-    name_or_path is <folder>/vae), else --vae_name_or_path or the folder's vae/."""
+    """(name_or_path, subfolder, flag) of the VAE: with --precomputed_data_dir the one index.json names (older
+    shards have no subfolder), else --vae_name_or_path or the folder's vae/."""
     if index is not None:
         name, sub = index["vae"]["name_or_path"], index["vae"].get("subfolder")
         full = f"{name}/{sub}" if sub else name
         if args.vae_name_or_path and local_name(args.vae_name_or_path) != local_name(full):
-            fail(
-                f"--vae_name_or_path {args.vae_name_or_path}: the latents of --precomputed_data_dir "
-                f"{args.precomputed_data_dir} were encoded by the VAE {full}, which is loaded and exported; drop "
-                f"the flag or re-encode the shards"
-            )
+            fail(f"--vae_name_or_path {args.vae_name_or_path}: the shards were encoded by {full}; drop the flag")
         return name, sub, f"--precomputed_data_dir {args.precomputed_data_dir} (index.json's VAE)"
     if args.vae_name_or_path:
         return args.vae_name_or_path, None, "--vae_name_or_path"
@@ -729,12 +517,13 @@ def load_hf_dataset(args):
     """The datasets.Dataset (or IterableDataset) of --dataset_name / --train_data_dir, images left undecoded."""
     import datasets
 
+    flag = "--train_data_dir" if args.train_data_dir else "--dataset_name"
     try:
         if args.train_data_dir:
             ds = datasets.load_dataset(
                 "imagefolder", data_dir=args.train_data_dir, split="train", cache_dir=args.cache_dir
             )
-        elif Path(args.dataset_name).is_dir() and (Path(args.dataset_name) / "state.json").is_file():
+        elif (Path(args.dataset_name) / "state.json").is_file():
             ds = datasets.load_from_disk(args.dataset_name)
         else:
             ds = datasets.load_dataset(
@@ -744,15 +533,14 @@ def load_hf_dataset(args):
                 streaming=args.streaming,
                 cache_dir=args.cache_dir,
             )
-    except (OSError, ValueError, FileNotFoundError) as e:
-        flag = "--train_data_dir" if args.train_data_dir else "--dataset_name"
+    except (OSError, ValueError) as e:
         fail(
-            f"{flag} {args.train_data_dir or args.dataset_name}: cannot load it ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else ''})"
+            f"{flag} {args.train_data_dir or args.dataset_name}: cannot load it "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
         )
-    if isinstance(ds, datasets.DatasetDict):
+    if isinstance(ds, datasets.DatasetDict):  # a save_to_disk folder of splits
         ds = ds["train"]
-    columns = list(ds.column_names or (ds.features or {}).keys())
+    columns = list(ds.column_names or ds.features or {})
     for flag in ("image_column", "caption_column"):
         if getattr(args, flag) not in columns:
             fail(f"--{flag} {getattr(args, flag)!r}: not a column of the dataset; columns: {', '.join(columns)}")
@@ -779,27 +567,19 @@ def build_dataset(args, tokenizer, max_length, vae_channels, index):
     return ImageCaptionDataset(ds, make), [c[0] if isinstance(c, list) else str(c) for c in first]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Models ----
 def load_text_encoder(args):
     """Tokenizer + frozen text encoder: the folder's, or --text_encoder_name_or_path's."""
-    path, sub = (
-        (args.text_encoder_name_or_path, "")
-        if args.text_encoder_name_or_path
-        else (args.pretrained_model_name_or_path, "text_encoder")
-    )
-    flag = "--text_encoder_name_or_path" if args.text_encoder_name_or_path else "--pretrained_model_name_or_path"
+    own = args.text_encoder_name_or_path
+    path, sub = (own, "") if own else (args.pretrained_model_name_or_path, "text_encoder")
+    flag = "--text_encoder_name_or_path" if own else "--pretrained_model_name_or_path"
     try:
         config = AutoConfig.from_pretrained(path, subfolder=sub, revision=args.revision, cache_dir=args.cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(
             path, subfolder="tokenizer" if sub else "", revision=args.revision, cache_dir=args.cache_dir
         )
     except (OSError, ValueError) as e:
-        fail(
-            f"{flag} {path}: cannot load a text encoder and tokenizer from it ({type(e).__name__}); pass a folder "
-            f"in Stable Diffusion layout (or with config.json and tokenizer files), or a hub id when online"
-        )
+        fail(f"{flag} {path}: cannot load a text encoder and tokenizer from it ({type(e).__name__})")
     model_cls = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel}.get(
         config.model_type, AutoModel
     )
@@ -817,18 +597,13 @@ def load_vae(args, source):
             path, subfolder=sub, revision=args.revision, variant=args.variant if sub else None, cache_dir=args.cache_dir
         )
     except (OSError, ValueError) as e:
-        fail(
-            f"{flag} {path}: cannot load an AutoencoderKL from it{f' (subfolder {sub})' if sub else ''} "
-            f"({type(e).__name__})"
-        )
+        fail(f"{flag} {path}: cannot load an AutoencoderKL from it (subfolder {sub}; {type(e).__name__})")
     return vae.requires_grad_(False).eval()
 
 
 def latent_scale(vae):
-    """z = latent * scaling_factor: what the exported StableDiffusionPipeline decodes, vae.decode(z / scaling_factor).
-    A VAE's shift_factor is left out on purpose: the pipeline does not add it back when decoding (nor subtract it
-    when encoding, img2img), so latents trained shifted would decode wrong from the export; unshifted they are
-    only not centred. Recorded in run_config.json."""
+    """z = latent * scaling_factor, what StableDiffusionPipeline decodes. Its shift_factor is left out: the pipeline
+    does not add it back when decoding, so latents trained shifted would decode wrong from the export."""
     return {
         "scaling_factor": vae.config.scaling_factor,
         "shift_factor": 0.0,
@@ -852,7 +627,7 @@ def build_unet(args, latent_channels, latent_size, cross_attention_dim):
                 f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no loadable unet/ "
                 f"({type(e).__name__}); add --unet_from_scratch to train a new UNet"
             )
-        if unet.config.in_channels != latent_channels or unet.config.cross_attention_dim != cross_attention_dim:
+        if (unet.config.in_channels, unet.config.cross_attention_dim) != (latent_channels, cross_attention_dim):
             fail(
                 f"--pretrained_model_name_or_path: its UNet reads {unet.config.in_channels} channels and "
                 f"{unet.config.cross_attention_dim}-d text, the VAE gives {latent_channels} and the text encoder "
@@ -863,13 +638,9 @@ def build_unet(args, latent_channels, latent_size, cross_attention_dim):
         config = dict(UNET_PRESETS[args.unet_config])
     else:
         config = {k: v for k, v in json.loads(Path(args.unet_config).read_text()).items() if not k.startswith("_")}
-    levels = len(config["block_out_channels"])
-    if latent_size % 2 ** (levels - 1):
-        fail(
-            f"--resolution {args.resolution}: {latent_size}x{latent_size} latents cannot be halved "
-            f"{levels - 1} times by the UNet of --unet_config; pick a resolution whose latent size divides by "
-            f"{2 ** (levels - 1)}"
-        )
+    halvings = len(config["block_out_channels"]) - 1
+    if latent_size % 2**halvings:
+        fail(f"--resolution {args.resolution}: the UNet of --unet_config halves the latents {halvings} times")
     config.update(
         in_channels=latent_channels,
         out_channels=latent_channels,
@@ -889,18 +660,14 @@ def build_noise_scheduler(args):
         fail(
             f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no scheduler/ ({type(e).__name__})"
         )
-    prediction_type = args.prediction_type or config.get("prediction_type", "epsilon")
-    if args.rescale_betas_zero_snr and prediction_type == "epsilon":
-        # At the last timestep the input is pure noise: eps is the input itself, and x0 cannot be recovered from it.
-        fail(
-            "--rescale_betas_zero_snr cannot be learned with --prediction_type epsilon (given, or the folder's "
-            "scheduler's): at zero terminal SNR the image cannot be recovered from a predicted noise; add "
-            "--prediction_type v_prediction"
-        )
-    overrides = {}
-    if args.prediction_type:
-        overrides["prediction_type"] = args.prediction_type
-    if args.rescale_betas_zero_snr:  # zero terminal SNR needs trailing timesteps when sampling (Lin et al. 2023)
+    overrides = {"prediction_type": args.prediction_type or config.get("prediction_type", "epsilon")}
+    if args.rescale_betas_zero_snr:
+        # At zero terminal SNR the input of the last timestep is pure noise: predicting it tells nothing of the image.
+        if overrides["prediction_type"] == "epsilon":
+            fail(
+                "--rescale_betas_zero_snr cannot be learned with --prediction_type epsilon; "
+                "use --prediction_type v_prediction"
+            )
         overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     return DDPMScheduler.from_config(config, **overrides)
 
@@ -915,17 +682,58 @@ def text_uses_mask(text_encoder):
     return bool(getattr(text_encoder.config, "use_attention_mask", False))
 
 
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts, max_length, device):
-    """Text states [n, L, D] exactly as StableDiffusionPipeline computes them."""
-    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    mask = tokens.attention_mask.to(device) if text_uses_mask(text_encoder) else None
-    return text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0].float()
+class StridedEMA(EMAModel):
+    """diffusers' EMAModel whose update may stand for `stride` optimizer steps (--ema_update_every): its decay is
+    the product of theirs. With stride 1 it is EMAModel exactly."""
+
+    stride = 1
+
+    def get_decay(self, optimization_step):
+        decay = 1.0
+        for k in range(self.stride):
+            decay *= super().get_decay(optimization_step + k)
+        return decay
+
+    def step_over(self, parameters, steps):
+        self.stride = steps
+        try:
+            self.step(parameters)
+        finally:
+            self.stride = 1
+        self.optimization_step += steps - 1
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Objective
-# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """What the EMA updates and validation read of the training run."""
+
+    accelerator: Accelerator
+    unet: torch.nn.Module
+    params: list  # the UNet's parameters, as the optimizer holds them
+    ema: StridedEMA | None
+    ema_inputs: list  # params, or their CPU copies with --offload_ema
+    global_step: int
+    ema_step: int  # the optimizer step whose weights the EMA averaged last
+    vae: AutoencoderKL
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    sampler: DPMSolverMultistepScheduler
+    prompts: list
+
+
+def catch_up_ema(state):
+    """Average the current weights into the EMA, standing for every step since its last update."""
+    steps = state.global_step - state.ema_step
+    if state.ema is None or steps <= 0:
+        return
+    if state.ema_inputs is not state.params:
+        with torch.no_grad():
+            torch._foreach_copy_(state.ema_inputs, state.params)
+    state.ema.step_over(state.ema_inputs, steps)
+    state.ema_step = state.global_step
+
+
+# ---- Objective ----
 def coin(n, p, generator, device):
     return torch.rand(n, generator=generator, device=device) < p
 
@@ -952,7 +760,7 @@ def batch_to_latents(batch, vae, latent_info, args, generator, weight_dtype):
 
 @torch.no_grad()
 def batch_to_text_states(batch, text_encoder, empty_states, args, generator):
-    """Caption states, each replaced by the empty prompt's with probability --cond_dropout_prob (afresh per step)."""
+    """Caption states, each replaced by the empty prompt's with probability --cond_dropout_prob."""
     device = generator.device
     if "hidden_states" in batch:
         states = batch["hidden_states"].to(device).float()
@@ -971,7 +779,7 @@ def training_step(unet, noise_scheduler, latents, states, args, generator):
         noise = noise + args.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=generator, device=device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
     model_input_noise = noise
-    if args.input_perturbation:
+    if args.input_perturbation:  # the input is noised further, the target stays the noise
         model_input_noise = noise + args.input_perturbation * torch.randn(
             noise.shape, generator=generator, device=device
         )
@@ -988,16 +796,14 @@ def training_step(unet, noise_scheduler, latents, states, args, generator):
 
 
 def min_snr_weight(noise_scheduler, timesteps, gamma):
-    """Min-SNR weights (Hang et al. 2023): min(SNR, gamma) in x0 units, divided by what the target's loss already
-    weighs, SNR (epsilon) or SNR + 1 (v). Finite at zero terminal SNR with v (0 / 1); epsilon there is refused."""
+    """Min-SNR weights: min(SNR, gamma) divided by what the target's loss already weighs, SNR (epsilon) or SNR + 1
+    (v). Finite at zero terminal SNR with v; epsilon there is refused."""
     snr = compute_snr(noise_scheduler, timesteps)
     base = snr if noise_scheduler.config.prediction_type == "epsilon" else snr + 1
     return snr.clamp(max=gamma) / base
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Validation, plots
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Sampling ----
 def make_pipeline(vae, text_encoder, tokenizer, unet, sampler):
     pipeline = StableDiffusionPipeline(
         vae=vae,
@@ -1013,15 +819,61 @@ def make_pipeline(vae, text_encoder, tokenizer, unet, sampler):
     return pipeline
 
 
+def generate_from_export(args, accelerator):
+    """--sample_from: the validation grid of an export (a StableDiffusionPipeline folder) or of a checkpoint-N (its
+    UNet and sampler with the base pipeline's VAE, text encoder and tokenizer that its export_config.json names)."""
+    export = Path(args.sample_from)
+    config = json.loads((export / EXPORT_CONFIG).read_text())
+    if (export / "model_index.json").is_file():
+        pipeline = StableDiffusionPipeline.from_pretrained(export, safety_checker=None, cache_dir=args.cache_dir)
+        pipeline.set_progress_bar_config(disable=True)
+    else:
+        for part in ("text_encoder", "vae"):
+            path = config[part]["name_or_path"]
+            if Path(path).is_absolute() and not Path(path).exists():
+                fail(f"--sample_from {export}: its {part}, {path}, is gone; sample the finished run's export")
+        text = config["text_encoder"]
+        base = argparse.Namespace(
+            pretrained_model_name_or_path=config["pretrained_model_name_or_path"],
+            text_encoder_name_or_path=None if text["subfolder"] else text["name_or_path"],
+            revision=config["revision"],
+            variant=config["variant"],
+            cache_dir=args.cache_dir,
+        )
+        tokenizer, text_encoder = load_text_encoder(base)
+        tokenizer.model_max_length = config["tokenizer_max_length"]
+        vae = load_vae(base, (config["vae"]["name_or_path"], config["vae"]["subfolder"], f"--sample_from {export}"))
+        subfolder = "unet" if (export / "unet").is_dir() else "unet_ema"  # a checkpoint without or with EMA
+        unet = UNet2DConditionModel.from_pretrained(export, subfolder=subfolder, cache_dir=args.cache_dir).eval()
+        sampler = DPMSolverMultistepScheduler.from_pretrained(export / "scheduler", cache_dir=args.cache_dir)
+        pipeline = make_pipeline(vae, text_encoder, tokenizer, unet, sampler)
+    pipeline.to(accelerator.device)
+    args.resolution = config["resolution"]
+    path = Path(args.output_dir) / "samples" / "export.png"
+    if accelerator.is_main_process:
+        log_validation(pipeline, args.validation_prompts or config["validation_prompts"], args, path, accelerator)
+        print(f"wrote {path}")
+
+
+# ---- Validation ----
+def validation_due(args, global_step, max_train_steps, epoch_end=None):
+    """After an optimizer step (epoch_end None) every --validation_steps, or at the end of epoch `epoch_end`
+    (0-based) every --validation_epochs. Never at the last step: the final grid comes anyway."""
+    if global_step >= max_train_steps:
+        return False
+    if epoch_end is None:
+        return bool(args.validation_steps) and global_step % args.validation_steps == 0
+    return bool(args.validation_epochs) and (epoch_end + 1) % args.validation_epochs == 0
+
+
 @torch.no_grad()
 def log_validation(pipeline, prompts, args, path, accelerator, trackers=(), step=0):
     """Grid: one row per prompt, one panel per guidance scale (--num_validation_images each), fixed seed; written to
-    `path` and sent to the trackers (TensorBoard: the grid; wandb: one image per prompt, captioned with it)."""
+    `path` and sent to the trackers (wandb: one image per prompt, as diffusers' examples)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     scales, k = args.validation_guidance_scales, args.num_validation_images
     fig, axes = plt.subplots(
@@ -1055,23 +907,19 @@ def log_validation(pipeline, prompts, args, path, accelerator, trackers=(), step
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
-    if trackers:
-        guidance = f"guidance {', '.join(f'{s:g}' for s in scales)}"
-        caption = f"rows: {' | '.join(prompts)}; {guidance}"
-        log_image([t for t in trackers if t.name != "wandb"], path, step, caption)
-        wandb_trackers = [t for t in trackers if t.name == "wandb"]
-        if wandb_trackers:  # as diffusers' examples: one image per prompt, the prompt as its caption
-            import wandb
+    guidance = f"guidance {', '.join(f'{s:g}' for s in scales)}"
+    log_image([t for t in trackers if t.name != "wandb"], path, step, f"rows: {' | '.join(prompts)}; {guidance}")
+    for tracker in [t for t in trackers if t.name == "wandb"]:
+        import wandb
 
-            per_prompt = [
-                wandb.Image(
-                    (np.concatenate(strips, axis=1) * 255).round().astype(np.uint8).squeeze(),
-                    caption=f"{prompt} ({guidance})",
-                )
-                for prompt, strips in zip(prompts, rows, strict=True)
-            ]
-            for tracker in wandb_trackers:
-                tracker.log({"validation": per_prompt}, step=step)
+        images = [
+            wandb.Image(
+                (np.concatenate(strips, axis=1) * 255).round().astype(np.uint8).squeeze(),
+                caption=f"{prompt} ({guidance})",
+            )
+            for prompt, strips in zip(prompts, rows, strict=True)
+        ]
+        tracker.log({"validation": images}, step=step)
 
 
 # Copied from train_mnist.log_image
@@ -1099,8 +947,6 @@ def plot_loss(metrics_path, out_path):
     if not metrics_path.is_file():  # validation before the first logging step
         return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    if not rows:
-        return
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
     for k in sorted(k for k in rows[-1] if k.startswith("loss_t")):  # loss per quarter of the timestep range
@@ -1113,9 +959,32 @@ def plot_loss(metrics_path, out_path):
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints and export
-# ----------------------------------------------------------------------------------------------------------------
+def validate(state, args):
+    """The grid of the EMA weights (main process), to samples/step-N.png and the trackers; and the loss plot."""
+    catch_up_ema(state)  # on every process: the EMA stays the same everywhere
+    if not state.accelerator.is_main_process:
+        return
+    if state.ema is not None:
+        state.ema.store(state.params)
+        state.ema.copy_to(state.params)
+    unet = state.accelerator.unwrap_model(state.unet).eval()
+    output_dir = Path(args.output_dir)
+    log_validation(
+        make_pipeline(state.vae, state.text_encoder, state.tokenizer, unet, state.sampler),
+        state.prompts,
+        args,
+        output_dir / "samples" / f"step-{state.global_step}.png",
+        state.accelerator,
+        state.accelerator.trackers,
+        state.global_step,
+    )
+    plot_loss(output_dir / "metrics.jsonl", output_dir / "loss.png")
+    if state.ema is not None:
+        state.ema.restore(state.params)
+    unet.train()
+
+
+# ---- Checkpoints and export ----
 # Copied from train_mnist.file_digest
 def file_digest(path):
     digest = hashlib.sha256()
@@ -1127,7 +996,7 @@ def file_digest(path):
 
 # Copied from train_mnist.write_manifest
 def write_manifest(folder, names):
-    """Size and sha256 of the files `names` (relative to `folder`, or the folders they name), written last."""
+    """manifest.json: size and sha256 of the files (or folders) `names` in `folder`."""
     files = {}
     for name in names:
         root = folder / name
@@ -1141,7 +1010,7 @@ def write_manifest(folder, names):
 
 # Copied from train_mnist.manifest_problem
 def manifest_problem(folder):
-    """What is wrong with a checkpoint or export folder, in a few words, or None when its manifest holds."""
+    """What is wrong with a checkpoint or export folder, in a few words, or None."""
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except FileNotFoundError:
@@ -1161,9 +1030,7 @@ def manifest_problem(folder):
 
 # Copied from train_mnist.save_ema
 def save_ema(ema, model, folder):
-    """The EMA weights in diffusers' save_pretrained layout (config.json + diffusion_pytorch_model.safetensors):
-    `from_pretrained(checkpoint, subfolder=...)` loads them. Buffers come from the model; the EMA's own state
-    (decay, step) is in training_state.json."""
+    """The EMA weights, with the model's buffers, in save_pretrained layout."""
     folder.mkdir(parents=True)
     model.save_config(folder)
     state = model.state_dict()
@@ -1176,9 +1043,9 @@ def save_ema(ema, model, folder):
 
 
 def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position, write_sampling_files):
-    """accelerate's save_state, the EMA model (unet_ema/, or unet/ without EMA) with what --sample_from needs, the
-    objective's RNG and the data position, in a temp folder; a manifest written last, then an atomic rename.
-    `position` is (epoch, batches of --train_batch_size consumed in it by all processes)."""
+    """accelerate's save_state, the EMA UNet (unet_ema/, or unet/ without EMA), what --sample_from needs, the
+    objective's RNG and the data position (epoch, batches of all processes in it); a manifest written last, then
+    an atomic rename."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
     if not all(torch.isfinite(p).all() for p in unet.parameters()):
@@ -1187,8 +1054,7 @@ def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, positi
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
-        # Model (safetensors), optimizer, data sampler and the global RNGs of every process.
-        accelerator.save_state(str(tmp))
+        accelerator.save_state(str(tmp))  # model, optimizer, sampler and global RNGs of every process
         save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(unet)
@@ -1201,7 +1067,7 @@ def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, positi
                 "ema": None,
             }
             if ema is not None:
-                save_ema(ema, model, tmp / "unet_ema")  # up to date (catch_up_ema); offloaded shadows read on the CPU
+                save_ema(ema, model, tmp / "unet_ema")
                 state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
             else:
                 model.save_pretrained(tmp / "unet")
@@ -1217,8 +1083,7 @@ def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, positi
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
         print(
-            f"error: step {global_step}: checkpoint not written ({reason}); the previous checkpoints are intact, "
-            f"resume from them with --resume_from_checkpoint latest",
+            f"error: step {global_step}: checkpoint not written ({reason}); the previous ones are intact",
             file=sys.stderr,
         )
         sys.exit(1)
@@ -1238,121 +1103,91 @@ def list_checkpoints(output_dir):
 
 # Copied from train_mnist.find_checkpoint
 def find_checkpoint(accelerator, args):
-    """The folder --resume_from_checkpoint names, checked against its manifest, or None for a new run. "latest"
-    falls back past damaged checkpoints to the newest intact one; a damaged explicit path is an error."""
+    """The checkpoint to resume from, or None. "latest" skips damaged checkpoints; a damaged path is an error."""
     if not args.resume_from_checkpoint:
         return None
     choice = [None]
-    if accelerator.is_main_process:  # one process reads the files; the others take its answer
+    if accelerator.is_main_process:  # one process reads the files, the others take its answer
         if args.resume_from_checkpoint != "latest":
             path = Path(args.resume_from_checkpoint)
             if problem := manifest_problem(path):
                 fail(f"--resume_from_checkpoint {path}: damaged ({problem}); pass an intact checkpoint or latest")
             choice = [str(path)]
-        found = list_checkpoints(args.output_dir) if choice[0] is None else []
-        for path in reversed(found):
-            if not (problem := manifest_problem(path)):
-                choice = [str(path)]
-                break
-            accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
-        if found and choice[0] is None:
-            fail(
-                f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
-                f"with --overwrite_output_dir"
-            )
+        else:
+            found = list_checkpoints(args.output_dir)
+            for path in reversed(found):
+                if not (problem := manifest_problem(path)):
+                    choice = [str(path)]
+                    break
+                accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
+            if found and choice[0] is None:
+                fail(
+                    f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
+                    f"with --overwrite_output_dir"
+                )
     if accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(choice, src=0)
     return None if choice[0] is None else Path(choice[0])
 
 
 def load_checkpoint(accelerator, path, unet, ema, train_rng, args):
-    """Restore everything save_checkpoint wrote; returns training_state.json. Nothing loaded can run code.
-
-    A checkpoint of N processes resumes on M != N at the same step, learning rate and number of samples seen
-    (weights, optimizer and EMA are the same on every process); the random streams of the objective are derived
-    anew for the M processes, so the run is not bitwise the one it would have been on N."""
+    """Restore what save_checkpoint wrote (nothing loaded can run code); returns training_state.json. On another
+    number of processes the step, learning rate and data position are the same, the random streams new ones."""
     state = json.loads((path / "training_state.json").read_text())
     if state.get("script") != "train_ldm_sd.py":
         fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not train_ldm_sd.py")
     if ema is not None and state["ema"] is None:
         fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
-    if "epoch_batches" not in state:  # written before the count was in batches of all processes
-        state["epoch_batches"] = state["batches_in_epoch"] * state.get("num_processes", accelerator.num_processes)
     try:
         accelerator.load_state(str(path))  # safetensors + torch.load(weights_only=True)
     except RuntimeError as e:
         fail(f"--resume_from_checkpoint {path}: does not fit this model ({str(e).splitlines()[0][:160]})")
-    rank, saved = accelerator.process_index, state.get("num_processes", 1)
-    if saved == accelerator.num_processes:
+    rank = accelerator.process_index
+    if state["num_processes"] == accelerator.num_processes:
         train_rng.set_state(load_file(path / f"train_rng_{rank}.safetensors")["state"])
     else:
-        accelerator.print(
-            f"warning: {path} was written by {saved} processes, resumed on {accelerator.num_processes}: "
-            f"same step, learning rate and data position, new random streams (not bitwise)"
-        )
+        accelerator.print(f"warning: {path} was written by {state['num_processes']} processes: new random streams")
         train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
-    if ema is not None:
-        # Straight onto the device the EMA lives on: load_state_dict keeps the tensors it is given.
-        weights = load_file(
-            path / "unet_ema" / "diffusion_pytorch_model.safetensors", device=str(ema.shadow_params[0].device)
-        )
+    if ema is not None:  # loaded straight onto the EMA's device: load_state_dict keeps the tensors it is given
+        device = str(ema.shadow_params[0].device)
+        weights = load_file(path / "unet_ema" / "diffusion_pytorch_model.safetensors", device=device)
         shadow = [weights[name] for name, _ in accelerator.unwrap_model(unet).named_parameters()]
         ema.load_state_dict({**state["ema"], "shadow_params": shadow})
     return state
 
 
 def export_config(args, vae_from, max_length, prompts):
-    """What --sample_from needs besides the UNet and the sampler: the base pipeline's VAE, text encoder and tokenizer
-    as this run loaded them (named, never copied into a checkpoint), the prompt length, resolution and prompts."""
-    text = (
-        (args.text_encoder_name_or_path, "")
-        if args.text_encoder_name_or_path
-        else (args.pretrained_model_name_or_path, "text_encoder")
-    )
+    """What --sample_from needs besides the UNet and the sampler: the VAE, text encoder and tokenizer as this run
+    loaded them (named, never copied into a checkpoint), the prompt length, resolution and prompts."""
+    own = args.text_encoder_name_or_path
+    text, sub = (own, "") if own else (args.pretrained_model_name_or_path, "text_encoder")
     return {
         "script": "train_ldm_sd.py",
         "pretrained_model_name_or_path": local_name(args.pretrained_model_name_or_path),
         "revision": args.revision,
         "variant": args.variant,
         "text_encoder": {
-            "name_or_path": local_name(text[0]),
-            "subfolder": text[1],
-            "tokenizer_subfolder": "tokenizer" if text[1] else "",
+            "name_or_path": local_name(text),
+            "subfolder": sub,
+            "tokenizer_subfolder": sub and "tokenizer",
         },
         "vae": {"name_or_path": local_name(vae_from[0]), "subfolder": vae_from[1]},
         "tokenizer_max_length": max_length,
         "resolution": args.resolution,
-        "guidance_scale": args.guidance_scale,
         "validation_prompts": list(prompts),
     }
 
 
 def write_sampling_files(sampler, config, folder):
-    """The sampler and export_config.json: with the UNet beside them, what --sample_from needs."""
     sampler.save_pretrained(folder / "scheduler")
     (folder / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
 
 
-def export_pipeline(unet, sampler, tokenizer, max_length, args, vae_from):
-    """The StableDiffusionPipeline of the export: the EMA UNet in fp32, the frozen parts reloaded in fp32."""
-    tokenizer.model_max_length = max_length  # the pipeline pads prompts to this, as training did
-    _, text_encoder = load_text_encoder(args)
-    if unet.dtype != torch.float32:
-        unet.to(torch.float32)
-    return make_pipeline(load_vae(args, vae_from), text_encoder, tokenizer, unet, sampler)
-
-
-def sd_license(name_or_path):
-    """The license of a Stable Diffusion v1 model of the hub (CreativeML OpenRAIL-M), else "other"."""
-    hub_id = not Path(name_or_path).exists()
-    return "creativeml-openrail-m" if hub_id and "stable-diffusion-v1" in name_or_path.lower() else "other"
-
-
 def model_card(args, global_step, metrics_path):
-    """README.md of the export: the Hub's YAML front matter, then how it was trained and how to sample it."""
+    """README.md of the export: the Hub's YAML front matter, how it was trained and how to sample it."""
     from huggingface_hub import ModelCardData
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    loss = json.loads(metrics_path.read_text().splitlines()[-1])["loss"]
     base = args.pretrained_model_name_or_path
     hub_base = not Path(base).exists()  # a local folder is no hub id: named in the text only
     dataset = args.dataset_name if args.dataset_name and not Path(args.dataset_name).exists() else None
@@ -1363,11 +1198,8 @@ def model_card(args, global_step, metrics_path):
         datasets=[dataset] if dataset else None,
         tags=["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "diffusers-training"],
     )
-    command = " ".join(["python train_ldm_sd.py", *sys.argv[1:]])
     how = (
-        "a new UNet trained from scratch with the frozen VAE and text encoder of"
-        if args.unet_from_scratch
-        else "the UNet fine-tuned from"
+        "a new UNet trained with the VAE and text encoder of" if args.unet_from_scratch else "the UNet fine-tuned from"
     )
     return f"""---
 {data.to_yaml()}
@@ -1375,33 +1207,34 @@ def model_card(args, global_step, metrics_path):
 
 # Text-to-image: Stable Diffusion fine-tuning (train_ldm_sd.py)
 
-A `StableDiffusionPipeline`: {how} `{local_name(base)}`, {global_step} optimizer steps,
-final loss {rows[-1]["loss"]:.4f}{f", on the dataset `{dataset}`" if dataset else ""}. The UNet holds the EMA weights
-(fp32). Suggested guidance scale: {args.guidance_scale:g}.
-
-Training command:
+A `StableDiffusionPipeline`: {how} `{local_name(base)}`, {global_step} optimizer steps, final loss
+{loss:.4f}{f", on the dataset `{dataset}`" if dataset else ""}. The UNet holds the EMA weights (fp32).
 
 ```bash
-{command}
+{" ".join(["python train_ldm_sd.py", *sys.argv[1:]])}
 ```
-
-Sample it with diffusers:
 
 ```python
 from diffusers import StableDiffusionPipeline
 
 pipeline = StableDiffusionPipeline.from_pretrained("THIS_FOLDER", safety_checker=None)
-image = pipeline("a prompt", guidance_scale={args.guidance_scale:g}).images[0]
+image = pipeline("a prompt").images[0]
 ```
 
 ![samples at guidance {", ".join(f"{s:g}" for s in args.validation_guidance_scales)}](samples.png)
 """
 
 
+def sd_license(name_or_path):
+    """The license of a Stable Diffusion v1 model of the hub (CreativeML OpenRAIL-M), else "other"."""
+    hub_id = not Path(name_or_path).exists()
+    return "creativeml-openrail-m" if hub_id and "stable-diffusion-v1" in name_or_path.lower() else "other"
+
+
 def export_model(pipeline, write_sampling_files, output_dir, card, grid):
-    """StableDiffusionPipeline.save_pretrained (see export_pipeline) plus the sampler, export_config.json and a
-    model card (README.md, samples.png). Each part is written under a temporary name and renamed; manifest.json,
-    written last, says the export is complete."""
+    """StableDiffusionPipeline.save_pretrained plus the sampler, export_config.json and a model card (README.md,
+    samples.png), each part renamed into place from a temporary folder; manifest.json, written last, says the
+    export is complete."""
     (output_dir / MANIFEST).unlink(missing_ok=True)  # until the new manifest: visibly incomplete
     tmp = output_dir / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1420,9 +1253,8 @@ def export_model(pipeline, write_sampling_files, output_dir, card, grid):
 
 # Copied from train_mnist.RunLock
 class RunLock:
-    """One training run per output folder: run.lock holds the PID, the host and a heartbeat time refreshed every
-    minute. A lock whose process is gone (same host) or whose heartbeat is older than `stale_after` seconds
-    (another host: a pre-empted job requeued elsewhere) is taken over with a warning."""
+    """One run per output folder. The lock of a dead process (same host) or with a heartbeat older than
+    `stale_after` seconds (another host) is taken over."""
 
     def __init__(self, output_dir, stale_after=300):
         self.path, self.stale_after = Path(output_dir) / LOCK, stale_after
@@ -1434,7 +1266,7 @@ class RunLock:
             other = json.loads(self.path.read_text())
         except FileNotFoundError:
             other = None
-        except ValueError:  # a lock being written or cut short: nobody can prove it is alive
+        except ValueError:  # cut short: nobody can prove it is alive
             other = {"pid": None, "host": None, "heartbeat": 0}
         if other is not None and other.get("pid") != self.me["pid"]:
             if self.alive(other):
@@ -1452,8 +1284,8 @@ class RunLock:
                 os.kill(other["pid"], 0)
             except ProcessLookupError:
                 return False
-            except PermissionError:
-                return True
+            except PermissionError:  # alive, another user's
+                pass
             return True
         return time.time() - other.get("heartbeat", 0) < self.stale_after
 
@@ -1473,8 +1305,7 @@ class RunLock:
 
 # Copied from train_mnist.claim_output_dir
 def claim_output_dir(args):
-    """Main process, before any heavy work: take the lock, and refuse to mix a new run with another run's
-    checkpoints (--resume_from_checkpoint latest would later pick the old run's higher step)."""
+    """Take the run lock; refuse a new run among another run's checkpoints."""
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         fail(f"--output_dir {output_dir}: is a file; pass a folder")
@@ -1508,17 +1339,13 @@ def write_run_config(args, accelerator, extra):
     import transformers
 
     try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            or None
-        )
+        git = ["git", "rev-parse", "HEAD"]
+        commit = subprocess.run(git, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        commit = ""
     config = {
         "args": vars(args),
-        "git_commit": commit,
+        "git_commit": commit.strip() or None,
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
         **extra,
@@ -1529,11 +1356,8 @@ def write_run_config(args, accelerator, extra):
 
 # Copied from train_mnist.StopRequest
 class StopRequest:
-    """SIGTERM/SIGINT ask for a checkpoint at a step boundary, then a clean exit (pre-emptible clusters).
-
-    Every process must stop at the same step (the save is collective), wherever the signal landed. The flags are
-    agreed over a CPU (gloo) group without blocking: each step reads the previous step's all-reduce and starts the
-    next one, so all processes stop within one step of the signal and the GPU never waits for the host."""
+    """SIGTERM/SIGINT: checkpoint at the next step, then exit 0. Every process stops at the same step (the save is
+    collective): each step reads the last step's non-blocking all-reduce of the flags over a CPU group."""
 
     def __init__(self, accelerator):
         self.event = threading.Event()
@@ -1549,7 +1373,7 @@ class StopRequest:
         agreed = False
         if self.pending is not None:
             self.pending.wait()
-            agreed = bool(self.flag.item())  # a CPU tensor: no device sync
+            agreed = bool(self.flag.item())
         if not agreed:
             self.flag.fill_(float(self.event.is_set()))
             self.pending = torch.distributed.all_reduce(
@@ -1562,71 +1386,7 @@ class StopRequest:
             self.pending.wait()
 
 
-class StridedEMA(EMAModel):
-    """diffusers' EMAModel whose update may stand for `stride` optimizer steps (--ema_update_every): its decay is
-    the product of theirs, and the step count advances by all of them. With stride 1 it is EMAModel exactly."""
-
-    stride = 1
-
-    def get_decay(self, optimization_step):
-        decay = 1.0
-        for k in range(self.stride):
-            decay *= super().get_decay(optimization_step + k)
-        return decay
-
-    def step_over(self, parameters, steps):
-        self.stride = steps
-        try:
-            self.step(parameters)
-        finally:
-            self.stride = 1
-        self.optimization_step += steps - 1
-
-
-def generate_from_export(args, accelerator):
-    """--sample_from: the validation grid of an export (a StableDiffusionPipeline folder) or of a checkpoint-N (its
-    UNet and sampler with the VAE, text encoder and tokenizer of the base pipeline its export_config.json names)."""
-    export = Path(args.sample_from)
-    config = json.loads((export / EXPORT_CONFIG).read_text())
-    if (export / "model_index.json").is_file():
-        pipeline = StableDiffusionPipeline.from_pretrained(export, safety_checker=None, cache_dir=args.cache_dir)
-        pipeline.set_progress_bar_config(disable=True)
-    else:
-        for part in ("text_encoder", "vae"):
-            path = config[part]["name_or_path"]
-            if Path(path).is_absolute() and not Path(path).exists():
-                fail(
-                    f"--sample_from {export}: the {part} its {EXPORT_CONFIG} names, {path}, is gone; restore it "
-                    f"or sample from the finished run's export"
-                )
-        text = config["text_encoder"]  # the base folder's text_encoder/ and tokenizer/, or another encoder's folder
-        base = argparse.Namespace(
-            pretrained_model_name_or_path=config["pretrained_model_name_or_path"],
-            text_encoder_name_or_path=None if text["subfolder"] else text["name_or_path"],
-            revision=config["revision"],
-            variant=config["variant"],
-            cache_dir=args.cache_dir,
-        )
-        tokenizer, text_encoder = load_text_encoder(base)
-        tokenizer.model_max_length = config["tokenizer_max_length"]
-        vae = load_vae(base, (config["vae"]["name_or_path"], config["vae"]["subfolder"], f"--sample_from {export}"))
-        subfolder = "unet" if (export / "unet").is_dir() else "unet_ema"  # a checkpoint without or with EMA
-        unet = UNet2DConditionModel.from_pretrained(export, subfolder=subfolder, cache_dir=args.cache_dir).eval()
-        sampler = DPMSolverMultistepScheduler.from_pretrained(export / "scheduler", cache_dir=args.cache_dir)
-        pipeline = make_pipeline(vae, text_encoder, tokenizer, unet, sampler)
-    pipeline.to(accelerator.device)
-    args.resolution = config["resolution"]
-    prompts = args.validation_prompts or config["validation_prompts"]
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        log_validation(pipeline, prompts, args, output_dir / "samples" / "export.png", accelerator)
-        print(f"wrote {output_dir / 'samples' / 'export.png'}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Main ----
 def main(args):
     check_args(args)
     accelerator = Accelerator(
@@ -1639,7 +1399,6 @@ def main(args):
             project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)
         ),
         # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
-        # non_blocking: a batch from pinned memory reaches the GPU without the host waiting for the GPU's queue.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
     check_accelerator(accelerator)
@@ -1656,7 +1415,7 @@ def main(args):
     resume_path = find_checkpoint(accelerator, args)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    # ---- Frozen VAE and text encoder, noise schedule ----------------------------------------------------------
+    # Frozen VAE and text encoder (in the weight dtype), noise schedule; the shards decide resolution and text length
     index = read_precomputed_index(args) if args.precomputed_data_dir else None
     vae_from = vae_source(args, index)
     noise_scheduler = build_noise_scheduler(args)  # configs only: its checks come before any model loads
@@ -1667,45 +1426,27 @@ def main(args):
     max_length = args.tokenizer_max_length or min(
         tokenizer.model_max_length, getattr(text_encoder.config, "max_position_embeddings", 512)
     )
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    latent_info = latent_scale(vae)
-    if index is not None:  # the shards decide resolution, scale and text length; they must fit the export's parts
-        flag = f"--precomputed_data_dir {args.precomputed_data_dir}"
-        enc = index["text_encoders"][0]
-        if enc["hidden_size"] != hidden or index["vae"]["latent_channels"] != vae.config.latent_channels:
-            fail(
-                f"{flag}: shards of {enc['hidden_size']}-d text and {index['vae']['latent_channels']}-channel latents "
-                f"do not fit this text encoder ({hidden}-d) and VAE ({vae.config.latent_channels} channels)"
-            )
-        if enc.get("use_attention_mask", text_uses_mask(text_encoder)) != text_uses_mask(text_encoder) or enc.get(
-            "prefix"
-        ):
-            fail(
-                f"{flag}: the text states were encoded unlike StableDiffusionPipeline does (attention mask or "
-                f"prefix); prepare them with --text_encoder_attention_mask auto and no --text_prefix"
-            )
-        if abs(index["vae"]["scaling_factor"] - vae.config.scaling_factor) > 1e-6 * vae.config.scaling_factor:
-            fail(
-                f"{flag}: encoded with a VAE of scaling factor {index['vae']['scaling_factor']}, but index.json's VAE "
-                f"{vae_from[0]} now has {vae.config.scaling_factor}; re-encode the shards"
-            )
-        args.resolution, max_length = index["resolution"], enc["max_length"]
-    for frozen in (vae, text_encoder):  # frozen models in the weight dtype (.to(dtype) only when it changes one)
+    if index is not None:
+        check_shards_fit(args, index, text_encoder, vae)
+        args.resolution, max_length = index["resolution"], index["text_encoders"][0]["max_length"]
+    for frozen in (vae, text_encoder):
         frozen.to(accelerator.device)
         if weight_dtype != torch.float32:
             frozen.to(weight_dtype)
     if args.enable_xformers_memory_efficient_attention:
         vae.enable_xformers_memory_efficient_attention()
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_info = latent_scale(vae)
 
-    # ---- Data -------------------------------------------------------------------------------------------------
+    # Data
     dataset, first_captions = build_dataset(args, tokenizer, max_length, vae.config.in_channels, index)
     prompts = args.validation_prompts or first_captions
     sampling_files = functools.partial(
         write_sampling_files, sampler, export_config(args, vae_from, max_length, prompts)
     )
-    if not isinstance(dataset, torch.utils.data.IterableDataset) and len(dataset) == 0:
-        fail("the dataset is empty")
     streaming = isinstance(dataset, torch.utils.data.IterableDataset)
+    if not streaming and len(dataset) == 0:
+        fail("the dataset is empty")
     train_dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
@@ -1714,12 +1455,16 @@ def main(args):
         num_workers=args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
-    empty_states = encode_prompts(tokenizer, text_encoder, [""], max_length, accelerator.device)
     if index is not None:
         empty = load_file(Path(args.precomputed_data_dir) / "empty_prompt.safetensors")
         empty_states = empty[f"{index['text_encoders'][0]['key']}.hidden_states"].to(accelerator.device).float()
+    else:  # the empty prompt's states exactly as StableDiffusionPipeline computes them
+        with torch.no_grad():
+            tokens = tokenizer([""], padding="max_length", max_length=max_length, return_tensors="pt")
+            mask = tokens.attention_mask.to(accelerator.device) if text_uses_mask(text_encoder) else None
+            empty_states = text_encoder(tokens.input_ids.to(accelerator.device), attention_mask=mask)[0].float()
 
-    # ---- UNet, EMA --------------------------------------------------------------------------------------------
+    # UNet, EMA
     unet = build_unet(args, vae.config.latent_channels, args.resolution // factor, hidden)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -1730,8 +1475,7 @@ def main(args):
         ema = StridedEMA(
             unet.parameters(),
             decay=args.ema_decay,
-            use_ema_warmup=args.ema_warmup,
-            inv_gamma=1.0,
+            use_ema_warmup=True,
             power=args.ema_power,
             foreach=args.foreach_ema,
             model_cls=UNet2DConditionModel,
@@ -1747,16 +1491,15 @@ def main(args):
     if accelerator.is_main_process:
         write_run_config(args, accelerator, {"tokenizer_max_length": max_length, "latent": latent_info})
 
-    # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
+    # Optimizer. Fused AdamW skips a step with a non-finite gradient on the device (found_inf); 8-bit AdamW cannot.
     lr = args.learning_rate
     if args.scale_lr:
         lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    fused = not args.use_8bit_adam
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
         optimizer_cls, options = bnb.optim.AdamW8bit, {}
-    else:  # Fused AdamW: one kernel for all tensors, and it can skip a non-finite step on the device (found_inf below).
+    else:
         optimizer_cls, options = torch.optim.AdamW, {"fused": True}
     optimizer = optimizer_cls(
         unet.parameters(),
@@ -1767,11 +1510,9 @@ def main(args):
         **options,
     )
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
-    # Listed once: the prepared (DDP) model yields the very Parameter objects the optimizer and the EMA were given.
-    params = list(unet.parameters())
-    # With --offload_ema the EMA reads the weights from CPU copies (filled one way, device to host, per update).
+    params = list(unet.parameters())  # the very Parameter objects the optimizer and the EMA were given
     ema_inputs = params
-    if ema is not None and args.offload_ema and accelerator.device.type != "cpu":
+    if ema is not None and args.offload_ema and accelerator.device.type != "cpu":  # filled device to host per update
         ema_inputs = [
             torch.empty_like(p, device="cpu", pin_memory=True).requires_grad_(p.requires_grad) for p in params
         ]
@@ -1780,24 +1521,23 @@ def main(args):
     else:
         steps_per_epoch = max(1, math.ceil(len(train_dataloader) / args.gradient_accumulation_steps))
         max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    # Every random draw of the objective (flip, posterior sample, caption dropout, noise, timesteps) comes from this
-    # generator, saved in each checkpoint: the global RNG also seeds every DataLoader iterator, so it cannot be.
+    # Every random draw of the objective comes from this generator, saved in each checkpoint (the global RNG also
+    # seeds every DataLoader iterator, so it cannot be used).
     train_rng = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
 
-    # ---- Resume -----------------------------------------------------------------------------------------------
+    # Resume
     global_step, first_epoch, batches_to_skip = 0, 0, 0
     if resume_path is not None:
-        state = load_checkpoint(accelerator, resume_path, unet, ema, train_rng, args)
-        global_step, first_epoch = state["global_step"], state["epoch"]
-        # The data position in batches of this run's processes (the count may differ from the saved run's).
-        batches_to_skip = state["epoch_batches"] // accelerator.num_processes
+        resumed = load_checkpoint(accelerator, resume_path, unet, ema, train_rng, args)
+        global_step, first_epoch = resumed["global_step"], resumed["epoch"]
+        # The data position in batches of this run's processes (their number may differ from the saved run's).
+        batches_to_skip = resumed["epoch_batches"] // accelerator.num_processes
         if not streaming and batches_to_skip >= len(train_dataloader):
             first_epoch, batches_to_skip = first_epoch + 1, 0
         accelerator.print(f"resumed from {resume_path} at step {global_step}")
     elif args.resume_from_checkpoint:
         accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
-    # Not prepared: accelerate would step it once per process and save it pickled. It counts optimizer steps
-    # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
+    # Not prepared: accelerate would step it once per process. A resumed run rebuilds it at its step (last_epoch).
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -1807,48 +1547,27 @@ def main(args):
     )
     if args.report_to:
         accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
-    ema_step = global_step  # the optimizer step whose weights the EMA saw last (checkpoints hold an up-to-date one)
+    state = TrainState(
+        accelerator=accelerator,
+        unet=unet,
+        params=params,
+        ema=ema,
+        ema_inputs=ema_inputs,
+        global_step=global_step,
+        ema_step=global_step,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        sampler=sampler,
+        prompts=prompts,
+    )
 
-    def catch_up_ema():
-        """Brings the EMA up to the weights of global_step: --ema_update_every > 1 leaves it behind in between."""
-        nonlocal ema_step
-        if ema is not None and ema_step < global_step:
-            with torch.no_grad():
-                if ema_inputs is not params:
-                    torch._foreach_copy_(ema_inputs, params)
-            ema.step_over(ema_inputs, global_step - ema_step)
-            ema_step = global_step
-
-    def validate():
-        """The grid of the EMA weights at global_step (main process), to samples/ and the trackers."""
-        catch_up_ema()  # on every process: the EMA stays the same everywhere
-        if accelerator.is_main_process:
-            if ema is not None:
-                ema.store(params)
-                ema.copy_to(params)
-            pipeline = make_pipeline(vae, text_encoder, tokenizer, accelerator.unwrap_model(unet).eval(), sampler)
-            log_validation(
-                pipeline,
-                prompts,
-                args,
-                output_dir / "samples" / f"step-{global_step}.png",
-                accelerator,
-                accelerator.trackers,
-                global_step,
-            )
-            plot_loss(metrics_path, output_dir / "loss.png")
-            if ema is not None:
-                ema.restore(params)
-            unet.train()
-
-    # ---- Training loop: the host reads device values only every --logging_steps -------------------------------
+    # Training loop: the host reads device values only every --logging_steps
     metrics_path = output_dir / "metrics.jsonl"
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process, desc="train")
-    num_bins = 4  # loss per quarter of the timestep range: where the model still has to learn
-    bin_loss = torch.zeros(num_bins, device=accelerator.device)
-    bin_count = torch.zeros(num_bins, device=accelerator.device)
-    # Optimizer steps with a non-finite gradient: in total, in the current run, and the longest run since the
-    # last logging step (the only place the host reads them).
+    num_bins = 4  # loss per quarter of the timestep range
+    bin_loss, bin_count = torch.zeros(2, num_bins, device=accelerator.device).unbind()
+    # Steps with a non-finite gradient: in total, in the current run of them, the longest run since the last log.
     nonfinite_steps, nonfinite_run, longest_run = torch.zeros(3, device=accelerator.device).unbind()
     num_bad, warned_bad = 0, False
     window_start, window_samples = time.perf_counter(), 0
@@ -1863,7 +1582,7 @@ def main(args):
         epoch_batches = batches_to_skip if epoch == first_epoch else 0  # per process, for the data position
         for batch in batches:
             epoch_batches += 1
-            if "num_bad" in batch:  # summed where the batch is: read back at logging steps, not every batch
+            if "num_bad" in batch:  # summed on the device, read at logging steps
                 num_bad = num_bad + batch["num_bad"].sum()
             with accelerator.accumulate(unet):
                 latents = batch_to_latents(batch, vae, latent_info, args, train_rng, weight_dtype)
@@ -1872,19 +1591,14 @@ def main(args):
                 accelerator.backward(per_sample.mean())
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
-                    # The norm is the same on every process (all-reduced gradients). A non-finite one skips the
-                    # update on the device: the fused AdamW kernel leaves weights and moments as they were where
-                    # found_inf is 1. With fp16 the GradScaler sets found_inf itself; it skips exactly the steps
-                    # whose unscaled norm is non-finite, so they are counted here too.
+                    # The norm is all-reduced: the same on every process. With fp16 the GradScaler skips the step.
                     nonfinite = (~torch.isfinite(grad_norm)).float()
-                    if accelerator.scaler is None:
-                        if fused:
-                            optimizer.optimizer.found_inf = nonfinite
-                        else:  # bitsandbytes reads no found_inf: the step is taken with zero gradients instead
-                            bad = nonfinite.bool()
-                            for p in params:
-                                if p.grad is not None:
-                                    p.grad.masked_fill_(bad, 0.0)
+                    if accelerator.scaler is None and args.use_8bit_adam:  # the step is taken with zero gradients
+                        for p in params:
+                            if p.grad is not None:
+                                p.grad.masked_fill_(nonfinite.bool(), 0.0)
+                    elif accelerator.scaler is None:
+                        optimizer.optimizer.found_inf = nonfinite
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             bins = (timesteps * num_bins // noise_scheduler.config.num_train_timesteps).clamp(max=num_bins - 1)
@@ -1894,36 +1608,34 @@ def main(args):
             if not accelerator.sync_gradients:
                 continue
 
-            # -- one optimizer step done
+            # One optimizer step done
             global_step += 1
+            state.global_step = global_step
             progress.update(1)
             lr_scheduler.step()
             nonfinite_steps += nonfinite
             nonfinite_run.mul_(nonfinite).add_(nonfinite)
             torch.maximum(longest_run, nonfinite_run, out=longest_run)
             if global_step % args.ema_update_every == 0:
-                catch_up_ema()  # after a skipped step the weights did not move: averaging them again is harmless
+                catch_up_ema(state)
 
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
                 totals = accelerator.reduce(torch.stack([bin_loss, bin_count]), "sum").cpu()
                 total_nonfinite, longest = torch.stack([nonfinite_steps, longest_run]).tolist()
-                elapsed = time.perf_counter() - window_start
                 row = {
                     "step": global_step,
                     "epoch": epoch,
                     "loss": (totals[0].sum() / totals[1].sum().clamp(min=1)).item(),
                     "lr": lr_scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm.item(),
-                    "samples_per_s": window_samples / max(elapsed, 1e-9),
+                    "samples_per_s": window_samples / max(time.perf_counter() - window_start, 1e-9),
                     "nonfinite_steps": int(total_nonfinite),
                 }
                 row.update(
-                    {f"loss_t{i}": (totals[0, i] / totals[1, i]).item() for i in range(num_bins) if totals[1, i] > 0}
+                    {f"loss_t{i}": (totals[0, i] / totals[1, i]).item() for i in range(num_bins) if totals[1, i]}
                 )
                 if not warned_bad and int(num_bad):
-                    accelerator.print(
-                        f"warning: unreadable images are skipped ({int(num_bad)} so far; total at the end)"
-                    )
+                    accelerator.print(f"warning: unreadable images are skipped ({int(num_bad)} so far)")
                     warned_bad = True
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:
@@ -1944,7 +1656,7 @@ def main(args):
             stop_now = stop()
             position = (epoch, epoch_batches * accelerator.num_processes)
             if (global_step % args.checkpointing_steps == 0 or stop_now) and global_step < max_train_steps:
-                catch_up_ema()
+                catch_up_ema(state)
                 path = save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position, sampling_files)
                 accelerator.print(f"\nsaved {path}")
             if stop_now:
@@ -1954,7 +1666,7 @@ def main(args):
                 accelerator.end_training()
                 return
             if validation_due(args, global_step, max_train_steps):
-                validate()
+                validate(state, args)
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:
@@ -1962,7 +1674,7 @@ def main(args):
         if streaming and epoch_batches == 0:
             raise RuntimeError(f"the stream of --dataset_name {args.dataset_name} gave no example in epoch {epoch}")
         if validation_due(args, global_step, max_train_steps, epoch_end=epoch):
-            validate()
+            validate(state, args)
     stop.close()
     progress.close()
     train_seconds = time.perf_counter() - train_start
@@ -1970,25 +1682,24 @@ def main(args):
     if num_bad:
         accelerator.print(f"warning: {num_bad} unreadable images were skipped")
 
-    # ---- Final checkpoint, export (EMA weights, fp32) and samples ---------------------------------------------
-    catch_up_ema()
+    # Final checkpoint; the export: EMA UNet and the frozen parts reloaded, in fp32
+    catch_up_ema(state)
     save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position, sampling_files)
     if accelerator.is_main_process:
-        final_unet = accelerator.unwrap_model(unet).eval()
+        final_unet = accelerator.unwrap_model(unet).eval().to(torch.float32)
         if ema is not None:
             ema.copy_to(final_unet.parameters())
-        pipeline = export_pipeline(final_unet, sampler, tokenizer, max_length, args, vae_from)
+        tokenizer.model_max_length = max_length  # the pipeline pads prompts to this, as training did
+        pipeline = make_pipeline(load_vae(args, vae_from), load_text_encoder(args)[1], tokenizer, final_unet, sampler)
         pipeline.to(accelerator.device)
         grid = output_dir / "samples" / f"step-{global_step}.png"
         log_validation(pipeline, prompts, args, grid, accelerator, accelerator.trackers, global_step)
         plot_loss(metrics_path, output_dir / "loss.png")
-        card = model_card(args, global_step, metrics_path)
-        export_model(pipeline, sampling_files, output_dir, card, grid)
+        export_model(pipeline, sampling_files, output_dir, model_card(args, global_step, metrics_path), grid)
         summary = {"global_step": global_step, "train_seconds": train_seconds, "num_bad_images": num_bad}
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(
-            f"done: step {global_step}, {train_seconds / 60:.1f} min of training; "
-            f"StableDiffusionPipeline in {output_dir}"
+            f"done: step {global_step}, {train_seconds / 60:.1f} min; StableDiffusionPipeline in {output_dir}"
         )
     accelerator.end_training()
 

