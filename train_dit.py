@@ -1,14 +1,11 @@
-"""Train a Diffusion Transformer (DiT), class- or text-conditioned, with the DDPM or the rectified-flow objective.
+"""Train a Diffusion Transformer (DiT) from scratch, class- or text-conditioned, on VAE latents or pixels.
 
-Class conditioning uses diffusers' DiTTransformer2DModel (adaLN-Zero, Peebles & Xie 2023); text conditioning a
-cross-attention DiT (PixArtTransformer2DModel) reading a frozen text encoder. Inputs are VAE latents (online,
-or precomputed by prepare_data_multi_gpu.py) or pixels (`--vae_name_or_path none`, small images).
-`--objective ddpm`: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, MSE on eps (as DiT, which also learns the
-variance; we keep it fixed and sample with DPM-Solver++). `--objective flow`: x_s = (1 - s) x_0 + s eps,
-MSE on the velocity eps - x_0, s drawn logit-normal (SD3). The condition is replaced by the null class (or
-the empty prompt) with --cond_dropout_prob, so the unconditional branch that guidance uses is trained.
+Class conditioning uses diffusers' DiTTransformer2DModel, text conditioning PixArtTransformer2DModel reading a
+frozen text encoder. `--objective ddpm`: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, MSE on eps (or v).
+`--objective flow`: x_s = (1 - s) x_0 + s eps, MSE on the velocity eps - x_0. The condition is dropped with
+--cond_dropout_prob, which trains the unconditional branch that classifier-free guidance uses.
 
-    python train_dit.py --dataset_name mnist --data_root ./dataset_cache --vae_name_or_path none --resolution 32
+    python train_dit.py --dataset_name mnist --data_root ./data --vae_name_or_path none --resolution 32
     accelerate launch train_dit.py --train_data_dir imagenet/train --model DiT-XL/2 --mixed_precision bf16
 """
 
@@ -28,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,20 +50,21 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-# The paper's models (Peebles & Xie 2023, table 1): depth, hidden size, heads. "/p" in the name is the patch size.
+# The paper's models: depth, width, heads. The "/p" of a --model name is the patch size.
 PRESETS = {"DiT-S": (12, 384, 6), "DiT-B": (12, 768, 12), "DiT-L": (24, 1024, 16), "DiT-XL": (28, 1152, 16)}
 MNIST_SIZE = 28
 EXPORT_CONFIG = "export_config.json"
-MANIFEST = "manifest.json"  # written last in a checkpoint or export: size and hash of every file, the commit point
+MANIFEST = "manifest.json"  # written last in a checkpoint or export: the commit point
 LOCK = "run.lock"  # one training run per output folder
 NEGATABLE = {"use_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
 DEFAULT_TEXT_ENCODER = "openai/clip-vit-base-patch32"
-PIPELINE_NULL_CLASS = 1000  # DiTPipeline hard-codes the null class id as 1000 (ImageNet's class count)
+PIPELINE_NULL_CLASS = 1000  # DiTPipeline's null class id (ImageNet's class count)
 
 
+# ---- Args ----
 # Copied from train_mnist.fail
 def fail(message):
-    """A user mistake: one line naming the flag or file and the fix, exit code 2, before any heavy work."""
+    """A user mistake: one line naming the flag or file and the fix, exit code 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -85,100 +84,64 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     g = parser.add_argument_group("data (one of --dataset_name, --train_data_dir, --precomputed_data_dir)")
-    g.add_argument(
-        "--dataset_name",
-        default=None,
-        help='A datasets hub name or local dataset; "mnist" reads torchvision MNIST from --data_root.',
-    )
-    g.add_argument("--dataset_config_name", default=None)
-    g.add_argument(
-        "--data_root",
-        default="./dataset_cache",
-        help="For --dataset_name mnist: the folder holding MNIST/raw (downloaded there when online).",
-    )
-    g.add_argument(
-        "--train_data_dir",
-        default=None,
-        help="An ImageNet-style folder (one subfolder per class) and/or images with metadata.jsonl.",
-    )
-    g.add_argument(
-        "--precomputed_data_dir",
-        default=None,
-        help="Shards written by prepare_data_multi_gpu.py: no VAE or text encoder runs during training.",
-    )
+    g.add_argument("--dataset_name", help='A datasets hub id or local dataset; "mnist": MNIST from --data_root.')
+    g.add_argument("--dataset_config_name")
+    g.add_argument("--data_root", default="./data", help="The folder holding MNIST/raw (downloaded when missing).")
+    g.add_argument("--train_data_dir", help="An image folder: one subfolder per class, and/or a metadata.jsonl.")
+    g.add_argument("--precomputed_data_dir", help="Shards of prepare_data_multi_gpu.py (latents, text states).")
     g.add_argument("--image_column", default="image")
     g.add_argument("--label_column", default="label")
     g.add_argument("--caption_column", default="text")
     g.add_argument("--caption_template", default="A handwritten digit {}", help="MNIST captions; {} is the digit.")
-    g.add_argument(
-        "--resolution",
-        type=int,
-        default=256,
-        help="Image side in pixels (resize + center crop; MNIST is padded from 28 to this size).",
-    )
+    g.add_argument("--resolution", type=int, default=256, help="Image side (resize + center crop; MNIST is padded).")
     g.add_argument(
         "--image_interpolation_mode",
         default="lanczos",
-        choices=[
-            f.lower()
-            for f in dir(torchvision.transforms.InterpolationMode)
-            if not f.startswith("__") and not f.endswith("__")
-        ],
-        help="The image interpolation method to use for resizing images.",
+        choices=[m.name.lower() for m in torchvision.transforms.InterpolationMode],
     )
-    g.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random (as DiT).")
-    g.add_argument("--max_samples", type=int, default=None, help="Truncate the training set to N examples.")
+    g.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    g.add_argument("--max_samples", type=int, help="Truncate the training set to N examples.")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = parser.add_argument_group("models")
-    g.add_argument("--model", default="DiT-XL/2", help=f"Preset {sorted(PRESETS)} + '/2', '/4' or '/8' (patch size).")
-    g.add_argument("--depth", type=int, default=None, help="Override the preset's number of blocks.")
-    g.add_argument("--hidden_size", type=int, default=None, help="Override the preset's width.")
-    g.add_argument("--num_heads", type=int, default=None, help="Override the preset's attention heads.")
-    g.add_argument("--patch_size", type=int, default=None, help="Override the preset's patch size.")
+    g.add_argument("--model", default="DiT-XL/2", help=f"One of {sorted(PRESETS)} + /2, /4 or /8 (patch size).")
+    g.add_argument("--depth", type=int, help="Override the preset's number of blocks.")
+    g.add_argument("--hidden_size", type=int, help="Override the preset's width.")
+    g.add_argument("--num_heads", type=int, help="Override the preset's attention heads.")
+    g.add_argument("--patch_size", type=int, help="Override the preset's patch size.")
     g.add_argument("--conditioning", choices=["class", "text"], default="class")
     g.add_argument(
         "--weight_init",
-        choices=["adaln_zero", "pytorch"],
-        default="adaln_zero",
-        help="adaln_zero: DiT's (identity blocks, N(0, 0.02) embeddings), best in long runs; pytorch: "
-        "diffusers' defaults, faster to pick up the class in short runs (docs/dit.md).",
+        choices=["pytorch", "adaln_zero"],
+        default="pytorch",
+        help="pytorch: diffusers' initialisation (the recipe in docs/dit.md); adaln_zero: DiT's, every block "
+        "starting as the identity.",
     )
-    g.add_argument("--num_classes", type=int, default=None, help="Class count; default: read from the data.")
+    g.add_argument("--num_classes", type=int, help="Class count, when the data does not say.")
     g.add_argument(
         "--vae_name_or_path",
         default="stabilityai/sd-vae-ft-ema",
-        help='Frozen AutoencoderKL (hub id or folder, a "vae" subfolder is found); "none" = pixel space.',
+        help='Frozen AutoencoderKL (hub id or folder; a "vae" subfolder is found); "none" trains on pixels.',
     )
     g.add_argument(
         "--text_encoder_name_or_path",
-        default=None,
-        help="Frozen text encoder for --conditioning text (CLIP text, BERT family, T5 encoder). Default "
-        f"{DEFAULT_TEXT_ENCODER}; with --precomputed_data_dir, the shards' encoder (index.json); "
-        "with --sample_from, the export's encoder.",
+        help=f"Frozen text encoder for --conditioning text (CLIP, BERT, T5; default {DEFAULT_TEXT_ENCODER}, "
+        "or the shards' or the export's encoder).",
     )
-    g.add_argument(
-        "--tokenizer_max_length",
-        type=int,
-        default=None,
-        help="Tokens per caption (padded/truncated). Default 77; with --precomputed_data_dir, the shards'.",
-    )
+    g.add_argument("--tokenizer_max_length", type=int, help="Tokens per caption (default 77, or the shards').")
 
     g = parser.add_argument_group("objective")
     g.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm")
     g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon", help="ddpm only.")
-    g.add_argument("--beta_schedule", default="linear", help="ddpm: DDPMScheduler betas (DiT: linear 1e-4..0.02).")
+    g.add_argument("--beta_schedule", default="linear", help="ddpm: DDPMScheduler's beta schedule.")
     g.add_argument("--snr_gamma", type=float, default=0.0, help="ddpm: min-SNR loss weighting; 0 = plain MSE.")
     g.add_argument("--num_train_timesteps", type=int, default=1000)
     g.add_argument(
         "--weighting_scheme",
         choices=["logit_normal", "uniform", "mode"],
         default="logit_normal",
-        help="flow: density of the noise level s during training (diffusers' SD3 helper).",
+        help="flow: the density of the noise level s in training (SD3's schemes, at their defaults).",
     )
-    g.add_argument("--logit_mean", type=float, default=0.0)
-    g.add_argument("--logit_std", type=float, default=1.0)
-    g.add_argument("--mode_scale", type=float, default=1.29)
     g.add_argument(
         "--flow_shift",
         type=float,
@@ -189,30 +152,20 @@ def parse_args(argv=None):
         "--cond_dropout_prob",
         type=float,
         default=0.1,
-        help="Probability of replacing the class by the null class (or the caption by the empty prompt).",
+        help="Probability of replacing the class by the null class (the caption by the empty prompt).",
     )
 
-    g = parser.add_argument_group("optimisation (defaults: DiT's AdamW 1e-4, constant, EMA 0.9999)")
+    g = parser.add_argument_group("optimisation (defaults: DiT's)")
     g.add_argument("--output_dir", default="output_dit")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument(
-        "--train_batch_size",
-        "--batch_size",
-        type=int,
-        default=32,
-        help="Batch size per process (DiT: 256 in total over 8 GPUs).",
-    )
+    g.add_argument("--train_batch_size", "--batch_size", type=int, default=32, help="Batch size per process.")
     g.add_argument("--num_train_epochs", "--epochs", "--num_epochs", type=int, default=80)
-    g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs when set.")
+    g.add_argument("--max_train_steps", type=int, help="Overrides --num_train_epochs.")
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=0.0)
-    g.add_argument(
-        "--lr_scheduler",
-        default="constant",
-        help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
-    )
+    g.add_argument("--lr_scheduler", default="constant", help="A diffusers.optimization.get_scheduler name.")
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
@@ -220,13 +173,13 @@ def parse_args(argv=None):
         "--max_nonfinite_steps",
         type=int,
         default=10,
-        help="Stop after this many optimizer steps in a row with a non-finite gradient (read when logging).",
+        help="Stop after this many optimizer steps in a row with a non-finite gradient.",
     )
     g.add_argument(
         "--use_ema",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Keep an EMA of the weights (a copy at the start, with warmup) for samples and the export.",
+        help="Sample and export an EMA of the weights.",
     )
     g.add_argument("--ema_decay", type=float, default=0.9999, help="Largest EMA decay, reached after the warmup.")
     g.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
@@ -235,78 +188,42 @@ def parse_args(argv=None):
     g.add_argument(
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
-        default=None,
-        help="Autocast precision; fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag.",
+        help="fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag.",
     )
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument(
-        "--enable_xformers_memory_efficient_attention",
-        action="store_true",
-        help="Default attention is PyTorch SDPA (flash/memory-efficient kernels on GPU).",
-    )
-    g.add_argument("--torch_compile", action="store_true", help="torch.compile the transformer's forward.")
+    g.add_argument("--torch_compile", action="store_true", help="torch.compile the transformer.")
 
     g = parser.add_argument_group("sampling and evaluation")
     g.add_argument(
         "--guidance_scale",
         type=float,
         default=1.5,
-        help="uncond + s * (cond - uncond) on all channels; 1 = no guidance. Used for --num_eval_samples.",
+        help="Guidance of --num_eval_samples: uncond + s * (cond - uncond); 1 = none.",
     )
-    g.add_argument(
-        "--guidance_interval",
-        type=float_list,
-        default=None,
-        help="LO,HI: guide only while the noise level t/T is in [LO, HI] (Kynkaanniemi et al. 2024).",
-    )
-    g.add_argument(
-        "--validation_guidance_scales", type=float_list, default=[1.0, 1.5, 4.0], help="Columns of the validation grid."
-    )
-    g.add_argument("--validation_class_ids", type=int_list, default=None, help="Rows of the grid (default 0..9).")
-    g.add_argument(
-        "--validation_prompts",
-        nargs="+",
-        default=None,
-        help="Rows of the grid for --conditioning text (default: the first captions of the data).",
-    )
+    g.add_argument("--guidance_interval", type=float_list, help="LO,HI: guide only at noise levels t/T in [LO, HI].")
+    g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 1.5, 4.0], help="Grid columns.")
+    g.add_argument("--validation_class_ids", type=int_list, help="Grid rows (default: the first 10 classes).")
+    g.add_argument("--validation_prompts", nargs="+", help="Grid rows for text (default: the data's first captions).")
     g.add_argument("--num_inference_steps", type=int, default=25, help="DPM-Solver++ (ddpm) or Euler (flow) steps.")
     g.add_argument(
         "--num_eval_samples",
         type=int,
         default=0,
-        help="Write N samples (balanced over the classes) to <output_dir>/eval_samples.npz at the end.",
+        help="Write N samples, balanced over the classes, to <output_dir>/eval_samples.npz at the end.",
     )
     g.add_argument("--eval_batch_size", type=int, default=250)
-    g.add_argument(
-        "--sample_from",
-        default=None,
-        help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.",
-    )
+    g.add_argument("--sample_from", help="Sample from an export or a checkpoint-N folder instead of training.")
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=100, help="Also how often the host reads device values.")
     g.add_argument("--validation_steps", type=int, default=5000)
     g.add_argument("--checkpointing_steps", type=int, default=5000)
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
-    g.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.',
-    )
-    g.add_argument(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.",
-    )
-    g.add_argument(
-        "--report_to",
-        choices=["none", "tensorboard", "wandb", "all"],
-        default="none",
-        help="Send metrics and validation grids to a tracker (its package must be installed); all: every "
-        "installed one.",
-    )
+    g.add_argument("--checkpoints_total_limit", type=int, help="Keep only the newest N checkpoints.")
+    g.add_argument("--resume_from_checkpoint", help='A checkpoint folder, or "latest" in --output_dir.')
+    g.add_argument("--overwrite_output_dir", action="store_true", help="Delete another run's checkpoints there.")
+    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none")
     g.add_argument("--tracker_project_name", default="train_dit", help="Project (wandb) or run folder name.")
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -315,7 +232,7 @@ def parse_args(argv=None):
 
 # Copied from train_mnist.underscore_flag
 def underscore_flag(arg):
-    """Every flag also accepts its hyphen spelling: --max-samples == --max_samples, --no-use-ema == --no-use_ema."""
+    """--max-samples -> --max_samples, --no-use-ema -> --no-use_ema."""
     if not arg.startswith("--"):
         return arg
     name, eq, value = arg[2:].partition("=")
@@ -324,95 +241,70 @@ def underscore_flag(arg):
 
 
 def model_shape(args):
-    """(depth, hidden, heads, patch) from --model and the explicit overrides."""
+    """(depth, width, heads, patch) from --model and the overrides."""
     name, _, patch = args.model.partition("/")
     if name not in PRESETS or patch not in ("2", "4", "8"):
-        fail(
-            f"--model {args.model}: unknown preset; use one of "
-            f"{', '.join(f'{n}/{p}' for n in PRESETS for p in (2, 4, 8))}"
-        )
+        fail(f"--model {args.model}: unknown preset; use one of {sorted(PRESETS)} + /2, /4 or /8")
     depth, hidden, heads = PRESETS[name]
     return (args.depth or depth, args.hidden_size or hidden, args.num_heads or heads, args.patch_size or int(patch))
 
 
 def check_args(args):
-    """Cheap checks of the flags, before any dataset or model is loaded."""
+    """Cheap checks of the flags, before any data or model is loaded."""
     if args.sample_from:
         if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
             fail(
-                f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
-                f"or one of its checkpoint-N folders"
+                f"--sample_from {args.sample_from}: no {EXPORT_CONFIG}; pass a finished run's output_dir or checkpoint"
             )
         if problem := manifest_problem(Path(args.sample_from)):
             fail(f"--sample_from {args.sample_from}: damaged or incomplete ({problem}); pass an intact export")
     else:
         sources = [s for s in ("dataset_name", "train_data_dir", "precomputed_data_dir") if getattr(args, s)]
         if len(sources) != 1:
-            fail(
-                "give exactly one of --dataset_name, --train_data_dir, --precomputed_data_dir "
-                f"(got {', '.join('--' + s for s in sources) or 'none'})"
-            )
+            fail(f"give exactly one of --dataset_name, --train_data_dir, --precomputed_data_dir (got {len(sources)})")
         for flag in ("train_data_dir", "precomputed_data_dir"):
             if getattr(args, flag) and not Path(getattr(args, flag)).is_dir():
                 fail(f"--{flag} {getattr(args, flag)}: no such folder")
         if args.precomputed_data_dir and not (Path(args.precomputed_data_dir) / "index.json").is_file():
-            fail(
-                f"--precomputed_data_dir {args.precomputed_data_dir}: no index.json; write the folder with "
-                f"prepare_data_multi_gpu.py (an interrupted run writes index.json only when all shards are done)"
-            )
-    depth, hidden, heads, patch = model_shape(args)
+            fail(f"--precomputed_data_dir {args.precomputed_data_dir}: no index.json; run prepare_data_multi_gpu.py")
+    _, hidden, heads, _ = model_shape(args)
     if hidden % heads:
         fail(f"--hidden_size {hidden} is not divisible by --num_heads {heads}")
     if args.max_samples is not None and args.max_samples < 1:
-        fail(f"--max_samples {args.max_samples}: must be at least 1 (leave it out to use the whole dataset)")
+        fail(f"--max_samples {args.max_samples}: must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
     if not 0.0 <= args.cond_dropout_prob < 1.0:
         fail(f"--cond_dropout_prob {args.cond_dropout_prob}: must be in [0, 1)")
-    if args.guidance_interval is not None and (
-        len(args.guidance_interval) != 2 or not 0 <= args.guidance_interval[0] < args.guidance_interval[1] <= 1
-    ):
+    interval = args.guidance_interval or [0, 1]
+    if len(interval) != 2 or not 0 <= interval[0] < interval[1] <= 1:
         fail(f"--guidance_interval {args.guidance_interval}: give LO,HI with 0 <= LO < HI <= 1")
     if args.flow_shift <= 0:
         fail(f"--flow_shift {args.flow_shift}: must be positive")
-    if args.enable_xformers_memory_efficient_attention:
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            fail(
-                "--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers); "
-                "without the flag the model uses PyTorch SDPA"
-            )
     args.report_to = installed_trackers(args.report_to)
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+    if args.resume_from_checkpoint not in (None, "latest"):
         if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
             fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
 
 
 # Copied from train_mnist.installed_trackers
 def installed_trackers(report_to):
-    """--report_to as accelerate's log_with: a tracker whose package is missing is an error, never silence."""
+    """--report_to as accelerate's log_with; a tracker whose package is missing is an error."""
     import importlib.util
 
-    packages = {"tensorboard": "tensorboard", "wandb": "wandb"}
     if report_to == "none":
         return []
-    if report_to == "all":
-        found = [name for name, package in packages.items() if importlib.util.find_spec(package)]
-        if not found:
-            fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
-        return found
-    if not importlib.util.find_spec(packages[report_to]):
-        fail(
-            f"--report_to {report_to}: the {packages[report_to]} package is not installed; "
-            f"pip install {packages[report_to]}"
-        )
-    return [report_to]
+    found = [name for name in ("tensorboard", "wandb") if report_to in (name, "all") and importlib.util.find_spec(name)]
+    if not found and report_to == "all":
+        fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
+    if not found:
+        fail(f"--report_to {report_to}: the {report_to} package is not installed; pip install {report_to}")
+    return found
 
 
 # Copied from train_mnist.check_accelerator
 def check_accelerator(accelerator):
-    """Checks of what accelerate resolved from the flags, its config file and the launcher, before heavy work."""
+    """Checks of what accelerate resolved from the flags, its config file and the launcher."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         fail("--mixed_precision fp16 (from the flag or accelerate's config) needs a CUDA GPU: use bf16 or no here")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -421,28 +313,23 @@ def check_accelerator(accelerator):
         fail("FSDP is not supported by this script (its EMA needs whole weights): launch it with DDP (--multi_gpu)")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data. Every example is a dict: "pixels" [C, R, R] in [-1, 1] (or, precomputed, "latent_mean"/"latent_std"),
-# "label" (class id) and "caption" (or, precomputed, "text_states"/"text_mask"); an image folder's examples also
-# carry "skipped" (1 when the drawn image was unreadable and the next readable one stands in for it).
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Data ----
+# An example is a dict: "pixels" [C, R, R] in [-1, 1] (precomputed: "latent_mean", "latent_std"), "label" and
+# "caption" (precomputed: "text_states", "text_mask"); an image folder's also carry "skipped".
 class MNISTDataset(torch.utils.data.Dataset):
-    """torchvision MNIST held in memory, each digit padded from 28 to the resolution on a black border."""
+    """torchvision MNIST in memory, each digit padded from 28 to the resolution on a black border."""
 
     def __init__(self, args, channels):
         try:
-            mnist = torchvision.datasets.MNIST(args.data_root, train=True, download=False)
-        except RuntimeError:
-            try:
-                mnist = torchvision.datasets.MNIST(args.data_root, train=True, download=True)
-            except Exception as e:  # offline, proxy, disk full: all end the same way
-                fail(
-                    f"--data_root {args.data_root}: MNIST is not there and could not be downloaded "
-                    f"({type(e).__name__}); point --data_root at a folder holding MNIST/raw"
-                )
+            mnist = torchvision.datasets.MNIST(args.data_root, train=True, download=True)
+        except Exception as e:  # offline, proxy, disk full: all end the same way
+            fail(
+                f"--data_root {args.data_root}: MNIST is not there and could not be downloaded "
+                f"({type(e).__name__}); point --data_root at a folder holding MNIST/raw"
+            )
         n = len(mnist) if args.max_samples is None else min(args.max_samples, len(mnist))
         pad = (args.resolution - MNIST_SIZE) // 2
-        images = mnist.data[:n].float().div(127.5).sub(1.0).unsqueeze(1)  # white digit on black, in [-1, 1]
+        images = mnist.data[:n].float().div(127.5).sub(1.0).unsqueeze(1)
         self.images = F.pad(images, (pad, pad, pad, pad), value=-1.0).expand(-1, channels, -1, -1)
         self.labels = mnist.targets[:n].long()
         self.label_names = [str(d) for d in range(10)]
@@ -456,18 +343,11 @@ class MNISTDataset(torch.utils.data.Dataset):
         return {"pixels": self.images[i], "label": label, "caption": self.template.format(label)}
 
 
-def interpolation_mode(name):
-    """--image_interpolation_mode as torchvision's InterpolationMode."""
-    return getattr(torchvision.transforms.InterpolationMode, name.upper())
-
-
 class HFImageDataset(torch.utils.data.Dataset):
-    """A datasets table (hub, local, or imagefolder): images resized, center-cropped (as ADM/DiT), in [-1, 1].
+    """A datasets table (hub, local or imagefolder): images resized, center-cropped, in [-1, 1].
 
-    Images are decoded here, so an unreadable one is replaced instead of crashing the run: example i stands in
-    with the next readable one (i + 1, i + 2, ...) and is counted as skipped. Every batch keeps its size, so every
-    process runs every step (a process alone with an empty batch would leave the others waiting in the gradient
-    all-reduce) and the data position of a checkpoint stays a count of batches."""
+    An unreadable image is replaced by the next readable one and counted as skipped: every batch keeps its
+    size, so no process misses a step (the others would wait for it in the gradient all-reduce)."""
 
     max_unreadable_in_a_row = 64
 
@@ -476,11 +356,11 @@ class HFImageDataset(torch.utils.data.Dataset):
 
         self.table = table.cast_column(args.image_column, Image(decode=False))
         self.args, self.channels = args, channels
-        feature = table.features.get(args.label_column)
-        self.label_names = getattr(feature, "names", None)
+        self.label_names = getattr(table.features.get(args.label_column), "names", None)
+        interpolation = torchvision.transforms.InterpolationMode[args.image_interpolation_mode.upper()]
         self.transform = torchvision.transforms.Compose(
             [
-                torchvision.transforms.Resize(args.resolution, interpolation_mode(args.image_interpolation_mode)),
+                torchvision.transforms.Resize(args.resolution, interpolation),
                 torchvision.transforms.CenterCrop(args.resolution),
                 torchvision.transforms.ToTensor(),
                 torchvision.transforms.Normalize([0.5], [0.5]),
@@ -495,10 +375,7 @@ class HFImageDataset(torch.utils.data.Dataset):
             example = self.read((i + k) % len(self))
             if example is not None:
                 return {**example, "skipped": int(k > 0)}
-        raise RuntimeError(
-            f"{self.max_unreadable_in_a_row} unreadable images in a row from example {i}: check the "
-            f"files of the dataset (--train_data_dir, --dataset_name, --image_column)"
-        )
+        raise RuntimeError(f"{self.max_unreadable_in_a_row} unreadable images in a row from example {i}")
 
     def read(self, i):
         """Example i, or None when its image cannot be decoded."""
@@ -510,8 +387,7 @@ class HFImageDataset(torch.utils.data.Dataset):
         image = row[self.args.image_column]
         try:
             image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
-            image = image.convert("RGB" if self.channels == 3 else "L")
-            pixels = self.transform(image)
+            pixels = self.transform(image.convert("RGB" if self.channels == 3 else "L"))
         except (OSError, UnidentifiedImageError, ValueError):
             return None
         label = int(row[self.args.label_column]) if self.args.label_column in row else -1
@@ -519,25 +395,20 @@ class HFImageDataset(torch.utils.data.Dataset):
 
 
 class PrecomputedDataset(torch.utils.data.Dataset):
-    """Rows of the safetensors shards of prepare_data_multi_gpu.py (docs/precomputed_format.md), read lazily
-    through memory maps: a dataset larger than RAM works. The latent itself is drawn later, in training_step."""
+    """Rows of prepare_data_multi_gpu.py's safetensors shards, read lazily through memory maps."""
 
     def __init__(self, root, index, text_key, max_samples):
-        self.root, self.text_key = Path(root), text_key
-        self.files, counts = [], []
-        for shard in index["shards"]:
-            self.files.append(self.root / shard["file"])
-            counts.append(shard["num_examples"])
-        self.starts = np.cumsum([0] + counts)
+        self.files = [Path(root) / shard["file"] for shard in index["shards"]]
+        self.starts = np.cumsum([0] + [shard["num_examples"] for shard in index["shards"]])
         self.length = int(self.starts[-1]) if max_samples is None else min(max_samples, int(self.starts[-1]))
-        self.keys = ["latent_mean", "latent_std"] + (
-            ["latent_mean_flipped", "latent_std_flipped"] if index.get("random_flip") else []
-        )
-        self.keys += ["label"] if "label" in index["tensors"] else []
+        names = ["latent_mean", "latent_std"]
+        names += ["latent_mean_flipped", "latent_std_flipped"] if index.get("random_flip") else []
+        names += ["label"] if "label" in index["tensors"] else []
+        self.keys = {name: name for name in names}  # example key -> stored tensor
         if text_key:
-            self.keys += [f"{text_key}.hidden_states", f"{text_key}.attention_mask"]
+            self.keys.update(text_states=f"{text_key}.hidden_states", text_mask=f"{text_key}.attention_mask")
         self.label_names = index.get("label_names")
-        self.handles = {}  # opened per process (a DataLoader worker cannot inherit them)
+        self.handles = {}  # opened per process: a DataLoader worker cannot inherit them
 
     def __len__(self):
         return self.length
@@ -546,27 +417,18 @@ class PrecomputedDataset(torch.utils.data.Dataset):
         s = int(np.searchsorted(self.starts, i, side="right") - 1)
         if s not in self.handles:
             self.handles[s] = safe_open(str(self.files[s]), framework="pt")
-        row, handle = i - int(self.starts[s]), self.handles[s]
-        item = {k: handle.get_slice(k)[row : row + 1][0] for k in self.keys}
-        out = {
-            "latent_mean": item["latent_mean"].float(),
-            "latent_std": item["latent_std"].float(),
-            "label": int(item["label"]) if "label" in item else -1,
-        }
-        if "latent_mean_flipped" in item:
-            out["latent_mean_flipped"] = item["latent_mean_flipped"].float()
-            out["latent_std_flipped"] = item["latent_std_flipped"].float()
-        if self.text_key:
-            out["text_states"] = item[f"{self.text_key}.hidden_states"].float()
-            out["text_mask"] = item[f"{self.text_key}.attention_mask"].long()
+        row = i - int(self.starts[s])
+        out = {name: self.handles[s].get_slice(key)[row : row + 1][0].float() for name, key in self.keys.items()}
+        out["label"] = int(out["label"]) if "label" in out else -1
+        if "text_mask" in out:
+            out["text_mask"] = out["text_mask"].long()
         return out
 
 
 def collate(examples):
-    """Stack a batch; "skipped" is the number of its examples that stand in for an unreadable image."""
-    skipped = sum(e.get("skipped", 0) for e in examples)
-    kept = [{k: v for k, v in e.items() if k != "skipped"} for e in examples]
-    return {**torch.utils.data.default_collate(kept), "skipped": skipped}
+    """Stack a batch; "skipped" counts its examples that stand in for an unreadable image."""
+    skipped = sum(e.pop("skipped", 0) for e in examples)
+    return {**torch.utils.data.default_collate(examples), "skipped": skipped}
 
 
 def read_precomputed_index(args):
@@ -584,10 +446,9 @@ def read_precomputed_index(args):
 
 
 def text_convention(args, index):
-    """How a caption becomes the text states the model reads: encoder, tokenizer, prefix, length, and whether the
-    encoder sees the padding mask. Online: the flags (mask on, no prefix). Precomputed: what the shards were
-    encoded with (index.json), so that the export encodes prompts the same way; a flag that contradicts the
-    shards, or shards without the padding mask that the cross-attention needs, are refused."""
+    """How a caption becomes text states: encoder, tokenizer, prefix, length, and whether the encoder sees the
+    padding mask. Online: the flags. Precomputed: what index.json says the shards used, so that prompts are
+    encoded the same way later; flags that contradict the shards are refused."""
     if index is None:
         name = args.text_encoder_name_or_path or DEFAULT_TEXT_ENCODER
         return {
@@ -598,53 +459,33 @@ def text_convention(args, index):
             "tokenizer_max_length": args.tokenizer_max_length or 77,
         }
     flag = f"--precomputed_data_dir {args.precomputed_data_dir}"
-    entry = index["text_encoders"][0]
-    key, tensors = entry.get("key"), index.get("tensors", {})
-    mask_shape = tensors.get(f"{key}.attention_mask", {}).get("shape")
-    if f"{key}.hidden_states" not in tensors or mask_shape is None:
-        fail(
-            f"{flag}: index.json lists no {key}.hidden_states and {key}.attention_mask; train_dit.py masks the "
-            f"caption padding with the stored mask: re-encode the shards with prepare_data_multi_gpu.py"
-        )
-    use_mask, prefix = entry.get("use_attention_mask", False), entry.get("prefix") or ""
-    if (
-        not isinstance(use_mask, bool)
-        or not isinstance(prefix, str)
-        or not entry.get("name_or_path")
-        or mask_shape != [entry.get("max_length")]
+    entry, tensors = index["text_encoders"][0], index.get("tensors", {})
+    key = entry["key"]
+    if f"{key}.hidden_states" not in tensors or f"{key}.attention_mask" not in tensors:  # cross-attention needs it
+        fail(f"{flag}: no {key}.hidden_states and {key}.attention_mask in index.json; re-encode the shards")
+    for name, value, stored in (
+        ("text_encoder_name_or_path", args.text_encoder_name_or_path, entry["name_or_path"]),
+        ("tokenizer_max_length", args.tokenizer_max_length, entry["max_length"]),
     ):
-        fail(
-            f"{flag}: text encoder {key} in index.json has a convention train_dit.py cannot reproduce "
-            f"(name_or_path, max_length, prefix, use_attention_mask); re-encode with prepare_data_multi_gpu.py"
-        )
-    if args.text_encoder_name_or_path not in (None, entry["name_or_path"]):
-        fail(
-            f"--text_encoder_name_or_path {args.text_encoder_name_or_path}: the shards were encoded with "
-            f"{entry['name_or_path']}; drop the flag (the export records the shards' encoder) or re-encode"
-        )
-    if args.tokenizer_max_length not in (None, entry["max_length"]):
-        fail(
-            f"--tokenizer_max_length {args.tokenizer_max_length}: the shards hold {entry['max_length']} tokens "
-            f"per caption; drop the flag or re-encode the shards"
-        )
+        if value not in (None, stored):
+            fail(f"--{name} {value}: the shards were encoded with {stored}; drop the flag or re-encode them")
     return {
         "text_encoder": entry["name_or_path"],
         "tokenizer": entry.get("tokenizer") or entry["name_or_path"],
-        "prefix": prefix,
-        "use_attention_mask": use_mask,
+        "prefix": entry.get("prefix") or "",
+        "use_attention_mask": entry.get("use_attention_mask", False),
         "tokenizer_max_length": entry["max_length"],
     }
 
 
 def build_dataset(args, channels, index):
-    """The training set for the chosen source (`index`: the precomputed index.json or None), truncated to
-    --max_samples."""
+    """The training set of the chosen source, truncated to --max_samples."""
     if index is not None:
         text_key = index["text_encoders"][0]["key"] if args.conditioning == "text" else None
         return PrecomputedDataset(args.precomputed_data_dir, index, text_key, args.max_samples)
     if args.dataset_name == "mnist":
         if args.resolution < MNIST_SIZE or (args.resolution - MNIST_SIZE) % 2:
-            fail(f"--resolution {args.resolution}: MNIST is padded from 28, use 28 + an even number (32 is usual)")
+            fail(f"--resolution {args.resolution}: MNIST is padded from 28, use 28 + an even number")
         return MNISTDataset(args, channels)
     from datasets import load_dataset
 
@@ -652,12 +493,10 @@ def build_dataset(args, channels, index):
         table = load_dataset("imagefolder", data_dir=args.train_data_dir, split="train")
     else:
         table = load_dataset(args.dataset_name, args.dataset_config_name, split="train")
-    wanted = [args.image_column] + ([args.caption_column] if args.conditioning == "text" else [args.label_column])
-    for column, flag in zip(
-        wanted, ["--image_column", "--caption_column" if args.conditioning == "text" else "--label_column"], strict=True
-    ):
-        if column not in table.column_names:
-            fail(f"{flag} {column}: not a column of the dataset; it has {', '.join(table.column_names)}")
+    column = "caption_column" if args.conditioning == "text" else "label_column"
+    for flag in ("image_column", column):
+        if getattr(args, flag) not in table.column_names:
+            fail(f"--{flag} {getattr(args, flag)}: not a column of the dataset ({', '.join(table.column_names)})")
     if args.max_samples is not None:
         table = table.select(range(min(args.max_samples, len(table))))
     if len(table) == 0:
@@ -665,28 +504,9 @@ def build_dataset(args, channels, index):
     return HFImageDataset(table, args, channels)
 
 
-def first_captions(dataset, k=10):
-    """Validation prompts when none are given: the first k distinct captions of the data."""
-    if isinstance(dataset, MNISTDataset):
-        return [dataset.template.format(d) for d in range(k)]
-    return list(dict.fromkeys(dataset.table[:256][dataset.args.caption_column]))[:k]
-
-
-def count_classes(dataset):
-    if isinstance(dataset, MNISTDataset):
-        return 10
-    if dataset.label_names:
-        return len(dataset.label_names)
-    if isinstance(dataset, HFImageDataset):
-        return int(max(dataset.table[dataset.args.label_column])) + 1
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Models ----
 def split_subfolder(name_or_path, subfolder=None):
-    """(name, subfolder) for from_pretrained: a hub id written as "org/repo/sub" is the repo's subfolder."""
+    """(name, subfolder) for from_pretrained: a hub id written "org/repo/sub" is the repo's subfolder."""
     parts = name_or_path.split("/")
     if subfolder is None and len(parts) > 2 and not Path(name_or_path).exists() and "" not in parts:
         return "/".join(parts[:2]), "/".join(parts[2:])
@@ -694,8 +514,7 @@ def split_subfolder(name_or_path, subfolder=None):
 
 
 def load_vae(name_or_path, subfolder=None, flag="--vae_name_or_path"):
-    """A frozen AutoencoderKL from its own folder or from the vae/ subfolder of a pipeline (found in a local
-    folder, or given); None for pixels."""
+    """A frozen AutoencoderKL from its folder or a pipeline's vae/ subfolder; None for "none" (pixels)."""
     if name_or_path.lower() == "none":
         return None
     if subfolder is None and (Path(name_or_path) / "vae" / "config.json").is_file():
@@ -704,19 +523,16 @@ def load_vae(name_or_path, subfolder=None, flag="--vae_name_or_path"):
         name, sub = split_subfolder(name_or_path, subfolder)
         vae = AutoencoderKL.from_pretrained(name, subfolder=sub)
     except (OSError, ValueError) as e:
-        fix = (
-            "pass its folder (config.json + weights), a pipeline folder with vae/, a hub id when online, or none"
-            if flag == "--vae_name_or_path"
-            else "make it readable here (a local folder, or a hub id when online)"
+        fail(
+            f"{flag} {name_or_path}: cannot load an AutoencoderKL ({type(e).__name__}); pass a folder with "
+            f"config.json and weights, a pipeline folder with vae/, or a hub id when online"
         )
-        fail(f"{flag} {name_or_path}: cannot load an AutoencoderKL ({type(e).__name__}); {fix}")
     vae.loaded_from = {"name_or_path": name_or_path, "subfolder": subfolder}  # what loads it again
     return vae.requires_grad_(False).eval()
 
 
 def load_text_encoder(name_or_path, tokenizer_name_or_path=None):
-    """Tokenizer + frozen encoder through the Auto classes; a full CLIP checkpoint gives its text tower only.
-    The tokenizer is read from the encoder's folder unless it is given (a pipeline's tokenizer/)."""
+    """Tokenizer (from the encoder's folder unless given) and frozen encoder; of a CLIP, the text tower only."""
     name, sub = split_subfolder(name_or_path)
     tok_name, tok_sub = split_subfolder(tokenizer_name_or_path or name_or_path)
     try:
@@ -724,23 +540,17 @@ def load_text_encoder(name_or_path, tokenizer_name_or_path=None):
         tokenizer = AutoTokenizer.from_pretrained(tok_name, subfolder=tok_sub or "")
     except (OSError, ValueError) as e:
         fail(
-            f"--text_encoder_name_or_path {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder "
+            f"--text_encoder_name_or_path {name_or_path}: cannot load it ({type(e).__name__}); pass a folder "
             f"with config.json and the tokenizer files, or a hub id when online"
         )
-    model_cls = {
-        "clip": CLIPTextModel,
-        "clip_text_model": CLIPTextModel,
-        "t5": T5EncoderModel,
-        "mt5": T5EncoderModel,
-        "umt5": T5EncoderModel,
-    }.get(config.model_type, AutoModel)
+    kind = config.model_type
+    model_cls = CLIPTextModel if kind.startswith("clip") else T5EncoderModel if "t5" in kind else AutoModel
     return tokenizer, model_cls.from_pretrained(name, subfolder=sub or "").requires_grad_(False).eval()
 
 
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts, text, device):
-    """Last hidden states [n, L, D] and attention masks [n, L] (1 = token, 0 = padding), encoded the way `text`
-    (see text_convention) says: its prefix before each prompt, L tokens, the mask given to the encoder or not."""
+    """Last hidden states [n, L, D] and masks [n, L] (1 = token), encoded as the convention `text` says."""
     tokens = tokenizer(
         [text["prefix"] + p for p in prompts],
         padding="max_length",
@@ -754,9 +564,8 @@ def encode_prompts(tokenizer, text_encoder, prompts, text, device):
 
 
 def build_transformer(args, in_channels, sample_size, num_classes, caption_channels):
-    """DiT with the preset's shape. Class: adaLN-Zero blocks whose label table has one extra row, the null class
-    at id num_classes. Text: the same blocks with cross-attention to the projected caption states (PixArt-alpha).
-    out_channels = in_channels: the variance is fixed, not learned (DiT's second half of channels is dropped)."""
+    """DiT of the preset's shape. Class: a label table with the null class at id num_classes. Text:
+    cross-attention to the projected caption states (PixArt-alpha). The variance is fixed, not learned."""
     depth, hidden, heads, patch = model_shape(args)
     common = dict(
         num_attention_heads=heads,
@@ -773,14 +582,17 @@ def build_transformer(args, in_channels, sample_size, num_classes, caption_chann
         model = PixArtTransformer2DModel(
             cross_attention_dim=hidden, caption_channels=caption_channels, use_additional_conditions=False, **common
         )
-    return disable_label_dropout(initialize_weights(model) if args.weight_init == "adaln_zero" else model)
+    # diffusers' LabelEmbedding drops labels itself in train mode, per block: training_step drops per example.
+    for module in model.modules():
+        if hasattr(module, "token_drop"):
+            module.dropout_prob = 0.0
+    return initialize_weights(model) if args.weight_init == "adaln_zero" else model
 
 
 @torch.no_grad()
 def initialize_weights(model):
-    """DiT's initialisation, which diffusers leaves out (its classes expect pretrained weights): Xavier-uniform
-    linear layers and patch projection, N(0, 0.02) embeddings, and zeros for every adaLN modulation, the final
-    layer and (text) the cross-attention output, so each block starts as the identity: the "Zero" of adaLN-Zero."""
+    """DiT's initialisation: Xavier-uniform linear layers, N(0, 0.02) embeddings, and zeros for the adaLN
+    modulations, the final layer and the cross-attention output, so every block starts as the identity."""
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             torch.nn.init.xavier_uniform_(module.weight)
@@ -800,17 +612,8 @@ def initialize_weights(model):
     return model
 
 
-def disable_label_dropout(model):
-    """diffusers' LabelEmbedding drops labels by itself in train mode, independently in every block (each DiT block
-    has its own embedding), from the global RNG. Guidance dropout is done once per example in training_step."""
-    for module in model.modules():
-        if hasattr(module, "token_drop"):
-            module.dropout_prob = 0.0
-    return model
-
-
 def condition_kwargs(cond):
-    """Model keyword arguments for a condition dict (class labels, or caption states and mask)."""
+    """The model's keyword arguments for a condition: class labels, or caption states and mask."""
     if "class_labels" in cond:
         return {"class_labels": cond["class_labels"]}
     return {
@@ -821,7 +624,7 @@ def condition_kwargs(cond):
 
 
 def drop_condition(cond, null, drop):
-    """Replace the condition of the examples where `drop` is True by the null condition (batch of one)."""
+    """The condition with the examples where `drop` is True replaced by the null condition (a batch of one)."""
     out = {}
     for key, value in cond.items():
         mask = drop.view(-1, *([1] * (value.dim() - 1)))
@@ -829,11 +632,7 @@ def drop_condition(cond, null, drop):
     return out
 
 
-def null_and_cond(cond, null):
-    """[unconditional; conditional] along the batch, for one model call per guided step."""
-    return {k: torch.cat([null[k].expand_as(v).to(v.dtype), v]) for k, v in cond.items()}
-
-
+# ---- Objective ----
 def build_noise_scheduler(args):
     if args.objective == "flow":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=args.num_train_timesteps, shift=args.flow_shift)
@@ -845,29 +644,10 @@ def build_noise_scheduler(args):
     )
 
 
-def build_sampler(args, noise_scheduler, pixel_space):
-    """flow: Euler on the (shifted) straight path. ddpm: second-order DPM-Solver++ on the training schedule; in
-    pixel space its data prediction is clipped to [-1, 1]: at t=T the linear schedule has sqrt(abar) ~ 6e-3, so
-    x0 = (x_t - sigma * eps) / sqrt(abar) multiplies epsilon errors by ~150."""
-    if args.objective == "flow":
-        return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
-    return DPMSolverMultistepScheduler.from_config(
-        noise_scheduler.config,
-        algorithm_type="dpmsolver++",
-        solver_order=2,
-        final_sigmas_type="zero",
-        thresholding=pixel_space,
-        sample_max_value=1.0,
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Objective and sampler
-# ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def batch_to_inputs(batch, vae, vae_scale, generator, args):
-    """The clean model input x_0 of a batch: pixels, or a latent drawn afresh from the VAE posterior (online or
-    stored), scaled as diffusers does; random flips drawn here from `generator`, so resume stays exact."""
+    """The clean input x_0: pixels, or a latent drawn from the VAE posterior (online or stored), scaled.
+    Flips are drawn here from `generator`, so that resume is exact."""
     device = generator.device
     if "latent_mean" in batch:  # precomputed
         mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
@@ -889,10 +669,9 @@ def batch_to_inputs(batch, vae, vae_scale, generator, args):
 
 
 def training_step(model, noise_scheduler, x0, cond, null, args, generator):
-    """Noise a batch at random levels, drop conditions for guidance; per-sample losses and noise levels in [0, 1]."""
+    """Noise a batch at random levels, drop conditions for guidance: per-sample losses, noise levels in [0, 1]."""
     n, device = x0.shape[0], x0.device
     noise = torch.randn(x0.shape, generator=generator, device=device)
-    # Classifier-free guidance: the unconditional branch is the same network reading the null condition.
     drop = torch.rand(n, generator=generator, device=device) < args.cond_dropout_prob
     cond = drop_condition(cond, null, drop)
     num_t = noise_scheduler.config.num_train_timesteps
@@ -900,50 +679,60 @@ def training_step(model, noise_scheduler, x0, cond, null, args, generator):
         u = compute_density_for_timestep_sampling(
             args.weighting_scheme,
             n,
-            args.logit_mean,
-            args.logit_std,
-            args.mode_scale,
+            logit_mean=0.0,
+            logit_std=1.0,
+            mode_scale=1.29,
             device=device,
             generator=generator,
         )
-        sigma = args.flow_shift * u / (1 + (args.flow_shift - 1) * u)  # the sampler's shift, so both agree
+        sigma = args.flow_shift * u / (1 + (args.flow_shift - 1) * u)  # the sampler's shift
         s = sigma.view(-1, 1, 1, 1)
         noisy = (1 - s) * x0 + s * noise  # a straight line from data (s=0) to noise (s=1)
-        target = noise - x0  # its velocity d x_s / d s
+        target = noise - x0  # its velocity
         timesteps, level = sigma * num_t, sigma
     else:
         timesteps = torch.randint(0, num_t, (n,), generator=generator, device=device)
-        noisy = noise_scheduler.add_noise(x0, noise, timesteps)  # variance preserving
+        noisy = noise_scheduler.add_noise(x0, noise, timesteps)
         target = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, timesteps)
         level = timesteps.float() / num_t
     pred = model(noisy, timestep=timesteps, **condition_kwargs(cond)).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if args.objective == "ddpm" and args.snr_gamma:  # min(SNR, gamma) in x0 units over the target's own weight
+    if args.objective == "ddpm" and args.snr_gamma:  # min(SNR, gamma) over the target's own weight
         snr = compute_snr(noise_scheduler, timesteps)
         base = snr if args.prediction_type == "epsilon" else snr + 1
         per_sample = per_sample * snr.clamp(max=args.snr_gamma) / base
     return per_sample, level
 
 
+# ---- Sampling ----
+def build_sampler(args, noise_scheduler, pixel_space):
+    """flow: Euler. ddpm: DPM-Solver++ (2nd order); in pixel space its x0 prediction is clipped to [-1, 1]:
+    near t=T it divides by sqrt(abar) ~ 6e-3, which blows up epsilon errors."""
+    if args.objective == "flow":
+        return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
+    return DPMSolverMultistepScheduler.from_config(
+        noise_scheduler.config,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        final_sigmas_type="zero",
+        thresholding=pixel_space,
+        sample_max_value=1.0,
+    )
+
+
 @torch.no_grad()
 def sample(model, sampler, cond, null, shape, guidance_scale, num_inference_steps, generator, guidance_interval=None):
-    """Generate model inputs of `shape` (pixels or scaled latents) with classifier-free guidance on all channels,
-    optionally only inside a noise-level interval. Both samplers start from unit-variance noise."""
+    """Model inputs of `shape` from unit noise, with classifier-free guidance (only inside guidance_interval)."""
     device, dtype = generator.device, next(model.parameters()).dtype
     x = torch.randn(shape, generator=generator, device=device)
-    # The model's condition arguments for a plain step and for a guided one ([unconditional; conditional]).
+    both = {k: torch.cat([null[k].expand_as(v).to(v.dtype), v]) for k, v in cond.items()}  # [uncond; cond]
     plain, both = (
-        {k: v.to(dtype) if v.is_floating_point() else v for k, v in c.items()}
-        for c in (cond, null_and_cond(cond, null))
+        condition_kwargs({k: v.to(dtype) if v.is_floating_point() else v for k, v in c.items()}) for c in (cond, both)
     )
-    plain, both = condition_kwargs(plain), condition_kwargs(both)
-    num_t = sampler.config.num_train_timesteps
+    lo, hi = guidance_interval or (0, 1)
     sampler.set_timesteps(num_inference_steps, device=device)
     for t in sampler.timesteps:
-        level = float(t) / num_t
-        guided = guidance_scale != 1.0 and (
-            guidance_interval is None or guidance_interval[0] <= level <= guidance_interval[1]
-        )
+        guided = guidance_scale != 1.0 and lo <= float(t) / sampler.config.num_train_timesteps <= hi
         x_in = torch.cat([x, x]) if guided else x
         pred = model(x_in.to(dtype), timestep=t.expand(x_in.shape[0]), **(both if guided else plain)).sample.float()
         if guided:
@@ -961,26 +750,20 @@ def decode(x, vae, vae_scale):
     return x.clamp(-1, 1)
 
 
-def to_uint8(images, crop):
-    """[n, C, R, R] in [-1, 1] -> uint8 [n, R', R'] (one channel) or [n, R', R', 3]; `crop` removes the MNIST pad."""
-    if crop:
-        images = images[..., crop:-crop, crop:-crop]
-    images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
-    return images[:, 0] if images.shape[1] == 1 else images.permute(0, 2, 3, 1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Validation, plots and evaluation samples
-# ----------------------------------------------------------------------------------------------------------------
+@dataclass
 class ImageGenerator:
-    """Everything sampling needs, from training or from an export."""
+    """Everything sampling needs besides the condition, from training or from an export."""
 
-    def __init__(self, model, sampler, vae, vae_scale, null, shape, crop):
-        self.model, self.sampler, self.vae, self.vae_scale = model, sampler, vae, vae_scale
-        self.null, self.shape, self.crop = null, shape, crop
-        self.device = next(iter(null.values())).device
+    model: torch.nn.Module
+    sampler: object
+    vae: AutoencoderKL | None
+    vae_scale: dict
+    null: dict  # the null condition, a batch of one
+    shape: list  # of one model input
+    crop: int  # border to remove: MNIST's padding
 
     def images(self, cond, n, guidance_scale, args, generator):
+        """uint8 [n, R, R] (one channel) or [n, R, R, 3]."""
         x = sample(
             self.model,
             self.sampler,
@@ -992,24 +775,44 @@ class ImageGenerator:
             generator,
             args.guidance_interval,
         )
-        return to_uint8(decode(x, self.vae, self.vae_scale), self.crop)
+        images = decode(x, self.vae, self.vae_scale)
+        if self.crop:
+            images = images[..., self.crop : -self.crop, self.crop : -self.crop]
+        images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+        return images[:, 0] if images.shape[1] == 1 else images.permute(0, 2, 3, 1)
 
 
+def class_conditions(ids, null_id, label_names, device):
+    """The null condition and the validation rows (names, condition) of a class-conditional model."""
+    names = [label_names[i] if label_names else str(i) for i in ids]
+    null = {"class_labels": torch.tensor([null_id], device=device)}
+    return null, (names, {"class_labels": torch.tensor(ids, device=device)})
+
+
+def prompt_conditions(text, prompts, device, dtype=torch.float32):
+    """The tokenizer, the text encoder, the null condition (the empty prompt) and the validation rows."""
+    tokenizer, text_encoder = load_text_encoder(text["text_encoder"], text["tokenizer"])
+    text_encoder.to(device, dtype=dtype)
+    states, mask = encode_prompts(tokenizer, text_encoder, ["", *prompts], text, device)
+    null = {"states": states[:1], "mask": mask[:1]}
+    return tokenizer, text_encoder, null, (prompts, {"states": states[1:], "mask": mask[1:]})
+
+
+# ---- Validation ----
 def log_validation(gen, rows, args, path, trackers=(), step=0, per_row=4):
-    """Grid: one row per class or prompt, one panel per guidance scale, labelled; written to `path` and sent to the
-    trackers (TensorBoard: an image; wandb: an image captioned with its classes or prompts)."""
+    """A labelled grid, one row per class or prompt and one panel per guidance scale: to `path` and trackers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names, cond = rows
-    n = len(names)
+    n, device = len(names), next(gen.model.parameters()).device
     repeated = {k: v.repeat_interleave(per_row, dim=0) for k, v in cond.items()}
     scales = args.validation_guidance_scales
     fig, axes = plt.subplots(1, len(scales), figsize=(1.6 * per_row * len(scales) + 2, 1.4 * n + 0.6), squeeze=False)
     for ax, scale in zip(axes[0], scales, strict=True):
-        generator = torch.Generator(gen.device).manual_seed(args.seed)  # same noise in every panel and step
+        generator = torch.Generator(device).manual_seed(args.seed)  # the same noise in every panel and step
         images = gen.images(repeated, n * per_row, scale, args, generator)
         h, w = images.shape[1:3]
         grid = images.view(n, per_row, h, w, -1).permute(0, 2, 1, 3, 4).reshape(n * h, per_row * w, -1)
@@ -1044,6 +847,7 @@ def log_image(trackers, path, step, caption):
 
 
 def plot_loss(metrics_path, out_path):
+    """The loss curve, overall and per noise-level bin, on a log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1052,12 +856,9 @@ def plot_loss(metrics_path, out_path):
     if not metrics_path.is_file():  # validation before the first logging step
         return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    if not rows:
-        return
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
-    for k in sorted(k for k in rows[-1] if k.startswith("loss_t")):  # loss per noise-level bin, as minRF logs it
-        ax.plot([r["step"] for r in rows], [r.get(k, float("nan")) for r in rows], lw=0.8, label=k)
+    for key in ["loss", *sorted(k for k in rows[-1] if k.startswith("loss_t"))]:
+        ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows], label=key)
     ax.set_xlabel("step")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
@@ -1067,12 +868,15 @@ def plot_loss(metrics_path, out_path):
 
 
 def write_eval_samples(gen, num_classes, args, path):
-    """N class-conditional samples balanced over the classes at --guidance_scale: images uint8, labels [N]."""
-    labels = torch.arange(args.num_eval_samples, device=gen.device) % num_classes
-    generator = torch.Generator(gen.device).manual_seed(args.seed + 1)
-    start, chunks = time.perf_counter(), []
-    for batch in labels.split(args.eval_batch_size):
-        chunks.append(gen.images({"class_labels": batch}, len(batch), args.guidance_scale, args, generator))
+    """N samples balanced over the classes at --guidance_scale: uint8 images, labels; returns the seconds."""
+    device = next(gen.model.parameters()).device
+    labels = torch.arange(args.num_eval_samples, device=device) % num_classes
+    generator = torch.Generator(device).manual_seed(args.seed + 1)
+    start = time.perf_counter()
+    chunks = [
+        gen.images({"class_labels": batch}, len(batch), args.guidance_scale, args, generator)
+        for batch in labels.split(args.eval_batch_size)
+    ]
     seconds = time.perf_counter() - start
     np.savez_compressed(
         path,
@@ -1085,9 +889,7 @@ def write_eval_samples(gen, num_classes, args, path):
     return seconds
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints and export
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Checkpoints and export ----
 # Copied from train_mnist.file_digest
 def file_digest(path):
     digest = hashlib.sha256()
@@ -1099,7 +901,7 @@ def file_digest(path):
 
 # Copied from train_mnist.write_manifest
 def write_manifest(folder, names):
-    """Size and sha256 of the files `names` (relative to `folder`, or the folders they name), written last."""
+    """manifest.json: size and sha256 of the files (or folders) `names` in `folder`."""
     files = {}
     for name in names:
         root = folder / name
@@ -1113,7 +915,7 @@ def write_manifest(folder, names):
 
 # Copied from train_mnist.manifest_problem
 def manifest_problem(folder):
-    """What is wrong with a checkpoint or export folder, in a few words, or None when its manifest holds."""
+    """What is wrong with a checkpoint or export folder, in a few words, or None."""
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except FileNotFoundError:
@@ -1133,9 +935,7 @@ def manifest_problem(folder):
 
 # Copied from train_mnist.save_ema
 def save_ema(ema, model, folder):
-    """The EMA weights in diffusers' save_pretrained layout (config.json + diffusion_pytorch_model.safetensors):
-    `from_pretrained(checkpoint, subfolder=...)` loads them. Buffers come from the model; the EMA's own state
-    (decay, step) is in training_state.json."""
+    """The EMA weights, with the model's buffers, in save_pretrained layout."""
     folder.mkdir(parents=True)
     model.save_config(folder)
     state = model.state_dict()
@@ -1148,9 +948,8 @@ def save_ema(ema, model, folder):
 
 
 def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, write_sampling_files):
-    """accelerate's save_state, the EMA model (transformer_ema/, or transformer/ without EMA) with what
-    --sample_from needs, the objective's RNG and the data position, in a temp folder; a manifest written last,
-    then an atomic rename. `position` is (epoch, batches of --train_batch_size consumed in it by all processes)."""
+    """accelerate's state, the EMA model (or the model) with what --sample_from needs, the objective's RNG and
+    the data position (epoch, batches of all processes), in a temp folder renamed when complete."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -1159,12 +958,10 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
-        # Model (safetensors), optimizer, data sampler and the global RNGs of every process.
-        accelerator.save_state(str(tmp))
+        accelerator.save_state(str(tmp))  # model, optimizer, data sampler, global RNGs
         save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
         if accelerator.is_main_process:
-            # unwrap_model strips DDP; --torch_compile compiles in place (no wrapper to strip, which unwrap_model
-            # would keep by default), so these are the plain model's parameter names.
+            # --torch_compile compiles in place: the unwrapped model has the plain parameter names.
             plain = accelerator.unwrap_model(model)
             state = {
                 "script": "train_dit.py",
@@ -1188,7 +985,7 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
             write_manifest(tmp, [p.name for p in tmp.iterdir()])
             if final.exists():
                 shutil.rmtree(final)
-            os.replace(tmp, final)  # atomic: a crash never leaves a half-written checkpoint-<step>
+            os.replace(tmp, final)  # atomic: never a half-written checkpoint-<step>
     except OSError as e:  # a full disk, a lost mount: the previous checkpoints stay as they were
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
@@ -1214,50 +1011,44 @@ def list_checkpoints(output_dir):
 
 # Copied from train_mnist.find_checkpoint
 def find_checkpoint(accelerator, args):
-    """The folder --resume_from_checkpoint names, checked against its manifest, or None for a new run. "latest"
-    falls back past damaged checkpoints to the newest intact one; a damaged explicit path is an error."""
+    """The checkpoint to resume from, or None. "latest" skips damaged checkpoints; a damaged path is an error."""
     if not args.resume_from_checkpoint:
         return None
     choice = [None]
-    if accelerator.is_main_process:  # one process reads the files; the others take its answer
+    if accelerator.is_main_process:  # one process reads the files, the others take its answer
         if args.resume_from_checkpoint != "latest":
             path = Path(args.resume_from_checkpoint)
             if problem := manifest_problem(path):
                 fail(f"--resume_from_checkpoint {path}: damaged ({problem}); pass an intact checkpoint or latest")
             choice = [str(path)]
-        found = list_checkpoints(args.output_dir) if choice[0] is None else []
-        for path in reversed(found):
-            if not (problem := manifest_problem(path)):
-                choice = [str(path)]
-                break
-            accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
-        if found and choice[0] is None:
-            fail(
-                f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
-                f"with --overwrite_output_dir"
-            )
+        else:
+            found = list_checkpoints(args.output_dir)
+            for path in reversed(found):
+                if not (problem := manifest_problem(path)):
+                    choice = [str(path)]
+                    break
+                accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
+            if found and choice[0] is None:
+                fail(
+                    f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
+                    f"with --overwrite_output_dir"
+                )
     if accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(choice, src=0)
     return None if choice[0] is None else Path(choice[0])
 
 
 def load_checkpoint(accelerator, path, model, ema, train_rng, args):
-    """Restore everything save_checkpoint wrote; returns training_state.json. Nothing loaded can run code.
-
-    A checkpoint of N processes resumes on M != N at the same step, learning rate and number of samples seen
-    (weights, optimizer and EMA are the same on every process); the random streams of the objective are derived
-    anew for the M processes, so the run is not bitwise the one it would have been on N."""
+    """Restore what save_checkpoint wrote (nothing loaded can run code); returns training_state.json. On another
+    number of processes the step, learning rate and data position are kept, the objective's RNGs derived anew."""
     state = json.loads((path / "training_state.json").read_text())
     if state.get("script") != "train_dit.py":
         fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not train_dit.py")
     if (state["model"], state["conditioning"]) != (args.model, args.conditioning):
-        fail(
-            f"--resume_from_checkpoint {path}: a {state['model']} {state['conditioning']} model; pass the same "
-            f"--model and --conditioning"
-        )
+        fail(f"--resume_from_checkpoint {path}: pass --model {state['model']} --conditioning {state['conditioning']}")
     if ema is not None and state["ema"] is None:
         fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
-    accelerator.load_state(str(path))  # safetensors + torch.load(weights_only=True)
+    accelerator.load_state(str(path))
     rank, saved = accelerator.process_index, state.get("num_processes", 1)
     if saved == accelerator.num_processes:
         train_rng.set_state(load_file(path / f"train_rng_{rank}.safetensors")["state"])
@@ -1267,22 +1058,18 @@ def load_checkpoint(accelerator, path, model, ema, train_rng, args):
             f"same step, learning rate and data position, new random streams (not bitwise)"
         )
         train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
-    if ema is not None:
-        # Straight onto the device the EMA lives on: load_state_dict keeps the tensors it is given.
-        weights = load_file(
-            path / "transformer_ema" / "diffusion_pytorch_model.safetensors", device=str(ema.shadow_params[0].device)
-        )
+    if ema is not None:  # loaded onto the EMA's device: load_state_dict keeps the tensors it is given
+        ema_file = path / "transformer_ema" / "diffusion_pytorch_model.safetensors"
+        weights = load_file(ema_file, device=str(ema.shadow_params[0].device))
         shadow = [weights[name] for name, _ in accelerator.unwrap_model(model).named_parameters()]
         ema.load_state_dict({**state["ema"], "shadow_params": shadow})
     return state
 
 
 def widen_label_tables(model, num_classes):
-    """A copy of a class-conditional DiT whose label tables have rows for 1000 classes + the null class at 1000,
-    where DiTPipeline looks for it; rows num_classes..999 repeat the null row. Sampling is unchanged."""
-    config = dict(model.config)
-    config["num_embeds_ada_norm"] = PIPELINE_NULL_CLASS
-    wide = DiTTransformer2DModel.from_config(config)
+    """A copy with label tables of 1000 classes + the null class at 1000, where DiTPipeline looks for it; rows
+    num_classes..999 repeat the null row."""
+    wide = DiTTransformer2DModel.from_config({**model.config, "num_embeds_ada_norm": PIPELINE_NULL_CLASS})
     state = model.state_dict()
     for key, table in state.items():
         if key.endswith("class_embedder.embedding_table.weight"):
@@ -1293,8 +1080,7 @@ def widen_label_tables(model, num_classes):
 
 
 def why_not_dit_pipeline(args, vae, meta):
-    """None when diffusers' DiTPipeline samples this model as train_dit.py does; otherwise the reason, recorded in
-    export_config.json. DiTPipeline feeds class id 1000 as the null class and decodes vae.decode(z / scale)."""
+    """None when diffusers' DiTPipeline samples this model as this script does, else why not."""
     if args.conditioning != "class":
         return "text-conditioned: DiTPipeline is class-conditional"
     if vae is None:
@@ -1302,82 +1088,53 @@ def why_not_dit_pipeline(args, vae, meta):
     if args.objective != "ddpm":
         return "flow objective: DiTPipeline samples the ddpm objective"
     if meta["num_classes"] > PIPELINE_NULL_CLASS:
-        return (
-            f"{meta['num_classes']} classes: DiTPipeline uses class id {PIPELINE_NULL_CLASS} as the null "
-            f"class, here a real class (the null class is {meta['num_classes']})"
-        )
+        return f"{meta['num_classes']} classes: DiTPipeline's null class id {PIPELINE_NULL_CLASS} is a real class"
     if meta["vae_scale"]["shift_factor"]:
-        return (
-            f"the VAE has shift_factor {meta['vae_scale']['shift_factor']}: DiTPipeline decodes z / "
-            f"scaling_factor without adding it back"
-        )
+        return "the VAE has a shift_factor, which DiTPipeline does not add back when decoding"
     return None
 
 
 def write_sampling_files(sampler, meta, folder):
-    """The sampler and export_config.json (conditioning, labels, text encoder, input layout, and the VAE as
-    name_or_path + subfolder): with the transformer beside them, what --sample_from needs."""
+    """The sampler and export_config.json: beside the transformer, what --sample_from needs."""
     sampler.save_pretrained(folder / "scheduler")
     (folder / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2))
 
 
-def model_card(args, meta, global_step, metrics_path):
-    """README.md of the export: the Hub's YAML front matter, then how it was trained and how to sample it."""
+def model_card(args, meta, global_step, loss):
+    """README.md of the export: the Hub's YAML front matter, how it was trained and how to sample it."""
     from huggingface_hub import ModelCardData
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     condition = "class-conditional" if args.conditioning == "class" else "text-to-image"
-    if args.dataset_name == "mnist":
-        datasets = ["ylecun/mnist"]
-    elif args.dataset_name and not Path(args.dataset_name).exists():  # a hub name, not a local dataset
-        datasets = [args.dataset_name]
-    else:
-        datasets = None
+    dataset = "ylecun/mnist" if args.dataset_name == "mnist" else args.dataset_name
     data = ModelCardData(
         library_name="diffusers",
         license="other",
-        datasets=datasets,
+        datasets=[dataset] if dataset and not Path(dataset).exists() else None,  # a hub id, not a local dataset
         tags=["diffusers", "dit", condition, "image-generation"],
     )
-    command = " ".join(["python train_dit.py", *sys.argv[1:]])
-    if args.conditioning == "class":
-        what = f"{meta['num_classes']} classes"
-    else:
-        what = f"prompts read by the frozen text encoder `{meta['text_encoder']}`"
-    space = f"latents of the VAE `{meta['vae']['name_or_path']}`" if meta["vae"] else "pixels"
+    scales = ", ".join(f"{s:g}" for s in args.validation_guidance_scales)
     return f"""---
 {data.to_yaml()}
 ---
 
 # {condition.capitalize()} DiT (train_dit.py)
 
-A Diffusion Transformer ({args.model}, {args.objective} objective) trained from scratch on {space}, conditioned
-on {what}: {global_step} optimizer steps, final loss {rows[-1]["loss"]:.4f}. The weights are the EMA weights.
-`export_config.json` says how to sample it (and whether diffusers' `DiTPipeline` loads this folder).
-
-Training command:
+A {args.model} DiT ({args.objective} objective) trained from scratch with train_dit.py: {global_step} steps,
+final loss {loss:.4f}, EMA weights. `export_config.json` says how to sample it.
 
 ```bash
-{command}
-```
-
-Sample it with the script:
-
-```bash
+{" ".join(["python train_dit.py", *sys.argv[1:]])}
 python train_dit.py --sample_from THIS_FOLDER --output_dir samples
 ```
 
-![samples at guidance {", ".join(f"{s:g}" for s in args.validation_guidance_scales)}](samples.png)
+![samples at guidance {scales}](samples.png)
 """
 
 
 def export_model(model, sampler, vae, args, meta, output_dir, card, grid):
-    """diffusers save_pretrained layout with the EMA weights: transformer/ + scheduler/ (+ vae/), and
-    export_config.json (conditioning, labels, text encoder, input layout). A class-conditional latent ddpm
-    model is written as a DiTPipeline (model_index.json), loadable with DiTPipeline.from_pretrained, when that
-    pipeline samples it right (see why_not_dit_pipeline); export_config.json says which layout was written.
-    The model card (README.md, samples.png) is written beside them. Each part is written under a temporary name
-    and renamed; manifest.json, written last, says the export is complete."""
+    """The EMA weights in diffusers' layout: a DiTPipeline folder when that pipeline samples the model right,
+    else transformer/ + scheduler/ (+ vae/); export_config.json says which and how to sample. Parts are
+    written under a temporary name and renamed; manifest.json, written last, says the export is complete."""
     model = model.float()
     if args.conditioning == "class" and meta["num_classes"] < PIPELINE_NULL_CLASS:
         model = widen_label_tables(model, meta["num_classes"])  # in any layout: the null class is 1000
@@ -1392,11 +1149,9 @@ def export_model(model, sampler, vae, args, meta, output_dir, card, grid):
     tmp = output_dir / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if reason is None:
-        # DiTPipeline splits each name on commas (ImageNet's synonyms) and needs strings.
         names = meta["label_names"] or [str(i) for i in range(meta["num_classes"])]
         id2label = {i: str(name) for i, name in enumerate(names)}
-        pipeline = DiTPipeline(transformer=model, vae=vae.float(), scheduler=sampler, id2label=id2label)
-        pipeline.save_pretrained(tmp)  # model_index.json, transformer/, vae/, scheduler/
+        DiTPipeline(transformer=model, vae=vae.float(), scheduler=sampler, id2label=id2label).save_pretrained(tmp)
     else:
         model.save_pretrained(tmp / "transformer")
         if vae is not None:
@@ -1405,7 +1160,7 @@ def export_model(model, sampler, vae, args, meta, output_dir, card, grid):
     (tmp / "README.md").write_text(card)
     shutil.copyfile(grid, tmp / "samples.png")
     parts = sorted(p.name for p in tmp.iterdir())
-    if "model_index.json" not in parts:  # left by an earlier export here, it would claim a DiTPipeline
+    if "model_index.json" not in parts:  # an earlier export's would claim a DiTPipeline
         (output_dir / "model_index.json").unlink(missing_ok=True)
     for name in parts:
         if (output_dir / name).is_dir():
@@ -1417,9 +1172,8 @@ def export_model(model, sampler, vae, args, meta, output_dir, card, grid):
 
 # Copied from train_mnist.RunLock
 class RunLock:
-    """One training run per output folder: run.lock holds the PID, the host and a heartbeat time refreshed every
-    minute. A lock whose process is gone (same host) or whose heartbeat is older than `stale_after` seconds
-    (another host: a pre-empted job requeued elsewhere) is taken over with a warning."""
+    """One run per output folder. The lock of a dead process (same host) or with a heartbeat older than
+    `stale_after` seconds (another host) is taken over."""
 
     def __init__(self, output_dir, stale_after=300):
         self.path, self.stale_after = Path(output_dir) / LOCK, stale_after
@@ -1431,7 +1185,7 @@ class RunLock:
             other = json.loads(self.path.read_text())
         except FileNotFoundError:
             other = None
-        except ValueError:  # a lock being written or cut short: nobody can prove it is alive
+        except ValueError:  # cut short: nobody can prove it is alive
             other = {"pid": None, "host": None, "heartbeat": 0}
         if other is not None and other.get("pid") != self.me["pid"]:
             if self.alive(other):
@@ -1449,8 +1203,8 @@ class RunLock:
                 os.kill(other["pid"], 0)
             except ProcessLookupError:
                 return False
-            except PermissionError:
-                return True
+            except PermissionError:  # alive, another user's
+                pass
             return True
         return time.time() - other.get("heartbeat", 0) < self.stale_after
 
@@ -1470,8 +1224,7 @@ class RunLock:
 
 # Copied from train_mnist.claim_output_dir
 def claim_output_dir(args):
-    """Main process, before any heavy work: take the lock, and refuse to mix a new run with another run's
-    checkpoints (--resume_from_checkpoint latest would later pick the old run's higher step)."""
+    """Take the run lock; refuse a new run among another run's checkpoints."""
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         fail(f"--output_dir {output_dir}: is a file; pass a folder")
@@ -1505,19 +1258,15 @@ def write_run_config(args, accelerator):
     import transformers
 
     try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            or None
-        )
+        git = ["git", "rev-parse", "HEAD"]
+        commit = subprocess.run(git, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        commit = ""
     config = {
         "args": vars(args),
-        "git_commit": commit,
+        "git_commit": commit.strip() or None,
         "num_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
+        "mixed_precision": accelerator.mixed_precision,  # resolved from the flag, accelerate's config or launcher
         "versions": {m.__name__: m.__version__ for m in (torch, torchvision, diffusers, transformers, accelerate)},
     }
     (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2))
@@ -1525,11 +1274,8 @@ def write_run_config(args, accelerator):
 
 # Copied from train_mnist.StopRequest
 class StopRequest:
-    """SIGTERM/SIGINT ask for a checkpoint at a step boundary, then a clean exit (pre-emptible clusters).
-
-    Every process must stop at the same step (the save is collective), wherever the signal landed. The flags are
-    agreed over a CPU (gloo) group without blocking: each step reads the previous step's all-reduce and starts the
-    next one, so all processes stop within one step of the signal and the GPU never waits for the host."""
+    """SIGTERM/SIGINT: checkpoint at the next step, then exit 0. Every process stops at the same step (the save is
+    collective): each step reads the last step's non-blocking all-reduce of the flags over a CPU group."""
 
     def __init__(self, accelerator):
         self.event = threading.Event()
@@ -1545,7 +1291,7 @@ class StopRequest:
         agreed = False
         if self.pending is not None:
             self.pending.wait()
-            agreed = bool(self.flag.item())  # a CPU tensor: no device sync
+            agreed = bool(self.flag.item())
         if not agreed:
             self.flag.fill_(float(self.event.is_set()))
             self.pending = torch.distributed.all_reduce(
@@ -1558,52 +1304,32 @@ class StopRequest:
             self.pending.wait()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Sampling from an export, without training
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Main ----
 def generate_from_export(args, accelerator):
+    """--sample_from: the validation grid (and --num_eval_samples) of an export or checkpoint, no training."""
     export = Path(args.sample_from)
     meta = json.loads((export / EXPORT_CONFIG).read_text())
     device = accelerator.device
     model_cls = DiTTransformer2DModel if meta["conditioning"] == "class" else PixArtTransformer2DModel
-    subfolder = "transformer" if (export / "transformer").is_dir() else "transformer_ema"  # or a checkpoint
+    subfolder = "transformer" if (export / "transformer").is_dir() else "transformer_ema"  # export or checkpoint
     model = model_cls.from_pretrained(export, subfolder=subfolder).to(device).eval()
     scheduler_cls = FlowMatchEulerDiscreteScheduler if meta["objective"] == "flow" else DPMSolverMultistepScheduler
     sampler = scheduler_cls.from_pretrained(export / "scheduler")
     vae = None
     if meta["vae"] and (export / "vae").is_dir():  # an export holds a copy of the VAE
-        vae = load_vae(str(export), "vae", flag="--sample_from")
-    elif meta["vae"]:  # a checkpoint names it, as from_pretrained loads it
-        vae = load_vae(
-            meta["vae"]["name_or_path"],
-            meta["vae"]["subfolder"],
-            flag=f"--sample_from {export}: the VAE that {EXPORT_CONFIG} names",
-        )
-    if vae is not None:
-        vae.to(device)
+        vae = load_vae(str(export), "vae", flag="--sample_from").to(device)
+    elif meta["vae"]:  # a checkpoint names it
+        flag = f"--sample_from {export}: the VAE that {EXPORT_CONFIG} names"
+        vae = load_vae(meta["vae"]["name_or_path"], meta["vae"]["subfolder"], flag=flag).to(device)
     if meta["conditioning"] == "class":
-        null = {"class_labels": torch.tensor([model.config.num_embeds_ada_norm], device=device)}
         ids = args.validation_class_ids or list(range(min(meta["num_classes"], 10)))
-        names = [meta["label_names"][i] if meta["label_names"] else str(i) for i in ids]
-        rows = (names, {"class_labels": torch.tensor(ids, device=device)})
+        null, rows = class_conditions(ids, model.config.num_embeds_ada_norm, meta["label_names"], device)
     else:
-        # Prompts encoded as in training (an export without "text" was trained with the mask on and no prefix).
-        text = meta.get("text") or {
-            "text_encoder": meta["text_encoder"],
-            "tokenizer": meta["text_encoder"],
-            "prefix": "",
-            "use_attention_mask": True,
-            "tokenizer_max_length": meta["tokenizer_max_length"],
-        }
+        text = meta["text"]
         if args.text_encoder_name_or_path:
             text = {**text, "text_encoder": args.text_encoder_name_or_path, "tokenizer": None}
-        tokenizer, text_encoder = load_text_encoder(text["text_encoder"], text["tokenizer"])
-        text_encoder.to(device)
-        states, mask = encode_prompts(tokenizer, text_encoder, [""], text, device)
-        null = {"states": states, "mask": mask}
         prompts = args.validation_prompts or meta["validation_prompts"]
-        states, mask = encode_prompts(tokenizer, text_encoder, prompts, text, device)
-        rows = (prompts, {"states": states, "mask": mask})
+        _, _, null, rows = prompt_conditions(text, prompts, device)
     gen = ImageGenerator(model, sampler, vae, meta["vae_scale"], null, meta["input_shape"], meta["crop"])
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -1614,19 +1340,16 @@ def generate_from_export(args, accelerator):
             print(f"wrote {args.num_eval_samples} samples to {output_dir / 'eval_samples.npz'} in {seconds:.1f}s")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------------------
 def main(args):
     check_args(args)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        # "auto" is CPU without CUDA; then several processes (torchrun, accelerate launch) talk over gloo.
+        # "auto" is CPU without CUDA; several CPU processes then talk over gloo.
         cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
         log_with=args.report_to or None,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, "logs")),
-        # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
+        # The shuffling order of an epoch depends only on (seed, epoch): resume can restore a mid-epoch position.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     check_accelerator(accelerator)
@@ -1638,41 +1361,36 @@ def main(args):
     if accelerator.is_main_process:
         claim_output_dir(args)
     stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
-    set_seed(args.seed)  # same initial weights on every process
+    set_seed(args.seed)  # the same initial weights on every process
     output_dir = Path(args.output_dir)
     resume_path = find_checkpoint(accelerator, args)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    # ---- Frozen VAE (or pixels) and the input layout ----------------------------------------------------------
+    # Input layout: VAE latents (online or precomputed) or pixels
     index = read_precomputed_index(args) if args.precomputed_data_dir else None
     text = text_convention(args, index) if args.conditioning == "text" else None
-    if index:  # the VAE the shards were encoded with: with precomputed latents it only decodes samples
-        vae = load_vae(
-            index["vae"]["name_or_path"],
-            index["vae"].get("subfolder"),
-            flag=f"--precomputed_data_dir {args.precomputed_data_dir}: index.json's VAE",
-        )
+    crop = (args.resolution - MNIST_SIZE) // 2 if args.dataset_name == "mnist" else 0
+    if index:  # the shards' VAE, which only decodes samples here
+        vae_info = index["vae"]
+        flag = f"--precomputed_data_dir {args.precomputed_data_dir}: index.json's VAE"
+        vae = load_vae(vae_info["name_or_path"], vae_info.get("subfolder"), flag=flag)
+        vae_scale = {"scaling_factor": vae_info["scaling_factor"], "shift_factor": vae_info.get("shift_factor") or 0.0}
+        resolution, image_channels = index["resolution"], 3
+        shape = [vae_info["latent_channels"], vae_info["latent_size"], vae_info["latent_size"]]
+        factor = resolution // shape[1]
     else:
         vae = load_vae(args.vae_name_or_path)
-    if index:
-        vae_scale = {
-            "scaling_factor": index["vae"]["scaling_factor"],
-            "shift_factor": index["vae"].get("shift_factor") or 0.0,
-        }
-        resolution = index["resolution"]
-        shape = [index["vae"]["latent_channels"], index["vae"]["latent_size"], index["vae"]["latent_size"]]
-        factor = resolution // shape[1]
-        image_channels = 3
-    elif vae is not None:
-        vae_scale = {"scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.shift_factor or 0.0}
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        shape = [vae.config.latent_channels, args.resolution // factor, args.resolution // factor]
-        image_channels, resolution = vae.config.in_channels, args.resolution
-    else:
-        vae_scale, factor, resolution = {"scaling_factor": 1.0, "shift_factor": 0.0}, 1, args.resolution
-        image_channels = 1 if args.dataset_name == "mnist" else 3
-        shape = [image_channels, resolution, resolution]
+        resolution = args.resolution
+        if vae is None:
+            vae_scale, factor = {"scaling_factor": 1.0, "shift_factor": 0.0}, 1
+            image_channels = 1 if args.dataset_name == "mnist" else 3
+            shape = [image_channels, resolution, resolution]
+        else:
+            vae_scale = {"scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.shift_factor or 0.0}
+            factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            image_channels = vae.config.in_channels
+            shape = [vae.config.latent_channels, resolution // factor, resolution // factor]
     if vae is not None:
         vae.to(device, dtype=weight_dtype)
     patch = model_shape(args)[3]
@@ -1681,11 +1399,14 @@ def main(args):
     if accelerator.is_main_process:
         write_run_config(args, accelerator)
 
-    # ---- Data -------------------------------------------------------------------------------------------------
+    # Data
     dataset = build_dataset(args, image_channels, index)
+    label_names = dataset.label_names
     num_classes = None
     if args.conditioning == "class":
-        found = count_classes(dataset)
+        found = len(label_names) if label_names else None
+        if found is None and isinstance(dataset, HFImageDataset):
+            found = int(max(dataset.table[args.label_column])) + 1
         if found is None and args.num_classes is None:
             fail("--num_classes: the data does not say how many classes it has; pass it")
         if found is not None and args.num_classes not in (None, found):
@@ -1700,14 +1421,11 @@ def main(args):
         collate_fn=collate,
     )
 
-    # ---- Conditions: class ids, or a frozen text encoder (not needed with precomputed states) -----------------
-    tokenizer = text_encoder = None
+    # Conditions: class ids, or captions through a frozen text encoder (none with precomputed states)
+    tokenizer = text_encoder = caption_channels = None
     if args.conditioning == "class":
-        null = {"class_labels": torch.tensor([num_classes], device=device)}
-        caption_channels = None
         ids = args.validation_class_ids or list(range(min(num_classes, 10)))
-        names = [dataset.label_names[i] if dataset.label_names else str(i) for i in ids]
-        validation_rows = (names, {"class_labels": torch.tensor(ids, device=device)})
+        null, validation_rows = class_conditions(ids, num_classes, label_names, device)
     elif index:
         empty = load_file(Path(args.precomputed_data_dir) / "empty_prompt.safetensors")
         key = index["text_encoders"][0]["key"]
@@ -1715,29 +1433,23 @@ def main(args):
             "states": empty[f"{key}.hidden_states"].float().to(device),
             "mask": empty[f"{key}.attention_mask"].long().to(device),
         }
-        caption_channels = null["states"].shape[-1]
         first = [dataset[i] for i in range(min(4, len(dataset)))]
         with safe_open(str(dataset.files[0]), framework="pt") as f:
             names = json.loads(f.metadata()["captions"])[: len(first)]
-        validation_rows = (
-            names,
-            {
-                "states": torch.stack([e["text_states"] for e in first]).to(device),
-                "mask": torch.stack([e["text_mask"] for e in first]).to(device),
-            },
-        )
+        states, mask = (torch.stack([e[k] for e in first]).to(device) for k in ("text_states", "text_mask"))
+        validation_rows = (names, {"states": states, "mask": mask})
     else:
-        tokenizer, text_encoder = load_text_encoder(text["text_encoder"], text["tokenizer"])
-        text_encoder.to(device, dtype=weight_dtype)
-        states, mask = encode_prompts(tokenizer, text_encoder, [""], text, device)
-        null = {"states": states, "mask": mask}
-        caption_channels = states.shape[-1]
-        prompts = args.validation_prompts or first_captions(dataset)
-        states, mask = encode_prompts(tokenizer, text_encoder, prompts, text, device)
-        validation_rows = (prompts, {"states": states, "mask": mask})
+        if args.validation_prompts:
+            prompts = args.validation_prompts
+        elif isinstance(dataset, MNISTDataset):
+            prompts = [dataset.template.format(d) for d in range(10)]
+        else:  # the first distinct captions of the data
+            prompts = list(dict.fromkeys(dataset.table[:256][args.caption_column]))[:10]
+        tokenizer, text_encoder, null, validation_rows = prompt_conditions(text, prompts, device, weight_dtype)
+    if text:
+        caption_channels = null["states"].shape[-1]
 
-    # What sampling needs besides the weights: in export_config.json of every checkpoint and of the export.
-    label_names = getattr(dataset, "label_names", None)
+    # What sampling needs besides the weights: export_config.json of every checkpoint and of the export.
     meta = {
         "conditioning": args.conditioning,
         "objective": args.objective,
@@ -1748,25 +1460,21 @@ def main(args):
         "vae_scale": vae_scale,
         "input_shape": shape,
         "resolution": resolution,
-        "crop": crop_of(args, index),
+        "crop": crop,
         "guidance_scale": args.guidance_scale,
-        "text_encoder": text["text_encoder"] if text else None,
-        "tokenizer_max_length": text["tokenizer_max_length"] if text else None,
         "text": text,
-        "validation_prompts": validation_rows[0] if args.conditioning == "text" else None,
+        "validation_prompts": validation_rows[0] if text else None,
     }
 
-    # ---- Model, noise schedule, EMA ---------------------------------------------------------------------------
+    # Model, noise schedule, EMA
     model = build_transformer(args, shape[0], shape[1], num_classes, caption_channels)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    if args.enable_xformers_memory_efficient_attention:
-        model.enable_xformers_memory_efficient_attention()
     noise_scheduler = build_noise_scheduler(args)
     sampler = build_sampler(args, noise_scheduler, pixel_space=vae is None)
     sampling_files = functools.partial(write_sampling_files, sampler, meta)
     ema = None
-    if args.use_ema:  # starts as a copy of the initial weights
+    if args.use_ema:
         ema = EMAModel(
             model.parameters(),
             decay=args.ema_decay,
@@ -1781,8 +1489,7 @@ def main(args):
         f"input {shape} ({'pixels' if factor == 1 else 'latents'}), {len(dataset)} examples"
     )
 
-    # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
-    # Fused AdamW: one kernel for all tensors, and it can skip a non-finite step on the device (found_inf below).
+    # Optimizer: fused AdamW, one kernel, which skips a non-finite step on the device (found_inf below).
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=args.learning_rate,
@@ -1792,27 +1499,27 @@ def main(args):
     )
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     if args.torch_compile:
-        model.compile()  # in place: state_dict keys (checkpoints, export) stay those of the plain model
+        model.compile()  # in place: state_dict keys stay those of the plain model
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    # Every random draw of the objective comes from this generator, saved in each checkpoint. The global RNG
-    # cannot be trusted for exact resume: each DataLoader iterator draws its base seed from it.
+    # Every random draw of the objective comes from this generator, saved in each checkpoint: the global RNG
+    # cannot give an exact resume (each DataLoader iterator draws its base seed from it).
     train_rng = torch.Generator(device).manual_seed(args.seed * 1000 + accelerator.process_index)
 
-    # ---- Resume -----------------------------------------------------------------------------------------------
+    # Resume
     global_step, first_epoch, batches_to_skip = 0, 0, 0
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path, model, ema, train_rng, args)
         global_step, first_epoch = state["global_step"], state["epoch"]
-        # The data position in batches of this run's processes (the count may differ from the saved run's).
+        # The data position in batches of this run's processes (their count may differ from the saved run's).
         batches_to_skip = state["epoch_batches"] // accelerator.num_processes
         if batches_to_skip >= len(train_dataloader):
             first_epoch, batches_to_skip = first_epoch + 1, 0
         accelerator.print(f"resumed from {resume_path} at step {global_step}")
     elif args.resume_from_checkpoint:
         accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
-    # Not prepared: accelerate would step it once per process and save it pickled. It counts optimizer steps
-    # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
+    # Not prepared (accelerate would step it once per process): it counts optimizer steps, and a resumed run
+    # rebuilds it at its step.
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -1823,17 +1530,14 @@ def main(args):
     if args.report_to:
         accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
 
-    # ---- Training loop: the host reads device values only every --logging_steps -------------------------------
+    # Training loop: the host reads device values only every --logging_steps
     metrics_path = output_dir / "metrics.jsonl"
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process, desc="train")
-    num_bins = 4  # loss per quarter of the noise-level range: where the model still has to learn
-    bin_loss = torch.zeros(num_bins, device=device)
-    bin_count = torch.zeros(num_bins, device=device)
-    # Optimizer steps with a non-finite gradient: in total, in the current run, and the longest run since the
-    # last logging step (the only place the host reads them).
+    num_bins = 4  # the loss per quarter of the noise-level range
+    bin_loss, bin_count = torch.zeros(num_bins, device=device), torch.zeros(num_bins, device=device)
+    # Steps with a non-finite gradient: in total, in the current run of them, the longest run since logging.
     nonfinite_steps, nonfinite_run, longest_run = torch.zeros(3, device=device).unbind()
-    # Unreadable images this process drew (each replaced by a readable one), summed over processes when logging.
-    skipped = torch.zeros((), device=device)
+    skipped = torch.zeros((), device=device)  # unreadable images drawn by this process
     window_start, window_samples = time.perf_counter(), 0
     position = (first_epoch, batches_to_skip * accelerator.num_processes)
     train_start = time.perf_counter()
@@ -1860,10 +1564,9 @@ def main(args):
                 accelerator.backward(per_sample.mean())
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-                    # The norm is the same on every process (all-reduced gradients). A non-finite one skips the
-                    # update on the device: the fused AdamW kernel leaves weights and moments as they were where
-                    # found_inf is 1. With fp16 the GradScaler sets found_inf itself; it skips exactly the steps
-                    # whose unscaled norm is non-finite, so they are counted here too.
+                    # A non-finite norm (the same on every process) skips the update on the device: fused AdamW
+                    # leaves weights and moments as they were where found_inf is 1. With fp16 the GradScaler
+                    # sets found_inf itself, for exactly these steps.
                     nonfinite = (~torch.isfinite(grad_norm)).float()
                     if accelerator.scaler is None:
                         optimizer.optimizer.found_inf = nonfinite
@@ -1889,7 +1592,6 @@ def main(args):
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
                 totals = accelerator.reduce(torch.cat([bin_loss, bin_count, skipped.view(1)]), "sum").cpu()
                 total_nonfinite, longest = torch.stack([nonfinite_steps, longest_run]).tolist()
-                elapsed = time.perf_counter() - window_start
                 losses, counts = totals[:num_bins], totals[num_bins : 2 * num_bins]
                 row = {
                     "step": global_step,
@@ -1897,7 +1599,7 @@ def main(args):
                     "loss": (losses.sum() / counts.sum().clamp(min=1)).item(),
                     "lr": lr_scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm.item(),
-                    "samples_per_s": window_samples / max(elapsed, 1e-9),
+                    "samples_per_s": window_samples / max(time.perf_counter() - window_start, 1e-9),
                     "nonfinite_steps": int(total_nonfinite),
                     "skipped_images": int(totals[-1]),
                 }
@@ -1929,25 +1631,14 @@ def main(args):
                 )
                 accelerator.end_training()
                 return
-            if (
-                global_step % args.validation_steps == 0
-                and global_step < max_train_steps
-                and accelerator.is_main_process
-            ):
+            validate = global_step % args.validation_steps == 0 and global_step < max_train_steps
+            if validate and accelerator.is_main_process:
                 if ema is not None:
                     ema.store(model.parameters())
                     ema.copy_to(model.parameters())
-                gen = ImageGenerator(
-                    accelerator.unwrap_model(model).eval(), sampler, vae, vae_scale, null, shape, crop_of(args, index)
-                )
-                log_validation(
-                    gen,
-                    validation_rows,
-                    args,
-                    output_dir / "samples" / f"step-{global_step}.png",
-                    accelerator.trackers,
-                    global_step,
-                )
+                gen = ImageGenerator(accelerator.unwrap_model(model).eval(), sampler, vae, vae_scale, null, shape, crop)
+                grid = output_dir / "samples" / f"step-{global_step}.png"
+                log_validation(gen, validation_rows, args, grid, accelerator.trackers, global_step)
                 plot_loss(metrics_path, output_dir / "loss.png")
                 if ema is not None:
                     ema.restore(model.parameters())
@@ -1961,33 +1652,27 @@ def main(args):
     train_seconds = time.perf_counter() - train_start
     skipped_images = int(accelerator.reduce(skipped, "sum").item())
     if skipped_images:
-        accelerator.print(
-            f"warning: {skipped_images} unreadable images were drawn, each replaced by the next readable one"
-        )
+        accelerator.print(f"warning: {skipped_images} unreadable images were drawn, each replaced by a readable one")
 
-    # ---- Final checkpoint, samples and export (EMA weights) ---------------------------------------------------
+    # Final checkpoint, samples and export (EMA weights)
     save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, sampling_files)
     if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(model).eval()
         if ema is not None:
             ema.copy_to(final_model.parameters())
-        gen = ImageGenerator(final_model, sampler, vae, vae_scale, null, shape, meta["crop"])
+        gen = ImageGenerator(final_model, sampler, vae, vae_scale, null, shape, crop)
         grid = output_dir / "samples" / f"step-{global_step}.png"
         log_validation(gen, validation_rows, args, grid, accelerator.trackers, global_step)
         plot_loss(metrics_path, output_dir / "loss.png")
         summary = {"global_step": global_step, "train_seconds": train_seconds, "skipped_images": skipped_images}
         if args.num_eval_samples and args.conditioning == "class":
             summary["sample_seconds"] = write_eval_samples(gen, num_classes, args, output_dir / "eval_samples.npz")
-        card = model_card(args, meta, global_step, metrics_path)
+        loss = json.loads(metrics_path.read_text().splitlines()[-1])["loss"]
+        card = model_card(args, meta, global_step, loss)
         export_model(final_model, sampler, vae, args, meta, output_dir, card, grid)
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"done: step {global_step}, {train_seconds / 60:.1f} min of training; export in {output_dir}")
     accelerator.end_training()
-
-
-def crop_of(args, index):
-    """Border to remove from generated images: the padding added to 28x28 MNIST digits."""
-    return (args.resolution - MNIST_SIZE) // 2 if args.dataset_name == "mnist" and index is None else 0
 
 
 if __name__ == "__main__":

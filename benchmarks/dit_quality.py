@@ -8,8 +8,9 @@ benchmarks/mnist_quality.py: `class_accuracy` (the judge recognises the class it
     python benchmarks/dit_quality.py --data_root ./data --output_dir output/dit_quality --objective flow
     python benchmarks/dit_quality.py ... -- --learning_rate 5e-4      # extra train_dit.py flags after "--"
 
-Writes OUTPUT_DIR/eval_samples.npz (the headline guidance scale), docs/dit_quality_<objective>.json, and prints
-as its last line: class_accuracy=<x> fid_ratio=<r> train_minutes=<m> sample_seconds=<s>
+Writes OUTPUT_DIR/eval_samples.npz (the headline guidance scale), DOCS_DIR/dit_quality_<objective>.json
+(default benchmarks/output/), and prints as its last line:
+class_accuracy=<x> fid_ratio=<r> train_minutes=<m> sample_seconds=<s>
 """
 
 import argparse
@@ -27,8 +28,7 @@ from mnist_quality import Scorer, get_judge, score_npz  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # The same small DiT for both objectives: 4x4 patches of the 32x32 digit (64 tokens), 6 blocks of width 192,
-# diffusers' default init (after 200 steps of batch 64 it recognises its class 2.6x more often than adaLN-Zero).
-# Batch 32: at the same number of images, 4x the optimizer steps of batch 128 took flow from 81.8% to 99.9%.
+# diffusers' default init, batch 32 (docs/dit.md says why).
 MODEL = ["--model", "DiT-S/4", "--hidden_size", "192", "--depth", "6", "--num_heads", "3"]
 COMMON = [
     "--dataset_name",
@@ -94,11 +94,11 @@ def parse_args(argv=None):
         "--guidance_scale",
         type=float,
         default=1.75,
-        help="The headline scale (one of the above). 1.75: 97.8%% / fid_ratio 2.82 (docs/dit.md).",
+        help="The headline scale, one of --guidance_scales.",
     )
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--judge_path", default=str(REPO / "benchmarks" / ".cache" / "mnist_judge.safetensors"))
-    parser.add_argument("--docs_dir", default=str(REPO / "benchmarks" / "output"))
+    parser.add_argument("--docs_dir", default=str(REPO / "benchmarks" / "output"), help="Where the report goes.")
     parser.add_argument("--skip_training", action="store_true", help="Score the model already in OUTPUT_DIR/model.")
     args = parser.parse_args(argv)
     args.extra, args.argv = extra, argv + (["--", *extra] if extra else [])

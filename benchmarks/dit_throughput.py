@@ -3,9 +3,9 @@
 Each configuration runs in its own process (peak memory is per process) through train_dit.py's own functions:
 batch_to_inputs (the online VAE encode, or a latent drawn from stored mean/std as --precomputed_data_dir does),
 training_step, backward, AdamW. Inputs are 256x256 images <-> 32x32x4 latents, as DiT on ImageNet 256. The VAE
-has Stable Diffusion's architecture (random weights: the hub is out of reach; the cost is the same).
+has Stable Diffusion's architecture (random weights: the cost is the same).
 
-    python benchmarks/dit_throughput.py                      # CPU table -> docs/dit_throughput.{md,json}
+    python benchmarks/dit_throughput.py                      # CPU table -> DOCS_DIR/dit_throughput.{md,json}
     python benchmarks/dit_throughput.py --device cuda --batch_size 128 --models DiT-XL/2 --steps 20
 
 The last line is the table's headline: precomputed_speedup=<x> (DiT-S/2, online VAE step time / precomputed).
@@ -44,7 +44,7 @@ def parse_args(argv=None):
         default="base,gradient_checkpointing,bf16,torch_compile,foreach_adamw",
         help="Speed settings tried on the first model (precomputed inputs).",
     )
-    parser.add_argument("--docs_dir", default=str(REPO / "benchmarks" / "output"))
+    parser.add_argument("--docs_dir", default=str(REPO / "benchmarks" / "output"), help="Where the table goes.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -58,7 +58,8 @@ def worker(config):
     import train_dit
 
     device = torch.device(config["device"])
-    args = train_dit.parse_args(["--model", config["model"], "--objective", "ddpm", "--train_data_dir", "."])
+    argv = ["--model", config["model"], "--weight_init", "adaln_zero", "--objective", "ddpm", "--train_data_dir", "."]
+    args = train_dit.parse_args(argv)
     args.gradient_checkpointing = config["flag"] == "gradient_checkpointing"
     model = train_dit.build_transformer(args, 4, 32, 1000, None).to(device)
     if args.gradient_checkpointing:
