@@ -1,40 +1,13 @@
-"""Train one MMDiT on images and captions together: joint continuous diffusion of image and text embeddings.
+"""Train one MMDiT on images and captions together: joint continuous diffusion of images and caption embeddings.
 
-The same network generates an image from a caption (text-to-image) and a caption from an image (image-to-text),
-or both at once (UniDiffuser, Bao et al. 2023). A caption is the sequence of last hidden states of a frozen text
-encoder (--text_encoder, any transformers AutoModel: BERT family, e5 with --text_prefix "query: ", T5 encoder),
-standardised per dimension with a mean and std computed on the training captions, then projected on their top
---text_latent_dim principal directions (64: 99.9% of the variance of the MNIST captions' 8x384 numbers; the
-projection keeps the distances between captions, and the text stream is 64 wide, not 384). Statistics and
-projection are computed once on the data and stored in the model's buffers (so in every checkpoint and in the
-export): UniDiffuser's low-dimensional text embedding, without training one. Image tokens are p x p patches of
-pixels or VAE latents.
-Both modalities are noised with a variance-preserving schedule (squared-cosine betas, 1000 steps) at
-independent timesteps; the loss is the MSE of the network's prediction on both: v (--prediction_type
-v_prediction, the default) or epsilon (UniDiffuser's choice). A caption's 8x384 numbers identify it among the
-training captions at noise levels where a 28x28 digit is long gone (benchmarks/caption_noise.py), so the caption
-gets the image's timesteps with every SNR divided by --text_shift^2 (SD3's shift): the noisy caption then stops
-naming itself while the image still shows its digit, and image-to-text has timesteps to be learned at. Epsilon
-failed on captions at shift 1, measured (docs/mmdit.md): there an epsilon error costs almost nothing where the
-caption is decided. Per example one modality is sometimes clean and sometimes at full noise, so text-to-image,
-image-to-text, joint and both unconditional models are trained; guidance in each direction uses the other
-modality at full noise as the unconditional branch. Joint generation draws the caption first (the image at full
-noise), then the image from it, guided (sample_joint says why).
+A caption is the last hidden states of a frozen text encoder, standardised and projected on their top principal
+directions; image tokens are patches of pixels or VAE latents. Both are noised at independent timesteps (the
+caption's SNR divided by --text_shift^2) and the loss is the MSE of the predicted v (or epsilon) on each, as in
+UniDiffuser: one network draws an image from a caption, a caption from an image (the nearest training caption),
+or both.
 
-Caption decoding: a generated embedding sequence is turned into text by nearest-caption retrieval over the
-distinct training captions (L2 in the projected space; the default, --text_decoder retrieval), and, where the
-encoder folder also holds a masked-LM head (BertForMaskedLM weights), by that head's argmax token at every
-position (--text_decoder mlm). The validation file lists both when the head exists.
-
-Outputs: checkpoint-N/ (accelerate's state, the EMA model in save_pretrained layout under mmdit_ema/, or mmdit/
-without EMA, and the sampling files), and the export in --output_dir: mmdit/ (TextImageModel.from_pretrained: the
-MMDiT with the caption statistics as buffers), scheduler/ and text_scheduler/ (the image's and the caption's
-samplers), export_config.json (text encoder, VAE, the captions retrieval decodes to); manifest.json, written last
-in each, says the folder is complete. --sample_from takes the export or a checkpoint-N folder.
-
-    python train_image_continuous.py --data-root ../shared/datasets --text-encoder bert-base-uncased --output-dir out
-    accelerate launch train_image_continuous.py --data-root coco_dir --text-encoder intfloat/multilingual-e5-large \
-        --text-prefix "query: " --dim-text 1024
+    python train_image_continuous.py --data-root ./data --output-dir out
+    accelerate launch train_image_continuous.py --data_root coco_dir --text_encoder_name_or_path intfloat/e5-base
 """
 
 import argparse
@@ -53,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,18 +44,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 SCRIPT = "train_image_continuous.py"
-KIND = "continuous text-embedding diffusion"  # how the caption is diffused: the model card's title and tag
+KIND = "continuous text-embedding diffusion"  # the model card's title and tag
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-MNIST_SIZE = 28  # 4x4 patches: 7 x 7 = 49 image tokens (padding to 32 would cost 64)
 EXPORT_CONFIG = "export_config.json"
-MANIFEST = "manifest.json"  # written last in a checkpoint or export: size and hash of every file, the commit point
+MANIFEST = "manifest.json"  # written last in a checkpoint or export: size and hash of every file
 LOCK = "run.lock"  # one training run per output folder
 NEGATABLE = {"use_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
+TEXT_CLIP = 5.0  # samplers clip the caption's predicted x0 to +-this, in standardised units
 
 
+# ---- Args ----
 # Copied from train_mnist.fail
 def fail(message):
-    """A user mistake: one line naming the flag or file and the fix, exit code 2, before any heavy work."""
+    """A user mistake: one line naming the flag or file and the fix, exit code 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -98,8 +73,6 @@ def parse_args(argv=None):
     g = parser.add_argument_group("data")
     g.add_argument(
         "--data_root",
-        "--dataset_path",
-        "--precomputed_data_dir",
         default=None,
         help="MNIST/raw (torchvision layout), a COCO-style {split}_data.json, an imagefolder with "
         "metadata.jsonl, or shards of prepare_data_multi_gpu.py (index.json).",
@@ -115,82 +88,43 @@ def parse_args(argv=None):
     g.add_argument("--caption_template", default="a handwritten digit {}", help="MNIST caption; {} is the word.")
     g.add_argument("--resolution", type=int, default=32, help="Image side for COCO/imagefolder (MNIST: 28).")
     g.add_argument("--max_samples", type=int, default=None, help="Truncate the training set to N examples.")
-    g.add_argument(
-        "--num_validation_images",
-        type=int,
-        default=8,
-        help="Held-out images captioned at each validation (MNIST: test set; COCO: val_data.json).",
-    )
+    g.add_argument("--num_validation_images", type=int, default=8, help="Held-out images to caption at validation.")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = parser.add_argument_group("models")
-    g.add_argument("--vae", default=None, help="AutoencoderKL (hub id or folder): diffuse its latents, not pixels.")
-    g.add_argument("--patch_size", type=int, default=4, help="Image tokens are p x p patches (MNIST 28x28, p=4: 49).")
+    g.add_argument("--vae_name_or_path", default=None, help="AutoencoderKL: diffuse its latents, not pixels.")
+    g.add_argument("--patch_size", type=int, default=4, help="Image tokens are p x p patches.")
     g.add_argument("--dim_image", type=int, default=128, help="Width of the image stream (and of attention).")
-    g.add_argument(
-        "--dim_text",
-        type=int,
-        default=None,
-        help="The text encoder's hidden size (the default; checked before the encoder loads).",
-    )
+    g.add_argument("--dim_text", type=int, default=None, help="The text encoder's hidden size (checked early).")
     g.add_argument(
         "--text_latent_dim",
         type=int,
         default=None,
-        help="Diffuse the caption in its top-N principal directions (computed on the training captions, "
-        "stored in the model); N is the width of the text stream. Default 64 (UniDiffuser's text "
-        "embedding width), or the encoder's hidden size if smaller; 0: all of the hidden size.",
+        help="Width of the text stream: the caption's top-N principal directions (default: at most 64; 0: all).",
     )
     g.add_argument("--depth", type=int, default=6, help="MMDiT blocks.")
     g.add_argument("--num_heads", type=int, default=4)
     g.add_argument("--mlp_ratio", type=float, default=4.0)
     g.add_argument(
-        "--stem_channels",
-        type=int,
-        default=32,
-        help="A 3x3 convolution with this many channels + GELU before the patchify (0: none); a patch "
-        "token then sees its neighbours' edge pixels (measurements: docs/mmdit.md).",
+        "--stem_channels", type=int, default=32, help="Channels of a 3x3 conv + GELU before the patchify (0: none)."
     )
     g.add_argument(
-        "--pooled_text",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Add an MLP of the mean text input to the adaLN conditioning (SD3's pooled text vector).",
-    )
-    g.add_argument(
-        "--weight_init",
-        choices=["adaln_zero", "pytorch"],
-        default="adaln_zero",
-        help="adaln_zero: DiT's (identity blocks, zero outputs), best in long runs; pytorch: PyTorch's "
-        "layer defaults, faster to learn in short runs (docs/mmdit.md).",
-    )
-    g.add_argument(
-        "--text_encoder",
+        "--text_encoder_name_or_path",
         default="bert-base-uncased",
-        help="Frozen text encoder (hub id or folder with its tokenizer): any transformers AutoModel.",
+        help="Frozen text encoder with its tokenizer: any transformers AutoModel.",
     )
     g.add_argument("--text_prefix", default="", help='Prepended to every caption, e.g. "query: " for e5 models.')
-    g.add_argument("--max_text_length", type=int, default=16, help="Caption tokens, special tokens and pads included.")
+    g.add_argument("--tokenizer_max_length", type=int, default=16, help="Caption tokens, special tokens included.")
 
     g = parser.add_argument_group("objective")
-    g.add_argument(
-        "--text_loss_weight",
-        type=float,
-        default=1.0,
-        help="Weight of the caption-embedding MSE (averaged over the encoder's hidden size, not the "
-        "latent's: see training_step).",
-    )
-    g.add_argument(
-        "--image_clean_prob", type=float, default=0.4, help="Per example: the image is clean (trains image-to-text)."
-    )
-    g.add_argument(
-        "--text_clean_prob", type=float, default=0.4, help="Per example: the caption is clean (trains text-to-image)."
-    )
+    g.add_argument("--text_loss_weight", type=float, default=1.0, help="Weight of the caption's MSE.")
+    g.add_argument("--image_clean_prob", type=float, default=0.4, help="Share of clean images (image-to-text).")
+    g.add_argument("--text_clean_prob", type=float, default=0.4, help="Share of clean captions (text-to-image).")
     g.add_argument(
         "--cond_dropout_prob",
         type=float,
         default=0.075,
-        help="Per example and modality: put it at full noise (unconditional branch of guidance).",
+        help="Per modality: share of examples at full noise (guidance's unconditional branch).",
     )
     g.add_argument("--num_train_timesteps", type=int, default=1000)
     g.add_argument("--beta_schedule", default="squaredcos_cap_v2", help="DDPMScheduler beta schedule.")
@@ -198,26 +132,13 @@ def parse_args(argv=None):
         "--prediction_type",
         default="v_prediction",
         choices=["v_prediction", "epsilon"],
-        help="What the network predicts for both modalities (MSE on it). epsilon is UniDiffuser's; it "
-        "leaves the image unread by the caption stream on MNIST (image-to-text at chance).",
+        help="What the network predicts for both modalities.",
     )
     g.add_argument(
         "--text_shift",
         type=float,
         default=40.0,
-        help="The caption's schedule is the image's with every SNR divided by shift^2 (SD3's shift). At 1, "
-        "a caption's 8x384 numbers still name it at t = 0.9T, where the image is noise, so the caption "
-        "stream needs the image only at the last steps; at 5 MNIST captions lose their identity at "
-        "the rate MNIST images lose their digit, at 10 earlier (benchmarks/caption_noise.py). "
-        "Image-to-text accuracy against the shift: docs/mmdit.md.",
-    )
-    g.add_argument(
-        "--text_clip_value",
-        type=float,
-        default=5.0,
-        help="Samplers clip the caption's predicted x0 to +-this (standardised units), as the image's "
-        "is clipped to [-1, 1]: with epsilon, x0 = (x_t - sigma eps) / alpha multiplies its errors "
-        "near t=T.",
+        help="The caption's schedule is the image's with every SNR divided by shift^2 (1: the same).",
     )
 
     g = parser.add_argument_group("optimisation")
@@ -239,16 +160,10 @@ def parse_args(argv=None):
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument(
-        "--max_nonfinite_steps",
-        type=int,
-        default=10,
-        help="Stop after this many optimizer steps in a row with a non-finite gradient.",
+        "--max_nonfinite_steps", type=int, default=10, help="Stop after N steps in a row with a non-finite gradient."
     )
     g.add_argument(
-        "--use_ema",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Keep an EMA of the weights (with warmup) for samples and the export.",
+        "--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Sample and export EMA weights."
     )
     g.add_argument("--ema_decay", type=float, default=0.999, help="Largest EMA decay, reached after the warmup.")
     g.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
@@ -258,36 +173,16 @@ def parse_args(argv=None):
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
         default=None,
-        help="Autocast precision; fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag.",
+        help="fp16 needs a CUDA GPU. Default: accelerate's config or launcher.",
     )
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument(
-        "--enable_xformers_memory_efficient_attention",
-        action="store_true",
-        help="Accepted for uniformity; attention is torch SDPA, which picks its fastest kernel itself.",
-    )
 
     g = parser.add_argument_group("sampling and evaluation")
-    g.add_argument(
-        "--guidance_scale",
-        type=float,
-        default=4.5,
-        help="Text-to-image guidance (1 = none); prompt accuracy against the scale: docs/mmdit.md.",
-    )
-    g.add_argument(
-        "--text_guidance_scale",
-        type=float,
-        default=3.0,
-        help="Image-to-text guidance (1 = none); caption accuracy against the scale: docs/mmdit.md.",
-    )
-    g.add_argument(
-        "--validation_guidance_scales",
-        type=float_list,
-        default=[1.0, 2.0, 4.0],
-        help="Columns of the text-to-image validation grid.",
-    )
+    g.add_argument("--guidance_scale", type=float, default=4.5, help="Text-to-image guidance (1: none).")
+    g.add_argument("--text_guidance_scale", type=float, default=3.0, help="Image-to-text guidance (1: none).")
+    g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 2.0, 4.0], help="Grid columns.")
     g.add_argument("--num_inference_steps", type=int, default=20, help="DPM-Solver++ steps (both modalities).")
     g.add_argument(
         "--text_decoder",
@@ -295,60 +190,24 @@ def parse_args(argv=None):
         default="retrieval",
         help="Captions from embeddings: nearest training caption, or the encoder's masked-LM head.",
     )
-    g.add_argument(
-        "--max_retrieval_captions",
-        type=int,
-        default=20000,
-        help="Distinct training captions kept for nearest-caption retrieval.",
-    )
-    g.add_argument(
-        "--num_eval_samples",
-        type=int,
-        default=0,
-        help="MNIST: write N text-to-image samples (balanced over the digits) to eval_samples.npz.",
-    )
-    g.add_argument(
-        "--num_eval_captions", type=int, default=0, help="MNIST: caption the first N test images into captions.jsonl."
-    )
-    g.add_argument(
-        "--num_eval_joint",
-        type=int,
-        default=0,
-        help="MNIST: write N jointly generated (image, caption) pairs to eval_joint.npz.",
-    )
+    g.add_argument("--max_retrieval_captions", type=int, default=20000, help="Captions retrieval chooses from.")
+    g.add_argument("--num_eval_samples", type=int, default=0, help="MNIST: N prompts' images to eval_samples.npz.")
+    g.add_argument("--num_eval_captions", type=int, default=0, help="MNIST: N test images' captions.jsonl.")
+    g.add_argument("--num_eval_joint", type=int, default=0, help="MNIST: N joint samples to eval_joint.npz.")
     g.add_argument("--eval_batch_size", type=int, default=250)
-    g.add_argument(
-        "--sample_from",
-        "--sample_only",
-        default=None,
-        help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.",
-    )
+    g.add_argument("--sample_from", default=None, help="Only generate, from an export or a checkpoint-N folder.")
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=50)
     g.add_argument("--validation_steps", type=int, default=1000)
     g.add_argument("--checkpointing_steps", type=int, default=1000)
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
     g.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.',
+        "--overwrite_output_dir", action="store_true", help="Delete another run's checkpoints in --output_dir."
     )
-    g.add_argument(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.",
-    )
-    g.add_argument(
-        "--report_to",
-        choices=["none", "tensorboard", "wandb", "all"],
-        default="none",
-        help="Send metrics and validation grids to a tracker (its package must be installed); all: every "
-        "installed one.",
-    )
-    g.add_argument(
-        "--tracker_project_name", default="train_image_continuous", help="Project (wandb) or run folder name."
-    )
+    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none")
+    g.add_argument("--tracker_project_name", default="train_image_continuous")
 
     argv = sys.argv[1:] if argv is None else list(argv)
     return parser.parse_args([underscore_flag(a) for a in argv])
@@ -356,7 +215,7 @@ def parse_args(argv=None):
 
 # Copied from train_mnist.underscore_flag
 def underscore_flag(arg):
-    """Every flag also accepts its hyphen spelling: --max-samples == --max_samples, --no-use-ema == --no-use_ema."""
+    """--max-samples -> --max_samples, --no-use-ema -> --no-use_ema."""
     if not arg.startswith("--"):
         return arg
     name, eq, value = arg[2:].partition("=")
@@ -368,10 +227,7 @@ def check_args(args):
     """Cheap checks of the flags, before any dataset or model is loaded."""
     if args.sample_from:
         if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
-            fail(
-                f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
-                f"or one of its checkpoint-N folders"
-            )
+            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG}; pass a run's output_dir or checkpoint-N")
         if problem := manifest_problem(Path(args.sample_from)):
             fail(f"--sample_from {args.sample_from}: damaged or incomplete ({problem}); pass an intact export")
     else:
@@ -379,26 +235,20 @@ def check_args(args):
             fail("--data_root is required: a folder with MNIST/raw, {split}_data.json, metadata.jsonl or index.json")
         args.dataset = detect_dataset(args)
     if args.max_samples is not None and args.max_samples < 1:
-        fail(f"--max_samples {args.max_samples}: must be at least 1 (leave it out to use the whole dataset)")
+        fail(f"--max_samples {args.max_samples}: must be at least 1")
     if "{}" not in args.caption_template:
         fail(f"--caption_template {args.caption_template!r}: must contain {{}} where the digit's word goes")
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    for name in ("image_clean_prob", "text_clean_prob", "cond_dropout_prob"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            fail(f"--{name} {getattr(args, name)}: must be in [0, 1)")
-    if args.image_clean_prob + args.text_clean_prob + 2 * args.cond_dropout_prob > 1.0:
-        fail("--image_clean_prob + --text_clean_prob + 2 * --cond_dropout_prob must be at most 1")
+    shares = (args.image_clean_prob, args.text_clean_prob, 2 * args.cond_dropout_prob)
+    if min(shares) < 0 or sum(shares) > 1:
+        fail("--image_clean_prob + --text_clean_prob + 2 * --cond_dropout_prob: each >= 0, the sum at most 1")
     if args.text_shift <= 0:
-        fail(f"--text_shift {args.text_shift}: must be positive (1: the caption has the image's schedule)")
-    if args.stem_channels < 0:
-        fail(f"--stem_channels {args.stem_channels}: must be 0 (no stem) or a number of channels")
+        fail(f"--text_shift {args.text_shift}: must be positive")
     if args.dim_image % args.num_heads:
         fail(f"--dim_image {args.dim_image}: must be divisible by --num_heads {args.num_heads}")
     if args.resolution % args.patch_size:
         fail(f"--resolution {args.resolution}: the patch size {args.patch_size} must divide it")
-    if args.max_text_length < 3:
-        fail(f"--max_text_length {args.max_text_length}: needs room for [CLS], a word and [SEP]")
     args.report_to = installed_trackers(args.report_to)
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
@@ -407,28 +257,22 @@ def check_args(args):
 
 # Copied from train_mnist.installed_trackers
 def installed_trackers(report_to):
-    """--report_to as accelerate's log_with: a tracker whose package is missing is an error, never silence."""
+    """--report_to as accelerate's log_with; a tracker whose package is missing is an error."""
     import importlib.util
 
-    packages = {"tensorboard": "tensorboard", "wandb": "wandb"}
     if report_to == "none":
         return []
-    if report_to == "all":
-        found = [name for name, package in packages.items() if importlib.util.find_spec(package)]
-        if not found:
-            fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
-        return found
-    if not importlib.util.find_spec(packages[report_to]):
-        fail(
-            f"--report_to {report_to}: the {packages[report_to]} package is not installed; "
-            f"pip install {packages[report_to]}"
-        )
-    return [report_to]
+    found = [name for name in ("tensorboard", "wandb") if report_to in (name, "all") and importlib.util.find_spec(name)]
+    if not found and report_to == "all":
+        fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
+    if not found:
+        fail(f"--report_to {report_to}: the {report_to} package is not installed; pip install {report_to}")
+    return found
 
 
 # Copied from train_mnist.check_accelerator
 def check_accelerator(accelerator):
-    """Checks of what accelerate resolved from the flags, its config file and the launcher, before heavy work."""
+    """Checks of what accelerate resolved from the flags, its config file and the launcher."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         fail("--mixed_precision fp16 (from the flag or accelerate's config) needs a CUDA GPU: use bf16 or no here")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -439,45 +283,42 @@ def check_accelerator(accelerator):
 
 # Copied from train_image_discrete.detect_dataset
 def detect_dataset(args):
+    """The layout of --data_root: --dataset, or the first one whose marker file is there."""
     root = Path(args.data_root)
     if not root.is_dir():
         fail(f"--data_root {root}: no such folder")
-    found = {
-        "precomputed": (root / "index.json").is_file(),
-        "coco": (root / f"{args.split}_data.json").is_file(),
-        "imagefolder": (root / "metadata.jsonl").is_file(),
-        "mnist": (root / "MNIST" / "raw").is_dir(),
+    markers = {
+        "precomputed": "index.json",
+        "coco": f"{args.split}_data.json",
+        "imagefolder": "metadata.jsonl",
+        "mnist": "MNIST/raw/",
     }
+    found = [kind for kind, name in markers.items() if (root / name).exists()]
     if args.dataset != "auto":
-        if not found[args.dataset]:
-            needs = {
-                "precomputed": "index.json",
-                "coco": f"{args.split}_data.json",
-                "imagefolder": "metadata.jsonl",
-                "mnist": "MNIST/raw/",
-            }[args.dataset]
-            fail(f"--data_root {root}: --dataset {args.dataset} needs {needs} there")
+        if args.dataset not in found:
+            fail(f"--data_root {root}: --dataset {args.dataset} needs {markers[args.dataset]} there")
         return args.dataset
-    for kind, ok in found.items():
-        if ok:
-            return kind
-    fail(
-        f"--data_root {root}: found none of index.json (shards), {args.split}_data.json (COCO-style), "
-        f"metadata.jsonl (imagefolder), MNIST/raw/"
-    )
+    if not found:
+        fail(f"--data_root {root}: found none of {', '.join(markers.values())}")
+    return found[0]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data: images (uint8 pixels or VAE posteriors) + an index into the table of distinct captions
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Data ----
 # Copied from train_image_discrete.Data
+@dataclass
 class Data:
-    """Training set and held-out images. `pixels` uint8 [N, C, H, W], or `latent_mean`/`latent_std` [N, C, h, w];
-    `caption_ids` [N] index `captions` (the distinct captions). `val_*`: held-out images, their captions and, for
-    MNIST, digits."""
+    """The training set and the held-out images."""
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    kind: str  # "pixels" (uint8) or "latents" (a VAE posterior)
+    tensors: tuple  # (pixels or posterior mean, posterior std, index into `captions`), one row per example
+    captions: list  # the distinct captions
+    shape: tuple  # [C, H, W] of one image in the model's space
+    val_pixels: torch.Tensor | None
+    val_latent_mean: torch.Tensor | None
+    val_captions: list
+    val_digits: torch.Tensor | None  # MNIST only
+    val_source: str  # where the held-out images come from, for the logs
+    vae_info: dict | None  # the VAE of precomputed shards
 
 
 # Copied from train_image_discrete.mnist_caption
@@ -517,21 +358,17 @@ def load_image(path, resolution):
 # Copied from train_image_discrete.read_pairs
 def read_pairs(args, root, split):
     """(image path, caption) pairs of a COCO-style {split}_data.json or an imagefolder's metadata.jsonl."""
+    pairs = []
     if args.dataset == "coco":
-        records = json.loads((root / f"{split}_data.json").read_text())
-        pairs = []
-        for r in records:
+        for r in json.loads((root / f"{split}_data.json").read_text()):
             path = next((r[k] for k in ("image", "image_path", "file_name", "filepath", "path") if k in r), None)
             caption = next((r[k] for k in ("caption", "text", "captions") if k in r), None)
             if path is None or caption is None:
                 fail(
-                    f"--data_root {root / f'{split}_data.json'}: each record needs an image path ('image' or "
-                    f"'file_name') and a 'caption'; got keys {sorted(r)}"
+                    f"--data_root {root / f'{split}_data.json'}: a record needs 'image' and 'caption'; got {sorted(r)}"
                 )
-            for c in caption if isinstance(caption, list) else [caption]:
-                pairs.append((root / path, str(c)))
+            pairs += [(root / path, str(c)) for c in (caption if isinstance(caption, list) else [caption])]
         return pairs
-    pairs = []
     for line in (root / "metadata.jsonl").read_text().splitlines():
         if line.strip():
             r = json.loads(line)
@@ -543,18 +380,16 @@ def read_pairs(args, root, split):
 
 # Copied from train_image_discrete.load_pairs
 def load_pairs(pairs, resolution, what):
-    """Load images; unreadable or missing ones are skipped and counted (never replaced by a blank image)."""
+    """Load images; missing or unreadable ones are skipped and counted, never replaced by a blank image."""
     images, captions = [], []
     for path, caption in pairs:
         image = load_image(path, resolution)
         if image is not None:
             images.append(image)
             captions.append(caption)
-    skipped = len(pairs) - len(images)
-    if skipped:
-        print(
-            f"warning: {what}: skipped {skipped} of {len(pairs)} images that are missing or unreadable", file=sys.stderr
-        )
+    if len(images) < len(pairs):
+        skipped = len(pairs) - len(images)
+        print(f"warning: {what}: skipped {skipped} of {len(pairs)} images (missing or unreadable)", file=sys.stderr)
     if not images:
         fail(f"--data_root: none of the {len(pairs)} images of {what} could be read")
     return torch.stack(images), captions
@@ -562,21 +397,18 @@ def load_pairs(pairs, resolution, what):
 
 # Copied from train_image_discrete.load_precomputed
 def load_precomputed(root, max_samples):
-    """Shards of prepare_data_multi_gpu.py (docs/precomputed_format.md): VAE posteriors and caption strings."""
+    """Shards of prepare_data_multi_gpu.py (docs/prepare_data.md): VAE posteriors and caption strings."""
     from safetensors import safe_open
 
     index = json.loads((root / "index.json").read_text())
     if index.get("format") != "precomputed-diffusion-shards" or index.get("version") != 1:
         fail(f"--data_root {root}: index.json is not version 1 of the precomputed-diffusion-shards format")
     if not index.get("vae"):
-        fail(
-            f"--data_root {root}: the shards hold no images (prepared without a VAE); re-run "
-            f"prepare_data_multi_gpu.py with --vae, or point --data_root at the images"
-        )
+        fail(f"--data_root {root}: the shards hold no images; prepare them with --vae, or pass the images")
     means, stds, captions = [], [], []
     for shard in index["shards"]:
         with safe_open(str(root / shard["file"]), framework="pt") as f:
-            shard_captions = json.loads((f.metadata() or {}).get("captions", "null") or "null")
+            shard_captions = json.loads((f.metadata() or {}).get("captions") or "null")
             if shard_captions is None:
                 fail(f"--data_root {root / shard['file']}: no 'captions' in the shard's metadata")
             means.append(f.get_tensor("latent_mean").float())
@@ -596,6 +428,7 @@ def caption_table(captions):
     return list(table), ids
 
 
+# Copied from train_image_discrete.build_dataset
 def build_dataset(args, vae):
     """The training data and the held-out images, per the layout of --data_root."""
     root, n_val = Path(args.data_root), args.num_validation_images
@@ -609,13 +442,11 @@ def build_dataset(args, vae):
         val_captions = [mnist_caption(args.caption_template, d) for d in val_digits]
         val_source = "MNIST test images"
     elif args.dataset in ("coco", "imagefolder"):
-        pairs = read_pairs(args, root, args.split)
-        pairs = pairs if args.max_samples is None else pairs[: args.max_samples]
+        pairs = read_pairs(args, root, args.split)[: args.max_samples]
         images, captions = load_pairs(pairs, args.resolution, f"--data_root {root}")
         if args.dataset == "coco" and args.split != "val" and (root / "val_data.json").is_file():
-            val_pixels, val_captions = load_pairs(
-                read_pairs(args, root, "val")[:n_val], args.resolution, "val_data.json"
-            )
+            val_pairs = read_pairs(args, root, "val")[:n_val]
+            val_pixels, val_captions = load_pairs(val_pairs, args.resolution, "val_data.json")
             val_source = "val_data.json"
         else:
             val_pixels, val_captions = images[:n_val], captions[:n_val]
@@ -631,12 +462,11 @@ def build_dataset(args, vae):
     val_latent_mean = encode_images(vae, val_pixels)[0] if vae is not None and val_pixels is not None else None
     if args.dataset == "precomputed":
         val_latent_mean = mean[:n_val]
-    shape = tuple(mean.shape[1:])
     return Data(
         kind="latents" if (vae is not None or args.dataset == "precomputed") else "pixels",
         tensors=(mean, std, caption_ids),
         captions=table,
-        shape=shape,
+        shape=tuple(mean.shape[1:]),
         val_pixels=val_pixels,
         val_latent_mean=val_latent_mean,
         val_captions=val_captions,
@@ -660,7 +490,7 @@ def encode_images(vae, pixels, batch_size=32):
 
 
 # Copied from train_image_discrete.load_vae
-def load_vae(name_or_path, what="--vae"):
+def load_vae(name_or_path, what="--vae_name_or_path"):
     from diffusers import AutoencoderKL
 
     try:
@@ -693,15 +523,11 @@ def to_images(x, kind, vae, scaling):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Shared model: image patches and the two-stream MMDiT (identical in train_image_discrete.py and
-# train_image_continuous.py)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Models ----
 # Copied from train_image_discrete.ImagePatchEncoder
 class ImagePatchEncoder(nn.Module):
-    """Conv2d patchify (pixels or VAE latents) + fixed 2-D sin-cos positional embeddings. With stem_channels, a 3x3
-    convolution and a GELU come first (an early convolution, Xiao et al. 2021), so a patch token also sees the
-    edges of its neighbours' pixels (docs/mmdit.md)."""
+    """Conv2d patchify + fixed 2-D sin-cos positions; with stem_channels, a 3x3 convolution and a GELU first, so a
+    patch token also sees its neighbours' edge pixels."""
 
     def __init__(self, in_channels, image_size, patch_size, dim, stem_channels=0):
         super().__init__()
@@ -725,7 +551,7 @@ def modulate(x, shift, scale):
 
 # Copied from train_image_discrete.StreamBlock
 class StreamBlock(nn.Module):
-    """One modality's own weights in an MMDiT block: adaLN-Zero, LayerNorm, QKV with QK RMS-norm, MLP."""
+    """One modality's weights in an MMDiT block: adaLN, LayerNorm, QKV with QK RMS-norm, MLP."""
 
     def __init__(self, dim, attn_dim, num_heads, cond_dim, mlp_ratio):
         super().__init__()
@@ -755,7 +581,7 @@ class StreamBlock(nn.Module):
 
 # Copied from train_image_discrete.MMDiTBlock
 class MMDiTBlock(nn.Module):
-    """Two streams, one joint attention over [image; text] (SDPA, key-padding mask: True = attend)."""
+    """Two streams, one joint attention over [image; text] (key_mask: True = attend)."""
 
     def __init__(self, dim_image, dim_text, num_heads, mlp_ratio):
         super().__init__()
@@ -788,12 +614,9 @@ class FinalLayer(nn.Module):
 
 # Copied from train_image_discrete.MMDiT
 class MMDiT(nn.Module):
-    """Image tokens and text embeddings [b, L, dim_text] in, image prediction [b, C, H, W] and per-token text
-    outputs [b, L, text_out_dim] out. Each modality has its own timestep embedding; their sum conditions every
-    adaLN, so the network knows both noise levels. With pooled_text (SD3's pooled text vector), an MLP of the mean
-    of the text inputs that are attended to is added to that sum: the caption then modulates every image block
-    directly, as a class label does in DiT, instead of only through attention. Zero-init as DiT (adaln_zero): adaLN
-    and final layers start at zero."""
+    """Image [b, C, H, W] and text embeddings [b, L, dim_text] in; image prediction [b, C, H, W] and per-token
+    text outputs [b, L, text_out_dim] out. The two timestep embeddings are summed into the adaLN condition; with
+    pooled_text, an MLP of the mean attended text input is added too (SD3). adaln_zero: DiT's zero init."""
 
     def __init__(
         self,
@@ -811,19 +634,6 @@ class MMDiT(nn.Module):
         adaln_zero=True,
     ):
         super().__init__()
-        self.config = dict(
-            in_channels=in_channels,
-            image_size=image_size,
-            patch_size=patch_size,
-            dim_image=dim_image,
-            dim_text=dim_text,
-            text_out_dim=text_out_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            pooled_text=pooled_text,
-            stem_channels=stem_channels,
-        )
         self.patch_size, self.in_channels = patch_size, in_channels
         self.patch_encoder = ImagePatchEncoder(in_channels, image_size, patch_size, dim_image, stem_channels)
         self.image_time = nn.Sequential(Timesteps(256, True, 0), TimestepEmbedding(256, dim_image))
@@ -837,7 +647,7 @@ class MMDiT(nn.Module):
         self.image_final = FinalLayer(dim_image, patch_size * patch_size * in_channels, dim_image)
         self.text_final = FinalLayer(dim_text, text_out_dim, dim_image)
         self.gradient_checkpointing = False
-        if adaln_zero:  # else PyTorch's defaults (--weight_init pytorch); irrelevant when weights are loaded
+        if adaln_zero:  # else PyTorch's default init
             self.initialize_weights()
 
     def initialize_weights(self):
@@ -857,7 +667,7 @@ class MMDiT(nn.Module):
         """t_image, t_text in [0, 1] (0 = clean); key_mask [b, n_image + L] bool or None."""
         x = self.patch_encoder(image)
         c = self.image_time(t_image * 1000) + self.text_time(t_text * 1000)
-        if self.text_pool is not None:  # mean over the attended text tokens (none: zeros, a dropped caption)
+        if self.text_pool is not None:  # mean over the attended text tokens: a dropped caption stays unseen
             if key_mask is None:
                 pooled = text.mean(1)
             else:
@@ -877,12 +687,8 @@ class MMDiT(nn.Module):
         return out, self.text_final(y, c)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Text: frozen encoder, standardised caption embeddings, decoding back to text
-# ----------------------------------------------------------------------------------------------------------------
 class BertTextEncoder(nn.Module):
-    """A frozen encoder (any transformers AutoModel with its tokenizer): captions -> last hidden states
-    [n, L, D], padded or truncated to L tokens. Run once over the distinct captions; the table is indexed."""
+    """A frozen transformers AutoModel with its tokenizer: captions -> last hidden states [n, L, D]."""
 
     def __init__(self, name_or_path, prefix, max_length):
         super().__init__()
@@ -893,12 +699,12 @@ class BertTextEncoder(nn.Module):
             model = AutoModel.from_pretrained(name_or_path)
         except (OSError, ValueError) as e:
             fail(
-                f"--text_encoder {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder with "
-                f"config.json and the tokenizer files, or a hub id when online"
+                f"--text_encoder_name_or_path {name_or_path}: cannot load it ({type(e).__name__}); pass a local "
+                f"folder with config.json and the tokenizer files, or a hub id when online"
             )
-        model = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else model
+        model = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else model  # T5
         self.model = model.requires_grad_(False).eval()
-        self.prefix, self.max_length = prefix, max_length
+        self.name_or_path, self.prefix, self.max_length = name_or_path, prefix, max_length
 
     @torch.no_grad()
     def forward(self, captions, batch_size=256):
@@ -911,28 +717,36 @@ class BertTextEncoder(nn.Module):
                 truncation=True,
                 return_tensors="pt",
             ).to(device)
-            states.append(
-                self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state.float()
-            )
+            output = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+            states.append(output.last_hidden_state.float())
         return torch.cat(states)
 
 
-def text_encoder_hidden_size(name_or_path, flag="--text_encoder"):
+def resolve_dim_text(args):
+    """The encoder's hidden size, from its config.json: the flags are checked before its weights load."""
     from transformers import AutoConfig
 
+    name = args.text_encoder_name_or_path
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
         fail(
-            f"{flag} {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder with config.json, "
-            f"or a hub id when online"
+            f"--text_encoder_name_or_path {name}: cannot load it ({type(e).__name__}); pass a local folder with "
+            f"config.json, or a hub id when online"
         )
-    return getattr(config, "hidden_size", None) or config.d_model
+    hidden = getattr(config, "hidden_size", None) or config.d_model
+    if args.dim_text is not None and args.dim_text != hidden:
+        fail(
+            f"--dim_text {args.dim_text} does not match the hidden size of --text_encoder_name_or_path {name} "
+            f"({hidden}): pass --dim_text {hidden}"
+        )
+    if args.text_latent_dim is not None and not 0 <= args.text_latent_dim <= hidden:
+        fail(f"--text_latent_dim {args.text_latent_dim}: must be in [0, {hidden}], the encoder's hidden size")
+    return hidden
 
 
 def text_statistics(table, caption_ids):
-    """Per-dimension mean and std of the caption embeddings over every token of every training example (each
-    distinct caption weighted by how often it occurs)."""
+    """Per-dimension mean and std of the caption states over every token of every training example."""
     weights = torch.bincount(caption_ids.cpu(), minlength=len(table)).float().to(table.device)[:, None, None]
     count = weights.sum() * table.shape[1]
     mean = (table * weights).sum(dim=(0, 1)) / count
@@ -941,11 +755,8 @@ def text_statistics(table, caption_ids):
 
 
 def text_basis(standardised, caption_ids, latent_dim):
-    """The top latent_dim principal directions [D, latent_dim] of the standardised caption tokens (weighted as in
-    text_statistics), orthonormal, and the share of the variance they hold; latent_dim 0 keeps all D dimensions
-    as they are (the identity). An orthonormal projection keeps distances between captions, so a caption is as
-    recognisable under a given noise level as in the full space, while the dropped directions, which the
-    captions barely use, no longer cost compute."""
+    """The top latent_dim principal directions [D, latent_dim] of the standardised caption tokens, and the share of
+    the variance they hold; latent_dim 0: the identity. Orthonormal, so distances between captions are kept."""
     dim = standardised.shape[-1]
     if latent_dim == 0:
         return torch.eye(dim, device=standardised.device), 1.0
@@ -959,12 +770,8 @@ def text_basis(standardised, caption_ids, latent_dim):
 
 
 class TextImageModel(ModelMixin, ConfigMixin):
-    """What is trained: the MMDiT and a learned position embedding added to the noisy caption embeddings (at
-    high noise nothing else tells the text stream which token is which). The caption is diffused in a latent
-    space: standardised states projected on text_basis (`--text_latent_dim`). The standardisation statistics and
-    the basis are buffers: saved with the weights (every checkpoint and the export). A diffusers model: its config
-    is the MMDiT's sizes, the caption length and the encoder's hidden size (encoder_dim); save_pretrained and
-    from_pretrained round-trip it bitwise."""
+    """The MMDiT, a learned position embedding of the caption tokens, and the caption's standardisation
+    (text_mean, text_std) and projection (text_basis, [encoder_dim, dim_text]) as buffers, saved with the weights."""
 
     @register_to_config
     def __init__(
@@ -978,11 +785,9 @@ class TextImageModel(ModelMixin, ConfigMixin):
         depth,
         num_heads,
         mlp_ratio=4.0,
-        pooled_text=False,
         stem_channels=0,
         max_text_length=16,
         encoder_dim=768,
-        adaln_zero=True,
     ):
         super().__init__()
         self.mmdit = MMDiT(
@@ -994,12 +799,13 @@ class TextImageModel(ModelMixin, ConfigMixin):
             text_out_dim,
             depth,
             num_heads,
-            mlp_ratio=mlp_ratio,
-            pooled_text=pooled_text,
+            mlp_ratio,
+            pooled_text=True,
             stem_channels=stem_channels,
-            adaln_zero=adaln_zero,
+            adaln_zero=False,
         )
-        self.text_position = nn.Parameter(torch.randn(1, max_text_length, dim_text) * 0.02)  # dim_text: the latent
+        # At high noise nothing else tells the text stream which token is which.
+        self.text_position = nn.Parameter(torch.randn(1, max_text_length, dim_text) * 0.02)
         self.register_buffer("text_mean", torch.zeros(encoder_dim))
         self.register_buffer("text_std", torch.ones(encoder_dim))
         self.register_buffer("text_basis", torch.eye(encoder_dim, dim_text))
@@ -1008,54 +814,38 @@ class TextImageModel(ModelMixin, ConfigMixin):
         return self.mmdit(image, t_image, text + self.text_position[:, : text.shape[1]], t_text, key_mask)
 
     def standardise(self, states):
-        """Encoder states [.., D] -> latent [.., latent_dim]."""
+        """Encoder states [.., D] -> latent [.., dim_text]."""
         return ((states - self.text_mean) / self.text_std) @ self.text_basis
 
     def unstandardise(self, e):
         return (e @ self.text_basis.T) * self.text_std + self.text_mean
 
     def clip_text(self, e, clip):
-        """Clip a predicted caption to +-clip in standardised units of the encoder's dimensions."""
+        """Clip a caption latent to +-clip in standardised units of the encoder's dimensions."""
         return (e @ self.text_basis.T).clamp(-clip, clip) @ self.text_basis
 
 
-class MaskedLMHead:
-    """The encoder's masked-LM head (e.g. BertForMaskedLM's `cls`), when its weights are in the folder."""
+def load_mlm_head(name_or_path):
+    """The encoder's trained masked-LM head (e.g. BertForMaskedLM's `cls`), or None when the folder has none."""
+    from transformers import AutoModelForMaskedLM
+    from transformers.utils import logging as hf_logging
 
-    def __init__(self, head, tokenizer):
-        self.head, self.tokenizer = head, tokenizer
-
-    @classmethod
-    def load(cls, name_or_path, tokenizer):
-        from transformers import AutoModelForMaskedLM
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # a folder without a head is the common case, not a warning
-        try:
-            model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True)
-        except (OSError, ValueError, KeyError):
-            return None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        head = getattr(model, "cls", None) or getattr(model, "lm_head", None)
-        if head is None or any(k.startswith(("cls.", "lm_head.")) for k in info["missing_keys"]):
-            return None  # no trained head in the folder: transformers would initialise it randomly
-        return cls(head.requires_grad_(False).eval(), tokenizer)
-
-    @torch.no_grad()
-    def decode(self, states):
-        ids = self.head.to(states.device)(states).argmax(-1).cpu()
-        sep = self.tokenizer.sep_token_id
-        captions = []
-        for row in ids.tolist():
-            row = row[: row.index(sep)] if sep is not None and sep in row else row
-            captions.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
-        return captions
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a folder without a head is the common case, not a warning
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True)
+    except (OSError, ValueError, KeyError):
+        return None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    head = getattr(model, "cls", None) or getattr(model, "lm_head", None)
+    if head is None or any(k.startswith(("cls.", "lm_head.")) for k in info["missing_keys"]):
+        return None  # transformers would have initialised it randomly
+    return head.requires_grad_(False).eval()
 
 
 def nearest_caption_index(generated, table):
-    """Nearest-caption retrieval: the row of the training caption whose latent embedding is closest in L2."""
+    """Retrieval: the row of `table` (caption latents) nearest in L2 to each generated caption."""
     return torch.cdist(generated.flatten(1).float(), table.flatten(1).float()).argmin(dim=1)
 
 
@@ -1063,61 +853,7 @@ def nearest_captions(generated, table, captions):
     return [captions[i] for i in nearest_caption_index(generated, table).tolist()]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Objective
-# ----------------------------------------------------------------------------------------------------------------
-def draw_modalities(n, args, generator, device):
-    """Per example: image clean (image-to-text), caption clean (text-to-image), caption at full noise
-    (unconditional image), image at full noise (unconditional caption), else both noised independently (joint)."""
-    u = torch.rand(n, generator=generator, device=device)
-    edges = np.cumsum([args.image_clean_prob, args.text_clean_prob, args.cond_dropout_prob, args.cond_dropout_prob])
-    image_clean, text_clean = u < edges[0], (u >= edges[0]) & (u < edges[1])
-    text_dropped, image_dropped = (u >= edges[1]) & (u < edges[2]), (u >= edges[2]) & (u < edges[3])
-    return image_clean, text_clean, text_dropped, image_dropped
-
-
-def noise_modality(noise_scheduler, x0, clean, dropped, generator):
-    """VP noising at a uniform timestep: x_t = sqrt(abar) x0 + sqrt(1 - abar) eps; exactly x0 at t=0 (clean),
-    the last timestep (full noise) when dropped."""
-    n, num_t = x0.shape[0], noise_scheduler.config.num_train_timesteps
-    t = torch.randint(0, num_t, (n,), generator=generator, device=x0.device)
-    t = torch.where(clean, 0, torch.where(dropped, num_t - 1, t))
-    eps = torch.randn(x0.shape, generator=generator, device=x0.device)
-    x_t = noise_scheduler.add_noise(x0, eps, t)
-    x_t = torch.where(clean.view(-1, *[1] * (x0.ndim - 1)), x0, x_t)
-    return x_t, eps, t
-
-
-def training_target(noise_scheduler, x0, eps, t):
-    """epsilon, or v = sqrt(abar) eps - sqrt(1 - abar) x0 (in x0 units its MSE weighs SNR + 1, not SNR)."""
-    if noise_scheduler.config.prediction_type == "epsilon":
-        return eps
-    return noise_scheduler.get_velocity(x0, eps, t)
-
-
-def training_step(model, noise_scheduler, text_scheduler, x0, e0, encoder_dim, args, generator):
-    """UniDiffuser: both modalities noised at independent timesteps, MSE of the prediction on each noised one.
-    The caption's squared error is summed over its latent dimensions and divided by the encoder's encoder_dim, not
-    by the latent's: the text loss then weighs what it weighed in the full space (the dropped directions hold
-    0.07% of the MNIST captions' variance), whatever --text_latent_dim is. Averaged over the 64 latent dimensions
-    (6x the weight) it cost text-to-image 94.9% -> 83.6% on MNIST (docs/mmdit.md)."""
-    n, num_t = x0.shape[0], noise_scheduler.config.num_train_timesteps
-    image_clean, text_clean, text_dropped, image_dropped = draw_modalities(n, args, generator, x0.device)
-    x_t, eps_image, t_image = noise_modality(noise_scheduler, x0, image_clean, image_dropped, generator)
-    e_t, eps_text, t_text = noise_modality(text_scheduler, e0, text_clean, text_dropped, generator)
-    pred_image, pred_text = model(x_t, t_image.float() / num_t, e_t, t_text.float() / num_t)
-    target_image = training_target(noise_scheduler, x0, eps_image, t_image)
-    target_text = training_target(text_scheduler, e0, eps_text, t_text)
-    image_loss = F.mse_loss(pred_image.float(), target_image.float(), reduction="none").mean(dim=(1, 2, 3))
-    text_loss = F.mse_loss(pred_text.float(), target_text.float(), reduction="none").sum(dim=(1, 2))
-    text_loss = text_loss / (e0.shape[1] * encoder_dim)
-    return image_loss * (~image_clean & ~image_dropped), text_loss * (~text_clean & ~text_dropped)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Samplers
-# ----------------------------------------------------------------------------------------------------------------
-# Copied from train_mnist.build_noise_scheduler
+# ---- Objective ----
 def build_noise_scheduler(args):
     return DDPMScheduler(
         num_train_timesteps=args.num_train_timesteps,
@@ -1128,9 +864,8 @@ def build_noise_scheduler(args):
 
 
 def text_betas(config, shift):
-    """The caption's schedule: the image's timesteps with every SNR abar / (1 - abar) divided by shift^2, as betas
-    (None at shift 1: the image's). The same as diffusing the caption scaled by 1 / shift and renormalising x_t to
-    unit variance (Chen et al. 2023), so the network's input and v target keep unit scale."""
+    """The caption's betas: the image's timesteps with every SNR abar / (1 - abar) divided by shift^2 (None at
+    shift 1). The same as diffusing the caption scaled by 1 / shift at unit variance (Chen et al. 2023)."""
     if shift == 1.0:
         return None
     abar = DDPMScheduler(
@@ -1140,23 +875,59 @@ def text_betas(config, shift):
     return (1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])).tolist()
 
 
-def build_sampler(noise_scheduler_config, **overrides):
-    """DPM-Solver++ (2nd order) fed with x0 that the samplers compute from the prediction and clip: one
-    instance per modality, since the caption's clip range is not the image's (thresholding is per sample)."""
+def noise_modality(noise_scheduler, x0, clean, dropped, generator):
+    """x_t at a uniform timestep; exactly x0 at t=0 where clean, the last timestep where dropped."""
+    n, num_t = x0.shape[0], noise_scheduler.config.num_train_timesteps
+    t = torch.randint(0, num_t, (n,), generator=generator, device=x0.device)
+    t = torch.where(clean, 0, torch.where(dropped, num_t - 1, t))
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+    x_t = noise_scheduler.add_noise(x0, eps, t)
+    x_t = torch.where(clean.view(-1, *[1] * (x0.ndim - 1)), x0, x_t)
+    return x_t, eps, t
+
+
+def training_target(noise_scheduler, x0, eps, t):
+    if noise_scheduler.config.prediction_type == "epsilon":
+        return eps
+    return noise_scheduler.get_velocity(x0, eps, t)
+
+
+def training_step(model, noise_scheduler, text_scheduler, x0, e0, encoder_dim, args, generator):
+    """Per-example image and caption losses. Per example the image is clean (trains image-to-text), the caption
+    is clean (text-to-image), one modality is at full noise (an unconditional model), or both are noised at
+    independent timesteps (joint); a clean or dropped modality has no loss."""
+    n, num_t = x0.shape[0], noise_scheduler.config.num_train_timesteps
+    u = torch.rand(n, generator=generator, device=x0.device)
+    edges = np.cumsum([args.image_clean_prob, args.text_clean_prob, args.cond_dropout_prob, args.cond_dropout_prob])
+    image_clean, text_clean = u < edges[0], (u >= edges[0]) & (u < edges[1])
+    text_dropped, image_dropped = (u >= edges[1]) & (u < edges[2]), (u >= edges[2]) & (u < edges[3])
+    x_t, eps_image, t_image = noise_modality(noise_scheduler, x0, image_clean, image_dropped, generator)
+    e_t, eps_text, t_text = noise_modality(text_scheduler, e0, text_clean, text_dropped, generator)
+    pred_image, pred_text = model(x_t, t_image.float() / num_t, e_t, t_text.float() / num_t)
+    target_image = training_target(noise_scheduler, x0, eps_image, t_image)
+    target_text = training_target(text_scheduler, e0, eps_text, t_text)
+    image_loss = F.mse_loss(pred_image.float(), target_image.float(), reduction="none").mean(dim=(1, 2, 3))
+    # Divided by the encoder's hidden size, not the latent's: the caption weighs the same whatever
+    # --text_latent_dim is (averaged over the latent, it outweighs the image).
+    text_loss = F.mse_loss(pred_text.float(), target_text.float(), reduction="none").sum(dim=(1, 2))
+    text_loss = text_loss / (e0.shape[1] * encoder_dim)
+    return image_loss * (~image_clean & ~image_dropped), text_loss * (~text_clean & ~text_dropped)
+
+
+# ---- Sampling ----
+def build_sampler(noise_scheduler_config):
+    """DPM-Solver++ (2nd order) stepping on the x0 the samplers compute and clip; one per modality."""
     return DPMSolverMultistepScheduler.from_config(
         noise_scheduler_config,
         algorithm_type="dpmsolver++",
         solver_order=2,
         final_sigmas_type="zero",
         prediction_type="sample",
-        **overrides,
     )
 
 
 def x0_from_prediction(x_t, pred, t, alphas_cumprod, prediction_type, clip=None):
-    """x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), or sqrt(abar) x_t - sqrt(1 - abar) v; clipped to +-clip.
-    alphas_cumprod must be on t's device: a scheduler keeps its table on the CPU while set_timesteps(device=...)
-    puts the timesteps on the GPU, so the samplers move the table once per call (sampler_table)."""
+    """x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), or sqrt(abar) x_t - sqrt(1 - abar) v; clipped to +-clip."""
     abar = alphas_cumprod[t].to(x_t.device).view(-1, *[1] * (x_t.ndim - 1))
     if prediction_type == "epsilon":
         x0 = (x_t - (1 - abar).sqrt() * pred) / abar.sqrt()
@@ -1165,111 +936,73 @@ def x0_from_prediction(x_t, pred, t, alphas_cumprod, prediction_type, clip=None)
     return x0 if clip is None else x0.clamp(-clip, clip)
 
 
-def sampler_table(sampler, device):
-    """The sampler's alphas_cumprod on the device its timesteps live on: copied once per sampling call, not
-    indexed across devices at every step (a CPU table indexed with CUDA timesteps is an error)."""
-    return sampler.alphas_cumprod.to(device)
-
-
-def guide(pred, scale):
-    """[cond; uncond] -> uncond + s * (cond - uncond)."""
-    if scale == 1.0:
-        return pred.float()
-    cond, uncond = pred.float().chunk(2)
-    return uncond + scale * (cond - uncond)
-
-
 @torch.no_grad()
-def sample_images(model, ctx, e0, guidance_scale, num_steps, generator):
-    """Text-to-image: the caption clean (t=0), the unconditional branch with the caption at full noise."""
-    n, device, num_t = e0.shape[0], e0.device, ctx.sampler.config.num_train_timesteps
-    x = torch.randn((n, *ctx.shape), generator=generator, device=device)
+def sample(model, ctx, given, draw_image, guidance_scale, num_steps, generator, given_t=0.0):
+    """The image from the caption latents `given` (draw_image), or the caption latents from the image `given`,
+    which is at timestep given_t (0: clean). Guidance's unconditional branch has `given` at full noise; the
+    batches are [uncond; cond]."""
+    n, device, num_t = given.shape[0], given.device, ctx.sampler.config.num_train_timesteps
+    shape = ctx.shape if draw_image else (model.config.max_text_length, model.config.dim_text)
+    x = torch.randn((n, *shape), generator=generator, device=device)
+    t_given = torch.full((n,), given_t, device=device)
     guided = guidance_scale != 1.0
-    text = torch.cat([e0, torch.randn(e0.shape, generator=generator, device=device)]) if guided else e0
-    t_text = (
-        torch.cat([torch.zeros(n, device=device), torch.full((n,), (num_t - 1) / num_t, device=device)])
-        if guided
-        else torch.zeros(n, device=device)
-    )
-    sampler = DPMSolverMultistepScheduler.from_config(ctx.sampler.config)
+    if guided:
+        given = torch.cat([torch.randn(given.shape, generator=generator, device=device), given])
+        t_given = torch.cat([torch.full((n,), (num_t - 1) / num_t, device=device), t_given])
+    sampler = DPMSolverMultistepScheduler.from_config((ctx.sampler if draw_image else ctx.text_sampler).config)
     sampler.set_timesteps(num_steps, device=device)
-    alphas_cumprod = sampler_table(sampler, device)
+    alphas_cumprod = sampler.alphas_cumprod.to(device)  # on the CPU, while the timesteps are on `device`
     for t in sampler.timesteps:
         x_in = torch.cat([x, x]) if guided else x
-        pred, _ = model(x_in, (t.float() / num_t).expand(x_in.shape[0]), text, t_text)
-        x0 = x0_from_prediction(
-            x, guide(pred, guidance_scale), t.expand(n), alphas_cumprod, ctx.prediction_type, ctx.image_clip
-        )
-        x = sampler.step(x0, t, x).prev_sample
+        t_x = (t.float() / num_t).expand(len(x_in))
+        pred = model(x_in, t_x, given, t_given)[0] if draw_image else model(given, t_given, x_in, t_x)[1]
+        if guided:
+            uncond, cond = pred.float().chunk(2)
+            pred = uncond + guidance_scale * (cond - uncond)
+        clip = 1.0 if draw_image and ctx.kind == "pixels" else None
+        x0 = x0_from_prediction(x, pred.float(), t.expand(n), alphas_cumprod, ctx.prediction_type, clip)
+        x = sampler.step(x0 if draw_image else model.clip_text(x0, TEXT_CLIP), t, x).prev_sample
     return x
 
 
 @torch.no_grad()
-def sample_captions(model, ctx, x0, guidance_scale, num_steps, generator):
-    """Image-to-text: caption embeddings from noise, the image clean (t=0), the unconditional branch with the
-    image at full noise. Returns standardised embeddings [n, L, D]."""
-    n, device, num_t = x0.shape[0], x0.device, ctx.sampler.config.num_train_timesteps
-    e = torch.randn((n, ctx.max_text_length, ctx.dim_text), generator=generator, device=device)
-    guided = guidance_scale != 1.0
-    images = torch.cat([x0, torch.randn(x0.shape, generator=generator, device=device)]) if guided else x0
-    t_image = (
-        torch.cat([torch.zeros(n, device=device), torch.full((n,), (num_t - 1) / num_t, device=device)])
-        if guided
-        else torch.zeros(n, device=device)
-    )
-    sampler = DPMSolverMultistepScheduler.from_config(ctx.text_sampler.config)
-    sampler.set_timesteps(num_steps, device=device)
-    alphas_cumprod = sampler_table(sampler, device)
-    for t in sampler.timesteps:
-        e_in = torch.cat([e, e]) if guided else e
-        _, pred = model(images, t_image, e_in, (t.float() / num_t).expand(e_in.shape[0]))
-        e0 = model.clip_text(
-            x0_from_prediction(e, guide(pred, guidance_scale), t.expand(n), alphas_cumprod, ctx.prediction_type),
-            ctx.text_clip,
-        )
-        e = sampler.step(e0, t, e).prev_sample
-    return e
-
-
-@torch.no_grad()
 def sample_joint(model, ctx, n, guidance_scale, num_steps, generator):
-    """Joint generation, caption first: caption embeddings from the model with the image at full noise
-    (p(caption)), decoded by retrieval, then the image from the retrieved caption, guided (p(image | caption)), so
-    the image shows what the caption says. Training draws the two timesteps independently, so any path from both
-    noisy to both clean samples the same joint; this one runs through the states the training covers most. Both
-    modalities on one timestep grid (UniDiffuser's joint mode) runs through both-noisy states, a few percent of
-    the examples: on MNIST image and caption then agreed in 28% of the pairs, against 96.4% this way
-    (docs/mmdit.md). Returns the images and the rows of ctx.retrieval_table their captions were retrieved as."""
-    device, num_t = ctx.device, ctx.sampler.config.num_train_timesteps
-    e = torch.randn((n, ctx.max_text_length, ctx.dim_text), generator=generator, device=device)
-    no_image = torch.randn((n, *ctx.shape), generator=generator, device=device)
-    t_image = torch.full((n,), (num_t - 1) / num_t, device=device)
-    sampler = DPMSolverMultistepScheduler.from_config(ctx.text_sampler.config)
-    sampler.set_timesteps(num_steps, device=device)
-    alphas_cumprod = sampler_table(sampler, device)
-    for t in sampler.timesteps:
-        _, pred = model(no_image, t_image, e, (t.float() / num_t).expand(n))
-        e0 = model.clip_text(
-            x0_from_prediction(e, pred.float(), t.expand(n), alphas_cumprod, ctx.prediction_type), ctx.text_clip
-        )
-        e = sampler.step(e0, t, e).prev_sample
+    """Caption first: caption latents drawn with the image at full noise, snapped to the nearest training
+    caption, then the image drawn from it, guided. This path crosses the states training covers most (one
+    modality clean or at full noise). Returns the images and the rows of the captions in ctx.retrieval_table."""
+    num_t = ctx.sampler.config.num_train_timesteps
+    no_image = torch.randn((n, *ctx.shape), generator=generator, device=ctx.device)
+    e = sample(model, ctx, no_image, False, 1.0, num_steps, generator, given_t=(num_t - 1) / num_t)
     index = nearest_caption_index(e, ctx.retrieval_table)
     e = ctx.retrieval_table[index].to(e)
-    return sample_images(model, ctx, e, guidance_scale, num_steps, generator), index
+    return sample(model, ctx, e, True, guidance_scale, num_steps, generator), index
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Validation, plots and evaluation outputs
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Validation ----
+@dataclass
 class Sampling:
-    """Everything the samplers need besides the model: frozen encoder, retrieval table, sampler, image space."""
+    """What the samplers and the validation need besides the model."""
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
-def prompt_embeddings(model, ctx, prompts):
-    return model.standardise(ctx.text_encoder(prompts).to(ctx.device))
+    text_encoder: BertTextEncoder
+    retrieval_table: torch.Tensor  # caption latents [n, L, dim_text] of retrieval_captions
+    retrieval_captions: list
+    mlm_head: nn.Module | None
+    text_decoder: str
+    sampler: DPMSolverMultistepScheduler  # the image's
+    text_sampler: DPMSolverMultistepScheduler  # the caption's
+    prediction_type: str
+    device: torch.device
+    shape: tuple  # image [C, H, W] in the model's space
+    kind: str  # pixels or latents
+    vae: nn.Module | None
+    scaling: tuple | None
+    dataset: str
+    caption_template: str
+    val_x0: torch.Tensor | None  # held-out images in the model's space
+    val_captions: list
+    val_source: str
+    text_guidance_scale: float
+    num_inference_steps: int
 
 
 # Copied from train_image_discrete.validation_prompts
@@ -1279,22 +1012,33 @@ def validation_prompts(ctx):
     return ctx.val_captions[:8]
 
 
+# Copied from train_image_discrete.validation_images
+def validation_images(data, scaling):
+    """Held-out images in the model's space (the posterior mean for latents), or None."""
+    if data.val_latent_mean is not None:
+        scale, shift = scaling
+        return (data.val_latent_mean - shift) * scale
+    if data.val_pixels is None:
+        return None
+    return data.val_pixels.float().div(127.5).sub(1.0)
+
+
 def generate_images(model, ctx, prompts, guidance_scale, seed, num_steps):
     generator = torch.Generator(ctx.device).manual_seed(seed)
-    x = sample_images(model, ctx, prompt_embeddings(model, ctx, prompts), guidance_scale, num_steps, generator)
+    e0 = model.standardise(ctx.text_encoder(prompts).to(ctx.device))
+    x = sample(model, ctx, e0, True, guidance_scale, num_steps, generator)
     return to_images(x, ctx.kind, ctx.vae, ctx.scaling)
-
-
-def decode_captions(model, ctx, e, decoder):
-    if decoder == "mlm":
-        return ctx.mlm_head.decode(model.unstandardise(e))
-    return nearest_captions(e, ctx.retrieval_table, ctx.retrieval_captions)
 
 
 def generate_captions(model, ctx, x0, seed, decoder=None):
     generator = torch.Generator(ctx.device).manual_seed(seed)
-    e = sample_captions(model, ctx, x0.to(ctx.device), ctx.text_guidance_scale, ctx.num_inference_steps, generator)
-    return decode_captions(model, ctx, e, decoder or ctx.text_decoder)
+    e = sample(model, ctx, x0.to(ctx.device), False, ctx.text_guidance_scale, ctx.num_inference_steps, generator)
+    if (decoder or ctx.text_decoder) == "mlm":  # the head's argmax token at every position, up to [SEP]
+        ids = ctx.mlm_head.to(e.device)(model.unstandardise(e)).argmax(-1).tolist()
+        tokenizer, sep = ctx.text_encoder.tokenizer, ctx.text_encoder.tokenizer.sep_token_id
+        rows = [row[: row.index(sep)] if sep in row else row for row in ids]
+        return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+    return nearest_captions(e, ctx.retrieval_table, ctx.retrieval_captions)
 
 
 def generate_joint(model, ctx, n, guidance_scale, seed, num_steps):
@@ -1311,9 +1055,8 @@ def show(images):
 
 
 def log_validation(model, ctx, args, step, trackers=(), per_prompt=4):
-    """samples/step-<step>.png: prompts x guidance scales, also sent to the trackers (TensorBoard: an image; wandb:
-    an image captioned with its prompts); samples/step-<step>.txt: captions of held-out images and of joint
-    samples."""
+    """samples/step-<step>.png: prompts x guidance scales (also sent to the trackers); samples/step-<step>.txt:
+    captions of the held-out images and joint samples."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1321,15 +1064,13 @@ def log_validation(model, ctx, args, step, trackers=(), per_prompt=4):
 
     samples_dir = Path(args.output_dir) / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
-    prompts = validation_prompts(ctx)
-    scales = args.validation_guidance_scales
+    prompts, scales = validation_prompts(ctx), args.validation_guidance_scales
     fig, axes = plt.subplots(
         len(prompts), len(scales), figsize=(1.3 * per_prompt * len(scales), 1.3 * len(prompts)), squeeze=False
     )
     for j, scale in enumerate(scales):
-        images = generate_images(
-            model, ctx, [p for p in prompts for _ in range(per_prompt)], scale, args.seed, args.num_inference_steps
-        )
+        repeated = [p for p in prompts for _ in range(per_prompt)]
+        images = generate_images(model, ctx, repeated, scale, args.seed, args.num_inference_steps)
         for i, prompt in enumerate(prompts):
             row = images[i * per_prompt : (i + 1) * per_prompt]
             axes[i, j].imshow(np.concatenate([show(im) for im in row], axis=1), cmap="gray", vmin=0, vmax=255)
@@ -1358,8 +1099,7 @@ def log_validation(model, ctx, args, step, trackers=(), per_prompt=4):
             for i, true in enumerate(ctx.val_captions)
         ]
     _, joint = generate_joint(model, ctx, 4, args.guidance_scale, args.seed, args.num_inference_steps)
-    lines += ["# joint samples (a caption, then an image from it: sample_joint)"]
-    lines += [f"joint {i}\t{c}" for i, c in enumerate(joint)]
+    lines += ["# joint samples (a caption, then an image from it)"] + [f"joint {i}\t{c}" for i, c in enumerate(joint)]
     (samples_dir / f"step-{step}.txt").write_text("\n".join(lines) + "\n")
 
 
@@ -1379,16 +1119,15 @@ def log_image(trackers, path, step, caption):
             tracker.log({"validation": [wandb.Image(image, caption=caption)]}, step=step)
 
 
+# Copied from train_image_discrete.plot_loss
 def plot_loss(metrics_path, out_path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not metrics_path.is_file():  # validation before the first logging step
-        return
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    if not rows:
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
+    if not rows:  # validation before the first logging step
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in ("loss", "image_loss", "text_loss"):
@@ -1403,49 +1142,39 @@ def plot_loss(metrics_path, out_path):
 
 # Copied from train_image_discrete.write_eval_outputs
 def write_eval_outputs(model, ctx, args, output_dir):
-    """MNIST: eval_samples.npz (text-to-image, balanced digits), captions.jsonl (image-to-text, test images) and
-    eval_joint.npz (joint generation: images and their captions)."""
-    summary = {}
+    """MNIST benchmark files: eval_samples.npz (text-to-image, balanced digits), captions.jsonl (image-to-text on
+    the test images) and eval_joint.npz (joint pairs); returns the seconds each took."""
+    summary, steps = {}, args.num_inference_steps
     if ctx.kind != "pixels" and (args.num_eval_samples or args.num_eval_captions or args.num_eval_joint):
         print("warning: --num_eval_samples/captions/joint: MNIST in pixel space only; skipped", file=sys.stderr)
         return summary
     if args.num_eval_samples:
-        labels = torch.arange(args.num_eval_samples) % 10
-        start, chunks = time.perf_counter(), []
+        start, labels, chunks = time.perf_counter(), torch.arange(args.num_eval_samples) % 10, []
         for i, batch in enumerate(labels.split(args.eval_batch_size)):
-            prompts = [ctx.caption_template.format(DIGIT_WORDS[d]) for d in batch]
-            chunks.append(
-                generate_images(model, ctx, prompts, args.guidance_scale, args.seed + 1 + i, args.num_inference_steps)[
-                    :, 0
-                ]
-            )
+            prompts = [mnist_caption(ctx.caption_template, d) for d in batch]
+            chunks.append(generate_images(model, ctx, prompts, args.guidance_scale, args.seed + 1 + i, steps)[:, 0])
         summary["sample_seconds"] = time.perf_counter() - start
         np.savez_compressed(
             output_dir / "eval_samples.npz",
             images=torch.cat(chunks).numpy(),
             labels=labels.numpy(),
             guidance_scale=args.guidance_scale,
-            num_inference_steps=args.num_inference_steps,
+            num_inference_steps=steps,
             sample_seconds=summary["sample_seconds"],
         )
     if args.num_eval_captions:
-        test_images, test_labels = load_mnist(Path(args.data_root), train=False)
-        n = min(args.num_eval_captions, len(test_images))
-        start = time.perf_counter()
+        images, digits = load_mnist(Path(args.data_root), train=False)
+        indices, start = torch.arange(min(args.num_eval_captions, len(images))), time.perf_counter()
         with (output_dir / "captions.jsonl").open("w") as f:
-            for i, batch in enumerate(torch.arange(n).split(args.eval_batch_size)):
-                x0 = test_images[batch].float().div(127.5).sub(1.0)
-                for index, caption in zip(
-                    batch.tolist(), generate_captions(model, ctx, x0, args.seed + i), strict=True
-                ):
-                    f.write(json.dumps({"index": index, "digit": int(test_labels[index]), "caption": caption}) + "\n")
+            for i, batch in enumerate(indices.split(args.eval_batch_size)):
+                captions = generate_captions(model, ctx, images[batch].float().div(127.5).sub(1.0), args.seed + i)
+                for index, caption in zip(batch.tolist(), captions, strict=True):
+                    f.write(json.dumps({"index": index, "digit": int(digits[index]), "caption": caption}) + "\n")
         summary["caption_seconds"] = time.perf_counter() - start
     if args.num_eval_joint:
         start, images, captions = time.perf_counter(), [], []
         for i, batch in enumerate(torch.arange(args.num_eval_joint).split(args.eval_batch_size)):
-            x, text = generate_joint(
-                model, ctx, len(batch), args.guidance_scale, args.seed + 1000 + i, args.num_inference_steps
-            )
+            x, text = generate_joint(model, ctx, len(batch), args.guidance_scale, args.seed + 1000 + i, steps)
             images.append(x[:, 0])
             captions += text
         summary["joint_seconds"] = time.perf_counter() - start
@@ -1453,14 +1182,12 @@ def write_eval_outputs(model, ctx, args, output_dir):
             output_dir / "eval_joint.npz",
             images=torch.cat(images).numpy(),
             captions=np.array(captions),
-            num_inference_steps=args.num_inference_steps,
+            num_inference_steps=steps,
         )
     return summary
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints and export
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Checkpoints ----
 # Copied from train_mnist.file_digest
 def file_digest(path):
     digest = hashlib.sha256()
@@ -1472,7 +1199,7 @@ def file_digest(path):
 
 # Copied from train_mnist.write_manifest
 def write_manifest(folder, names):
-    """Size and sha256 of the files `names` (relative to `folder`, or the folders they name), written last."""
+    """manifest.json: size and sha256 of the files (or folders) `names` in `folder`."""
     files = {}
     for name in names:
         root = folder / name
@@ -1486,7 +1213,7 @@ def write_manifest(folder, names):
 
 # Copied from train_mnist.manifest_problem
 def manifest_problem(folder):
-    """What is wrong with a checkpoint or export folder, in a few words, or None when its manifest holds."""
+    """What is wrong with a checkpoint or export folder, in a few words, or None."""
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except FileNotFoundError:
@@ -1506,9 +1233,7 @@ def manifest_problem(folder):
 
 # Copied from train_mnist.save_ema
 def save_ema(ema, model, folder):
-    """The EMA weights in diffusers' save_pretrained layout (config.json + diffusion_pytorch_model.safetensors):
-    `from_pretrained(checkpoint, subfolder=...)` loads them. Buffers come from the model; the EMA's own state
-    (decay, step) is in training_state.json."""
+    """The EMA weights, with the model's buffers, in save_pretrained layout."""
     folder.mkdir(parents=True)
     model.save_config(folder)
     state = model.state_dict()
@@ -1521,9 +1246,9 @@ def save_ema(ema, model, folder):
 
 
 def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, write_sampling_files):
-    """accelerate's save_state, the EMA model (mmdit_ema/, or mmdit/ without EMA) with what --sample_from needs, the
-    objective's RNG and the data position, in a temp folder; a manifest written last, then an atomic rename.
-    `position` is (epoch, batches of --train_batch_size consumed in it by all processes)."""
+    """checkpoint-<step>: accelerate's state, the EMA model (mmdit_ema/, or mmdit/ without EMA), what --sample_from
+    needs, the objective's RNG and the data position (epoch, batches consumed in it by all processes), written
+    in a temp folder, a manifest last, then renamed."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -1532,8 +1257,7 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
-        # Model (safetensors), optimizer, data sampler and the global RNGs of every process.
-        accelerator.save_state(str(tmp))
+        accelerator.save_state(str(tmp))  # model, optimizer, data sampler, every process's global RNGs
         save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
@@ -1583,39 +1307,36 @@ def list_checkpoints(output_dir):
 
 # Copied from train_mnist.find_checkpoint
 def find_checkpoint(accelerator, args):
-    """The folder --resume_from_checkpoint names, checked against its manifest, or None for a new run. "latest"
-    falls back past damaged checkpoints to the newest intact one; a damaged explicit path is an error."""
+    """The checkpoint to resume from, or None. "latest" skips damaged checkpoints; a damaged path is an error."""
     if not args.resume_from_checkpoint:
         return None
     choice = [None]
-    if accelerator.is_main_process:  # one process reads the files; the others take its answer
+    if accelerator.is_main_process:  # one process reads the files, the others take its answer
         if args.resume_from_checkpoint != "latest":
             path = Path(args.resume_from_checkpoint)
             if problem := manifest_problem(path):
                 fail(f"--resume_from_checkpoint {path}: damaged ({problem}); pass an intact checkpoint or latest")
             choice = [str(path)]
-        found = list_checkpoints(args.output_dir) if choice[0] is None else []
-        for path in reversed(found):
-            if not (problem := manifest_problem(path)):
-                choice = [str(path)]
-                break
-            accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
-        if found and choice[0] is None:
-            fail(
-                f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
-                f"with --overwrite_output_dir"
-            )
+        else:
+            found = list_checkpoints(args.output_dir)
+            for path in reversed(found):
+                if not (problem := manifest_problem(path)):
+                    choice = [str(path)]
+                    break
+                accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
+            if found and choice[0] is None:
+                fail(
+                    f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
+                    f"with --overwrite_output_dir"
+                )
     if accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(choice, src=0)
     return None if choice[0] is None else Path(choice[0])
 
 
 def load_checkpoint(accelerator, path, model, ema, train_rng, args):
-    """Restore everything save_checkpoint wrote; returns training_state.json. Nothing loaded can run code.
-
-    A checkpoint of N processes resumes on M != N at the same step, learning rate and number of samples seen
-    (weights, optimizer and EMA are the same on every process); the random streams of the objective are derived
-    anew for the M processes, so the run is not bitwise the one it would have been on N."""
+    """Restore what save_checkpoint wrote (nothing loaded can run code); returns training_state.json. On another
+    number of processes: same step, learning rate and data position, new random streams (not bitwise)."""
     state = json.loads((path / "training_state.json").read_text())
     if state.get("script") != SCRIPT:
         fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not {SCRIPT}")
@@ -1632,7 +1353,7 @@ def load_checkpoint(accelerator, path, model, ema, train_rng, args):
         )
         train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
     if ema is not None:
-        # Straight onto the device the EMA lives on: load_state_dict keeps the tensors it is given.
+        # Straight onto the EMA's device: load_state_dict keeps the tensors it is given.
         weights = load_file(
             path / "mmdit_ema" / "diffusion_pytorch_model.safetensors", device=str(ema.shadow_params[0].device)
         )
@@ -1641,76 +1362,40 @@ def load_checkpoint(accelerator, path, model, ema, train_rng, args):
     return state
 
 
-def export_config(args, ctx):
-    """export_config.json: the text encoder, the VAE and image space, the captions retrieval decodes to, and the
-    sampling defaults."""
-    return {
-        "script": SCRIPT,
-        "text_encoder": args.text_encoder,
-        "text_prefix": args.text_prefix,
-        "max_text_length": args.max_text_length,
-        "prediction_type": ctx.prediction_type,
-        "text_shift": args.text_shift,
-        "text_clip_value": args.text_clip_value,
-        "retrieval_captions": ctx.retrieval_captions,
-        "dataset": args.dataset,
-        "data_root": args.data_root,
-        "caption_template": args.caption_template,
-        "kind": ctx.kind,
-        "shape": list(ctx.shape),
-        "vae": ctx.vae_name,
-        "latent_scaling": list(ctx.scaling) if ctx.scaling else None,
-        "guidance_scale": args.guidance_scale,
-        "text_guidance_scale": args.text_guidance_scale,
-        "num_inference_steps": args.num_inference_steps,
-        "text_decoder": args.text_decoder,
-        "validation_prompts": validation_prompts(ctx),
-    }
-
-
 def write_sampling_files(sampler, text_sampler, config, folder):
-    """The image's sampler (scheduler/), the caption's (text_scheduler/: its shifted schedule) and
-    export_config.json: with the MMDiT beside them, what --sample_from needs."""
+    """The image's sampler (scheduler/), the caption's (text_scheduler/) and export_config.json."""
     sampler.save_pretrained(folder / "scheduler")
     text_sampler.save_pretrained(folder / "text_scheduler")
     (folder / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
 
 
 def model_card(args, global_step, metrics_path):
-    """README.md of the export: the Hub's YAML front matter, then how it was trained and how to sample it."""
+    """README.md of the export: the Hub's YAML front matter, how it was trained and how to sample it."""
     from huggingface_hub import ModelCardData
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     last = rows[-1] if rows else {"loss": math.nan, "image_loss": math.nan, "text_loss": math.nan}
+    mnist = args.dataset == "mnist"
     data = ModelCardData(
         library_name="diffusers",
         license="other",
-        datasets=["ylecun/mnist"] if args.dataset == "mnist" else None,
-        tags=["diffusers", "mmdit", "text-to-image", "image-to-text", KIND.replace(" ", "-")]
-        + (["mnist"] if args.dataset == "mnist" else []),
+        datasets=["ylecun/mnist"] if mnist else None,
+        tags=["diffusers", "mmdit", "text-to-image", "image-to-text", KIND.replace(" ", "-")] + ["mnist"] * mnist,
     )
-    command = " ".join(["python", SCRIPT, *sys.argv[1:]])
-    space = f"the latents of the VAE `{args.vae}`" if args.vae else "pixels"
+    space = f"the latents of the VAE `{args.vae_name_or_path}`" if args.vae_name_or_path else "pixels"
     return f"""---
 {data.to_yaml()}
 ---
 
 # MMDiT text-image model, {KIND} ({SCRIPT})
 
-One MMDiT trained from scratch on images and their captions together ({args.dataset} data, images in {space},
-text encoder `{args.text_encoder}`): it generates an image from a caption (text-to-image), a caption from an
-image (image-to-text), or both. {global_step} optimizer steps; final loss {last["loss"]:.4f} (image
-{last["image_loss"]:.4f}, text {last["text_loss"]:.4f}).
-
-Training command:
+One MMDiT trained from scratch on {args.dataset} images ({space}) and captions (text encoder
+`{args.text_encoder_name_or_path}`): it draws an image from a caption, a caption from an image, or both.
+{global_step} optimizer steps; final loss {last["loss"]:.4f} (image {last["image_loss"]:.4f}, text
+{last["text_loss"]:.4f}).
 
 ```bash
-{command}
-```
-
-Sample it (the EMA weights) with the script:
-
-```bash
+{" ".join(["python", SCRIPT, *sys.argv[1:]])}
 python {SCRIPT} --sample_from THIS_FOLDER --output_dir samples
 ```
 
@@ -1719,9 +1404,8 @@ python {SCRIPT} --sample_from THIS_FOLDER --output_dir samples
 
 
 def export_model(model, write_sampling_files, output_dir, card, grid):
-    """The EMA model in diffusers layout (mmdit/: the MMDiT, the caption position embedding and the text
-    statistics), the samplers, export_config.json and a model card (README.md, samples.png). Each part is
-    written under a temporary name and renamed; manifest.json, written last, says the export is complete."""
+    """mmdit/ (diffusers layout), the samplers, export_config.json and the model card, each written under a
+    temporary name and renamed; manifest.json, written last, says the export is complete."""
     (output_dir / MANIFEST).unlink(missing_ok=True)  # until the new manifest: visibly incomplete
     tmp = output_dir / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1740,9 +1424,8 @@ def export_model(model, write_sampling_files, output_dir, card, grid):
 
 # Copied from train_mnist.RunLock
 class RunLock:
-    """One training run per output folder: run.lock holds the PID, the host and a heartbeat time refreshed every
-    minute. A lock whose process is gone (same host) or whose heartbeat is older than `stale_after` seconds
-    (another host: a pre-empted job requeued elsewhere) is taken over with a warning."""
+    """One run per output folder. The lock of a dead process (same host) or with a heartbeat older than
+    `stale_after` seconds (another host) is taken over."""
 
     def __init__(self, output_dir, stale_after=300):
         self.path, self.stale_after = Path(output_dir) / LOCK, stale_after
@@ -1754,7 +1437,7 @@ class RunLock:
             other = json.loads(self.path.read_text())
         except FileNotFoundError:
             other = None
-        except ValueError:  # a lock being written or cut short: nobody can prove it is alive
+        except ValueError:  # cut short: nobody can prove it is alive
             other = {"pid": None, "host": None, "heartbeat": 0}
         if other is not None and other.get("pid") != self.me["pid"]:
             if self.alive(other):
@@ -1772,8 +1455,8 @@ class RunLock:
                 os.kill(other["pid"], 0)
             except ProcessLookupError:
                 return False
-            except PermissionError:
-                return True
+            except PermissionError:  # alive, another user's
+                pass
             return True
         return time.time() - other.get("heartbeat", 0) < self.stale_after
 
@@ -1793,8 +1476,7 @@ class RunLock:
 
 # Copied from train_mnist.claim_output_dir
 def claim_output_dir(args):
-    """Main process, before any heavy work: take the lock, and refuse to mix a new run with another run's
-    checkpoints (--resume_from_checkpoint latest would later pick the old run's higher step)."""
+    """Take the run lock; refuse a new run among another run's checkpoints."""
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         fail(f"--output_dir {output_dir}: is a file; pass a folder")
@@ -1827,17 +1509,13 @@ def write_run_config(args, accelerator):
     import transformers
 
     try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            or None
-        )
+        git = ["git", "rev-parse", "HEAD"]
+        commit = subprocess.run(git, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        commit = ""
     config = {
         "args": vars(args),
-        "git_commit": commit,
+        "git_commit": commit.strip() or None,
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
         "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, accelerate)},
@@ -1847,11 +1525,8 @@ def write_run_config(args, accelerator):
 
 # Copied from train_mnist.StopRequest
 class StopRequest:
-    """SIGTERM/SIGINT ask for a checkpoint at a step boundary, then a clean exit (pre-emptible clusters).
-
-    Every process must stop at the same step (the save is collective), wherever the signal landed. The flags are
-    agreed over a CPU (gloo) group without blocking: each step reads the previous step's all-reduce and starts the
-    next one, so all processes stop within one step of the signal and the GPU never waits for the host."""
+    """SIGTERM/SIGINT: checkpoint at the next step, then exit 0. Every process stops at the same step (the save is
+    collective): each step reads the last step's non-blocking all-reduce of the flags over a CPU group."""
 
     def __init__(self, accelerator):
         self.event = threading.Event()
@@ -1867,7 +1542,7 @@ class StopRequest:
         agreed = False
         if self.pending is not None:
             self.pending.wait()
-            agreed = bool(self.flag.item())  # a CPU tensor: no device sync
+            agreed = bool(self.flag.item())
         if not agreed:
             self.flag.fill_(float(self.event.is_set()))
             self.pending = torch.distributed.all_reduce(
@@ -1880,88 +1555,56 @@ class StopRequest:
             self.pending.wait()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Building the text side and the model from flags or from an export
-# ----------------------------------------------------------------------------------------------------------------
-def resolve_dim_text(args):
-    """--dim_text must equal the frozen encoder's hidden size; checked before the encoder's weights load."""
-    hidden = text_encoder_hidden_size(args.text_encoder)
-    if args.dim_text is not None and args.dim_text != hidden:
-        fail(
-            f"--dim_text {args.dim_text} does not match the hidden size of --text_encoder {args.text_encoder} "
-            f"({hidden}): pass --dim_text {hidden}"
-        )
-    if args.text_latent_dim is not None and not 0 <= args.text_latent_dim <= hidden:
-        fail(
-            f"--text_latent_dim {args.text_latent_dim}: must be in [0, {hidden}], the hidden size of "
-            f"--text_encoder {args.text_encoder} (0: all of it)"
-        )
-    return hidden
-
-
-def build_model(mmdit_config, max_text_length, encoder_dim, adaln_zero=True):
-    return TextImageModel(
-        **mmdit_config, max_text_length=max_text_length, encoder_dim=encoder_dim, adaln_zero=adaln_zero
-    )
-
-
-def text_side(model, text_encoder, captions, decoder, device):
-    """The retrieval table (standardised embeddings of the distinct captions) and the masked-LM head if any."""
-    table = model.standardise(text_encoder(captions).to(device))
-    mlm_head = MaskedLMHead.load(text_encoder.name_or_path, text_encoder.tokenizer)
-    if decoder == "mlm" and mlm_head is None:
+# ---- Main ----
+def build_sampling(args, config, model, text_encoder, samplers, vae, table, val):
+    """The Sampling of a training run or an export, from its export config; val: (images, captions, source)."""
+    mlm_head = load_mlm_head(text_encoder.name_or_path)
+    if args.text_decoder == "mlm" and mlm_head is None:
         fail(f"--text_decoder mlm: {text_encoder.name_or_path} has no masked-LM head weights; use retrieval")
-    return table, mlm_head
-
-
-def generate_from_export(args, accelerator):
-    export = Path(args.sample_from)
-    config = json.loads((export / EXPORT_CONFIG).read_text())
-    if config.get("script") != SCRIPT:
-        fail(f"--sample_from {export}: exported by {config.get('script')}, not {SCRIPT}")
-    device = accelerator.device
-    subfolder = "mmdit" if (export / "mmdit").is_dir() else "mmdit_ema"  # an export, or a checkpoint with EMA
-    model = TextImageModel.from_pretrained(export, subfolder=subfolder).to(device).eval()
-    text_encoder = BertTextEncoder(config["text_encoder"], config["text_prefix"], config["max_text_length"]).to(device)
-    text_encoder.name_or_path = config["text_encoder"]
-    table, mlm_head = text_side(model, text_encoder, config["retrieval_captions"], args.text_decoder, device)
-    vae = load_vae(config["vae"]).to(device) if config["vae"] else None
-    args.data_root = args.data_root or config["data_root"]
-    args.dataset, args.caption_template = config["dataset"], config["caption_template"]
-    val_x0, val_captions, val_source = None, [], "no held-out images"
-    if config["dataset"] == "mnist" and Path(args.data_root or "", "MNIST", "raw").is_dir():
-        test_images, test_labels = load_mnist(Path(args.data_root), train=False)
-        val_x0 = test_images[: args.num_validation_images].float().div(127.5).sub(1.0)
-        val_captions = [mnist_caption(args.caption_template, d) for d in test_labels[: args.num_validation_images]]
-        val_source = "MNIST test images"
-    sampler = DPMSolverMultistepScheduler.from_pretrained(export / "scheduler")
-    text_sampler = DPMSolverMultistepScheduler.from_pretrained(export / "text_scheduler")
-    ctx = Sampling(
+    return Sampling(
         text_encoder=text_encoder,
         retrieval_table=table,
         retrieval_captions=config["retrieval_captions"],
         mlm_head=mlm_head,
         text_decoder=args.text_decoder,
-        sampler=sampler,
-        text_sampler=text_sampler,
+        sampler=samplers[0],
+        text_sampler=samplers[1],
         prediction_type=config["prediction_type"],
-        image_clip=1.0 if config["kind"] == "pixels" else 1e4,
-        text_clip=config["text_clip_value"],
-        max_text_length=config["max_text_length"],
-        dim_text=model.config.dim_text,
-        device=device,
+        device=table.device,
         shape=tuple(config["shape"]),
         kind=config["kind"],
         vae=vae,
         scaling=config["latent_scaling"],
         dataset=config["dataset"],
         caption_template=config["caption_template"],
-        val_captions=val_captions or config["validation_prompts"],
-        val_x0=val_x0,
-        val_source=val_source,
+        val_x0=val[0],
+        val_captions=val[1],
+        val_source=val[2],
         text_guidance_scale=args.text_guidance_scale,
         num_inference_steps=args.num_inference_steps,
     )
+
+
+def generate_from_export(args, accelerator):
+    """--sample_from: the validation files and the MNIST evaluation files from an export or a checkpoint."""
+    export, device = Path(args.sample_from), accelerator.device
+    config = json.loads((export / EXPORT_CONFIG).read_text())
+    if config.get("script") != SCRIPT:
+        fail(f"--sample_from {export}: exported by {config.get('script')}, not {SCRIPT}")
+    subfolder = "mmdit" if (export / "mmdit").is_dir() else "mmdit_ema"  # an export, or a checkpoint with EMA
+    model = TextImageModel.from_pretrained(export, subfolder=subfolder).to(device).eval()
+    text_encoder = BertTextEncoder(config["text_encoder"], config["text_prefix"], config["max_text_length"]).to(device)
+    table = model.standardise(text_encoder(config["retrieval_captions"]).to(device))
+    vae = load_vae(config["vae"]).to(device) if config["vae"] else None
+    args.data_root = args.data_root or config["data_root"]
+    val = None, config["validation_prompts"], "no held-out images"
+    if config["dataset"] == "mnist" and Path(args.data_root or "", "MNIST", "raw").is_dir():
+        images, digits = load_mnist(Path(args.data_root), train=False)
+        images, digits = images[: args.num_validation_images], digits[: args.num_validation_images]
+        captions = [mnist_caption(config["caption_template"], d) for d in digits]
+        val = images.float().div(127.5).sub(1.0), captions, "MNIST test images"
+    samplers = [DPMSolverMultistepScheduler.from_pretrained(export / name) for name in ("scheduler", "text_scheduler")]
+    ctx = build_sampling(args, config, model, text_encoder, samplers, vae, table, val)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
@@ -1974,9 +1617,6 @@ def generate_from_export(args, accelerator):
             print(f"wrote evaluation outputs to {output_dir}: {summary}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------------------
 def main(args):
     check_args(args)
     accelerator = Accelerator(
@@ -1987,7 +1627,6 @@ def main(args):
         log_with=args.report_to or None,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, "logs")),
         # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
-        # non_blocking: a batch from pinned memory reaches the GPU without the host waiting for the GPU's queue.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
     check_accelerator(accelerator)
@@ -2001,18 +1640,18 @@ def main(args):
     stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
     dim_text = resolve_dim_text(args)
     set_seed(args.seed)  # same initial weights on every process
-    output_dir = Path(args.output_dir)
+    output_dir, device = Path(args.output_dir), accelerator.device
     resume_path = find_checkpoint(accelerator, args)
     if accelerator.is_main_process:
         write_run_config(args, accelerator)
 
-    # ---- Data: images (or VAE posteriors) and the table of distinct captions ----------------------------------
-    vae_name = args.vae
-    vae = load_vae(args.vae).to(accelerator.device) if args.vae else None
+    # Data: images (or VAE posteriors) and the table of distinct captions.
+    vae_name = args.vae_name_or_path
+    vae = load_vae(vae_name, "--vae_name_or_path").to(device) if vae_name else None
     data = build_dataset(args, vae)
     if data.vae_info is not None:  # shards: their VAE decodes the samples
         vae_name = vae_name or data.vae_info["name_or_path"]
-        vae = vae or load_vae(vae_name, "--data_root index.json vae").to(accelerator.device)
+        vae = vae or load_vae(vae_name, "--data_root index.json vae").to(device)
     scaling = latent_scaling(vae) if vae is not None else None
     if data.shape[-1] % args.patch_size or data.shape[-2] % args.patch_size:
         fail(f"--patch_size {args.patch_size}: does not divide the {data.shape[-2]}x{data.shape[-1]} image grid")
@@ -2022,15 +1661,14 @@ def main(args):
         shuffle=True,
         drop_last=len(data.tensors[0]) >= args.train_batch_size,
         num_workers=args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",
+        pin_memory=device.type == "cuda",
     )
 
-    # ---- Models: frozen text encoder (the distinct captions, encoded once and standardised), MMDiT -------------
-    text_encoder = BertTextEncoder(args.text_encoder, args.text_prefix, args.max_text_length).to(accelerator.device)
-    text_encoder.name_or_path = args.text_encoder
-    caption_states = text_encoder(data.captions)  # [distinct captions, L, D]
+    # Models: the frozen encoder (the distinct captions encoded once, standardised and projected), the MMDiT.
+    text_encoder = BertTextEncoder(args.text_encoder_name_or_path, args.text_prefix, args.tokenizer_max_length)
+    caption_states = text_encoder.to(device)(data.captions)  # [distinct captions, L, D]
     latent_dim = min(64, dim_text) if args.text_latent_dim is None else args.text_latent_dim or dim_text
-    mmdit_config = dict(
+    model = TextImageModel(
         in_channels=data.shape[0],
         image_size=data.shape[-1],
         patch_size=args.patch_size,
@@ -2040,11 +1678,10 @@ def main(args):
         depth=args.depth,
         num_heads=args.num_heads,
         mlp_ratio=args.mlp_ratio,
-        pooled_text=args.pooled_text,
         stem_channels=args.stem_channels,
-    )
-    model = build_model(mmdit_config, args.max_text_length, dim_text, adaln_zero=args.weight_init == "adaln_zero")
-    model = model.to(accelerator.device)
+        max_text_length=args.tokenizer_max_length,
+        encoder_dim=dim_text,
+    ).to(device)
     model.text_mean, model.text_std = text_statistics(caption_states, data.tensors[2])
     model.text_basis, kept = text_basis(
         (caption_states - model.text_mean) / model.text_std,
@@ -2057,7 +1694,7 @@ def main(args):
     text_scheduler = DDPMScheduler.from_config(
         noise_scheduler.config, trained_betas=text_betas(noise_scheduler.config, args.text_shift)
     )
-    sampler, text_sampler = build_sampler(noise_scheduler.config), build_sampler(text_scheduler.config)
+    samplers = build_sampler(noise_scheduler.config), build_sampler(text_scheduler.config)
     ema = None
     if args.use_ema:
         ema = EMAModel(
@@ -2068,47 +1705,36 @@ def main(args):
             power=args.ema_power,
             foreach=True,
         )
-        ema.to(accelerator.device)
+        ema.to(device)
     accelerator.print(
         f"MMDiT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M trained parameters; "
         f"{len(data.tensors[0])} examples ({args.dataset}, {data.kind} {data.shape}), "
         f"{len(data.captions)} distinct captions, text states {tuple(caption_states.shape[1:])} diffused "
         f"in {latent_dim} dimensions ({100 * kept:.2f}% of their variance)"
     )
-    retrieval_captions = data.captions[: args.max_retrieval_captions]
-    mlm_head = MaskedLMHead.load(args.text_encoder, text_encoder.tokenizer)
-    if args.text_decoder == "mlm" and mlm_head is None:
-        fail(f"--text_decoder mlm: {args.text_encoder} has no masked-LM head weights; use retrieval")
-    ctx = Sampling(
-        text_encoder=text_encoder,
-        retrieval_table=caption_embeddings[: args.max_retrieval_captions],
-        retrieval_captions=retrieval_captions,
-        mlm_head=mlm_head,
-        text_decoder=args.text_decoder,
-        sampler=sampler,
-        text_sampler=text_sampler,
-        prediction_type=args.prediction_type,
-        image_clip=1.0 if data.kind == "pixels" else 1e4,
-        text_clip=args.text_clip_value,
-        max_text_length=args.max_text_length,
-        dim_text=latent_dim,
-        device=accelerator.device,
-        shape=data.shape,
-        kind=data.kind,
-        vae=vae,
-        vae_name=vae_name,
-        scaling=scaling,
-        dataset=args.dataset,
-        caption_template=args.caption_template,
-        val_captions=data.val_captions,
-        val_x0=validation_images(data, scaling),
-        val_source=data.val_source,
-        text_guidance_scale=args.text_guidance_scale,
-        num_inference_steps=args.num_inference_steps,
-    )
-    sampling_files = functools.partial(write_sampling_files, sampler, text_sampler, export_config(args, ctx))
+    # What --sample_from needs besides the weights; the samplers read it too.
+    config = {
+        "script": SCRIPT,
+        "text_encoder": args.text_encoder_name_or_path,
+        "text_prefix": args.text_prefix,
+        "max_text_length": args.tokenizer_max_length,
+        "prediction_type": args.prediction_type,
+        "text_shift": args.text_shift,
+        "retrieval_captions": data.captions[: args.max_retrieval_captions],
+        "dataset": args.dataset,
+        "data_root": args.data_root,
+        "caption_template": args.caption_template,
+        "kind": data.kind,
+        "shape": list(data.shape),
+        "vae": vae_name,
+        "latent_scaling": list(scaling) if scaling else None,
+    }
+    val = validation_images(data, scaling), data.val_captions, data.val_source
+    table = caption_embeddings[: args.max_retrieval_captions]
+    ctx = build_sampling(args, config, model, text_encoder, samplers, vae, table, val)
+    config["validation_prompts"] = validation_prompts(ctx)
+    sampling_files = functools.partial(write_sampling_files, *samplers, config)
 
-    # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
     # Fused AdamW: one kernel for all tensors, and it can skip a non-finite step on the device (found_inf below).
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -2120,11 +1746,10 @@ def main(args):
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    # Every random draw of the objective comes from this generator, saved in each checkpoint. The global RNG
-    # cannot be trusted for exact resume: each DataLoader iterator draws its base seed from it.
-    train_rng = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
+    # Every random draw of the objective comes from this generator, saved in each checkpoint: the global RNG
+    # cannot be trusted for exact resume (each DataLoader iterator draws its base seed from it).
+    train_rng = torch.Generator(device).manual_seed(args.seed * 1000 + accelerator.process_index)
 
-    # ---- Resume -----------------------------------------------------------------------------------------------
     global_step, first_epoch, batches_to_skip = 0, 0, 0
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path, model, ema, train_rng, args)
@@ -2136,8 +1761,8 @@ def main(args):
         accelerator.print(f"resumed from {resume_path} at step {global_step}")
     elif args.resume_from_checkpoint:
         accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
-    # Not prepared: accelerate would step it once per process and save it pickled. It counts optimizer steps
-    # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
+    # Not prepared: accelerate would step it once per process and save it pickled. Counting optimizer steps, it
+    # is rebuilt at the resumed step (last_epoch): nothing to load.
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -2148,50 +1773,39 @@ def main(args):
     if args.report_to:
         accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
 
-    # ---- Training loop: the host reads device values only every --logging_steps -------------------------------
+    # Training loop: the host reads device values only every --logging_steps.
     metrics_path = output_dir / "metrics.jsonl"
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process, desc="train")
-    sums = torch.zeros(3, device=accelerator.device)  # image loss, text loss, examples
-    # Optimizer steps with a non-finite gradient: in total, in the current run, and the longest run since the
-    # last logging step (the only place the host reads them).
-    nonfinite_steps, nonfinite_run, longest_run = torch.zeros(3, device=accelerator.device).unbind()
+    sums = torch.zeros(3, device=device)  # image loss, text loss, examples
+    # Steps with a non-finite gradient: in total, in the current run, the longest run since the last log.
+    nonfinite_steps, nonfinite_run, longest_run = torch.zeros(3, device=device).unbind()
     window_start, window_samples = time.perf_counter(), 0
     position = (first_epoch, batches_to_skip * accelerator.num_processes)
     train_start = time.perf_counter()
     for epoch in itertools.count(first_epoch):
         model.train()
         train_dataloader.set_epoch(epoch)
-        batches = train_dataloader
-        if epoch == first_epoch and batches_to_skip:
-            batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
-        epoch_batches = batches_to_skip if epoch == first_epoch else 0  # per process, for the data position
-        for mean, std, caption_index in batches:
-            epoch_batches += 1
+        skip = batches_to_skip if epoch == first_epoch else 0
+        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        for epoch_batches, (mean, std, caption_index) in enumerate(batches, start=skip + 1):
             with accelerator.accumulate(model):
                 x0 = to_model_input(mean, std, data.kind, scaling, train_rng)
+                e0 = caption_embeddings[caption_index]
                 image_loss, text_loss = training_step(
-                    model,
-                    noise_scheduler,
-                    text_scheduler,
-                    x0,
-                    caption_embeddings[caption_index],
-                    dim_text,
-                    args,
-                    train_rng,
+                    model, noise_scheduler, text_scheduler, x0, e0, dim_text, args, train_rng
                 )
                 accelerator.backward((image_loss.sum() + args.text_loss_weight * text_loss.sum()) / x0.shape[0])
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-                    # The norm is the same on every process (all-reduced gradients). A non-finite one skips the
-                    # update on the device: the fused AdamW kernel leaves weights and moments as they were where
-                    # found_inf is 1. With fp16 the GradScaler sets found_inf itself; it skips exactly the steps
-                    # whose unscaled norm is non-finite, so they are counted here too.
+                    # A non-finite norm (the same on every process) skips the update on the device: the fused
+                    # AdamW leaves weights and moments as they were where found_inf is 1. With fp16 the
+                    # GradScaler sets found_inf itself, for the same steps.
                     nonfinite = (~torch.isfinite(grad_norm)).float()
                     if accelerator.scaler is None:
                         optimizer.optimizer.found_inf = nonfinite
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            # The example count is filled on the device: a tensor built from a host number would be a copy, a sync.
+            # The example count is filled on the device: a tensor built from a host number would be a sync.
             sums += torch.stack(
                 [image_loss.detach().sum(), text_loss.detach().sum(), image_loss.new_full((), x0.shape[0])]
             )
@@ -2199,20 +1813,18 @@ def main(args):
             if not accelerator.sync_gradients:
                 continue
 
-            # -- one optimizer step done
             global_step += 1
             progress.update(1)
             lr_scheduler.step()
             nonfinite_steps += nonfinite
             nonfinite_run.mul_(nonfinite).add_(nonfinite)
             torch.maximum(longest_run, nonfinite_run, out=longest_run)
-            if ema is not None:  # after a skipped step the weights did not move: averaging them again is harmless
+            if ema is not None:  # a skipped step left the weights alone: averaging them again is harmless
                 ema.step(model.parameters())
 
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
                 totals = accelerator.reduce(sums, "sum").cpu()
                 total_nonfinite, longest = torch.stack([nonfinite_steps, longest_run]).tolist()
-                elapsed = time.perf_counter() - window_start
                 image_l, text_l = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
                 row = {
                     "step": global_step,
@@ -2222,7 +1834,7 @@ def main(args):
                     "text_loss": text_l,
                     "lr": lr_scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm.item(),
-                    "samples_per_s": window_samples / max(elapsed, 1e-9),
+                    "samples_per_s": window_samples / max(time.perf_counter() - window_start, 1e-9),
                     "nonfinite_steps": int(total_nonfinite),
                 }
                 if accelerator.is_main_process:
@@ -2248,24 +1860,20 @@ def main(args):
                 path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, sampling_files)
                 accelerator.print(f"\nsaved {path}")
             if stop_now:
-                accelerator.print(
-                    f"stop requested: exiting at step {global_step}; resume with --resume_from_checkpoint latest"
-                )
+                accelerator.print(f"stop requested at step {global_step}; resume with --resume_from_checkpoint latest")
                 accelerator.end_training()
                 return
-            if (
-                global_step % args.validation_steps == 0
-                and global_step < max_train_steps
-                and accelerator.is_main_process
-            ):
-                if ema is not None:
-                    ema.store(model.parameters())
-                    ema.copy_to(model.parameters())
-                log_validation(accelerator.unwrap_model(model).eval(), ctx, args, global_step, accelerator.trackers)
-                plot_loss(metrics_path, output_dir / "loss.png")
-                if ema is not None:
-                    ema.restore(model.parameters())
-                model.train()
+            if global_step % args.validation_steps == 0 and global_step < max_train_steps:
+                if accelerator.is_main_process:
+                    if ema is not None:
+                        ema.store(model.parameters())
+                        ema.copy_to(model.parameters())
+                    unwrapped = accelerator.unwrap_model(model).eval()
+                    log_validation(unwrapped, ctx, args, global_step, accelerator.trackers)
+                    plot_loss(metrics_path, output_dir / "loss.png")
+                    if ema is not None:
+                        ema.restore(model.parameters())
+                    model.train()
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:
@@ -2274,7 +1882,7 @@ def main(args):
     progress.close()
     train_seconds = time.perf_counter() - train_start
 
-    # ---- Final checkpoint, samples and export (EMA weights) ---------------------------------------------------
+    # Final checkpoint, samples and export, with the EMA weights.
     save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, sampling_files)
     if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(model).eval()
@@ -2290,17 +1898,6 @@ def main(args):
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"done: step {global_step}, {train_seconds / 60:.1f} min of training; export in {output_dir}")
     accelerator.end_training()
-
-
-# Copied from train_image_discrete.validation_images
-def validation_images(data, scaling):
-    """Held-out images in the model's space (the posterior mean for latents), or None."""
-    if data.val_latent_mean is not None:
-        scale, shift = scaling
-        return (data.val_latent_mean - shift) * scale
-    if data.val_pixels is None:
-        return None
-    return data.val_pixels.float().div(127.5).sub(1.0)
 
 
 if __name__ == "__main__":

