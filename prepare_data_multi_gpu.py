@@ -1,12 +1,9 @@
-"""Encode an image-caption dataset once into safetensors shards, on every process of a distributed launch.
+"""Encode an image-caption dataset once into safetensors shards: VAE latents and frozen text-encoder outputs.
 
-The VAE's posterior (mean and std, unscaled; with --random_flip also of the mirrored image) and the last hidden
-states, attention mask, pooled output and token ids of one or more frozen text encoders are stored per example,
-so that training never runs the VAE or the text encoders again. Shard s holds examples [s * shard_size,
-(s + 1) * shard_size) and is written by rank s % world_size; the main process writes index.json at the end.
-The settings that decide the shards' content are kept in settings.json: a re-run into the same --output_dir
-with the same settings skips the finished shards, one with other settings is refused.
-The format is docs/precomputed_format.md; train_ldm_sd.py and train_dit.py read it with --precomputed_data_dir.
+Each process of a distributed launch encodes its own shards, so training runs neither the VAE nor the text
+encoders. A re-run into the same --output_dir skips the finished shards; one with other settings is refused.
+The format is in docs/prepare_data.md: train_ldm_sd.py and train_dit.py read the shards with
+--precomputed_data_dir, the MMDiT scripts with --data_root.
 
     python prepare_data_multi_gpu.py --pretrained_model_name_or_path SD_FOLDER --train_data_dir imgs --output_dir shards
     accelerate launch --num_processes 8 prepare_data_multi_gpu.py --dataset_name lambdalabs/naruto-blip-captions \
@@ -22,6 +19,8 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,110 +47,75 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 # Copied from train_mnist.fail
 def fail(message):
-    """A user mistake: one line naming the flag or file and the fix, exit code 2, before any heavy work."""
+    """A user mistake: one line naming the flag or file and the fix, exit code 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
+# ---- Args ----
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     g = parser.add_argument_group("source (exactly one)")
-    g.add_argument("--train_data_dir", default=None, help="Imagefolder: images plus metadata.jsonl with captions.")
-    g.add_argument(
-        "--dataset_name",
-        default=None,
-        help="A datasets hub id, a local dataset script/folder, or a folder written by save_to_disk.",
-    )
-    g.add_argument(
-        "--captions_json",
-        default=None,
-        help='COCO-style JSON: a list of {"image": path, "caption": text} (paths relative to the file).',
-    )
-    g.add_argument(
-        "--mnist_root",
-        "--data_root",
-        default=None,
-        help="Folder holding MNIST/raw (torchvision layout); captions from --caption_template.",
-    )
-    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--train_data_dir", help="Imagefolder: images plus metadata.jsonl with captions.")
+    g.add_argument("--dataset_name", help="A datasets hub id, a local dataset, or a save_to_disk folder.")
+    g.add_argument("--dataset_config_name")
+    g.add_argument("--captions_json", help='A list of {"image": path, "caption": text}, or a COCO captions file.')
+    g.add_argument("--data_root", help="Folder holding MNIST/raw; captions from --caption_template.")
     g.add_argument("--split", default="train")
     g.add_argument("--streaming", action="store_true", help="Stream --dataset_name instead of downloading it.")
     g.add_argument("--image_column", default="image")
-    g.add_argument(
-        "--caption_column",
-        default="text",
-        help="A list of captions per image: one is picked per example (seeded by the example's position).",
-    )
-    g.add_argument("--label_column", default=None, help="Class labels to store (imagefolder class folders: label).")
+    g.add_argument("--caption_column", default="text", help="A caption, or a list of them: one is picked per image.")
+    g.add_argument("--label_column", help="Class labels to store (an imagefolder's class folders: label).")
     g.add_argument("--caption_template", default="A handwritten digit {}", help="MNIST caption; {} is the digit.")
-    g.add_argument("--max_samples", type=int, default=None, help="Encode only the first N examples.")
+    g.add_argument("--max_samples", type=int, help="Encode only the first N examples.")
 
     g = parser.add_argument_group("images")
     g.add_argument("--resolution", type=int, default=512)
     g.add_argument(
-        "--center_crop",
-        action="store_true",
-        help="Center crop; otherwise a random crop, seeded by --seed and the example's position.",
-    )
-    g.add_argument("--random_flip", action="store_true", help="Also store the latents of the mirrored image.")
-    g.add_argument(
         "--image_interpolation_mode",
         default="lanczos",
-        choices=[
-            f.lower() for f in dir(transforms.InterpolationMode) if not f.startswith("__") and not f.endswith("__")
-        ],
-        help="The image interpolation method to use for resizing images.",
+        choices=[m.name.lower() for m in transforms.InterpolationMode],
+        help="The resize filter.",
     )
+    g.add_argument("--center_crop", action="store_true", help="Center crop; otherwise a random crop, fixed per image.")
+    g.add_argument("--random_flip", action="store_true", help="Also store the latents of the mirrored image.")
+    g.add_argument("--seed", type=int, default=0, help="Seeds the random crops and caption choices.")
 
     g = parser.add_argument_group("encoders")
-    g.add_argument(
-        "--pretrained_model_name_or_path",
-        default=None,
-        help="Stable Diffusion layout (vae/, tokenizer/, text_encoder/): the VAE and text encoder to use.",
-    )
-    g.add_argument("--revision", default=None)
-    g.add_argument("--variant", default=None)
-    g.add_argument("--vae_name_or_path", default=None, help='Overrides the folder\'s VAE; "none": no latents.')
+    g.add_argument("--pretrained_model_name_or_path", help="Stable Diffusion layout: the VAE and text encoder to use.")
+    g.add_argument("--revision")
+    g.add_argument("--variant")
+    g.add_argument("--vae_name_or_path", help='Overrides the folder\'s VAE; "none": no latents.')
     g.add_argument(
         "--text_encoder_name_or_path",
         action="append",
-        default=None,
-        help='Text encoder with its tokenizer (repeat for several: CLIP, BERT, E5, T5); "none": no text.',
+        help='A text encoder with its tokenizer (repeat for several); "none": no text.',
     )
     g.add_argument(
         "--tokenizer_max_length",
         type=int,
         action="append",
-        default=None,
-        help="Tokens per caption, per encoder (default: the tokenizer's model_max_length, at most 512).",
+        help="Tokens per caption, once or per encoder (default: the tokenizer's, at most 512).",
     )
-    g.add_argument("--text_prefix", action="append", default=None, help='Per encoder, e.g. "query: " for E5.')
+    g.add_argument("--text_prefix", action="append", help='Once or per encoder, e.g. "query: " for E5.')
     g.add_argument(
         "--text_encoder_attention_mask",
         choices=["auto", "on", "off"],
         default="auto",
-        help="Whether the encoders see the padding mask. auto: as StableDiffusionPipeline does "
-        "(only when the config sets use_attention_mask), so SD trainers see what the pipeline sees.",
+        help="Whether the encoders see the padding mask; auto: as StableDiffusionPipeline does.",
     )
+    g.add_argument("--encoder_dtype", choices=list(DTYPES), default="float32", help="Precision the encoders run in.")
     g.add_argument("--latent_dtype", choices=["float32", "float16"], default="float16")
     g.add_argument("--text_dtype", choices=["float32", "float16"], default="float16")
-    g.add_argument("--encoder_dtype", choices=list(DTYPES), default="float32", help="Precision the encoders run in.")
 
     g = parser.add_argument_group("output and processes")
     g.add_argument("--output_dir", required=True)
     g.add_argument("--shard_size", type=int, default=1024)
-    g.add_argument("--batch_size", "--encode_batch_size", type=int, default=32, help="Images per encoder call.")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch_size", type=int, default=32, help="Images per encoder call.")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    g.add_argument(
-        "--ddp_timeout",
-        type=int,
-        default=1800,
-        help="Seconds a process waits for the others at a synchronization point (the last one waits "
-        "for the slowest rank's last shard) before the job is stopped.",
-    )
+    g.add_argument("--ddp_timeout", type=int, default=1800, help="Seconds a process waits for the others.")
 
     argv = sys.argv[1:] if argv is None else list(argv)
     return parser.parse_args([underscore_flag(a) for a in argv])
@@ -167,192 +131,78 @@ def underscore_flag(arg):
 
 def check_args(args):
     """Cheap checks of the flags and paths, before any dataset or model is loaded."""
-    sources = [s for s in ("train_data_dir", "dataset_name", "captions_json", "mnist_root") if getattr(args, s)]
+    sources = [f"--{s}" for s in ("train_data_dir", "dataset_name", "captions_json", "data_root") if getattr(args, s)]
     if len(sources) != 1:
-        fail(
-            "give exactly one source: --train_data_dir, --dataset_name, --captions_json or --mnist_root "
-            f"(got {', '.join('--' + s for s in sources) or 'none'})"
-        )
-    for flag in ("train_data_dir", "captions_json"):
-        if getattr(args, flag) and not Path(getattr(args, flag)).exists():
-            fail(f"--{flag} {getattr(args, flag)}: no such file or folder")
-    if args.mnist_root and not (Path(args.mnist_root) / "MNIST" / "raw").is_dir():
-        fail(f"--mnist_root {args.mnist_root}: no MNIST/raw folder there (torchvision layout)")
+        fail(f"give exactly one of --train_data_dir, --dataset_name, --captions_json, --data_root (got {sources})")
+    if args.train_data_dir and not Path(args.train_data_dir).is_dir():
+        fail(f"--train_data_dir {args.train_data_dir}: no such folder")
+    if args.data_root and not (Path(args.data_root) / "MNIST" / "raw").is_dir():
+        fail(f"--data_root {args.data_root}: no MNIST/raw folder there")
+    if args.data_root and "{}" not in args.caption_template:
+        fail(f"--caption_template {args.caption_template!r}: must contain {{}} where the digit goes")
     if args.streaming and not args.dataset_name:
         fail("--streaming applies to --dataset_name only")
-    if args.max_samples is not None and args.max_samples < 1:
-        fail(f"--max_samples {args.max_samples}: must be at least 1")
+    if min(args.shard_size, args.batch_size, args.ddp_timeout) < 1 or (
+        args.max_samples is not None and args.max_samples < 1
+    ):
+        fail("--shard_size, --batch_size, --ddp_timeout and --max_samples must be at least 1")
     if args.resolution % 8:
-        fail(
-            f"--resolution {args.resolution}: must be divisible by 8 (Stable Diffusion pipelines need it); "
-            f"try {max(8, args.resolution // 8 * 8)}"
-        )
-    if args.shard_size < 1 or args.batch_size < 1:
-        fail("--shard_size and --batch_size must be at least 1")
-    if args.ddp_timeout < 1:
-        fail(f"--ddp_timeout {args.ddp_timeout}: must be at least 1 (seconds)")
+        fail(f"--resolution {args.resolution}: must be a multiple of 8")
     if args.vae_name_or_path is None and args.pretrained_model_name_or_path is None:
-        fail('no VAE: pass --pretrained_model_name_or_path (SD folder) or --vae_name_or_path (or "none")')
+        fail('no VAE: pass --pretrained_model_name_or_path or --vae_name_or_path (or "none")')
+    if args.vae_name_or_path == "none" and args.text_encoder_name_or_path == ["none"]:
+        fail("nothing to encode: both the VAE and the text encoders are none")
     if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+        fail("--device cuda: no CUDA GPU is visible")
     n = len(args.text_encoder_name_or_path or [])
     for flag in ("tokenizer_max_length", "text_prefix"):
-        if getattr(args, flag) and len(getattr(args, flag)) not in (1, n):
+        if len(getattr(args, flag) or [0]) not in (1, n):
             fail(f"--{flag}: give it once, or once per --text_encoder_name_or_path ({n})")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Settings: the flags that decide what the shards hold and how they are numbered. --batch_size, --device,
-# --streaming, --ddp_timeout and the number of processes only change how the work is done, not its result.
-# ----------------------------------------------------------------------------------------------------------------
-CONTENT_FLAGS = (
-    "train_data_dir",
-    "dataset_name",
-    "dataset_config_name",
-    "captions_json",
-    "mnist_root",
-    "split",
-    "image_column",
-    "caption_column",
-    "label_column",
-    "caption_template",
-    "max_samples",
-    "resolution",
-    "image_interpolation_mode",
-    "center_crop",
-    "random_flip",
-    "seed",
-    "pretrained_model_name_or_path",
-    "revision",
-    "variant",
-    "vae_name_or_path",
-    "text_encoder_name_or_path",
-    "tokenizer_max_length",
-    "text_prefix",
-    "text_encoder_attention_mask",
-    "encoder_dtype",
-    "latent_dtype",
-    "text_dtype",
-    "shard_size",
-)
-PATH_FLAGS = (
-    "train_data_dir",
-    "dataset_name",
-    "captions_json",
-    "mnist_root",
-    "pretrained_model_name_or_path",
-    "vae_name_or_path",
-    "text_encoder_name_or_path",
-)
-
-
-def content_settings(args):
-    """{flag: value} of CONTENT_FLAGS; local paths made absolute, so that "imgs" and "./imgs" are the same."""
-
-    def local(value):
-        return str(Path(value).resolve()) if value not in (None, "none") and Path(value).exists() else value
-
-    settings = {}
-    for flag in CONTENT_FLAGS:
-        value = getattr(args, flag)
-        if flag in PATH_FLAGS:
-            value = [local(v) for v in value] if isinstance(value, list) else local(value)
-        settings[flag] = value
-    if not args.mnist_root:
-        settings["caption_template"] = None  # only MNIST captions use it
-    return json.loads(json.dumps(settings))
-
-
-def check_settings(out_dir, settings):
-    """Refuse an --output_dir whose shards were encoded with other settings (or with unknown ones)."""
-    path = out_dir / "settings.json"
-    if not any(out_dir.glob("shard-*.safetensors*")):
-        return  # no shard yet: settings.json (if any) is written anew
-    if not path.is_file():
-        fail(
-            f"--output_dir {out_dir}: holds shards but no settings.json, so what they were encoded with is "
-            "unknown; use another --output_dir, or delete the folder"
-        )
-    try:
-        before = json.loads(path.read_text())
-    except (OSError, ValueError):
-        fail(
-            f"--output_dir {out_dir}: settings.json is not readable JSON; use another --output_dir, or delete "
-            "the folder"
-        )
-    differ = [k for k in dict.fromkeys([*before, *settings]) if before.get(k) != settings.get(k)]
-    if differ:
-        changes = "; ".join(
-            f"--{k} {json.dumps(before.get(k))} there, {json.dumps(settings.get(k))} now" for k in differ
-        )
-        fail(
-            f"--output_dir {out_dir}: holds shards encoded with other settings ({changes}); use another "
-            "--output_dir, or delete the folder to encode anew"
-        )
-
-
-def write_settings(out_dir, settings):
-    (out_dir / "settings.json.tmp").write_text(json.dumps(settings, indent=2))
-    os.replace(out_dir / "settings.json.tmp", out_dir / "settings.json")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Source datasets: every source is read as (position, raw image, caption, label); images are decoded by us, so a
-# bad file is skipped and counted instead of crashing the worker.
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Data ----
+@dataclass
 class Source:
-    """A map-style or streamed source. `length` is None when streamed."""
+    """Examples as (raw image, caption, label): get_slice(a, b) when the length is known, else rows(wanted)."""
 
-    def __init__(self, kind, path, rows, length, label_names, get_slice=None):
-        self.kind, self.path, self.rows, self.length, self.label_names = kind, path, rows, length, label_names
-        self.get_slice = get_slice  # (start, stop) -> list of (raw image, caption, label)
-
-
-def check_columns(args, columns, flag_values):
-    for flag, value in flag_values:
-        if value is not None and value not in columns:
-            fail(f"--{flag} {value!r}: not a column of the dataset; columns: {', '.join(columns)}")
+    kind: str
+    path: str
+    length: int | None
+    label_names: list | None
+    get_slice: Callable | None = None
+    rows: Callable | None = None
 
 
 def open_source(args):
-    if args.mnist_root:
+    if args.data_root:
         return open_mnist(args)
     if args.captions_json:
         return open_captions_json(args)
     import datasets
 
     if args.train_data_dir:
-        ds = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, split=args.split)
         kind, path = "imagefolder", args.train_data_dir
+        ds = datasets.load_dataset("imagefolder", data_dir=path, split=args.split)
     else:
         kind, path = "dataset", args.dataset_name
-        local = Path(args.dataset_name)
         try:
-            if local.is_dir() and (local / "dataset_info.json").is_file() and (local / "state.json").is_file():
-                ds = datasets.load_from_disk(str(local))
+            if all((Path(path) / f).is_file() for f in ("dataset_info.json", "state.json")):  # save_to_disk
+                ds = datasets.load_from_disk(path)
             else:
-                ds = datasets.load_dataset(
-                    args.dataset_name, args.dataset_config_name, split=args.split, streaming=args.streaming
-                )
-        except (OSError, ValueError, FileNotFoundError) as e:
-            fail(f"--dataset_name {args.dataset_name}: cannot load it ({type(e).__name__}: {str(e)[:200]})")
-        if isinstance(ds, datasets.DatasetDict):
-            if args.split not in ds:
-                fail(f"--split {args.split}: the dataset has splits {', '.join(ds)}")
-            ds = ds[args.split]
+                ds = datasets.load_dataset(path, args.dataset_config_name, split=args.split, streaming=args.streaming)
+        except (OSError, ValueError) as e:
+            fail(f"--dataset_name {path}: cannot load it ({type(e).__name__}: {str(e)[:200]})")
     columns = list(ds.column_names or ds.features or [])
     label_column = args.label_column or ("label" if "label" in columns and kind == "imagefolder" else None)
-    check_columns(
-        args,
-        columns,
-        [("image_column", args.image_column), ("caption_column", args.caption_column), ("label_column", label_column)],
-    )
-    ds = ds.cast_column(args.image_column, datasets.Image(decode=False))
-    label_names = None
-    if label_column is not None:
-        feature = ds.features[label_column]
-        label_names = list(feature.names) if hasattr(feature, "names") else None
-    keep = [args.image_column, args.caption_column] + ([label_column] if label_column else [])
+    for flag, column in (("image", args.image_column), ("caption", args.caption_column), ("label", label_column)):
+        if column is not None and column not in columns:
+            fail(f"--{flag}_column {column!r}: not a column of the dataset; columns: {', '.join(columns)}")
+    feature = ds.features[label_column] if label_column else None
+    label_names = list(feature.names) if hasattr(feature, "names") else None
+    ds = ds.cast_column(args.image_column, datasets.Image(decode=False))  # decoded by us: a bad file is skipped
+    ds = ds.select_columns([c for c in (args.image_column, args.caption_column, label_column) if c])
+    if args.max_samples is not None:
+        ds = ds.take(args.max_samples)
 
     def rows_of(batch, positions):
         return [
@@ -364,30 +214,24 @@ def open_source(args):
             for k, position in enumerate(positions)
         ]
 
-    ds = ds.select_columns(keep)
-    if args.streaming:
-        source = Source(kind, path, None, None, label_names)
+    if not args.streaming:
+        return Source(kind, path, len(ds), label_names, get_slice=lambda a, b: rows_of(ds[a:b], range(a, b)))
+    source = Source(kind, path, None, label_names)
 
-        def rows(wanted):
-            """(position, row) of the examples with wanted(position); the stream is read in Arrow batches and the
-            other examples are never converted nor decoded. Sets source.length when the stream ends."""
-            n = 0
-            for table in ds.with_format("arrow").iter(batch_size=256):
-                if args.max_samples is not None:
-                    table = table.slice(0, args.max_samples - n)
-                take = [k for k in range(table.num_rows) if wanted(n + k)]
-                if take:
-                    positions = [n + k for k in take]
-                    yield from zip(positions, rows_of(table.take(take).to_pydict(), positions), strict=True)
-                n += table.num_rows
-                if args.max_samples is not None and n >= args.max_samples:
-                    break
-            source.length = n
+    def rows(wanted):
+        """(position, row) of the examples with wanted(position); the others are never converted nor decoded.
+        Sets source.length when the stream ends."""
+        n = 0
+        for table in ds.with_format("arrow").iter(batch_size=256):
+            take = [k for k in range(table.num_rows) if wanted(n + k)]
+            if take:
+                positions = [n + k for k in take]
+                yield from zip(positions, rows_of(table.take(take).to_pydict(), positions), strict=True)
+            n += table.num_rows
+        source.length = n
 
-        source.rows = rows
-        return source
-    length = len(ds) if args.max_samples is None else min(len(ds), args.max_samples)
-    return Source(kind, path, None, length, label_names, lambda a, b: rows_of(ds[a:b], range(a, b)))
+    source.rows = rows
+    return source
 
 
 def pick_caption(value, position, seed):
@@ -399,11 +243,7 @@ def pick_caption(value, position, seed):
 def open_mnist(args):
     import torchvision
 
-    split = "train" if args.split == "train" else "test"
-    mnist = torchvision.datasets.MNIST(args.mnist_root, train=split == "train", download=False)
-    length = len(mnist) if args.max_samples is None else min(len(mnist), args.max_samples)
-    if "{}" not in args.caption_template:
-        fail(f"--caption_template {args.caption_template!r}: must contain {{}} where the digit goes")
+    mnist = torchvision.datasets.MNIST(args.data_root, train=args.split == "train", download=False)
 
     def get_slice(a, b):
         return [
@@ -415,7 +255,8 @@ def open_mnist(args):
             for i in range(a, b)
         ]
 
-    return Source("mnist", args.mnist_root, None, length, [str(d) for d in range(10)], get_slice)
+    length = min(len(mnist), args.max_samples or len(mnist))
+    return Source("mnist", args.data_root, length, [str(d) for d in range(10)], get_slice)
 
 
 def open_captions_json(args):
@@ -431,7 +272,6 @@ def open_captions_json(args):
         isinstance(e, dict) and "image" in e and "caption" in e for e in entries
     ):
         fail(f'--captions_json {path}: expected a list of {{"image": path, "caption": text}} objects')
-    length = len(entries) if args.max_samples is None else min(len(entries), args.max_samples)
 
     def get_slice(a, b):
         return [
@@ -443,20 +283,16 @@ def open_captions_json(args):
             for i in range(a, b)
         ]
 
-    return Source("coco_json", str(path), None, length, None, get_slice)
+    return Source("coco_json", str(path), len(entries[: args.max_samples]), None, get_slice)
 
 
 def decode_image(raw, mode):
-    """PIL image from a PIL image, a datasets {"path", "bytes"} dict or a path; None when unreadable."""
+    """A PIL image from a PIL image or a datasets {"path", "bytes"} dict; None when unreadable."""
     try:
-        if isinstance(raw, Image.Image):
-            image = raw
-        elif isinstance(raw, dict):
-            image = Image.open(io.BytesIO(raw["bytes"])) if raw.get("bytes") else Image.open(raw["path"])
-        else:
-            image = Image.open(raw)
-        image.load()
-        return image.convert(mode)
+        if isinstance(raw, dict):
+            raw = Image.open(io.BytesIO(raw["bytes"]) if raw["bytes"] else raw["path"])
+        raw.load()
+        return raw.convert(mode)
     except Exception:  # truncated, not an image, missing file: skipped and counted
         return None
 
@@ -494,10 +330,9 @@ def finished(out, s, a, b):
 
 
 def my_shards(source, args, rank, world, out):
-    """Yield (shard id, [(position, raw, caption, label)]) for the shards of this rank that are not finished on disk.
+    """(shard s, [(position, raw, caption, label)]) of this rank's unfinished shards.
 
-    Shard s holds the examples [s * shard_size, (s + 1) * shard_size) and belongs to rank s % world. A streamed
-    source hands out only this rank's examples and knows its length (source.length) once the stream has ended.
+    Shard s holds the examples [s * shard_size, (s + 1) * shard_size) and belongs to rank s % world.
     """
     if source.length is not None:
         for s in range(rank, math.ceil(source.length / args.shard_size), world):
@@ -519,88 +354,74 @@ def my_shards(source, args, rank, world, out):
             yield s, rows
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Encoders
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Models ----
 def load_vae(args, device, dtype):
+    """The VAE and its index.json entry, or (None, None) with --vae_name_or_path none."""
     if args.vae_name_or_path == "none":
-        return None
+        return None, None
     name, sub = (args.vae_name_or_path, None) if args.vae_name_or_path else (args.pretrained_model_name_or_path, "vae")
     try:
         vae = AutoencoderKL.from_pretrained(
             name, subfolder=sub, revision=args.revision, variant=args.variant if sub else None
         )
     except (OSError, ValueError) as e:
-        flag = "--vae_name_or_path" if args.vae_name_or_path else "--pretrained_model_name_or_path"
-        fail(
-            f"{flag} {name}: cannot load an AutoencoderKL from it ({type(e).__name__}); pass a folder with "
-            f"{'vae/' if sub else ''}config.json, or a hub id when online"
-        )
+        flag = "--pretrained_model_name_or_path" if sub else "--vae_name_or_path"
+        fail(f"{flag} {name}: cannot load an AutoencoderKL from it ({type(e).__name__})")
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.resolution % factor:
         fail(f"--resolution {args.resolution}: the VAE downsamples by {factor}; use a multiple of {factor}")
-    vae.loaded_from = {"name_or_path": name, "subfolder": sub}  # what from_pretrained loads it again with
-    vae.requires_grad_(False).eval().to(device)
-    return vae.to(dtype) if dtype != torch.float32 else vae
-
-
-def encoder_specs(args):
-    """[(key, model path, model subfolder, tokenizer path, tokenizer subfolder, display name)]."""
-    names = args.text_encoder_name_or_path
-    if names == ["none"]:
-        return []
-    if not names:
-        folder = args.pretrained_model_name_or_path
-        return [("text_encoder", folder, "text_encoder", folder, "tokenizer", f"{folder}/text_encoder")]
-    return [(f"text_encoder_{i + 1}" if i else "text_encoder", n, None, n, None, n) for i, n in enumerate(names)]
-
-
-def load_text_encoder(path, subfolder, tok_path, tok_subfolder, args):
-    flag = "--text_encoder_name_or_path" if subfolder is None else "--pretrained_model_name_or_path"
-    try:
-        config = AutoConfig.from_pretrained(path, subfolder=subfolder or "", revision=args.revision)
-        tokenizer = AutoTokenizer.from_pretrained(tok_path, subfolder=tok_subfolder or "", revision=args.revision)
-    except (OSError, ValueError) as e:
-        fail(
-            f"{flag} {path}: cannot load a text encoder and its tokenizer ({type(e).__name__}); pass a folder "
-            f"with config.json and the tokenizer files, or a hub id when online"
-        )
-    model_cls = {
-        "clip": CLIPTextModel,
-        "clip_text_model": CLIPTextModel,
-        "t5": T5EncoderModel,
-        "mt5": T5EncoderModel,
-        "umt5": T5EncoderModel,
-    }.get(config.model_type, AutoModel)
-    if (config.architectures or [""])[0] == "CLIPTextModelWithProjection":
-        model_cls = CLIPTextModelWithProjection
-    model = model_cls.from_pretrained(path, subfolder=subfolder or "", revision=args.revision)
-    return tokenizer, model.requires_grad_(False).eval()
-
-
-def per_encoder(values, i, default):
-    if not values:
-        return default
-    return values[i] if len(values) > 1 else values[0]
+    info = {
+        "name_or_path": name,  # what from_pretrained loads it again with
+        "subfolder": sub,
+        "scaling_factor": vae.config.scaling_factor,
+        "shift_factor": vae.config.get("shift_factor") or 0.0,
+        "latent_channels": vae.config.latent_channels,
+        "latent_size": args.resolution // factor,
+        "dtype": args.latent_dtype,
+    }
+    return vae.requires_grad_(False).eval().to(device, dtype), info
 
 
 class TextEncoder:
-    """One frozen text encoder with its tokenizer and settings; encode() returns the tensors of the format."""
+    """One frozen text encoder and its tokenizer; encode() returns the format's tensors of a list of captions."""
 
-    def __init__(self, spec, i, args, device, dtype):
-        self.key, path, sub, tok_path, tok_sub, self.display = spec
-        self.tokenizer, self.model = load_text_encoder(path, sub, tok_path, tok_sub, args)
-        self.model.to(device)
-        if dtype != torch.float32:
-            self.model.to(dtype)
-        self.tokenizer_name = tok_path if tok_sub is None else f"{tok_path}/{tok_sub}"
-        self.max_length = per_encoder(args.tokenizer_max_length, i, min(self.tokenizer.model_max_length, 512))
-        self.prefix = per_encoder(args.text_prefix, i, "")
-        mask = args.text_encoder_attention_mask
-        self.use_mask = mask == "on" or (
-            mask == "auto" and bool(getattr(self.model.config, "use_attention_mask", False))
-        )
-        self.device = device
+    def __init__(self, path, i, args, device, dtype):
+        self.key = f"text_encoder_{i + 1}" if i else "text_encoder"
+        # Without --text_encoder_name_or_path: the Stable Diffusion folder's text encoder and tokenizer.
+        sub, tok_sub = ("", "") if args.text_encoder_name_or_path else ("text_encoder", "tokenizer")
+        try:
+            config = AutoConfig.from_pretrained(path, subfolder=sub, revision=args.revision)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, subfolder=tok_sub, revision=args.revision)
+        except (OSError, ValueError) as e:
+            flag = "--pretrained_model_name_or_path" if sub else "--text_encoder_name_or_path"
+            fail(f"{flag} {path}: cannot load a text encoder and its tokenizer ({type(e).__name__})")
+        if config.model_type in ("t5", "mt5", "umt5"):
+            model_cls = T5EncoderModel
+        elif (config.architectures or [""])[0] == "CLIPTextModelWithProjection":
+            model_cls = CLIPTextModelWithProjection
+        else:
+            model_cls = CLIPTextModel if config.model_type in ("clip", "clip_text_model") else AutoModel
+        self.model = model_cls.from_pretrained(path, subfolder=sub, revision=args.revision)
+        self.model.requires_grad_(False).eval().to(device, dtype)
+        lengths, prefixes = args.tokenizer_max_length, args.text_prefix  # given once or once per encoder
+        self.max_length = lengths[min(i, len(lengths) - 1)] if lengths else min(self.tokenizer.model_max_length, 512)
+        self.prefix = prefixes[min(i, len(prefixes) - 1)] if prefixes else ""
+        mask = args.text_encoder_attention_mask  # auto: as StableDiffusionPipeline runs it
+        self.use_mask = mask == "on" or (mask == "auto" and bool(getattr(self.model.config, "use_attention_mask", 0)))
+        self.device, self.dtype = device, DTYPES[args.text_dtype]
+        self.empty = self.encode([""])  # the unconditional prompt
+        pooled = self.empty.get(f"{self.key}.pooled")
+        self.info = {
+            "key": self.key,
+            "name_or_path": f"{path}/{sub}" if sub else path,
+            "tokenizer": f"{path}/{tok_sub}" if tok_sub else path,
+            "max_length": self.max_length,
+            "hidden_size": self.model.config.hidden_size,
+            "pooled_size": pooled.shape[-1] if pooled is not None else None,
+            "prefix": self.prefix,
+            "dtype": args.text_dtype,
+            "use_attention_mask": self.use_mask,
+        }
 
     @torch.no_grad()
     def encode(self, captions):
@@ -614,101 +435,113 @@ class TextEncoder:
         )
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
         out = self.model(ids, attention_mask=mask if self.use_mask else None)
-        result = {
-            "hidden_states": out.last_hidden_state.float().cpu(),
-            "attention_mask": mask.long().cpu(),
-            "input_ids": ids.long().cpu(),
-        }
-        pooled = getattr(out, "text_embeds", None)
-        pooled = getattr(out, "pooler_output", None) if pooled is None else pooled
+        result = {"hidden_states": out.last_hidden_state.to(self.dtype), "attention_mask": mask, "input_ids": ids}
+        pooled = out.get("text_embeds", out.get("pooler_output"))  # CLIP with projection, CLIP/BERT, T5: none
         if pooled is not None:
-            result["pooled"] = pooled.float().cpu()
+            result["pooled"] = pooled.to(self.dtype)
         where = torch.tensor([unique.index(c) for c in captions])
-        return {k: v[where] for k, v in result.items()}
-
-    def info(self, text_dtype):
-        return {
-            "key": self.key,
-            "name_or_path": self.display,
-            "tokenizer": self.tokenizer_name,
-            "max_length": self.max_length,
-            "hidden_size": self.model.config.hidden_size,
-            "pooled_size": self.pooled_size,
-            "prefix": self.prefix,
-            "dtype": text_dtype,
-            "use_attention_mask": self.use_mask,
-        }
+        return {f"{self.key}.{k}": v.cpu()[where].contiguous() for k, v in result.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Encoding a shard
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Encoding ----
 @torch.no_grad()
-def encode_shard(rows, vae, text_encoders, transform, mode, args, device, dtype):
-    """Tensors of one shard (keys of docs/precomputed_format.md), captions, and the number of skipped images."""
+def encode_shard(rows, vae, text_encoders, args):
+    """The tensors of one shard (docs/prepare_data.md), its captions, and the number of skipped images."""
     out, captions, skipped = {}, [], 0
-    latent_dtype, text_dtype = DTYPES[args.latent_dtype], DTYPES[args.text_dtype]
+    transform, mode = image_transform(args), "L" if vae is not None and vae.config.in_channels == 1 else "RGB"
     for start in range(0, len(rows), args.batch_size):
-        batch = []
-        for position, raw, caption, label in rows[start : start + args.batch_size]:
-            image = decode_image(raw, mode) if vae is not None else None
-            if vae is not None and image is None:
-                skipped += 1
-                continue
-            batch.append((position, image, caption, label))
+        batch = rows[start : start + args.batch_size]
+        if vae is not None:  # unreadable images are skipped and counted
+            decoded = [(i, decode_image(raw, mode), caption, label) for i, raw, caption, label in batch]
+            batch = [row for row in decoded if row[1] is not None]
+            skipped += len(decoded) - len(batch)
         if not batch:
             continue
-        parts = {"index": torch.tensor([b[0] for b in batch], dtype=torch.int64)}
-        if batch[0][3] is not None:
-            parts["label"] = torch.tensor([b[3] for b in batch], dtype=torch.int64)
+        positions, images, texts, labels = zip(*batch, strict=True)
+        parts = {"index": torch.tensor(positions)}
+        if labels[0] is not None:
+            parts["label"] = torch.tensor(labels)
         if vae is not None:
-            pixels = torch.stack([transform(b[1], b[0]) for b in batch]).to(device, dtype)
+            pixels = torch.stack(list(map(transform, images, positions))).to(vae.device, vae.dtype)
             views = {"": pixels, "_flipped": pixels.flip(-1)} if args.random_flip else {"": pixels}
             for suffix, x in views.items():
-                posterior = vae.encode(x).latent_dist
-                parts[f"latent_mean{suffix}"] = posterior.mean.to(latent_dtype).cpu()
-                parts[f"latent_std{suffix}"] = posterior.std.to(latent_dtype).cpu()
+                posterior = vae.encode(x).latent_dist  # unscaled: the trainers apply scaling_factor
+                parts["latent_mean" + suffix] = posterior.mean.to(DTYPES[args.latent_dtype]).cpu()
+                parts["latent_std" + suffix] = posterior.std.to(DTYPES[args.latent_dtype]).cpu()
         for encoder in text_encoders:
-            for k, v in encoder.encode([b[2] for b in batch]).items():
-                parts[f"{encoder.key}.{k}"] = v.to(text_dtype) if v.is_floating_point() else v
+            parts.update(encoder.encode(texts))
         for k, v in parts.items():
             out.setdefault(k, []).append(v)
-        captions += [b[2] for b in batch]
+        captions += texts
     return {k: torch.cat(v).contiguous() for k, v in out.items()}, captions, skipped
 
 
-def write_shard(out_dir, shard, tensors, captions, skipped):
-    final = out_dir / f"shard-{shard:05d}.safetensors"
-    tmp = out_dir / f"shard-{shard:05d}.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"captions": json.dumps(captions), "num_skipped": str(skipped)})
-    os.replace(tmp, final)  # atomic: an existing shard-XXXXX.safetensors is always complete
+# ---- Shards ----
+# settings.json holds every flag but these, which change how the work is done, not what the shards hold.
+RUN_FLAGS = ("output_dir", "streaming", "batch_size", "device", "ddp_timeout")
+PATH_FLAGS = (
+    "train_data_dir",
+    "dataset_name",
+    "captions_json",
+    "data_root",
+    "pretrained_model_name_or_path",
+    "vae_name_or_path",
+    "text_encoder_name_or_path",
+)
 
 
-def write_empty_prompt(out_dir, text_encoders, args):
-    tensors = {}
-    for encoder in text_encoders:
-        for k, v in encoder.encode([""]).items():
-            tensors[f"{encoder.key}.{k}"] = (v.to(DTYPES[args.text_dtype]) if v.is_floating_point() else v).contiguous()
-    save_file(tensors, str(out_dir / "empty_prompt.safetensors"))
+def content_settings(args):
+    """{flag: value} of the content flags; local paths made absolute, so that "imgs" and "./imgs" are the same."""
+
+    def local(value):
+        return str(Path(value).resolve()) if value not in (None, "none") and Path(value).exists() else value
+
+    settings = {}
+    for flag, value in vars(args).items():
+        if flag in PATH_FLAGS:
+            value = [local(v) for v in value] if isinstance(value, list) else local(value)
+        if flag not in RUN_FLAGS:
+            settings["mnist_root" if flag == "data_root" else flag] = value  # settings.json's key for it
+    if not args.data_root:
+        settings["caption_template"] = None  # only MNIST captions use it
+    return settings
 
 
-def write_index(out_dir, source, vae, text_encoders, args, settings):
-    """index.json from the shards of this run's source length on disk (so a re-run that skipped finished shards
-    counts them too); shard files beyond that length (left by a longer source) are removed. Written last."""
-    expected = math.ceil(source.length / args.shard_size)
-    missing = [s for s in range(expected) if not (out_dir / f"shard-{s:05d}.safetensors").is_file()]
-    if missing:
-        raise RuntimeError(f"shards {missing[:5]} are missing; re-run to finish them")
-    shard_files = [out_dir / f"shard-{s:05d}.safetensors" for s in range(expected)]
+def check_settings(out_dir, settings):
+    """Refuse an --output_dir whose shards were encoded with other settings, or with unknown ones."""
+    if not any(out_dir.glob("shard-*.safetensors*")):
+        return  # no shard yet: settings.json is written anew
+    try:
+        before = json.loads((out_dir / "settings.json").read_text())
+    except (OSError, ValueError):
+        fail(f"--output_dir {out_dir}: holds shards but no readable settings.json; use another one, or delete it")
+    changes = "; ".join(
+        f"--{k.replace('mnist_root', 'data_root')} {json.dumps(before.get(k))} there, {json.dumps(settings.get(k))} now"
+        for k in {**before, **settings}
+        if before.get(k) != settings.get(k)
+    )
+    if changes:
+        fail(f"--output_dir {out_dir}: holds shards encoded with other settings ({changes}); use another --output_dir")
+
+
+def write_json(path, value):
+    path.with_suffix(".tmp").write_text(json.dumps(value, indent=2))
+    os.replace(path.with_suffix(".tmp"), path)  # atomic: a reader never sees half a file
+
+
+def write_index(out_dir, source, vae_info, text_encoders, args, settings):
+    """index.json from this source's shards on disk, those of earlier runs included; the shards beyond them (left
+    by a longer source) are removed."""
+    shard_files = [out_dir / f"shard-{s:05d}.safetensors" for s in range(math.ceil(source.length / args.shard_size))]
     shards, skipped, tensors = [], 0, {}
     for path in shard_files:
         with safe_open(str(path), framework="pt") as f:
             n = f.get_slice("index").get_shape()[0] if "index" in f.keys() else 0
             skipped += int((f.metadata() or {}).get("num_skipped", 0))
-            if n and not tensors:
+            if n and not tensors:  # the shapes and dtypes of one example
                 for key in f.keys():
-                    s = f.get_slice(key)
-                    tensors[key] = {"shape": list(s.get_shape()[1:]), "dtype": str(s.get_dtype()).lower()}
+                    first = f.get_slice(key)[:1]
+                    tensors[key] = {"shape": list(first.shape[1:]), "dtype": str(first.dtype).removeprefix("torch.")}
         shards.append({"file": path.name, "num_examples": n})
     total = sum(s["num_examples"] for s in shards)
     if total == 0:
@@ -717,13 +550,7 @@ def write_index(out_dir, source, vae, text_encoders, args, settings):
     for path in stale:
         path.unlink()
     if stale:
-        print(
-            f"removed {len(stale)} shard files beyond this source's {expected} shards ({stale[0].name}, ...)",
-            flush=True,
-        )
-    dtype_names = {"f16": "float16", "f32": "float32", "bf16": "bfloat16", "i64": "int64"}
-    for t in tensors.values():
-        t["dtype"] = dtype_names.get(t["dtype"], t["dtype"])
+        print(f"removed {len(stale)} shard files beyond this source's {len(shard_files)} shards", flush=True)
     index = {
         "format": FORMAT,
         "version": VERSION,
@@ -735,34 +562,22 @@ def write_index(out_dir, source, vae, text_encoders, args, settings):
         "resolution": args.resolution,
         "center_crop": args.center_crop,
         "random_flip": args.random_flip,
-        "vae": None
-        if vae is None
-        else {
-            **vae.loaded_from,
-            "scaling_factor": vae.config.scaling_factor,
-            "shift_factor": vae.config.get("shift_factor") or 0.0,
-            "latent_channels": vae.config.latent_channels,
-            "latent_size": args.resolution // 2 ** (len(vae.config.block_out_channels) - 1),
-            "dtype": args.latent_dtype,
-        },
-        "text_encoders": [e.info(args.text_dtype) for e in text_encoders],
+        "vae": vae_info,
+        "text_encoders": [e.info for e in text_encoders],
         "label_names": source.label_names,
         "tensors": tensors,
         "settings": settings,
     }
-    (out_dir / "index.json.tmp").write_text(json.dumps(index, indent=2))
-    os.replace(out_dir / "index.json.tmp", out_dir / "index.json")
+    write_json(out_dir / "index.json", index)
     return index
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Main ----
 def main(args):
     check_args(args)
     out_dir = Path(args.output_dir)
     settings = content_settings(args)
-    check_settings(out_dir, settings)  # every process, before any model is loaded
+    check_settings(out_dir, settings)  # on every process, before any model is loaded
     accelerator = Accelerator(
         cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))],
@@ -770,63 +585,48 @@ def main(args):
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_settings(out_dir, settings)  # before the first shard
-        (out_dir / "index.json").unlink(missing_ok=True)  # written again at the end, when every shard is there
+        write_json(out_dir / "settings.json", settings)  # before the first shard
+        (out_dir / "index.json").unlink(missing_ok=True)  # written again when every shard is there
     accelerator.wait_for_everyone()
 
     source = open_source(args)
     if source.length == 0:
         fail("the source is empty: no example to encode")
     dtype = DTYPES[args.encoder_dtype]
-    vae = load_vae(args, device, dtype)
-    text_encoders = [TextEncoder(spec, i, args, device, dtype) for i, spec in enumerate(encoder_specs(args))]
-    for encoder in text_encoders:
-        encoder.pooled_size = int(encoder.encode([""]).get("pooled", torch.zeros(1, 0)).shape[-1]) or None
-    if vae is None and not text_encoders:
-        fail("nothing to encode: both the VAE and the text encoders are none")
-    mode = "L" if vae is not None and vae.config.in_channels == 1 else "RGB"
-    transform = image_transform(args)
+    vae, vae_info = load_vae(args, device, dtype)
+    names = args.text_encoder_name_or_path or [args.pretrained_model_name_or_path]
+    names = [] if names == ["none"] else names
+    text_encoders = [TextEncoder(path, i, args, device, dtype) for i, path in enumerate(names)]
     if accelerator.is_main_process and text_encoders:
-        write_empty_prompt(out_dir, text_encoders, args)
+        empty = {k: v for e in text_encoders for k, v in e.empty.items()}
+        save_file(empty, str(out_dir / "empty_prompt.safetensors"))
 
-    total = None if source.length is None else source.length
-    mine = (
-        None
-        if total is None
-        else sum(
-            min(args.shard_size, total - s * args.shard_size)
-            for s in range(rank, math.ceil(total / args.shard_size), world)
-        )
-    )
+    n, size = source.length, args.shard_size
+    mine = None if n is None else sum(min(size, n - s * size) for s in range(rank, math.ceil(n / size), world))
     progress = tqdm(total=mine, desc=f"encode (rank {rank})", position=rank, unit="img")
     accelerator.wait_for_everyone()
     start = time.perf_counter()
     encoded = skipped = 0
     for shard, rows in my_shards(source, args, rank, world, out_dir):
-        tensors, captions, n_skipped = encode_shard(rows, vae, text_encoders, transform, mode, args, device, dtype)
-        write_shard(out_dir, shard, tensors, captions, n_skipped)
+        tensors, captions, n_skipped = encode_shard(rows, vae, text_encoders, args)
+        tmp = out_dir / f"shard-{shard:05d}.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"captions": json.dumps(captions), "num_skipped": str(n_skipped)})
+        os.replace(tmp, tmp.with_suffix(""))  # atomic: an existing shard is always complete
         encoded += len(captions)
         skipped += n_skipped
         progress.update(len(rows))
-        progress.set_postfix(img_s=f"{encoded / max(time.perf_counter() - start, 1e-9):.1f}")
     progress.close()
-    seconds = time.perf_counter() - start
-    print(
-        f"rank {rank}: encoded {encoded} images in {seconds:.1f}s ({encoded / max(seconds, 1e-9):.1f} images/s), "
-        f"skipped {skipped}",
-        flush=True,
-    )
+    print(f"rank {rank}: encoded {encoded} images, skipped {skipped}", flush=True)
     accelerator.wait_for_everyone()
     wall = time.perf_counter() - start
     counts = accelerator.reduce(torch.tensor([encoded, skipped], device=device), "sum").cpu().tolist()
     if accelerator.is_main_process:
         if counts[1]:
             print(f"warning: {counts[1]} unreadable images were skipped", file=sys.stderr)
-        index = write_index(out_dir, source, vae, text_encoders, args, settings)
+        index = write_index(out_dir, source, vae_info, text_encoders, args, settings)
         print(
-            f"encoded {counts[0]} images in {wall:.1f}s: {counts[0] / max(wall, 1e-9):.1f} images/s with {world} "
-            f"process(es); {index['num_examples']} examples in {len(index['shards'])} shards, "
-            f"{index['num_skipped']} skipped; wrote {out_dir / 'index.json'}",
+            f"encoded {counts[0]} images in {wall:.1f}s: {counts[0] / wall:.1f} images/s with {world} process(es); "
+            f"{index['num_examples']} examples in {len(index['shards'])} shards; wrote {out_dir / 'index.json'}",
             flush=True,
         )
     accelerator.end_training()

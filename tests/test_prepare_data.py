@@ -32,7 +32,13 @@ def script():
     return module
 
 
-def test_two_processes_write_the_format_then_train_from_it(tiny_sd, tiny_imagefolder, tmp_path):  # noqa: F811
+def test_two_processes_write_the_format_then_train_from_it_then_rerun_on_a_shrunk_source(
+    tiny_sd,  # noqa: F811
+    tiny_imagefolder,
+    tmp_path,
+):
+    images = tmp_path / "images"
+    shutil.copytree(tiny_imagefolder, images)
     shards = tmp_path / "shards"
     common = [
         "--pretrained_model_name_or_path",
@@ -46,16 +52,8 @@ def test_two_processes_write_the_format_then_train_from_it(tiny_sd, tiny_imagefo
         "3",
     ]
     # Two processes streaming the folder: each rank takes its own shards' examples out of the stream.
-    proc = run_script(
-        SCRIPT,
-        *common,
-        "--dataset_name",
-        tiny_imagefolder,
-        "--streaming",
-        "--output_dir",
-        shards,
-        launcher="accelerate",
-    )
+    streaming = [*common, "--dataset_name", images, "--streaming", "--output_dir", shards]
+    proc = run_script(SCRIPT, *streaming, launcher="accelerate")
     assert "with 2 process(es)" in proc.stdout and "rank 1: encoded 5 images" in proc.stdout
     index, tensors = shard_tensors(shards)
     assert index["format"] == "precomputed-diffusion-shards" and index["version"] == 1
@@ -69,7 +67,7 @@ def test_two_processes_write_the_format_then_train_from_it(tiny_sd, tiny_imagefo
     AutoencoderKL.from_pretrained(index["vae"]["name_or_path"], subfolder=index["vae"]["subfolder"])
     settings = json.loads((shards / "settings.json").read_text())
     assert index["settings"] == settings and settings["resolution"] == 32 and settings["shard_size"] == 5
-    assert settings["dataset_name"] == str(tiny_imagefolder.resolve()) and "batch_size" not in settings
+    assert settings["dataset_name"] == str(images.resolve()) and "batch_size" not in settings
     enc = index["text_encoders"][0]
     assert enc["key"] == "text_encoder" and enc["max_length"] == 16 and enc["hidden_size"] == 32
     assert enc["use_attention_mask"] is False  # as StableDiffusionPipeline runs CLIP
@@ -117,12 +115,32 @@ def test_two_processes_write_the_format_then_train_from_it(tiny_sd, tiny_imagefo
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
     assert (out / "model_index.json").is_file() and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
+    # A streamed re-run after the source shrank to 6 examples: shard 1 shrinks to [5, 6) and is encoded again,
+    # shard 2 is left over and removed; shard 0 is finished and kept.
+    lines = (images / "metadata.jsonl").read_text().splitlines()
+    (images / "metadata.jsonl").write_text("\n".join(lines[:6]) + "\n")
+    for i in range(6, 12):
+        (images / f"{i:03d}.png").unlink()
+    os.utime(shards / "shard-00000.safetensors", (1, 1))
+    proc = run_script(SCRIPT, *streaming)
+    assert "encoded 1 images" in proc.stdout and "removed 1 shard files" in proc.stdout
+    index, after = shard_tensors(shards)
+    assert index["num_examples"] == 6 and [s["file"] for s in index["shards"]] == [
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
+    assert not (shards / "shard-00002.safetensors").exists()
+    assert (shards / "shard-00000.safetensors").stat().st_mtime == 1
+    assert all(torch.equal(tensors[0][k], after[0][k]) for k in tensors[0])
+    assert after[1]["index"].tolist() == [5]
+
 
 def test_rerun_same_settings_resumes_other_settings_refused_bad_images_counted(
     tiny_sd,  # noqa: F811
     tiny_imagefolder,
     script,
     tmp_path,
+    capsys,
 ):
     images = tmp_path / "images"
     shutil.copytree(tiny_imagefolder, images)
@@ -141,6 +159,8 @@ def test_rerun_same_settings_resumes_other_settings_refused_bad_images_counted(
         shards,
         "--latent_dtype",
         "float32",
+        "--text_encoder_name_or_path",
+        "none",
     ]
     proc = run_script(SCRIPT, *args)
     assert "1 unreadable images were skipped" in proc.stderr
@@ -148,6 +168,7 @@ def test_rerun_same_settings_resumes_other_settings_refused_bad_images_counted(
     assert index["num_examples"] == 11 and index["num_skipped"] == 1
     assert 5 not in tensors[1]["index"].tolist() and len(tensors[1]["index"]) == 3
     assert index["tensors"]["latent_mean"]["dtype"] == "float32" and "latent_mean_flipped" not in tensors[0]
+    assert index["text_encoders"] == [] and not any(k.startswith("text_encoder") for k in tensors[0])
 
     first = shards / "shard-00000.safetensors"
     os.utime(first, (1, 1))  # a finished shard is left alone
@@ -161,7 +182,8 @@ def test_rerun_same_settings_resumes_other_settings_refused_bad_images_counted(
     assert json.loads((shards / "index.json").read_text())["num_skipped"] == 1  # counted from the shards on disk
 
     # Other settings into the same folder: refused before any model loads (the model folder named does not exist),
-    # naming every differing setting; the shards and index.json are left as they were.
+    # naming every differing setting; the shards and index.json are left as they were. Run in this process: the
+    # check comes before the accelerator starts.
     other = [a if a != tiny_sd else tmp_path / "no-model" for a in args] + [
         "--seed",
         "1",
@@ -169,9 +191,12 @@ def test_rerun_same_settings_resumes_other_settings_refused_bad_images_counted(
         "bicubic",
     ]
     other[other.index("--shard_size") + 1] = "3"
-    proc = run_script(SCRIPT, *other, expect_rc=2)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(script.parse_args([str(a) for a in other]))
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-2000:]
     assert "--shard_size 4 there, 3 now" in errors[0] and "--seed 0 there, 1 now" in errors[0]
     assert '--image_interpolation_mode "lanczos" there, "bicubic" now' in errors[0]
     assert "--pretrained_model_name_or_path" in errors[0] and "another --output_dir" in errors[0]
@@ -214,7 +239,7 @@ def test_mnist_and_captions_json_sources_with_two_text_encoders(
         "32",
     ]
     mnist = tmp_path / "mnist"
-    run_script(SCRIPT, "--mnist_root", tiny_mnist, "--max_samples", "12", "--output_dir", mnist, *encoders)
+    run_script(SCRIPT, "--data_root", tiny_mnist, "--max_samples", "12", "--output_dir", mnist, *encoders)
     index, tensors = shard_tensors(mnist)
     assert index["source"]["kind"] == "mnist" and index["label_names"] == [str(d) for d in range(10)]
     assert index["vae"]["name_or_path"] == str(tiny_vae) and index["vae"]["subfolder"] is None
@@ -267,50 +292,6 @@ def test_streaming_ranks_take_only_their_shards_examples(script, tiny_imagefolde
     assert taken == {0: [(0, [0, 1, 2, 3, 4]), (2, [10, 11])], 1: [(1, [5, 6, 7, 8, 9])]}
 
 
-def test_streaming_rerun_after_the_source_shrank_indexes_only_this_runs_shards(tiny_vae, tiny_imagefolder, tmp_path):
-    images = tmp_path / "images"
-    shutil.copytree(tiny_imagefolder, images)
-    shards = tmp_path / "shards"
-    args = [
-        "--dataset_name",
-        images,
-        "--streaming",
-        "--vae_name_or_path",
-        tiny_vae,
-        "--text_encoder_name_or_path",
-        "none",
-        "--resolution",
-        "32",
-        "--shard_size",
-        "4",
-        "--output_dir",
-        shards,
-    ]
-    run_script(SCRIPT, *args)
-    index, tensors = shard_tensors(shards)
-    assert [s["num_examples"] for s in index["shards"]] == [4, 4, 4] and index["settings"]["shard_size"] == 4
-    before = tensors[0]
-
-    # The source now has 6 examples: shard 1 shrinks to [4, 6) and is encoded again, shard 2 is left over and
-    # removed; shard 0 is finished and kept.
-    lines = (images / "metadata.jsonl").read_text().splitlines()
-    (images / "metadata.jsonl").write_text("\n".join(lines[:6]) + "\n")
-    for i in range(6, 12):
-        (images / f"{i:03d}.png").unlink()
-    os.utime(shards / "shard-00000.safetensors", (1, 1))
-    proc = run_script(SCRIPT, *args)
-    assert "encoded 2 images" in proc.stdout and "removed 1 shard files" in proc.stdout
-    index, tensors = shard_tensors(shards)
-    assert index["num_examples"] == 6 and [s["file"] for s in index["shards"]] == [
-        "shard-00000.safetensors",
-        "shard-00001.safetensors",
-    ]
-    assert not (shards / "shard-00002.safetensors").exists()
-    assert (shards / "shard-00000.safetensors").stat().st_mtime == 1
-    assert all(torch.equal(before[k], tensors[0][k]) for k in before)
-    assert tensors[1]["index"].tolist() == [4, 5]
-
-
 def test_ddp_timeout_reaches_the_process_group(script, tiny_vae, tiny_imagefolder, tmp_path, monkeypatch):
     class Stop(Exception):
         pass
@@ -343,7 +324,8 @@ def test_ddp_timeout_reaches_the_process_group(script, tiny_vae, tiny_imagefolde
 
 
 @pytest.mark.parametrize("case", ["resolution", "caption_column"])
-def test_bad_input_is_one_line_exit_2(case, tiny_vae, tiny_clip, tiny_imagefolder, tmp_path):
+def test_bad_input_is_one_line_exit_2(case, script, tiny_vae, tiny_clip, tiny_imagefolder, tmp_path, capsys):
+    """In this process, through the steps main() takes before it loads a model."""
     args = [
         "--vae_name_or_path",
         tiny_vae,
@@ -361,7 +343,11 @@ def test_bad_input_is_one_line_exit_2(case, tiny_vae, tiny_clip, tiny_imagefolde
         args[args.index("--resolution") + 1] = "30"
     else:
         args += ["--caption_column", "prompt"]
-    proc = run_script(SCRIPT, *args, expect_rc=2, timeout=300)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and flag in errors[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    parsed = script.parse_args([str(a) for a in args])
+    with pytest.raises(SystemExit) as exit_info:
+        script.check_args(parsed)
+        script.open_source(parsed)
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and flag in errors[0], stderr[-2000:]
+    assert "Traceback" not in stderr
