@@ -84,6 +84,10 @@ DIT_FAST = [
     "0",
 ]
 LDM_FAST = [
+    "--lr_warmup_steps",
+    "0",
+    "--report_to",
+    "none",
     "--resolution",
     "32",
     "--train_batch_size",
@@ -119,7 +123,7 @@ MMDIT_FAST = [
     "1,2",
     "--logging-steps",
     "1",
-    "--max-text-length",
+    "--tokenizer-max-length",
     "8",
     "--num-validation-images",
     "3",
@@ -189,7 +193,7 @@ def train_args(request, tiny_mnist, tiny_clip, tiny_bert, tiny_imagefolder, clas
 
     def make(script, output_dir):
         if script == MNIST:
-            data = ["--dataset_path", tiny_mnist, "--text_encoder_name_or_path", tiny_clip, *MNIST_FAST]
+            data = ["--data_root", tiny_mnist, "--text_encoder_name_or_path", tiny_clip, *MNIST_FAST]
         elif script == DIT:  # latents of a tiny VAE, 3 classes: exports a DiTPipeline
             tiny_vae = request.getfixturevalue("tiny_vae")
             data = ["--train_data_dir", class_folder, "--vae_name_or_path", tiny_vae, "--resolution", "32", *DIT_FAST]
@@ -212,7 +216,7 @@ def train_args(request, tiny_mnist, tiny_clip, tiny_bert, tiny_imagefolder, clas
             data = [
                 "--data_root",
                 tiny_mnist,
-                "--text_encoder",
+                "--text_encoder_name_or_path",
                 tiny_bert,
                 "--dim_text",
                 "32",
@@ -442,7 +446,7 @@ def test_fp16_persistent_overflow_stops_with_exit_1(tiny_mnist, tiny_clip, tmp_p
     the run after --max_nonfinite_steps steps in a row, exit code 1, instead of training on without updates."""
     out = tmp_path / "run"
     args = [
-        "--dataset_path",
+        "--data_root",
         tiny_mnist,
         "--text_encoder_name_or_path",
         tiny_clip,
@@ -520,7 +524,7 @@ def test_xformers_attention(tiny_mnist, tiny_clip, tmp_path):
     out = tmp_path / "run"
     run_script(
         MNIST,
-        "--dataset_path",
+        "--data_root",
         tiny_mnist,
         "--text_encoder_name_or_path",
         tiny_clip,
