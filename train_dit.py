@@ -249,8 +249,56 @@ def model_shape(args):
     return (args.depth or depth, args.hidden_size or hidden, args.num_heads or heads, args.patch_size or int(patch))
 
 
+# Copied from train_mnist.check_shared_flags
+def check_shared_flags(args):
+    """Checks of the flags every trainer has: numbers in range, a --resume_from_checkpoint of this script."""
+    at_least_1 = (lambda v: v >= 1, "an integer >= 1")
+    rules = {
+        "learning_rate": (lambda v: v > 0, "a number > 0"),
+        "train_batch_size": at_least_1,
+        "eval_batch_size": at_least_1,
+        "num_train_epochs": at_least_1,
+        "max_train_steps": at_least_1,
+        "gradient_accumulation_steps": at_least_1,
+        "max_samples": at_least_1,
+        "logging_steps": at_least_1,
+        "checkpointing_steps": at_least_1,
+        "validation_steps": at_least_1,
+        "checkpoints_total_limit": at_least_1,
+        "num_inference_steps": at_least_1,
+        "lr_warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+        "dataloader_num_workers": (lambda v: v >= 0, "an integer >= 0"),
+        "max_grad_norm": (lambda v: v >= 0, "a number >= 0"),
+        "adam_weight_decay": (lambda v: v >= 0, "a number >= 0"),
+        "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
+        "ema_power": (lambda v: v > 0, "a number > 0"),
+        "cond_dropout_prob": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "snr_gamma": (lambda v: v >= 0, "a number >= 0"),
+        "guidance_scale": (lambda v: v >= 0, "a number >= 0"),
+        "validation_guidance_scales": (lambda v: v >= 0, "numbers >= 0"),
+    }
+    for name, (valid, wanted) in rules.items():
+        value = getattr(args, name, None)  # a flag this script does not have is skipped
+        if value is not None and not all(map(valid, value if isinstance(value, list) else [value])):
+            fail(f"--{name} {value}: must be {wanted}")
+    out = Path(args.output_dir)
+    if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
+        fail(f"--output_dir {out}: is a file or lies under one; pass a folder")
+    resume, script = args.resume_from_checkpoint, Path(__file__).name
+    if resume not in (None, "latest"):
+        try:
+            written_by = json.loads((Path(resume) / "training_state.json").read_text()).get("script")
+        except (OSError, ValueError):
+            fail(f"--resume_from_checkpoint {resume}: not a readable checkpoint folder; pass checkpoint-N or latest")
+        if written_by != script:
+            fail(f"--resume_from_checkpoint {resume}: written by {written_by}, not {script}; pass a checkpoint of it")
+
+
 def check_args(args):
     """Cheap checks of the flags, before any data or model is loaded."""
+    check_shared_flags(args)
     if args.sample_from:
         if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
             fail(
@@ -265,26 +313,22 @@ def check_args(args):
         for flag in ("train_data_dir", "precomputed_data_dir"):
             if getattr(args, flag) and not Path(getattr(args, flag)).is_dir():
                 fail(f"--{flag} {getattr(args, flag)}: no such folder")
+        name = args.dataset_name or "mnist"
+        if name != "mnist" and name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+            fail(f"--dataset_name {name}: no such local dataset; pass a hub id or an existing folder")
         if args.precomputed_data_dir and not (Path(args.precomputed_data_dir) / "index.json").is_file():
             fail(f"--precomputed_data_dir {args.precomputed_data_dir}: no index.json; run prepare_data_multi_gpu.py")
     _, hidden, heads, _ = model_shape(args)
     if hidden % heads:
         fail(f"--hidden_size {hidden} is not divisible by --num_heads {heads}")
-    if args.max_samples is not None and args.max_samples < 1:
-        fail(f"--max_samples {args.max_samples}: must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    if not 0.0 <= args.cond_dropout_prob < 1.0:
-        fail(f"--cond_dropout_prob {args.cond_dropout_prob}: must be in [0, 1)")
     interval = args.guidance_interval or [0, 1]
     if len(interval) != 2 or not 0 <= interval[0] < interval[1] <= 1:
         fail(f"--guidance_interval {args.guidance_interval}: give LO,HI with 0 <= LO < HI <= 1")
     if args.flow_shift <= 0:
         fail(f"--flow_shift {args.flow_shift}: must be positive")
     args.report_to = installed_trackers(args.report_to)
-    if args.resume_from_checkpoint not in (None, "latest"):
-        if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
-            fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
 
 
 # Copied from train_mnist.installed_trackers
@@ -492,7 +536,10 @@ def build_dataset(args, channels, index):
     if args.train_data_dir:
         table = load_dataset("imagefolder", data_dir=args.train_data_dir, split="train")
     else:
-        table = load_dataset(args.dataset_name, args.dataset_config_name, split="train")
+        try:
+            table = load_dataset(args.dataset_name, args.dataset_config_name, split="train")
+        except (FileNotFoundError, ConnectionError, ValueError) as e:  # datasets' not-found errors are among these
+            fail(f"--dataset_name {args.dataset_name}: cannot be loaded ({type(e).__name__}); pass a hub id or folder")
     column = "caption_column" if args.conditioning == "text" else "label_column"
     for flag in ("image_column", column):
         if getattr(args, flag) not in table.column_names:
@@ -1358,12 +1405,6 @@ def main(args):
         torch.backends.cudnn.allow_tf32 = True
     if args.sample_from:
         return generate_from_export(args, accelerator)
-    if accelerator.is_main_process:
-        claim_output_dir(args)
-    stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
-    set_seed(args.seed)  # the same initial weights on every process
-    output_dir = Path(args.output_dir)
-    resume_path = find_checkpoint(accelerator, args)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
@@ -1396,8 +1437,6 @@ def main(args):
     patch = model_shape(args)[3]
     if resolution % (factor * patch):
         fail(f"--resolution {resolution}: must be divisible by the patch size x the VAE factor = {patch} x {factor}")
-    if accelerator.is_main_process:
-        write_run_config(args, accelerator)
 
     # Data
     dataset = build_dataset(args, image_channels, index)
@@ -1412,6 +1451,15 @@ def main(args):
         if found is not None and args.num_classes not in (None, found):
             fail(f"--num_classes {args.num_classes}: the data has {found} classes; drop the flag or fix it")
         num_classes = found or args.num_classes
+    # Every check of the data is done: only now is the output folder claimed, so a bad input changes nothing there
+    if accelerator.is_main_process:
+        claim_output_dir(args)
+        write_run_config(args, accelerator)
+    stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
+    set_seed(args.seed)  # the same initial weights on every process
+    output_dir = Path(args.output_dir)
+    resume_path = find_checkpoint(accelerator, args)
+
     train_dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,

@@ -230,8 +230,56 @@ def underscore_flag(arg):
     return "--" + negation + name[len(negation) :].replace("-", "_") + eq + value
 
 
+# Copied from train_mnist.check_shared_flags
+def check_shared_flags(args):
+    """Checks of the flags every trainer has: numbers in range, a --resume_from_checkpoint of this script."""
+    at_least_1 = (lambda v: v >= 1, "an integer >= 1")
+    rules = {
+        "learning_rate": (lambda v: v > 0, "a number > 0"),
+        "train_batch_size": at_least_1,
+        "eval_batch_size": at_least_1,
+        "num_train_epochs": at_least_1,
+        "max_train_steps": at_least_1,
+        "gradient_accumulation_steps": at_least_1,
+        "max_samples": at_least_1,
+        "logging_steps": at_least_1,
+        "checkpointing_steps": at_least_1,
+        "validation_steps": at_least_1,
+        "checkpoints_total_limit": at_least_1,
+        "num_inference_steps": at_least_1,
+        "lr_warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+        "dataloader_num_workers": (lambda v: v >= 0, "an integer >= 0"),
+        "max_grad_norm": (lambda v: v >= 0, "a number >= 0"),
+        "adam_weight_decay": (lambda v: v >= 0, "a number >= 0"),
+        "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
+        "ema_power": (lambda v: v > 0, "a number > 0"),
+        "cond_dropout_prob": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "snr_gamma": (lambda v: v >= 0, "a number >= 0"),
+        "guidance_scale": (lambda v: v >= 0, "a number >= 0"),
+        "validation_guidance_scales": (lambda v: v >= 0, "numbers >= 0"),
+    }
+    for name, (valid, wanted) in rules.items():
+        value = getattr(args, name, None)  # a flag this script does not have is skipped
+        if value is not None and not all(map(valid, value if isinstance(value, list) else [value])):
+            fail(f"--{name} {value}: must be {wanted}")
+    out = Path(args.output_dir)
+    if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
+        fail(f"--output_dir {out}: is a file or lies under one; pass a folder")
+    resume, script = args.resume_from_checkpoint, Path(__file__).name
+    if resume not in (None, "latest"):
+        try:
+            written_by = json.loads((Path(resume) / "training_state.json").read_text()).get("script")
+        except (OSError, ValueError):
+            fail(f"--resume_from_checkpoint {resume}: not a readable checkpoint folder; pass checkpoint-N or latest")
+        if written_by != script:
+            fail(f"--resume_from_checkpoint {resume}: written by {written_by}, not {script}; pass a checkpoint of it")
+
+
 def check_args(args):
     """Cheap checks of the flags and paths, before any dataset or model is loaded."""
+    check_shared_flags(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
     args.report_to = installed_trackers(args.report_to)
@@ -248,6 +296,8 @@ def check_args(args):
     args.pretrained_model_name_or_path = args.pretrained_model_name_or_path or DEFAULT_MODEL
     if args.train_data_dir and not Path(args.train_data_dir).is_dir():
         fail(f"--train_data_dir {args.train_data_dir}: no such folder")
+    if args.train_data_dir and not any(p.is_file() for p in Path(args.train_data_dir).rglob("*")):
+        fail(f"--train_data_dir {args.train_data_dir}: the folder is empty; pass a folder of images + metadata.jsonl")
     if args.precomputed_data_dir and not (Path(args.precomputed_data_dir) / "index.json").is_file():
         fail(
             f"--precomputed_data_dir {args.precomputed_data_dir}: no index.json; write it with "
@@ -257,15 +307,13 @@ def check_args(args):
         fail("--streaming: needs --dataset_name and --max_train_steps (a stream has no known length)")
     if args.resolution % 8:
         fail(f"--resolution {args.resolution}: must be divisible by 8 (the VAE's downsampling)")
-    for flag in ("max_samples", "validation_epochs", "validation_steps", "ema_update_every"):
+    for flag in ("validation_epochs", "ema_update_every"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if args.validation_epochs is not None and args.validation_steps is not None:
         fail("--validation_epochs and --validation_steps: give one of them")
     if args.validation_steps is None and args.validation_epochs is None:
         args.validation_epochs = 5
-    if not 0.0 <= args.cond_dropout_prob < 1.0:
-        fail(f"--cond_dropout_prob {args.cond_dropout_prob}: must be in [0, 1)")
     if args.unet_from_scratch and args.unet_config not in UNET_PRESETS and not Path(args.unet_config).is_file():
         fail(f"--unet_config {args.unet_config}: neither a JSON file nor one of {', '.join(UNET_PRESETS)}")
     for flag, package in (
@@ -274,9 +322,6 @@ def check_args(args):
     ):
         if getattr(args, flag) and not importlib.util.find_spec(package):
             fail(f"--{flag}: {package} is not installed (pip install {package})")
-    if args.resume_from_checkpoint not in (None, "latest"):
-        if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
-            fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
 
 
 # Copied from train_mnist.installed_trackers
@@ -1407,12 +1452,6 @@ def main(args):
         torch.backends.cudnn.allow_tf32 = True
     if args.sample_from:
         return generate_from_export(args, accelerator)
-    if accelerator.is_main_process:
-        claim_output_dir(args)
-    stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
-    set_seed(args.seed)  # same initial weights on every process
-    output_dir = Path(args.output_dir)
-    resume_path = find_checkpoint(accelerator, args)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # Frozen VAE and text encoder (in the weight dtype), noise schedule; the shards decide resolution and text length
@@ -1463,6 +1502,14 @@ def main(args):
             tokens = tokenizer([""], padding="max_length", max_length=max_length, return_tensors="pt")
             mask = tokens.attention_mask.to(accelerator.device) if text_uses_mask(text_encoder) else None
             empty_states = text_encoder(tokens.input_ids.to(accelerator.device), attention_mask=mask)[0].float()
+
+    # The data and the frozen models loaded: only now is the folder claimed, so a bad input changes nothing there.
+    if accelerator.is_main_process:
+        claim_output_dir(args)
+    stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
+    set_seed(args.seed)  # same initial weights on every process
+    output_dir = Path(args.output_dir)
+    resume_path = find_checkpoint(accelerator, args)
 
     # UNet, EMA
     unet = build_unet(args, vae.config.latent_channels, args.resolution // factor, hidden)

@@ -175,10 +175,55 @@ def underscore_flag(arg):
     return "--" + negation + name[len(negation) :].replace("-", "_") + eq + value
 
 
+def check_shared_flags(args):
+    """Checks of the flags every trainer has: numbers in range, a --resume_from_checkpoint of this script."""
+    at_least_1 = (lambda v: v >= 1, "an integer >= 1")
+    rules = {
+        "learning_rate": (lambda v: v > 0, "a number > 0"),
+        "train_batch_size": at_least_1,
+        "eval_batch_size": at_least_1,
+        "num_train_epochs": at_least_1,
+        "max_train_steps": at_least_1,
+        "gradient_accumulation_steps": at_least_1,
+        "max_samples": at_least_1,
+        "logging_steps": at_least_1,
+        "checkpointing_steps": at_least_1,
+        "validation_steps": at_least_1,
+        "checkpoints_total_limit": at_least_1,
+        "num_inference_steps": at_least_1,
+        "lr_warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+        "dataloader_num_workers": (lambda v: v >= 0, "an integer >= 0"),
+        "max_grad_norm": (lambda v: v >= 0, "a number >= 0"),
+        "adam_weight_decay": (lambda v: v >= 0, "a number >= 0"),
+        "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
+        "ema_power": (lambda v: v > 0, "a number > 0"),
+        "cond_dropout_prob": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "snr_gamma": (lambda v: v >= 0, "a number >= 0"),
+        "guidance_scale": (lambda v: v >= 0, "a number >= 0"),
+        "validation_guidance_scales": (lambda v: v >= 0, "numbers >= 0"),
+    }
+    for name, (valid, wanted) in rules.items():
+        value = getattr(args, name, None)  # a flag this script does not have is skipped
+        if value is not None and not all(map(valid, value if isinstance(value, list) else [value])):
+            fail(f"--{name} {value}: must be {wanted}")
+    out = Path(args.output_dir)
+    if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
+        fail(f"--output_dir {out}: is a file or lies under one; pass a folder")
+    resume, script = args.resume_from_checkpoint, Path(__file__).name
+    if resume not in (None, "latest"):
+        try:
+            written_by = json.loads((Path(resume) / "training_state.json").read_text()).get("script")
+        except (OSError, ValueError):
+            fail(f"--resume_from_checkpoint {resume}: not a readable checkpoint folder; pass checkpoint-N or latest")
+        if written_by != script:
+            fail(f"--resume_from_checkpoint {resume}: written by {written_by}, not {script}; pass a checkpoint of it")
+
+
 def check_args(args):
     """Cheap checks of the flags, before any data or model is loaded."""
-    if args.max_samples is not None and args.max_samples < 1:
-        fail(f"--max_samples {args.max_samples}: must be at least 1")
+    check_shared_flags(args)
     if "{}" not in args.caption_template:
         fail(f"--caption_template {args.caption_template!r}: must contain {{}} where the digit goes")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -199,9 +244,6 @@ def check_args(args):
         except ImportError:
             fail("--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers)")
     args.report_to = installed_trackers(args.report_to)
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
-            fail(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script")
 
 
 # Copied from train_mnist.installed_trackers
@@ -813,15 +855,6 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.sample_from:
         return generate_from_export(args, accelerator)
-    if accelerator.is_main_process:
-        claim_output_dir(args)
-    stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
-    set_seed(args.seed)  # the same initial weights on every process
-    output_dir = Path(args.output_dir)
-    resume_path = find_checkpoint(accelerator, args)
-    if accelerator.is_main_process:
-        write_run_config(args, accelerator)
-
     dataset = build_dataset(args)
     train_dataloader = torch.utils.data.DataLoader(
         dataset,
@@ -838,6 +871,14 @@ def main(args):
         args.tokenizer_max_length,
         accelerator.device,
     )
+    # The data and the frozen encoder loaded: only now is the folder claimed, so a bad input changes nothing there.
+    if accelerator.is_main_process:
+        claim_output_dir(args)
+        write_run_config(args, accelerator)
+    stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
+    set_seed(args.seed)  # the same initial weights on every process
+    output_dir = Path(args.output_dir)
+    resume_path = find_checkpoint(accelerator, args)
 
     unet = build_unet(args, cross_attention_dim=prompts[0].shape[-1])
     if args.gradient_checkpointing:

@@ -199,6 +199,45 @@ def tiny_vae(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory, tiny_clip, tiny_vae):
+    """A StableDiffusionPipeline folder: tiny CLIP text encoder (16 tokens), tiny VAE, tiny UNet, DDPM schedule."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_clip)
+    tokenizer.model_max_length = 16
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+    )
+    StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(tiny_vae),
+        text_encoder=CLIPTextModel.from_pretrained(tiny_clip),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(path)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tiny datasets
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,6 +288,39 @@ def tiny_imagefolder(tmp_path_factory):
             Image.fromarray(pixels).save(root / f"{i:03d}.png")
             f.write(json.dumps({"file_name": f"{i:03d}.png", "text": f"a {color} {shape}"}) + "\n")
     return root
+
+
+# The five trainers, and the tiny valid run of each that table-driven tests start from.
+MNIST, LDM, DIT, DISCRETE, CONTINUOUS = (
+    "train_mnist.py",
+    "train_ldm_sd.py",
+    "train_dit.py",
+    "train_image_discrete.py",
+    "train_image_continuous.py",
+)
+MMDIT_TINY = ["--dim_image", "32", "--depth", "1", "--num_heads", "2", "--tokenizer_max_length", "8", "--device", "cpu"]
+
+
+def tiny_run_args(script, fx, out):
+    """A tiny valid run of `script` into `out` (`fx`: the `tiny_fixtures` fixture); tests change one thing of it."""
+    if script == MNIST:
+        data = ["--data_root", fx["mnist"], "--text_encoder_name_or_path", fx["clip"], "--block_out_channels", "16,32"]
+        data += ["--cross_attention_levels", "1", "--attention_head_dim", "8"]
+    elif script == LDM:
+        data = ["--pretrained_model_name_or_path", fx["sd"], "--train_data_dir", fx["folder"], "--resolution", "32"]
+        data += ["--report_to", "none", "--lr_warmup_steps", "0"]
+    elif script == DIT:
+        data = ["--dataset_name", "mnist", "--data_root", fx["mnist"], "--vae_name_or_path", "none"]
+        data += ["--resolution", "32", "--model", "DiT-S/4", "--depth", "2", "--hidden_size", "32", "--num_heads", "2"]
+    else:
+        data = ["--data_root", fx["mnist"], "--dim_text", "32", *MMDIT_TINY]
+        data += ["--tokenizer" if script == DISCRETE else "--text_encoder_name_or_path", fx["bert"]]
+    return [*data, "--output_dir", out, "--train_batch_size", "4", "--max_train_steps", "1"]
+
+
+@pytest.fixture
+def tiny_fixtures(tiny_mnist, tiny_clip, tiny_sd, tiny_imagefolder, tiny_bert):
+    return {"mnist": tiny_mnist, "clip": tiny_clip, "sd": tiny_sd, "folder": tiny_imagefolder, "bert": tiny_bert}
 
 
 def one_error(stderr, *words):

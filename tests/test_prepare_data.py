@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, run_script
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_train_ldm_sd import FAST, tiny_sd  # noqa: F401  (the tiny Stable Diffusion folder fixture)
+from test_train_ldm_sd import FAST
 
 SCRIPT = "prepare_data_multi_gpu.py"
 
