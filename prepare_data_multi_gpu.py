@@ -286,13 +286,21 @@ def open_captions_json(args):
     return Source("coco_json", str(path), len(entries[: args.max_samples]), None, get_slice)
 
 
+# Copied from train_ldm_sd.decode_image
 def decode_image(raw, mode):
-    """A PIL image from a PIL image or a datasets {"path", "bytes"} dict; None when unreadable."""
+    """A PIL image in `mode` from a datasets {"path", "bytes"} dict, a PIL image or a path; None when unreadable.
+    16-bit images are scaled to 8 bits and transparent pixels become white (convert() would clip the one and
+    blacken the other); CMYK and palette images are converted."""
     try:
         if isinstance(raw, dict):
-            raw = Image.open(io.BytesIO(raw["bytes"]) if raw["bytes"] else raw["path"])
-        raw.load()
-        return raw.convert(mode)
+            raw = io.BytesIO(raw["bytes"]) if raw.get("bytes") else raw["path"]
+        image = raw if isinstance(raw, Image.Image) else Image.open(raw)
+        image.load()
+        if image.mode.startswith("I"):  # 16-bit grey: 0..65535 to 0..255
+            image = image.convert("I").point(lambda v: v / 257)
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+        return image.convert(mode)
     except Exception:  # truncated, not an image, missing file: skipped and counted
         return None
 
@@ -316,17 +324,16 @@ def image_transform(args):
 
 
 def finished(out, s, a, b):
-    """Whether shard s is on disk, readable, and holds exactly the examples [a, b) (rows plus skipped images)."""
+    """Whether shard s is on disk, readable, and holds examples of [a, b) only (the others were unreadable)."""
     path = out / f"shard-{s:05d}.safetensors"
     if not path.is_file():
         return False
     try:
         with safe_open(str(path), framework="pt") as f:
-            skipped = int((f.metadata() or {}).get("num_skipped", 0))
             index = f.get_tensor("index").tolist() if "index" in f.keys() else []
     except Exception:  # truncated or not safetensors: encoded again
         return False
-    return len(index) + skipped == b - a and all(a <= i < b for i in index)
+    return len(index) <= b - a and all(a <= i < b for i in index)
 
 
 def my_shards(source, args, rank, world, out):
@@ -534,10 +541,10 @@ def write_index(out_dir, source, vae_info, text_encoders, args, settings):
     by a longer source) are removed."""
     shard_files = [out_dir / f"shard-{s:05d}.safetensors" for s in range(math.ceil(source.length / args.shard_size))]
     shards, skipped, tensors = [], 0, {}
-    for path in shard_files:
+    for s, path in enumerate(shard_files):
         with safe_open(str(path), framework="pt") as f:
             n = f.get_slice("index").get_shape()[0] if "index" in f.keys() else 0
-            skipped += int((f.metadata() or {}).get("num_skipped", 0))
+            skipped += min(args.shard_size, source.length - s * args.shard_size) - n  # the unreadable images
             if n and not tensors:  # the shapes and dtypes of one example
                 for key in f.keys():
                     first = f.get_slice(key)[:1]
@@ -610,7 +617,8 @@ def main(args):
     for shard, rows in my_shards(source, args, rank, world, out_dir):
         tensors, captions, n_skipped = encode_shard(rows, vae, text_encoders, args)
         tmp = out_dir / f"shard-{shard:05d}.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"captions": json.dumps(captions), "num_skipped": str(n_skipped)})
+        # One metadata key: safetensors writes several in a random order, and a re-run must write the same bytes.
+        save_file(tensors, str(tmp), metadata={"captions": json.dumps(captions)})
         os.replace(tmp, tmp.with_suffix(""))  # atomic: an existing shard is always complete
         encoded += len(captions)
         skipped += n_skipped

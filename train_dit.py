@@ -14,6 +14,7 @@ import atexit
 import errno
 import functools
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -45,6 +46,7 @@ from diffusers import (
 )
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling, compute_snr
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -387,6 +389,25 @@ class MNISTDataset(torch.utils.data.Dataset):
         return {"pixels": self.images[i], "label": label, "caption": self.template.format(label)}
 
 
+# Copied from train_ldm_sd.decode_image
+def decode_image(raw, mode):
+    """A PIL image in `mode` from a datasets {"path", "bytes"} dict, a PIL image or a path; None when unreadable.
+    16-bit images are scaled to 8 bits and transparent pixels become white (convert() would clip the one and
+    blacken the other); CMYK and palette images are converted."""
+    try:
+        if isinstance(raw, dict):
+            raw = io.BytesIO(raw["bytes"]) if raw.get("bytes") else raw["path"]
+        image = raw if isinstance(raw, Image.Image) else Image.open(raw)
+        image.load()
+        if image.mode.startswith("I"):  # 16-bit grey: 0..65535 to 0..255
+            image = image.convert("I").point(lambda v: v / 257)
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+        return image.convert(mode)
+    except Exception:  # truncated, not an image, missing file: skipped and counted
+        return None
+
+
 class HFImageDataset(torch.utils.data.Dataset):
     """A datasets table (hub, local or imagefolder): images resized, center-cropped, in [-1, 1].
 
@@ -396,9 +417,9 @@ class HFImageDataset(torch.utils.data.Dataset):
     max_unreadable_in_a_row = 64
 
     def __init__(self, table, args, channels):
-        from datasets import Image
+        import datasets
 
-        self.table = table.cast_column(args.image_column, Image(decode=False))
+        self.table = table.cast_column(args.image_column, datasets.Image(decode=False))
         self.args, self.channels = args, channels
         self.label_names = getattr(table.features.get(args.label_column), "names", None)
         interpolation = torchvision.transforms.InterpolationMode[args.image_interpolation_mode.upper()]
@@ -423,17 +444,11 @@ class HFImageDataset(torch.utils.data.Dataset):
 
     def read(self, i):
         """Example i, or None when its image cannot be decoded."""
-        import io
-
-        from PIL import Image, UnidentifiedImageError
-
         row = self.table[i]
-        image = row[self.args.image_column]
-        try:
-            image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
-            pixels = self.transform(image.convert("RGB" if self.channels == 3 else "L"))
-        except (OSError, UnidentifiedImageError, ValueError):
+        image = decode_image(row[self.args.image_column], "RGB" if self.channels == 3 else "L")
+        if image is None:
             return None
+        pixels = self.transform(image)
         label = int(row[self.args.label_column]) if self.args.label_column in row else -1
         return {"pixels": pixels, "label": label, "caption": str(row.get(self.args.caption_column) or "")}
 

@@ -352,12 +352,18 @@ def check_accelerator(accelerator):
 
 # ---- Data ----
 def decode_image(raw, mode):
-    """PIL image from a datasets {"path", "bytes"} dict, a PIL image or a path; None when unreadable."""
+    """A PIL image in `mode` from a datasets {"path", "bytes"} dict, a PIL image or a path; None when unreadable.
+    16-bit images are scaled to 8 bits and transparent pixels become white (convert() would clip the one and
+    blacken the other); CMYK and palette images are converted."""
     try:
         if isinstance(raw, dict):
             raw = io.BytesIO(raw["bytes"]) if raw.get("bytes") else raw["path"]
         image = raw if isinstance(raw, Image.Image) else Image.open(raw)
         image.load()
+        if image.mode.startswith("I"):  # 16-bit grey: 0..65535 to 0..255
+            image = image.convert("I").point(lambda v: v / 257)
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
         return image.convert(mode)
     except Exception:  # truncated, not an image, missing file: skipped and counted
         return None
@@ -606,10 +612,9 @@ def build_dataset(args, tokenizer, max_length, vae_channels, index):
         return dataset, dataset.captions(4)
     ds = load_hf_dataset(args)
     make = ImageCaptions(args, tokenizer, max_length, "L" if vae_channels == 1 else "RGB")
-    if args.streaming:
-        return StreamingImageCaptionDataset(ds, make), [str(r[args.caption_column]) for r in ds.take(4)]
-    first = ds[:4][args.caption_column]
-    return ImageCaptionDataset(ds, make), [c[0] if isinstance(c, list) else str(c) for c in first]
+    first = [r[args.caption_column] for r in ds.take(4)] if args.streaming else ds[:4][args.caption_column]
+    first = [(c[0] if c else "") if isinstance(c, list) else str(c or "") for c in first]  # several, or none
+    return (StreamingImageCaptionDataset if args.streaming else ImageCaptionDataset)(ds, make), first
 
 
 # ---- Models ----

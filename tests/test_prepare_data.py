@@ -351,3 +351,47 @@ def test_bad_input_is_one_line_exit_2(case, script, tiny_vae, tiny_clip, tiny_im
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert exit_info.value.code == 2 and len(errors) == 1 and flag in errors[0], stderr[-2000:]
     assert "Traceback" not in stderr
+
+
+def test_kill_9_mid_run_then_rerun_gives_the_shards_of_an_uninterrupted_run(tiny_sd, tiny_imagefolder, tmp_path):
+    """SIGKILL (no handler runs) once the first shards are on disk; the re-run keeps them, redoes the rest, and every
+    shard and index.json equal those of a run that was never interrupted, byte for byte."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import OFFLINE_ENV
+
+    def args(out):
+        return [
+            "--pretrained_model_name_or_path",
+            tiny_sd,
+            "--train_data_dir",
+            tiny_imagefolder,
+            "--resolution",
+            "32",
+            "--shard_size",
+            "2",
+            "--batch_size",
+            "1",
+            "--output_dir",
+            out,
+        ]
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_script(SCRIPT, *args(straight))
+    cmd = [sys.executable, str(REPO / SCRIPT), *map(str, args(killed))]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "shard-00001.safetensors").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not (killed / "index.json").exists()  # killed mid-run
+    run_script(SCRIPT, *args(killed))
+    files = sorted(p.name for p in straight.iterdir())
+    assert sorted(p.name for p in killed.iterdir()) == files and "shard-00005.safetensors" in files
+    for name in files:
+        if name.endswith(".safetensors") or name == "index.json":
+            assert (killed / name).read_bytes() == (straight / name).read_bytes(), name
