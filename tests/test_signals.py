@@ -44,9 +44,13 @@ def test_signal_checkpoints_and_exits_zero(script, tiny_fixtures, tmp_path):
     assert not (out / "manifest.json").exists()  # pre-empted: no export, only the checkpoint to resume from
     assert not list(out.glob(".checkpoint-*"))
     assert not (out / "run.lock").exists()
-    # The pre-empted run continues from its checkpoint to the end.
-    run_script(script, *args, "--max_train_steps", str(step + 1), "--resume_from_checkpoint", "latest")
+    # The pre-empted run continues to the end, with flags that combine badly if anything does: validation at every
+    # step, before the first logged step; a checkpoint at every step, one kept.
+    resume = ["--resume_from_checkpoint", "latest", "--max_train_steps", str(step + 2), "--validation_steps", "1"]
+    resume += ["--logging_steps", "3", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1"]
+    run_script(script, *args, *resume)
     assert (out / "manifest.json").is_file()  # the export's commit point
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{step + 2}"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
