@@ -191,11 +191,34 @@ def parse_args(argv=None):
         help="Captions from embeddings: nearest training caption, or the encoder's masked-LM head.",
     )
     g.add_argument("--max_retrieval_captions", type=int, default=20000, help="Captions retrieval chooses from.")
-    g.add_argument("--num_eval_samples", type=int, default=0, help="MNIST: N prompts' images to eval_samples.npz.")
-    g.add_argument("--num_eval_captions", type=int, default=0, help="MNIST: N test images' captions.jsonl.")
-    g.add_argument("--num_eval_joint", type=int, default=0, help="MNIST: N joint samples to eval_joint.npz.")
-    g.add_argument("--eval_batch_size", type=int, default=250)
-    g.add_argument("--sample_from", default=None, help="Only generate, from an export or a checkpoint-N folder.")
+    g.add_argument(
+        "--sample_from",
+        default=None,
+        help="Only generate, from an export or a checkpoint-N folder: the validation grid and the files below.",
+    )
+    g.add_argument(
+        "--prompts_file",
+        default=None,
+        help="With --sample_from: a UTF-8 text file, one prompt per line; text-to-image to prompt_samples.npz.",
+    )
+    g.add_argument(
+        "--images_file",
+        default=None,
+        help="With --sample_from: an .npz whose `images` are uint8 [N, H, W] or [N, H, W, C] at the training size; "
+        "image-to-text to captions.jsonl.",
+    )
+    g.add_argument(
+        "--num_joint_samples",
+        type=int,
+        default=0,
+        help="With --sample_from: N (image, caption) pairs generated together, to joint_samples.npz.",
+    )
+    g.add_argument(
+        "--eval_batch_size",
+        type=int,
+        default=250,
+        help="Batch size of --prompts_file, --images_file and --num_joint_samples.",
+    )
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=50)
@@ -273,6 +296,11 @@ def check_shared_flags(args):
 def check_args(args):
     """Cheap checks of the flags, before any dataset or model is loaded."""
     check_shared_flags(args)
+    for name in ("prompts_file", "images_file", "num_joint_samples"):
+        if getattr(args, name) and not args.sample_from:
+            fail(f"--{name} {getattr(args, name)}: only with --sample_from; pass a finished run's output_dir there")
+    if args.num_joint_samples < 0:
+        fail(f"--num_joint_samples {args.num_joint_samples}: must be 0 (none) or more")
     if args.sample_from:
         if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
             fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG}; pass a run's output_dir or checkpoint-N")
@@ -1183,51 +1211,77 @@ def plot_loss(metrics_path, out_path):
     plt.close(fig)
 
 
-# Copied from train_image_discrete.write_eval_outputs
-def write_eval_outputs(model, ctx, args, output_dir):
-    """MNIST benchmark files: eval_samples.npz (text-to-image, balanced digits), captions.jsonl (image-to-text on
-    the test images) and eval_joint.npz (joint pairs); returns the seconds each took."""
-    summary, steps = {}, args.num_inference_steps
-    if ctx.kind != "pixels" and (args.num_eval_samples or args.num_eval_captions or args.num_eval_joint):
-        print("warning: --num_eval_samples/captions/joint: MNIST in pixel space only; skipped", file=sys.stderr)
-        return summary
-    if args.num_eval_samples:
-        start, labels, chunks = time.perf_counter(), torch.arange(args.num_eval_samples) % 10, []
-        for i, batch in enumerate(labels.split(args.eval_batch_size)):
-            prompts = [mnist_caption(ctx.caption_template, d) for d in batch]
-            chunks.append(generate_images(model, ctx, prompts, args.guidance_scale, args.seed + 1 + i, steps)[:, 0])
-        summary["sample_seconds"] = time.perf_counter() - start
-        np.savez_compressed(
-            output_dir / "eval_samples.npz",
-            images=torch.cat(chunks).numpy(),
-            labels=labels.numpy(),
-            guidance_scale=args.guidance_scale,
-            num_inference_steps=steps,
-            sample_seconds=summary["sample_seconds"],
-        )
-    if args.num_eval_captions:
-        images, digits = load_mnist(Path(args.data_root), train=False)
-        indices, start = torch.arange(min(args.num_eval_captions, len(images))), time.perf_counter()
-        with (output_dir / "captions.jsonl").open("w") as f:
-            for i, batch in enumerate(indices.split(args.eval_batch_size)):
-                captions = generate_captions(model, ctx, images[batch].float().div(127.5).sub(1.0), args.seed + i)
-                for index, caption in zip(batch.tolist(), captions, strict=True):
-                    f.write(json.dumps({"index": index, "digit": int(digits[index]), "caption": caption}) + "\n")
-        summary["caption_seconds"] = time.perf_counter() - start
-    if args.num_eval_joint:
-        start, images, captions = time.perf_counter(), [], []
-        for i, batch in enumerate(torch.arange(args.num_eval_joint).split(args.eval_batch_size)):
-            x, text = generate_joint(model, ctx, len(batch), args.guidance_scale, args.seed + 1000 + i, steps)
-            images.append(x[:, 0])
-            captions += text
-        summary["joint_seconds"] = time.perf_counter() - start
-        np.savez_compressed(
-            output_dir / "eval_joint.npz",
-            images=torch.cat(images).numpy(),
-            captions=np.array(captions),
-            num_inference_steps=steps,
-        )
-    return summary
+# Copied from train_image_discrete.read_sampling_inputs
+def read_sampling_inputs(args, config, vae):
+    """--prompts_file (one prompt per line, blank lines skipped) and --images_file (an .npz `images`), checked
+    against the export before the MMDiT loads; returns the prompts and the images as uint8 [N, C, H, W], or None."""
+    prompts, images = None, None
+    for flag, path in (("--prompts_file", args.prompts_file), ("--images_file", args.images_file)):
+        if path and not Path(path).is_file():
+            fail(f"{flag} {path}: no such file")
+    if args.prompts_file:
+        try:
+            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"--prompts_file {args.prompts_file}: cannot read it ({type(e).__name__}); pass UTF-8 text")
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            fail(f"--prompts_file {args.prompts_file}: no prompt in it; write one prompt per line")
+    if args.images_file:
+        path, save = args.images_file, "save one with numpy.savez(path, images=...)"
+        try:
+            npz = np.load(path)
+            images = npz["images"] if isinstance(npz, np.lib.npyio.NpzFile) and "images" in npz.files else None
+        except (OSError, ValueError) as e:
+            fail(f"--images_file {path}: not a readable .npz ({type(e).__name__}); {save}")
+        if images is None:
+            fail(f"--images_file {path}: no `images` array in it; {save}")
+        c, h, w = config["shape"]
+        if vae is not None:  # a latent model takes images of the size its VAE decodes to
+            factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            c, h, w = vae.config.in_channels, h * factor, w * factor
+        channels_ok = images.shape[3:] in ((), (1,), (c,))  # [N, H, W], or [N, H, W, C] with 1 or c channels
+        if images.dtype != np.uint8 or not images.size or images.shape[1:3] != (h, w) or not channels_ok:
+            wanted = f"uint8 [N, {h}, {w}]" + (f" or [N, {h}, {w}, {c}]" if c > 1 else "") + ", N >= 1"
+            fail(f"--images_file {path}: `images` is {images.dtype} {list(images.shape)}; pass {wanted}")
+        images = torch.from_numpy(images.reshape(len(images), h, w, -1)).permute(0, 3, 1, 2).expand(-1, c, -1, -1)
+    return prompts, images
+
+
+# Copied from train_image_discrete.write_samples
+def write_samples(model, ctx, args, prompts, images):
+    """In --output_dir: prompt_samples.npz (text-to-image: images, prompts), captions.jsonl (image-to-text: index,
+    caption) and joint_samples.npz (images, captions); images uint8 [N, H, W], or [N, H, W, C] for several channels.
+    --eval_batch_size at a time, batch i seeded with --seed + i (+ 1 for prompts, + 1000 for joint samples)."""
+    output_dir, size, steps = Path(args.output_dir), args.eval_batch_size, args.num_inference_steps
+    if prompts:
+        batches = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+        x = [
+            generate_images(model, ctx, b, args.guidance_scale, args.seed + 1 + i, steps) for i, b in enumerate(batches)
+        ]
+        x = torch.cat(x).permute(0, 2, 3, 1).squeeze(-1).numpy()
+        np.savez_compressed(output_dir / "prompt_samples.npz", images=x, prompts=np.array(prompts))
+        print(f"wrote {len(x)} images to {output_dir / 'prompt_samples.npz'}")
+    if images is not None:
+        with (output_dir / "captions.jsonl").open("w", encoding="utf-8") as f:
+            for i, batch in enumerate(images.split(size)):
+                x0 = batch.float().div(127.5).sub(1.0)  # the model's space: pixels in [-1, 1], or scaled latents
+                if ctx.kind == "latents":
+                    x0 = (encode_images(ctx.vae, batch)[0] - ctx.scaling[1]) * ctx.scaling[0]
+                for j, caption in enumerate(generate_captions(model, ctx, x0, args.seed + i)):
+                    f.write(json.dumps({"index": i * size + j, "caption": caption}, ensure_ascii=False) + "\n")
+        print(f"wrote {len(images)} captions to {output_dir / 'captions.jsonl'}")
+    if args.num_joint_samples:
+        x, captions = [], []
+        for i, batch in enumerate(torch.arange(args.num_joint_samples).split(size)):
+            batch_images, batch_captions = generate_joint(
+                model, ctx, len(batch), args.guidance_scale, args.seed + 1000 + i, steps
+            )
+            x.append(batch_images)
+            captions += batch_captions
+        x = torch.cat(x).permute(0, 2, 3, 1).squeeze(-1).numpy()
+        np.savez_compressed(output_dir / "joint_samples.npz", images=x, captions=np.array(captions))
+        print(f"wrote {len(x)} image-caption pairs to {output_dir / 'joint_samples.npz'}")
 
 
 # ---- Checkpoints ----
@@ -1629,35 +1683,32 @@ def build_sampling(args, config, model, text_encoder, samplers, vae, table, val)
 
 
 def generate_from_export(args, accelerator):
-    """--sample_from: the validation files and the MNIST evaluation files from an export or a checkpoint."""
+    """--sample_from: the validation files, and the samples of --prompts_file, --images_file and
+    --num_joint_samples, from an export or a checkpoint."""
     export, device = Path(args.sample_from), accelerator.device
     config = json.loads((export / EXPORT_CONFIG).read_text())
     if config.get("script") != SCRIPT:
         fail(f"--sample_from {export}: exported by {config.get('script')}, not {SCRIPT}")
+    vae = load_vae(config["vae"]).to(device) if config["vae"] else None
+    prompts, images = read_sampling_inputs(args, config, vae)
     subfolder = "mmdit" if (export / "mmdit").is_dir() else "mmdit_ema"  # an export, or a checkpoint with EMA
     model = TextImageModel.from_pretrained(export, subfolder=subfolder).to(device).eval()
     text_encoder = BertTextEncoder(config["text_encoder"], config["text_prefix"], config["max_text_length"]).to(device)
     table = model.standardise(text_encoder(config["retrieval_captions"]).to(device))
-    vae = load_vae(config["vae"]).to(device) if config["vae"] else None
     args.data_root = args.data_root or config["data_root"]
     val = None, config["validation_prompts"], "no held-out images"
     if config["dataset"] == "mnist" and Path(args.data_root or "", "MNIST", "raw").is_dir():
-        images, digits = load_mnist(Path(args.data_root), train=False)
-        images, digits = images[: args.num_validation_images], digits[: args.num_validation_images]
+        test_images, digits = load_mnist(Path(args.data_root), train=False)
+        test_images, digits = test_images[: args.num_validation_images], digits[: args.num_validation_images]
         captions = [mnist_caption(config["caption_template"], d) for d in digits]
-        val = images.float().div(127.5).sub(1.0), captions, "MNIST test images"
+        val = test_images.float().div(127.5).sub(1.0), captions, "MNIST test images"
     samplers = [DPMSolverMultistepScheduler.from_pretrained(export / name) for name in ("scheduler", "text_scheduler")]
     ctx = build_sampling(args, config, model, text_encoder, samplers, vae, table, val)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         log_validation(model, ctx, args, "export")
-        if (args.num_eval_samples or args.num_eval_captions or args.num_eval_joint) and config["dataset"] != "mnist":
-            fail("--num_eval_samples/captions/joint: only for a model trained on MNIST")
-        summary = write_eval_outputs(model, ctx, args, output_dir)
-        if summary:
-            (output_dir / "sample_summary.json").write_text(json.dumps(summary, indent=2))
-            print(f"wrote evaluation outputs to {output_dir}: {summary}")
+        write_samples(model, ctx, args, prompts, images)
 
 
 def main(args):
@@ -1937,8 +1988,6 @@ def main(args):
         card = model_card(args, global_step, metrics_path)
         export_model(final_model, sampling_files, output_dir, card, output_dir / "samples" / f"step-{global_step}.png")
         summary = {"global_step": global_step, "train_seconds": train_seconds}
-        if args.dataset == "mnist":
-            summary.update(write_eval_outputs(final_model, ctx, args, output_dir))
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"done: step {global_step}, {train_seconds / 60:.1f} min of training; export in {output_dir}")
     accelerator.end_training()

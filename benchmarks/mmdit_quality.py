@@ -17,9 +17,13 @@ Usage, from the repository root::
     python benchmarks/mmdit_quality.py --script discrete --output_dir OUT --skip_training \\
         --guidance_scales 2,3,4 --text_guidance_scales 1.5,3      # sweep sampling knobs on OUT/model
 
-Writes OUT/model/ (the training run and its export), OUT/eval_samples.npz (images uint8 [N, 28, 28], labels [N]
-= prompted digit), OUT/captions.jsonl (index, digit, caption per test image), OUT/eval_joint.npz (images uint8
-[N, 28, 28], captions [N]) and <docs_dir>/mmdit_quality_<script>.json, and prints as its last line::
+After training into OUT/model/ (the run and its export), it writes the trainer's inputs, OUT/prompts.txt
+(--num_eval_samples prompts, digit i % 10 for line i, in the run's caption template) and OUT/mnist_test.npz (images
+uint8 [N, 28, 28]: the first --num_eval_captions MNIST test images), and runs the trainer's `--sample_from OUT/model
+--prompts_file ... --images_file ... --num_joint_samples N`, which writes OUT/prompt_samples.npz (images uint8
+[N, 28, 28], prompts [N]), OUT/captions.jsonl (index, caption per test image) and OUT/joint_samples.npz (images
+uint8 [N, 28, 28], captions [N]). It scores those against the digits it asked for and the test labels, writes
+<docs_dir>/mmdit_quality_<script>.json and prints as its last line::
 
     t2i_accuracy=<x> i2t_accuracy=<y> train_minutes=<m>
 
@@ -31,7 +35,6 @@ import argparse
 import importlib.util
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -40,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+PROMPTS, TEST_IMAGES = "prompts.txt", "mnist_test.npz"  # the trainer's --prompts_file and --images_file
 SCRIPTS = {"discrete": "train_image_discrete.py", "continuous": "train_image_continuous.py"}
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -54,7 +58,7 @@ COMMON = [
     "--train_batch_size",
     "32",
 ]
-SAMPLING = {"discrete": ["--text_inference_steps", "4"], "continuous": []}  # used by training and --skip_training
+SAMPLING = {"discrete": ["--text_inference_steps", "4"], "continuous": []}  # used by training and --sample_from
 RECIPES = {
     "discrete": COMMON + ["--max_train_steps", "4400"],
     "continuous": COMMON + ["--max_train_steps", "4400"],
@@ -112,7 +116,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--score_only",
         action="store_true",
-        help="Only score OUT/eval_samples.npz and OUT/captions.jsonl (or those in OUT/model).",
+        help="Only score OUT/prompt_samples.npz, OUT/captions.jsonl and OUT/joint_samples.npz as they are.",
     )
     parser.add_argument("--judge_path", default=str(REPO_ROOT / "benchmarks" / ".cache" / "mnist_judge.safetensors"))
     parser.add_argument("--docs_dir", default=str(REPO_ROOT / "benchmarks" / "output"))
@@ -148,11 +152,19 @@ def caption_digit(caption):
     return found.pop() if len(found) == 1 else None
 
 
-def caption_accuracy(path, first=None):
-    """The share of captions that name their image's digit, over the first `first` test images (default all)."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def caption_accuracy(path, labels, first=None):
+    """The share of captions that name their image's digit (labels: the test labels, by index), over the first
+    `first` test images (default all)."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = [r for r in rows if first is None or r["index"] < first]
-    return float(np.mean([caption_digit(r["caption"]) == r["digit"] for r in rows])), len(rows)
+    return float(np.mean([caption_digit(r["caption"]) == labels[r["index"]] for r in rows])), len(rows)
+
+
+def t2i_scores(path, scorer):
+    """Text-to-image: the judge's reading of each sample against the digit its prompt asked for (line i: i % 10)."""
+    with np.load(path) as data:
+        images = np.asarray(data["images"])
+    return scorer.score(images, np.arange(len(images)) % 10)
 
 
 def joint_scores(path, scorer):
@@ -175,21 +187,20 @@ def run(command):
     subprocess.run(command, cwd=REPO_ROOT, check=True)
 
 
-def eval_flags(num_samples, num_captions, num_joint=0):
-    return [
-        "--num_eval_samples",
-        str(num_samples),
-        "--num_eval_captions",
-        str(num_captions),
-        "--num_eval_joint",
-        str(num_joint),
-        "--eval_batch_size",
-        "500",
-    ]
+def write_eval_inputs(args, mq):
+    """OUT/prompts.txt (balanced digit prompts in the run's caption template) and OUT/mnist_test.npz (the first
+    --num_eval_captions test images); returns the test labels."""
+    export = json.loads((args.output_dir / "model" / "export_config.json").read_text())
+    prompts = [export["caption_template"].format(DIGIT_WORDS[i % 10]) for i in range(args.num_eval_samples)]
+    (args.output_dir / PROMPTS).write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    images, labels = mq.load_mnist(args.data_root, train=False)
+    np.savez(args.output_dir / TEST_IMAGES, images=images[: args.num_eval_captions].numpy())
+    return labels.numpy()
 
 
 def sample_from_export(args, folder, flags):
-    """Sample and caption from the export in OUT/model into folder (the trainer's --sample_from)."""
+    """The trainer's --sample_from on the export in OUT/model, into folder; returns its wall-clock seconds."""
+    start = time.perf_counter()
     run(
         [
             sys.executable,
@@ -200,32 +211,36 @@ def sample_from_export(args, folder, flags):
             args.data_root,
             "--output_dir",
             str(folder),
+            "--eval_batch_size",
+            "500",
             *SAMPLING[args.script],
             *flags,
             *args.trainer_args,
         ]
     )
+    return time.perf_counter() - start
 
 
 def sweep(args, mq):
     """One sampling run per guidance scale from the export in OUT/model; each direction at the other's default."""
     model_dir, rows = args.output_dir / "model", []
     scorer = mq.Scorer(mq.get_judge(args.judge_path, args.data_root)[0], args.data_root)
-    runs = [("guidance_scale", g, args.num_eval_samples, 0) for g in args.guidance_scales]
-    runs += [("text_guidance_scale", g, 0, args.num_eval_captions) for g in args.text_guidance_scales]
-    for flag, scale, num_samples, num_captions in runs:
+    labels = write_eval_inputs(args, mq)
+    runs = [("guidance_scale", g, "--prompts_file", PROMPTS) for g in args.guidance_scales]
+    runs += [("text_guidance_scale", g, "--images_file", TEST_IMAGES) for g in args.text_guidance_scales]
+    for flag, scale, input_flag, name in runs:
         folder = args.output_dir / f"{flag}-{scale:g}"
-        sample_from_export(args, folder, [*eval_flags(num_samples, num_captions), f"--{flag}", str(scale)])
+        sample_from_export(args, folder, [input_flag, str(args.output_dir / name), f"--{flag}", str(scale)])
         row = {flag: scale}
-        if num_samples:
-            scores = scorer.score(*mq.load_samples(folder / "eval_samples.npz")[:2])
+        if input_flag == "--prompts_file":
+            scores = t2i_scores(folder / "prompt_samples.npz", scorer)
             row.update(
                 t2i_accuracy=scores["prompt_accuracy"],
                 fid_ratio=scores["fid_ratio"],
                 num_eval_samples=scores["num_samples"],
             )
         else:
-            row["i2t_accuracy"], row["num_eval_captions"] = caption_accuracy(folder / "captions.jsonl")
+            row["i2t_accuracy"], row["num_eval_captions"] = caption_accuracy(folder / "captions.jsonl", labels)
         print(json.dumps(row), flush=True)
         rows.append(row)
     report = {
@@ -241,8 +256,9 @@ def sweep(args, mq):
 
 
 def main(args):
+    mq = load_mnist_quality()
     if args.guidance_scales or args.text_guidance_scales:
-        return sweep(args, load_mnist_quality())
+        return sweep(args, mq)
     script = SCRIPTS[args.script]
     model_dir = args.output_dir / "model"
     encoder = args.text_encoder_name_or_path or default_encoder()
@@ -251,10 +267,8 @@ def main(args):
         if encoder is None
         else (["--text_encoder_name_or_path", encoder] if args.script == "continuous" else ["--tokenizer", encoder])
     )
-    flags = eval_flags(args.num_eval_samples, args.num_eval_captions, args.num_eval_joint)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     if not args.skip_training and not args.score_only:
-        # The training run writes the evaluation files from its final (EMA) export as it ends.
         run(
             [
                 sys.executable,
@@ -267,26 +281,23 @@ def main(args):
                 *encoder_flags,
                 *RECIPES[args.script],
                 *SAMPLING[args.script],
-                *flags,
                 *args.trainer_args,
             ]
         )
-        for name in ("eval_samples.npz", "captions.jsonl", "eval_joint.npz"):
-            if (model_dir / name).is_file():
-                shutil.copy(model_dir / name, args.output_dir / name)
-    elif args.skip_training:
-        sample_from_export(args, args.output_dir, flags)
+    sample_seconds = None
+    if not args.score_only:  # the (EMA) export of the run generates from the benchmark's prompts and images
+        labels = write_eval_inputs(args, mq)
+        flags = ["--prompts_file", str(args.output_dir / PROMPTS), "--images_file", str(args.output_dir / TEST_IMAGES)]
+        flags += ["--num_joint_samples", str(args.num_eval_joint)] if args.num_eval_joint else []
+        sample_seconds = sample_from_export(args, args.output_dir, flags)
     else:
-        for name in ("eval_samples.npz", "captions.jsonl", "eval_joint.npz"):
-            if not (args.output_dir / name).is_file() and (model_dir / name).is_file():
-                shutil.copy(model_dir / name, args.output_dir / name)
+        labels = mq.load_mnist(args.data_root, train=False)[1].numpy()
 
-    mq = load_mnist_quality()
     judge, judge_accuracy = mq.get_judge(args.judge_path, args.data_root)
     scorer = mq.Scorer(judge, args.data_root)
-    scores = scorer.score(*mq.load_samples(args.output_dir / "eval_samples.npz")[:2])
-    joint = joint_scores(args.output_dir / "eval_joint.npz", scorer) if args.num_eval_joint else {}
-    i2t, num_captions = caption_accuracy(args.output_dir / "captions.jsonl")
+    scores = t2i_scores(args.output_dir / "prompt_samples.npz", scorer)
+    joint = joint_scores(args.output_dir / "joint_samples.npz", scorer) if args.num_eval_joint else {}
+    i2t, num_captions = caption_accuracy(args.output_dir / "captions.jsonl", labels)
     summary = json.loads((model_dir / "train_summary.json").read_text())
     run_config = json.loads((model_dir / "run_config.json").read_text())
     train_minutes = summary["train_seconds"] / 60
@@ -297,13 +308,11 @@ def main(args):
         "num_eval_samples": scores["num_samples"],
         "i2t_accuracy": i2t,
         "num_eval_captions": num_captions,
-        "i2t_accuracy_first_2000": caption_accuracy(args.output_dir / "captions.jsonl", first=2000)[0],
+        "i2t_accuracy_first_2000": caption_accuracy(args.output_dir / "captions.jsonl", labels, first=2000)[0],
         "judge_accuracy": judge_accuracy,
         "train_minutes": train_minutes,
         "train_steps": summary["global_step"],
-        "sample_seconds": summary.get("sample_seconds"),
-        "caption_seconds": summary.get("caption_seconds"),
-        "joint_seconds": summary.get("joint_seconds"),
+        "sample_from_seconds": sample_seconds,  # the whole --sample_from run: loading, validation grid, all three
         **joint,
         "trainer_args": run_config["args"],
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,20 +231,24 @@ def train_args(request, tiny_mnist, tiny_clip, tiny_bert, tiny_imagefolder, clas
 
 
 def sample_args(script, export, output_dir, tiny_mnist):
-    """Flags of a generation-only run from the export folder of a finished run."""
+    """Flags of a generation-only run from the export folder of a finished run; the MMDiT runs read a prompts file
+    and an images file written into output_dir's parent."""
     if script == MNIST:
         extra = ["--num_eval_samples", "10", "--num_inference_steps", "2", "--validation_guidance_scales", "1,2"]
     elif script == DIT:
         extra = ["--num_eval_samples", "6", "--num_inference_steps", "2", "--validation_guidance_scales", "1,3"]
     elif script in (DISCRETE, CONTINUOUS):
+        prompts, images = Path(output_dir).parent / "prompts.txt", Path(output_dir).parent / "images.npz"
+        prompts.write_text("a handwritten digit seven\na handwritten digit one\n")
+        np.savez(images, images=np.zeros((5, 28, 28), dtype=np.uint8))
         extra = [
             "--data_root",
             tiny_mnist,
-            "--num_eval_samples",
-            "10",
-            "--num_eval_captions",
-            "5",
-            "--num_eval_joint",
+            "--prompts_file",
+            prompts,
+            "--images_file",
+            images,
+            "--num_joint_samples",
             "3",
             "--num_inference_steps",
             "2",
@@ -416,7 +421,8 @@ def test_bf16_sigterm_resume_with_ema_then_sample(script, train_args, tiny_mnist
         again = tmp_path / "from-export"
         run_script(script, *sample_args(script, out, again, tiny_mnist), timeout=300)
         assert any((again / "samples").glob("*export*.png"))
-        assert (again / "eval_samples.npz").is_file()
+        written = "prompt_samples.npz" if script in (DISCRETE, CONTINUOUS) else "eval_samples.npz"
+        assert (again / written).is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, assert_same_weights, check_damaged_checkpoint_and_claims, resume_in_new_folder, run_script
+from conftest import (
+    REPO,
+    assert_same_weights,
+    check_damaged_checkpoint_and_claims,
+    one_error,
+    resume_in_new_folder,
+    run_script,
+)
 from safetensors.torch import load_file, save_file
 
 DISCRETE, CONTINUOUS = "train_image_discrete.py", "train_image_continuous.py"
@@ -65,6 +72,32 @@ def check_tensorboard_and_model_card(out, steps, kind_tag):
     assert f"final loss {read_metrics(out)[-1]['loss']:.4f}" in card.text and (out / "samples.png").is_file()
 
 
+def read_samples(folder):
+    """What --prompts_file, --images_file and --num_joint_samples wrote into folder."""
+    with np.load(folder / "prompt_samples.npz") as t2i, np.load(folder / "joint_samples.npz") as joint:
+        return {
+            "images": t2i["images"],
+            "prompts": t2i["prompts"].tolist(),
+            "captions": [json.loads(line) for line in (folder / "captions.jsonl").read_text().splitlines()],
+            "joint_images": joint["images"],
+            "joint_captions": joint["captions"].tolist(),
+        }
+
+
+def run_in_process(module, argv):
+    """main() of a loaded script in this process, on one thread as the scripts' subprocesses run (the suite runs
+    two workers on two cores); accelerate's per-process state is reset afterwards."""
+    from accelerate.state import AcceleratorState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        module.main(module.parse_args([str(a) for a in argv]))
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def load_module(script):
     spec = importlib.util.spec_from_file_location(script[:-3], REPO / script)
     module = importlib.util.module_from_spec(spec)
@@ -73,7 +106,7 @@ def load_module(script):
 
 
 @pytest.mark.parametrize("script", [DISCRETE, CONTINUOUS])
-def test_seed_command_whole_pipeline_then_sample_from(script, tiny_mnist, tiny_bert, tmp_path):
+def test_seed_command_whole_pipeline_then_sample_from(script, tiny_mnist, tiny_bert, tmp_path, capsys):
     out = tmp_path / "run"
     # The seed command with tiny sizes (hyphen spellings and seed aliases), then generation from the export.
     run_script(
@@ -120,38 +153,73 @@ def test_seed_command_whole_pipeline_then_sample_from(script, tiny_mnist, tiny_b
         # The default latent width is 64, capped at the encoder's hidden size (32 here): all of it, unrotated.
         assert model_config["dim_text"] == 32 and torch.equal(weights["text_basis"], torch.eye(32))
 
-    again = tmp_path / "from-export"
-    run_script(
-        script,
+    # Generation from the export: prompts (a blank line skipped), images to caption, joint pairs; 2 per batch.
+    prompts = ["a handwritten digit seven", "a handwritten digit two", "digit 0 in red"]
+    (tmp_path / "prompts.txt").write_text(f"{prompts[0]}\n\n  {prompts[1]}\n{prompts[2]}\n", encoding="utf-8")
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", images=images, labels=np.arange(5))  # other arrays are ignored
+    sample_args = [
         "--sample-from",
         out,
         "--data-root",
         tiny_mnist,
-        "--output-dir",
-        again,
-        "--num-eval-samples",
-        "10",
-        "--num-eval-captions",
-        "5",
-        "--num-eval-joint",
+        "--prompts-file",
+        tmp_path / "prompts.txt",
+        "--images-file",
+        tmp_path / "images.npz",
+        "--num-joint-samples",
         "3",
+        "--eval-batch-size",
+        "2",
         "--num-inference-steps",
         "2",
         "--validation-guidance-scales",
         "1",
         "--device",
         "cpu",
-    )
-    evals = np.load(again / "eval_samples.npz")
-    assert evals["images"].shape == (10, 28, 28) and evals["images"].dtype == np.uint8
-    assert sorted(evals["labels"].tolist()) == list(range(10))
-    lines = [json.loads(line) for line in (again / "captions.jsonl").read_text().splitlines()]
-    assert [r["index"] for r in lines] == list(range(5)) and all(isinstance(r["caption"], str) for r in lines)
-    assert [r["digit"] for r in lines] == [0, 1, 2, 3, 4]  # tiny_mnist's test labels are index % 10
-    joint = np.load(again / "eval_joint.npz")
-    assert joint["images"].shape == (3, 28, 28) and joint["images"].dtype == np.uint8
-    assert len(joint["captions"]) == 3 and all(isinstance(c, str) for c in joint["captions"].tolist())
+    ]
+    again = tmp_path / "from-export"
+    run_script(script, *sample_args, "--output-dir", again)
     assert (again / "samples" / "step-export.png").is_file()
+    first = read_samples(again)
+    assert first["images"].shape == (3, 28, 28) and first["images"].dtype == np.uint8
+    assert first["prompts"] == prompts
+    assert [r["index"] for r in first["captions"]] == list(range(5))
+    assert all(isinstance(r["caption"], str) for r in first["captions"])
+    assert first["joint_images"].shape == (3, 28, 28) and first["joint_images"].dtype == np.uint8
+    assert len(first["joint_captions"]) == 3 and all(isinstance(c, str) for c in first["joint_captions"])
+
+    # The same --seed gives the same files (here in-process); another seed other images.
+    module = load_module(script)
+    for seed, folder in ((0, tmp_path / "same-seed"), (1, tmp_path / "other-seed")):
+        run_in_process(module, [*sample_args, "--output-dir", folder, "--seed", str(seed)])
+    same, other = read_samples(tmp_path / "same-seed"), read_samples(tmp_path / "other-seed")
+    assert same["captions"] == first["captions"] and same["joint_captions"] == first["joint_captions"]
+    for key in ("images", "joint_images"):
+        assert np.array_equal(same[key], first[key]) and not np.array_equal(other[key], first[key])
+
+    # Bad sampling inputs: one line each, exit code 2, before any model loads; nothing written.
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    np.savez(tmp_path / "no-images.npz", pixels=images)
+    np.savez(tmp_path / "wrong-size.npz", images=np.zeros((2, 32, 32), np.uint8))
+    np.savez(tmp_path / "wrong-dtype.npz", images=images.astype(np.float32))
+    bad = tmp_path / "bad"
+    capsys.readouterr()
+    sampling = ["--sample_from", out, "--output_dir", bad, "--device", "cpu"]
+    for flags, words in (
+        ([*sampling, "--prompts_file", tmp_path / "nowhere.txt"], ["--prompts_file", "no such file"]),
+        ([*sampling, "--prompts_file", tmp_path / "blank.txt"], ["--prompts_file", "no prompt", "one prompt per line"]),
+        ([*sampling, "--images_file", tmp_path / "no-images.npz"], ["--images_file", "no `images`", "numpy.savez"]),
+        ([*sampling, "--images_file", tmp_path / "wrong-size.npz"], ["--images_file", "[2, 32, 32]", "[N, 28, 28]"]),
+        ([*sampling, "--images_file", tmp_path / "wrong-dtype.npz"], ["--images_file", "float32", "uint8"]),
+        ([*sampling, "--num_joint_samples", "-1"], ["--num_joint_samples -1"]),
+        (["--prompts_file", tmp_path / "prompts.txt", "--output_dir", bad], ["--prompts_file", "--sample_from"]),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            run_in_process(module, flags)
+        assert stopped.value.code == 2
+        one_error(capsys.readouterr().err, *words)
+    assert not bad.exists()
 
 
 @pytest.mark.parametrize("script", [DISCRETE, CONTINUOUS])
@@ -246,6 +314,36 @@ def test_discrete_reads_precomputed_shards(tiny_vae, tiny_bert, tmp_path):
     assert (out / "samples" / "step-2.png").is_file()  # decoded through the shards' VAE
     export = json.loads((out / "export_config.json").read_text())
     assert export["vae"] == str(tiny_vae) and export["kind"] == "latents"
+
+    # A latent model samples and captions images of the size its VAE decodes to: RGB, or gray ones broadcast.
+    (tmp_path / "prompts.txt").write_text("a red square\na blue square\n")
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", images=rgb)
+    np.savez(tmp_path / "gray.npz", images=rgb[..., 0])
+    for name in ("rgb", "gray"):
+        run_script(
+            DISCRETE,
+            "--sample_from",
+            out,
+            "--output_dir",
+            tmp_path / name,
+            "--prompts_file",
+            tmp_path / "prompts.txt",
+            "--images_file",
+            tmp_path / f"{name}.npz",
+            "--num_joint_samples",
+            "2",
+            "--num_inference_steps",
+            "2",
+            "--validation_guidance_scales",
+            "1",
+            "--device",
+            "cpu",
+        )
+        samples = read_samples(tmp_path / name)
+        assert samples["images"].shape == (2, 32, 32, 3) and samples["prompts"] == ["a red square", "a blue square"]
+        assert samples["joint_images"].shape == (2, 32, 32, 3) and len(samples["joint_captions"]) == 2
+        assert [r["index"] for r in samples["captions"]] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("script", [DISCRETE, CONTINUOUS])
