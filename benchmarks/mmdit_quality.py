@@ -20,9 +20,9 @@ Usage, from the repository root::
 After training into OUT/model/ (the run and its export), it writes the trainer's inputs, OUT/prompts.txt
 (--num_eval_samples prompts, digit i % 10 for line i, in the run's caption template) and OUT/mnist_test.npz (images
 uint8 [N, 28, 28]: the first --num_eval_captions MNIST test images), and runs the trainer's `--sample_from OUT/model
---prompts_file ... --images_file ... --num_joint_samples N`, which writes OUT/prompt_samples.npz (images uint8
-[N, 28, 28], prompts [N]), OUT/captions.jsonl (index, caption per test image) and OUT/joint_samples.npz (images
-uint8 [N, 28, 28], captions [N]). It scores those against the digits it asked for and the test labels, writes
+--prompts_file ... --images_file ... --num_joint_samples N`. From the files that writes it keeps
+OUT/eval_samples.npz (images uint8 [N, 28, 28], labels [N] = the prompted digit), OUT/captions.jsonl (index, digit,
+caption per test image) and OUT/eval_joint.npz (images uint8 [N, 28, 28], captions [N]), scores them, writes
 <docs_dir>/mmdit_quality_<script>.json and prints as its last line::
 
     t2i_accuracy=<x> i2t_accuracy=<y> train_minutes=<m>
@@ -116,7 +116,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--score_only",
         action="store_true",
-        help="Only score OUT/prompt_samples.npz, OUT/captions.jsonl and OUT/joint_samples.npz as they are.",
+        help="Only score OUT/eval_samples.npz, OUT/captions.jsonl and OUT/eval_joint.npz as they are.",
     )
     parser.add_argument("--judge_path", default=str(REPO_ROOT / "benchmarks" / ".cache" / "mnist_judge.safetensors"))
     parser.add_argument("--docs_dir", default=str(REPO_ROOT / "benchmarks" / "output"))
@@ -150,21 +150,6 @@ def caption_digit(caption):
     found = {DIGIT_WORDS.index(w) for w in re.findall(r"[a-z]+", caption.lower()) if w in DIGIT_WORDS}
     found |= {int(c) for c in re.findall(r"\b\d\b", caption)}
     return found.pop() if len(found) == 1 else None
-
-
-def caption_accuracy(path, labels, first=None):
-    """The share of captions that name their image's digit (labels: the test labels, by index), over the first
-    `first` test images (default all)."""
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = [r for r in rows if first is None or r["index"] < first]
-    return float(np.mean([caption_digit(r["caption"]) == labels[r["index"]] for r in rows])), len(rows)
-
-
-def t2i_scores(path, scorer):
-    """Text-to-image: the judge's reading of each sample against the digit its prompt asked for (line i: i % 10)."""
-    with np.load(path) as data:
-        images = np.asarray(data["images"])
-    return scorer.score(images, np.arange(len(images)) % 10)
 
 
 def joint_scores(path, scorer):
@@ -221,6 +206,29 @@ def sample_from_export(args, folder, flags):
     return time.perf_counter() - start
 
 
+def write_benchmark_files(folder, labels):
+    """The trainer's generic files as this benchmark's: eval_samples.npz (images, labels = the prompted digit, as
+    benchmarks/mnist_quality.py reads it), captions.jsonl with each test image's digit, eval_joint.npz."""
+    if (folder / "prompt_samples.npz").is_file():
+        with np.load(folder / "prompt_samples.npz") as data:
+            images = np.asarray(data["images"])
+        np.savez_compressed(folder / "eval_samples.npz", images=images, labels=np.arange(len(images)) % 10)
+    if (folder / "captions.jsonl").is_file():
+        rows = [json.loads(line) for line in (folder / "captions.jsonl").read_text(encoding="utf-8").splitlines()]
+        rows = [{**r, "digit": int(labels[r["index"]])} for r in rows if "digit" not in r]
+        if rows:
+            (folder / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    if (folder / "joint_samples.npz").is_file():
+        (folder / "joint_samples.npz").replace(folder / "eval_joint.npz")
+
+
+def caption_accuracy(path, first=None):
+    """The share of captions that name their image's digit, over the first `first` test images (default all)."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if first is None or r["index"] < first]
+    return float(np.mean([caption_digit(r["caption"]) == r["digit"] for r in rows])), len(rows)
+
+
 def sweep(args, mq):
     """One sampling run per guidance scale from the export in OUT/model; each direction at the other's default."""
     model_dir, rows = args.output_dir / "model", []
@@ -231,16 +239,17 @@ def sweep(args, mq):
     for flag, scale, input_flag, name in runs:
         folder = args.output_dir / f"{flag}-{scale:g}"
         sample_from_export(args, folder, [input_flag, str(args.output_dir / name), f"--{flag}", str(scale)])
+        write_benchmark_files(folder, labels)
         row = {flag: scale}
         if input_flag == "--prompts_file":
-            scores = t2i_scores(folder / "prompt_samples.npz", scorer)
+            scores = scorer.score(*mq.load_samples(folder / "eval_samples.npz")[:2])
             row.update(
                 t2i_accuracy=scores["prompt_accuracy"],
                 fid_ratio=scores["fid_ratio"],
                 num_eval_samples=scores["num_samples"],
             )
         else:
-            row["i2t_accuracy"], row["num_eval_captions"] = caption_accuracy(folder / "captions.jsonl", labels)
+            row["i2t_accuracy"], row["num_eval_captions"] = caption_accuracy(folder / "captions.jsonl")
         print(json.dumps(row), flush=True)
         rows.append(row)
     report = {
@@ -290,14 +299,13 @@ def main(args):
         flags = ["--prompts_file", str(args.output_dir / PROMPTS), "--images_file", str(args.output_dir / TEST_IMAGES)]
         flags += ["--num_joint_samples", str(args.num_eval_joint)] if args.num_eval_joint else []
         sample_seconds = sample_from_export(args, args.output_dir, flags)
-    else:
-        labels = mq.load_mnist(args.data_root, train=False)[1].numpy()
+        write_benchmark_files(args.output_dir, labels)
 
     judge, judge_accuracy = mq.get_judge(args.judge_path, args.data_root)
     scorer = mq.Scorer(judge, args.data_root)
-    scores = t2i_scores(args.output_dir / "prompt_samples.npz", scorer)
-    joint = joint_scores(args.output_dir / "joint_samples.npz", scorer) if args.num_eval_joint else {}
-    i2t, num_captions = caption_accuracy(args.output_dir / "captions.jsonl", labels)
+    scores = scorer.score(*mq.load_samples(args.output_dir / "eval_samples.npz")[:2])
+    joint = joint_scores(args.output_dir / "eval_joint.npz", scorer) if args.num_eval_joint else {}
+    i2t, num_captions = caption_accuracy(args.output_dir / "captions.jsonl")
     summary = json.loads((model_dir / "train_summary.json").read_text())
     run_config = json.loads((model_dir / "run_config.json").read_text())
     train_minutes = summary["train_seconds"] / 60
@@ -308,7 +316,7 @@ def main(args):
         "num_eval_samples": scores["num_samples"],
         "i2t_accuracy": i2t,
         "num_eval_captions": num_captions,
-        "i2t_accuracy_first_2000": caption_accuracy(args.output_dir / "captions.jsonl", labels, first=2000)[0],
+        "i2t_accuracy_first_2000": caption_accuracy(args.output_dir / "captions.jsonl", first=2000)[0],
         "judge_accuracy": judge_accuracy,
         "train_minutes": train_minutes,
         "train_steps": summary["global_step"],
