@@ -738,8 +738,6 @@ class RunLock:
 def claim_output_dir(args):
     """Take the run lock; refuse a new run among another run's checkpoints."""
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        fail(f"--output_dir {output_dir}: is a file; pass a folder")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
