@@ -1,18 +1,17 @@
 """Encode an image-caption dataset once into safetensors shards: VAE latents and frozen text-encoder outputs.
 
-Each process of a distributed launch encodes its own shards, so training runs neither the VAE nor the text
-encoders. A re-run into the same --output_dir skips the finished shards; one with other settings is refused.
-The format is in docs/prepare_data.md: train_ldm_sd.py and train_dit.py read the shards with
---precomputed_data_dir, the MMDiT scripts with --data_root.
+Each process encodes its own shards; a re-run skips the finished ones and refuses other settings. The format is in
+docs/prepare_data.md; the trainers read it with --precomputed_data_dir, the MMDiT scripts with --data_root.
 
     python prepare_data_multi_gpu.py --pretrained_model_name_or_path SD_FOLDER --train_data_dir imgs --output_dir shards
     accelerate launch --num_processes 8 prepare_data_multi_gpu.py --dataset_name lambdalabs/naruto-blip-captions \
-        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 --random_flip --output_dir shards
+        --pretrained_model_name_or_path SD_FOLDER --random_flip --output_dir shards
 """
 
 import argparse
 import datetime
 import io
+import itertools
 import json
 import math
 import os
@@ -43,6 +42,7 @@ from transformers import (
 
 FORMAT, VERSION = "precomputed-diffusion-shards", 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SOURCE_FLAGS = "train_data_dir dataset_name captions_json data_root".split()
 
 
 # Copied from train_mnist.fail
@@ -58,18 +58,18 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     g = parser.add_argument_group("source (exactly one)")
-    g.add_argument("--train_data_dir", help="Imagefolder: images plus metadata.jsonl with captions.")
-    g.add_argument("--dataset_name", help="A datasets hub id, a local dataset, or a save_to_disk folder.")
+    g.add_argument("--train_data_dir", help="Imagefolder with metadata.jsonl.")
+    g.add_argument("--dataset_name", help="Hub id, local dataset or save_to_disk folder.")
     g.add_argument("--dataset_config_name")
-    g.add_argument("--captions_json", help='A list of {"image": path, "caption": text}, or a COCO captions file.')
-    g.add_argument("--data_root", help="Folder holding MNIST/raw; captions from --caption_template.")
+    g.add_argument("--captions_json", help="A list of {image, caption} objects, or a COCO captions file.")
+    g.add_argument("--data_root", help="Folder holding MNIST/raw.")
     g.add_argument("--split", default="train")
-    g.add_argument("--streaming", action="store_true", help="Stream --dataset_name instead of downloading it.")
+    g.add_argument("--streaming", action="store_true", help="Stream --dataset_name.")
     g.add_argument("--image_column", default="image")
-    g.add_argument("--caption_column", default="text", help="A caption, or a list of them: one is picked per image.")
-    g.add_argument("--label_column", help="Class labels to store (an imagefolder's class folders: label).")
+    g.add_argument("--caption_column", default="text", help="A caption, or a list: one is picked per image.")
+    g.add_argument("--label_column", help="Class labels to store; imagefolder default: label.")
     g.add_argument("--caption_template", default="A handwritten digit {}", help="MNIST caption; {} is the digit.")
-    g.add_argument("--max_samples", type=int, help="Encode only the first N examples.")
+    g.add_argument("--max_samples", type=int, help="Encode only the first N.")
 
     g = parser.add_argument_group("images")
     g.add_argument("--resolution", type=int, default=512)
@@ -77,34 +77,36 @@ def parse_args(argv=None):
         "--image_interpolation_mode",
         default="lanczos",
         choices=[m.name.lower() for m in transforms.InterpolationMode],
-        help="The resize filter.",
+        help="Resize filter.",
     )
-    g.add_argument("--center_crop", action="store_true", help="Center crop; otherwise a random crop, fixed per image.")
-    g.add_argument("--random_flip", action="store_true", help="Also store the latents of the mirrored image.")
-    g.add_argument("--seed", type=int, default=0, help="Seeds the random crops and caption choices.")
+    g.add_argument("--center_crop", action="store_true", help="Else a random crop, fixed per image.")
+    g.add_argument("--random_flip", action="store_true", help="Also store the mirrored image's latents.")
+    g.add_argument("--seed", type=int, default=0)
 
     g = parser.add_argument_group("encoders")
-    g.add_argument("--pretrained_model_name_or_path", help="Stable Diffusion layout: the VAE and text encoder to use.")
+    g.add_argument(
+        "--pretrained_model_name_or_path", help="Stable Diffusion folder or hub id: its VAE and text encoder."
+    )
     g.add_argument("--revision")
     g.add_argument("--variant")
-    g.add_argument("--vae_name_or_path", help='Overrides the folder\'s VAE; "none": no latents.')
+    g.add_argument("--vae_name_or_path", help="Instead of the folder's VAE; none: no latents.")
     g.add_argument(
         "--text_encoder_name_or_path",
         action="append",
-        help='A text encoder with its tokenizer (repeat for several); "none": no text.',
+        help="Text encoder with tokenizer, repeatable; none: no text.",
     )
     g.add_argument(
         "--tokenizer_max_length",
         type=int,
         action="append",
-        help="Tokens per caption, once or per encoder (default: the tokenizer's, at most 512).",
+        help="Once or per encoder; default: the tokenizer's, at most 512.",
     )
     g.add_argument("--text_prefix", action="append", help='Once or per encoder, e.g. "query: " for E5.')
     g.add_argument(
         "--text_encoder_attention_mask",
         choices=["auto", "on", "off"],
         default="auto",
-        help="Whether the encoders see the padding mask; auto: as StableDiffusionPipeline does.",
+        help="Give the encoders the padding mask; auto: as StableDiffusionPipeline.",
     )
     g.add_argument("--encoder_dtype", choices=list(DTYPES), default="float32", help="Precision the encoders run in.")
     g.add_argument("--latent_dtype", choices=["float32", "float16"], default="float16")
@@ -118,28 +120,32 @@ def parse_args(argv=None):
     g.add_argument("--ddp_timeout", type=int, default=1800, help="Seconds a process waits for the others.")
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    for action in parser._actions:  # argparse shows the default of a flag with a help text only
+        action.help = action.help or "(default: %(default)s)"
     return parser.parse_args([underscore_flag(a) for a in argv])
 
 
+# Copied from train_mnist.underscore_flag
 def underscore_flag(arg):
-    """Every flag also accepts its hyphen spelling: --max-samples == --max_samples."""
-    if not arg.startswith("--"):
+    """--max-samples -> --max_samples; --no-use-ema -> --no-use_ema."""
+    name, eq, value = arg.partition("=")
+    if not name.startswith("--"):
         return arg
-    name, eq, value = arg[2:].partition("=")
-    return "--" + name.replace("-", "_") + eq + value
+    prefix = "--no-" if name.startswith("--no-") else "--"
+    return prefix + name[len(prefix) :].replace("-", "_") + eq + value
 
 
 def check_args(args):
-    """Cheap checks of the flags and paths, before any dataset or model is loaded."""
-    sources = [f"--{s}" for s in ("train_data_dir", "dataset_name", "captions_json", "data_root") if getattr(args, s)]
-    if len(sources) != 1:
-        fail(f"give exactly one of --train_data_dir, --dataset_name, --captions_json, --data_root (got {sources})")
+    """Flag and path checks, before any data or model loads."""
+    given = [f"--{s}" for s in SOURCE_FLAGS if getattr(args, s)]
+    if len(given) != 1:
+        fail(f"give exactly one of --train_data_dir, --dataset_name, --captions_json, --data_root (got {given})")
     if args.train_data_dir and not Path(args.train_data_dir).is_dir():
         fail(f"--train_data_dir {args.train_data_dir}: no such folder")
-    if args.data_root and not (Path(args.data_root) / "MNIST" / "raw").is_dir():
+    if args.data_root and not Path(args.data_root, "MNIST/raw").is_dir():
         fail(f"--data_root {args.data_root}: no MNIST/raw folder there")
     if args.data_root and "{}" not in args.caption_template:
-        fail(f"--caption_template {args.caption_template!r}: must contain {{}} where the digit goes")
+        fail(f"--caption_template {args.caption_template!r}: must contain {{}} for the digit")
     if args.streaming and not args.dataset_name:
         fail("--streaming applies to --dataset_name only")
     if min(args.shard_size, args.batch_size, args.ddp_timeout) < 1 or (
@@ -149,9 +155,9 @@ def check_args(args):
     if args.resolution % 8:
         fail(f"--resolution {args.resolution}: must be a multiple of 8")
     if args.vae_name_or_path is None and args.pretrained_model_name_or_path is None:
-        fail('no VAE: pass --pretrained_model_name_or_path or --vae_name_or_path (or "none")')
+        fail("no VAE: pass --pretrained_model_name_or_path or --vae_name_or_path (or none)")
     if args.vae_name_or_path == "none" and args.text_encoder_name_or_path == ["none"]:
-        fail("nothing to encode: both the VAE and the text encoders are none")
+        fail("nothing to encode: the VAE and the text encoders are none")
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA GPU is visible")
     n = len(args.text_encoder_name_or_path or [])
@@ -163,7 +169,7 @@ def check_args(args):
 # ---- Data ----
 @dataclass
 class Source:
-    """Examples as (raw image, caption, label): get_slice(a, b) when the length is known, else rows(wanted)."""
+    """Rows (position, raw image, caption, label): get_slice(a, b) if the length is known, else rows(wanted)."""
 
     kind: str
     path: str
@@ -186,7 +192,7 @@ def open_source(args):
     else:
         kind, path = "dataset", args.dataset_name
         try:
-            if all((Path(path) / f).is_file() for f in ("dataset_info.json", "state.json")):  # save_to_disk
+            if all(Path(path, f).is_file() for f in ("dataset_info.json", "state.json")):  # save_to_disk
                 ds = datasets.load_from_disk(path)
             else:
                 ds = datasets.load_dataset(path, args.dataset_config_name, split=args.split, streaming=args.streaming)
@@ -196,9 +202,8 @@ def open_source(args):
     label_column = args.label_column or ("label" if "label" in columns and kind == "imagefolder" else None)
     for flag, column in (("image", args.image_column), ("caption", args.caption_column), ("label", label_column)):
         if column is not None and column not in columns:
-            fail(f"--{flag}_column {column!r}: not a column of the dataset; columns: {', '.join(columns)}")
-    feature = ds.features[label_column] if label_column else None
-    label_names = list(feature.names) if hasattr(feature, "names") else None
+            fail(f"--{flag}_column {column!r}: not a column; columns: {', '.join(columns)}")
+    label_names = getattr(ds.features[label_column], "names", None) if label_column else None
     ds = ds.cast_column(args.image_column, datasets.Image(decode=False))  # decoded by us: a bad file is skipped
     ds = ds.select_columns([c for c in (args.image_column, args.caption_column, label_column) if c])
     if args.max_samples is not None:
@@ -207,6 +212,7 @@ def open_source(args):
     def rows_of(batch, positions):
         return [
             (
+                position,
                 batch[args.image_column][k],
                 pick_caption(batch[args.caption_column][k], position, args.seed),
                 int(batch[label_column][k]) if label_column else None,
@@ -219,14 +225,12 @@ def open_source(args):
     source = Source(kind, path, None, label_names)
 
     def rows(wanted):
-        """(position, row) of the examples with wanted(position); the others are never converted nor decoded.
-        Sets source.length when the stream ends."""
+        """The rows of the wanted positions, the others left unconverted; sets source.length at the end."""
         n = 0
         for table in ds.with_format("arrow").iter(batch_size=256):
-            take = [k for k in range(table.num_rows) if wanted(n + k)]
-            if take:
-                positions = [n + k for k in take]
-                yield from zip(positions, rows_of(table.take(take).to_pydict(), positions), strict=True)
+            positions = [p for p in range(n, n + table.num_rows) if wanted(p)]
+            if positions:
+                yield from rows_of(table.take([p - n for p in positions]).to_pydict(), positions)
             n += table.num_rows
         source.length = n
 
@@ -235,7 +239,7 @@ def open_source(args):
 
 
 def pick_caption(value, position, seed):
-    if isinstance(value, (list, tuple)):  # several captions per image (COCO): a fixed choice per example
+    if isinstance(value, (list, tuple)):  # COCO: a fixed choice per example
         return random.Random(seed * 1_000_003 + position).choice(value) if value else ""
     return "" if value is None else str(value)
 
@@ -247,15 +251,11 @@ def open_mnist(args):
 
     def get_slice(a, b):
         return [
-            (
-                Image.fromarray(mnist.data[i].numpy(), mode="L"),
-                args.caption_template.format(int(mnist.targets[i])),
-                int(mnist.targets[i]),
-            )
-            for i in range(a, b)
+            (i, Image.fromarray(mnist.data[i].numpy(), mode="L"), args.caption_template.format(digit), digit)
+            for i, digit in zip(range(a, b), mnist.targets[a:b].tolist(), strict=True)
         ]
 
-    length = min(len(mnist), args.max_samples or len(mnist))
+    length = len(mnist.targets[: args.max_samples])
     return Source("mnist", args.data_root, length, [str(d) for d in range(10)], get_slice)
 
 
@@ -271,11 +271,12 @@ def open_captions_json(args):
     if not isinstance(entries, list) or not all(
         isinstance(e, dict) and "image" in e and "caption" in e for e in entries
     ):
-        fail(f'--captions_json {path}: expected a list of {{"image": path, "caption": text}} objects')
+        fail(f"--captions_json {path}: expected a list of {{image, caption}} objects")
 
     def get_slice(a, b):
         return [
             (
+                i,
                 {"path": str(path.parent / entries[i]["image"]), "bytes": None},
                 pick_caption(entries[i]["caption"], i, args.seed),
                 None,
@@ -306,64 +307,53 @@ def decode_image(raw, mode):
 
 
 def image_transform(args):
-    interpolation = getattr(transforms.InterpolationMode, args.image_interpolation_mode.upper())
-    resize = transforms.Resize(args.resolution, interpolation=interpolation)
+    interpolation = transforms.InterpolationMode[args.image_interpolation_mode.upper()]
+    size = args.resolution
+    resize = transforms.Resize(size, interpolation=interpolation)
     to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
 
     def apply(image, position):
         image = resize(image)
         w, h = image.size
         if args.center_crop:
-            top, left = (h - args.resolution) // 2, (w - args.resolution) // 2
-        else:  # a random crop that is the same on every re-run
+            top, left = (h - size) // 2, (w - size) // 2
+        else:  # random, but the same on every re-run
             rng = random.Random(args.seed * 1_000_003 + position)
-            top, left = rng.randint(0, h - args.resolution), rng.randint(0, w - args.resolution)
-        return to_tensor(image.crop((left, top, left + args.resolution, top + args.resolution)))
+            top, left = rng.randint(0, h - size), rng.randint(0, w - size)
+        return to_tensor(image.crop((left, top, left + size, top + size)))
 
     return apply
 
 
 def finished(out, s, a, b):
-    """Whether shard s is on disk, readable, and holds examples of [a, b) only (the others were unreadable)."""
-    path = out / f"shard-{s:05d}.safetensors"
-    if not path.is_file():
-        return False
+    """Whether shard s is on disk, readable, and holds only examples of [a, b) (some may have been skipped)."""
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(out / f"shard-{s:05d}.safetensors"), framework="pt") as f:
             index = f.get_tensor("index").tolist() if "index" in f.keys() else []
-    except Exception:  # truncated or not safetensors: encoded again
+    except Exception:  # missing, truncated or not safetensors: encoded again
         return False
     return len(index) <= b - a and all(a <= i < b for i in index)
 
 
 def my_shards(source, args, rank, world, out):
-    """(shard s, [(position, raw, caption, label)]) of this rank's unfinished shards.
-
-    Shard s holds the examples [s * shard_size, (s + 1) * shard_size) and belongs to rank s % world.
-    """
+    """(s, rows) of this rank's unfinished shards; shard s: positions [s * size, (s + 1) * size), rank s % world."""
+    size = args.shard_size
     if source.length is not None:
-        for s in range(rank, math.ceil(source.length / args.shard_size), world):
-            a, b = s * args.shard_size, min((s + 1) * args.shard_size, source.length)
+        for s in range(rank, math.ceil(source.length / size), world):
+            a, b = s * size, min((s + 1) * size, source.length)
             if not finished(out, s, a, b):
-                yield s, [(a + k, *row) for k, row in enumerate(source.get_slice(a, b))]
+                yield s, source.get_slice(a, b)
         return
-    rows = []
-    for i, row in source.rows(lambda i: i // args.shard_size % world == rank):
-        rows.append((i, *row))
-        if len(rows) == args.shard_size:  # a shard's examples come in one run: this one is complete
-            s = i // args.shard_size
-            if not finished(out, s, s * args.shard_size, i + 1):
-                yield s, rows
-            rows = []
-    if rows:  # the stream ended inside this shard: the last, shorter shard
-        s = rows[0][0] // args.shard_size
-        if not finished(out, s, s * args.shard_size, rows[-1][0] + 1):
+    stream = source.rows(lambda i: i // size % world == rank)
+    for s, group in itertools.groupby(stream, key=lambda row: row[0] // size):
+        rows = list(group)
+        if not finished(out, s, s * size, rows[-1][0] + 1):  # the stream's last shard may be shorter
             yield s, rows
 
 
 # ---- Models ----
 def load_vae(args, device, dtype):
-    """The VAE and its index.json entry, or (None, None) with --vae_name_or_path none."""
+    """The VAE and its index.json entry; (None, None) for --vae_name_or_path none."""
     if args.vae_name_or_path == "none":
         return None, None
     name, sub = (args.vae_name_or_path, None) if args.vae_name_or_path else (args.pretrained_model_name_or_path, "vae")
@@ -390,11 +380,10 @@ def load_vae(args, device, dtype):
 
 
 class TextEncoder:
-    """One frozen text encoder and its tokenizer; encode() returns the format's tensors of a list of captions."""
+    """A frozen text encoder and its tokenizer; encode(captions) gives the shard tensors."""
 
     def __init__(self, path, i, args, device, dtype):
         self.key = f"text_encoder_{i + 1}" if i else "text_encoder"
-        # Without --text_encoder_name_or_path: the Stable Diffusion folder's text encoder and tokenizer.
         sub, tok_sub = ("", "") if args.text_encoder_name_or_path else ("text_encoder", "tokenizer")
         try:
             config = AutoConfig.from_pretrained(path, subfolder=sub, revision=args.revision)
@@ -408,12 +397,12 @@ class TextEncoder:
             model_cls = CLIPTextModelWithProjection
         else:
             model_cls = CLIPTextModel if config.model_type in ("clip", "clip_text_model") else AutoModel
-        self.model = model_cls.from_pretrained(path, subfolder=sub, revision=args.revision)
-        self.model.requires_grad_(False).eval().to(device, dtype)
-        lengths, prefixes = args.tokenizer_max_length, args.text_prefix  # given once or once per encoder
-        self.max_length = lengths[min(i, len(lengths) - 1)] if lengths else min(self.tokenizer.model_max_length, 512)
-        self.prefix = prefixes[min(i, len(prefixes) - 1)] if prefixes else ""
-        mask = args.text_encoder_attention_mask  # auto: as StableDiffusionPipeline runs it
+        model = model_cls.from_pretrained(path, subfolder=sub, revision=args.revision)
+        self.model = model.requires_grad_(False).eval().to(device, dtype)
+        lengths = args.tokenizer_max_length or [min(self.tokenizer.model_max_length, 512)]
+        prefixes = args.text_prefix or [""]
+        self.max_length, self.prefix = lengths[i % len(lengths)], prefixes[i % len(prefixes)]  # once or per encoder
+        mask = args.text_encoder_attention_mask
         self.use_mask = mask == "on" or (mask == "auto" and bool(getattr(self.model.config, "use_attention_mask", 0)))
         self.device, self.dtype = device, DTYPES[args.text_dtype]
         self.empty = self.encode([""])  # the unconditional prompt
@@ -432,7 +421,7 @@ class TextEncoder:
 
     @torch.no_grad()
     def encode(self, captions):
-        unique = list(dict.fromkeys(captions))  # captions repeat (MNIST has ten): encode each once per batch
+        unique = list(dict.fromkeys(captions))  # encode each distinct caption once (MNIST has ten)
         tokens = self.tokenizer(
             [self.prefix + c for c in unique],
             padding="max_length",
@@ -453,12 +442,12 @@ class TextEncoder:
 # ---- Encoding ----
 @torch.no_grad()
 def encode_shard(rows, vae, text_encoders, args):
-    """The tensors of one shard (docs/prepare_data.md), its captions, and the number of skipped images."""
+    """One shard's tensors, its captions and the number of unreadable images."""
     out, captions, skipped = {}, [], 0
     transform, mode = image_transform(args), "L" if vae is not None and vae.config.in_channels == 1 else "RGB"
     for start in range(0, len(rows), args.batch_size):
         batch = rows[start : start + args.batch_size]
-        if vae is not None:  # unreadable images are skipped and counted
+        if vae is not None:
             decoded = [(i, decode_image(raw, mode), caption, label) for i, raw, caption, label in batch]
             batch = [row for row in decoded if row[1] is not None]
             skipped += len(decoded) - len(batch)
@@ -484,21 +473,13 @@ def encode_shard(rows, vae, text_encoders, args):
 
 
 # ---- Shards ----
-# settings.json holds every flag but these, which change how the work is done, not what the shards hold.
-RUN_FLAGS = ("output_dir", "streaming", "batch_size", "device", "ddp_timeout")
-PATH_FLAGS = (
-    "train_data_dir",
-    "dataset_name",
-    "captions_json",
-    "data_root",
-    "pretrained_model_name_or_path",
-    "vae_name_or_path",
-    "text_encoder_name_or_path",
-)
+# settings.json holds every flag but these, which change how the work runs, not the shards.
+RUN_FLAGS = "output_dir streaming batch_size device ddp_timeout".split()
+PATH_FLAGS = SOURCE_FLAGS + "pretrained_model_name_or_path vae_name_or_path text_encoder_name_or_path".split()
 
 
 def content_settings(args):
-    """{flag: value} of the content flags; local paths made absolute, so that "imgs" and "./imgs" are the same."""
+    """{flag: value} of the content flags; local paths made absolute ("imgs" == "./imgs")."""
 
     def local(value):
         return str(Path(value).resolve()) if value not in (None, "none") and Path(value).exists() else value
@@ -508,7 +489,7 @@ def content_settings(args):
         if flag in PATH_FLAGS:
             value = [local(v) for v in value] if isinstance(value, list) else local(value)
         if flag not in RUN_FLAGS:
-            settings["mnist_root" if flag == "data_root" else flag] = value  # settings.json's key for it
+            settings["mnist_root" if flag == "data_root" else flag] = value
     if not args.data_root:
         settings["caption_template"] = None  # only MNIST captions use it
     return settings
@@ -517,7 +498,7 @@ def content_settings(args):
 def check_settings(out_dir, settings):
     """Refuse an --output_dir whose shards were encoded with other settings, or with unknown ones."""
     if not any(out_dir.glob("shard-*.safetensors*")):
-        return  # no shard yet: settings.json is written anew
+        return
     try:
         before = json.loads((out_dir / "settings.json").read_text())
     except (OSError, ValueError):
@@ -533,24 +514,23 @@ def check_settings(out_dir, settings):
 
 def write_json(path, value):
     path.with_suffix(".tmp").write_text(json.dumps(value, indent=2))
-    os.replace(path.with_suffix(".tmp"), path)  # atomic: a reader never sees half a file
+    os.replace(path.with_suffix(".tmp"), path)  # atomic
 
 
 def write_index(out_dir, source, vae_info, text_encoders, args, settings):
-    """index.json from this source's shards on disk, those of earlier runs included; the shards beyond them (left
-    by a longer source) are removed."""
+    """index.json of this source's shards on disk (earlier runs' included); removes the shards beyond them."""
     shard_files = [out_dir / f"shard-{s:05d}.safetensors" for s in range(math.ceil(source.length / args.shard_size))]
-    shards, skipped, tensors = [], 0, {}
-    for s, path in enumerate(shard_files):
+    shards, tensors = [], {}
+    for path in shard_files:
         with safe_open(str(path), framework="pt") as f:
             n = f.get_slice("index").get_shape()[0] if "index" in f.keys() else 0
-            skipped += min(args.shard_size, source.length - s * args.shard_size) - n  # the unreadable images
             if n and not tensors:  # the shapes and dtypes of one example
                 for key in f.keys():
                     first = f.get_slice(key)[:1]
                     tensors[key] = {"shape": list(first.shape[1:]), "dtype": str(first.dtype).removeprefix("torch.")}
         shards.append({"file": path.name, "num_examples": n})
     total = sum(s["num_examples"] for s in shards)
+    skipped = source.length - total  # the unreadable images
     if total == 0:
         raise SystemExit(f"error: no readable example was encoded ({skipped} skipped); index.json not written")
     stale = [p for p in sorted(out_dir.glob("shard-*.safetensors")) if p not in shard_files]

@@ -1,9 +1,8 @@
 """Train a Diffusion Transformer (DiT) from scratch, class- or text-conditioned, on VAE latents or pixels.
 
-Class conditioning uses diffusers' DiTTransformer2DModel, text conditioning PixArtTransformer2DModel reading a
-frozen text encoder. `--objective ddpm`: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, MSE on eps (or v).
-`--objective flow`: x_s = (1 - s) x_0 + s eps, MSE on the velocity eps - x_0. The condition is dropped with
---cond_dropout_prob, which trains the unconditional branch that classifier-free guidance uses.
+diffusers' DiTTransformer2DModel for classes, PixArtTransformer2DModel for a frozen text encoder's states. Loss: MSE
+on the noise or v (`--objective ddpm`) or on the velocity noise - data (`flow`); --cond_dropout_prob trains the
+unconditional branch of classifier-free guidance.
 
     python train_dit.py --dataset_name mnist --data_root ./data --vae_name_or_path none --resolution 32
     accelerate launch train_dit.py --train_data_dir imagenet/train --model DiT-XL/2 --mixed_precision bf16
@@ -49,18 +48,18 @@ from diffusers.training_utils import EMAModel, compute_density_for_timestep_samp
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torchvision import transforms
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-# The paper's models: depth, width, heads. The "/p" of a --model name is the patch size.
+# (depth, width, heads) of the DiT paper's models
 PRESETS = {"DiT-S": (12, 384, 6), "DiT-B": (12, 768, 12), "DiT-L": (24, 1024, 16), "DiT-XL": (28, 1152, 16)}
 MNIST_SIZE = 28
 EXPORT_CONFIG = "export_config.json"
 MANIFEST = "manifest.json"  # written last in a checkpoint or export: the commit point
 LOCK = "run.lock"  # one training run per output folder
-NEGATABLE = {"use_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
 DEFAULT_TEXT_ENCODER = "openai/clip-vit-base-patch32"
-PIPELINE_NULL_CLASS = 1000  # DiTPipeline's null class id (ImageNet's class count)
+PIPELINE_NULL_CLASS = 1000  # DiTPipeline's null class id
 
 
 # ---- Args ----
@@ -86,164 +85,136 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     g = parser.add_argument_group("data (one of --dataset_name, --train_data_dir, --precomputed_data_dir)")
-    g.add_argument("--dataset_name", help='A datasets hub id or local dataset; "mnist": MNIST from --data_root.')
+    g.add_argument("--dataset_name", help='Hub id or local dataset; "mnist": MNIST from --data_root.')
     g.add_argument("--dataset_config_name")
-    g.add_argument("--data_root", default="./data", help="The folder holding MNIST/raw (downloaded when missing).")
-    g.add_argument("--train_data_dir", help="An image folder: one subfolder per class, and/or a metadata.jsonl.")
-    g.add_argument("--precomputed_data_dir", help="Shards of prepare_data_multi_gpu.py (latents, text states).")
+    g.add_argument("--data_root", default="./data", help="Folder holding MNIST/raw; downloaded when missing.")
+    g.add_argument("--train_data_dir", help="Image folder: a subfolder per class and/or a metadata.jsonl.")
+    g.add_argument("--precomputed_data_dir", help="Shards of prepare_data_multi_gpu.py.")
     g.add_argument("--image_column", default="image")
     g.add_argument("--label_column", default="label")
     g.add_argument("--caption_column", default="text")
     g.add_argument("--caption_template", default="A handwritten digit {}", help="MNIST captions; {} is the digit.")
-    g.add_argument("--resolution", type=int, default=256, help="Image side (resize + center crop; MNIST is padded).")
+    g.add_argument("--resolution", type=int, default=256, help="Resized and center-cropped; MNIST is padded.")
     g.add_argument(
         "--image_interpolation_mode",
         default="lanczos",
-        choices=[m.name.lower() for m in torchvision.transforms.InterpolationMode],
+        choices=[m.name.lower() for m in transforms.InterpolationMode],
     )
-    g.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
-    g.add_argument("--max_samples", type=int, help="Truncate the training set to N examples.")
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--max_samples", type=int)
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
-    g = parser.add_argument_group("models")
+    g = parser.add_argument_group("models", "--depth, --hidden_size, --num_heads, --patch_size override the preset.")
     g.add_argument("--model", default="DiT-XL/2", help=f"One of {sorted(PRESETS)} + /2, /4 or /8 (patch size).")
-    g.add_argument("--depth", type=int, help="Override the preset's number of blocks.")
-    g.add_argument("--hidden_size", type=int, help="Override the preset's width.")
-    g.add_argument("--num_heads", type=int, help="Override the preset's attention heads.")
-    g.add_argument("--patch_size", type=int, help="Override the preset's patch size.")
+    g.add_argument("--depth", type=int)
+    g.add_argument("--hidden_size", type=int)
+    g.add_argument("--num_heads", type=int)
+    g.add_argument("--patch_size", type=int)
     g.add_argument("--conditioning", choices=["class", "text"], default="class")
     g.add_argument(
         "--weight_init",
         choices=["pytorch", "adaln_zero"],
         default="pytorch",
-        help="pytorch: diffusers' initialisation (the recipe in docs/dit.md); adaln_zero: DiT's, every block "
-        "starting as the identity.",
+        help="pytorch: diffusers' (the recipe in docs/dit.md); adaln_zero: DiT's, each block starts as the identity.",
     )
-    g.add_argument("--num_classes", type=int, help="Class count, when the data does not say.")
+    g.add_argument("--num_classes", type=int, help="When the data does not say.")
     g.add_argument(
         "--vae_name_or_path",
         default="stabilityai/sd-vae-ft-ema",
-        help='Frozen AutoencoderKL (hub id or folder; a "vae" subfolder is found); "none" trains on pixels.',
+        help='AutoencoderKL hub id or folder (or its vae/ subfolder); "none": train on pixels.',
     )
     g.add_argument(
         "--text_encoder_name_or_path",
-        help=f"Frozen text encoder for --conditioning text (CLIP, BERT, T5; default {DEFAULT_TEXT_ENCODER}, "
-        "or the shards' or the export's encoder).",
+        help=f"CLIP, BERT or T5. Default: the shards', the export's or {DEFAULT_TEXT_ENCODER}.",
     )
-    g.add_argument("--tokenizer_max_length", type=int, help="Tokens per caption (default 77, or the shards').")
+    g.add_argument("--tokenizer_max_length", type=int, help="Default: the shards', or 77.")
 
     g = parser.add_argument_group("objective")
     g.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm")
     g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon", help="ddpm only.")
-    g.add_argument("--beta_schedule", default="linear", help="ddpm: DDPMScheduler's beta schedule.")
+    g.add_argument("--beta_schedule", default="linear", help="ddpm only.")
     g.add_argument("--snr_gamma", type=float, default=0.0, help="ddpm: min-SNR loss weighting; 0 = plain MSE.")
     g.add_argument("--num_train_timesteps", type=int, default=1000)
     g.add_argument(
         "--weighting_scheme",
-        choices=["logit_normal", "uniform", "mode"],
+        choices="logit_normal uniform mode".split(),
         default="logit_normal",
-        help="flow: the density of the noise level s in training (SD3's schemes, at their defaults).",
+        help="flow: density of the training noise level (SD3's).",
     )
     g.add_argument(
-        "--flow_shift",
-        type=float,
-        default=1.0,
-        help="flow: s -> shift*s / (1 + (shift-1)*s) in training and sampling; > 1 favours high noise.",
+        "--flow_shift", type=float, default=1.0, help="flow: noise-level shift, training and sampling; > 1: noisier."
     )
-    g.add_argument(
-        "--cond_dropout_prob",
-        type=float,
-        default=0.1,
-        help="Probability of replacing the class by the null class (the caption by the empty prompt).",
-    )
+    g.add_argument("--cond_dropout_prob", type=float, default=0.1, help="Probability of dropping the class or caption.")
 
     g = parser.add_argument_group("optimisation (defaults: DiT's)")
     g.add_argument("--output_dir", default="output_dit")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--train_batch_size", "--batch_size", type=int, default=32, help="Batch size per process.")
+    g.add_argument("--train_batch_size", "--batch_size", type=int, default=32, help="Per process.")
     g.add_argument("--num_train_epochs", "--epochs", "--num_epochs", type=int, default=80)
     g.add_argument("--max_train_steps", type=int, help="Overrides --num_train_epochs.")
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=0.0)
-    g.add_argument("--lr_scheduler", default="constant", help="A diffusers.optimization.get_scheduler name.")
+    g.add_argument("--lr_scheduler", default="constant", help="A diffusers get_scheduler name.")
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument(
-        "--max_nonfinite_steps",
-        type=int,
-        default=10,
-        help="Stop after this many optimizer steps in a row with a non-finite gradient.",
+        "--max_nonfinite_steps", type=int, default=10, help="Stop after N steps in a row with a non-finite gradient."
     )
     g.add_argument(
-        "--use_ema",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Sample and export an EMA of the weights.",
+        "--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Sample and export EMA weights."
     )
-    g.add_argument("--ema_decay", type=float, default=0.9999, help="Largest EMA decay, reached after the warmup.")
-    g.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
+    g.add_argument("--ema_decay", type=float, default=0.9999, help="Reached after the warmup.")
+    g.add_argument("--ema_power", type=float, default=0.75, help="Warmup: decay = 1 - (1 + step) ** -power.")
 
     g = parser.add_argument_group("speed and memory")
     g.add_argument(
-        "--mixed_precision",
-        choices=["no", "fp16", "bf16"],
-        help="fp16 needs a CUDA GPU. Default: accelerate's config or launcher flag.",
+        "--mixed_precision", choices="no fp16 bf16".split(), help="Default: accelerate's config; fp16 needs CUDA."
     )
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--device", choices="auto cpu cuda".split(), default="auto")
+    g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--torch_compile", action="store_true", help="torch.compile the transformer.")
+    g.add_argument("--torch_compile", action="store_true")
 
     g = parser.add_argument_group("sampling and evaluation")
-    g.add_argument(
-        "--guidance_scale",
-        type=float,
-        default=1.5,
-        help="Guidance of --num_eval_samples: uncond + s * (cond - uncond); 1 = none.",
-    )
+    g.add_argument("--guidance_scale", type=float, default=1.5, help="Of --num_eval_samples; 1 = none.")
     g.add_argument("--guidance_interval", type=float_list, help="LO,HI: guide only at noise levels t/T in [LO, HI].")
     g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 1.5, 4.0], help="Grid columns.")
-    g.add_argument("--validation_class_ids", type=int_list, help="Grid rows (default: the first 10 classes).")
-    g.add_argument("--validation_prompts", nargs="+", help="Grid rows for text (default: the data's first captions).")
+    g.add_argument("--validation_class_ids", type=int_list, help="Grid rows; default: the first 10 classes.")
+    g.add_argument("--validation_prompts", nargs="+", help="Grid rows; default: the data's first captions.")
     g.add_argument("--num_inference_steps", type=int, default=25, help="DPM-Solver++ (ddpm) or Euler (flow) steps.")
-    g.add_argument(
-        "--num_eval_samples",
-        type=int,
-        default=0,
-        help="Write N samples, balanced over the classes, to <output_dir>/eval_samples.npz at the end.",
-    )
+    g.add_argument("--num_eval_samples", type=int, default=0, help="Class-balanced samples for eval_samples.npz.")
     g.add_argument("--eval_batch_size", type=int, default=250)
-    g.add_argument("--sample_from", help="Sample from an export or a checkpoint-N folder instead of training.")
+    g.add_argument("--sample_from", help="Sample from an export or checkpoint-N folder instead of training.")
 
     g = parser.add_argument_group("logging and checkpoints")
-    g.add_argument("--logging_steps", type=int, default=100, help="Also how often the host reads device values.")
+    g.add_argument("--logging_steps", type=int, default=100)
     g.add_argument("--validation_steps", type=int, default=5000)
     g.add_argument("--checkpointing_steps", type=int, default=5000)
-    g.add_argument("--checkpoints_total_limit", type=int, help="Keep only the newest N checkpoints.")
+    g.add_argument("--checkpoints_total_limit", type=int, help="Keep the newest N checkpoints.")
     g.add_argument("--resume_from_checkpoint", help='A checkpoint folder, or "latest" in --output_dir.')
     g.add_argument("--overwrite_output_dir", action="store_true", help="Delete another run's checkpoints there.")
-    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none")
+    g.add_argument("--report_to", choices="none tensorboard wandb all".split(), default="none")
     g.add_argument("--tracker_project_name", default="train_dit", help="Project (wandb) or run folder name.")
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return parser.parse_args([underscore_flag(a) for a in argv])
+    for action in parser._actions:  # argparse shows the default of a flag with a help text only
+        action.help = action.help or "(default: %(default)s)"
+    return parser.parse_args(map(underscore_flag, sys.argv[1:] if argv is None else argv))
 
 
 # Copied from train_mnist.underscore_flag
 def underscore_flag(arg):
-    """--max-samples -> --max_samples, --no-use-ema -> --no-use_ema."""
-    if not arg.startswith("--"):
+    """--max-samples -> --max_samples; --no-use-ema -> --no-use_ema."""
+    name, eq, value = arg.partition("=")
+    if not name.startswith("--"):
         return arg
-    name, eq, value = arg[2:].partition("=")
-    negation = "no-" if name.startswith(("no-", "no_")) and name[3:].replace("-", "_") in NEGATABLE else ""
-    return "--" + negation + name[len(negation) :].replace("-", "_") + eq + value
+    prefix = "--no-" if name.startswith("--no-") else "--"
+    return prefix + name[len(prefix) :].replace("-", "_") + eq + value
 
 
 def model_shape(args):
-    """(depth, width, heads, patch) from --model and the overrides."""
+    """(depth, width, heads, patch)."""
     name, _, patch = args.model.partition("/")
     if name not in PRESETS or patch not in ("2", "4", "8"):
         fail(f"--model {args.model}: unknown preset; use one of {sorted(PRESETS)} + /2, /4 or /8")
@@ -253,38 +224,29 @@ def model_shape(args):
 
 # Copied from train_mnist.check_shared_flags
 def check_shared_flags(args):
-    """Checks of the flags every trainer has: numbers in range, a --resume_from_checkpoint of this script."""
-    at_least_1 = (lambda v: v >= 1, "an integer >= 1")
-    rules = {
-        "learning_rate": (lambda v: v > 0, "a number > 0"),
-        "train_batch_size": at_least_1,
-        "eval_batch_size": at_least_1,
-        "num_train_epochs": at_least_1,
-        "max_train_steps": at_least_1,
-        "gradient_accumulation_steps": at_least_1,
-        "max_samples": at_least_1,
-        "logging_steps": at_least_1,
-        "checkpointing_steps": at_least_1,
-        "validation_steps": at_least_1,
-        "checkpoints_total_limit": at_least_1,
-        "num_inference_steps": at_least_1,
-        "lr_warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
-        "dataloader_num_workers": (lambda v: v >= 0, "an integer >= 0"),
-        "max_grad_norm": (lambda v: v >= 0, "a number >= 0"),
-        "adam_weight_decay": (lambda v: v >= 0, "a number >= 0"),
-        "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
-        "ema_power": (lambda v: v > 0, "a number > 0"),
-        "cond_dropout_prob": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "snr_gamma": (lambda v: v >= 0, "a number >= 0"),
-        "guidance_scale": (lambda v: v >= 0, "a number >= 0"),
-        "validation_guidance_scales": (lambda v: v >= 0, "numbers >= 0"),
-    }
-    for name, (valid, wanted) in rules.items():
-        value = getattr(args, name, None)  # a flag this script does not have is skipped
-        if value is not None and not all(map(valid, value if isinstance(value, list) else [value])):
-            fail(f"--{name} {value}: must be {wanted}")
+    """The flags every trainer has: number ranges, the output folder, the script of a checkpoint to resume."""
+    rules = [  # a flag this script lacks is skipped
+        (
+            lambda v: v >= 1,
+            "an integer >= 1",
+            "train_batch_size eval_batch_size num_train_epochs max_train_steps gradient_accumulation_steps max_samples "
+            "logging_steps checkpointing_steps validation_steps checkpoints_total_limit num_inference_steps",
+        ),
+        (lambda v: v >= 0, "an integer >= 0", "lr_warmup_steps dataloader_num_workers"),
+        (
+            lambda v: v >= 0,
+            "a number >= 0",
+            "max_grad_norm adam_weight_decay snr_gamma guidance_scale validation_guidance_scales",
+        ),
+        (lambda v: v > 0, "a number > 0", "learning_rate ema_power"),
+        (lambda v: 0 <= v < 1, "in [0, 1)", "adam_beta1 adam_beta2 cond_dropout_prob"),
+        (lambda v: 0 < v < 1, "in (0, 1)", "ema_decay"),
+    ]
+    for valid, wanted, names in rules:
+        for name in names.split():
+            value = getattr(args, name, None)
+            if value is not None and not all(map(valid, value if isinstance(value, list) else [value])):
+                fail(f"--{name} {value}: must be {wanted}")
     out = Path(args.output_dir)
     if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
         fail(f"--output_dir {out}: is a file or lies under one; pass a folder")
@@ -293,36 +255,33 @@ def check_shared_flags(args):
         try:
             written_by = json.loads((Path(resume) / "training_state.json").read_text()).get("script")
         except (OSError, ValueError):
-            fail(f"--resume_from_checkpoint {resume}: not a readable checkpoint folder; pass checkpoint-N or latest")
+            fail(f"--resume_from_checkpoint {resume}: not a checkpoint folder; pass checkpoint-N or latest")
         if written_by != script:
-            fail(f"--resume_from_checkpoint {resume}: written by {written_by}, not {script}; pass a checkpoint of it")
+            fail(f"--resume_from_checkpoint {resume}: written by {written_by}, not {script}")
 
 
 def check_args(args):
-    """Cheap checks of the flags, before any data or model is loaded."""
+    """Checks of the flags, before any data or model loads."""
     check_shared_flags(args)
     if args.sample_from:
         if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
-            fail(
-                f"--sample_from {args.sample_from}: no {EXPORT_CONFIG}; pass a finished run's output_dir or checkpoint"
-            )
+            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG}; pass a run's output_dir or checkpoint")
         if problem := manifest_problem(Path(args.sample_from)):
             fail(f"--sample_from {args.sample_from}: damaged or incomplete ({problem}); pass an intact export")
     else:
-        sources = [s for s in ("dataset_name", "train_data_dir", "precomputed_data_dir") if getattr(args, s)]
-        if len(sources) != 1:
-            fail(f"give exactly one of --dataset_name, --train_data_dir, --precomputed_data_dir (got {len(sources)})")
+        if sum(map(bool, (args.dataset_name, args.train_data_dir, args.precomputed_data_dir))) != 1:
+            fail("give exactly one of --dataset_name, --train_data_dir, --precomputed_data_dir")
         for flag in ("train_data_dir", "precomputed_data_dir"):
-            if getattr(args, flag) and not Path(getattr(args, flag)).is_dir():
-                fail(f"--{flag} {getattr(args, flag)}: no such folder")
-        name = args.dataset_name or "mnist"
-        if name != "mnist" and name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+            if (path := getattr(args, flag)) and not Path(path).is_dir():
+                fail(f"--{flag} {path}: no such folder")
+        name = args.dataset_name
+        if name and name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
             fail(f"--dataset_name {name}: no such local dataset; pass a hub id or an existing folder")
         if args.precomputed_data_dir and not (Path(args.precomputed_data_dir) / "index.json").is_file():
             fail(f"--precomputed_data_dir {args.precomputed_data_dir}: no index.json; run prepare_data_multi_gpu.py")
     _, hidden, heads, _ = model_shape(args)
     if hidden % heads:
-        fail(f"--hidden_size {hidden} is not divisible by --num_heads {heads}")
+        fail(f"--hidden_size {hidden}: not divisible by --num_heads {heads}")
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
     interval = args.guidance_interval or [0, 1]
@@ -335,49 +294,44 @@ def check_args(args):
 
 # Copied from train_mnist.installed_trackers
 def installed_trackers(report_to):
-    """--report_to as accelerate's log_with; a tracker whose package is missing is an error."""
+    """--report_to as accelerate's log_with; a missing tracker package is an error."""
     import importlib.util
 
-    if report_to == "none":
-        return []
-    found = [name for name in ("tensorboard", "wandb") if report_to in (name, "all") and importlib.util.find_spec(name)]
-    if not found and report_to == "all":
-        fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
-    if not found:
-        fail(f"--report_to {report_to}: the {report_to} package is not installed; pip install {report_to}")
+    wanted = {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
+    found = [name for name in wanted if importlib.util.find_spec(name)]
+    if wanted and not found:
+        fail(f"--report_to {report_to}: {' or '.join(wanted)} is not installed; pip install {wanted[0]}")
     return found
 
 
 # Copied from train_mnist.check_accelerator
 def check_accelerator(accelerator):
-    """Checks of what accelerate resolved from the flags, its config file and the launcher."""
+    """What accelerate resolved from the flags, its config file and the launcher."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
-        fail("--mixed_precision fp16 (from the flag or accelerate's config) needs a CUDA GPU: use bf16 or no here")
+        fail("--mixed_precision fp16 (flag or accelerate config) needs a CUDA GPU; use bf16 or no")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        fail("DeepSpeed is not supported by this script: launch it with DDP (accelerate launch --multi_gpu)")
+        fail("DeepSpeed is not supported; launch with DDP (accelerate launch --multi_gpu)")
     if accelerator.distributed_type == DistributedType.FSDP:
-        fail("FSDP is not supported by this script (its EMA needs whole weights): launch it with DDP (--multi_gpu)")
+        fail("FSDP is not supported (the EMA needs whole weights); launch with DDP (--multi_gpu)")
 
 
 # ---- Data ----
-# An example is a dict: "pixels" [C, R, R] in [-1, 1] (precomputed: "latent_mean", "latent_std"), "label" and
-# "caption" (precomputed: "text_states", "text_mask"); an image folder's also carry "skipped".
+# An example: "pixels" [C, R, R] in [-1, 1], "label", "caption"; from shards, latents and text states instead.
 class MNISTDataset(torch.utils.data.Dataset):
-    """torchvision MNIST in memory, each digit padded from 28 to the resolution on a black border."""
+    """torchvision MNIST in memory, padded from 28 to the resolution."""
 
     def __init__(self, args, channels):
         try:
             mnist = torchvision.datasets.MNIST(args.data_root, train=True, download=True)
         except Exception as e:  # offline, proxy, disk full: all end the same way
             fail(
-                f"--data_root {args.data_root}: MNIST is not there and could not be downloaded "
-                f"({type(e).__name__}); point --data_root at a folder holding MNIST/raw"
+                f"--data_root {args.data_root}: no MNIST there and the download failed ({type(e).__name__}); "
+                "pass a folder holding MNIST/raw"
             )
-        n = len(mnist) if args.max_samples is None else min(args.max_samples, len(mnist))
         pad = (args.resolution - MNIST_SIZE) // 2
-        images = mnist.data[:n].float().div(127.5).sub(1.0).unsqueeze(1)
+        images = mnist.data[: args.max_samples].float().div(127.5).sub(1.0).unsqueeze(1)
         self.images = F.pad(images, (pad, pad, pad, pad), value=-1.0).expand(-1, channels, -1, -1)
-        self.labels = mnist.targets[:n].long()
+        self.labels = mnist.targets[: args.max_samples].long()
         self.label_names = [str(d) for d in range(10)]
         self.template = args.caption_template
 
@@ -386,7 +340,7 @@ class MNISTDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         label = int(self.labels[i])
-        return {"pixels": self.images[i], "label": label, "caption": self.template.format(label)}
+        return dict(pixels=self.images[i], label=label, caption=self.template.format(label))
 
 
 # Copied from train_ldm_sd.decode_image
@@ -409,10 +363,8 @@ def decode_image(raw, mode):
 
 
 class HFImageDataset(torch.utils.data.Dataset):
-    """A datasets table (hub, local or imagefolder): images resized, center-cropped, in [-1, 1].
-
-    An unreadable image is replaced by the next readable one and counted as skipped: every batch keeps its
-    size, so no process misses a step (the others would wait for it in the gradient all-reduce)."""
+    """A datasets table (hub, local or imagefolder). An unreadable image is replaced by the next readable one and
+    counted: a batch keeps its size, so no process misses a step (the others would wait in the all-reduce)."""
 
     max_unreadable_in_a_row = 64
 
@@ -420,15 +372,15 @@ class HFImageDataset(torch.utils.data.Dataset):
         import datasets
 
         self.table = table.cast_column(args.image_column, datasets.Image(decode=False))
-        self.args, self.channels = args, channels
+        self.args, self.mode = args, "RGB" if channels == 3 else "L"
         self.label_names = getattr(table.features.get(args.label_column), "names", None)
-        interpolation = torchvision.transforms.InterpolationMode[args.image_interpolation_mode.upper()]
-        self.transform = torchvision.transforms.Compose(
+        interpolation = transforms.InterpolationMode[args.image_interpolation_mode.upper()]
+        self.transform = transforms.Compose(
             [
-                torchvision.transforms.Resize(args.resolution, interpolation),
-                torchvision.transforms.CenterCrop(args.resolution),
-                torchvision.transforms.ToTensor(),
-                torchvision.transforms.Normalize([0.5], [0.5]),
+                transforms.Resize(args.resolution, interpolation),
+                transforms.CenterCrop(args.resolution),
+                transforms.ToTensor(),
+                transforms.Normalize([0.5], [0.5]),
             ]
         )
 
@@ -437,29 +389,22 @@ class HFImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         for k in range(min(self.max_unreadable_in_a_row, len(self))):
-            example = self.read((i + k) % len(self))
-            if example is not None:
-                return {**example, "skipped": int(k > 0)}
+            row = self.table[(i + k) % len(self)]
+            image = decode_image(row[self.args.image_column], self.mode)
+            if image is not None:
+                label = int(row[self.args.label_column]) if self.args.label_column in row else -1
+                caption = str(row.get(self.args.caption_column) or "")
+                return dict(pixels=self.transform(image), label=label, caption=caption, skipped=int(k > 0))
         raise RuntimeError(f"{self.max_unreadable_in_a_row} unreadable images in a row from example {i}")
-
-    def read(self, i):
-        """Example i, or None when its image cannot be decoded."""
-        row = self.table[i]
-        image = decode_image(row[self.args.image_column], "RGB" if self.channels == 3 else "L")
-        if image is None:
-            return None
-        pixels = self.transform(image)
-        label = int(row[self.args.label_column]) if self.args.label_column in row else -1
-        return {"pixels": pixels, "label": label, "caption": str(row.get(self.args.caption_column) or "")}
 
 
 class PrecomputedDataset(torch.utils.data.Dataset):
-    """Rows of prepare_data_multi_gpu.py's safetensors shards, read lazily through memory maps."""
+    """Rows of prepare_data_multi_gpu.py's shards, memory-mapped."""
 
     def __init__(self, root, index, text_key, max_samples):
         self.files = [Path(root) / shard["file"] for shard in index["shards"]]
         self.starts = np.cumsum([0] + [shard["num_examples"] for shard in index["shards"]])
-        self.length = int(self.starts[-1]) if max_samples is None else min(max_samples, int(self.starts[-1]))
+        self.length = min(max_samples or math.inf, int(self.starts[-1]))
         names = ["latent_mean", "latent_std"]
         names += ["latent_mean_flipped", "latent_std_flipped"] if index.get("random_flip") else []
         names += ["label"] if "label" in index["tensors"] else []
@@ -485,7 +430,7 @@ class PrecomputedDataset(torch.utils.data.Dataset):
 
 
 def collate(examples):
-    """Stack a batch; "skipped" counts its examples that stand in for an unreadable image."""
+    """A batch; "skipped": its stand-ins for unreadable images."""
     skipped = sum(e.pop("skipped", 0) for e in examples)
     return {**torch.utils.data.default_collate(examples), "skipped": skipped}
 
@@ -505,40 +450,36 @@ def read_precomputed_index(args):
 
 
 def text_convention(args, index):
-    """How a caption becomes text states: encoder, tokenizer, prefix, length, and whether the encoder sees the
-    padding mask. Online: the flags. Precomputed: what index.json says the shards used, so that prompts are
-    encoded the same way later; flags that contradict the shards are refused."""
-    if index is None:
+    """How a caption becomes text states (encoder, tokenizer, prefix, length, whether the encoder sees the padding
+    mask): the flags, or what index.json says the shards used, so that prompts are encoded the same way later."""
+    if index is None:  # the flags as an index.json entry
         name = args.text_encoder_name_or_path or DEFAULT_TEXT_ENCODER
-        return {
-            "text_encoder": name,
-            "tokenizer": name,
-            "prefix": "",
-            "use_attention_mask": True,
-            "tokenizer_max_length": args.tokenizer_max_length or 77,
-        }
-    flag = f"--precomputed_data_dir {args.precomputed_data_dir}"
-    entry, tensors = index["text_encoders"][0], index.get("tensors", {})
-    key = entry["key"]
-    if f"{key}.hidden_states" not in tensors or f"{key}.attention_mask" not in tensors:  # cross-attention needs it
-        fail(f"{flag}: no {key}.hidden_states and {key}.attention_mask in index.json; re-encode the shards")
-    for name, value, stored in (
-        ("text_encoder_name_or_path", args.text_encoder_name_or_path, entry["name_or_path"]),
-        ("tokenizer_max_length", args.tokenizer_max_length, entry["max_length"]),
-    ):
-        if value not in (None, stored):
-            fail(f"--{name} {value}: the shards were encoded with {stored}; drop the flag or re-encode them")
-    return {
-        "text_encoder": entry["name_or_path"],
-        "tokenizer": entry.get("tokenizer") or entry["name_or_path"],
-        "prefix": entry.get("prefix") or "",
-        "use_attention_mask": entry.get("use_attention_mask", False),
-        "tokenizer_max_length": entry["max_length"],
-    }
+        entry = dict(name_or_path=name, max_length=args.tokenizer_max_length or 77, use_attention_mask=True)
+    else:
+        entry, tensors = index["text_encoders"][0], index.get("tensors", {})
+        key = entry["key"]
+        if f"{key}.hidden_states" not in tensors or f"{key}.attention_mask" not in tensors:
+            fail(
+                f"--precomputed_data_dir {args.precomputed_data_dir}: no {key}.hidden_states and "
+                f"{key}.attention_mask in index.json; re-encode the shards"
+            )
+        for name, value, stored in (
+            ("text_encoder_name_or_path", args.text_encoder_name_or_path, entry["name_or_path"]),
+            ("tokenizer_max_length", args.tokenizer_max_length, entry["max_length"]),
+        ):
+            if value not in (None, stored):
+                fail(f"--{name} {value}: the shards were encoded with {stored}; drop the flag or re-encode them")
+    return dict(
+        text_encoder=entry["name_or_path"],
+        tokenizer=entry.get("tokenizer") or entry["name_or_path"],
+        prefix=entry.get("prefix") or "",
+        use_attention_mask=entry.get("use_attention_mask", False),
+        tokenizer_max_length=entry["max_length"],
+    )
 
 
 def build_dataset(args, channels, index):
-    """The training set of the chosen source, truncated to --max_samples."""
+    """The training set, truncated to --max_samples."""
     if index is not None:
         text_key = index["text_encoders"][0]["key"] if args.conditioning == "text" else None
         return PrecomputedDataset(args.precomputed_data_dir, index, text_key, args.max_samples)
@@ -568,7 +509,7 @@ def build_dataset(args, channels, index):
 
 # ---- Models ----
 def split_subfolder(name_or_path, subfolder=None):
-    """(name, subfolder) for from_pretrained: a hub id written "org/repo/sub" is the repo's subfolder."""
+    """(name, subfolder) for from_pretrained: "org/repo/sub" is a hub repo's subfolder."""
     parts = name_or_path.split("/")
     if subfolder is None and len(parts) > 2 and not Path(name_or_path).exists() and "" not in parts:
         return "/".join(parts[:2]), "/".join(parts[2:])
@@ -576,7 +517,7 @@ def split_subfolder(name_or_path, subfolder=None):
 
 
 def load_vae(name_or_path, subfolder=None, flag="--vae_name_or_path"):
-    """A frozen AutoencoderKL from its folder or a pipeline's vae/ subfolder; None for "none" (pixels)."""
+    """A frozen AutoencoderKL (or a pipeline's vae/); None for "none"."""
     if name_or_path.lower() == "none":
         return None
     if subfolder is None and (Path(name_or_path) / "vae" / "config.json").is_file():
@@ -586,15 +527,15 @@ def load_vae(name_or_path, subfolder=None, flag="--vae_name_or_path"):
         vae = AutoencoderKL.from_pretrained(name, subfolder=sub)
     except (OSError, ValueError) as e:
         fail(
-            f"{flag} {name_or_path}: cannot load an AutoencoderKL ({type(e).__name__}); pass a folder with "
-            f"config.json and weights, a pipeline folder with vae/, or a hub id when online"
+            f"{flag} {name_or_path}: cannot load an AutoencoderKL ({type(e).__name__}); pass a VAE or pipeline "
+            "folder, or a hub id when online"
         )
-    vae.loaded_from = {"name_or_path": name_or_path, "subfolder": subfolder}  # what loads it again
+    vae.loaded_from = dict(name_or_path=name_or_path, subfolder=subfolder)  # what loads it again
     return vae.requires_grad_(False).eval()
 
 
 def load_text_encoder(name_or_path, tokenizer_name_or_path=None):
-    """Tokenizer (from the encoder's folder unless given) and frozen encoder; of a CLIP, the text tower only."""
+    """Tokenizer and frozen encoder (of a CLIP, the text tower)."""
     name, sub = split_subfolder(name_or_path)
     tok_name, tok_sub = split_subfolder(tokenizer_name_or_path or name_or_path)
     try:
@@ -602,8 +543,8 @@ def load_text_encoder(name_or_path, tokenizer_name_or_path=None):
         tokenizer = AutoTokenizer.from_pretrained(tok_name, subfolder=tok_sub or "")
     except (OSError, ValueError) as e:
         fail(
-            f"--text_encoder_name_or_path {name_or_path}: cannot load it ({type(e).__name__}); pass a folder "
-            f"with config.json and the tokenizer files, or a hub id when online"
+            f"--text_encoder_name_or_path {name_or_path}: cannot load it ({type(e).__name__}); pass a model "
+            "folder with its tokenizer, or a hub id when online"
         )
     kind = config.model_type
     model_cls = CLIPTextModel if kind.startswith("clip") else T5EncoderModel if "t5" in kind else AutoModel
@@ -612,7 +553,7 @@ def load_text_encoder(name_or_path, tokenizer_name_or_path=None):
 
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts, text, device):
-    """Last hidden states [n, L, D] and masks [n, L] (1 = token), encoded as the convention `text` says."""
+    """Last hidden states [n, L, D] and masks [n, L], encoded as the convention `text` says."""
     tokens = tokenizer(
         [text["prefix"] + p for p in prompts],
         padding="max_length",
@@ -626,8 +567,8 @@ def encode_prompts(tokenizer, text_encoder, prompts, text, device):
 
 
 def build_transformer(args, in_channels, sample_size, num_classes, caption_channels):
-    """DiT of the preset's shape. Class: a label table with the null class at id num_classes. Text:
-    cross-attention to the projected caption states (PixArt-alpha). The variance is fixed, not learned."""
+    """DiT of the preset's shape with a fixed variance. Class: a label table with the null class at num_classes.
+    Text: cross-attention to the caption states (PixArt-alpha)."""
     depth, hidden, heads, patch = model_shape(args)
     common = dict(
         num_attention_heads=heads,
@@ -653,8 +594,8 @@ def build_transformer(args, in_channels, sample_size, num_classes, caption_chann
 
 @torch.no_grad()
 def initialize_weights(model):
-    """DiT's initialisation: Xavier-uniform linear layers, N(0, 0.02) embeddings, and zeros for the adaLN
-    modulations, the final layer and the cross-attention output, so every block starts as the identity."""
+    """DiT's: Xavier-uniform linear layers, N(0, 0.02) embeddings, zero adaLN modulations, final layer and
+    cross-attention output, so that each block starts as the identity."""
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             torch.nn.init.xavier_uniform_(module.weight)
@@ -675,23 +616,21 @@ def initialize_weights(model):
 
 
 def condition_kwargs(cond):
-    """The model's keyword arguments for a condition: class labels, or caption states and mask."""
     if "class_labels" in cond:
-        return {"class_labels": cond["class_labels"]}
-    return {
-        "encoder_hidden_states": cond["states"],
-        "encoder_attention_mask": cond["mask"],
-        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
-    }
+        return dict(class_labels=cond["class_labels"])
+    return dict(
+        encoder_hidden_states=cond["states"],
+        encoder_attention_mask=cond["mask"],
+        added_cond_kwargs=dict(resolution=None, aspect_ratio=None),
+    )
 
 
 def drop_condition(cond, null, drop):
-    """The condition with the examples where `drop` is True replaced by the null condition (a batch of one)."""
-    out = {}
-    for key, value in cond.items():
-        mask = drop.view(-1, *([1] * (value.dim() - 1)))
-        out[key] = torch.where(mask, null[key].expand_as(value).to(value.dtype), value)
-    return out
+    """`cond` with the examples where `drop` is True replaced by `null` (a batch of one)."""
+    return {
+        key: torch.where(drop.view(-1, *[1] * (value.dim() - 1)), null[key].expand_as(value).to(value.dtype), value)
+        for key, value in cond.items()
+    }
 
 
 # ---- Objective ----
@@ -708,8 +647,7 @@ def build_noise_scheduler(args):
 
 @torch.no_grad()
 def batch_to_inputs(batch, vae, vae_scale, generator, args):
-    """The clean input x_0: pixels, or a latent drawn from the VAE posterior (online or stored), scaled.
-    Flips are drawn here from `generator`, so that resume is exact."""
+    """x_0: pixels, or a scaled latent drawn from the VAE posterior. Flips come from `generator`: exact resume."""
     device = generator.device
     if "latent_mean" in batch:  # precomputed
         mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
@@ -731,7 +669,7 @@ def batch_to_inputs(batch, vae, vae_scale, generator, args):
 
 
 def training_step(model, noise_scheduler, x0, cond, null, args, generator):
-    """Noise a batch at random levels, drop conditions for guidance: per-sample losses, noise levels in [0, 1]."""
+    """Per-sample losses and noise levels in [0, 1], conditions dropped for guidance."""
     n, device = x0.shape[0], x0.device
     noise = torch.randn(x0.shape, generator=generator, device=device)
     drop = torch.rand(n, generator=generator, device=device) < args.cond_dropout_prob
@@ -749,7 +687,7 @@ def training_step(model, noise_scheduler, x0, cond, null, args, generator):
         )
         sigma = args.flow_shift * u / (1 + (args.flow_shift - 1) * u)  # the sampler's shift
         s = sigma.view(-1, 1, 1, 1)
-        noisy = (1 - s) * x0 + s * noise  # a straight line from data (s=0) to noise (s=1)
+        noisy = (1 - s) * x0 + s * noise  # data at s=0, noise at s=1
         target = noise - x0  # its velocity
         timesteps, level = sigma * num_t, sigma
     else:
@@ -768,8 +706,8 @@ def training_step(model, noise_scheduler, x0, cond, null, args, generator):
 
 # ---- Sampling ----
 def build_sampler(args, noise_scheduler, pixel_space):
-    """flow: Euler. ddpm: DPM-Solver++ (2nd order); in pixel space its x0 prediction is clipped to [-1, 1]:
-    near t=T it divides by sqrt(abar) ~ 6e-3, which blows up epsilon errors."""
+    """flow: Euler. ddpm: DPM-Solver++, its x0 prediction clipped in pixel space (near t=T it divides epsilon
+    errors by sqrt(abar), which is tiny)."""
     if args.objective == "flow":
         return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
     return DPMSolverMultistepScheduler.from_config(
@@ -784,7 +722,7 @@ def build_sampler(args, noise_scheduler, pixel_space):
 
 @torch.no_grad()
 def sample(model, sampler, cond, null, shape, guidance_scale, num_inference_steps, generator, guidance_interval=None):
-    """Model inputs of `shape` from unit noise, with classifier-free guidance (only inside guidance_interval)."""
+    """Model inputs of `shape`, with classifier-free guidance inside guidance_interval."""
     device, dtype = generator.device, next(model.parameters()).dtype
     x = torch.randn(shape, generator=generator, device=device)
     both = {k: torch.cat([null[k].expand_as(v).to(v.dtype), v]) for k, v in cond.items()}  # [uncond; cond]
@@ -814,7 +752,7 @@ def decode(x, vae, vae_scale):
 
 @dataclass
 class ImageGenerator:
-    """Everything sampling needs besides the condition, from training or from an export."""
+    """What sampling needs besides the condition."""
 
     model: torch.nn.Module
     sampler: object
@@ -825,7 +763,7 @@ class ImageGenerator:
     crop: int  # border to remove: MNIST's padding
 
     def images(self, cond, n, guidance_scale, args, generator):
-        """uint8 [n, R, R] (one channel) or [n, R, R, 3]."""
+        """uint8 [n, R, R] or [n, R, R, 3]."""
         x = sample(
             self.model,
             self.sampler,
@@ -845,24 +783,24 @@ class ImageGenerator:
 
 
 def class_conditions(ids, null_id, label_names, device):
-    """The null condition and the validation rows (names, condition) of a class-conditional model."""
+    """The null condition and the validation rows (names, condition)."""
     names = [label_names[i] if label_names else str(i) for i in ids]
     null = {"class_labels": torch.tensor([null_id], device=device)}
     return null, (names, {"class_labels": torch.tensor(ids, device=device)})
 
 
 def prompt_conditions(text, prompts, device, dtype=torch.float32):
-    """The tokenizer, the text encoder, the null condition (the empty prompt) and the validation rows."""
+    """Tokenizer, text encoder, null condition (the empty prompt) and validation rows."""
     tokenizer, text_encoder = load_text_encoder(text["text_encoder"], text["tokenizer"])
     text_encoder.to(device, dtype=dtype)
     states, mask = encode_prompts(tokenizer, text_encoder, ["", *prompts], text, device)
-    null = {"states": states[:1], "mask": mask[:1]}
-    return tokenizer, text_encoder, null, (prompts, {"states": states[1:], "mask": mask[1:]})
+    null = dict(states=states[:1], mask=mask[:1])
+    return tokenizer, text_encoder, null, (prompts, dict(states=states[1:], mask=mask[1:]))
 
 
 # ---- Validation ----
 def log_validation(gen, rows, args, path, trackers=(), step=0, per_row=4):
-    """A labelled grid, one row per class or prompt and one panel per guidance scale: to `path` and trackers."""
+    """A grid, a row per class or prompt and a panel per guidance scale, to `path` and the trackers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -909,7 +847,7 @@ def log_image(trackers, path, step, caption):
 
 
 def plot_loss(metrics_path, out_path):
-    """The loss curve, overall and per noise-level bin, on a log scale."""
+    """Overall and per noise-level bin."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -930,7 +868,7 @@ def plot_loss(metrics_path, out_path):
 
 
 def write_eval_samples(gen, num_classes, args, path):
-    """N samples balanced over the classes at --guidance_scale: uint8 images, labels; returns the seconds."""
+    """Class-balanced samples at --guidance_scale; returns the seconds."""
     device = next(gen.model.parameters()).device
     labels = torch.arange(args.num_eval_samples, device=device) % num_classes
     generator = torch.Generator(device).manual_seed(args.seed + 1)
@@ -966,8 +904,7 @@ def write_manifest(folder, names):
     """manifest.json: size and sha256 of the files (or folders) `names` in `folder`."""
     files = {}
     for name in names:
-        root = folder / name
-        for path in sorted(root.rglob("*")) if root.is_dir() else [root]:
+        for path in sorted((folder / name).rglob("*")) if (folder / name).is_dir() else [folder / name]:
             if path.is_file():
                 files[str(path.relative_to(folder))] = [path.stat().st_size, file_digest(path)]
     tmp = folder / f".{MANIFEST}.tmp"
@@ -981,7 +918,7 @@ def manifest_problem(folder):
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except FileNotFoundError:
-        return f"no {MANIFEST} (written last: the folder is incomplete)"
+        return f"no {MANIFEST}: the folder is incomplete"
     except (ValueError, KeyError, TypeError):
         return f"{MANIFEST} is damaged"
     for name, (size, digest) in files.items():
@@ -1010,8 +947,8 @@ def save_ema(ema, model, folder):
 
 
 def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, write_sampling_files):
-    """accelerate's state, the EMA model (or the model) with what --sample_from needs, the objective's RNG and
-    the data position (epoch, batches of all processes), in a temp folder renamed when complete."""
+    """accelerate's state, the EMA (or the model) with what --sample_from needs, the objective's RNG and the data
+    position, in a temp folder renamed when complete."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -1023,21 +960,19 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
         accelerator.save_state(str(tmp))  # model, optimizer, data sampler, global RNGs
         save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
         if accelerator.is_main_process:
-            # --torch_compile compiles in place: the unwrapped model has the plain parameter names.
-            plain = accelerator.unwrap_model(model)
-            state = {
-                "script": "train_dit.py",
-                "global_step": global_step,
-                "num_processes": accelerator.num_processes,
-                "epoch": position[0],
-                "epoch_batches": position[1],
-                "model": args.model,
-                "conditioning": args.conditioning,
-                "ema": None,
-            }
+            plain = accelerator.unwrap_model(model)  # plain parameter names: --torch_compile compiles in place
+            state = dict(
+                script="train_dit.py",
+                global_step=global_step,
+                num_processes=accelerator.num_processes,
+                epoch=position[0],
+                epoch_batches=position[1],
+                model=args.model,
+                conditioning=args.conditioning,
+                ema=None if ema is None else {k: v for k, v in ema.state_dict().items() if k != "shadow_params"},
+            )
             if ema is not None:
                 save_ema(ema, plain, tmp / "transformer_ema")
-                state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
             else:
                 plain.save_pretrained(tmp / "transformer")
             write_sampling_files(tmp)
@@ -1052,8 +987,8 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
         print(
-            f"error: step {global_step}: checkpoint not written ({reason}); the previous checkpoints are intact, "
-            f"resume from them with --resume_from_checkpoint latest",
+            f"error: step {global_step}: checkpoint not written ({reason}); the earlier ones are intact: "
+            "--resume_from_checkpoint latest",
             file=sys.stderr,
         )
         sys.exit(1)
@@ -1077,32 +1012,28 @@ def find_checkpoint(accelerator, args):
     if not args.resume_from_checkpoint:
         return None
     choice = [None]
-    if accelerator.is_main_process:  # one process reads the files, the others take its answer
+    if accelerator.is_main_process:  # the others take its answer
         if args.resume_from_checkpoint != "latest":
-            path = Path(args.resume_from_checkpoint)
-            if problem := manifest_problem(path):
-                fail(f"--resume_from_checkpoint {path}: damaged ({problem}); pass an intact checkpoint or latest")
-            choice = [str(path)]
+            choice = [Path(args.resume_from_checkpoint)]
+            if problem := manifest_problem(choice[0]):
+                fail(f"--resume_from_checkpoint {choice[0]}: damaged ({problem}); pass an intact one or latest")
         else:
             found = list_checkpoints(args.output_dir)
             for path in reversed(found):
                 if not (problem := manifest_problem(path)):
-                    choice = [str(path)]
+                    choice = [path]
                     break
-                accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
+                accelerator.print(f"warning: {path} is damaged ({problem}); trying the one before")
             if found and choice[0] is None:
-                fail(
-                    f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
-                    f"with --overwrite_output_dir"
-                )
+                fail(f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged")
     if accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(choice, src=0)
-    return None if choice[0] is None else Path(choice[0])
+    return choice[0]
 
 
 def load_checkpoint(accelerator, path, model, ema, train_rng, args):
-    """Restore what save_checkpoint wrote (nothing loaded can run code); returns training_state.json. On another
-    number of processes the step, learning rate and data position are kept, the objective's RNGs derived anew."""
+    """Restore what save_checkpoint wrote; returns training_state.json. On another number of processes the
+    objective's RNGs are derived anew."""
     state = json.loads((path / "training_state.json").read_text())
     if state.get("script") != "train_dit.py":
         fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not train_dit.py")
@@ -1117,20 +1048,19 @@ def load_checkpoint(accelerator, path, model, ema, train_rng, args):
     else:
         accelerator.print(
             f"warning: {path} was written by {saved} processes, resumed on {accelerator.num_processes}: "
-            f"same step, learning rate and data position, new random streams (not bitwise)"
+            "new random streams (not bitwise)"
         )
         train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
     if ema is not None:  # loaded onto the EMA's device: load_state_dict keeps the tensors it is given
-        ema_file = path / "transformer_ema" / "diffusion_pytorch_model.safetensors"
-        weights = load_file(ema_file, device=str(ema.shadow_params[0].device))
+        file = path / "transformer_ema" / "diffusion_pytorch_model.safetensors"
+        weights = load_file(file, device=str(ema.shadow_params[0].device))
         shadow = [weights[name] for name, _ in accelerator.unwrap_model(model).named_parameters()]
         ema.load_state_dict({**state["ema"], "shadow_params": shadow})
     return state
 
 
 def widen_label_tables(model, num_classes):
-    """A copy with label tables of 1000 classes + the null class at 1000, where DiTPipeline looks for it; rows
-    num_classes..999 repeat the null row."""
+    """A copy with DiTPipeline's label tables: null class at 1000, rows num_classes..999 repeat it."""
     wide = DiTTransformer2DModel.from_config({**model.config, "num_embeds_ada_norm": PIPELINE_NULL_CLASS})
     state = model.state_dict()
     for key, table in state.items():
@@ -1142,7 +1072,7 @@ def widen_label_tables(model, num_classes):
 
 
 def why_not_dit_pipeline(args, vae, meta):
-    """None when diffusers' DiTPipeline samples this model as this script does, else why not."""
+    """None when DiTPipeline samples this model as this script does, else why not."""
     if args.conditioning != "class":
         return "text-conditioned: DiTPipeline is class-conditional"
     if vae is None:
@@ -1157,13 +1087,13 @@ def why_not_dit_pipeline(args, vae, meta):
 
 
 def write_sampling_files(sampler, meta, folder):
-    """The sampler and export_config.json: beside the transformer, what --sample_from needs."""
+    """What --sample_from needs besides the transformer."""
     sampler.save_pretrained(folder / "scheduler")
     (folder / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2))
 
 
 def model_card(args, meta, global_step, loss):
-    """README.md of the export: the Hub's YAML front matter, how it was trained and how to sample it."""
+    """README.md of the export: Hub metadata, the training command, how to sample."""
     from huggingface_hub import ModelCardData
 
     condition = "class-conditional" if args.conditioning == "class" else "text-to-image"
@@ -1194,14 +1124,13 @@ python train_dit.py --sample_from THIS_FOLDER --output_dir samples
 
 
 def export_model(model, sampler, vae, args, meta, output_dir, card, grid):
-    """The EMA weights in diffusers' layout: a DiTPipeline folder when that pipeline samples the model right,
-    else transformer/ + scheduler/ (+ vae/); export_config.json says which and how to sample. Parts are
-    written under a temporary name and renamed; manifest.json, written last, says the export is complete."""
+    """The EMA weights as a DiTPipeline folder when that pipeline samples the model right, else transformer/ +
+    scheduler/ (+ vae/); export_config.json says which. Parts are renamed into place, manifest.json last."""
     model = model.float()
     if args.conditioning == "class" and meta["num_classes"] < PIPELINE_NULL_CLASS:
         model = widen_label_tables(model, meta["num_classes"])  # in any layout: the null class is 1000
     reason = why_not_dit_pipeline(args, vae, meta)
-    meta = {**meta, "diffusers_pipeline": None if reason else "DiTPipeline", "why_no_pipeline": reason}
+    meta = dict(meta, diffusers_pipeline=None if reason else "DiTPipeline", why_no_pipeline=reason)
     if vae is not None:
         meta["latents"] = (
             "z = (vae.encode(x).latent_dist.sample() - shift_factor) * scaling_factor, "
@@ -1212,8 +1141,8 @@ def export_model(model, sampler, vae, args, meta, output_dir, card, grid):
     shutil.rmtree(tmp, ignore_errors=True)
     if reason is None:
         names = meta["label_names"] or [str(i) for i in range(meta["num_classes"])]
-        id2label = {i: str(name) for i, name in enumerate(names)}
-        DiTPipeline(transformer=model, vae=vae.float(), scheduler=sampler, id2label=id2label).save_pretrained(tmp)
+        pipe = DiTPipeline(transformer=model, vae=vae.float(), scheduler=sampler, id2label=dict(enumerate(names)))
+        pipe.save_pretrained(tmp)
     else:
         model.save_pretrained(tmp / "transformer")
         if vae is not None:
@@ -1234,8 +1163,8 @@ def export_model(model, sampler, vae, args, meta, output_dir, card, grid):
 
 # Copied from train_mnist.RunLock
 class RunLock:
-    """One run per output folder. The lock of a dead process (same host) or with a heartbeat older than
-    `stale_after` seconds (another host) is taken over."""
+    """One run per output folder. The lock of a dead process (this host), or one whose heartbeat is older than
+    `stale_after` seconds (another host), is taken over."""
 
     def __init__(self, output_dir, stale_after=300):
         self.path, self.stale_after = Path(output_dir) / LOCK, stale_after
@@ -1246,29 +1175,29 @@ class RunLock:
         try:
             other = json.loads(self.path.read_text())
         except FileNotFoundError:
-            other = None
+            other = self.me  # no lock: nothing to take over
         except ValueError:  # cut short: nobody can prove it is alive
-            other = {"pid": None, "host": None, "heartbeat": 0}
-        if other is not None and other.get("pid") != self.me["pid"]:
+            other = {}
+        if other.get("pid") != self.me["pid"]:
             if self.alive(other):
                 fail(
                     f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
-                    f"there; wait for it, stop it, or pick another --output_dir"
+                    f"there; stop it or pick another --output_dir"
                 )
             print(f"warning: taking over the stale lock of PID {other.get('pid')} on {other.get('host')}")
         self.write()
         threading.Thread(target=self.beat, daemon=True).start()
 
     def alive(self, other):
-        if other.get("host") == self.me["host"] and other.get("pid"):
-            try:
-                os.kill(other["pid"], 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:  # alive, another user's
-                pass
-            return True
-        return time.time() - other.get("heartbeat", 0) < self.stale_after
+        if other.get("host") != self.me["host"] or not other.get("pid"):
+            return time.time() - other.get("heartbeat", 0) < self.stale_after
+        try:
+            os.kill(other["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's live process
+            pass
+        return True
 
     def write(self):
         tmp = self.path.with_name(f".{LOCK}.{os.getpid()}.tmp")
@@ -1290,10 +1219,11 @@ def claim_output_dir(args):
     output_dir = Path(args.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--output_dir {output_dir}: cannot create it ({e.strerror}); pass a writable folder")
-    if not os.access(output_dir, os.W_OK):
-        fail(f"--output_dir {output_dir}: not writable; pass a writable folder")
+        writable = os.access(output_dir, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        fail(f"--output_dir {output_dir}: cannot write there; pass a writable folder")
     lock = RunLock(output_dir)
     lock.acquire()
     atexit.register(lock.release)
@@ -1303,7 +1233,7 @@ def claim_output_dir(args):
             lock.release()
             fail(
                 f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
-                f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them"
+                f"--resume_from_checkpoint latest, or delete them with --overwrite_output_dir"
             )
         for path in old:
             shutil.rmtree(path)
@@ -1313,6 +1243,7 @@ def claim_output_dir(args):
 
 # Copied from train_mnist.write_run_config
 def write_run_config(args, accelerator):
+    """run_config.json: the flags, the git commit, the processes, the precision used and the package versions."""
     import accelerate
     import diffusers
     import transformers
@@ -1326,7 +1257,7 @@ def write_run_config(args, accelerator):
         "args": vars(args),
         "git_commit": commit.strip() or None,
         "num_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,  # resolved from the flag, accelerate's config or launcher
+        "mixed_precision": accelerator.mixed_precision,  # from the flag, accelerate's config or the launcher
         "versions": {m.__name__: m.__version__ for m in (torch, torchvision, diffusers, transformers, accelerate)},
     }
     (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2))
@@ -1334,8 +1265,8 @@ def write_run_config(args, accelerator):
 
 # Copied from train_mnist.StopRequest
 class StopRequest:
-    """SIGTERM/SIGINT: checkpoint at the next step, then exit 0. Every process stops at the same step (the save is
-    collective): each step reads the last step's non-blocking all-reduce of the flags over a CPU group."""
+    """SIGTERM/SIGINT: checkpoint at the next step, then exit 0. The save is collective, so every process must stop
+    at the same step: each step reads the previous step's non-blocking all-reduce of the flags over a CPU group."""
 
     def __init__(self, accelerator):
         self.event = threading.Event()
@@ -1345,7 +1276,6 @@ class StopRequest:
         self.flag, self.pending = torch.zeros(1), None
 
     def __call__(self):
-        """True on every process, at the same step, once any process got a signal."""
         if self.group is None:
             return self.event.is_set()
         agreed = False
@@ -1366,7 +1296,7 @@ class StopRequest:
 
 # ---- Main ----
 def generate_from_export(args, accelerator):
-    """--sample_from: the validation grid (and --num_eval_samples) of an export or checkpoint, no training."""
+    """--sample_from: the grid (and --num_eval_samples) of an export or checkpoint."""
     export = Path(args.sample_from)
     meta = json.loads((export / EXPORT_CONFIG).read_text())
     device = accelerator.device
@@ -1375,19 +1305,19 @@ def generate_from_export(args, accelerator):
     model = model_cls.from_pretrained(export, subfolder=subfolder).to(device).eval()
     scheduler_cls = FlowMatchEulerDiscreteScheduler if meta["objective"] == "flow" else DPMSolverMultistepScheduler
     sampler = scheduler_cls.from_pretrained(export / "scheduler")
-    vae = None
-    if meta["vae"] and (export / "vae").is_dir():  # an export holds a copy of the VAE
+    vae = meta["vae"]
+    if vae and (export / "vae").is_dir():  # an export holds a copy of the VAE
         vae = load_vae(str(export), "vae", flag="--sample_from").to(device)
-    elif meta["vae"]:  # a checkpoint names it
+    elif vae:  # a checkpoint names it
         flag = f"--sample_from {export}: the VAE that {EXPORT_CONFIG} names"
-        vae = load_vae(meta["vae"]["name_or_path"], meta["vae"]["subfolder"], flag=flag).to(device)
+        vae = load_vae(vae["name_or_path"], vae["subfolder"], flag=flag).to(device)
     if meta["conditioning"] == "class":
         ids = args.validation_class_ids or list(range(min(meta["num_classes"], 10)))
         null, rows = class_conditions(ids, model.config.num_embeds_ada_norm, meta["label_names"], device)
     else:
         text = meta["text"]
         if args.text_encoder_name_or_path:
-            text = {**text, "text_encoder": args.text_encoder_name_or_path, "tokenizer": None}
+            text = dict(text, text_encoder=args.text_encoder_name_or_path, tokenizer=None)
         prompts = args.validation_prompts or meta["validation_prompts"]
         _, _, null, rows = prompt_conditions(text, prompts, device)
     gen = ImageGenerator(model, sampler, vae, meta["vae_scale"], null, meta["input_shape"], meta["crop"])
@@ -1396,8 +1326,9 @@ def generate_from_export(args, accelerator):
     if accelerator.is_main_process:
         log_validation(gen, rows, args, output_dir / "samples" / "export.png")
         if args.num_eval_samples and meta["conditioning"] == "class":
-            seconds = write_eval_samples(gen, meta["num_classes"], args, output_dir / "eval_samples.npz")
-            print(f"wrote {args.num_eval_samples} samples to {output_dir / 'eval_samples.npz'} in {seconds:.1f}s")
+            path = output_dir / "eval_samples.npz"
+            seconds = write_eval_samples(gen, meta["num_classes"], args, path)
+            print(f"wrote {args.num_eval_samples} samples to {path} in {seconds:.1f}s")
 
 
 def main(args):
@@ -1405,11 +1336,10 @@ def main(args):
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        # "auto" is CPU without CUDA; several CPU processes then talk over gloo.
         cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
         log_with=args.report_to or None,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, "logs")),
-        # The shuffling order of an epoch depends only on (seed, epoch): resume can restore a mid-epoch position.
+        # An epoch's order depends only on (seed, epoch): resume can restore a mid-epoch position.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     check_accelerator(accelerator)
@@ -1421,40 +1351,37 @@ def main(args):
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    # Input layout: VAE latents (online or precomputed) or pixels
+    # Input layout: latents or pixels
     index = read_precomputed_index(args) if args.precomputed_data_dir else None
     text = text_convention(args, index) if args.conditioning == "text" else None
     crop = (args.resolution - MNIST_SIZE) // 2 if args.dataset_name == "mnist" else 0
     if index:  # the shards' VAE, which only decodes samples here
-        vae_info = index["vae"]
+        info = index["vae"]
         flag = f"--precomputed_data_dir {args.precomputed_data_dir}: index.json's VAE"
-        vae = load_vae(vae_info["name_or_path"], vae_info.get("subfolder"), flag=flag)
-        vae_scale = {"scaling_factor": vae_info["scaling_factor"], "shift_factor": vae_info.get("shift_factor") or 0.0}
+        vae = load_vae(info["name_or_path"], info.get("subfolder"), flag=flag)
+        vae_scale = dict(scaling_factor=info["scaling_factor"], shift_factor=info.get("shift_factor") or 0.0)
         resolution, image_channels = index["resolution"], 3
-        shape = [vae_info["latent_channels"], vae_info["latent_size"], vae_info["latent_size"]]
+        shape = [info["latent_channels"], info["latent_size"], info["latent_size"]]
         factor = resolution // shape[1]
     else:
-        vae = load_vae(args.vae_name_or_path)
-        resolution = args.resolution
+        vae, resolution = load_vae(args.vae_name_or_path), args.resolution
         if vae is None:
-            vae_scale, factor = {"scaling_factor": 1.0, "shift_factor": 0.0}, 1
-            image_channels = 1 if args.dataset_name == "mnist" else 3
-            shape = [image_channels, resolution, resolution]
+            vae_scale, factor = dict(scaling_factor=1.0, shift_factor=0.0), 1
+            image_channels = channels = 1 if args.dataset_name == "mnist" else 3
         else:
-            vae_scale = {"scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.shift_factor or 0.0}
+            vae_scale = dict(scaling_factor=vae.config.scaling_factor, shift_factor=vae.config.shift_factor or 0.0)
             factor = 2 ** (len(vae.config.block_out_channels) - 1)
-            image_channels = vae.config.in_channels
-            shape = [vae.config.latent_channels, resolution // factor, resolution // factor]
+            image_channels, channels = vae.config.in_channels, vae.config.latent_channels
+        shape = [channels, resolution // factor, resolution // factor]
     if vae is not None:
         vae.to(device, dtype=weight_dtype)
     patch = model_shape(args)[3]
     if resolution % (factor * patch):
-        fail(f"--resolution {resolution}: must be divisible by the patch size x the VAE factor = {patch} x {factor}")
+        fail(f"--resolution {resolution}: not divisible by the patch size x the VAE factor = {patch} x {factor}")
 
     # Data
     dataset = build_dataset(args, image_channels, index)
-    label_names = dataset.label_names
-    num_classes = None
+    label_names, num_classes = dataset.label_names, None
     if args.conditioning == "class":
         found = len(label_names) if label_names else None
         if found is None and isinstance(dataset, HFImageDataset):
@@ -1464,15 +1391,14 @@ def main(args):
         if found is not None and args.num_classes not in (None, found):
             fail(f"--num_classes {args.num_classes}: the data has {found} classes; drop the flag or fix it")
         num_classes = found or args.num_classes
-    # Every check of the data is done: only now is the output folder claimed, so a bad input changes nothing there
+    # Inputs checked: only now is the output folder claimed, so that a bad input changes nothing there
     if accelerator.is_main_process:
         claim_output_dir(args)
         write_run_config(args, accelerator)
-    stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
+    stop = StopRequest(accelerator)
     set_seed(args.seed)  # the same initial weights on every process
     output_dir = Path(args.output_dir)
     resume_path = find_checkpoint(accelerator, args)
-
     train_dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
@@ -1482,23 +1408,25 @@ def main(args):
         collate_fn=collate,
     )
 
-    # Conditions: class ids, or captions through a frozen text encoder (none with precomputed states)
-    tokenizer = text_encoder = caption_channels = None
+    # Conditions and validation rows
+    tokenizer = text_encoder = None
     if args.conditioning == "class":
         ids = args.validation_class_ids or list(range(min(num_classes, 10)))
         null, validation_rows = class_conditions(ids, num_classes, label_names, device)
     elif index:
         empty = load_file(Path(args.precomputed_data_dir) / "empty_prompt.safetensors")
         key = index["text_encoders"][0]["key"]
-        null = {
-            "states": empty[f"{key}.hidden_states"].float().to(device),
-            "mask": empty[f"{key}.attention_mask"].long().to(device),
-        }
+        null = dict(
+            states=empty[f"{key}.hidden_states"].float().to(device),
+            mask=empty[f"{key}.attention_mask"].long().to(device),
+        )
         first = [dataset[i] for i in range(min(4, len(dataset)))]
         with safe_open(str(dataset.files[0]), framework="pt") as f:
             names = json.loads(f.metadata()["captions"])[: len(first)]
-        states, mask = (torch.stack([e[k] for e in first]).to(device) for k in ("text_states", "text_mask"))
-        validation_rows = (names, {"states": states, "mask": mask})
+        validation_rows = (
+            names,
+            {k: torch.stack([e[f"text_{k}"] for e in first]).to(device) for k in ("states", "mask")},
+        )
     else:
         if args.validation_prompts:
             prompts = args.validation_prompts
@@ -1507,27 +1435,26 @@ def main(args):
         else:  # the first distinct captions of the data
             prompts = list(dict.fromkeys(dataset.table[:256][args.caption_column]))[:10]
         tokenizer, text_encoder, null, validation_rows = prompt_conditions(text, prompts, device, weight_dtype)
-    if text:
-        caption_channels = null["states"].shape[-1]
 
-    # What sampling needs besides the weights: export_config.json of every checkpoint and of the export.
-    meta = {
-        "conditioning": args.conditioning,
-        "objective": args.objective,
-        "model": args.model,
-        "num_classes": num_classes,
-        "label_names": [str(n) for n in label_names] if label_names else None,
-        "vae": None if vae is None else vae.loaded_from,
-        "vae_scale": vae_scale,
-        "input_shape": shape,
-        "resolution": resolution,
-        "crop": crop,
-        "guidance_scale": args.guidance_scale,
-        "text": text,
-        "validation_prompts": validation_rows[0] if text else None,
-    }
+    # export_config.json: what sampling needs besides the weights
+    meta = dict(
+        conditioning=args.conditioning,
+        objective=args.objective,
+        model=args.model,
+        num_classes=num_classes,
+        label_names=[str(n) for n in label_names] if label_names else None,
+        vae=None if vae is None else vae.loaded_from,
+        vae_scale=vae_scale,
+        input_shape=shape,
+        resolution=resolution,
+        crop=crop,
+        guidance_scale=args.guidance_scale,
+        text=text,
+        validation_prompts=validation_rows[0] if text else None,
+    )
 
     # Model, noise schedule, EMA
+    caption_channels = null["states"].shape[-1] if text else None
     model = build_transformer(args, shape[0], shape[1], num_classes, caption_channels)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -1550,7 +1477,7 @@ def main(args):
         f"input {shape} ({'pixels' if factor == 1 else 'latents'}), {len(dataset)} examples"
     )
 
-    # Optimizer: fused AdamW, one kernel, which skips a non-finite step on the device (found_inf below).
+    # Optimizer: fused AdamW, which skips a non-finite step on the device (found_inf below)
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=args.learning_rate,
@@ -1563,8 +1490,8 @@ def main(args):
         model.compile()  # in place: state_dict keys stay those of the plain model
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    # Every random draw of the objective comes from this generator, saved in each checkpoint: the global RNG
-    # cannot give an exact resume (each DataLoader iterator draws its base seed from it).
+    # Every random draw of the objective, saved in each checkpoint: the global RNG cannot resume exactly
+    # (each DataLoader iterator draws its base seed from it).
     train_rng = torch.Generator(device).manual_seed(args.seed * 1000 + accelerator.process_index)
 
     # Resume
@@ -1572,15 +1499,14 @@ def main(args):
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path, model, ema, train_rng, args)
         global_step, first_epoch = state["global_step"], state["epoch"]
-        # The data position in batches of this run's processes (their count may differ from the saved run's).
+        # Saved in batches of all processes, whose count may differ here
         batches_to_skip = state["epoch_batches"] // accelerator.num_processes
         if batches_to_skip >= len(train_dataloader):
             first_epoch, batches_to_skip = first_epoch + 1, 0
         accelerator.print(f"resumed from {resume_path} at step {global_step}")
     elif args.resume_from_checkpoint:
         accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
-    # Not prepared (accelerate would step it once per process): it counts optimizer steps, and a resumed run
-    # rebuilds it at its step.
+    # Not prepared (accelerate would step it per process): a resumed run rebuilds it at its step.
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -1595,7 +1521,7 @@ def main(args):
     metrics_path = output_dir / "metrics.jsonl"
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process, desc="train")
     num_bins = 4  # the loss per quarter of the noise-level range
-    bin_loss, bin_count = torch.zeros(num_bins, device=device), torch.zeros(num_bins, device=device)
+    bin_loss, bin_count = torch.zeros(2, num_bins, device=device)
     # Steps with a non-finite gradient: in total, in the current run of them, the longest run since logging.
     nonfinite_steps, nonfinite_run, longest_run = torch.zeros(3, device=device).unbind()
     skipped = torch.zeros((), device=device)  # unreadable images drawn by this process
@@ -1606,9 +1532,9 @@ def main(args):
         model.train()
         train_dataloader.set_epoch(epoch)
         batches = train_dataloader
-        if epoch == first_epoch and batches_to_skip:
+        if batches_to_skip:
             batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
-        epoch_batches = batches_to_skip if epoch == first_epoch else 0  # per process, for the data position
+        epoch_batches, batches_to_skip = batches_to_skip, 0  # per process, for the data position
         for batch in batches:
             epoch_batches += 1
             skipped += batch.pop("skipped")  # a host number added on the device: no sync
@@ -1617,17 +1543,16 @@ def main(args):
                 if args.conditioning == "class":
                     cond = {"class_labels": batch["label"].to(device)}
                 elif "text_states" in batch:
-                    cond = {"states": batch["text_states"].to(device), "mask": batch["text_mask"].to(device)}
+                    cond = dict(states=batch["text_states"].to(device), mask=batch["text_mask"].to(device))
                 else:
                     states, mask = encode_prompts(tokenizer, text_encoder, batch["caption"], text, device)
-                    cond = {"states": states, "mask": mask}
+                    cond = dict(states=states, mask=mask)
                 per_sample, level = training_step(model, noise_scheduler, x0, cond, null, args, train_rng)
                 accelerator.backward(per_sample.mean())
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-                    # A non-finite norm (the same on every process) skips the update on the device: fused AdamW
-                    # leaves weights and moments as they were where found_inf is 1. With fp16 the GradScaler
-                    # sets found_inf itself, for exactly these steps.
+                    # A non-finite norm (the same on every process): fused AdamW leaves weights and moments as
+                    # they were where found_inf is 1. With fp16 the GradScaler sets found_inf for these steps.
                     nonfinite = (~torch.isfinite(grad_norm)).float()
                     if accelerator.scaler is None:
                         optimizer.optimizer.found_inf = nonfinite
@@ -1647,23 +1572,23 @@ def main(args):
             nonfinite_steps += nonfinite
             nonfinite_run.mul_(nonfinite).add_(nonfinite)
             torch.maximum(longest_run, nonfinite_run, out=longest_run)
-            if ema is not None:  # after a skipped step the weights did not move: averaging them again is harmless
+            if ema is not None:  # harmless after a skipped step
                 ema.step(model.parameters())
 
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
                 totals = accelerator.reduce(torch.cat([bin_loss, bin_count, skipped.view(1)]), "sum").cpu()
                 total_nonfinite, longest = torch.stack([nonfinite_steps, longest_run]).tolist()
                 losses, counts = totals[:num_bins], totals[num_bins : 2 * num_bins]
-                row = {
-                    "step": global_step,
-                    "epoch": epoch,
-                    "loss": (losses.sum() / counts.sum().clamp(min=1)).item(),
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm.item(),
-                    "samples_per_s": window_samples / max(time.perf_counter() - window_start, 1e-9),
-                    "nonfinite_steps": int(total_nonfinite),
-                    "skipped_images": int(totals[-1]),
-                }
+                row = dict(
+                    step=global_step,
+                    epoch=epoch,
+                    loss=(losses.sum() / counts.sum().clamp(min=1)).item(),
+                    lr=lr_scheduler.get_last_lr()[0],
+                    grad_norm=grad_norm.item(),
+                    samples_per_s=window_samples / max(time.perf_counter() - window_start, 1e-9),
+                    nonfinite_steps=int(total_nonfinite),
+                    skipped_images=int(totals[-1]),
+                )
                 row.update({f"loss_t{i}": (losses[i] / counts[i]).item() for i in range(num_bins) if counts[i] > 0})
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:
@@ -1677,7 +1602,7 @@ def main(args):
                 if longest >= args.max_nonfinite_steps:  # the same on every process
                     accelerator.print(
                         f"error: {int(longest)} steps in a row with a non-finite gradient before step "
-                        f"{global_step}; lower --learning_rate. The last checkpoint is intact."
+                        f"{global_step}; lower --learning_rate (the last checkpoint is intact)"
                     )
                     sys.exit(1)
 
@@ -1713,7 +1638,7 @@ def main(args):
     train_seconds = time.perf_counter() - train_start
     skipped_images = int(accelerator.reduce(skipped, "sum").item())
     if skipped_images:
-        accelerator.print(f"warning: {skipped_images} unreadable images were drawn, each replaced by a readable one")
+        accelerator.print(f"warning: {skipped_images} unreadable images replaced by readable ones")
 
     # Final checkpoint, samples and export (EMA weights)
     save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, sampling_files)
@@ -1725,12 +1650,11 @@ def main(args):
         grid = output_dir / "samples" / f"step-{global_step}.png"
         log_validation(gen, validation_rows, args, grid, accelerator.trackers, global_step)
         plot_loss(metrics_path, output_dir / "loss.png")
-        summary = {"global_step": global_step, "train_seconds": train_seconds, "skipped_images": skipped_images}
+        summary = dict(global_step=global_step, train_seconds=train_seconds, skipped_images=skipped_images)
         if args.num_eval_samples and args.conditioning == "class":
             summary["sample_seconds"] = write_eval_samples(gen, num_classes, args, output_dir / "eval_samples.npz")
         loss = json.loads(metrics_path.read_text().splitlines()[-1])["loss"]
-        card = model_card(args, meta, global_step, loss)
-        export_model(final_model, sampler, vae, args, meta, output_dir, card, grid)
+        export_model(final_model, sampler, vae, args, meta, output_dir, model_card(args, meta, global_step, loss), grid)
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"done: step {global_step}, {train_seconds / 60:.1f} min of training; export in {output_dir}")
     accelerator.end_training()

@@ -1,10 +1,9 @@
-"""Train one MMDiT on images and captions together: joint continuous diffusion of images and caption embeddings.
+"""Train one MMDiT on images and captions: joint continuous diffusion of images and caption embeddings.
 
-A caption is the last hidden states of a frozen text encoder, standardised and projected on their top principal
-directions; image tokens are patches of pixels or VAE latents. Both are noised at independent timesteps (the
-caption's SNR divided by --text_shift^2) and the loss is the MSE of the predicted v (or epsilon) on each, as in
-UniDiffuser: one network draws an image from a caption, a caption from an image (the nearest training caption),
-or both.
+Captions are a frozen text encoder's hidden states, standardised and projected on their top principal directions;
+images are pixel or VAE-latent patches. Both are noised at independent timesteps (the caption's SNR divided by
+--text_shift^2), MSE on the predicted v (or epsilon) of each, as in UniDiffuser: one network draws an image from a
+caption, a caption from an image (the nearest training caption), or both.
 
     python train_image_continuous.py --data-root ./data --output-dir out
     accelerate launch train_image_continuous.py --data_root coco_dir --text_encoder_name_or_path intfloat/e5-base
@@ -45,11 +44,10 @@ from tqdm.auto import tqdm
 
 SCRIPT = "train_image_continuous.py"
 KIND = "continuous text-embedding diffusion"  # the model card's title and tag
-DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
 EXPORT_CONFIG = "export_config.json"
-MANIFEST = "manifest.json"  # written last in a checkpoint or export: size and hash of every file
+MANIFEST = "manifest.json"  # written last: size and hash of every file
 LOCK = "run.lock"  # one training run per output folder
-NEGATABLE = {"use_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
 TEXT_CLIP = 5.0  # samplers clip the caption's predicted x0 to +-this, in standardised units
 
 
@@ -73,110 +71,85 @@ def parse_args(argv=None):
     g = parser.add_argument_group("data")
     g.add_argument(
         "--data_root",
-        default=None,
-        help="MNIST/raw (torchvision layout), a COCO-style {split}_data.json, an imagefolder with "
-        "metadata.jsonl, or shards of prepare_data_multi_gpu.py (index.json).",
+        help="Folder with MNIST/raw, {split}_data.json (COCO-style), metadata.jsonl or index.json (shards).",
     )
     g.add_argument(
         "--dataset",
-        choices=["auto", "mnist", "coco", "imagefolder", "precomputed"],
+        choices="auto mnist coco imagefolder precomputed".split(),
         default="auto",
-        help="Layout of --data_root; auto detects it.",
+        help="Layout of --data_root.",
     )
     g.add_argument("--split", default="train", help="COCO-style: reads {split}_data.json.")
     g.add_argument("--caption_column", default="text", help="imagefolder: caption key in metadata.jsonl.")
     g.add_argument("--caption_template", default="a handwritten digit {}", help="MNIST caption; {} is the word.")
     g.add_argument("--resolution", type=int, default=32, help="Image side for COCO/imagefolder (MNIST: 28).")
-    g.add_argument("--max_samples", type=int, default=None, help="Truncate the training set to N examples.")
-    g.add_argument("--num_validation_images", type=int, default=8, help="Held-out images to caption at validation.")
+    g.add_argument("--max_samples", type=int, help="Train on the first N examples.")
+    g.add_argument("--num_validation_images", type=int, default=8, help="Held-out images captioned at validation.")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = parser.add_argument_group("models")
-    g.add_argument("--vae_name_or_path", default=None, help="AutoencoderKL: diffuse its latents, not pixels.")
-    g.add_argument("--patch_size", type=int, default=4, help="Image tokens are p x p patches.")
-    g.add_argument("--dim_image", type=int, default=128, help="Width of the image stream (and of attention).")
-    g.add_argument("--dim_text", type=int, default=None, help="The text encoder's hidden size (checked early).")
+    g.add_argument("--vae_name_or_path", help="AutoencoderKL: diffuse its latents, not pixels.")
+    g.add_argument("--patch_size", type=int, default=4)
+    g.add_argument("--dim_image", type=int, default=128, help="Width of the image stream and of attention.")
+    g.add_argument("--dim_text", type=int, help="The text encoder's hidden size (checked early).")
     g.add_argument(
         "--text_latent_dim",
         type=int,
-        default=None,
-        help="Width of the text stream: the caption's top-N principal directions (default: at most 64; 0: all).",
+        help="Text stream width: the caption's top-N principal directions (0: all; default: up to 64).",
     )
     g.add_argument("--depth", type=int, default=6, help="MMDiT blocks.")
     g.add_argument("--num_heads", type=int, default=4)
     g.add_argument("--mlp_ratio", type=float, default=4.0)
+    g.add_argument("--stem_channels", type=int, default=32, help="3x3 conv channels before the patchify (0: none).")
     g.add_argument(
-        "--stem_channels", type=int, default=32, help="Channels of a 3x3 conv + GELU before the patchify (0: none)."
-    )
-    g.add_argument(
-        "--text_encoder_name_or_path",
-        default="bert-base-uncased",
-        help="Frozen text encoder with its tokenizer: any transformers AutoModel.",
+        "--text_encoder_name_or_path", default="bert-base-uncased", help="Frozen transformers AutoModel and tokenizer."
     )
     g.add_argument("--text_prefix", default="", help='Prepended to every caption, e.g. "query: " for e5 models.')
     g.add_argument("--tokenizer_max_length", type=int, default=16, help="Caption tokens, special tokens included.")
 
     g = parser.add_argument_group("objective")
-    g.add_argument("--text_loss_weight", type=float, default=1.0, help="Weight of the caption's MSE.")
+    g.add_argument("--text_loss_weight", type=float, default=1.0)
     g.add_argument("--image_clean_prob", type=float, default=0.4, help="Share of clean images (image-to-text).")
     g.add_argument("--text_clean_prob", type=float, default=0.4, help="Share of clean captions (text-to-image).")
     g.add_argument(
         "--cond_dropout_prob",
         type=float,
         default=0.075,
-        help="Per modality: share of examples at full noise (guidance's unconditional branch).",
+        help="Per modality: share at full noise (guidance's unconditional).",
     )
     g.add_argument("--num_train_timesteps", type=int, default=1000)
     g.add_argument("--beta_schedule", default="squaredcos_cap_v2", help="DDPMScheduler beta schedule.")
-    g.add_argument(
-        "--prediction_type",
-        default="v_prediction",
-        choices=["v_prediction", "epsilon"],
-        help="What the network predicts for both modalities.",
-    )
+    g.add_argument("--prediction_type", default="v_prediction", choices=["v_prediction", "epsilon"])
     g.add_argument(
         "--text_shift",
         type=float,
         default=40.0,
-        help="The caption's schedule is the image's with every SNR divided by shift^2 (1: the same).",
+        help="Divides every SNR of the caption's schedule by shift^2 (1: none).",
     )
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--output_dir", default="output_image_continuous")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--train_batch_size", "--batch_size", type=int, default=64, help="Batch size per process.")
+    g.add_argument("--train_batch_size", "--batch_size", type=int, default=64, help="Per process.")
     g.add_argument("--num_train_epochs", "--epochs", "--num_epochs", type=int, default=10)
-    g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs when set.")
+    g.add_argument("--max_train_steps", type=int, help="Overrides --num_train_epochs.")
     g.add_argument("--learning_rate", type=float, default=1e-3)
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.99)
     g.add_argument("--adam_weight_decay", type=float, default=0.0)
-    g.add_argument(
-        "--lr_scheduler",
-        default="cosine",
-        help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
-    )
+    g.add_argument("--lr_scheduler", default="cosine", help="A diffusers get_scheduler name.")
     g.add_argument("--lr_warmup_steps", type=int, default=200)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument(
-        "--max_nonfinite_steps", type=int, default=10, help="Stop after N steps in a row with a non-finite gradient."
-    )
-    g.add_argument(
-        "--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Sample and export EMA weights."
-    )
+    g.add_argument("--max_nonfinite_steps", type=int, default=10, help="Stop after N non-finite gradients in a row.")
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--ema_decay", type=float, default=0.999, help="Largest EMA decay, reached after the warmup.")
-    g.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
+    g.add_argument("--ema_power", type=float, default=0.75, help="Exponent of the EMA warmup.")
 
     g = parser.add_argument_group("speed and memory")
-    g.add_argument(
-        "--mixed_precision",
-        choices=["no", "fp16", "bf16"],
-        default=None,
-        help="fp16 needs a CUDA GPU. Default: accelerate's config or launcher.",
-    )
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--mixed_precision", choices="no fp16 bf16".split(), help="Default: accelerate's config.")
+    g.add_argument("--device", choices="auto cpu cuda".split(), default="auto")
+    g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--gradient_checkpointing", action="store_true")
 
     g = parser.add_argument_group("sampling and evaluation")
@@ -188,98 +161,69 @@ def parse_args(argv=None):
         "--text_decoder",
         choices=["retrieval", "mlm"],
         default="retrieval",
-        help="Captions from embeddings: nearest training caption, or the encoder's masked-LM head.",
+        help="Caption from embeddings: the nearest training caption, or the encoder's masked-LM head.",
     )
-    g.add_argument("--max_retrieval_captions", type=int, default=20000, help="Captions retrieval chooses from.")
-    g.add_argument(
-        "--sample_from",
-        default=None,
-        help="Only generate, from an export or a checkpoint-N folder: the validation grid and the files below.",
-    )
-    g.add_argument(
-        "--prompts_file",
-        default=None,
-        help="With --sample_from: a UTF-8 text file, one prompt per line; text-to-image to prompt_samples.npz.",
-    )
+    g.add_argument("--max_retrieval_captions", type=int, default=20000)
+    g.add_argument("--sample_from", help="Only generate, from an export or checkpoint-N: the grid and the files below.")
+    g.add_argument("--prompts_file", help="One prompt per line: text-to-image into prompt_samples.npz.")
     g.add_argument(
         "--images_file",
-        default=None,
-        help="With --sample_from: an .npz whose `images` are uint8 [N, H, W] or [N, H, W, C] at the training size; "
-        "image-to-text to captions.jsonl.",
+        help="uint8 `images` [N, H, W(, C)] at the training size in an .npz: image-to-text into captions.jsonl.",
     )
-    g.add_argument(
-        "--num_joint_samples",
-        type=int,
-        default=0,
-        help="With --sample_from: N (image, caption) pairs generated together, to joint_samples.npz.",
-    )
-    g.add_argument(
-        "--eval_batch_size",
-        type=int,
-        default=250,
-        help="Batch size of --prompts_file, --images_file and --num_joint_samples.",
-    )
+    g.add_argument("--num_joint_samples", type=int, default=0, help="Image-caption pairs into joint_samples.npz.")
+    g.add_argument("--eval_batch_size", type=int, default=250, help="Batch size of the three above.")
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=50)
     g.add_argument("--validation_steps", type=int, default=1000)
     g.add_argument("--checkpointing_steps", type=int, default=1000)
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
-    g.add_argument(
-        "--overwrite_output_dir", action="store_true", help="Delete another run's checkpoints in --output_dir."
-    )
-    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none")
+    g.add_argument("--checkpoints_total_limit", type=int, help="Keep the newest N checkpoints.")
+    g.add_argument("--resume_from_checkpoint", help='A checkpoint folder, or "latest".')
+    g.add_argument("--overwrite_output_dir", action="store_true", help="Delete another run's checkpoints there.")
+    g.add_argument("--report_to", choices="none tensorboard wandb all".split(), default="none")
     g.add_argument("--tracker_project_name", default="train_image_continuous")
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    for action in parser._actions:  # argparse shows the default of a flag with a help text only
+        action.help = action.help or "(default: %(default)s)"
     return parser.parse_args([underscore_flag(a) for a in argv])
 
 
 # Copied from train_mnist.underscore_flag
 def underscore_flag(arg):
-    """--max-samples -> --max_samples, --no-use-ema -> --no-use_ema."""
-    if not arg.startswith("--"):
+    """--max-samples -> --max_samples; --no-use-ema -> --no-use_ema."""
+    name, eq, value = arg.partition("=")
+    if not name.startswith("--"):
         return arg
-    name, eq, value = arg[2:].partition("=")
-    negation = "no-" if name.startswith(("no-", "no_")) and name[3:].replace("-", "_") in NEGATABLE else ""
-    return "--" + negation + name[len(negation) :].replace("-", "_") + eq + value
+    prefix = "--no-" if name.startswith("--no-") else "--"
+    return prefix + name[len(prefix) :].replace("-", "_") + eq + value
 
 
 # Copied from train_mnist.check_shared_flags
 def check_shared_flags(args):
-    """Checks of the flags every trainer has: numbers in range, a --resume_from_checkpoint of this script."""
-    at_least_1 = (lambda v: v >= 1, "an integer >= 1")
-    rules = {
-        "learning_rate": (lambda v: v > 0, "a number > 0"),
-        "train_batch_size": at_least_1,
-        "eval_batch_size": at_least_1,
-        "num_train_epochs": at_least_1,
-        "max_train_steps": at_least_1,
-        "gradient_accumulation_steps": at_least_1,
-        "max_samples": at_least_1,
-        "logging_steps": at_least_1,
-        "checkpointing_steps": at_least_1,
-        "validation_steps": at_least_1,
-        "checkpoints_total_limit": at_least_1,
-        "num_inference_steps": at_least_1,
-        "lr_warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
-        "dataloader_num_workers": (lambda v: v >= 0, "an integer >= 0"),
-        "max_grad_norm": (lambda v: v >= 0, "a number >= 0"),
-        "adam_weight_decay": (lambda v: v >= 0, "a number >= 0"),
-        "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
-        "ema_power": (lambda v: v > 0, "a number > 0"),
-        "cond_dropout_prob": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "snr_gamma": (lambda v: v >= 0, "a number >= 0"),
-        "guidance_scale": (lambda v: v >= 0, "a number >= 0"),
-        "validation_guidance_scales": (lambda v: v >= 0, "numbers >= 0"),
-    }
-    for name, (valid, wanted) in rules.items():
-        value = getattr(args, name, None)  # a flag this script does not have is skipped
-        if value is not None and not all(map(valid, value if isinstance(value, list) else [value])):
-            fail(f"--{name} {value}: must be {wanted}")
+    """The flags every trainer has: number ranges, the output folder, the script of a checkpoint to resume."""
+    rules = [  # a flag this script lacks is skipped
+        (
+            lambda v: v >= 1,
+            "an integer >= 1",
+            "train_batch_size eval_batch_size num_train_epochs max_train_steps gradient_accumulation_steps max_samples "
+            "logging_steps checkpointing_steps validation_steps checkpoints_total_limit num_inference_steps",
+        ),
+        (lambda v: v >= 0, "an integer >= 0", "lr_warmup_steps dataloader_num_workers"),
+        (
+            lambda v: v >= 0,
+            "a number >= 0",
+            "max_grad_norm adam_weight_decay snr_gamma guidance_scale validation_guidance_scales",
+        ),
+        (lambda v: v > 0, "a number > 0", "learning_rate ema_power"),
+        (lambda v: 0 <= v < 1, "in [0, 1)", "adam_beta1 adam_beta2 cond_dropout_prob"),
+        (lambda v: 0 < v < 1, "in (0, 1)", "ema_decay"),
+    ]
+    for valid, wanted, names in rules:
+        for name in names.split():
+            value = getattr(args, name, None)
+            if value is not None and not all(map(valid, value if isinstance(value, list) else [value])):
+                fail(f"--{name} {value}: must be {wanted}")
     out = Path(args.output_dir)
     if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
         fail(f"--output_dir {out}: is a file or lies under one; pass a folder")
@@ -288,82 +232,76 @@ def check_shared_flags(args):
         try:
             written_by = json.loads((Path(resume) / "training_state.json").read_text()).get("script")
         except (OSError, ValueError):
-            fail(f"--resume_from_checkpoint {resume}: not a readable checkpoint folder; pass checkpoint-N or latest")
+            fail(f"--resume_from_checkpoint {resume}: not a checkpoint folder; pass checkpoint-N or latest")
         if written_by != script:
-            fail(f"--resume_from_checkpoint {resume}: written by {written_by}, not {script}; pass a checkpoint of it")
+            fail(f"--resume_from_checkpoint {resume}: written by {written_by}, not {script}")
 
 
 def check_args(args):
     """Cheap checks of the flags, before any dataset or model is loaded."""
     check_shared_flags(args)
-    for name in ("prompts_file", "images_file", "num_joint_samples"):
+    for name in "prompts_file images_file num_joint_samples".split():
         if getattr(args, name) and not args.sample_from:
-            fail(f"--{name} {getattr(args, name)}: only with --sample_from; pass a finished run's output_dir there")
+            fail(f"--{name} {getattr(args, name)}: only with --sample_from")
     if args.num_joint_samples < 0:
-        fail(f"--num_joint_samples {args.num_joint_samples}: must be 0 (none) or more")
+        fail(f"--num_joint_samples {args.num_joint_samples}: must be >= 0")
     if args.sample_from:
         if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
             fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG}; pass a run's output_dir or checkpoint-N")
         if problem := manifest_problem(Path(args.sample_from)):
-            fail(f"--sample_from {args.sample_from}: damaged or incomplete ({problem}); pass an intact export")
+            fail(f"--sample_from {args.sample_from}: damaged ({problem}); pass an intact export")
+    elif args.data_root is None:
+        fail("--data_root is required: a folder with MNIST/raw, {split}_data.json, metadata.jsonl or index.json")
     else:
-        if args.data_root is None:
-            fail("--data_root is required: a folder with MNIST/raw, {split}_data.json, metadata.jsonl or index.json")
         args.dataset = detect_dataset(args)
     if "{}" not in args.caption_template:
-        fail(f"--caption_template {args.caption_template!r}: must contain {{}} where the digit's word goes")
+        fail(f"--caption_template {args.caption_template!r}: must contain {{}} for the digit's word")
     if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+        fail("--device cuda: no CUDA GPU; use cpu or auto")
     shares = (args.image_clean_prob, args.text_clean_prob, 2 * args.cond_dropout_prob)
     if min(shares) < 0 or sum(shares) > 1:
         fail("--image_clean_prob + --text_clean_prob + 2 * --cond_dropout_prob: each >= 0, the sum at most 1")
     if args.text_shift <= 0:
-        fail(f"--text_shift {args.text_shift}: must be positive")
+        fail(f"--text_shift {args.text_shift}: must be > 0")
     if args.dim_image % args.num_heads:
         fail(f"--dim_image {args.dim_image}: must be divisible by --num_heads {args.num_heads}")
     if args.resolution % args.patch_size:
-        fail(f"--resolution {args.resolution}: the patch size {args.patch_size} must divide it")
+        fail(f"--resolution {args.resolution}: must be divisible by --patch_size {args.patch_size}")
     args.report_to = installed_trackers(args.report_to)
 
 
 # Copied from train_mnist.installed_trackers
 def installed_trackers(report_to):
-    """--report_to as accelerate's log_with; a tracker whose package is missing is an error."""
+    """--report_to as accelerate's log_with; a missing tracker package is an error."""
     import importlib.util
 
-    if report_to == "none":
-        return []
-    found = [name for name in ("tensorboard", "wandb") if report_to in (name, "all") and importlib.util.find_spec(name)]
-    if not found and report_to == "all":
-        fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
-    if not found:
-        fail(f"--report_to {report_to}: the {report_to} package is not installed; pip install {report_to}")
+    wanted = {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
+    found = [name for name in wanted if importlib.util.find_spec(name)]
+    if wanted and not found:
+        fail(f"--report_to {report_to}: {' or '.join(wanted)} is not installed; pip install {wanted[0]}")
     return found
 
 
 # Copied from train_mnist.check_accelerator
 def check_accelerator(accelerator):
-    """Checks of what accelerate resolved from the flags, its config file and the launcher."""
+    """What accelerate resolved from the flags, its config file and the launcher."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
-        fail("--mixed_precision fp16 (from the flag or accelerate's config) needs a CUDA GPU: use bf16 or no here")
+        fail("--mixed_precision fp16 (flag or accelerate config) needs a CUDA GPU; use bf16 or no")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        fail("DeepSpeed is not supported by this script: launch it with DDP (accelerate launch --multi_gpu)")
+        fail("DeepSpeed is not supported; launch with DDP (accelerate launch --multi_gpu)")
     if accelerator.distributed_type == DistributedType.FSDP:
-        fail("FSDP is not supported by this script (its EMA needs whole weights): launch it with DDP (--multi_gpu)")
+        fail("FSDP is not supported (the EMA needs whole weights); launch with DDP (--multi_gpu)")
 
 
 # Copied from train_image_discrete.detect_dataset
 def detect_dataset(args):
-    """The layout of --data_root: --dataset, or the first one whose marker file is there."""
+    """--dataset, or the first layout whose marker file is in --data_root."""
     root = Path(args.data_root)
     if not root.is_dir():
         fail(f"--data_root {root}: no such folder")
-    markers = {
-        "precomputed": "index.json",
-        "coco": f"{args.split}_data.json",
-        "imagefolder": "metadata.jsonl",
-        "mnist": "MNIST/raw/",
-    }
+    markers = dict(
+        precomputed="index.json", coco=f"{args.split}_data.json", imagefolder="metadata.jsonl", mnist="MNIST/raw/"
+    )
     found = [kind for kind, name in markers.items() if (root / name).exists()]
     if args.dataset != "auto":
         if args.dataset not in found:
@@ -387,30 +325,25 @@ class Data:
     val_pixels: torch.Tensor | None
     val_latent_mean: torch.Tensor | None
     val_captions: list
-    val_digits: torch.Tensor | None  # MNIST only
     val_source: str  # where the held-out images come from, for the logs
     vae_info: dict | None  # the VAE of precomputed shards
 
 
-# Copied from train_image_discrete.mnist_caption
-def mnist_caption(template, digit):
-    return template.format(DIGIT_WORDS[int(digit)])
-
-
 # Copied from train_image_discrete.load_mnist
-def load_mnist(root, train):
+def load_mnist(root, train, template, n=None):
+    """The first n MNIST images (uint8 [n, 1, 28, 28], white on black) and their captions."""
     import torchvision
 
     try:
         mnist = torchvision.datasets.MNIST(root, train=train, download=False)
     except RuntimeError as e:
         fail(f"--data_root {root}: cannot read MNIST/raw ({e})")
-    return mnist.data.unsqueeze(1), mnist.targets.long()  # uint8 [N, 1, 28, 28], white on black
+    return mnist.data[:n].unsqueeze(1), [template.format(DIGIT_WORDS[int(d)]) for d in mnist.targets[:n]]
 
 
 # Copied from train_image_discrete.load_image
 def load_image(path, resolution):
-    """RGB uint8 [3, r, r]: shorter side resized to r, centre crop; None when missing or unreadable."""
+    """RGB uint8 [3, r, r], resized and centre-cropped; None when missing or unreadable."""
     from PIL import Image
 
     try:
@@ -428,12 +361,12 @@ def load_image(path, resolution):
 
 # Copied from train_image_discrete.read_pairs
 def read_pairs(args, root, split):
-    """(image path, caption) pairs of a COCO-style {split}_data.json or an imagefolder's metadata.jsonl."""
+    """(image path, caption) pairs of {split}_data.json (COCO-style) or metadata.jsonl."""
     pairs = []
     if args.dataset == "coco":
         for r in json.loads((root / f"{split}_data.json").read_text()):
-            path = next((r[k] for k in ("image", "image_path", "file_name", "filepath", "path") if k in r), None)
-            caption = next((r[k] for k in ("caption", "text", "captions") if k in r), None)
+            path = next((r[k] for k in "image image_path file_name filepath path".split() if k in r), None)
+            caption = next((r[k] for k in "caption text captions".split() if k in r), None)
             if path is None or caption is None:
                 fail(
                     f"--data_root {root / f'{split}_data.json'}: a record needs 'image' and 'caption'; got {sorted(r)}"
@@ -451,15 +384,14 @@ def read_pairs(args, root, split):
 
 # Copied from train_image_discrete.load_pairs
 def load_pairs(pairs, resolution, what):
-    """Load images; missing or unreadable ones are skipped and counted, never replaced by a blank image."""
+    """Missing or unreadable images are skipped and counted, never replaced by a blank image."""
     images, captions = [], []
     for path, caption in pairs:
         image = load_image(path, resolution)
         if image is not None:
             images.append(image)
             captions.append(caption)
-    if len(images) < len(pairs):
-        skipped = len(pairs) - len(images)
+    if skipped := len(pairs) - len(images):
         print(f"warning: {what}: skipped {skipped} of {len(pairs)} images (missing or unreadable)", file=sys.stderr)
     if not images:
         fail(f"--data_root: none of the {len(pairs)} images of {what} could be read")
@@ -468,7 +400,7 @@ def load_pairs(pairs, resolution, what):
 
 # Copied from train_image_discrete.load_precomputed
 def load_precomputed(root, max_samples):
-    """Shards of prepare_data_multi_gpu.py (docs/prepare_data.md): VAE posteriors and caption strings."""
+    """Shards of prepare_data_multi_gpu.py: VAE posteriors and captions."""
     from safetensors import safe_open
 
     index = json.loads((root / "index.json").read_text())
@@ -487,8 +419,7 @@ def load_precomputed(root, max_samples):
             captions += shard_captions
         if max_samples is not None and len(captions) >= max_samples:
             break
-    n = len(captions) if max_samples is None else min(max_samples, len(captions))
-    return torch.cat(means)[:n], torch.cat(stds)[:n], captions[:n], index["vae"]
+    return torch.cat(means)[:max_samples], torch.cat(stds)[:max_samples], captions[:max_samples], index["vae"]
 
 
 # Copied from train_image_discrete.caption_table
@@ -502,15 +433,10 @@ def caption_table(captions):
 # Copied from train_image_discrete.build_dataset
 def build_dataset(args, vae):
     """The training data and the held-out images, per the layout of --data_root."""
-    root, n_val = Path(args.data_root), args.num_validation_images
-    val_digits, vae_info = None, None
+    root, n_val, vae_info = Path(args.data_root), args.num_validation_images, None
     if args.dataset == "mnist":
-        images, labels = load_mnist(root, train=True)
-        n = len(images) if args.max_samples is None else min(args.max_samples, len(images))
-        images, captions = images[:n], [mnist_caption(args.caption_template, d) for d in labels[:n]]
-        test_images, test_labels = load_mnist(root, train=False)
-        val_pixels, val_digits = test_images[:n_val], test_labels[:n_val]
-        val_captions = [mnist_caption(args.caption_template, d) for d in val_digits]
+        images, captions = load_mnist(root, True, args.caption_template, args.max_samples)
+        val_pixels, val_captions = load_mnist(root, False, args.caption_template, n_val)
         val_source = "MNIST test images"
     elif args.dataset in ("coco", "imagefolder"):
         pairs = read_pairs(args, root, args.split)[: args.max_samples]
@@ -524,15 +450,12 @@ def build_dataset(args, vae):
             val_source = "training images (no held-out split)"
     else:
         mean, std, captions, vae_info = load_precomputed(root, args.max_samples)
-        images, val_pixels = None, None
-        val_captions = captions[:n_val]
+        val_pixels, val_captions, val_latent_mean = None, captions[:n_val], mean[:n_val]
         val_source = "training examples (shards hold no held-out split)"
     table, caption_ids = caption_table(captions)
-    if images is not None:
-        mean, std = encode_images(vae, images) if vae is not None else (images, torch.zeros(len(images), 0))
-    val_latent_mean = encode_images(vae, val_pixels)[0] if vae is not None and val_pixels is not None else None
-    if args.dataset == "precomputed":
-        val_latent_mean = mean[:n_val]
+    if args.dataset != "precomputed":
+        mean, std = (images, torch.zeros(len(images), 0)) if vae is None else encode_images(vae, images)
+        val_latent_mean = None if vae is None else encode_images(vae, val_pixels)[0]
     return Data(
         kind="latents" if (vae is not None or args.dataset == "precomputed") else "pixels",
         tensors=(mean, std, caption_ids),
@@ -541,7 +464,6 @@ def build_dataset(args, vae):
         val_pixels=val_pixels,
         val_latent_mean=val_latent_mean,
         val_captions=val_captions,
-        val_digits=val_digits,
         val_source=val_source,
         vae_info=vae_info,
     )
@@ -550,7 +472,7 @@ def build_dataset(args, vae):
 # Copied from train_image_discrete.encode_images
 @torch.no_grad()
 def encode_images(vae, pixels, batch_size=32):
-    """uint8 images -> the VAE posterior's mean and std, once; a fresh latent is drawn from them every step."""
+    """uint8 images -> the VAE posterior's mean and std; each step draws a fresh latent from them."""
     means, stds = [], []
     for batch in pixels.split(batch_size):
         batch = batch.expand(-1, vae.config.in_channels, -1, -1) if batch.shape[1] == 1 else batch
@@ -577,7 +499,7 @@ def latent_scaling(vae):
 
 # Copied from train_image_discrete.to_model_input
 def to_model_input(mean, std, kind, scaling, generator):
-    """A training batch in the model's space: pixels in [-1, 1], or a latent drawn from the posterior, scaled."""
+    """A batch in the model's space: pixels in [-1, 1], or a scaled latent drawn from the posterior."""
     if kind == "pixels":
         return mean.float().div(127.5).sub(1.0)
     scale, shift = scaling
@@ -597,8 +519,7 @@ def to_images(x, kind, vae, scaling):
 # ---- Models ----
 # Copied from train_image_discrete.ImagePatchEncoder
 class ImagePatchEncoder(nn.Module):
-    """Conv2d patchify + fixed 2-D sin-cos positions; with stem_channels, a 3x3 convolution and a GELU first, so a
-    patch token also sees its neighbours' edge pixels."""
+    """Conv2d patchify + fixed 2-D sin-cos positions; a 3x3 conv stem lets a patch see its neighbours' edges."""
 
     def __init__(self, in_channels, image_size, patch_size, dim, stem_channels=0):
         super().__init__()
@@ -685,9 +606,8 @@ class FinalLayer(nn.Module):
 
 # Copied from train_image_discrete.MMDiT
 class MMDiT(nn.Module):
-    """Image [b, C, H, W] and text embeddings [b, L, dim_text] in; image prediction [b, C, H, W] and per-token
-    text outputs [b, L, text_out_dim] out. The two timestep embeddings are summed into the adaLN condition; with
-    pooled_text, an MLP of the mean attended text input is added too (SD3). adaln_zero: DiT's zero init."""
+    """Image [b, C, H, W] and text [b, L, dim_text] in, both predictions out. The adaLN condition sums the two
+    timestep embeddings and, with pooled_text, an MLP of the mean attended text (SD3)."""
 
     def __init__(
         self,
@@ -718,7 +638,7 @@ class MMDiT(nn.Module):
         self.image_final = FinalLayer(dim_image, patch_size * patch_size * in_channels, dim_image)
         self.text_final = FinalLayer(dim_text, text_out_dim, dim_image)
         self.gradient_checkpointing = False
-        if adaln_zero:  # else PyTorch's default init
+        if adaln_zero:  # DiT's zero init, else PyTorch's
             self.initialize_weights()
 
     def initialize_weights(self):
@@ -726,13 +646,10 @@ class MMDiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        for module in self.modules():
-            if isinstance(module, (StreamBlock, FinalLayer)):
-                nn.init.zeros_(module.adaln[-1].weight)
-                nn.init.zeros_(module.adaln[-1].bias)
-        for final in (self.image_final, self.text_final):
-            nn.init.zeros_(final.linear.weight)
-            nn.init.zeros_(final.linear.bias)
+        zeroed = [m.adaln[-1] for m in self.modules() if isinstance(m, (StreamBlock, FinalLayer))]
+        for linear in zeroed + [self.image_final.linear, self.text_final.linear]:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
 
     def forward(self, image, t_image, text, t_text, key_mask=None):
         """t_image, t_text in [0, 1] (0 = clean); key_mask [b, n_image + L] bool or None."""
@@ -769,10 +686,8 @@ class BertTextEncoder(nn.Module):
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             model = AutoModel.from_pretrained(name_or_path)
         except (OSError, ValueError) as e:
-            fail(
-                f"--text_encoder_name_or_path {name_or_path}: cannot load it ({type(e).__name__}); pass a local "
-                f"folder with config.json and the tokenizer files, or a hub id when online"
-            )
+            name = f"--text_encoder_name_or_path {name_or_path}"
+            fail(f"{name}: cannot load it ({type(e).__name__}); pass a folder or hub id")
         model = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else model  # T5
         self.model = model.requires_grad_(False).eval()
         self.name_or_path, self.prefix, self.max_length = name_or_path, prefix, max_length
@@ -794,17 +709,14 @@ class BertTextEncoder(nn.Module):
 
 
 def resolve_dim_text(args):
-    """The encoder's hidden size, from its config.json: the flags are checked before its weights load."""
+    """The encoder's hidden size, read before its weights load."""
     from transformers import AutoConfig
 
     name = args.text_encoder_name_or_path
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
-        fail(
-            f"--text_encoder_name_or_path {name}: cannot load it ({type(e).__name__}); pass a local folder with "
-            f"config.json, or a hub id when online"
-        )
+        fail(f"--text_encoder_name_or_path {name}: cannot load it ({type(e).__name__}); pass a folder or hub id")
     hidden = getattr(config, "hidden_size", None) or config.d_model
     if args.dim_text is not None and args.dim_text != hidden:
         fail(
@@ -812,12 +724,12 @@ def resolve_dim_text(args):
             f"({hidden}): pass --dim_text {hidden}"
         )
     if args.text_latent_dim is not None and not 0 <= args.text_latent_dim <= hidden:
-        fail(f"--text_latent_dim {args.text_latent_dim}: must be in [0, {hidden}], the encoder's hidden size")
+        fail(f"--text_latent_dim {args.text_latent_dim}: must be in [0, {hidden}] (the encoder's width)")
     return hidden
 
 
 def text_statistics(table, caption_ids):
-    """Per-dimension mean and std of the caption states over every token of every training example."""
+    """Per-dimension mean and std of the caption states over every token of every example."""
     weights = torch.bincount(caption_ids.cpu(), minlength=len(table)).float().to(table.device)[:, None, None]
     count = weights.sum() * table.shape[1]
     mean = (table * weights).sum(dim=(0, 1)) / count
@@ -826,8 +738,8 @@ def text_statistics(table, caption_ids):
 
 
 def text_basis(standardised, caption_ids, latent_dim):
-    """The top latent_dim principal directions [D, latent_dim] of the standardised caption tokens, and the share of
-    the variance they hold; latent_dim 0: the identity. Orthonormal, so distances between captions are kept."""
+    """The top latent_dim principal directions [D, latent_dim] of the caption tokens (0: the identity) and the share
+    of the variance they hold. Orthonormal, so distances between captions are kept."""
     dim = standardised.shape[-1]
     if latent_dim == 0:
         return torch.eye(dim, device=standardised.device), 1.0
@@ -841,8 +753,8 @@ def text_basis(standardised, caption_ids, latent_dim):
 
 
 class TextImageModel(ModelMixin, ConfigMixin):
-    """The MMDiT, a learned position embedding of the caption tokens, and the caption's standardisation
-    (text_mean, text_std) and projection (text_basis, [encoder_dim, dim_text]) as buffers, saved with the weights."""
+    """The MMDiT, a learned position embedding of the caption tokens, and as buffers the caption's standardisation
+    (text_mean, text_std) and projection (text_basis [encoder_dim, dim_text])."""
 
     @register_to_config
     def __init__(
@@ -897,7 +809,7 @@ class TextImageModel(ModelMixin, ConfigMixin):
 
 
 def load_mlm_head(name_or_path):
-    """The encoder's trained masked-LM head (e.g. BertForMaskedLM's `cls`), or None when the folder has none."""
+    """The encoder's trained masked-LM head (e.g. BertForMaskedLM's `cls`), or None."""
     from transformers import AutoModelForMaskedLM
     from transformers.utils import logging as hf_logging
 
@@ -916,7 +828,7 @@ def load_mlm_head(name_or_path):
 
 
 def nearest_caption_index(generated, table):
-    """Retrieval: the row of `table` (caption latents) nearest in L2 to each generated caption."""
+    """The row of `table` (caption latents) nearest in L2 to each generated caption."""
     return torch.cdist(generated.flatten(1).float(), table.flatten(1).float()).argmin(dim=1)
 
 
@@ -935,8 +847,8 @@ def build_noise_scheduler(args):
 
 
 def text_betas(config, shift):
-    """The caption's betas: the image's timesteps with every SNR abar / (1 - abar) divided by shift^2 (None at
-    shift 1). The same as diffusing the caption scaled by 1 / shift at unit variance (Chen et al. 2023)."""
+    """The caption's betas: the image's with every SNR divided by shift^2 (None at shift 1), as if the caption were
+    scaled by 1 / shift (Chen et al. 2023)."""
     if shift == 1.0:
         return None
     abar = DDPMScheduler(
@@ -964,14 +876,14 @@ def training_target(noise_scheduler, x0, eps, t):
 
 
 def training_step(model, noise_scheduler, text_scheduler, x0, e0, encoder_dim, args, generator):
-    """Per-example image and caption losses. Per example the image is clean (trains image-to-text), the caption
-    is clean (text-to-image), one modality is at full noise (an unconditional model), or both are noised at
-    independent timesteps (joint); a clean or dropped modality has no loss."""
+    """Per-example image and caption losses; a clean or dropped modality has none."""
     n, num_t = x0.shape[0], noise_scheduler.config.num_train_timesteps
+    # Per example: image clean (image-to-text), caption clean (text-to-image), caption or image at full noise
+    # (unconditional), else both noised at independent timesteps (joint).
     u = torch.rand(n, generator=generator, device=x0.device)
-    edges = np.cumsum([args.image_clean_prob, args.text_clean_prob, args.cond_dropout_prob, args.cond_dropout_prob])
-    image_clean, text_clean = u < edges[0], (u >= edges[0]) & (u < edges[1])
-    text_dropped, image_dropped = (u >= edges[1]) & (u < edges[2]), (u >= edges[2]) & (u < edges[3])
+    shares = [args.image_clean_prob, args.text_clean_prob, args.cond_dropout_prob, args.cond_dropout_prob]
+    bucket = sum(u >= edge for edge in np.cumsum(shares))
+    image_clean, text_clean, text_dropped, image_dropped = (bucket == i for i in range(4))
     x_t, eps_image, t_image = noise_modality(noise_scheduler, x0, image_clean, image_dropped, generator)
     e_t, eps_text, t_text = noise_modality(text_scheduler, e0, text_clean, text_dropped, generator)
     pred_image, pred_text = model(x_t, t_image.float() / num_t, e_t, t_text.float() / num_t)
@@ -1009,9 +921,8 @@ def x0_from_prediction(x_t, pred, t, alphas_cumprod, prediction_type, clip=None)
 
 @torch.no_grad()
 def sample(model, ctx, given, draw_image, guidance_scale, num_steps, generator, given_t=0.0):
-    """The image from the caption latents `given` (draw_image), or the caption latents from the image `given`,
-    which is at timestep given_t (0: clean). Guidance's unconditional branch has `given` at full noise; the
-    batches are [uncond; cond]."""
+    """The image from the caption latents `given` (draw_image), or the caption latents from the image `given` at
+    timestep given_t (0: clean). Guidance's unconditional branch has `given` at full noise."""
     n, device, num_t = given.shape[0], given.device, ctx.sampler.config.num_train_timesteps
     shape = ctx.shape if draw_image else (model.config.max_text_length, model.config.dim_text)
     x = torch.randn((n, *shape), generator=generator, device=device)
@@ -1038,9 +949,8 @@ def sample(model, ctx, given, draw_image, guidance_scale, num_steps, generator, 
 
 @torch.no_grad()
 def sample_joint(model, ctx, n, guidance_scale, num_steps, generator):
-    """Caption first: caption latents drawn with the image at full noise, snapped to the nearest training
-    caption, then the image drawn from it, guided. This path crosses the states training covers most (one
-    modality clean or at full noise). Returns the images and the rows of the captions in ctx.retrieval_table."""
+    """Caption first, the image at full noise, snapped to the nearest training caption, then the image from it,
+    guided: states training covers most. Returns the images and the captions' rows in ctx.retrieval_table."""
     num_t = ctx.sampler.config.num_train_timesteps
     no_image = torch.randn((n, *ctx.shape), generator=generator, device=ctx.device)
     e = sample(model, ctx, no_image, False, 1.0, num_steps, generator, given_t=(num_t - 1) / num_t)
@@ -1104,7 +1014,7 @@ def generate_images(model, ctx, prompts, guidance_scale, seed, num_steps):
 def generate_captions(model, ctx, x0, seed, decoder=None):
     generator = torch.Generator(ctx.device).manual_seed(seed)
     e = sample(model, ctx, x0.to(ctx.device), False, ctx.text_guidance_scale, ctx.num_inference_steps, generator)
-    if (decoder or ctx.text_decoder) == "mlm":  # the head's argmax token at every position, up to [SEP]
+    if (decoder or ctx.text_decoder) == "mlm":  # the head's argmax token at each position, up to [SEP]
         ids = ctx.mlm_head.to(e.device)(model.unstandardise(e)).argmax(-1).tolist()
         tokenizer, sep = ctx.text_encoder.tokenizer, ctx.text_encoder.tokenizer.sep_token_id
         rows = [row[: row.index(sep)] if sep in row else row for row in ids]
@@ -1126,8 +1036,7 @@ def show(images):
 
 
 def log_validation(model, ctx, args, step, trackers=(), per_prompt=4):
-    """samples/step-<step>.png: prompts x guidance scales (also sent to the trackers); samples/step-<step>.txt:
-    captions of the held-out images and joint samples."""
+    """samples/step-<step>.png (prompts x guidance scales, also to the trackers) and .txt (generated captions)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1143,14 +1052,13 @@ def log_validation(model, ctx, args, step, trackers=(), per_prompt=4):
         repeated = [p for p in prompts for _ in range(per_prompt)]
         images = generate_images(model, ctx, repeated, scale, args.seed, args.num_inference_steps)
         for i, prompt in enumerate(prompts):
-            row = images[i * per_prompt : (i + 1) * per_prompt]
-            axes[i, j].imshow(np.concatenate([show(im) for im in row], axis=1), cmap="gray", vmin=0, vmax=255)
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
+            row, ax = images[i * per_prompt : (i + 1) * per_prompt], axes[i, j]
+            ax.imshow(np.concatenate([show(im) for im in row], axis=1), cmap="gray", vmin=0, vmax=255)
+            ax.set(xticks=[], yticks=[])
             if i == 0:
-                axes[i, j].set_title(f"guidance {scale:g}", fontsize=9)
+                ax.set_title(f"guidance {scale:g}", fontsize=9)
             if j == 0:
-                axes[i, j].set_ylabel(prompt[:40], fontsize=7, rotation=0, ha="right", va="center")
+                ax.set_ylabel(prompt[:40], fontsize=7, rotation=0, ha="right", va="center")
     fig.tight_layout()
     fig.savefig(samples_dir / f"step-{step}.png", dpi=80)
     plt.close(fig)
@@ -1213,8 +1121,7 @@ def plot_loss(metrics_path, out_path):
 
 # Copied from train_image_discrete.read_sampling_inputs
 def read_sampling_inputs(args, config, vae):
-    """--prompts_file (one prompt per line, blank lines skipped) and --images_file (an .npz `images`), checked
-    against the export before the MMDiT loads; returns the prompts and the images as uint8 [N, C, H, W], or None."""
+    """--prompts_file and --images_file, checked before the MMDiT loads: the prompts and uint8 [N, C, H, W], or None."""
     prompts, images = None, None
     for flag, path in (("--prompts_file", args.prompts_file), ("--images_file", args.images_file)):
         if path and not Path(path).is_file():
@@ -1240,7 +1147,7 @@ def read_sampling_inputs(args, config, vae):
         if vae is not None:  # a latent model takes images of the size its VAE decodes to
             factor = 2 ** (len(vae.config.block_out_channels) - 1)
             c, h, w = vae.config.in_channels, h * factor, w * factor
-        channels_ok = images.shape[3:] in ((), (1,), (c,))  # [N, H, W], or [N, H, W, C] with 1 or c channels
+        channels_ok = images.shape[3:] in ((), (1,), (c,))
         if images.dtype != np.uint8 or not images.size or images.shape[1:3] != (h, w) or not channels_ok:
             wanted = f"uint8 [N, {h}, {w}]" + (f" or [N, {h}, {w}, {c}]" if c > 1 else "") + ", N >= 1"
             fail(f"--images_file {path}: `images` is {images.dtype} {list(images.shape)}; pass {wanted}")
@@ -1250,14 +1157,13 @@ def read_sampling_inputs(args, config, vae):
 
 # Copied from train_image_discrete.write_samples
 def write_samples(model, ctx, args, prompts, images):
-    """In --output_dir: prompt_samples.npz (text-to-image: images, prompts), captions.jsonl (image-to-text: index,
-    caption) and joint_samples.npz (images, captions); images uint8 [N, H, W], or [N, H, W, C] for several channels.
-    --eval_batch_size at a time, batch i seeded with --seed + i (+ 1 for prompts, + 1000 for joint samples)."""
+    """prompt_samples.npz (images, prompts), captions.jsonl (index, caption) and joint_samples.npz (images, captions)
+    in --output_dir, images uint8 [N, H, W(, C)]; batch i is seeded with --seed + i (+ 1 for prompts, + 1000 joint)."""
     output_dir, size, steps = Path(args.output_dir), args.eval_batch_size, args.num_inference_steps
     if prompts:
-        batches = [prompts[i : i + size] for i in range(0, len(prompts), size)]
         x = [
-            generate_images(model, ctx, b, args.guidance_scale, args.seed + 1 + i, steps) for i, b in enumerate(batches)
+            generate_images(model, ctx, prompts[i : i + size], args.guidance_scale, args.seed + 1 + i // size, steps)
+            for i in range(0, len(prompts), size)
         ]
         x = torch.cat(x).permute(0, 2, 3, 1).squeeze(-1).numpy()
         np.savez_compressed(output_dir / "prompt_samples.npz", images=x, prompts=np.array(prompts))
@@ -1272,14 +1178,13 @@ def write_samples(model, ctx, args, prompts, images):
                     f.write(json.dumps({"index": i * size + j, "caption": caption}, ensure_ascii=False) + "\n")
         print(f"wrote {len(images)} captions to {output_dir / 'captions.jsonl'}")
     if args.num_joint_samples:
-        x, captions = [], []
-        for i, batch in enumerate(torch.arange(args.num_joint_samples).split(size)):
-            batch_images, batch_captions = generate_joint(
-                model, ctx, len(batch), args.guidance_scale, args.seed + 1000 + i, steps
-            )
-            x.append(batch_images)
-            captions += batch_captions
-        x = torch.cat(x).permute(0, 2, 3, 1).squeeze(-1).numpy()
+        batches = torch.arange(args.num_joint_samples).split(size)
+        pairs = [
+            generate_joint(model, ctx, len(b), args.guidance_scale, args.seed + 1000 + i, steps)
+            for i, b in enumerate(batches)
+        ]
+        x = torch.cat([p[0] for p in pairs]).permute(0, 2, 3, 1).squeeze(-1).numpy()
+        captions = [c for p in pairs for c in p[1]]
         np.savez_compressed(output_dir / "joint_samples.npz", images=x, captions=np.array(captions))
         print(f"wrote {len(x)} image-caption pairs to {output_dir / 'joint_samples.npz'}")
 
@@ -1299,8 +1204,7 @@ def write_manifest(folder, names):
     """manifest.json: size and sha256 of the files (or folders) `names` in `folder`."""
     files = {}
     for name in names:
-        root = folder / name
-        for path in sorted(root.rglob("*")) if root.is_dir() else [root]:
+        for path in sorted((folder / name).rglob("*")) if (folder / name).is_dir() else [folder / name]:
             if path.is_file():
                 files[str(path.relative_to(folder))] = [path.stat().st_size, file_digest(path)]
     tmp = folder / f".{MANIFEST}.tmp"
@@ -1314,7 +1218,7 @@ def manifest_problem(folder):
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except FileNotFoundError:
-        return f"no {MANIFEST} (written last: the folder is incomplete)"
+        return f"no {MANIFEST}: the folder is incomplete"
     except (ValueError, KeyError, TypeError):
         return f"{MANIFEST} is damaged"
     for name, (size, digest) in files.items():
@@ -1342,10 +1246,10 @@ def save_ema(ema, model, folder):
     )
 
 
+# Copied from train_image_discrete.save_checkpoint
 def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, write_sampling_files):
-    """checkpoint-<step>: accelerate's state, the EMA model (mmdit_ema/, or mmdit/ without EMA), what --sample_from
-    needs, the objective's RNG and the data position (epoch, batches consumed in it by all processes), written
-    in a temp folder, a manifest last, then renamed."""
+    """checkpoint-<step>: accelerate's state, the EMA model (or mmdit/), what --sample_from needs, the objective's RNG
+    and the data position, written to a temporary folder, the manifest last, then renamed."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -1358,14 +1262,14 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
         save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
-            state = {
-                "script": SCRIPT,
-                "global_step": global_step,
-                "num_processes": accelerator.num_processes,
-                "epoch": position[0],
-                "epoch_batches": position[1],
-                "ema": None,
-            }
+            state = dict(
+                script=SCRIPT,
+                global_step=global_step,
+                num_processes=accelerator.num_processes,
+                epoch=position[0],
+                epoch_batches=position[1],
+                ema=None,
+            )
             if ema is not None:
                 save_ema(ema, unwrapped, tmp / "mmdit_ema")
                 state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
@@ -1378,13 +1282,13 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
             write_manifest(tmp, [p.name for p in tmp.iterdir()])
             if final.exists():
                 shutil.rmtree(final)
-            os.replace(tmp, final)  # atomic: a crash never leaves a half-written checkpoint-<step>
+            os.replace(tmp, final)
     except OSError as e:  # a full disk, a lost mount: the previous checkpoints stay as they were
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
         print(
-            f"error: step {global_step}: checkpoint not written ({reason}); the previous checkpoints are intact, "
-            f"resume from them with --resume_from_checkpoint latest",
+            f"error: step {global_step}: checkpoint not written ({reason}); resume from the previous ones with "
+            f"--resume_from_checkpoint latest",
             file=sys.stderr,
         )
         sys.exit(1)
@@ -1408,38 +1312,34 @@ def find_checkpoint(accelerator, args):
     if not args.resume_from_checkpoint:
         return None
     choice = [None]
-    if accelerator.is_main_process:  # one process reads the files, the others take its answer
+    if accelerator.is_main_process:  # the others take its answer
         if args.resume_from_checkpoint != "latest":
-            path = Path(args.resume_from_checkpoint)
-            if problem := manifest_problem(path):
-                fail(f"--resume_from_checkpoint {path}: damaged ({problem}); pass an intact checkpoint or latest")
-            choice = [str(path)]
+            choice = [Path(args.resume_from_checkpoint)]
+            if problem := manifest_problem(choice[0]):
+                fail(f"--resume_from_checkpoint {choice[0]}: damaged ({problem}); pass an intact one or latest")
         else:
             found = list_checkpoints(args.output_dir)
             for path in reversed(found):
                 if not (problem := manifest_problem(path)):
-                    choice = [str(path)]
+                    choice = [path]
                     break
-                accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
+                accelerator.print(f"warning: {path} is damaged ({problem}); trying the one before")
             if found and choice[0] is None:
-                fail(
-                    f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
-                    f"with --overwrite_output_dir"
-                )
+                fail(f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged")
     if accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(choice, src=0)
-    return None if choice[0] is None else Path(choice[0])
+    return choice[0]
 
 
+# Copied from train_image_discrete.load_checkpoint
 def load_checkpoint(accelerator, path, model, ema, train_rng, args):
-    """Restore what save_checkpoint wrote (nothing loaded can run code); returns training_state.json. On another
-    number of processes: same step, learning rate and data position, new random streams (not bitwise)."""
+    """Restore what save_checkpoint wrote (nothing loaded can run code); returns training_state.json."""
     state = json.loads((path / "training_state.json").read_text())
     if state.get("script") != SCRIPT:
         fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not {SCRIPT}")
     if ema is not None and state["ema"] is None:
         fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
-    accelerator.load_state(str(path))  # safetensors + torch.load(weights_only=True)
+    accelerator.load_state(str(path))
     rank, saved = accelerator.process_index, state.get("num_processes", 1)
     if saved == accelerator.num_processes:
         train_rng.set_state(load_file(path / f"train_rng_{rank}.safetensors")["state"])
@@ -1449,11 +1349,9 @@ def load_checkpoint(accelerator, path, model, ema, train_rng, args):
             f"same step, learning rate and data position, new random streams (not bitwise)"
         )
         train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
-    if ema is not None:
-        # Straight onto the EMA's device: load_state_dict keeps the tensors it is given.
-        weights = load_file(
-            path / "mmdit_ema" / "diffusion_pytorch_model.safetensors", device=str(ema.shadow_params[0].device)
-        )
+    if ema is not None:  # loaded onto the EMA's device: load_state_dict keeps the tensors it is given
+        device = str(ema.shadow_params[0].device)
+        weights = load_file(path / "mmdit_ema" / "diffusion_pytorch_model.safetensors", device=device)
         shadow = [weights[name] for name, _ in accelerator.unwrap_model(model).named_parameters()]
         ema.load_state_dict({**state["ema"], "shadow_params": shadow})
     return state
@@ -1471,13 +1369,13 @@ def model_card(args, global_step, metrics_path):
     from huggingface_hub import ModelCardData
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    last = rows[-1] if rows else {"loss": math.nan, "image_loss": math.nan, "text_loss": math.nan}
+    last = rows[-1] if rows else dict(loss=math.nan, image_loss=math.nan, text_loss=math.nan)
     mnist = args.dataset == "mnist"
     data = ModelCardData(
         library_name="diffusers",
         license="other",
         datasets=["ylecun/mnist"] if mnist else None,
-        tags=["diffusers", "mmdit", "text-to-image", "image-to-text", KIND.replace(" ", "-")] + ["mnist"] * mnist,
+        tags="diffusers mmdit text-to-image image-to-text".split() + [KIND.replace(" ", "-")] + ["mnist"] * mnist,
     )
     space = f"the latents of the VAE `{args.vae_name_or_path}`" if args.vae_name_or_path else "pixels"
     return f"""---
@@ -1500,10 +1398,10 @@ python {SCRIPT} --sample_from THIS_FOLDER --output_dir samples
 """
 
 
+# Copied from train_image_discrete.export_model
 def export_model(model, write_sampling_files, output_dir, card, grid):
-    """mmdit/ (diffusers layout), the samplers, export_config.json and the model card, each written under a
-    temporary name and renamed; manifest.json, written last, says the export is complete."""
-    (output_dir / MANIFEST).unlink(missing_ok=True)  # until the new manifest: visibly incomplete
+    """mmdit/, export_config.json, README.md and samples.png, moved in from a temporary folder; manifest.json last."""
+    (output_dir / MANIFEST).unlink(missing_ok=True)  # visibly incomplete until the new manifest
     tmp = output_dir / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp / "mmdit")
@@ -1521,8 +1419,8 @@ def export_model(model, write_sampling_files, output_dir, card, grid):
 
 # Copied from train_mnist.RunLock
 class RunLock:
-    """One run per output folder. The lock of a dead process (same host) or with a heartbeat older than
-    `stale_after` seconds (another host) is taken over."""
+    """One run per output folder. The lock of a dead process (this host), or one whose heartbeat is older than
+    `stale_after` seconds (another host), is taken over."""
 
     def __init__(self, output_dir, stale_after=300):
         self.path, self.stale_after = Path(output_dir) / LOCK, stale_after
@@ -1533,29 +1431,29 @@ class RunLock:
         try:
             other = json.loads(self.path.read_text())
         except FileNotFoundError:
-            other = None
+            other = self.me  # no lock: nothing to take over
         except ValueError:  # cut short: nobody can prove it is alive
-            other = {"pid": None, "host": None, "heartbeat": 0}
-        if other is not None and other.get("pid") != self.me["pid"]:
+            other = {}
+        if other.get("pid") != self.me["pid"]:
             if self.alive(other):
                 fail(
                     f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
-                    f"there; wait for it, stop it, or pick another --output_dir"
+                    f"there; stop it or pick another --output_dir"
                 )
             print(f"warning: taking over the stale lock of PID {other.get('pid')} on {other.get('host')}")
         self.write()
         threading.Thread(target=self.beat, daemon=True).start()
 
     def alive(self, other):
-        if other.get("host") == self.me["host"] and other.get("pid"):
-            try:
-                os.kill(other["pid"], 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:  # alive, another user's
-                pass
-            return True
-        return time.time() - other.get("heartbeat", 0) < self.stale_after
+        if other.get("host") != self.me["host"] or not other.get("pid"):
+            return time.time() - other.get("heartbeat", 0) < self.stale_after
+        try:
+            os.kill(other["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's live process
+            pass
+        return True
 
     def write(self):
         tmp = self.path.with_name(f".{LOCK}.{os.getpid()}.tmp")
@@ -1577,10 +1475,11 @@ def claim_output_dir(args):
     output_dir = Path(args.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--output_dir {output_dir}: cannot create it ({e.strerror}); pass a writable folder")
-    if not os.access(output_dir, os.W_OK):
-        fail(f"--output_dir {output_dir}: not writable; pass a writable folder")
+        writable = os.access(output_dir, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        fail(f"--output_dir {output_dir}: cannot write there; pass a writable folder")
     lock = RunLock(output_dir)
     lock.acquire()
     atexit.register(lock.release)
@@ -1590,7 +1489,7 @@ def claim_output_dir(args):
             lock.release()
             fail(
                 f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
-                f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them"
+                f"--resume_from_checkpoint latest, or delete them with --overwrite_output_dir"
             )
         for path in old:
             shutil.rmtree(path)
@@ -1598,30 +1497,31 @@ def claim_output_dir(args):
     return lock
 
 
+# Copied from train_image_discrete.write_run_config
 def write_run_config(args, accelerator):
     import accelerate
     import diffusers
     import transformers
 
     try:
-        git = ["git", "rev-parse", "HEAD"]
+        git = "git rev-parse HEAD".split()
         commit = subprocess.run(git, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    config = {
-        "args": vars(args),
-        "git_commit": commit.strip() or None,
-        "num_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,  # what accelerate resolved: flag, config or launcher
-        "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, accelerate)},
-    }
+    config = dict(
+        args=vars(args),
+        git_commit=commit.strip() or None,
+        num_processes=accelerator.num_processes,
+        mixed_precision=accelerator.mixed_precision,  # resolved from the flag, accelerate's config or launcher
+        versions={m.__name__: m.__version__ for m in (torch, diffusers, transformers, accelerate)},
+    )
     (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2))
 
 
 # Copied from train_mnist.StopRequest
 class StopRequest:
-    """SIGTERM/SIGINT: checkpoint at the next step, then exit 0. Every process stops at the same step (the save is
-    collective): each step reads the last step's non-blocking all-reduce of the flags over a CPU group."""
+    """SIGTERM/SIGINT: checkpoint at the next step, then exit 0. The save is collective, so every process must stop
+    at the same step: each step reads the previous step's non-blocking all-reduce of the flags over a CPU group."""
 
     def __init__(self, accelerator):
         self.event = threading.Event()
@@ -1631,7 +1531,6 @@ class StopRequest:
         self.flag, self.pending = torch.zeros(1), None
 
     def __call__(self):
-        """True on every process, at the same step, once any process got a signal."""
         if self.group is None:
             return self.event.is_set()
         agreed = False
@@ -1681,8 +1580,7 @@ def build_sampling(args, config, model, text_encoder, samplers, vae, table, val)
 
 
 def generate_from_export(args, accelerator):
-    """--sample_from: the validation files, and the samples of --prompts_file, --images_file and
-    --num_joint_samples, from an export or a checkpoint."""
+    """--sample_from: the validation files and the samples of --prompts_file, --images_file, --num_joint_samples."""
     export, device = Path(args.sample_from), accelerator.device
     config = json.loads((export / EXPORT_CONFIG).read_text())
     if config.get("script") != SCRIPT:
@@ -1696,14 +1594,13 @@ def generate_from_export(args, accelerator):
     args.data_root = args.data_root or config["data_root"]
     val = None, config["validation_prompts"], "no held-out images"
     if config["dataset"] == "mnist" and Path(args.data_root or "", "MNIST", "raw").is_dir():
-        test_images, digits = load_mnist(Path(args.data_root), train=False)
-        test_images, digits = test_images[: args.num_validation_images], digits[: args.num_validation_images]
-        captions = [mnist_caption(config["caption_template"], d) for d in digits]
-        val = test_images.float().div(127.5).sub(1.0), captions, "MNIST test images"
+        pixels, captions = load_mnist(
+            Path(args.data_root), False, config["caption_template"], args.num_validation_images
+        )
+        val = pixels.float().div(127.5).sub(1.0), captions, "MNIST test images"
     samplers = [DPMSolverMultistepScheduler.from_pretrained(export / name) for name in ("scheduler", "text_scheduler")]
     ctx = build_sampling(args, config, model, text_encoder, samplers, vae, table, val)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         log_validation(model, ctx, args, "export")
         write_samples(model, ctx, args, prompts, images)
@@ -1714,11 +1611,11 @@ def main(args):
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        # "auto" is CPU without CUDA; then several processes (torchrun, accelerate launch) talk over gloo.
+        # "auto" is the CPU without CUDA; several processes then talk over gloo.
         cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
         log_with=args.report_to or None,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, "logs")),
-        # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
+        # The shuffle of epoch e depends only on (seed, e), so the data position can be restored mid-epoch.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
     check_accelerator(accelerator)
@@ -1730,9 +1627,9 @@ def main(args):
     dim_text = resolve_dim_text(args)
     device = accelerator.device
 
-    # Data: images (or VAE posteriors) and the table of distinct captions.
+    # Data: images (or VAE posteriors) and the distinct captions
     vae_name = args.vae_name_or_path
-    vae = load_vae(vae_name, "--vae_name_or_path").to(device) if vae_name else None
+    vae = load_vae(vae_name).to(device) if vae_name else None
     data = build_dataset(args, vae)
     if data.vae_info is not None:  # shards: their VAE decodes the samples
         vae_name = vae_name or data.vae_info["name_or_path"]
@@ -1749,14 +1646,14 @@ def main(args):
         pin_memory=device.type == "cuda",
     )
 
-    # Models: the frozen encoder (the distinct captions encoded once, standardised and projected), the MMDiT.
+    # Models: the frozen encoder (the distinct captions encoded once), the MMDiT and its EMA
     text_encoder = BertTextEncoder(args.text_encoder_name_or_path, args.text_prefix, args.tokenizer_max_length)
     caption_states = text_encoder.to(device)(data.captions)  # [distinct captions, L, D]
-    # The data and the frozen models loaded: only now is the folder claimed, so a bad input changes nothing there.
+    # Only now is the folder claimed: a bad input changes nothing there.
     if accelerator.is_main_process:
         claim_output_dir(args)
         write_run_config(args, accelerator)
-    stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
+    stop = StopRequest(accelerator)
     set_seed(args.seed)  # the same initial weights on every process
     output_dir = Path(args.output_dir)
     resume_path = find_checkpoint(accelerator, args)
@@ -1794,7 +1691,6 @@ def main(args):
             model.parameters(),
             decay=args.ema_decay,
             use_ema_warmup=True,
-            inv_gamma=1.0,
             power=args.ema_power,
             foreach=True,
         )
@@ -1805,30 +1701,30 @@ def main(args):
         f"{len(data.captions)} distinct captions, text states {tuple(caption_states.shape[1:])} diffused "
         f"in {latent_dim} dimensions ({100 * kept:.2f}% of their variance)"
     )
-    # What --sample_from needs besides the weights; the samplers read it too.
-    config = {
-        "script": SCRIPT,
-        "text_encoder": args.text_encoder_name_or_path,
-        "text_prefix": args.text_prefix,
-        "max_text_length": args.tokenizer_max_length,
-        "prediction_type": args.prediction_type,
-        "text_shift": args.text_shift,
-        "retrieval_captions": data.captions[: args.max_retrieval_captions],
-        "dataset": args.dataset,
-        "data_root": args.data_root,
-        "caption_template": args.caption_template,
-        "kind": data.kind,
-        "shape": list(data.shape),
-        "vae": vae_name,
-        "latent_scaling": list(scaling) if scaling else None,
-    }
+    # export_config.json: what --sample_from needs besides the weights
+    config = dict(
+        script=SCRIPT,
+        text_encoder=args.text_encoder_name_or_path,
+        text_prefix=args.text_prefix,
+        max_text_length=args.tokenizer_max_length,
+        prediction_type=args.prediction_type,
+        text_shift=args.text_shift,
+        retrieval_captions=data.captions[: args.max_retrieval_captions],
+        dataset=args.dataset,
+        data_root=args.data_root,
+        caption_template=args.caption_template,
+        kind=data.kind,
+        shape=list(data.shape),
+        vae=vae_name,
+        latent_scaling=list(scaling) if scaling else None,
+    )
     val = validation_images(data, scaling), data.val_captions, data.val_source
     table = caption_embeddings[: args.max_retrieval_captions]
     ctx = build_sampling(args, config, model, text_encoder, samplers, vae, table, val)
     config["validation_prompts"] = validation_prompts(ctx)
     sampling_files = functools.partial(write_sampling_files, *samplers, config)
 
-    # Fused AdamW: one kernel for all tensors, and it can skip a non-finite step on the device (found_inf below).
+    # Fused AdamW skips a step with a non-finite gradient on the device (found_inf below)
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=args.learning_rate,
@@ -1839,23 +1735,21 @@ def main(args):
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    # Every random draw of the objective comes from this generator, saved in each checkpoint: the global RNG
-    # cannot be trusted for exact resume (each DataLoader iterator draws its base seed from it).
+    # The objective's draws, saved in checkpoints (the global RNG also seeds each DataLoader iterator: no exact resume)
     train_rng = torch.Generator(device).manual_seed(args.seed * 1000 + accelerator.process_index)
 
+    # Resume
     global_step, first_epoch, batches_to_skip = 0, 0, 0
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path, model, ema, train_rng, args)
         global_step, first_epoch = state["global_step"], state["epoch"]
-        # The data position in batches of this run's processes (the count may differ from the saved run's).
-        batches_to_skip = state["epoch_batches"] // accelerator.num_processes
+        batches_to_skip = state["epoch_batches"] // accelerator.num_processes  # in this run's batches
         if batches_to_skip >= len(train_dataloader):
             first_epoch, batches_to_skip = first_epoch + 1, 0
         accelerator.print(f"resumed from {resume_path} at step {global_step}")
     elif args.resume_from_checkpoint:
         accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
-    # Not prepared: accelerate would step it once per process and save it pickled. Counting optimizer steps, it
-    # is rebuilt at the resumed step (last_epoch): nothing to load.
+    # Not prepared (accelerate would step it once per process): rebuilt at the resumed step, nothing to load.
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -1866,11 +1760,11 @@ def main(args):
     if args.report_to:
         accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
 
-    # Training loop: the host reads device values only every --logging_steps.
+    # Training loop: the host reads device values only every --logging_steps
     metrics_path = output_dir / "metrics.jsonl"
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process, desc="train")
     sums = torch.zeros(3, device=device)  # image loss, text loss, examples
-    # Steps with a non-finite gradient: in total, in the current run, the longest run since the last log.
+    # Non-finite gradient steps: in total, in the current run, the longest run since the last log.
     nonfinite_steps, nonfinite_run, longest_run = torch.zeros(3, device=device).unbind()
     window_start, window_samples = time.perf_counter(), 0
     position = (first_epoch, batches_to_skip * accelerator.num_processes)
@@ -1890,18 +1784,15 @@ def main(args):
                 accelerator.backward((image_loss.sum() + args.text_loss_weight * text_loss.sum()) / x0.shape[0])
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-                    # A non-finite norm (the same on every process) skips the update on the device: the fused
-                    # AdamW leaves weights and moments as they were where found_inf is 1. With fp16 the
-                    # GradScaler sets found_inf itself, for the same steps.
+                    # found_inf = 1 (the same on every process) makes fused AdamW skip the step; fp16's GradScaler
+                    # sets it itself.
                     nonfinite = (~torch.isfinite(grad_norm)).float()
                     if accelerator.scaler is None:
                         optimizer.optimizer.found_inf = nonfinite
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            # The example count is filled on the device: a tensor built from a host number would be a sync.
-            sums += torch.stack(
-                [image_loss.detach().sum(), text_loss.detach().sum(), image_loss.new_full((), x0.shape[0])]
-            )
+            # new_full fills on the device: a tensor from a host number would be a sync
+            sums += torch.stack([image_loss.detach().sum(), text_loss.detach().sum(), image_loss.new_full((), len(x0))])
             window_samples += x0.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
@@ -1919,17 +1810,17 @@ def main(args):
                 totals = accelerator.reduce(sums, "sum").cpu()
                 total_nonfinite, longest = torch.stack([nonfinite_steps, longest_run]).tolist()
                 image_l, text_l = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
-                row = {
-                    "step": global_step,
-                    "epoch": epoch,
-                    "loss": image_l + args.text_loss_weight * text_l,
-                    "image_loss": image_l,
-                    "text_loss": text_l,
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm.item(),
-                    "samples_per_s": window_samples / max(time.perf_counter() - window_start, 1e-9),
-                    "nonfinite_steps": int(total_nonfinite),
-                }
+                row = dict(
+                    step=global_step,
+                    epoch=epoch,
+                    loss=image_l + args.text_loss_weight * text_l,
+                    image_loss=image_l,
+                    text_loss=text_l,
+                    lr=lr_scheduler.get_last_lr()[0],
+                    grad_norm=grad_norm.item(),
+                    samples_per_s=window_samples / max(time.perf_counter() - window_start, 1e-9),
+                    nonfinite_steps=int(total_nonfinite),
+                )
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -1956,17 +1847,16 @@ def main(args):
                 accelerator.print(f"stop requested at step {global_step}; resume with --resume_from_checkpoint latest")
                 accelerator.end_training()
                 return
-            if global_step % args.validation_steps == 0 and global_step < max_train_steps:
-                if accelerator.is_main_process:
-                    if ema is not None:
-                        ema.store(model.parameters())
-                        ema.copy_to(model.parameters())
-                    unwrapped = accelerator.unwrap_model(model).eval()
-                    log_validation(unwrapped, ctx, args, global_step, accelerator.trackers)
-                    plot_loss(metrics_path, output_dir / "loss.png")
-                    if ema is not None:
-                        ema.restore(model.parameters())
-                    model.train()
+            validate = global_step % args.validation_steps == 0 and global_step < max_train_steps
+            if validate and accelerator.is_main_process:
+                if ema is not None:
+                    ema.store(model.parameters())
+                    ema.copy_to(model.parameters())
+                log_validation(accelerator.unwrap_model(model).eval(), ctx, args, global_step, accelerator.trackers)
+                plot_loss(metrics_path, output_dir / "loss.png")
+                if ema is not None:
+                    ema.restore(model.parameters())
+                model.train()
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:
@@ -1975,7 +1865,7 @@ def main(args):
     progress.close()
     train_seconds = time.perf_counter() - train_start
 
-    # Final checkpoint, samples and export, with the EMA weights.
+    # Final checkpoint, samples and export, with the EMA weights
     save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, sampling_files)
     if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(model).eval()
@@ -1985,7 +1875,7 @@ def main(args):
         plot_loss(metrics_path, output_dir / "loss.png")
         card = model_card(args, global_step, metrics_path)
         export_model(final_model, sampling_files, output_dir, card, output_dir / "samples" / f"step-{global_step}.png")
-        summary = {"global_step": global_step, "train_seconds": train_seconds}
+        summary = dict(global_step=global_step, train_seconds=train_seconds)
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"done: step {global_step}, {train_seconds / 60:.1f} min of training; export in {output_dir}")
     accelerator.end_training()

@@ -1,9 +1,8 @@
-"""Train one MMDiT on images and captions together: text-to-image, image-to-text and joint generation.
+"""Train one MMDiT on images and captions: text-to-image, image-to-text and joint generation.
 
-Image tokens (patches of pixels or VAE latents) follow rectified flow: x_t = (1 - t) x_0 + t eps, MSE on the
-velocity eps - x_0. Caption tokens follow masked discrete diffusion (MDLM): each token is masked with probability
-t, cross-entropy on the masked tokens weighted by 1/t. Each modality has its own timestep and is sometimes clean or
-dropped, so one network learns both directions and both guidance branches.
+Images (pixel or VAE-latent patches) follow rectified flow, MSE on the velocity eps - x_0; captions follow masked
+discrete diffusion (MDLM), cross-entropy on the masked tokens weighted by 1/t. Each modality has its own timestep
+and is sometimes clean or dropped, so one network learns both directions and both guidance branches.
 
     python train_image_discrete.py --data-root ./data --output-dir out
     accelerate launch train_image_discrete.py --data-root coco --text-encoder-name-or-path bert-base-uncased
@@ -44,13 +43,11 @@ from tqdm.auto import tqdm
 
 SCRIPT = "train_image_discrete.py"
 KIND = "masked discrete text diffusion"  # the model card's title and tag
-DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
 MIN_TEXT_T = 1e-3  # smallest masking rate drawn: bounds the 1/t weight
 EXPORT_CONFIG = "export_config.json"
-MODEL_FOLDER = "mmdit"  # the exported model (mmdit_ema/ in a checkpoint with EMA)
-MANIFEST = "manifest.json"  # written last in a checkpoint or export: size and hash of every file
+MANIFEST = "manifest.json"  # written last: size and hash of every file
 LOCK = "run.lock"  # one training run per output folder
-NEGATABLE = {"use_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
 
 
 # Copied from train_mnist.fail
@@ -73,60 +70,54 @@ def parse_args(argv=None):
     g = parser.add_argument_group("data")
     g.add_argument(
         "--data_root",
-        default=None,
-        help="MNIST/raw, a COCO-style {split}_data.json, an imagefolder with metadata.jsonl, or shards of "
-        "prepare_data_multi_gpu.py (index.json).",
+        help="Folder with MNIST/raw, {split}_data.json (COCO-style), metadata.jsonl or index.json (shards).",
     )
     g.add_argument(
         "--dataset",
-        choices=["auto", "mnist", "coco", "imagefolder", "precomputed"],
+        choices="auto mnist coco imagefolder precomputed".split(),
         default="auto",
-        help="Layout of --data_root; auto detects it.",
+        help="Layout of --data_root.",
     )
     g.add_argument("--split", default="train", help="COCO-style: reads {split}_data.json.")
     g.add_argument("--caption_column", default="text", help="imagefolder: caption key in metadata.jsonl.")
     g.add_argument("--caption_template", default="a handwritten digit {}", help="MNIST caption; {} is the word.")
     g.add_argument("--resolution", type=int, default=32, help="Image side for COCO/imagefolder (MNIST: 28).")
-    g.add_argument("--max_samples", type=int, default=None, help="Truncate the training set to N examples.")
+    g.add_argument("--max_samples", type=int, help="Train on the first N examples.")
     g.add_argument("--num_validation_images", type=int, default=8, help="Held-out images captioned at validation.")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = parser.add_argument_group("models")
-    g.add_argument("--vae_name_or_path", default=None, help="AutoencoderKL: diffuse its latents, not pixels.")
-    g.add_argument("--patch_size", type=int, default=4, help="Image tokens are p x p patches.")
+    g.add_argument("--vae_name_or_path", help="AutoencoderKL: diffuse its latents, not pixels.")
+    g.add_argument("--patch_size", type=int, default=4)
     g.add_argument("--dim_image", type=int, default=128, help="Width of the image stream and of attention.")
-    g.add_argument("--dim_text", type=int, default=None, help="Text stream width (None: 128, or a frozen encoder's).")
+    g.add_argument("--dim_text", type=int, help="Text stream width (None: 128, or the frozen encoder's).")
     g.add_argument("--depth", type=int, default=6, help="MMDiT blocks.")
     g.add_argument("--num_heads", type=int, default=4)
     g.add_argument("--mlp_ratio", type=float, default=4.0)
+    g.add_argument("--stem_channels", type=int, default=4, help="3x3 conv channels before the patchify (0: none).")
+    g.add_argument("--tokenizer", default="bert-base-uncased")
     g.add_argument(
-        "--stem_channels", type=int, default=4, help="Channels of a 3x3 convolution before the patchify (0: none)."
-    )
-    g.add_argument("--tokenizer", default="bert-base-uncased", help="Tokenizer (hub id or folder).")
-    g.add_argument(
-        "--text_encoder_name_or_path",
-        default="learned",
-        help='"learned" (embeddings trained here) or a frozen BERT-family model as the input embedding.',
+        "--text_encoder_name_or_path", default="learned", help='"learned" (trained here) or a frozen BERT-family model.'
     )
     g.add_argument("--tokenizer_max_length", type=int, default=16, help="Caption tokens, special tokens included.")
 
     g = parser.add_argument_group("objective")
-    g.add_argument("--text_loss_weight", type=float, default=4.0, help="Weight of the caption loss.")
-    g.add_argument("--image_clean_prob", type=float, default=0.4, help="Per example: the image is clean.")
-    g.add_argument("--text_clean_prob", type=float, default=0.45, help="Per example: the caption is clean.")
+    g.add_argument("--text_loss_weight", type=float, default=4.0)
+    g.add_argument("--image_clean_prob", type=float, default=0.4, help="Share of clean images (image-to-text).")
+    g.add_argument("--text_clean_prob", type=float, default=0.45, help="Share of clean captions (text-to-image).")
     g.add_argument(
         "--cond_dropout_prob",
         type=float,
         default=0.0625,
-        help="Per example and modality: drop it from the attention (the unconditional branch of guidance).",
+        help="Per modality: share dropped (guidance's unconditional).",
     )
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--output_dir", default="output_image_discrete")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--train_batch_size", "--batch_size", type=int, default=64, help="Batch size per process.")
+    g.add_argument("--train_batch_size", "--batch_size", type=int, default=64, help="Per process.")
     g.add_argument("--num_train_epochs", "--epochs", "--num_epochs", type=int, default=10)
-    g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs when set.")
+    g.add_argument("--max_train_steps", type=int, help="Overrides --num_train_epochs.")
     g.add_argument("--learning_rate", type=float, default=1e-3)
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.99)
@@ -135,132 +126,89 @@ def parse_args(argv=None):
     g.add_argument("--lr_warmup_steps", type=int, default=200)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument(
-        "--max_nonfinite_steps", type=int, default=10, help="Stop after N steps in a row with a non-finite gradient."
-    )
-    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Sample and export an EMA.")
+    g.add_argument("--max_nonfinite_steps", type=int, default=10, help="Stop after N non-finite gradients in a row.")
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--ema_decay", type=float, default=0.999, help="Largest EMA decay, reached after the warmup.")
-    g.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
+    g.add_argument("--ema_power", type=float, default=0.75, help="Exponent of the EMA warmup.")
 
     g = parser.add_argument_group("speed and memory")
-    g.add_argument(
-        "--mixed_precision",
-        choices=["no", "fp16", "bf16"],
-        default=None,
-        help="fp16 needs a CUDA GPU. Default: accelerate's config or launcher.",
-    )
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--mixed_precision", choices="no fp16 bf16".split(), help="Default: accelerate's config.")
+    g.add_argument("--device", choices="auto cpu cuda".split(), default="auto")
+    g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--gradient_checkpointing", action="store_true")
 
     g = parser.add_argument_group("sampling and evaluation")
-    g.add_argument("--guidance_scale", type=float, default=7.0, help="Text-to-image guidance (1 = none).")
-    g.add_argument("--text_guidance_scale", type=float, default=1.5, help="Image-to-text guidance (1 = none).")
-    g.add_argument(
-        "--validation_guidance_scales",
-        type=float_list,
-        default=[1.0, 2.0, 4.0],
-        help="Columns of the validation grid.",
-    )
+    g.add_argument("--guidance_scale", type=float, default=7.0, help="Text-to-image guidance (1: none).")
+    g.add_argument("--text_guidance_scale", type=float, default=1.5, help="Image-to-text guidance (1: none).")
+    g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 2.0, 4.0], help="Grid columns.")
     g.add_argument("--num_inference_steps", type=int, default=20, help="Euler steps of the image flow.")
-    g.add_argument(
-        "--text_inference_steps", type=int, default=None, help="Caption unmasking steps (default: its length)."
-    )
+    g.add_argument("--text_inference_steps", type=int, help="Caption unmasking steps (default: its length).")
     g.add_argument(
         "--text_sampler",
         choices=["ancestral", "confidence"],
         default="confidence",
-        help="ancestral: the MDLM posterior; confidence: unmask the most confident tokens first.",
+        help="ancestral: MDLM posterior; confidence: most confident tokens first.",
     )
-    g.add_argument(
-        "--sample_from",
-        default=None,
-        help="Only generate, from an export or a checkpoint-N folder: the validation grid and the files below.",
-    )
-    g.add_argument(
-        "--prompts_file",
-        default=None,
-        help="With --sample_from: a UTF-8 text file, one prompt per line; text-to-image to prompt_samples.npz.",
-    )
+    g.add_argument("--sample_from", help="Only generate, from an export or checkpoint-N: the grid and the files below.")
+    g.add_argument("--prompts_file", help="One prompt per line: text-to-image into prompt_samples.npz.")
     g.add_argument(
         "--images_file",
-        default=None,
-        help="With --sample_from: an .npz whose `images` are uint8 [N, H, W] or [N, H, W, C] at the training size; "
-        "image-to-text to captions.jsonl.",
+        help="uint8 `images` [N, H, W(, C)] at the training size in an .npz: image-to-text into captions.jsonl.",
     )
-    g.add_argument(
-        "--num_joint_samples",
-        type=int,
-        default=0,
-        help="With --sample_from: N (image, caption) pairs generated together, to joint_samples.npz.",
-    )
-    g.add_argument(
-        "--eval_batch_size",
-        type=int,
-        default=250,
-        help="Batch size of --prompts_file, --images_file and --num_joint_samples.",
-    )
+    g.add_argument("--num_joint_samples", type=int, default=0, help="Image-caption pairs into joint_samples.npz.")
+    g.add_argument("--eval_batch_size", type=int, default=250, help="Batch size of the three above.")
 
     g = parser.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=50)
     g.add_argument("--validation_steps", type=int, default=1000)
     g.add_argument("--checkpointing_steps", type=int, default=1000)
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
-    g.add_argument(
-        "--overwrite_output_dir", action="store_true", help="Delete another run's checkpoints in --output_dir."
-    )
-    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none")
+    g.add_argument("--checkpoints_total_limit", type=int, help="Keep the newest N checkpoints.")
+    g.add_argument("--resume_from_checkpoint", help='A checkpoint folder, or "latest".')
+    g.add_argument("--overwrite_output_dir", action="store_true", help="Delete another run's checkpoints there.")
+    g.add_argument("--report_to", choices="none tensorboard wandb all".split(), default="none")
     g.add_argument("--tracker_project_name", default="train_image_discrete")
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    for action in parser._actions:  # argparse shows the default of a flag with a help text only
+        action.help = action.help or "(default: %(default)s)"
     return parser.parse_args([underscore_flag(a) for a in argv])
 
 
 # Copied from train_mnist.underscore_flag
 def underscore_flag(arg):
-    """--max-samples -> --max_samples, --no-use-ema -> --no-use_ema."""
-    if not arg.startswith("--"):
+    """--max-samples -> --max_samples; --no-use-ema -> --no-use_ema."""
+    name, eq, value = arg.partition("=")
+    if not name.startswith("--"):
         return arg
-    name, eq, value = arg[2:].partition("=")
-    negation = "no-" if name.startswith(("no-", "no_")) and name[3:].replace("-", "_") in NEGATABLE else ""
-    return "--" + negation + name[len(negation) :].replace("-", "_") + eq + value
+    prefix = "--no-" if name.startswith("--no-") else "--"
+    return prefix + name[len(prefix) :].replace("-", "_") + eq + value
 
 
 # Copied from train_mnist.check_shared_flags
 def check_shared_flags(args):
-    """Checks of the flags every trainer has: numbers in range, a --resume_from_checkpoint of this script."""
-    at_least_1 = (lambda v: v >= 1, "an integer >= 1")
-    rules = {
-        "learning_rate": (lambda v: v > 0, "a number > 0"),
-        "train_batch_size": at_least_1,
-        "eval_batch_size": at_least_1,
-        "num_train_epochs": at_least_1,
-        "max_train_steps": at_least_1,
-        "gradient_accumulation_steps": at_least_1,
-        "max_samples": at_least_1,
-        "logging_steps": at_least_1,
-        "checkpointing_steps": at_least_1,
-        "validation_steps": at_least_1,
-        "checkpoints_total_limit": at_least_1,
-        "num_inference_steps": at_least_1,
-        "lr_warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
-        "dataloader_num_workers": (lambda v: v >= 0, "an integer >= 0"),
-        "max_grad_norm": (lambda v: v >= 0, "a number >= 0"),
-        "adam_weight_decay": (lambda v: v >= 0, "a number >= 0"),
-        "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
-        "ema_power": (lambda v: v > 0, "a number > 0"),
-        "cond_dropout_prob": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "snr_gamma": (lambda v: v >= 0, "a number >= 0"),
-        "guidance_scale": (lambda v: v >= 0, "a number >= 0"),
-        "validation_guidance_scales": (lambda v: v >= 0, "numbers >= 0"),
-    }
-    for name, (valid, wanted) in rules.items():
-        value = getattr(args, name, None)  # a flag this script does not have is skipped
-        if value is not None and not all(map(valid, value if isinstance(value, list) else [value])):
-            fail(f"--{name} {value}: must be {wanted}")
+    """The flags every trainer has: number ranges, the output folder, the script of a checkpoint to resume."""
+    rules = [  # a flag this script lacks is skipped
+        (
+            lambda v: v >= 1,
+            "an integer >= 1",
+            "train_batch_size eval_batch_size num_train_epochs max_train_steps gradient_accumulation_steps max_samples "
+            "logging_steps checkpointing_steps validation_steps checkpoints_total_limit num_inference_steps",
+        ),
+        (lambda v: v >= 0, "an integer >= 0", "lr_warmup_steps dataloader_num_workers"),
+        (
+            lambda v: v >= 0,
+            "a number >= 0",
+            "max_grad_norm adam_weight_decay snr_gamma guidance_scale validation_guidance_scales",
+        ),
+        (lambda v: v > 0, "a number > 0", "learning_rate ema_power"),
+        (lambda v: 0 <= v < 1, "in [0, 1)", "adam_beta1 adam_beta2 cond_dropout_prob"),
+        (lambda v: 0 < v < 1, "in (0, 1)", "ema_decay"),
+    ]
+    for valid, wanted, names in rules:
+        for name in names.split():
+            value = getattr(args, name, None)
+            if value is not None and not all(map(valid, value if isinstance(value, list) else [value])):
+                fail(f"--{name} {value}: must be {wanted}")
     out = Path(args.output_dir)
     if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
         fail(f"--output_dir {out}: is a file or lies under one; pass a folder")
@@ -269,43 +217,43 @@ def check_shared_flags(args):
         try:
             written_by = json.loads((Path(resume) / "training_state.json").read_text()).get("script")
         except (OSError, ValueError):
-            fail(f"--resume_from_checkpoint {resume}: not a readable checkpoint folder; pass checkpoint-N or latest")
+            fail(f"--resume_from_checkpoint {resume}: not a checkpoint folder; pass checkpoint-N or latest")
         if written_by != script:
-            fail(f"--resume_from_checkpoint {resume}: written by {written_by}, not {script}; pass a checkpoint of it")
+            fail(f"--resume_from_checkpoint {resume}: written by {written_by}, not {script}")
 
 
 def check_args(args):
     """Cheap checks of the flags, before any dataset or model is loaded."""
     check_shared_flags(args)
-    for name in ("prompts_file", "images_file", "num_joint_samples"):
+    for name in "prompts_file images_file num_joint_samples".split():
         if getattr(args, name) and not args.sample_from:
-            fail(f"--{name} {getattr(args, name)}: only with --sample_from; pass a finished run's output_dir there")
+            fail(f"--{name} {getattr(args, name)}: only with --sample_from")
     if args.num_joint_samples < 0:
-        fail(f"--num_joint_samples {args.num_joint_samples}: must be 0 (none) or more")
+        fail(f"--num_joint_samples {args.num_joint_samples}: must be >= 0")
     if args.sample_from:
         if not (Path(args.sample_from) / EXPORT_CONFIG).is_file():
-            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG} there; pass a finished run or a checkpoint-N")
+            fail(f"--sample_from {args.sample_from}: no {EXPORT_CONFIG}; pass a run's output_dir or checkpoint-N")
         if problem := manifest_problem(Path(args.sample_from)):
-            fail(f"--sample_from {args.sample_from}: damaged or incomplete ({problem}); pass an intact export")
+            fail(f"--sample_from {args.sample_from}: damaged ({problem}); pass an intact export")
+    elif args.data_root is None:
+        fail("--data_root is required: a folder with MNIST/raw, {split}_data.json, metadata.jsonl or index.json")
     else:
-        if args.data_root is None:
-            fail("--data_root is required: a folder with MNIST/raw, {split}_data.json, metadata.jsonl or index.json")
         args.dataset = detect_dataset(args)
     if "{}" not in args.caption_template:
-        fail(f"--caption_template {args.caption_template!r}: must contain {{}} where the digit's word goes")
+        fail(f"--caption_template {args.caption_template!r}: must contain {{}} for the digit's word")
     if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    for name in ("image_clean_prob", "text_clean_prob", "cond_dropout_prob"):
-        if not 0.0 <= getattr(args, name) < 1.0:
+        fail("--device cuda: no CUDA GPU; use cpu or auto")
+    for name in ("image_clean_prob", "text_clean_prob"):
+        if not 0 <= getattr(args, name) < 1:
             fail(f"--{name} {getattr(args, name)}: must be in [0, 1)")
-    if args.image_clean_prob + args.text_clean_prob + 2 * args.cond_dropout_prob > 1.0:
+    if args.image_clean_prob + args.text_clean_prob + 2 * args.cond_dropout_prob > 1:
         fail("--image_clean_prob + --text_clean_prob + 2 * --cond_dropout_prob must be at most 1")
     if args.stem_channels < 0:
-        fail(f"--stem_channels {args.stem_channels}: must be 0 (no stem) or more")
+        fail(f"--stem_channels {args.stem_channels}: must be >= 0")
     if args.dim_image % args.num_heads:
         fail(f"--dim_image {args.dim_image}: must be divisible by --num_heads {args.num_heads}")
     if args.resolution % args.patch_size:
-        fail(f"--resolution {args.resolution}: the patch size {args.patch_size} must divide it")
+        fail(f"--resolution {args.resolution}: must be divisible by --patch_size {args.patch_size}")
     if args.tokenizer_max_length < 3:
         fail(f"--tokenizer_max_length {args.tokenizer_max_length}: needs room for [CLS], a word and [SEP]")
     args.report_to = installed_trackers(args.report_to)
@@ -313,42 +261,36 @@ def check_args(args):
 
 # Copied from train_mnist.installed_trackers
 def installed_trackers(report_to):
-    """--report_to as accelerate's log_with; a tracker whose package is missing is an error."""
+    """--report_to as accelerate's log_with; a missing tracker package is an error."""
     import importlib.util
 
-    if report_to == "none":
-        return []
-    found = [name for name in ("tensorboard", "wandb") if report_to in (name, "all") and importlib.util.find_spec(name)]
-    if not found and report_to == "all":
-        fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
-    if not found:
-        fail(f"--report_to {report_to}: the {report_to} package is not installed; pip install {report_to}")
+    wanted = {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
+    found = [name for name in wanted if importlib.util.find_spec(name)]
+    if wanted and not found:
+        fail(f"--report_to {report_to}: {' or '.join(wanted)} is not installed; pip install {wanted[0]}")
     return found
 
 
 # Copied from train_mnist.check_accelerator
 def check_accelerator(accelerator):
-    """Checks of what accelerate resolved from the flags, its config file and the launcher."""
+    """What accelerate resolved from the flags, its config file and the launcher."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
-        fail("--mixed_precision fp16 (from the flag or accelerate's config) needs a CUDA GPU: use bf16 or no here")
+        fail("--mixed_precision fp16 (flag or accelerate config) needs a CUDA GPU; use bf16 or no")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        fail("DeepSpeed is not supported by this script: launch it with DDP (accelerate launch --multi_gpu)")
+        fail("DeepSpeed is not supported; launch with DDP (accelerate launch --multi_gpu)")
     if accelerator.distributed_type == DistributedType.FSDP:
-        fail("FSDP is not supported by this script (its EMA needs whole weights): launch it with DDP (--multi_gpu)")
+        fail("FSDP is not supported (the EMA needs whole weights); launch with DDP (--multi_gpu)")
 
 
 # ---- Data ----
 def detect_dataset(args):
-    """The layout of --data_root: --dataset, or the first one whose marker file is there."""
+    """--dataset, or the first layout whose marker file is in --data_root."""
     root = Path(args.data_root)
     if not root.is_dir():
         fail(f"--data_root {root}: no such folder")
-    markers = {
-        "precomputed": "index.json",
-        "coco": f"{args.split}_data.json",
-        "imagefolder": "metadata.jsonl",
-        "mnist": "MNIST/raw/",
-    }
+    markers = dict(
+        precomputed="index.json", coco=f"{args.split}_data.json", imagefolder="metadata.jsonl", mnist="MNIST/raw/"
+    )
     found = [kind for kind, name in markers.items() if (root / name).exists()]
     if args.dataset != "auto":
         if args.dataset not in found:
@@ -370,27 +312,23 @@ class Data:
     val_pixels: torch.Tensor | None
     val_latent_mean: torch.Tensor | None
     val_captions: list
-    val_digits: torch.Tensor | None  # MNIST only
     val_source: str  # where the held-out images come from, for the logs
     vae_info: dict | None  # the VAE of precomputed shards
 
 
-def mnist_caption(template, digit):
-    return template.format(DIGIT_WORDS[int(digit)])
-
-
-def load_mnist(root, train):
+def load_mnist(root, train, template, n=None):
+    """The first n MNIST images (uint8 [n, 1, 28, 28], white on black) and their captions."""
     import torchvision
 
     try:
         mnist = torchvision.datasets.MNIST(root, train=train, download=False)
     except RuntimeError as e:
         fail(f"--data_root {root}: cannot read MNIST/raw ({e})")
-    return mnist.data.unsqueeze(1), mnist.targets.long()  # uint8 [N, 1, 28, 28], white on black
+    return mnist.data[:n].unsqueeze(1), [template.format(DIGIT_WORDS[int(d)]) for d in mnist.targets[:n]]
 
 
 def load_image(path, resolution):
-    """RGB uint8 [3, r, r]: shorter side resized to r, centre crop; None when missing or unreadable."""
+    """RGB uint8 [3, r, r], resized and centre-cropped; None when missing or unreadable."""
     from PIL import Image
 
     try:
@@ -407,12 +345,12 @@ def load_image(path, resolution):
 
 
 def read_pairs(args, root, split):
-    """(image path, caption) pairs of a COCO-style {split}_data.json or an imagefolder's metadata.jsonl."""
+    """(image path, caption) pairs of {split}_data.json (COCO-style) or metadata.jsonl."""
     pairs = []
     if args.dataset == "coco":
         for r in json.loads((root / f"{split}_data.json").read_text()):
-            path = next((r[k] for k in ("image", "image_path", "file_name", "filepath", "path") if k in r), None)
-            caption = next((r[k] for k in ("caption", "text", "captions") if k in r), None)
+            path = next((r[k] for k in "image image_path file_name filepath path".split() if k in r), None)
+            caption = next((r[k] for k in "caption text captions".split() if k in r), None)
             if path is None or caption is None:
                 fail(
                     f"--data_root {root / f'{split}_data.json'}: a record needs 'image' and 'caption'; got {sorted(r)}"
@@ -429,15 +367,14 @@ def read_pairs(args, root, split):
 
 
 def load_pairs(pairs, resolution, what):
-    """Load images; missing or unreadable ones are skipped and counted, never replaced by a blank image."""
+    """Missing or unreadable images are skipped and counted, never replaced by a blank image."""
     images, captions = [], []
     for path, caption in pairs:
         image = load_image(path, resolution)
         if image is not None:
             images.append(image)
             captions.append(caption)
-    if len(images) < len(pairs):
-        skipped = len(pairs) - len(images)
+    if skipped := len(pairs) - len(images):
         print(f"warning: {what}: skipped {skipped} of {len(pairs)} images (missing or unreadable)", file=sys.stderr)
     if not images:
         fail(f"--data_root: none of the {len(pairs)} images of {what} could be read")
@@ -445,7 +382,7 @@ def load_pairs(pairs, resolution, what):
 
 
 def load_precomputed(root, max_samples):
-    """Shards of prepare_data_multi_gpu.py (docs/prepare_data.md): VAE posteriors and caption strings."""
+    """Shards of prepare_data_multi_gpu.py: VAE posteriors and captions."""
     from safetensors import safe_open
 
     index = json.loads((root / "index.json").read_text())
@@ -464,8 +401,7 @@ def load_precomputed(root, max_samples):
             captions += shard_captions
         if max_samples is not None and len(captions) >= max_samples:
             break
-    n = len(captions) if max_samples is None else min(max_samples, len(captions))
-    return torch.cat(means)[:n], torch.cat(stds)[:n], captions[:n], index["vae"]
+    return torch.cat(means)[:max_samples], torch.cat(stds)[:max_samples], captions[:max_samples], index["vae"]
 
 
 def caption_table(captions):
@@ -477,15 +413,10 @@ def caption_table(captions):
 
 def build_dataset(args, vae):
     """The training data and the held-out images, per the layout of --data_root."""
-    root, n_val = Path(args.data_root), args.num_validation_images
-    val_digits, vae_info = None, None
+    root, n_val, vae_info = Path(args.data_root), args.num_validation_images, None
     if args.dataset == "mnist":
-        images, labels = load_mnist(root, train=True)
-        n = len(images) if args.max_samples is None else min(args.max_samples, len(images))
-        images, captions = images[:n], [mnist_caption(args.caption_template, d) for d in labels[:n]]
-        test_images, test_labels = load_mnist(root, train=False)
-        val_pixels, val_digits = test_images[:n_val], test_labels[:n_val]
-        val_captions = [mnist_caption(args.caption_template, d) for d in val_digits]
+        images, captions = load_mnist(root, True, args.caption_template, args.max_samples)
+        val_pixels, val_captions = load_mnist(root, False, args.caption_template, n_val)
         val_source = "MNIST test images"
     elif args.dataset in ("coco", "imagefolder"):
         pairs = read_pairs(args, root, args.split)[: args.max_samples]
@@ -499,15 +430,12 @@ def build_dataset(args, vae):
             val_source = "training images (no held-out split)"
     else:
         mean, std, captions, vae_info = load_precomputed(root, args.max_samples)
-        images, val_pixels = None, None
-        val_captions = captions[:n_val]
+        val_pixels, val_captions, val_latent_mean = None, captions[:n_val], mean[:n_val]
         val_source = "training examples (shards hold no held-out split)"
     table, caption_ids = caption_table(captions)
-    if images is not None:
-        mean, std = encode_images(vae, images) if vae is not None else (images, torch.zeros(len(images), 0))
-    val_latent_mean = encode_images(vae, val_pixels)[0] if vae is not None and val_pixels is not None else None
-    if args.dataset == "precomputed":
-        val_latent_mean = mean[:n_val]
+    if args.dataset != "precomputed":
+        mean, std = (images, torch.zeros(len(images), 0)) if vae is None else encode_images(vae, images)
+        val_latent_mean = None if vae is None else encode_images(vae, val_pixels)[0]
     return Data(
         kind="latents" if (vae is not None or args.dataset == "precomputed") else "pixels",
         tensors=(mean, std, caption_ids),
@@ -516,7 +444,6 @@ def build_dataset(args, vae):
         val_pixels=val_pixels,
         val_latent_mean=val_latent_mean,
         val_captions=val_captions,
-        val_digits=val_digits,
         val_source=val_source,
         vae_info=vae_info,
     )
@@ -524,7 +451,7 @@ def build_dataset(args, vae):
 
 @torch.no_grad()
 def encode_images(vae, pixels, batch_size=32):
-    """uint8 images -> the VAE posterior's mean and std, once; a fresh latent is drawn from them every step."""
+    """uint8 images -> the VAE posterior's mean and std; each step draws a fresh latent from them."""
     means, stds = [], []
     for batch in pixels.split(batch_size):
         batch = batch.expand(-1, vae.config.in_channels, -1, -1) if batch.shape[1] == 1 else batch
@@ -548,7 +475,7 @@ def latent_scaling(vae):
 
 
 def to_model_input(mean, std, kind, scaling, generator):
-    """A training batch in the model's space: pixels in [-1, 1], or a latent drawn from the posterior, scaled."""
+    """A batch in the model's space: pixels in [-1, 1], or a scaled latent drawn from the posterior."""
     if kind == "pixels":
         return mean.float().div(127.5).sub(1.0)
     scale, shift = scaling
@@ -574,10 +501,9 @@ def validation_images(data, scaling):
     return data.val_pixels.float().div(127.5).sub(1.0)
 
 
-# ---- Models: image patches and the two-stream MMDiT (shared with train_image_continuous.py) ----
+# ---- Models: the two-stream MMDiT ----
 class ImagePatchEncoder(nn.Module):
-    """Conv2d patchify + fixed 2-D sin-cos positions; with stem_channels, a 3x3 convolution and a GELU first, so a
-    patch token also sees its neighbours' edge pixels."""
+    """Conv2d patchify + fixed 2-D sin-cos positions; a 3x3 conv stem lets a patch see its neighbours' edges."""
 
     def __init__(self, in_channels, image_size, patch_size, dim, stem_channels=0):
         super().__init__()
@@ -659,9 +585,8 @@ class FinalLayer(nn.Module):
 
 
 class MMDiT(nn.Module):
-    """Image [b, C, H, W] and text embeddings [b, L, dim_text] in; image prediction [b, C, H, W] and per-token
-    text outputs [b, L, text_out_dim] out. The two timestep embeddings are summed into the adaLN condition; with
-    pooled_text, an MLP of the mean attended text input is added too (SD3). adaln_zero: DiT's zero init."""
+    """Image [b, C, H, W] and text [b, L, dim_text] in, both predictions out. The adaLN condition sums the two
+    timestep embeddings and, with pooled_text, an MLP of the mean attended text (SD3)."""
 
     def __init__(
         self,
@@ -692,7 +617,7 @@ class MMDiT(nn.Module):
         self.image_final = FinalLayer(dim_image, patch_size * patch_size * in_channels, dim_image)
         self.text_final = FinalLayer(dim_text, text_out_dim, dim_image)
         self.gradient_checkpointing = False
-        if adaln_zero:  # else PyTorch's default init
+        if adaln_zero:  # DiT's zero init, else PyTorch's
             self.initialize_weights()
 
     def initialize_weights(self):
@@ -700,13 +625,10 @@ class MMDiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        for module in self.modules():
-            if isinstance(module, (StreamBlock, FinalLayer)):
-                nn.init.zeros_(module.adaln[-1].weight)
-                nn.init.zeros_(module.adaln[-1].bias)
-        for final in (self.image_final, self.text_final):
-            nn.init.zeros_(final.linear.weight)
-            nn.init.zeros_(final.linear.bias)
+        zeroed = [m.adaln[-1] for m in self.modules() if isinstance(m, (StreamBlock, FinalLayer))]
+        for linear in zeroed + [self.image_final.linear, self.text_final.linear]:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
 
     def forward(self, image, t_image, text, t_text, key_mask=None):
         """t_image, t_text in [0, 1] (0 = clean); key_mask [b, n_image + L] bool or None."""
@@ -732,7 +654,7 @@ class MMDiT(nn.Module):
         return out, self.text_final(y, c)
 
 
-# ---- Models: caption tokens (tokenizer, compact vocabulary, learned or frozen input embedding) ----
+# ---- Models: caption tokens ----
 def load_tokenizer(name_or_path):
     from transformers import AutoTokenizer
 
@@ -743,9 +665,8 @@ def load_tokenizer(name_or_path):
 
 
 class Vocabulary:
-    """The token ids of the training captions plus the special tokens, renumbered 0..K-1. The mask token is K, an
-    input only: the output layer has K logits, so the mask is never predicted. `ids` maps compact -> tokenizer ids,
-    the mask (the tokenizer's [MASK], else a new id) last."""
+    """The captions' token ids and the special tokens renumbered 0..K-1; the mask K is an input only (K logits).
+    `ids` maps compact -> tokenizer ids, the mask (the tokenizer's [MASK], else a new id) last."""
 
     def __init__(self, ids, pad_token_id):
         self.ids = torch.as_tensor(ids)
@@ -772,7 +693,7 @@ class Vocabulary:
 
 
 def tokenize(tokenizer, captions, max_length):
-    """Token ids [n, max_length]. Every position, pads included, is diffused: the model learns the length."""
+    """Token ids [n, max_length]; pads are diffused too, so the model learns the length."""
     if tokenizer.pad_token_id is None:
         fail(f"--tokenizer {tokenizer.name_or_path}: it has no pad token; use a BERT-family tokenizer")
     return tokenizer(
@@ -781,7 +702,7 @@ def tokenize(tokenizer, captions, max_length):
 
 
 class TextTokenEncoder(nn.Module):
-    """Learned input embedding of the (partly masked) caption: token + position embeddings."""
+    """Learned token + position embeddings of the (partly masked) caption."""
 
     def __init__(self, num_tokens, max_length, dim):
         super().__init__()
@@ -793,8 +714,7 @@ class TextTokenEncoder(nn.Module):
 
 
 class BertTextEncoder(nn.Module):
-    """A frozen BERT-family encoder as the input embedding: compact ids mapped back to its vocabulary (the mask as
-    its [MASK]) in, its last hidden states (fp32) out."""
+    """A frozen BERT-family encoder as the input embedding: compact ids in, last hidden states (fp32) out."""
 
     def __init__(self, name_or_path, vocabulary):
         super().__init__()
@@ -809,8 +729,8 @@ class BertTextEncoder(nn.Module):
 
 
 class TextImageModel(ModelMixin, ConfigMixin):
-    """What is trained and exported (diffusers layout): the MMDiT and, when num_text_tokens is set, the learned
-    caption embedding. A frozen text encoder is not part of it: export_config.json names it."""
+    """What is trained and exported: the MMDiT and, with num_text_tokens, the learned caption embedding (a frozen
+    encoder is not part of it: export_config.json names it)."""
 
     @register_to_config
     def __init__(
@@ -851,7 +771,7 @@ class TextImageModel(ModelMixin, ConfigMixin):
 
 
 def resolve_dim_text(args):
-    """The text stream's width; with a frozen encoder, its hidden size, read before its weights load."""
+    """The text stream's width: a frozen encoder's hidden size, read before its weights load."""
     if args.text_encoder_name_or_path == "learned":
         return args.dim_text or 128
     from transformers import AutoConfig
@@ -860,7 +780,7 @@ def resolve_dim_text(args):
     try:
         hidden = AutoConfig.from_pretrained(args.text_encoder_name_or_path).hidden_size
     except (OSError, ValueError) as e:
-        fail(f"{flag}: cannot load it ({type(e).__name__}); pass a local folder with config.json, or a hub id")
+        fail(f"{flag}: cannot load it ({type(e).__name__}); pass a folder with config.json, or a hub id")
     if args.dim_text is not None and args.dim_text != hidden:
         fail(
             f"--dim_text {args.dim_text} does not match the hidden size of {flag} ({hidden}): pass --dim_text {hidden}"
@@ -874,7 +794,7 @@ def build_model(mmdit_config, text_encoder, num_tokens, max_text_length):
 
 
 def text_states(frozen_encoder, ids):
-    """Compact ids -> what the text stream reads: the ids (learned embedding), else the frozen encoder's states."""
+    """What the text stream reads: the ids (learned embedding), or the frozen encoder's states."""
     return ids if frozen_encoder is None else frozen_encoder(ids)
 
 
@@ -884,16 +804,6 @@ def num_image_tokens(model, x):
 
 
 # ---- Objective ----
-def draw_modalities(n, args, generator, device):
-    """Per example: image clean (image-to-text), caption clean (text-to-image), caption dropped (unconditional
-    image), image dropped (unconditional caption), else both noised at independent timesteps (joint)."""
-    u = torch.rand(n, generator=generator, device=device)
-    edges = np.cumsum([args.image_clean_prob, args.text_clean_prob, args.cond_dropout_prob, args.cond_dropout_prob])
-    image_clean, text_clean = u < edges[0], (u >= edges[0]) & (u < edges[1])
-    text_dropped, image_dropped = (u >= edges[1]) & (u < edges[2]), (u >= edges[2]) & (u < edges[3])
-    return image_clean, text_clean, text_dropped, image_dropped
-
-
 def key_padding_mask(keep_image, keep_text, num_image_tokens, text_length):
     """[b, n_image + L] bool, False for the tokens of a dropped modality."""
     return torch.cat(
@@ -904,7 +814,12 @@ def key_padding_mask(keep_image, keep_text, num_image_tokens, text_length):
 def training_step(model, frozen_encoder, x0, ids, vocabulary, args, generator):
     """Rectified flow on the image, MDLM on the caption; returns per-example image and text losses."""
     n, device = x0.shape[0], x0.device
-    image_clean, text_clean, text_dropped, image_dropped = draw_modalities(n, args, generator, device)
+    # Per example: image clean (image-to-text), caption clean (text-to-image), caption or image dropped
+    # (unconditional), else both noised at independent timesteps (joint).
+    u = torch.rand(n, generator=generator, device=device)
+    shares = [args.image_clean_prob, args.text_clean_prob, args.cond_dropout_prob, args.cond_dropout_prob]
+    bucket = sum(u >= edge for edge in np.cumsum(shares))
+    image_clean, text_clean, text_dropped, image_dropped = (bucket == i for i in range(4))
     # Image: x_t = (1 - t) x0 + t eps, target eps - x0; t logit-normal (SD3), 0 when clean, 1 when dropped.
     t_image = compute_density_for_timestep_sampling(
         "logit_normal", n, logit_mean=0.0, logit_std=1.0, device=device, generator=generator
@@ -926,7 +841,6 @@ def training_step(model, frozen_encoder, x0, ids, vocabulary, args, generator):
     pred, logits = model(x_t, t_image, text_states(frozen_encoder, noisy_ids), t_text, key_mask)
     image_loss = F.mse_loss(pred.float(), (eps - x0).float(), reduction="none").mean(dim=(1, 2, 3))
     image_loss = image_loss * (~image_clean & ~image_dropped)
-    # Cross-entropy on the masked tokens, averaged over positions, weighted.
     ce = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none")
     text_loss = (ce * masked).sum(dim=1) / ids.shape[1] * weight
     text_loss = text_loss * (~text_clean & ~text_dropped)
@@ -936,8 +850,7 @@ def training_step(model, frozen_encoder, x0, ids, vocabulary, args, generator):
 # ---- Sampling ----
 @torch.no_grad()
 def sample_images(model, frozen_encoder, ids, shape, guidance_scale, num_steps, generator):
-    """Text-to-image: Euler on the flow ODE from t=1 to 0, guided: uncond + s * (cond - uncond), the unconditional
-    branch with the caption dropped (t=1, out of the attention)."""
+    """Text-to-image: Euler on the flow ODE from t=1 to 0; guidance's unconditional branch drops the caption."""
     n, device = ids.shape[0], ids.device
     x = torch.randn((n, *shape), generator=generator, device=device)
     states, t_text, key_mask = text_states(frozen_encoder, ids), torch.zeros(n, device=device), None
@@ -957,9 +870,8 @@ def sample_images(model, frozen_encoder, ids, shape, guidance_scale, num_steps, 
 
 
 def unmask_step(ids, log_probs, t, s, steps_left, sampler, mask_id, generator):
-    """One reverse step from masking rate t to s < t; unmasked tokens are carried over unchanged.
-    ancestral: each masked token is revealed with probability (t - s) / t, drawn from the model (MDLM);
-    confidence: the ceil(masked / steps_left) most confident masked tokens are revealed, argmax."""
+    """One reverse step from masking rate t to s < t; unmasked tokens stay. ancestral: each masked token is revealed
+    with probability (t - s) / t, drawn from the model (MDLM); confidence: the most confident ones, argmax."""
     masked = ids == mask_id
     if sampler == "ancestral":
         uniform = torch.rand(log_probs.shape, generator=generator, device=ids.device).clamp(1e-20, 1 - 1e-7)
@@ -976,8 +888,7 @@ def unmask_step(ids, log_probs, t, s, steps_left, sampler, mask_id, generator):
 
 @torch.no_grad()
 def sample_captions(model, frozen_encoder, x0, vocabulary, length, guidance_scale, num_steps, sampler, generator):
-    """Image-to-text: from an all-mask caption to tokens in num_steps, the image clean (t=0), guided with the image
-    dropped (t=1, out of the attention) as the unconditional branch."""
+    """Image-to-text: unmask an all-mask caption in num_steps; guidance's unconditional branch drops the image."""
     n, device = x0.shape[0], x0.device
     ids = torch.full((n, length), vocabulary.mask_id, device=device)
     images, t_image, key_mask = x0, torch.zeros(n, device=device), None
@@ -999,9 +910,8 @@ def sample_captions(model, frozen_encoder, x0, vocabulary, length, guidance_scal
 
 @torch.no_grad()
 def sample_joint(model, frozen_encoder, n, shape, vocabulary, length, guidance_scale, num_steps, text_steps, generator):
-    """Joint generation, caption first: an MDLM caption with the image dropped (p(caption)), then the image from it,
-    guided (p(image | caption)). Both halves run through states training covers often; one time grid for both
-    modalities would run through both-noisy states, which it covers rarely."""
+    """Caption first, the image dropped, then the image from it, guided: both halves stay in states training covers
+    often (one time grid for both would cross both-noisy states, which it covers rarely)."""
     device = next(model.parameters()).device
     ids = torch.full((n, length), vocabulary.mask_id, device=device)
     no_image, ones = torch.zeros((n, *shape), device=device), torch.ones(n, device=device)  # dropped: t=1
@@ -1017,27 +927,25 @@ def sample_joint(model, frozen_encoder, n, shape, vocabulary, length, guidance_s
 # ---- Validation ----
 @dataclass
 class Sampling:
-    """Everything the samplers need besides the model."""
+    """What the samplers and the validation need besides the model."""
 
     tokenizer: object
     vocabulary: Vocabulary
     frozen_encoder: nn.Module | None
     tokenizer_max_length: int
     device: torch.device
-    shape: tuple  # [C, H, W] in the model's space
-    kind: str  # "pixels" or "latents"
+    shape: tuple  # image [C, H, W] in the model's space
+    kind: str  # pixels or latents
     vae: nn.Module | None
-    scaling: tuple | None  # the VAE's (scale, shift)
+    scaling: tuple | None
     dataset: str
     caption_template: str
+    val_x0: torch.Tensor | None  # held-out images in the model's space
     val_captions: list
-    val_x0: torch.Tensor | None  # held-out images to caption, in the model's space
     val_source: str
     text_guidance_scale: float
     text_sampler: str
     text_inference_steps: int
-    vae_name: str | None = None
-    mmdit_config: dict | None = None
 
 
 def validation_prompts(ctx):
@@ -1093,8 +1001,7 @@ def show(images):
 
 
 def log_validation(model, ctx, args, step, trackers=(), per_prompt=4):
-    """samples/step-<step>.png: prompts x guidance scales (also sent to the trackers); samples/step-<step>.txt:
-    captions of held-out images and joint samples."""
+    """samples/step-<step>.png (prompts x guidance scales, also to the trackers) and .txt (generated captions)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1109,14 +1016,13 @@ def log_validation(model, ctx, args, step, trackers=(), per_prompt=4):
         repeated = [p for p in prompts for _ in range(per_prompt)]
         images = generate_images(model, ctx, repeated, scale, args.seed, args.num_inference_steps)
         for i, prompt in enumerate(prompts):
-            row = images[i * per_prompt : (i + 1) * per_prompt]
-            axes[i, j].imshow(np.concatenate([show(im) for im in row], axis=1), cmap="gray", vmin=0, vmax=255)
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
+            row, ax = images[i * per_prompt : (i + 1) * per_prompt], axes[i, j]
+            ax.imshow(np.concatenate([show(im) for im in row], axis=1), cmap="gray", vmin=0, vmax=255)
+            ax.set(xticks=[], yticks=[])
             if i == 0:
-                axes[i, j].set_title(f"guidance {scale:g}", fontsize=9)
+                ax.set_title(f"guidance {scale:g}", fontsize=9)
             if j == 0:
-                axes[i, j].set_ylabel(prompt[:40], fontsize=7, rotation=0, ha="right", va="center")
+                ax.set_ylabel(prompt[:40], fontsize=7, rotation=0, ha="right", va="center")
     fig.tight_layout()
     fig.savefig(samples_dir / f"step-{step}.png", dpi=80)
     plt.close(fig)
@@ -1175,8 +1081,7 @@ def plot_loss(metrics_path, out_path):
 
 
 def read_sampling_inputs(args, config, vae):
-    """--prompts_file (one prompt per line, blank lines skipped) and --images_file (an .npz `images`), checked
-    against the export before the MMDiT loads; returns the prompts and the images as uint8 [N, C, H, W], or None."""
+    """--prompts_file and --images_file, checked before the MMDiT loads: the prompts and uint8 [N, C, H, W], or None."""
     prompts, images = None, None
     for flag, path in (("--prompts_file", args.prompts_file), ("--images_file", args.images_file)):
         if path and not Path(path).is_file():
@@ -1202,7 +1107,7 @@ def read_sampling_inputs(args, config, vae):
         if vae is not None:  # a latent model takes images of the size its VAE decodes to
             factor = 2 ** (len(vae.config.block_out_channels) - 1)
             c, h, w = vae.config.in_channels, h * factor, w * factor
-        channels_ok = images.shape[3:] in ((), (1,), (c,))  # [N, H, W], or [N, H, W, C] with 1 or c channels
+        channels_ok = images.shape[3:] in ((), (1,), (c,))
         if images.dtype != np.uint8 or not images.size or images.shape[1:3] != (h, w) or not channels_ok:
             wanted = f"uint8 [N, {h}, {w}]" + (f" or [N, {h}, {w}, {c}]" if c > 1 else "") + ", N >= 1"
             fail(f"--images_file {path}: `images` is {images.dtype} {list(images.shape)}; pass {wanted}")
@@ -1211,14 +1116,13 @@ def read_sampling_inputs(args, config, vae):
 
 
 def write_samples(model, ctx, args, prompts, images):
-    """In --output_dir: prompt_samples.npz (text-to-image: images, prompts), captions.jsonl (image-to-text: index,
-    caption) and joint_samples.npz (images, captions); images uint8 [N, H, W], or [N, H, W, C] for several channels.
-    --eval_batch_size at a time, batch i seeded with --seed + i (+ 1 for prompts, + 1000 for joint samples)."""
+    """prompt_samples.npz (images, prompts), captions.jsonl (index, caption) and joint_samples.npz (images, captions)
+    in --output_dir, images uint8 [N, H, W(, C)]; batch i is seeded with --seed + i (+ 1 for prompts, + 1000 joint)."""
     output_dir, size, steps = Path(args.output_dir), args.eval_batch_size, args.num_inference_steps
     if prompts:
-        batches = [prompts[i : i + size] for i in range(0, len(prompts), size)]
         x = [
-            generate_images(model, ctx, b, args.guidance_scale, args.seed + 1 + i, steps) for i, b in enumerate(batches)
+            generate_images(model, ctx, prompts[i : i + size], args.guidance_scale, args.seed + 1 + i // size, steps)
+            for i in range(0, len(prompts), size)
         ]
         x = torch.cat(x).permute(0, 2, 3, 1).squeeze(-1).numpy()
         np.savez_compressed(output_dir / "prompt_samples.npz", images=x, prompts=np.array(prompts))
@@ -1233,14 +1137,13 @@ def write_samples(model, ctx, args, prompts, images):
                     f.write(json.dumps({"index": i * size + j, "caption": caption}, ensure_ascii=False) + "\n")
         print(f"wrote {len(images)} captions to {output_dir / 'captions.jsonl'}")
     if args.num_joint_samples:
-        x, captions = [], []
-        for i, batch in enumerate(torch.arange(args.num_joint_samples).split(size)):
-            batch_images, batch_captions = generate_joint(
-                model, ctx, len(batch), args.guidance_scale, args.seed + 1000 + i, steps
-            )
-            x.append(batch_images)
-            captions += batch_captions
-        x = torch.cat(x).permute(0, 2, 3, 1).squeeze(-1).numpy()
+        batches = torch.arange(args.num_joint_samples).split(size)
+        pairs = [
+            generate_joint(model, ctx, len(b), args.guidance_scale, args.seed + 1000 + i, steps)
+            for i, b in enumerate(batches)
+        ]
+        x = torch.cat([p[0] for p in pairs]).permute(0, 2, 3, 1).squeeze(-1).numpy()
+        captions = [c for p in pairs for c in p[1]]
         np.savez_compressed(output_dir / "joint_samples.npz", images=x, captions=np.array(captions))
         print(f"wrote {len(x)} image-caption pairs to {output_dir / 'joint_samples.npz'}")
 
@@ -1260,8 +1163,7 @@ def write_manifest(folder, names):
     """manifest.json: size and sha256 of the files (or folders) `names` in `folder`."""
     files = {}
     for name in names:
-        root = folder / name
-        for path in sorted(root.rglob("*")) if root.is_dir() else [root]:
+        for path in sorted((folder / name).rglob("*")) if (folder / name).is_dir() else [folder / name]:
             if path.is_file():
                 files[str(path.relative_to(folder))] = [path.stat().st_size, file_digest(path)]
     tmp = folder / f".{MANIFEST}.tmp"
@@ -1275,7 +1177,7 @@ def manifest_problem(folder):
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except FileNotFoundError:
-        return f"no {MANIFEST} (written last: the folder is incomplete)"
+        return f"no {MANIFEST}: the folder is incomplete"
     except (ValueError, KeyError, TypeError):
         return f"{MANIFEST} is damaged"
     for name, (size, digest) in files.items():
@@ -1304,9 +1206,8 @@ def save_ema(ema, model, folder):
 
 
 def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, write_sampling_files):
-    """accelerate's save_state, the EMA model (mmdit_ema/, else mmdit/), what --sample_from needs, the objective's
-    RNG and the data position (epoch, batches of all processes), in a temporary folder; the manifest last, then an
-    atomic rename."""
+    """checkpoint-<step>: accelerate's state, the EMA model (or mmdit/), what --sample_from needs, the objective's RNG
+    and the data position, written to a temporary folder, the manifest last, then renamed."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -1319,19 +1220,19 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
         save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
-            state = {
-                "script": SCRIPT,
-                "global_step": global_step,
-                "num_processes": accelerator.num_processes,
-                "epoch": position[0],
-                "epoch_batches": position[1],
-                "ema": None,
-            }
+            state = dict(
+                script=SCRIPT,
+                global_step=global_step,
+                num_processes=accelerator.num_processes,
+                epoch=position[0],
+                epoch_batches=position[1],
+                ema=None,
+            )
             if ema is not None:
                 save_ema(ema, unwrapped, tmp / "mmdit_ema")
                 state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
             else:
-                unwrapped.save_pretrained(tmp / MODEL_FOLDER)
+                unwrapped.save_pretrained(tmp / "mmdit")
             write_sampling_files(tmp)
             (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
         accelerator.wait_for_everyone()
@@ -1369,32 +1270,27 @@ def find_checkpoint(accelerator, args):
     if not args.resume_from_checkpoint:
         return None
     choice = [None]
-    if accelerator.is_main_process:  # one process reads the files, the others take its answer
+    if accelerator.is_main_process:  # the others take its answer
         if args.resume_from_checkpoint != "latest":
-            path = Path(args.resume_from_checkpoint)
-            if problem := manifest_problem(path):
-                fail(f"--resume_from_checkpoint {path}: damaged ({problem}); pass an intact checkpoint or latest")
-            choice = [str(path)]
+            choice = [Path(args.resume_from_checkpoint)]
+            if problem := manifest_problem(choice[0]):
+                fail(f"--resume_from_checkpoint {choice[0]}: damaged ({problem}); pass an intact one or latest")
         else:
             found = list_checkpoints(args.output_dir)
             for path in reversed(found):
                 if not (problem := manifest_problem(path)):
-                    choice = [str(path)]
+                    choice = [path]
                     break
-                accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
+                accelerator.print(f"warning: {path} is damaged ({problem}); trying the one before")
             if found and choice[0] is None:
-                fail(
-                    f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
-                    f"with --overwrite_output_dir"
-                )
+                fail(f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged")
     if accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(choice, src=0)
-    return None if choice[0] is None else Path(choice[0])
+    return choice[0]
 
 
 def load_checkpoint(accelerator, path, model, ema, train_rng, args):
-    """Restore what save_checkpoint wrote (nothing loaded can run code); returns training_state.json. On another
-    number of processes the run resumes at the same step and data position with new random streams."""
+    """Restore what save_checkpoint wrote (nothing loaded can run code); returns training_state.json."""
     state = json.loads((path / "training_state.json").read_text())
     if state.get("script") != SCRIPT:
         fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not {SCRIPT}")
@@ -1418,29 +1314,7 @@ def load_checkpoint(accelerator, path, model, ema, train_rng, args):
     return state
 
 
-def write_sampling_files(ctx, args, folder):
-    """export_config.json: what --sample_from needs besides the model (tokenizer, encoder, VAE, vocabulary)."""
-    config = {
-        "script": SCRIPT,
-        "mmdit": ctx.mmdit_config,
-        "tokenizer": args.tokenizer,
-        "text_encoder": args.text_encoder_name_or_path,
-        "max_text_length": args.tokenizer_max_length,
-        "vocabulary": ctx.vocabulary.ids.tolist(),
-        "dataset": args.dataset,
-        "data_root": args.data_root,
-        "caption_template": args.caption_template,
-        "kind": ctx.kind,
-        "shape": list(ctx.shape),
-        "vae": ctx.vae_name,
-        "latent_scaling": list(ctx.scaling) if ctx.scaling else None,
-        "guidance_scale": args.guidance_scale,
-        "text_guidance_scale": args.text_guidance_scale,
-        "num_inference_steps": args.num_inference_steps,
-        "text_sampler": args.text_sampler,
-        "text_inference_steps": ctx.text_inference_steps,
-        "validation_prompts": validation_prompts(ctx),
-    }
+def write_sampling_files(config, folder):
     (folder / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
 
 
@@ -1449,13 +1323,13 @@ def model_card(args, global_step, metrics_path):
     from huggingface_hub import ModelCardData
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    last = rows[-1] if rows else {"loss": math.nan, "image_loss": math.nan, "text_loss": math.nan}
+    last = rows[-1] if rows else dict(loss=math.nan, image_loss=math.nan, text_loss=math.nan)
     mnist = args.dataset == "mnist"
     data = ModelCardData(
         library_name="diffusers",
         license="other",
         datasets=["ylecun/mnist"] if mnist else None,
-        tags=["diffusers", "mmdit", "text-to-image", "image-to-text", KIND.replace(" ", "-")] + ["mnist"] * mnist,
+        tags="diffusers mmdit text-to-image image-to-text".split() + [KIND.replace(" ", "-")] + ["mnist"] * mnist,
     )
     space = f"the latents of the VAE `{args.vae_name_or_path}`" if args.vae_name_or_path else "pixels"
     return f"""---
@@ -1479,12 +1353,11 @@ python {SCRIPT} --sample_from THIS_FOLDER --output_dir samples  # sample the EMA
 
 
 def export_model(model, write_sampling_files, output_dir, card, grid):
-    """mmdit/ (diffusers layout), export_config.json, README.md and samples.png, each moved in from a temporary
-    folder; manifest.json, written last, says the export is complete."""
+    """mmdit/, export_config.json, README.md and samples.png, moved in from a temporary folder; manifest.json last."""
     (output_dir / MANIFEST).unlink(missing_ok=True)  # visibly incomplete until the new manifest
     tmp = output_dir / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / MODEL_FOLDER)
+    model.save_pretrained(tmp / "mmdit")
     write_sampling_files(tmp)
     (tmp / "README.md").write_text(card)
     shutil.copyfile(grid, tmp / "samples.png")
@@ -1499,8 +1372,8 @@ def export_model(model, write_sampling_files, output_dir, card, grid):
 
 # Copied from train_mnist.RunLock
 class RunLock:
-    """One run per output folder. The lock of a dead process (same host) or with a heartbeat older than
-    `stale_after` seconds (another host) is taken over."""
+    """One run per output folder. The lock of a dead process (this host), or one whose heartbeat is older than
+    `stale_after` seconds (another host), is taken over."""
 
     def __init__(self, output_dir, stale_after=300):
         self.path, self.stale_after = Path(output_dir) / LOCK, stale_after
@@ -1511,29 +1384,29 @@ class RunLock:
         try:
             other = json.loads(self.path.read_text())
         except FileNotFoundError:
-            other = None
+            other = self.me  # no lock: nothing to take over
         except ValueError:  # cut short: nobody can prove it is alive
-            other = {"pid": None, "host": None, "heartbeat": 0}
-        if other is not None and other.get("pid") != self.me["pid"]:
+            other = {}
+        if other.get("pid") != self.me["pid"]:
             if self.alive(other):
                 fail(
                     f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
-                    f"there; wait for it, stop it, or pick another --output_dir"
+                    f"there; stop it or pick another --output_dir"
                 )
             print(f"warning: taking over the stale lock of PID {other.get('pid')} on {other.get('host')}")
         self.write()
         threading.Thread(target=self.beat, daemon=True).start()
 
     def alive(self, other):
-        if other.get("host") == self.me["host"] and other.get("pid"):
-            try:
-                os.kill(other["pid"], 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:  # alive, another user's
-                pass
-            return True
-        return time.time() - other.get("heartbeat", 0) < self.stale_after
+        if other.get("host") != self.me["host"] or not other.get("pid"):
+            return time.time() - other.get("heartbeat", 0) < self.stale_after
+        try:
+            os.kill(other["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's live process
+            pass
+        return True
 
     def write(self):
         tmp = self.path.with_name(f".{LOCK}.{os.getpid()}.tmp")
@@ -1555,10 +1428,11 @@ def claim_output_dir(args):
     output_dir = Path(args.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--output_dir {output_dir}: cannot create it ({e.strerror}); pass a writable folder")
-    if not os.access(output_dir, os.W_OK):
-        fail(f"--output_dir {output_dir}: not writable; pass a writable folder")
+        writable = os.access(output_dir, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        fail(f"--output_dir {output_dir}: cannot write there; pass a writable folder")
     lock = RunLock(output_dir)
     lock.acquire()
     atexit.register(lock.release)
@@ -1568,7 +1442,7 @@ def claim_output_dir(args):
             lock.release()
             fail(
                 f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
-                f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them"
+                f"--resume_from_checkpoint latest, or delete them with --overwrite_output_dir"
             )
         for path in old:
             shutil.rmtree(path)
@@ -1582,24 +1456,24 @@ def write_run_config(args, accelerator):
     import transformers
 
     try:
-        git = ["git", "rev-parse", "HEAD"]
+        git = "git rev-parse HEAD".split()
         commit = subprocess.run(git, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    config = {
-        "args": vars(args),
-        "git_commit": commit.strip() or None,
-        "num_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,  # resolved from the flag, accelerate's config or launcher
-        "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, accelerate)},
-    }
+    config = dict(
+        args=vars(args),
+        git_commit=commit.strip() or None,
+        num_processes=accelerator.num_processes,
+        mixed_precision=accelerator.mixed_precision,  # resolved from the flag, accelerate's config or launcher
+        versions={m.__name__: m.__version__ for m in (torch, diffusers, transformers, accelerate)},
+    )
     (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2))
 
 
 # Copied from train_mnist.StopRequest
 class StopRequest:
-    """SIGTERM/SIGINT: checkpoint at the next step, then exit 0. Every process stops at the same step (the save is
-    collective): each step reads the last step's non-blocking all-reduce of the flags over a CPU group."""
+    """SIGTERM/SIGINT: checkpoint at the next step, then exit 0. The save is collective, so every process must stop
+    at the same step: each step reads the previous step's non-blocking all-reduce of the flags over a CPU group."""
 
     def __init__(self, accelerator):
         self.event = threading.Event()
@@ -1609,7 +1483,6 @@ class StopRequest:
         self.flag, self.pending = torch.zeros(1), None
 
     def __call__(self):
-        """True on every process, at the same step, once any process got a signal."""
         if self.group is None:
             return self.event.is_set()
         agreed = False
@@ -1629,33 +1502,12 @@ class StopRequest:
 
 
 # ---- Main ----
-def generate_from_export(args, accelerator):
-    """--sample_from: the validation grid and captions, and the samples of --prompts_file, --images_file and
-    --num_joint_samples, from an export or a checkpoint."""
-    export = Path(args.sample_from)
-    config = json.loads((export / EXPORT_CONFIG).read_text())
-    if config.get("script") != SCRIPT:
-        fail(f"--sample_from {export}: exported by {config.get('script')}, not {SCRIPT}")
-    device = accelerator.device
-    vae = load_vae(config["vae"]).to(device) if config["vae"] else None
-    prompts, images = read_sampling_inputs(args, config, vae)
-    tokenizer = load_tokenizer(config["tokenizer"])
-    vocabulary = Vocabulary(config["vocabulary"], tokenizer.pad_token_id)
-    subfolder = MODEL_FOLDER if (export / MODEL_FOLDER).is_dir() else "mmdit_ema"  # an export, or a checkpoint
-    model = TextImageModel.from_pretrained(export, subfolder=subfolder).to(device).eval()
-    frozen = None if config["text_encoder"] == "learned" else BertTextEncoder(config["text_encoder"], vocabulary)
-    args.data_root = args.data_root or config["data_root"]
-    args.dataset, args.caption_template = config["dataset"], config["caption_template"]
-    val_x0, val_captions, val_source = None, config["validation_prompts"], "no held-out images"
-    if config["dataset"] == "mnist" and Path(args.data_root or "", "MNIST", "raw").is_dir():
-        test_images, test_labels = load_mnist(Path(args.data_root), train=False)
-        val_x0 = test_images[: args.num_validation_images].float().div(127.5).sub(1.0)
-        val_captions = [mnist_caption(args.caption_template, d) for d in test_labels[: args.num_validation_images]]
-        val_source = "MNIST test images"
-    ctx = Sampling(
+def build_sampling(args, config, tokenizer, vocabulary, frozen, vae, device, val):
+    """The Sampling of a training run or an export, from its export config; val: (images, captions, source)."""
+    return Sampling(
         tokenizer=tokenizer,
         vocabulary=vocabulary,
-        frozen_encoder=frozen and frozen.to(device),
+        frozen_encoder=frozen,
         tokenizer_max_length=config["max_text_length"],
         device=device,
         shape=tuple(config["shape"]),
@@ -1664,15 +1516,37 @@ def generate_from_export(args, accelerator):
         scaling=config["latent_scaling"],
         dataset=config["dataset"],
         caption_template=config["caption_template"],
-        val_captions=val_captions,
-        val_x0=val_x0,
-        val_source=val_source,
+        val_x0=val[0],
+        val_captions=val[1],
+        val_source=val[2],
         text_guidance_scale=args.text_guidance_scale,
         text_sampler=args.text_sampler,
         text_inference_steps=args.text_inference_steps or config["max_text_length"],
     )
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def generate_from_export(args, accelerator):
+    """--sample_from: the validation files and the samples of --prompts_file, --images_file, --num_joint_samples."""
+    export, device = Path(args.sample_from), accelerator.device
+    config = json.loads((export / EXPORT_CONFIG).read_text())
+    if config.get("script") != SCRIPT:
+        fail(f"--sample_from {export}: exported by {config.get('script')}, not {SCRIPT}")
+    vae = load_vae(config["vae"]).to(device) if config["vae"] else None
+    prompts, images = read_sampling_inputs(args, config, vae)
+    tokenizer = load_tokenizer(config["tokenizer"])
+    vocabulary = Vocabulary(config["vocabulary"], tokenizer.pad_token_id)
+    subfolder = "mmdit" if (export / "mmdit").is_dir() else "mmdit_ema"  # an export, or a checkpoint with EMA
+    model = TextImageModel.from_pretrained(export, subfolder=subfolder).to(device).eval()
+    frozen = None if config["text_encoder"] == "learned" else BertTextEncoder(config["text_encoder"], vocabulary)
+    args.data_root = args.data_root or config["data_root"]
+    val = None, config["validation_prompts"], "no held-out images"
+    if config["dataset"] == "mnist" and Path(args.data_root or "", "MNIST", "raw").is_dir():
+        pixels, captions = load_mnist(
+            Path(args.data_root), False, config["caption_template"], args.num_validation_images
+        )
+        val = pixels.float().div(127.5).sub(1.0), captions, "MNIST test images"
+    ctx = build_sampling(args, config, tokenizer, vocabulary, frozen and frozen.to(device), vae, device, val)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         log_validation(model, ctx, args, "export")
         write_samples(model, ctx, args, prompts, images)
@@ -1698,39 +1572,40 @@ def main(args):
         return generate_from_export(args, accelerator)
     dim_text = resolve_dim_text(args)
     tokenizer = load_tokenizer(args.tokenizer)
+    device = accelerator.device
 
-    # Data: images (or VAE posteriors) and the distinct captions, tokenized once
+    # Data: images (or VAE posteriors), the distinct captions tokenized once
     vae_name = args.vae_name_or_path
-    vae = load_vae(vae_name).to(accelerator.device) if vae_name else None
+    vae = load_vae(vae_name).to(device) if vae_name else None
     data = build_dataset(args, vae)
     if data.vae_info is not None:  # shards: their VAE decodes the samples
         vae_name = vae_name or data.vae_info["name_or_path"]
-        vae = vae or load_vae(vae_name, "--data_root index.json vae").to(accelerator.device)
+        vae = vae or load_vae(vae_name, "--data_root index.json vae").to(device)
     scaling = latent_scaling(vae) if vae is not None else None
     if data.shape[-1] % args.patch_size or data.shape[-2] % args.patch_size:
         fail(f"--patch_size {args.patch_size}: does not divide the {data.shape[-2]}x{data.shape[-1]} image grid")
     token_ids = tokenize(tokenizer, data.captions, args.tokenizer_max_length)
     vocabulary = Vocabulary.from_captions(tokenizer, token_ids)
-    caption_tokens = vocabulary.compact(token_ids).to(accelerator.device)  # [distinct captions, L]
+    caption_tokens = vocabulary.compact(token_ids).to(device)  # [distinct captions, L]
     train_dataloader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(*data.tensors),
         batch_size=args.train_batch_size,
         shuffle=True,
         drop_last=len(data.tensors[0]) >= args.train_batch_size,
         num_workers=args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",
+        pin_memory=device.type == "cuda",
     )
 
-    # Models: the MMDiT (+ learned caption embedding) and its EMA, or a frozen encoder reading the caption
+    # Models: a frozen caption encoder (or none), the MMDiT and its EMA
     frozen = None
     if args.text_encoder_name_or_path != "learned":  # in the run's precision; its states are fp32
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-        frozen = BertTextEncoder(args.text_encoder_name_or_path, vocabulary).to(accelerator.device, dtype=weight_dtype)
-    # The data and the frozen models loaded: only now is the folder claimed, so a bad input changes nothing there.
+        frozen = BertTextEncoder(args.text_encoder_name_or_path, vocabulary).to(device, dtype=weight_dtype)
+    # Only now is the folder claimed: a bad input changes nothing there.
     if accelerator.is_main_process:
         claim_output_dir(args)
         write_run_config(args, accelerator)
-    stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
+    stop = StopRequest(accelerator)
     set_seed(args.seed)  # the same initial weights on every process
     output_dir = Path(args.output_dir)
     resume_path = find_checkpoint(accelerator, args)
@@ -1754,40 +1629,42 @@ def main(args):
             model.parameters(),
             decay=args.ema_decay,
             use_ema_warmup=True,
-            inv_gamma=1.0,
             power=args.ema_power,
             foreach=True,
         )
-        ema.to(accelerator.device)
+        ema.to(device)
     accelerator.print(
         f"MMDiT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M trained parameters; "
         f"{len(data.tensors[0])} examples ({args.dataset}, {data.kind} {data.shape}), "
         f"{len(data.captions)} distinct captions, {vocabulary.size} caption tokens"
     )
-    ctx = Sampling(
-        tokenizer=tokenizer,
-        vocabulary=vocabulary,
-        frozen_encoder=frozen,
-        tokenizer_max_length=args.tokenizer_max_length,
-        device=accelerator.device,
-        shape=data.shape,
-        kind=data.kind,
-        vae=vae,
-        scaling=scaling,
+    # export_config.json: what --sample_from needs besides the weights
+    config = dict(
+        script=SCRIPT,
+        mmdit=mmdit_config,
+        tokenizer=args.tokenizer,
+        text_encoder=args.text_encoder_name_or_path,
+        max_text_length=args.tokenizer_max_length,
+        vocabulary=vocabulary.ids.tolist(),
         dataset=args.dataset,
+        data_root=args.data_root,
         caption_template=args.caption_template,
-        val_captions=data.val_captions,
-        val_x0=validation_images(data, scaling),
-        val_source=data.val_source,
+        kind=data.kind,
+        shape=list(data.shape),
+        vae=vae_name,
+        latent_scaling=list(scaling) if scaling else None,
+        guidance_scale=args.guidance_scale,
         text_guidance_scale=args.text_guidance_scale,
+        num_inference_steps=args.num_inference_steps,
         text_sampler=args.text_sampler,
         text_inference_steps=args.text_inference_steps or args.tokenizer_max_length,
-        vae_name=vae_name,
-        mmdit_config=mmdit_config,
     )
-    sampling_files = functools.partial(write_sampling_files, ctx, args)
+    val = validation_images(data, scaling), data.val_captions, data.val_source
+    ctx = build_sampling(args, config, tokenizer, vocabulary, frozen, vae, device, val)
+    config["validation_prompts"] = validation_prompts(ctx)
+    sampling_files = functools.partial(write_sampling_files, config)
 
-    # Optimizer: fused AdamW skips a step with a non-finite gradient on the device (found_inf below)
+    # Fused AdamW skips a step with a non-finite gradient on the device (found_inf below)
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=args.learning_rate,
@@ -1798,9 +1675,8 @@ def main(args):
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    # Every draw of the objective comes from this generator, saved in checkpoints (the global RNG also seeds
-    # each DataLoader iterator, so it cannot give an exact resume).
-    train_rng = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
+    # The objective's draws, saved in checkpoints (the global RNG also seeds each DataLoader iterator: no exact resume)
+    train_rng = torch.Generator(device).manual_seed(args.seed * 1000 + accelerator.process_index)
 
     # Resume
     global_step, first_epoch, batches_to_skip = 0, 0, 0
@@ -1827,39 +1703,35 @@ def main(args):
     # Training loop: the host reads device values only every --logging_steps
     metrics_path = output_dir / "metrics.jsonl"
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process, desc="train")
-    sums = torch.zeros(3, device=accelerator.device)  # image loss, text loss, examples
-    # Steps with a non-finite gradient: in total, in the current run of them, the longest run since the last log.
-    nonfinite_steps, nonfinite_run, longest_run = torch.zeros(3, device=accelerator.device).unbind()
+    sums = torch.zeros(3, device=device)  # image loss, text loss, examples
+    # Non-finite gradient steps: in total, in the current run, the longest run since the last log.
+    nonfinite_steps, nonfinite_run, longest_run = torch.zeros(3, device=device).unbind()
     window_start, window_samples = time.perf_counter(), 0
     position = (first_epoch, batches_to_skip * accelerator.num_processes)
     train_start = time.perf_counter()
     for epoch in itertools.count(first_epoch):
         model.train()
         train_dataloader.set_epoch(epoch)
-        batches = train_dataloader
-        if epoch == first_epoch and batches_to_skip:
-            batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
-        epoch_batches = batches_to_skip if epoch == first_epoch else 0  # per process, for the data position
-        for mean, std, caption_index in batches:
-            epoch_batches += 1
+        skip = batches_to_skip if epoch == first_epoch else 0
+        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        for epoch_batches, (mean, std, caption_index) in enumerate(batches, start=skip + 1):
             with accelerator.accumulate(model):
                 x0 = to_model_input(mean, std, data.kind, scaling, train_rng)
                 image_loss, text_loss = training_step(
                     model, frozen, x0, caption_tokens[caption_index], vocabulary, args, train_rng
                 )
-                loss = (image_loss.sum() + args.text_loss_weight * text_loss.sum()) / x0.shape[0]
-                accelerator.backward(loss)
+                accelerator.backward((image_loss.sum() + args.text_loss_weight * text_loss.sum()) / x0.shape[0])
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-                    # The same norm on every process. Where found_inf is 1, fused AdamW leaves weights and moments
-                    # as they were; with fp16 the GradScaler sets it itself, for the same steps.
+                    # found_inf = 1 (the same on every process) makes fused AdamW skip the step; fp16's GradScaler
+                    # sets it itself.
                     nonfinite = (~torch.isfinite(grad_norm)).float()
                     if accelerator.scaler is None:
                         optimizer.optimizer.found_inf = nonfinite
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            batch_size = torch.full((), float(x0.shape[0]), device=x0.device)  # a fill: no host-to-device copy
-            sums += torch.stack([image_loss.detach().sum().float(), text_loss.detach().sum().float(), batch_size])
+            # new_full fills on the device: a tensor from a host number would be a sync
+            sums += torch.stack([image_loss.detach().sum(), text_loss.detach().sum(), image_loss.new_full((), len(x0))])
             window_samples += x0.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
@@ -1870,24 +1742,24 @@ def main(args):
             nonfinite_steps += nonfinite
             nonfinite_run.mul_(nonfinite).add_(nonfinite)
             torch.maximum(longest_run, nonfinite_run, out=longest_run)
-            if ema is not None:  # a skipped step left the weights as they were: averaging them again is harmless
+            if ema is not None:  # a skipped step left the weights alone: averaging them again is harmless
                 ema.step(model.parameters())
 
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
                 totals = accelerator.reduce(sums, "sum").cpu()
                 total_nonfinite, longest = torch.stack([nonfinite_steps, longest_run]).tolist()
                 image_l, text_l = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
-                row = {
-                    "step": global_step,
-                    "epoch": epoch,
-                    "loss": image_l + args.text_loss_weight * text_l,
-                    "image_loss": image_l,
-                    "text_loss": text_l,
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm.item(),
-                    "samples_per_s": window_samples / max(time.perf_counter() - window_start, 1e-9),
-                    "nonfinite_steps": int(total_nonfinite),
-                }
+                row = dict(
+                    step=global_step,
+                    epoch=epoch,
+                    loss=image_l + args.text_loss_weight * text_l,
+                    image_loss=image_l,
+                    text_loss=text_l,
+                    lr=lr_scheduler.get_last_lr()[0],
+                    grad_norm=grad_norm.item(),
+                    samples_per_s=window_samples / max(time.perf_counter() - window_start, 1e-9),
+                    nonfinite_steps=int(total_nonfinite),
+                )
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -1909,9 +1781,7 @@ def main(args):
                 path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, sampling_files)
                 accelerator.print(f"\nsaved {path}")
             if stop_now:
-                accelerator.print(
-                    f"stop requested: exiting at step {global_step}; resume with --resume_from_checkpoint latest"
-                )
+                accelerator.print(f"stop requested at step {global_step}; resume with --resume_from_checkpoint latest")
                 accelerator.end_training()
                 return
             validate = global_step % args.validation_steps == 0 and global_step < max_train_steps
@@ -1942,7 +1812,7 @@ def main(args):
         plot_loss(metrics_path, output_dir / "loss.png")
         card = model_card(args, global_step, metrics_path)
         export_model(final_model, sampling_files, output_dir, card, output_dir / "samples" / f"step-{global_step}.png")
-        summary = {"global_step": global_step, "train_seconds": train_seconds}
+        summary = dict(global_step=global_step, train_seconds=train_seconds)
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"done: step {global_step}, {train_seconds / 60:.1f} min of training; export in {output_dir}")
     accelerator.end_training()

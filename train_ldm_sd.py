@@ -1,8 +1,7 @@
 """Fine-tune the UNet of a Stable Diffusion pipeline on image-caption pairs (or train a new one from scratch).
 
-The frozen VAE encodes the images (or prepare_data_multi_gpu.py did once: --precomputed_data_dir), the frozen text
-encoder the captions; the UNet predicts the noise (or v) of noised latents, MSE loss. Captions are dropped at random
-so that classifier-free guidance works. The export is a StableDiffusionPipeline folder (EMA UNet, fp32).
+MSE on the noise (or v) of frozen-VAE latents, conditioned on frozen text states; caption dropout for classifier-free
+guidance. Exports a StableDiffusionPipeline (EMA UNet, fp32).
 
     accelerate launch train_ldm_sd.py --dataset_name lambdalabs/naruto-blip-captions --mixed_precision bf16
     python train_ldm_sd.py --sample_from sd-model-finetuned/checkpoint-500 --output_dir samples-500
@@ -55,42 +54,32 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_DATASET = "lambdalabs/naruto-blip-captions"
 EXPORT_CONFIG = "export_config.json"
-MANIFEST = "manifest.json"  # written last in a checkpoint or export: size and hash of every file
-LOCK = "run.lock"  # one training run per output folder
-NEGATABLE = {"use_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
+MANIFEST = "manifest.json"  # written last: size and hash of every file
+LOCK = "run.lock"
 
-# UNet sizes for --unet_from_scratch; channels, cross_attention_dim and sample_size come from the VAE and text encoder.
+# --unet_from_scratch sizes (diffusers' defaults otherwise; up blocks mirror down blocks); the VAE and text encoder
+# set the channels, cross_attention_dim and sample_size.
 UNET_PRESETS = {
     "sd15": dict(
-        block_out_channels=[320, 640, 1280, 1280],
-        layers_per_block=2,
-        attention_head_dim=8,
-        down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        block_out_channels=[320, 640, 1280, 1280], down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
     ),
     "small": dict(
         block_out_channels=[64, 128, 256],
         layers_per_block=1,
-        attention_head_dim=8,
-        norm_num_groups=32,
-        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
     ),
     "mnist-small": dict(
         block_out_channels=[32, 64, 64],
         layers_per_block=1,
         attention_head_dim=16,
         norm_num_groups=8,
-        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
     ),
     "tiny": dict(
         block_out_channels=[16, 32],
         layers_per_block=1,
-        attention_head_dim=8,
         norm_num_groups=8,
         down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
     ),
 }
 
@@ -109,51 +98,43 @@ def float_list(text):
 
 
 def parse_args(argv=None):
-    """Flags shared with diffusers' train_text_to_image.py keep its defaults, except where the help says why."""
+    """Flags shared with diffusers' train_text_to_image.py keep its defaults unless the help says why."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     add = parser.add_argument
+
     # Models
-    add(
-        "--pretrained_model_name_or_path",
-        help=f"Hub id or folder in Stable Diffusion layout. Default {DEFAULT_MODEL}.",
-    )
+    add("--pretrained_model_name_or_path", help=f"Stable Diffusion hub id or folder; default {DEFAULT_MODEL}.")
     add("--revision")
-    add("--variant", help='Weights variant of the folder, e.g. "fp16".')
-    add("--cache_dir", help="Where downloaded models and datasets are stored.")
-    add("--unet_from_scratch", action="store_true", help="Train a new UNet (--unet_config) instead of the folder's.")
-    add("--unet_config", default="small", help=f"A UNet config JSON, or one of {', '.join(UNET_PRESETS)}.")
+    add("--variant", help="Weights variant, e.g. fp16.")
+    add("--cache_dir")
+    add("--unet_from_scratch", action="store_true", help="Train a new UNet of --unet_config.")
+    add("--unet_config", default="small", help=f"UNet config JSON or one of {', '.join(UNET_PRESETS)}.")
     add("--vae_name_or_path", help="Instead of the folder's VAE.")
-    add(
-        "--text_encoder_name_or_path",
-        help="Instead of the folder's text encoder and tokenizer (CLIP text, BERT family, T5 encoder).",
-    )
-    add("--tokenizer_max_length", type=int, help="Tokens per caption. Default: the tokenizer's.")
-    # Data: one of --dataset_name, --train_data_dir, --precomputed_data_dir
-    add(
-        "--dataset_name",
-        help=f"datasets hub id, local dataset or save_to_disk folder. Default {DEFAULT_DATASET}.",
-    )
+    add("--text_encoder_name_or_path", help="Instead of the folder's text encoder and tokenizer: CLIP, BERT or T5.")
+    add("--tokenizer_max_length", type=int, help="Tokens per caption; default: the tokenizer's.")
+    # Data: one source
+    add("--dataset_name", help=f"datasets hub id, local dataset or save_to_disk folder; default {DEFAULT_DATASET}.")
     add("--dataset_config_name")
     add("--streaming", action="store_true", help="Stream --dataset_name (needs --max_train_steps).")
     add("--train_data_dir", help="Imagefolder with metadata.jsonl captions.")
-    add("--precomputed_data_dir", help="Shards of prepare_data_multi_gpu.py (latents, text states).")
+    add("--precomputed_data_dir", help="Shards of prepare_data_multi_gpu.py.")
     add("--image_column", default="image")
     add("--caption_column", default="text")
     add("--max_samples", "--max_train_samples", type=int, help="Train on the first N examples.")
     add("--resolution", type=int, default=512)
+    add("--dataloader_num_workers", type=int, default=0)
     add(
         "--image_interpolation_mode",
         default="lanczos",
         choices=[mode.name.lower() for mode in transforms.InterpolationMode],
     )
-    add("--center_crop", action="store_true", help="Center crop instead of a random crop.")
+    add("--center_crop", action="store_true", help="Instead of a random crop.")
     add("--random_flip", action="store_true")
-    add("--dataloader_num_workers", type=int, default=0)
     # Objective
     add("--prediction_type", choices=["epsilon", "v_prediction"], help="Default: the folder's.")
-    add("--snr_gamma", type=float, help="Min-SNR loss weighting; 5 is the paper's value.")
+    add("--snr_gamma", type=float, help="Min-SNR loss weighting, e.g. 5.")
     add("--noise_offset", type=float, default=0.0)
     add("--input_perturbation", type=float, default=0.0, help="Noise the input with eps + p * N(0, 1).")
     add("--rescale_betas_zero_snr", action="store_true", help="Zero terminal SNR; needs v_prediction.")
@@ -162,17 +143,15 @@ def parse_args(argv=None):
         "--proportion_empty_prompts",
         type=float,
         default=0.1,
-        help="Probability of training on the empty prompt; above 0 so that classifier-free guidance works.",
+        help="Probability of the empty prompt; on by default for classifier-free guidance.",
     )
     # Optimisation
     add("--output_dir", default="sd-model-finetuned")
-    add("--seed", type=int, default=0, help="Fixed by default: a resumed run crops and samples as the first did.")
-    add("--train_batch_size", "--batch_size", type=int, default=16, help="Batch size per process.")
+    add("--seed", type=int, default=0, help="Fixed by default, so that resuming is exact.")
+    add("--train_batch_size", "--batch_size", type=int, default=16, help="Per process.")
     add("--num_train_epochs", "--epochs", "--num_epochs", type=int, default=100)
     add("--max_train_steps", type=int, help="Overrides --num_train_epochs.")
     add("--learning_rate", type=float, default=1e-4)
-    add("--scale_lr", action="store_true", help="Multiply the learning rate by processes x accumulation x batch.")
-    add("--lr_scheduler", default="constant", help="constant, constant_with_warmup, linear, cosine, ...")
     add("--lr_warmup_steps", type=int, default=500)
     add("--gradient_accumulation_steps", type=int, default=1)
     add("--max_grad_norm", type=float, default=1.0)
@@ -180,19 +159,21 @@ def parse_args(argv=None):
     add("--adam_beta2", type=float, default=0.999)
     add("--adam_weight_decay", type=float, default=1e-2)
     add("--adam_epsilon", type=float, default=1e-8)
+    add("--scale_lr", action="store_true", help="Multiply --learning_rate by the total batch size.")
+    add("--lr_scheduler", default="constant", help="constant, constant_with_warmup, linear, cosine, ...")
     add("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA).")
-    add("--max_nonfinite_steps", type=int, default=10, help="Stop after N steps in a row with a non-finite gradient.")
+    add("--max_nonfinite_steps", type=int, default=10, help="Stop after N non-finite gradients in a row.")
     add(
         "--use_ema",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Validate and export an EMA of the UNet: on by default, it samples better.",
+        help="Validate and export the UNet's EMA; on by default: it samples better.",
     )
-    add("--ema_decay", type=float, default=0.9999, help="Largest EMA decay.")
-    add("--ema_power", type=float, default=2 / 3, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
+    add("--ema_decay", type=float, default=0.9999, help="Largest decay.")
+    add("--ema_power", type=float, default=2 / 3, help="Warmup: decay = 1 - (1 + step) ** -power.")
     add("--offload_ema", action="store_true", help="Keep the EMA in CPU memory.")
-    add("--ema_update_every", type=int, default=1, help="Update the EMA every N steps, with the N steps' decay.")
-    add("--foreach_ema", action="store_true", help="Update the EMA with one torch._foreach call (more memory).")
+    add("--ema_update_every", type=int, default=1, help="Update the EMA every N steps, with their decay.")
+    add("--foreach_ema", action="store_true", help="One torch._foreach call per EMA update (more memory).")
     # Speed and memory
     add("--mixed_precision", choices=["no", "fp16", "bf16"], help="Default: accelerate's config.")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -201,69 +182,61 @@ def parse_args(argv=None):
     add("--enable_xformers_memory_efficient_attention", action="store_true")
     # Validation and sampling
     add("--validation_prompts", nargs="+", help="Default: the first 4 training captions.")
-    add("--num_validation_images", type=int, default=2, help="Images per prompt and guidance scale.")
+    add("--num_validation_images", type=int, default=2, help="Per prompt and guidance scale.")
     add("--validation_guidance_scales", type=float_list, default=[1.0, 3.0, 7.5], help="Columns of the grid.")
     add("--num_inference_steps", type=int, default=25, help="DPM-Solver++ steps.")
-    add("--validation_epochs", type=int, help="Validate every N epochs. Default 5.")
-    add("--validation_steps", type=int, help="Validate every N steps instead of --validation_epochs.")
-    add("--sample_from", help="Sample an export or a checkpoint-N folder instead of training.")
+    add("--validation_epochs", type=int, help="Default 5.")
+    add("--validation_steps", type=int, help="Instead of --validation_epochs.")
+    add("--sample_from", help="Sample an export or checkpoint-N instead of training.")
     # Logging and checkpoints
     add("--logging_steps", type=int, default=10)
-    add("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir.")
+    add("--checkpointing_steps", type=int, default=500)
+    add("--logging_dir", default="logs", help="TensorBoard folder in --output_dir.")
     add("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="tensorboard")
     add("--tracker_project_name", default="text2image-fine-tune")
-    add("--checkpointing_steps", type=int, default=500)
     add("--checkpoints_total_limit", type=int, help="Keep only the newest N checkpoints.")
-    add("--resume_from_checkpoint", help='A checkpoint folder, or "latest" in --output_dir.')
+    add("--resume_from_checkpoint", help="A checkpoint folder, or latest in --output_dir.")
     add("--overwrite_output_dir", action="store_true", help="Delete another run's checkpoints in --output_dir.")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return parser.parse_args([underscore_flag(a) for a in argv])
+    for action in parser._actions:  # argparse shows the default of a flag with a help text only
+        action.help = action.help or "(default: %(default)s)"
+    return parser.parse_args(map(underscore_flag, sys.argv[1:] if argv is None else argv))
 
 
 # Copied from train_mnist.underscore_flag
 def underscore_flag(arg):
-    """--max-samples -> --max_samples, --no-use-ema -> --no-use_ema."""
-    if not arg.startswith("--"):
+    """--max-samples -> --max_samples; --no-use-ema -> --no-use_ema."""
+    name, eq, value = arg.partition("=")
+    if not name.startswith("--"):
         return arg
-    name, eq, value = arg[2:].partition("=")
-    negation = "no-" if name.startswith(("no-", "no_")) and name[3:].replace("-", "_") in NEGATABLE else ""
-    return "--" + negation + name[len(negation) :].replace("-", "_") + eq + value
+    prefix = "--no-" if name.startswith("--no-") else "--"
+    return prefix + name[len(prefix) :].replace("-", "_") + eq + value
 
 
 # Copied from train_mnist.check_shared_flags
 def check_shared_flags(args):
-    """Checks of the flags every trainer has: numbers in range, a --resume_from_checkpoint of this script."""
-    at_least_1 = (lambda v: v >= 1, "an integer >= 1")
-    rules = {
-        "learning_rate": (lambda v: v > 0, "a number > 0"),
-        "train_batch_size": at_least_1,
-        "eval_batch_size": at_least_1,
-        "num_train_epochs": at_least_1,
-        "max_train_steps": at_least_1,
-        "gradient_accumulation_steps": at_least_1,
-        "max_samples": at_least_1,
-        "logging_steps": at_least_1,
-        "checkpointing_steps": at_least_1,
-        "validation_steps": at_least_1,
-        "checkpoints_total_limit": at_least_1,
-        "num_inference_steps": at_least_1,
-        "lr_warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
-        "dataloader_num_workers": (lambda v: v >= 0, "an integer >= 0"),
-        "max_grad_norm": (lambda v: v >= 0, "a number >= 0"),
-        "adam_weight_decay": (lambda v: v >= 0, "a number >= 0"),
-        "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
-        "ema_power": (lambda v: v > 0, "a number > 0"),
-        "cond_dropout_prob": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "snr_gamma": (lambda v: v >= 0, "a number >= 0"),
-        "guidance_scale": (lambda v: v >= 0, "a number >= 0"),
-        "validation_guidance_scales": (lambda v: v >= 0, "numbers >= 0"),
-    }
-    for name, (valid, wanted) in rules.items():
-        value = getattr(args, name, None)  # a flag this script does not have is skipped
-        if value is not None and not all(map(valid, value if isinstance(value, list) else [value])):
-            fail(f"--{name} {value}: must be {wanted}")
+    """The flags every trainer has: number ranges, the output folder, the script of a checkpoint to resume."""
+    rules = [  # a flag this script lacks is skipped
+        (
+            lambda v: v >= 1,
+            "an integer >= 1",
+            "train_batch_size eval_batch_size num_train_epochs max_train_steps gradient_accumulation_steps max_samples "
+            "logging_steps checkpointing_steps validation_steps checkpoints_total_limit num_inference_steps",
+        ),
+        (lambda v: v >= 0, "an integer >= 0", "lr_warmup_steps dataloader_num_workers"),
+        (
+            lambda v: v >= 0,
+            "a number >= 0",
+            "max_grad_norm adam_weight_decay snr_gamma guidance_scale validation_guidance_scales",
+        ),
+        (lambda v: v > 0, "a number > 0", "learning_rate ema_power"),
+        (lambda v: 0 <= v < 1, "in [0, 1)", "adam_beta1 adam_beta2 cond_dropout_prob"),
+        (lambda v: 0 < v < 1, "in (0, 1)", "ema_decay"),
+    ]
+    for valid, wanted, names in rules:
+        for name in names.split():
+            value = getattr(args, name, None)
+            if value is not None and not all(map(valid, value if isinstance(value, list) else [value])):
+                fail(f"--{name} {value}: must be {wanted}")
     out = Path(args.output_dir)
     if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
         fail(f"--output_dir {out}: is a file or lies under one; pass a folder")
@@ -272,13 +245,13 @@ def check_shared_flags(args):
         try:
             written_by = json.loads((Path(resume) / "training_state.json").read_text()).get("script")
         except (OSError, ValueError):
-            fail(f"--resume_from_checkpoint {resume}: not a readable checkpoint folder; pass checkpoint-N or latest")
+            fail(f"--resume_from_checkpoint {resume}: not a checkpoint folder; pass checkpoint-N or latest")
         if written_by != script:
-            fail(f"--resume_from_checkpoint {resume}: written by {written_by}, not {script}; pass a checkpoint of it")
+            fail(f"--resume_from_checkpoint {resume}: written by {written_by}, not {script}")
 
 
 def check_args(args):
-    """Cheap checks of the flags and paths, before any dataset or model is loaded."""
+    """Cheap checks of flags and paths, before any data or model loads."""
     check_shared_flags(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
@@ -289,31 +262,28 @@ def check_args(args):
         if problem := manifest_problem(Path(args.sample_from)):
             fail(f"--sample_from {args.sample_from}: damaged ({problem}); pass an intact export")
         return
-    sources = [s for s in ("dataset_name", "train_data_dir", "precomputed_data_dir") if getattr(args, s)]
+    sources = [s for s in "dataset_name train_data_dir precomputed_data_dir".split() if getattr(args, s)]
     if len(sources) > 1:
-        fail(f"give one of --dataset_name, --train_data_dir, --precomputed_data_dir (got {', '.join(sources)})")
+        fail(f"--{', --'.join(sources)}: give one of them")
     args.dataset_name = args.dataset_name or (None if sources else DEFAULT_DATASET)
     args.pretrained_model_name_or_path = args.pretrained_model_name_or_path or DEFAULT_MODEL
     if args.train_data_dir and not Path(args.train_data_dir).is_dir():
         fail(f"--train_data_dir {args.train_data_dir}: no such folder")
     if args.train_data_dir and not any(p.is_file() for p in Path(args.train_data_dir).rglob("*")):
-        fail(f"--train_data_dir {args.train_data_dir}: the folder is empty; pass a folder of images + metadata.jsonl")
+        fail(f"--train_data_dir {args.train_data_dir}: empty; pass a folder of images + metadata.jsonl")
     if args.precomputed_data_dir and not (Path(args.precomputed_data_dir) / "index.json").is_file():
-        fail(
-            f"--precomputed_data_dir {args.precomputed_data_dir}: no index.json; write it with "
-            f"prepare_data_multi_gpu.py"
-        )
+        fail(f"--precomputed_data_dir {args.precomputed_data_dir}: no index.json; run prepare_data_multi_gpu.py")
     if args.streaming and not (args.dataset_name and args.max_train_steps):
-        fail("--streaming: needs --dataset_name and --max_train_steps (a stream has no known length)")
+        fail("--streaming: needs --dataset_name and --max_train_steps")
     if args.resolution % 8:
-        fail(f"--resolution {args.resolution}: must be divisible by 8 (the VAE's downsampling)")
+        fail(f"--resolution {args.resolution}: must be a multiple of 8")
     for flag in ("validation_epochs", "ema_update_every"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            fail(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    if args.validation_epochs is not None and args.validation_steps is not None:
+        if (value := getattr(args, flag)) is not None and value < 1:
+            fail(f"--{flag} {value}: must be at least 1")
+    if args.validation_steps is None:
+        args.validation_epochs = args.validation_epochs or 5
+    elif args.validation_epochs is not None:
         fail("--validation_epochs and --validation_steps: give one of them")
-    if args.validation_steps is None and args.validation_epochs is None:
-        args.validation_epochs = 5
     if args.unet_from_scratch and args.unet_config not in UNET_PRESETS and not Path(args.unet_config).is_file():
         fail(f"--unet_config {args.unet_config}: neither a JSON file nor one of {', '.join(UNET_PRESETS)}")
     for flag, package in (
@@ -326,28 +296,25 @@ def check_args(args):
 
 # Copied from train_mnist.installed_trackers
 def installed_trackers(report_to):
-    """--report_to as accelerate's log_with; a tracker whose package is missing is an error."""
+    """--report_to as accelerate's log_with; a missing tracker package is an error."""
     import importlib.util
 
-    if report_to == "none":
-        return []
-    found = [name for name in ("tensorboard", "wandb") if report_to in (name, "all") and importlib.util.find_spec(name)]
-    if not found and report_to == "all":
-        fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
-    if not found:
-        fail(f"--report_to {report_to}: the {report_to} package is not installed; pip install {report_to}")
+    wanted = {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
+    found = [name for name in wanted if importlib.util.find_spec(name)]
+    if wanted and not found:
+        fail(f"--report_to {report_to}: {' or '.join(wanted)} is not installed; pip install {wanted[0]}")
     return found
 
 
 # Copied from train_mnist.check_accelerator
 def check_accelerator(accelerator):
-    """Checks of what accelerate resolved from the flags, its config file and the launcher."""
+    """What accelerate resolved from the flags, its config file and the launcher."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
-        fail("--mixed_precision fp16 (from the flag or accelerate's config) needs a CUDA GPU: use bf16 or no here")
+        fail("--mixed_precision fp16 (flag or accelerate config) needs a CUDA GPU; use bf16 or no")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        fail("DeepSpeed is not supported by this script: launch it with DDP (accelerate launch --multi_gpu)")
+        fail("DeepSpeed is not supported; launch with DDP (accelerate launch --multi_gpu)")
     if accelerator.distributed_type == DistributedType.FSDP:
-        fail("FSDP is not supported by this script (its EMA needs whole weights): launch it with DDP (--multi_gpu)")
+        fail("FSDP is not supported (the EMA needs whole weights); launch with DDP (--multi_gpu)")
 
 
 # ---- Data ----
@@ -370,13 +337,14 @@ def decode_image(raw, mode):
 
 
 class ImageCaptions:
-    """Source rows to training examples: resize, crop, tokenize. A random crop and a choice among several captions
-    are seeded by (seed, example, epoch), so that a resumed run makes the same ones."""
+    """Rows to examples: resize, crop, tokenize. Crops and caption choices are seeded by (seed, example, epoch), so
+    resuming repeats them."""
 
     def __init__(self, args, tokenizer, max_length, mode):
         self.args, self.tokenizer, self.max_length, self.mode = args, tokenizer, max_length, mode
-        interpolation = transforms.InterpolationMode[args.image_interpolation_mode.upper()]
-        self.resize = transforms.Resize(args.resolution, interpolation=interpolation)
+        self.resize = transforms.Resize(
+            args.resolution, transforms.InterpolationMode[args.image_interpolation_mode.upper()]
+        )
         self.epoch = 0
 
     def crop(self, image, caption, position):
@@ -392,7 +360,7 @@ class ImageCaptions:
         return image.crop((left, top, left + r, top + r)), caption or ""
 
     def examples(self, crops):
-        """[(image, caption)] -> examples, tokenized in one call; pixels in [-1, 1]."""
+        """[(image, caption)] -> examples; pixels in [-1, 1]."""
         tokens = self.tokenizer(
             [c for _, c in crops],
             padding="max_length",
@@ -409,8 +377,7 @@ class ImageCaptions:
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """A map-style datasets.Dataset. An unreadable image is replaced by the next readable one and counted
-    (num_bad), so batches keep their size. The DataLoader reads a batch's rows in one access (__getitems__)."""
+    """A datasets.Dataset; an unreadable image is replaced by the next readable one and counted (num_bad)."""
 
     def __init__(self, ds, make):
         self.ds, self.make = ds, make
@@ -425,17 +392,17 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return self.__getitems__([i])[0]
 
     def __getitems__(self, indices):
-        image_column, caption_column = self.make.args.image_column, self.make.args.caption_column
-        rows = self.ds[list(indices)]
+        args = self.make.args
+        rows = self.ds[list(indices)]  # the selected columns, one read per batch
         crops, bad = [], []
         for k, i in enumerate(indices):
-            row, j = {c: rows[c][k] for c in (image_column, caption_column)}, i
-            while (image := decode_image(row[image_column], self.make.mode)) is None:
+            row, j = {c: v[k] for c, v in rows.items()}, i
+            while (image := decode_image(row[args.image_column], self.make.mode)) is None:
                 j = (j + 1) % len(self.ds)
                 if j == i:
                     raise RuntimeError("no image of the dataset is readable")
                 row = self.ds[j]
-            crops.append(self.make.crop(image, row[caption_column], j))
+            crops.append(self.make.crop(image, row[args.caption_column], j))
             bad.append((j - i) % len(self.ds))
         return [{**e, "num_bad": n} for e, n in zip(self.make.examples(crops), bad, strict=True)]
 
@@ -461,15 +428,15 @@ class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
 
 
 class PrecomputedDataset(torch.utils.data.Dataset):
-    """Rows of the shards that prepare_data_multi_gpu.py writes, read through mmap."""
+    """Rows of prepare_data_multi_gpu.py's shards, read through mmap."""
 
     def __init__(self, root, index, max_samples):
         self.files = [Path(root) / s["file"] for s in index["shards"]]
         self.offsets = [0, *itertools.accumulate(s["num_examples"] for s in index["shards"])]
         self.length = min(max_samples or self.offsets[-1], self.offsets[-1])
         flipped = ["latent_mean_flipped", "latent_std_flipped"] if index.get("random_flip") else []
-        self.keys = ["latent_mean", "latent_std", *flipped]
-        self.text_key = index["text_encoders"][0]["key"]
+        self.keys = {k: k for k in ["latent_mean", "latent_std", *flipped]}  # item key: shard key
+        self.keys["hidden_states"] = f"{index['text_encoders'][0]['key']}.hidden_states"
         self.handles = {}
 
     def __len__(self):
@@ -483,9 +450,7 @@ class PrecomputedDataset(torch.utils.data.Dataset):
         if s not in self.handles:
             self.handles[s] = safe_open(str(self.files[s]), framework="pt")
         f, r = self.handles[s], i - self.offsets[s]
-        item = {k: f.get_slice(k)[r : r + 1][0] for k in self.keys}
-        item["hidden_states"] = f.get_slice(f"{self.text_key}.hidden_states")[r : r + 1][0]
-        return item
+        return {k: f.get_slice(key)[r : r + 1][0] for k, key in self.keys.items()}
 
     def captions(self, k):
         with safe_open(str(self.files[0]), framework="pt") as f:
@@ -506,36 +471,39 @@ def read_precomputed_index(args):
 
 
 def local_name(name_or_path):
-    """A local path made absolute (so that "sd" and "./sd/" are the same), a hub id as it is."""
+    """An existing path made absolute ("sd" is "./sd/"), a hub id unchanged."""
     return str(Path(name_or_path).resolve()) if name_or_path and Path(name_or_path).exists() else name_or_path
 
 
-def check_shards_text_encoder(args, index):
-    """The export encodes prompts with this run's text encoder and tokenizer: the shards' captions must have been
-    encoded by the same ones (as index.json names them), at the same length."""
-    entry = index["text_encoders"][0]
+def text_encoder_source(args):
+    """(name_or_path, subfolder, flag), as vae_source."""
     if args.text_encoder_name_or_path:
-        option, ours, our_tokenizer = ("--text_encoder_name_or_path", *[args.text_encoder_name_or_path] * 2)
-    else:
-        folder = args.pretrained_model_name_or_path
-        option, ours, our_tokenizer = "--pretrained_model_name_or_path", f"{folder}/text_encoder", f"{folder}/tokenizer"
+        return args.text_encoder_name_or_path, "", "--text_encoder_name_or_path"
+    return args.pretrained_model_name_or_path, "text_encoder", "--pretrained_model_name_or_path"
+
+
+def check_shards_text_encoder(args, index):
+    """The shards' captions must be encoded by this run's text encoder and tokenizer, at its length."""
+    entry = index["text_encoders"][0]
+    path, sub, option = text_encoder_source(args)
+    ours, our_tokenizer = (f"{path}/{sub}", f"{path}/tokenizer") if sub else (path, path)
     theirs, their_tokenizer = entry.get("name_or_path"), entry.get("tokenizer") or our_tokenizer
     if (local_name(theirs), local_name(their_tokenizer)) != (local_name(ours), local_name(our_tokenizer)):
-        parent, _, sub = str(theirs).rpartition("/")
-        if sub == "text_encoder" and parent:
+        parent, _, last = str(theirs).rpartition("/")
+        if last == "text_encoder" and parent:
             fix = f"--pretrained_model_name_or_path {parent} without --text_encoder_name_or_path"
         else:
             fix = f"--text_encoder_name_or_path {theirs}"
         fail(
-            f"--precomputed_data_dir {args.precomputed_data_dir}: its captions were encoded by {theirs} (tokenizer "
-            f"{entry.get('tokenizer')}), this run's encoder is {ours} ({option}); pass {fix}, or re-encode the shards"
+            f"--precomputed_data_dir {args.precomputed_data_dir}: captions encoded by {theirs} (tokenizer "
+            f"{entry.get('tokenizer')}), not {ours} ({option}); pass {fix}, or re-encode the shards"
         )
     if args.tokenizer_max_length not in (None, entry["max_length"]):
         fail(f"--tokenizer_max_length {args.tokenizer_max_length}: the shards hold {entry['max_length']} tokens")
 
 
 def check_shards_fit(args, index, text_encoder, vae):
-    """The shards' text states and latents must fit this run's text encoder and VAE (the export's)."""
+    """The shards' text states and latents must fit this run's text encoder and VAE."""
     flag, enc = f"--precomputed_data_dir {args.precomputed_data_dir}", index["text_encoders"][0]
     hidden, channels = text_encoder.config.hidden_size, vae.config.latent_channels
     if (enc["hidden_size"], index["vae"]["latent_channels"]) != (hidden, channels):
@@ -543,16 +511,16 @@ def check_shards_fit(args, index, text_encoder, vae):
     mask = text_uses_mask(text_encoder)
     if enc.get("use_attention_mask", mask) != mask or enc.get("prefix"):
         fail(
-            f"{flag}: text states encoded with another attention mask or a prefix than the pipeline's; "
-            f"prepare them with --text_encoder_attention_mask auto, no --text_prefix"
+            f"{flag}: text states encoded with another attention mask or a prefix; prepare them with "
+            "--text_encoder_attention_mask auto, no --text_prefix"
         )
     if not math.isclose(index["vae"]["scaling_factor"], vae.config.scaling_factor, rel_tol=1e-6):
         fail(f"{flag}: encoded with a VAE of another scaling factor; re-encode the shards")
 
 
 def vae_source(args, index):
-    """(name_or_path, subfolder, flag) of the VAE: with --precomputed_data_dir the one index.json names (older
-    shards have no subfolder), else --vae_name_or_path or the folder's vae/."""
+    """(name_or_path, subfolder, flag): index.json's VAE (older shards have no subfolder), --vae_name_or_path or
+    the folder's."""
     if index is not None:
         name, sub = index["vae"]["name_or_path"], index["vae"].get("subfolder")
         full = f"{name}/{sub}" if sub else name
@@ -565,7 +533,7 @@ def vae_source(args, index):
 
 
 def load_hf_dataset(args):
-    """The datasets.Dataset (or IterableDataset) of --dataset_name / --train_data_dir, images left undecoded."""
+    """The datasets.Dataset (or IterableDataset) of --dataset_name or --train_data_dir, images undecoded."""
     import datasets
 
     flag = "--train_data_dir" if args.train_data_dir else "--dataset_name"
@@ -594,7 +562,7 @@ def load_hf_dataset(args):
     columns = list(ds.column_names or ds.features or {})
     for flag in ("image_column", "caption_column"):
         if getattr(args, flag) not in columns:
-            fail(f"--{flag} {getattr(args, flag)!r}: not a column of the dataset; columns: {', '.join(columns)}")
+            fail(f"--{flag} {getattr(args, flag)!r}: not a column; pass one of {', '.join(columns)}")
     ds = ds.select_columns([args.image_column, args.caption_column])
     ds = ds.cast_column(args.image_column, datasets.Image(decode=False))
     if args.streaming:
@@ -606,7 +574,7 @@ def load_hf_dataset(args):
 
 
 def build_dataset(args, tokenizer, max_length, vae_channels, index):
-    """The training dataset and up to 4 of its captions (the default validation prompts)."""
+    """The training dataset and up to 4 of its captions (default validation prompts)."""
     if index is not None:
         dataset = PrecomputedDataset(args.precomputed_data_dir, index, args.max_samples)
         return dataset, dataset.captions(4)
@@ -619,10 +587,8 @@ def build_dataset(args, tokenizer, max_length, vae_channels, index):
 
 # ---- Models ----
 def load_text_encoder(args):
-    """Tokenizer + frozen text encoder: the folder's, or --text_encoder_name_or_path's."""
-    own = args.text_encoder_name_or_path
-    path, sub = (own, "") if own else (args.pretrained_model_name_or_path, "text_encoder")
-    flag = "--text_encoder_name_or_path" if own else "--pretrained_model_name_or_path"
+    """(tokenizer, frozen text encoder)"""
+    path, sub, flag = text_encoder_source(args)
     try:
         config = AutoConfig.from_pretrained(path, subfolder=sub, revision=args.revision, cache_dir=args.cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(
@@ -630,9 +596,7 @@ def load_text_encoder(args):
         )
     except (OSError, ValueError) as e:
         fail(f"{flag} {path}: cannot load a text encoder and tokenizer from it ({type(e).__name__})")
-    model_cls = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel}.get(
-        config.model_type, AutoModel
-    )
+    model_cls = {"clip": CLIPTextModel, "t5": T5EncoderModel}.get(config.model_type, AutoModel)  # their text parts
     model = model_cls.from_pretrained(
         path, subfolder=sub, revision=args.revision, variant=args.variant if sub else None, cache_dir=args.cache_dir
     )
@@ -640,7 +604,7 @@ def load_text_encoder(args):
 
 
 def load_vae(args, source):
-    """The frozen AutoencoderKL of `source` (see vae_source)."""
+    """The frozen AutoencoderKL that vae_source names."""
     path, sub, flag = source
     try:
         vae = AutoencoderKL.from_pretrained(
@@ -652,8 +616,7 @@ def load_vae(args, source):
 
 
 def latent_scale(vae):
-    """z = latent * scaling_factor, what StableDiffusionPipeline decodes. Its shift_factor is left out: the pipeline
-    does not add it back when decoding, so latents trained shifted would decode wrong from the export."""
+    """z = latent * scaling_factor, unshifted: StableDiffusionPipeline adds no shift_factor back when decoding."""
     return {
         "scaling_factor": vae.config.scaling_factor,
         "shift_factor": 0.0,
@@ -662,7 +625,7 @@ def latent_scale(vae):
 
 
 def build_unet(args, latent_channels, latent_size, cross_attention_dim):
-    """The folder's UNet (fine-tuning) or a new one of --unet_config (from scratch)."""
+    """The folder's UNet, or a new one of --unet_config."""
     if not args.unet_from_scratch:
         try:
             unet = UNet2DConditionModel.from_pretrained(
@@ -675,17 +638,18 @@ def build_unet(args, latent_channels, latent_size, cross_attention_dim):
         except (OSError, ValueError) as e:
             fail(
                 f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no loadable unet/ "
-                f"({type(e).__name__}); add --unet_from_scratch to train a new UNet"
+                f"({type(e).__name__}); or train a new one with --unet_from_scratch"
             )
         if (unet.config.in_channels, unet.config.cross_attention_dim) != (latent_channels, cross_attention_dim):
             fail(
-                f"--pretrained_model_name_or_path: its UNet reads {unet.config.in_channels} channels and "
-                f"{unet.config.cross_attention_dim}-d text, the VAE gives {latent_channels} and the text encoder "
-                f"{cross_attention_dim}; use matching components or --unet_from_scratch"
+                f"--pretrained_model_name_or_path: its UNet takes {unet.config.in_channels} channels and "
+                f"{unet.config.cross_attention_dim}-d text, not {latent_channels} and {cross_attention_dim}; use "
+                "matching components or --unet_from_scratch"
             )
         return unet
     if args.unet_config in UNET_PRESETS:
         config = dict(UNET_PRESETS[args.unet_config])
+        config["up_block_types"] = [t.replace("Down", "Up") for t in reversed(config["down_block_types"])]
     else:
         config = {k: v for k, v in json.loads(Path(args.unet_config).read_text()).items() if not k.startswith("_")}
     halvings = len(config["block_out_channels"]) - 1
@@ -701,7 +665,7 @@ def build_unet(args, latent_channels, latent_size, cross_attention_dim):
 
 
 def build_noise_scheduler(args):
-    """The folder's DDPM schedule, with --prediction_type and --rescale_betas_zero_snr applied."""
+    """The folder's DDPM schedule with --prediction_type and --rescale_betas_zero_snr."""
     try:
         config = DDPMScheduler.load_config(
             args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
@@ -712,37 +676,30 @@ def build_noise_scheduler(args):
         )
     overrides = {"prediction_type": args.prediction_type or config.get("prediction_type", "epsilon")}
     if args.rescale_betas_zero_snr:
-        # At zero terminal SNR the input of the last timestep is pure noise: predicting it tells nothing of the image.
+        # At zero terminal SNR the last input is pure noise: predicting the noise says nothing of the image.
         if overrides["prediction_type"] == "epsilon":
-            fail(
-                "--rescale_betas_zero_snr cannot be learned with --prediction_type epsilon; "
-                "use --prediction_type v_prediction"
-            )
+            fail("--rescale_betas_zero_snr: cannot learn --prediction_type epsilon; use --prediction_type v_prediction")
         overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     return DDPMScheduler.from_config(config, **overrides)
 
 
 def build_sampler(noise_scheduler):
-    """DPM-Solver++ (2M) on the training schedule: the validation and exported sampler."""
+    """The validation and export sampler."""
     return DPMSolverMultistepScheduler.from_config(noise_scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
 
 
 def text_uses_mask(text_encoder):
-    """StableDiffusionPipeline passes the attention mask only when the config says so: training does the same."""
+    """As StableDiffusionPipeline: the attention mask only when the config says so."""
     return bool(getattr(text_encoder.config, "use_attention_mask", False))
 
 
 class StridedEMA(EMAModel):
-    """diffusers' EMAModel whose update may stand for `stride` optimizer steps (--ema_update_every): its decay is
-    the product of theirs. With stride 1 it is EMAModel exactly."""
+    """EMAModel whose update may stand for several steps (--ema_update_every), with the product of their decays."""
 
     stride = 1
 
     def get_decay(self, optimization_step):
-        decay = 1.0
-        for k in range(self.stride):
-            decay *= super().get_decay(optimization_step + k)
-        return decay
+        return math.prod(map(super().get_decay, range(optimization_step, optimization_step + self.stride)))
 
     def step_over(self, parameters, steps):
         self.stride = steps
@@ -755,7 +712,7 @@ class StridedEMA(EMAModel):
 
 @dataclass
 class TrainState:
-    """What the EMA updates and validation read of the training run."""
+    """What the EMA updates and validation read."""
 
     accelerator: Accelerator
     unet: torch.nn.Module
@@ -772,7 +729,7 @@ class TrainState:
 
 
 def catch_up_ema(state):
-    """Average the current weights into the EMA, standing for every step since its last update."""
+    """Average the current weights into the EMA for every step since its last update."""
     steps = state.global_step - state.ema_step
     if state.ema is None or steps <= 0:
         return
@@ -790,7 +747,7 @@ def coin(n, p, generator, device):
 
 @torch.no_grad()
 def batch_to_latents(batch, vae, latent_info, args, generator, weight_dtype):
-    """z_0 = (mean + std * N(0,1)) * scale (see latent_scale): a fresh draw from the posterior at every step."""
+    """z_0 = (mean + std * N(0, 1)) * scaling_factor: a fresh posterior draw at every step."""
     device = generator.device
     if "pixel_values" in batch:
         x = batch["pixel_values"].to(device)
@@ -810,7 +767,7 @@ def batch_to_latents(batch, vae, latent_info, args, generator, weight_dtype):
 
 @torch.no_grad()
 def batch_to_text_states(batch, text_encoder, empty_states, args, generator):
-    """Caption states, each replaced by the empty prompt's with probability --cond_dropout_prob."""
+    """Caption states, each the empty prompt's with probability --cond_dropout_prob."""
     device = generator.device
     if "hidden_states" in batch:
         states = batch["hidden_states"].to(device).float()
@@ -822,22 +779,20 @@ def batch_to_text_states(batch, text_encoder, empty_states, args, generator):
 
 
 def training_step(unet, noise_scheduler, latents, states, args, generator):
-    """Noise latents at random timesteps; return per-sample losses and the timesteps."""
+    """Per-sample losses at random timesteps, and the timesteps."""
     n, device = latents.shape[0], latents.device
     noise = torch.randn(latents.shape, generator=generator, device=device)
-    if args.noise_offset:  # https://www.crosslabs.org/blog/diffusion-with-offset-noise
+    if args.noise_offset:
         noise = noise + args.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=generator, device=device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
     model_input_noise = noise
-    if args.input_perturbation:  # the input is noised further, the target stays the noise
+    if args.input_perturbation:  # the target stays `noise`
         model_input_noise = noise + args.input_perturbation * torch.randn(
             noise.shape, generator=generator, device=device
         )
     noisy = noise_scheduler.add_noise(latents, model_input_noise, timesteps)
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise
-    else:
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    epsilon = noise_scheduler.config.prediction_type == "epsilon"
+    target = noise if epsilon else noise_scheduler.get_velocity(latents, noise, timesteps)
     pred = unet(noisy, timesteps, encoder_hidden_states=states).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if args.snr_gamma:
@@ -846,8 +801,7 @@ def training_step(unet, noise_scheduler, latents, states, args, generator):
 
 
 def min_snr_weight(noise_scheduler, timesteps, gamma):
-    """Min-SNR weights: min(SNR, gamma) divided by what the target's loss already weighs, SNR (epsilon) or SNR + 1
-    (v). Finite at zero terminal SNR with v; epsilon there is refused."""
+    """Min-SNR: min(SNR, gamma) over the target's own weight, SNR (epsilon) or SNR + 1 (v)."""
     snr = compute_snr(noise_scheduler, timesteps)
     base = snr if noise_scheduler.config.prediction_type == "epsilon" else snr + 1
     return snr.clamp(max=gamma) / base
@@ -856,11 +810,11 @@ def min_snr_weight(noise_scheduler, timesteps, gamma):
 # ---- Sampling ----
 def make_pipeline(vae, text_encoder, tokenizer, unet, sampler):
     pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=sampler,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        sampler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -870,8 +824,7 @@ def make_pipeline(vae, text_encoder, tokenizer, unet, sampler):
 
 
 def generate_from_export(args, accelerator):
-    """--sample_from: the validation grid of an export (a StableDiffusionPipeline folder) or of a checkpoint-N (its
-    UNet and sampler with the base pipeline's VAE, text encoder and tokenizer that its export_config.json names)."""
+    """--sample_from: the grid of an export, or of a checkpoint's UNet with the VAE and text encoder it names."""
     export = Path(args.sample_from)
     config = json.loads((export / EXPORT_CONFIG).read_text())
     if (export / "model_index.json").is_file():
@@ -907,8 +860,7 @@ def generate_from_export(args, accelerator):
 
 # ---- Validation ----
 def validation_due(args, global_step, max_train_steps, epoch_end=None):
-    """After an optimizer step (epoch_end None) every --validation_steps, or at the end of epoch `epoch_end`
-    (0-based) every --validation_epochs. Never at the last step: the final grid comes anyway."""
+    """Every --validation_steps after a step, or every --validation_epochs after epoch `epoch_end`; not at the end."""
     if global_step >= max_train_steps:
         return False
     if epoch_end is None:
@@ -918,8 +870,7 @@ def validation_due(args, global_step, max_train_steps, epoch_end=None):
 
 @torch.no_grad()
 def log_validation(pipeline, prompts, args, path, accelerator, trackers=(), step=0):
-    """Grid: one row per prompt, one panel per guidance scale (--num_validation_images each), fixed seed; written to
-    `path` and sent to the trackers (wandb: one image per prompt, as diffusers' examples)."""
+    """A row per prompt, a column per guidance scale, fixed seed; to `path` and the trackers (wandb: per prompt)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -931,7 +882,6 @@ def log_validation(pipeline, prompts, args, path, accelerator, trackers=(), step
     )
     rows = [[] for _ in prompts]  # per prompt: its strip at every guidance scale
     for col, scale in enumerate(scales):
-        generator = torch.Generator(accelerator.device).manual_seed(args.seed)  # same noise in every panel
         with accelerator.autocast():
             images = pipeline(
                 [p for p in prompts for _ in range(k)],
@@ -939,16 +889,15 @@ def log_validation(pipeline, prompts, args, path, accelerator, trackers=(), step
                 width=args.resolution,
                 num_inference_steps=args.num_inference_steps,
                 guidance_scale=scale,
-                generator=generator,
+                generator=torch.Generator(accelerator.device).manual_seed(args.seed),  # same noise in every panel
                 output_type="np",
             ).images
         for row, prompt in enumerate(prompts):
-            strip = np.concatenate(list(images[row * k : (row + 1) * k]), axis=1)
+            strip = np.hstack(images[row * k : (row + 1) * k])
             rows[row].append(strip)
             ax = axes[row][col]
             ax.imshow(strip.squeeze(-1) if strip.shape[-1] == 1 else strip, cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             if row == 0:
                 ax.set_title(f"guidance {scale:g}", fontsize=9)
             if col == 0:
@@ -964,7 +913,7 @@ def log_validation(pipeline, prompts, args, path, accelerator, trackers=(), step
 
         images = [
             wandb.Image(
-                (np.concatenate(strips, axis=1) * 255).round().astype(np.uint8).squeeze(),
+                (np.hstack(strips) * 255).round().astype(np.uint8).squeeze(),
                 caption=f"{prompt} ({guidance})",
             )
             for prompt, strips in zip(prompts, rows, strict=True)
@@ -998,9 +947,9 @@ def plot_loss(metrics_path, out_path):
         return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
-    for k in sorted(k for k in rows[-1] if k.startswith("loss_t")):  # loss per quarter of the timestep range
-        ax.plot([r["step"] for r in rows], [r.get(k, float("nan")) for r in rows], lw=0.8, label=k)
+    steps = [r["step"] for r in rows]
+    for key in ["loss", *sorted(k for k in rows[-1] if k.startswith("loss_t"))]:  # and per timestep quarter
+        ax.plot(steps, [r.get(key, float("nan")) for r in rows], lw=None if key == "loss" else 0.8, label=key)
     ax.set_xlabel("step")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
@@ -1010,7 +959,7 @@ def plot_loss(metrics_path, out_path):
 
 
 def validate(state, args):
-    """The grid of the EMA weights (main process), to samples/step-N.png and the trackers; and the loss plot."""
+    """The EMA weights' grid to samples/step-N.png and the trackers; the loss plot."""
     catch_up_ema(state)  # on every process: the EMA stays the same everywhere
     if not state.accelerator.is_main_process:
         return
@@ -1049,8 +998,7 @@ def write_manifest(folder, names):
     """manifest.json: size and sha256 of the files (or folders) `names` in `folder`."""
     files = {}
     for name in names:
-        root = folder / name
-        for path in sorted(root.rglob("*")) if root.is_dir() else [root]:
+        for path in sorted((folder / name).rglob("*")) if (folder / name).is_dir() else [folder / name]:
             if path.is_file():
                 files[str(path.relative_to(folder))] = [path.stat().st_size, file_digest(path)]
     tmp = folder / f".{MANIFEST}.tmp"
@@ -1064,7 +1012,7 @@ def manifest_problem(folder):
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except FileNotFoundError:
-        return f"no {MANIFEST} (written last: the folder is incomplete)"
+        return f"no {MANIFEST}: the folder is incomplete"
     except (ValueError, KeyError, TypeError):
         return f"{MANIFEST} is damaged"
     for name, (size, digest) in files.items():
@@ -1093,9 +1041,7 @@ def save_ema(ema, model, folder):
 
 
 def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position, write_sampling_files):
-    """accelerate's save_state, the EMA UNet (unet_ema/, or unet/ without EMA), what --sample_from needs, the
-    objective's RNG and the data position (epoch, batches of all processes in it); a manifest written last, then
-    an atomic rename."""
+    """save_state plus the EMA UNet, sampling files, objective RNG and data position; manifest last, atomic rename."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
     if not all(torch.isfinite(p).all() for p in unet.parameters()):
@@ -1128,8 +1074,8 @@ def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, positi
             write_manifest(tmp, [p.name for p in tmp.iterdir()])
             if final.exists():
                 shutil.rmtree(final)
-            os.replace(tmp, final)  # atomic: a crash never leaves a half-written checkpoint-<step>
-    except OSError as e:  # a full disk, a lost mount: the previous checkpoints stay as they were
+            os.replace(tmp, final)
+    except OSError as e:  # a full disk, a lost mount: the previous checkpoints stay
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
         print(
@@ -1157,32 +1103,27 @@ def find_checkpoint(accelerator, args):
     if not args.resume_from_checkpoint:
         return None
     choice = [None]
-    if accelerator.is_main_process:  # one process reads the files, the others take its answer
+    if accelerator.is_main_process:  # the others take its answer
         if args.resume_from_checkpoint != "latest":
-            path = Path(args.resume_from_checkpoint)
-            if problem := manifest_problem(path):
-                fail(f"--resume_from_checkpoint {path}: damaged ({problem}); pass an intact checkpoint or latest")
-            choice = [str(path)]
+            choice = [Path(args.resume_from_checkpoint)]
+            if problem := manifest_problem(choice[0]):
+                fail(f"--resume_from_checkpoint {choice[0]}: damaged ({problem}); pass an intact one or latest")
         else:
             found = list_checkpoints(args.output_dir)
             for path in reversed(found):
                 if not (problem := manifest_problem(path)):
-                    choice = [str(path)]
+                    choice = [path]
                     break
-                accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
+                accelerator.print(f"warning: {path} is damaged ({problem}); trying the one before")
             if found and choice[0] is None:
-                fail(
-                    f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
-                    f"with --overwrite_output_dir"
-                )
+                fail(f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged")
     if accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(choice, src=0)
-    return None if choice[0] is None else Path(choice[0])
+    return choice[0]
 
 
 def load_checkpoint(accelerator, path, unet, ema, train_rng, args):
-    """Restore what save_checkpoint wrote (nothing loaded can run code); returns training_state.json. On another
-    number of processes the step, learning rate and data position are the same, the random streams new ones."""
+    """Restore save_checkpoint's files; returns training_state.json. Another process count gets new random streams."""
     state = json.loads((path / "training_state.json").read_text())
     if state.get("script") != "train_ldm_sd.py":
         fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not train_ldm_sd.py")
@@ -1198,7 +1139,7 @@ def load_checkpoint(accelerator, path, unet, ema, train_rng, args):
     else:
         accelerator.print(f"warning: {path} was written by {state['num_processes']} processes: new random streams")
         train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
-    if ema is not None:  # loaded straight onto the EMA's device: load_state_dict keeps the tensors it is given
+    if ema is not None:  # onto the EMA's device: load_state_dict keeps the tensors it is given
         device = str(ema.shadow_params[0].device)
         weights = load_file(path / "unet_ema" / "diffusion_pytorch_model.safetensors", device=device)
         shadow = [weights[name] for name, _ in accelerator.unwrap_model(unet).named_parameters()]
@@ -1207,10 +1148,9 @@ def load_checkpoint(accelerator, path, unet, ema, train_rng, args):
 
 
 def export_config(args, vae_from, max_length, prompts):
-    """What --sample_from needs besides the UNet and the sampler: the VAE, text encoder and tokenizer as this run
-    loaded them (named, never copied into a checkpoint), the prompt length, resolution and prompts."""
-    own = args.text_encoder_name_or_path
-    text, sub = (own, "") if own else (args.pretrained_model_name_or_path, "text_encoder")
+    """What --sample_from needs besides the UNet and sampler: VAE and text encoder by name, prompt length, resolution,
+    prompts."""
+    text, sub, _ = text_encoder_source(args)
     return {
         "script": "train_ldm_sd.py",
         "pretrained_model_name_or_path": local_name(args.pretrained_model_name_or_path),
@@ -1234,12 +1174,12 @@ def write_sampling_files(sampler, config, folder):
 
 
 def model_card(args, global_step, metrics_path):
-    """README.md of the export: the Hub's YAML front matter, how it was trained and how to sample it."""
+    """README.md of the export: Hub metadata, how it was trained and how to sample it."""
     from huggingface_hub import ModelCardData
 
     loss = json.loads(metrics_path.read_text().splitlines()[-1])["loss"]
     base = args.pretrained_model_name_or_path
-    hub_base = not Path(base).exists()  # a local folder is no hub id: named in the text only
+    hub_base = not Path(base).exists()
     dataset = args.dataset_name if args.dataset_name and not Path(args.dataset_name).exists() else None
     data = ModelCardData(
         library_name="diffusers",
@@ -1276,16 +1216,14 @@ image = pipeline("a prompt").images[0]
 
 
 def sd_license(name_or_path):
-    """The license of a Stable Diffusion v1 model of the hub (CreativeML OpenRAIL-M), else "other"."""
+    """CreativeML OpenRAIL-M for a hub Stable Diffusion v1, else "other"."""
     hub_id = not Path(name_or_path).exists()
     return "creativeml-openrail-m" if hub_id and "stable-diffusion-v1" in name_or_path.lower() else "other"
 
 
 def export_model(pipeline, write_sampling_files, output_dir, card, grid):
-    """StableDiffusionPipeline.save_pretrained plus the sampler, export_config.json and a model card (README.md,
-    samples.png), each part renamed into place from a temporary folder; manifest.json, written last, says the
-    export is complete."""
-    (output_dir / MANIFEST).unlink(missing_ok=True)  # until the new manifest: visibly incomplete
+    """The pipeline, sampling files and model card, each part renamed into place; the manifest last."""
+    (output_dir / MANIFEST).unlink(missing_ok=True)  # visibly incomplete until the new one
     tmp = output_dir / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipeline.save_pretrained(tmp)
@@ -1303,8 +1241,8 @@ def export_model(pipeline, write_sampling_files, output_dir, card, grid):
 
 # Copied from train_mnist.RunLock
 class RunLock:
-    """One run per output folder. The lock of a dead process (same host) or with a heartbeat older than
-    `stale_after` seconds (another host) is taken over."""
+    """One run per output folder. The lock of a dead process (this host), or one whose heartbeat is older than
+    `stale_after` seconds (another host), is taken over."""
 
     def __init__(self, output_dir, stale_after=300):
         self.path, self.stale_after = Path(output_dir) / LOCK, stale_after
@@ -1315,29 +1253,29 @@ class RunLock:
         try:
             other = json.loads(self.path.read_text())
         except FileNotFoundError:
-            other = None
+            other = self.me  # no lock: nothing to take over
         except ValueError:  # cut short: nobody can prove it is alive
-            other = {"pid": None, "host": None, "heartbeat": 0}
-        if other is not None and other.get("pid") != self.me["pid"]:
+            other = {}
+        if other.get("pid") != self.me["pid"]:
             if self.alive(other):
                 fail(
                     f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
-                    f"there; wait for it, stop it, or pick another --output_dir"
+                    f"there; stop it or pick another --output_dir"
                 )
             print(f"warning: taking over the stale lock of PID {other.get('pid')} on {other.get('host')}")
         self.write()
         threading.Thread(target=self.beat, daemon=True).start()
 
     def alive(self, other):
-        if other.get("host") == self.me["host"] and other.get("pid"):
-            try:
-                os.kill(other["pid"], 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:  # alive, another user's
-                pass
-            return True
-        return time.time() - other.get("heartbeat", 0) < self.stale_after
+        if other.get("host") != self.me["host"] or not other.get("pid"):
+            return time.time() - other.get("heartbeat", 0) < self.stale_after
+        try:
+            os.kill(other["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's live process
+            pass
+        return True
 
     def write(self):
         tmp = self.path.with_name(f".{LOCK}.{os.getpid()}.tmp")
@@ -1359,10 +1297,11 @@ def claim_output_dir(args):
     output_dir = Path(args.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--output_dir {output_dir}: cannot create it ({e.strerror}); pass a writable folder")
-    if not os.access(output_dir, os.W_OK):
-        fail(f"--output_dir {output_dir}: not writable; pass a writable folder")
+        writable = os.access(output_dir, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        fail(f"--output_dir {output_dir}: cannot write there; pass a writable folder")
     lock = RunLock(output_dir)
     lock.acquire()
     atexit.register(lock.release)
@@ -1372,7 +1311,7 @@ def claim_output_dir(args):
             lock.release()
             fail(
                 f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
-                f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them"
+                f"--resume_from_checkpoint latest, or delete them with --overwrite_output_dir"
             )
         for path in old:
             shutil.rmtree(path)
@@ -1404,8 +1343,8 @@ def write_run_config(args, accelerator, extra):
 
 # Copied from train_mnist.StopRequest
 class StopRequest:
-    """SIGTERM/SIGINT: checkpoint at the next step, then exit 0. Every process stops at the same step (the save is
-    collective): each step reads the last step's non-blocking all-reduce of the flags over a CPU group."""
+    """SIGTERM/SIGINT: checkpoint at the next step, then exit 0. The save is collective, so every process must stop
+    at the same step: each step reads the previous step's non-blocking all-reduce of the flags over a CPU group."""
 
     def __init__(self, accelerator):
         self.event = threading.Event()
@@ -1415,7 +1354,6 @@ class StopRequest:
         self.flag, self.pending = torch.zeros(1), None
 
     def __call__(self):
-        """True on every process, at the same step, once any process got a signal."""
         if self.group is None:
             return self.event.is_set()
         agreed = False
@@ -1440,24 +1378,23 @@ def main(args):
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        # "auto" is CPU without CUDA; then several processes (torchrun, accelerate launch) talk over gloo.
-        cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
+        cpu=args.device == "cpu" or not torch.cuda.is_available(),  # then several processes talk over gloo
         log_with=args.report_to or None,
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)
         ),
-        # The shuffling order of epoch e depends only on (seed, e): the data position can be restored mid-epoch.
+        # Shuffling depends only on (seed, epoch): resumable mid-epoch.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
     check_accelerator(accelerator)
+    device = accelerator.device
     if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.sample_from:
         return generate_from_export(args, accelerator)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    # Frozen VAE and text encoder (in the weight dtype), noise schedule; the shards decide resolution and text length
+    # Frozen VAE and text encoder, noise schedule; shards fix the resolution and text length
     index = read_precomputed_index(args) if args.precomputed_data_dir else None
     vae_from = vae_source(args, index)
     noise_scheduler = build_noise_scheduler(args)  # configs only: its checks come before any model loads
@@ -1472,12 +1409,12 @@ def main(args):
         check_shards_fit(args, index, text_encoder, vae)
         args.resolution, max_length = index["resolution"], index["text_encoders"][0]["max_length"]
     for frozen in (vae, text_encoder):
-        frozen.to(accelerator.device)
+        frozen.to(device)
         if weight_dtype != torch.float32:
             frozen.to(weight_dtype)
     if args.enable_xformers_memory_efficient_attention:
         vae.enable_xformers_memory_efficient_attention()
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_size = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
     latent_info = latent_scale(vae)
 
     # Data
@@ -1486,7 +1423,7 @@ def main(args):
     sampling_files = functools.partial(
         write_sampling_files, sampler, export_config(args, vae_from, max_length, prompts)
     )
-    streaming = isinstance(dataset, torch.utils.data.IterableDataset)
+    streaming = args.streaming
     if not streaming and len(dataset) == 0:
         fail("the dataset is empty")
     train_dataloader = torch.utils.data.DataLoader(
@@ -1495,27 +1432,27 @@ def main(args):
         shuffle=not streaming,
         drop_last=not streaming and len(dataset) >= args.train_batch_size,
         num_workers=args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",
+        pin_memory=device.type == "cuda",
     )
     if index is not None:
         empty = load_file(Path(args.precomputed_data_dir) / "empty_prompt.safetensors")
-        empty_states = empty[f"{index['text_encoders'][0]['key']}.hidden_states"].to(accelerator.device).float()
-    else:  # the empty prompt's states exactly as StableDiffusionPipeline computes them
+        empty_states = empty[dataset.keys["hidden_states"]].to(device).float()
+    else:  # as StableDiffusionPipeline encodes it
         with torch.no_grad():
             tokens = tokenizer([""], padding="max_length", max_length=max_length, return_tensors="pt")
-            mask = tokens.attention_mask.to(accelerator.device) if text_uses_mask(text_encoder) else None
-            empty_states = text_encoder(tokens.input_ids.to(accelerator.device), attention_mask=mask)[0].float()
+            mask = tokens.attention_mask.to(device) if text_uses_mask(text_encoder) else None
+            empty_states = text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0].float()
 
-    # The data and the frozen models loaded: only now is the folder claimed, so a bad input changes nothing there.
+    # Claimed only now that the inputs loaded: a bad input changes nothing in the folder.
     if accelerator.is_main_process:
         claim_output_dir(args)
-    stop = StopRequest(accelerator)  # from here on, a signal means: checkpoint at the next step, exit 0
+    stop = StopRequest(accelerator)
     set_seed(args.seed)  # same initial weights on every process
     output_dir = Path(args.output_dir)
     resume_path = find_checkpoint(accelerator, args)
 
     # UNet, EMA
-    unet = build_unet(args, vae.config.latent_channels, args.resolution // factor, hidden)
+    unet = build_unet(args, vae.config.latent_channels, latent_size, hidden)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
@@ -1528,20 +1465,18 @@ def main(args):
             use_ema_warmup=True,
             power=args.ema_power,
             foreach=args.foreach_ema,
-            model_cls=UNet2DConditionModel,
-            model_config=unet.config,
         )
-        ema.to("cpu" if args.offload_ema else accelerator.device)
+        ema.to("cpu" if args.offload_ema else device)
     accelerator.print(
         f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters "
         f"({'from scratch' if args.unet_from_scratch else 'fine-tuned'}); latents "
-        f"{vae.config.latent_channels}x{args.resolution // factor}x{args.resolution // factor}; text "
+        f"{vae.config.latent_channels}x{latent_size}x{latent_size}; text "
         f"{max_length}x{hidden}; data: {'precomputed' if index else 'encoded online'}"
     )
     if accelerator.is_main_process:
         write_run_config(args, accelerator, {"tokenizer_max_length": max_length, "latent": latent_info})
 
-    # Optimizer. Fused AdamW skips a step with a non-finite gradient on the device (found_inf); 8-bit AdamW cannot.
+    # Optimizer: fused AdamW skips a non-finite step on the device (found_inf); 8-bit AdamW cannot.
     lr = args.learning_rate
     if args.scale_lr:
         lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -1560,34 +1495,32 @@ def main(args):
         **options,
     )
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
-    params = list(unet.parameters())  # the very Parameter objects the optimizer and the EMA were given
+    params = list(unet.parameters())  # the Parameter objects the optimizer and the EMA hold
     ema_inputs = params
-    if ema is not None and args.offload_ema and accelerator.device.type != "cpu":  # filled device to host per update
+    if ema is not None and args.offload_ema and device.type != "cpu":  # filled device to host per update
         ema_inputs = [
             torch.empty_like(p, device="cpu", pin_memory=True).requires_grad_(p.requires_grad) for p in params
         ]
-    if streaming:  # a stream has no length: --max_train_steps is required, epochs end when the stream does
-        max_train_steps = args.max_train_steps
-    else:
-        steps_per_epoch = max(1, math.ceil(len(train_dataloader) / args.gradient_accumulation_steps))
-        max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    # Every random draw of the objective comes from this generator, saved in each checkpoint (the global RNG also
-    # seeds every DataLoader iterator, so it cannot be used).
-    train_rng = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
+    # A stream has no length: check_args asks for --max_train_steps.
+    max_train_steps = args.max_train_steps or args.num_train_epochs * max(
+        1, math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    )
+    # The objective's RNG, checkpointed (the global one also seeds the DataLoader).
+    train_rng = torch.Generator(device).manual_seed(args.seed * 1000 + accelerator.process_index)
 
     # Resume
     global_step, first_epoch, batches_to_skip = 0, 0, 0
     if resume_path is not None:
         resumed = load_checkpoint(accelerator, resume_path, unet, ema, train_rng, args)
         global_step, first_epoch = resumed["global_step"], resumed["epoch"]
-        # The data position in batches of this run's processes (their number may differ from the saved run's).
+        # in this run's batches: the number of processes may differ
         batches_to_skip = resumed["epoch_batches"] // accelerator.num_processes
         if not streaming and batches_to_skip >= len(train_dataloader):
             first_epoch, batches_to_skip = first_epoch + 1, 0
         accelerator.print(f"resumed from {resume_path} at step {global_step}")
     elif args.resume_from_checkpoint:
         accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
-    # Not prepared: accelerate would step it once per process. A resumed run rebuilds it at its step (last_epoch).
+    # Not prepared: accelerate would step it once per process; resumed at its step (last_epoch).
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -1616,9 +1549,9 @@ def main(args):
     metrics_path = output_dir / "metrics.jsonl"
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_main_process, desc="train")
     num_bins = 4  # loss per quarter of the timestep range
-    bin_loss, bin_count = torch.zeros(2, num_bins, device=accelerator.device).unbind()
-    # Steps with a non-finite gradient: in total, in the current run of them, the longest run since the last log.
-    nonfinite_steps, nonfinite_run, longest_run = torch.zeros(3, device=accelerator.device).unbind()
+    bin_sums = torch.zeros(2, num_bins, device=device)  # loss sum, sample count
+    # Non-finite gradient steps: total, current streak, longest streak since the last log.
+    nonfinite_steps, nonfinite_run, longest_run = torch.zeros(3, device=device).unbind()
     num_bad, warned_bad = 0, False
     window_start, window_samples = time.perf_counter(), 0
     position = (first_epoch, batches_to_skip * accelerator.num_processes)
@@ -1626,10 +1559,8 @@ def main(args):
     for epoch in itertools.count(first_epoch):
         unet.train()
         train_dataloader.set_epoch(epoch)
-        batches = train_dataloader
-        if epoch == first_epoch and batches_to_skip:
-            batches = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
         epoch_batches = batches_to_skip if epoch == first_epoch else 0  # per process, for the data position
+        batches = accelerator.skip_first_batches(train_dataloader, epoch_batches) if epoch_batches else train_dataloader
         for batch in batches:
             epoch_batches += 1
             if "num_bad" in batch:  # summed on the device, read at logging steps
@@ -1641,7 +1572,7 @@ def main(args):
                 accelerator.backward(per_sample.mean())
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
-                    # The norm is all-reduced: the same on every process. With fp16 the GradScaler skips the step.
+                    # The norm is all-reduced, so the same everywhere; with fp16 the GradScaler skips the step.
                     nonfinite = (~torch.isfinite(grad_norm)).float()
                     if accelerator.scaler is None and args.use_8bit_adam:  # the step is taken with zero gradients
                         for p in params:
@@ -1652,15 +1583,14 @@ def main(args):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             bins = (timesteps * num_bins // noise_scheduler.config.num_train_timesteps).clamp(max=num_bins - 1)
-            bin_loss.index_add_(0, bins, per_sample.detach().float())
-            bin_count.index_add_(0, bins, torch.ones_like(per_sample, dtype=torch.float))
+            bin_sums[0].index_add_(0, bins, per_sample.detach().float())
+            bin_sums[1].index_add_(0, bins, torch.ones_like(per_sample, dtype=torch.float))
             window_samples += latents.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
 
             # One optimizer step done
-            global_step += 1
-            state.global_step = global_step
+            global_step = state.global_step = global_step + 1
             progress.update(1)
             lr_scheduler.step()
             nonfinite_steps += nonfinite
@@ -1670,7 +1600,7 @@ def main(args):
                 catch_up_ema(state)
 
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
-                totals = accelerator.reduce(torch.stack([bin_loss, bin_count]), "sum").cpu()
+                totals = accelerator.reduce(bin_sums, "sum").cpu()
                 total_nonfinite, longest = torch.stack([nonfinite_steps, longest_run]).tolist()
                 row = {
                     "step": global_step,
@@ -1680,10 +1610,8 @@ def main(args):
                     "grad_norm": grad_norm.item(),
                     "samples_per_s": window_samples / max(time.perf_counter() - window_start, 1e-9),
                     "nonfinite_steps": int(total_nonfinite),
+                    **{f"loss_t{i}": (totals[0, i] / totals[1, i]).item() for i in range(num_bins) if totals[1, i]},
                 }
-                row.update(
-                    {f"loss_t{i}": (totals[0, i] / totals[1, i]).item() for i in range(num_bins) if totals[1, i]}
-                )
                 if not warned_bad and int(num_bad):
                     accelerator.print(f"warning: unreadable images are skipped ({int(num_bad)} so far)")
                     warned_bad = True
@@ -1692,8 +1620,7 @@ def main(args):
                         f.write(json.dumps(row) + "\n")
                     progress.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
                 accelerator.log(row, step=global_step)
-                bin_loss.zero_()
-                bin_count.zero_()
+                bin_sums.zero_()
                 longest_run.copy_(nonfinite_run)
                 window_start, window_samples = time.perf_counter(), 0
                 if longest >= args.max_nonfinite_steps:  # the same on every process
@@ -1728,7 +1655,7 @@ def main(args):
     stop.close()
     progress.close()
     train_seconds = time.perf_counter() - train_start
-    num_bad = int(accelerator.reduce(torch.as_tensor(num_bad, device=accelerator.device), "sum"))
+    num_bad = int(accelerator.reduce(torch.as_tensor(num_bad, device=device), "sum"))
     if num_bad:
         accelerator.print(f"warning: {num_bad} unreadable images were skipped")
 
@@ -1740,8 +1667,8 @@ def main(args):
         if ema is not None:
             ema.copy_to(final_unet.parameters())
         tokenizer.model_max_length = max_length  # the pipeline pads prompts to this, as training did
-        pipeline = make_pipeline(load_vae(args, vae_from), load_text_encoder(args)[1], tokenizer, final_unet, sampler)
-        pipeline.to(accelerator.device)
+        text_encoder = load_text_encoder(args)[1]
+        pipeline = make_pipeline(load_vae(args, vae_from), text_encoder, tokenizer, final_unet, sampler).to(device)
         grid = output_dir / "samples" / f"step-{global_step}.png"
         log_validation(pipeline, prompts, args, grid, accelerator, accelerator.trackers, global_step)
         plot_loss(metrics_path, output_dir / "loss.png")

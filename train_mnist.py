@@ -45,7 +45,6 @@ NULL = 10  # row of the empty prompt in the prompt table, after the digits 0..9
 EXPORT_CONFIG = "export_config.json"
 MANIFEST = "manifest.json"  # size and hash of every file, written last: a folder without it is incomplete
 LOCK = "run.lock"
-NEGATABLE = {"use_ema"}  # BooleanOptionalAction flags: --use_ema / --no-use_ema
 
 
 # ---- Args ----
@@ -70,144 +69,105 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    g = parser.add_argument_group("data")
-    g.add_argument(
-        "--data_root",
-        "--dataset_path",
-        default="./data",
-        help="Folder holding MNIST/raw; downloaded there when missing.",
-    )
-    g.add_argument("--caption_template", default="A handwritten digit {}", help="Caption of a digit; {} is the digit.")
-    g.add_argument("--max_samples", type=int, help="Train on the first N digits only.")
-    g.add_argument("--dataloader_num_workers", type=int, default=0, help="0: batches from the main process.")
-
-    g = parser.add_argument_group("models")
-    g.add_argument(
-        "--text_encoder_name_or_path",
-        help="Hub id or folder: CLIP text, BERT family or T5 encoder (default CLIP ViT-B/32; --sample_from: the "
-        "export's).",
-    )
-    g.add_argument("--tokenizer_max_length", type=int, default=8, help="Tokens per caption.")
-    g.add_argument("--block_out_channels", type=int_list, default=[32, 64, 64], help="UNet width per level.")
-    g.add_argument(
-        "--cross_attention_levels",
-        type=int_list,
-        default=[2],
-        help="Levels (0 = full resolution) that attend to the text, as the mid block does.",
-    )
-    g.add_argument("--layers_per_block", type=int, default=1)
-    g.add_argument(
-        "--patch_size",
-        type=int,
-        choices=[1, 2, 4],
-        default=2,
-        help="The UNet reads p x p pixel patches as channels: fewer positions, less compute.",
-    )
-    g.add_argument("--attention_head_dim", type=int, default=16)
-    g.add_argument("--norm_num_groups", type=int, default=8)
-
-    g = parser.add_argument_group("objective")
-    g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="v_prediction")
-    g.add_argument("--snr_gamma", type=float, default=5.0, help="Min-SNR loss weighting; 0 = plain MSE.")
-    g.add_argument("--cond_dropout_prob", type=float, default=0.1, help="Probability of an empty caption.")
-
-    g = parser.add_argument_group("optimisation (defaults: the recipe in docs/mnist.md)")
-    g.add_argument("--output_dir", default="output_mnist")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--train_batch_size", "--batch_size", type=int, default=64, help="Batch size per process.")
-    g.add_argument("--num_train_epochs", "--epochs", "--num_epochs", type=int, default=10)
-    g.add_argument("--max_train_steps", type=int, help="Overrides --num_train_epochs.")
-    g.add_argument("--learning_rate", type=float, default=2e-3)
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.99)
-    g.add_argument("--adam_weight_decay", type=float, default=0.0)
-    g.add_argument("--lr_scheduler", default="cosine", help="A diffusers get_scheduler name.")
-    g.add_argument("--lr_warmup_steps", type=int, default=200)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 = no clipping.")
-    g.add_argument(
-        "--max_nonfinite_steps", type=int, default=10, help="Stop after N steps in a row with a non-finite gradient."
-    )
-    g.add_argument(
-        "--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Sample and export EMA weights."
-    )
-    g.add_argument("--ema_decay", type=float, default=0.999, help="Largest EMA decay.")
-    g.add_argument("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
-
-    g = parser.add_argument_group("speed and memory")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="Default: accelerate's config.")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere or newer GPUs.")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="Less memory, more compute.")
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
-
-    g = parser.add_argument_group("sampling")
-    g.add_argument(
-        "--guidance_scale", type=float, default=2.0, help="Of the eval samples: uncond + s * (cond - uncond)."
-    )
-    g.add_argument("--validation_guidance_scales", type=float_list, default=[1.0, 2.0, 4.0], help="Grid panels.")
-    g.add_argument("--num_inference_steps", type=int, default=10, help="DPM-Solver++ steps.")
-    g.add_argument("--num_eval_samples", type=int, default=0, help="Write N samples to eval_samples.npz at the end.")
-    g.add_argument("--eval_batch_size", type=int, default=250)
-    g.add_argument("--sample_from", help="Sample an export or checkpoint folder instead of training.")
-
-    g = parser.add_argument_group("logging and checkpoints")
-    g.add_argument("--logging_steps", type=int, default=50)
-    g.add_argument("--validation_steps", type=int, default=1000)
-    g.add_argument("--checkpointing_steps", type=int, default=1000)
-    g.add_argument("--checkpoints_total_limit", type=int, help="Keep the newest N checkpoints.")
-    g.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or latest (in --output_dir).")
-    g.add_argument("--overwrite_output_dir", action="store_true", help="Delete another run's checkpoints there.")
-    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none")
-    g.add_argument("--tracker_project_name", default="train_mnist")
-
-    argv = sys.argv[1:] if argv is None else list(argv)
+    add = parser.add_argument
+    # Data
+    add("--data_root", "--dataset_path", default="./data", help="Folder of MNIST/raw; downloaded when missing.")
+    add("--caption_template", default="A handwritten digit {}", help="{} is the digit.")
+    add("--max_samples", type=int, help="Train on the first N digits.")
+    add("--dataloader_num_workers", type=int, default=0)
+    # Models
+    add("--text_encoder_name_or_path", help="CLIP text, BERT-like or T5 encoder. Default: CLIP ViT-B/32.")
+    add("--tokenizer_max_length", type=int, default=8)
+    add("--block_out_channels", type=int_list, default=[32, 64, 64], help="UNet width per level.")
+    add("--cross_attention_levels", type=int_list, default=[2], help="Levels (0: full size) that attend to the text.")
+    add("--layers_per_block", type=int, default=1)
+    add("--patch_size", type=int, choices=[1, 2, 4], default=2, help="The UNet reads p x p patches as channels.")
+    add("--attention_head_dim", type=int, default=16)
+    add("--norm_num_groups", type=int, default=8)
+    # Objective
+    add("--prediction_type", choices=["epsilon", "v_prediction"], default="v_prediction")
+    add("--snr_gamma", type=float, default=5.0, help="Min-SNR loss weighting; 0: plain MSE.")
+    add("--cond_dropout_prob", type=float, default=0.1, help="Probability of an empty caption.")
+    # Optimisation (defaults: the recipe in docs/mnist.md)
+    add("--output_dir", default="output_mnist")
+    add("--seed", type=int, default=0)
+    add("--train_batch_size", "--batch_size", type=int, default=64, help="Per process.")
+    add("--num_train_epochs", "--epochs", "--num_epochs", type=int, default=10)
+    add("--max_train_steps", type=int, help="Overrides --num_train_epochs.")
+    add("--learning_rate", type=float, default=2e-3)
+    add("--adam_beta1", type=float, default=0.9)
+    add("--adam_beta2", type=float, default=0.99)
+    add("--adam_weight_decay", type=float, default=0.0)
+    add("--lr_scheduler", default="cosine", help="A diffusers get_scheduler name.")
+    add("--lr_warmup_steps", type=int, default=200)
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--max_grad_norm", type=float, default=1.0, help="0: no clipping.")
+    add("--max_nonfinite_steps", type=int, default=10, help="Stop after N non-finite gradients in a row.")
+    add("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Sample and export EMA weights.")
+    add("--ema_decay", type=float, default=0.999)
+    add("--ema_power", type=float, default=0.75, help="EMA warmup: decay = 1 - (1 + step) ** -power.")
+    # Speed and memory
+    add("--mixed_precision", choices=["no", "fp16", "bf16"], help="Default: accelerate's config.")
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add("--allow_tf32", action="store_true")
+    add("--gradient_checkpointing", action="store_true")
+    add("--enable_xformers_memory_efficient_attention", action="store_true")
+    # Sampling
+    add("--guidance_scale", type=float, default=2.0, help="Of --num_eval_samples.")
+    add("--validation_guidance_scales", type=float_list, default=[1.0, 2.0, 4.0], help="A grid panel each.")
+    add("--num_inference_steps", type=int, default=10)
+    add("--num_eval_samples", type=int, default=0, help="Write N digits to eval_samples.npz at the end.")
+    add("--eval_batch_size", type=int, default=250)
+    add("--sample_from", help="An export or checkpoint folder: sample it instead of training.")
+    # Logging and checkpoints
+    add("--logging_steps", type=int, default=50)
+    add("--validation_steps", type=int, default=1000)
+    add("--checkpointing_steps", type=int, default=1000)
+    add("--checkpoints_total_limit", type=int, help="Keep the newest N checkpoints.")
+    add("--resume_from_checkpoint", help="A checkpoint folder, or latest.")
+    add("--overwrite_output_dir", action="store_true", help="Delete another run's checkpoints there.")
+    add("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none")
+    add("--tracker_project_name", default="train_mnist")
+    argv = sys.argv[1:] if argv is None else argv
+    for action in parser._actions:  # argparse shows the default of a flag with a help text only
+        action.help = action.help or "(default: %(default)s)"
     return parser.parse_args([underscore_flag(a) for a in argv])
 
 
 # Copied from train_mnist.underscore_flag
 def underscore_flag(arg):
-    """--max-samples -> --max_samples, --no-use-ema -> --no-use_ema."""
-    if not arg.startswith("--"):
+    """--max-samples -> --max_samples; --no-use-ema -> --no-use_ema."""
+    name, eq, value = arg.partition("=")
+    if not name.startswith("--"):
         return arg
-    name, eq, value = arg[2:].partition("=")
-    negation = "no-" if name.startswith(("no-", "no_")) and name[3:].replace("-", "_") in NEGATABLE else ""
-    return "--" + negation + name[len(negation) :].replace("-", "_") + eq + value
+    prefix = "--no-" if name.startswith("--no-") else "--"
+    return prefix + name[len(prefix) :].replace("-", "_") + eq + value
 
 
 def check_shared_flags(args):
-    """Checks of the flags every trainer has: numbers in range, a --resume_from_checkpoint of this script."""
-    at_least_1 = (lambda v: v >= 1, "an integer >= 1")
-    rules = {
-        "learning_rate": (lambda v: v > 0, "a number > 0"),
-        "train_batch_size": at_least_1,
-        "eval_batch_size": at_least_1,
-        "num_train_epochs": at_least_1,
-        "max_train_steps": at_least_1,
-        "gradient_accumulation_steps": at_least_1,
-        "max_samples": at_least_1,
-        "logging_steps": at_least_1,
-        "checkpointing_steps": at_least_1,
-        "validation_steps": at_least_1,
-        "checkpoints_total_limit": at_least_1,
-        "num_inference_steps": at_least_1,
-        "lr_warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
-        "dataloader_num_workers": (lambda v: v >= 0, "an integer >= 0"),
-        "max_grad_norm": (lambda v: v >= 0, "a number >= 0"),
-        "adam_weight_decay": (lambda v: v >= 0, "a number >= 0"),
-        "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
-        "ema_power": (lambda v: v > 0, "a number > 0"),
-        "cond_dropout_prob": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "snr_gamma": (lambda v: v >= 0, "a number >= 0"),
-        "guidance_scale": (lambda v: v >= 0, "a number >= 0"),
-        "validation_guidance_scales": (lambda v: v >= 0, "numbers >= 0"),
-    }
-    for name, (valid, wanted) in rules.items():
-        value = getattr(args, name, None)  # a flag this script does not have is skipped
-        if value is not None and not all(map(valid, value if isinstance(value, list) else [value])):
-            fail(f"--{name} {value}: must be {wanted}")
+    """The flags every trainer has: number ranges, the output folder, the script of a checkpoint to resume."""
+    rules = [  # a flag this script lacks is skipped
+        (
+            lambda v: v >= 1,
+            "an integer >= 1",
+            "train_batch_size eval_batch_size num_train_epochs max_train_steps gradient_accumulation_steps max_samples "
+            "logging_steps checkpointing_steps validation_steps checkpoints_total_limit num_inference_steps",
+        ),
+        (lambda v: v >= 0, "an integer >= 0", "lr_warmup_steps dataloader_num_workers"),
+        (
+            lambda v: v >= 0,
+            "a number >= 0",
+            "max_grad_norm adam_weight_decay snr_gamma guidance_scale validation_guidance_scales",
+        ),
+        (lambda v: v > 0, "a number > 0", "learning_rate ema_power"),
+        (lambda v: 0 <= v < 1, "in [0, 1)", "adam_beta1 adam_beta2 cond_dropout_prob"),
+        (lambda v: 0 < v < 1, "in (0, 1)", "ema_decay"),
+    ]
+    for valid, wanted, names in rules:
+        for name in names.split():
+            value = getattr(args, name, None)
+            if value is not None and not all(map(valid, value if isinstance(value, list) else [value])):
+                fail(f"--{name} {value}: must be {wanted}")
     out = Path(args.output_dir)
     if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
         fail(f"--output_dir {out}: is a file or lies under one; pass a folder")
@@ -216,9 +176,9 @@ def check_shared_flags(args):
         try:
             written_by = json.loads((Path(resume) / "training_state.json").read_text()).get("script")
         except (OSError, ValueError):
-            fail(f"--resume_from_checkpoint {resume}: not a readable checkpoint folder; pass checkpoint-N or latest")
+            fail(f"--resume_from_checkpoint {resume}: not a checkpoint folder; pass checkpoint-N or latest")
         if written_by != script:
-            fail(f"--resume_from_checkpoint {resume}: written by {written_by}, not {script}; pass a checkpoint of it")
+            fail(f"--resume_from_checkpoint {resume}: written by {written_by}, not {script}")
 
 
 def check_args(args):
@@ -248,28 +208,25 @@ def check_args(args):
 
 # Copied from train_mnist.installed_trackers
 def installed_trackers(report_to):
-    """--report_to as accelerate's log_with; a tracker whose package is missing is an error."""
+    """--report_to as accelerate's log_with; a missing tracker package is an error."""
     import importlib.util
 
-    if report_to == "none":
-        return []
-    found = [name for name in ("tensorboard", "wandb") if report_to in (name, "all") and importlib.util.find_spec(name)]
-    if not found and report_to == "all":
-        fail("--report_to all: no tracker is installed; pip install tensorboard (or wandb)")
-    if not found:
-        fail(f"--report_to {report_to}: the {report_to} package is not installed; pip install {report_to}")
+    wanted = {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
+    found = [name for name in wanted if importlib.util.find_spec(name)]
+    if wanted and not found:
+        fail(f"--report_to {report_to}: {' or '.join(wanted)} is not installed; pip install {wanted[0]}")
     return found
 
 
 # Copied from train_mnist.check_accelerator
 def check_accelerator(accelerator):
-    """Checks of what accelerate resolved from the flags, its config file and the launcher."""
+    """What accelerate resolved from the flags, its config file and the launcher."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
-        fail("--mixed_precision fp16 (from the flag or accelerate's config) needs a CUDA GPU: use bf16 or no here")
+        fail("--mixed_precision fp16 (flag or accelerate config) needs a CUDA GPU; use bf16 or no")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        fail("DeepSpeed is not supported by this script: launch it with DDP (accelerate launch --multi_gpu)")
+        fail("DeepSpeed is not supported; launch with DDP (accelerate launch --multi_gpu)")
     if accelerator.distributed_type == DistributedType.FSDP:
-        fail("FSDP is not supported by this script (its EMA needs whole weights): launch it with DDP (--multi_gpu)")
+        fail("FSDP is not supported (the EMA needs whole weights); launch with DDP (--multi_gpu)")
 
 
 # ---- Data ----
@@ -470,8 +427,7 @@ def write_manifest(folder, names):
     """manifest.json: size and sha256 of the files (or folders) `names` in `folder`."""
     files = {}
     for name in names:
-        root = folder / name
-        for path in sorted(root.rglob("*")) if root.is_dir() else [root]:
+        for path in sorted((folder / name).rglob("*")) if (folder / name).is_dir() else [folder / name]:
             if path.is_file():
                 files[str(path.relative_to(folder))] = [path.stat().st_size, file_digest(path)]
     tmp = folder / f".{MANIFEST}.tmp"
@@ -485,7 +441,7 @@ def manifest_problem(folder):
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except FileNotFoundError:
-        return f"no {MANIFEST} (written last: the folder is incomplete)"
+        return f"no {MANIFEST}: the folder is incomplete"
     except (ValueError, KeyError, TypeError):
         return f"{MANIFEST} is damaged"
     for name, (size, digest) in files.items():
@@ -577,27 +533,23 @@ def find_checkpoint(accelerator, args):
     if not args.resume_from_checkpoint:
         return None
     choice = [None]
-    if accelerator.is_main_process:  # one process reads the files, the others take its answer
+    if accelerator.is_main_process:  # the others take its answer
         if args.resume_from_checkpoint != "latest":
-            path = Path(args.resume_from_checkpoint)
-            if problem := manifest_problem(path):
-                fail(f"--resume_from_checkpoint {path}: damaged ({problem}); pass an intact checkpoint or latest")
-            choice = [str(path)]
+            choice = [Path(args.resume_from_checkpoint)]
+            if problem := manifest_problem(choice[0]):
+                fail(f"--resume_from_checkpoint {choice[0]}: damaged ({problem}); pass an intact one or latest")
         else:
             found = list_checkpoints(args.output_dir)
             for path in reversed(found):
                 if not (problem := manifest_problem(path)):
-                    choice = [str(path)]
+                    choice = [path]
                     break
-                accelerator.print(f"warning: {path} is damaged ({problem}); trying the checkpoint before it")
+                accelerator.print(f"warning: {path} is damaged ({problem}); trying the one before")
             if found and choice[0] is None:
-                fail(
-                    f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged; start anew "
-                    f"with --overwrite_output_dir"
-                )
+                fail(f"--resume_from_checkpoint latest: every checkpoint in {args.output_dir} is damaged")
     if accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(choice, src=0)
-    return None if choice[0] is None else Path(choice[0])
+    return choice[0]
 
 
 def load_checkpoint(accelerator, path, unet, ema, train_rng, args):
@@ -684,8 +636,8 @@ def export_model(unet, write_sampling_files, output_dir, card, grid):
 
 # Copied from train_mnist.RunLock
 class RunLock:
-    """One run per output folder. The lock of a dead process (same host) or with a heartbeat older than
-    `stale_after` seconds (another host) is taken over."""
+    """One run per output folder. The lock of a dead process (this host), or one whose heartbeat is older than
+    `stale_after` seconds (another host), is taken over."""
 
     def __init__(self, output_dir, stale_after=300):
         self.path, self.stale_after = Path(output_dir) / LOCK, stale_after
@@ -696,29 +648,29 @@ class RunLock:
         try:
             other = json.loads(self.path.read_text())
         except FileNotFoundError:
-            other = None
+            other = self.me  # no lock: nothing to take over
         except ValueError:  # cut short: nobody can prove it is alive
-            other = {"pid": None, "host": None, "heartbeat": 0}
-        if other is not None and other.get("pid") != self.me["pid"]:
+            other = {}
+        if other.get("pid") != self.me["pid"]:
             if self.alive(other):
                 fail(
                     f"--output_dir {self.path.parent}: another run (PID {other['pid']} on {other['host']}) trains "
-                    f"there; wait for it, stop it, or pick another --output_dir"
+                    f"there; stop it or pick another --output_dir"
                 )
             print(f"warning: taking over the stale lock of PID {other.get('pid')} on {other.get('host')}")
         self.write()
         threading.Thread(target=self.beat, daemon=True).start()
 
     def alive(self, other):
-        if other.get("host") == self.me["host"] and other.get("pid"):
-            try:
-                os.kill(other["pid"], 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:  # alive, another user's
-                pass
-            return True
-        return time.time() - other.get("heartbeat", 0) < self.stale_after
+        if other.get("host") != self.me["host"] or not other.get("pid"):
+            return time.time() - other.get("heartbeat", 0) < self.stale_after
+        try:
+            os.kill(other["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's live process
+            pass
+        return True
 
     def write(self):
         tmp = self.path.with_name(f".{LOCK}.{os.getpid()}.tmp")
@@ -740,10 +692,11 @@ def claim_output_dir(args):
     output_dir = Path(args.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--output_dir {output_dir}: cannot create it ({e.strerror}); pass a writable folder")
-    if not os.access(output_dir, os.W_OK):
-        fail(f"--output_dir {output_dir}: not writable; pass a writable folder")
+        writable = os.access(output_dir, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        fail(f"--output_dir {output_dir}: cannot write there; pass a writable folder")
     lock = RunLock(output_dir)
     lock.acquire()
     atexit.register(lock.release)
@@ -753,7 +706,7 @@ def claim_output_dir(args):
             lock.release()
             fail(
                 f"--output_dir {output_dir}: holds another run's checkpoints ({old[-1].name}); continue it with "
-                f"--resume_from_checkpoint latest, or pass --overwrite_output_dir to delete them"
+                f"--resume_from_checkpoint latest, or delete them with --overwrite_output_dir"
             )
         for path in old:
             shutil.rmtree(path)
@@ -763,6 +716,7 @@ def claim_output_dir(args):
 
 # Copied from train_mnist.write_run_config
 def write_run_config(args, accelerator):
+    """run_config.json: the flags, the git commit, the processes, the precision used and the package versions."""
     import accelerate
     import diffusers
     import transformers
@@ -776,7 +730,7 @@ def write_run_config(args, accelerator):
         "args": vars(args),
         "git_commit": commit.strip() or None,
         "num_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,  # resolved from the flag, accelerate's config or launcher
+        "mixed_precision": accelerator.mixed_precision,  # from the flag, accelerate's config or the launcher
         "versions": {m.__name__: m.__version__ for m in (torch, torchvision, diffusers, transformers, accelerate)},
     }
     (Path(args.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2))
@@ -784,8 +738,8 @@ def write_run_config(args, accelerator):
 
 # Copied from train_mnist.StopRequest
 class StopRequest:
-    """SIGTERM/SIGINT: checkpoint at the next step, then exit 0. Every process stops at the same step (the save is
-    collective): each step reads the last step's non-blocking all-reduce of the flags over a CPU group."""
+    """SIGTERM/SIGINT: checkpoint at the next step, then exit 0. The save is collective, so every process must stop
+    at the same step: each step reads the previous step's non-blocking all-reduce of the flags over a CPU group."""
 
     def __init__(self, accelerator):
         self.event = threading.Event()
@@ -795,7 +749,6 @@ class StopRequest:
         self.flag, self.pending = torch.zeros(1), None
 
     def __call__(self):
-        """True on every process, at the same step, once any process got a signal."""
         if self.group is None:
             return self.event.is_set()
         agreed = False
