@@ -1775,7 +1775,7 @@ def main(args):
                     )
                     sys.exit(1)
 
-            stop_now = stop()
+            stop_now = stop() and global_step < max_train_steps  # at the last step the run finishes as usual
             position = (epoch, epoch_batches * accelerator.num_processes)
             if (global_step % args.checkpointing_steps == 0 or stop_now) and global_step < max_train_steps:
                 path = save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, sampling_files)

@@ -69,3 +69,20 @@ def test_both_signals_raise_the_stop_request(script):
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_signal_at_the_last_step_lets_the_run_finish(script, tiny_fixtures, tmp_path, monkeypatch):
+    """The stop request arrives during the last step: the run ends as usual, with its checkpoint and export."""
+    spec = importlib.util.spec_from_file_location(script[:-3], REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module.StopRequest, "__call__", lambda self: True)
+    monkeypatch.setattr(module.StopRequest, "__init__", lambda self, accelerator: None)
+    monkeypatch.setattr(module.StopRequest, "close", lambda self: None)
+    for name, value in OFFLINE_ENV.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "run"
+    module.main(module.parse_args([str(a) for a in tiny_run_args(script, tiny_fixtures, out)]))
+    assert (out / "manifest.json").is_file()  # the export's commit point
+    assert (out / "checkpoint-1" / "manifest.json").is_file()
