@@ -154,8 +154,9 @@ def check_args(args):
         fail("--shard_size, --batch_size, --ddp_timeout and --max_samples must be at least 1")
     if args.resolution % 8:
         fail(f"--resolution {args.resolution}: must be a multiple of 8")
-    if args.vae_name_or_path is None and args.pretrained_model_name_or_path is None:
-        fail("no VAE: pass --pretrained_model_name_or_path or --vae_name_or_path (or none)")
+    for part in ("vae", "text_encoder"):
+        if getattr(args, f"{part}_name_or_path") is None and args.pretrained_model_name_or_path is None:
+            fail(f"no {part}: pass --pretrained_model_name_or_path or --{part}_name_or_path (or none)")
     if args.vae_name_or_path == "none" and args.text_encoder_name_or_path == ["none"]:
         fail("nothing to encode: the VAE and the text encoders are none")
     if args.device == "cuda" and not torch.cuda.is_available():

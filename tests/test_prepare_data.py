@@ -308,6 +308,8 @@ def test_ddp_timeout_reaches_the_process_group(script, tiny_vae, tiny_imagefolde
         str(tiny_imagefolder),
         "--vae_name_or_path",
         str(tiny_vae),
+        "--text_encoder_name_or_path",
+        "none",
         "--resolution",
         "32",
         "--output_dir",
@@ -323,7 +325,7 @@ def test_ddp_timeout_reaches_the_process_group(script, tiny_vae, tiny_imagefolde
     assert exit_info.value.code == 2
 
 
-@pytest.mark.parametrize("case", ["resolution", "caption_column"])
+@pytest.mark.parametrize("case", ["resolution", "caption_column", "no_text_encoder"])
 def test_bad_input_is_one_line_exit_2(case, script, tiny_vae, tiny_clip, tiny_imagefolder, tmp_path, capsys):
     """In this process, through the steps main() takes before it loads a model."""
     args = [
@@ -338,11 +340,13 @@ def test_bad_input_is_one_line_exit_2(case, script, tiny_vae, tiny_clip, tiny_im
         "--train_data_dir",
         tiny_imagefolder,
     ]
-    flag = {"resolution": "--resolution", "caption_column": "--caption_column"}[case]
+    flag = {"resolution": "--resolution", "caption_column": "--caption_column"}.get(case, "--text_encoder_name_or_path")
     if case == "resolution":
         args[args.index("--resolution") + 1] = "30"
-    else:
+    elif case == "caption_column":
         args += ["--caption_column", "prompt"]
+    else:  # a VAE alone: the text encoder is neither given nor found in an SD folder
+        del args[2:4]
     parsed = script.parse_args([str(a) for a in args])
     with pytest.raises(SystemExit) as exit_info:
         script.check_args(parsed)
