@@ -1189,7 +1189,7 @@ def write_samples(model, ctx, args, prompts, images):
         print(f"wrote {len(x)} image-caption pairs to {output_dir / 'joint_samples.npz'}")
 
 
-# ---- Checkpoints ----
+# ---- Checkpoints and export ----
 # Copied from train_mnist.file_digest
 def file_digest(path):
     digest = hashlib.sha256()

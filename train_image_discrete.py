@@ -62,7 +62,7 @@ def float_list(text):
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-# ---- Arguments ----
+# ---- Args ----
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter

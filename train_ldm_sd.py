@@ -84,7 +84,7 @@ UNET_PRESETS = {
 }
 
 
-# ---- Arguments ----
+# ---- Args ----
 # Copied from train_mnist.fail
 def fail(message):
     """A user mistake: one line naming the flag or file and the fix, exit code 2."""
@@ -543,7 +543,7 @@ def load_hf_dataset(args):
                 "imagefolder", data_dir=args.train_data_dir, split="train", cache_dir=args.cache_dir
             )
         elif (Path(args.dataset_name) / "state.json").is_file():
-            ds = datasets.load_from_disk(args.dataset_name)
+            ds = datasets.load_from_disk(args.dataset_name)  # a Dataset; load_dataset reads a DatasetDict's folder
         else:
             ds = datasets.load_dataset(
                 args.dataset_name,
@@ -557,8 +557,6 @@ def load_hf_dataset(args):
             f"{flag} {args.train_data_dir or args.dataset_name}: cannot load it "
             f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
         )
-    if isinstance(ds, datasets.DatasetDict):  # a save_to_disk folder of splits
-        ds = ds["train"]
     columns = list(ds.column_names or ds.features or {})
     for flag in ("image_column", "caption_column"):
         if getattr(args, flag) not in columns:

@@ -412,7 +412,7 @@ def write_eval_samples(unet, sampler, prompts, args, path):
     return seconds
 
 
-# ---- Checkpoints ----
+# ---- Checkpoints and export ----
 # Copied from train_mnist.file_digest
 def file_digest(path):
     digest = hashlib.sha256()

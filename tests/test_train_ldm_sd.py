@@ -623,3 +623,16 @@ def test_model_card_of_a_hub_base(ldm, tmp_path, monkeypatch):
     assert card.data.datasets == ["lambdalabs/naruto-blip-captions"] and card.data.library_name == "diffusers"
     assert "0.1250" in card.text and "python train_ldm_sd.py --max_train_steps 7" in card.text
     assert ldm.sd_license("stabilityai/stable-diffusion-2-1") == "other" and ldm.sd_license(str(tmp_path)) == "other"
+
+
+def test_save_to_disk_folders_of_a_dataset_and_of_its_splits_load(ldm, tiny_imagefolder, tmp_path):
+    """--dataset_name takes a save_to_disk folder: a Dataset, or a DatasetDict whose train split is used."""
+    import datasets
+
+    ds = datasets.load_dataset("imagefolder", data_dir=str(tiny_imagefolder), split="train")
+    ds.save_to_disk(tmp_path / "dataset")
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(tmp_path / "splits")
+    for folder in ("dataset", "splits"):
+        args = ldm.parse_args(["--dataset_name", str(tmp_path / folder)])
+        loaded = ldm.load_hf_dataset(args)
+        assert len(loaded) == len(ds) and loaded.column_names == ["image", "text"]
