@@ -58,6 +58,14 @@ WORDS = [
 ]
 
 
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_script(script, *args, launcher="python", expect_rc=0, timeout=600, env=None):
     """Run a repo script the way users do, offline, and fail the test with its output if the exit code differs.
 
@@ -82,6 +90,8 @@ def run_script(script, *args, launcher="python", expect_rc=0, timeout=600, env=N
             "no",
             "--dynamo_backend",
             "no",
+            "--main_process_port",
+            str(free_port()),  # two launches at once (pytest -n 2) must not share the default port
             str(REPO / script),
         ]
     else:
@@ -321,6 +331,36 @@ def tiny_run_args(script, fx, out):
 @pytest.fixture
 def tiny_fixtures(tiny_mnist, tiny_clip, tiny_sd, tiny_imagefolder, tiny_bert):
     return {"mnist": tiny_mnist, "clip": tiny_clip, "sd": tiny_sd, "folder": tiny_imagefolder, "bert": tiny_bert}
+
+
+# accelerate turns FSDP on for GPU processes only; torch's FSDP2 runs on CPU processes over gloo as well. This
+# sitecustomize, put on the PYTHONPATH of a test run, lifts accelerate's gate: every Accelerator is an FSDP2 one.
+FSDP_ON_CPU = """
+import accelerate
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+accelerator_init = accelerate.Accelerator.__init__
+
+
+def fsdp_init(self, *args, **kwargs):
+    accelerator_init(self, *args, **kwargs)
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    self.state.distributed_type = DistributedType.FSDP
+    self.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+
+
+accelerate.Accelerator.__init__ = fsdp_init
+"""
+
+
+@pytest.fixture
+def fsdp_on_cpu(tmp_path):
+    """The environment of a run whose Accelerator is an FSDP2 one, also on CPU processes."""
+    shim = tmp_path / "fsdp_shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(FSDP_ON_CPU)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")]))}
 
 
 def one_error(stderr, *words):
