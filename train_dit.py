@@ -305,14 +305,23 @@ def installed_trackers(report_to):
 
 
 # Copied from train_mnist.check_accelerator
-def check_accelerator(accelerator):
+def check_accelerator(accelerator, fsdp=False):
     """What accelerate resolved from the flags, its config file and the launcher."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         fail("--mixed_precision fp16 (flag or accelerate config) needs a CUDA GPU; use bf16 or no")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        fail("DeepSpeed is not supported; launch with DDP (accelerate launch --multi_gpu)")
+        fail("DeepSpeed is not supported; launch with DDP (accelerate launch --multi_gpu) or FSDP2")
     if accelerator.distributed_type == DistributedType.FSDP:
-        fail("FSDP is not supported (the EMA needs whole weights); launch with DDP (--multi_gpu)")
+        if not fsdp:
+            fail("FSDP is not supported by this script; launch with DDP (accelerate launch --multi_gpu)")
+        if accelerator.state.fsdp_plugin.fsdp_version != 2:
+            fail("FSDP1 is not supported; set fsdp_version: 2 in the accelerate config (--fsdp_version 2)")
+        # Whole weights in checkpoints: sharded ones are pickled, and loading must not run code
+        plugin = accelerator.state.fsdp_plugin
+        plugin.state_dict_config = plugin.optim_state_dict_config = None  # set anew for the full state dict
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+        # On resume every process reads the whole files (a broadcast from rank 0 drops the optimizer's initial_lr)
+        plugin.state_dict_config.rank0_only = plugin.optim_state_dict_config.rank0_only = False
 
 
 # ---- Data ----
@@ -750,6 +759,13 @@ def decode(x, vae, vae_scale):
     return x.clamp(-1, 1)
 
 
+def sampling_copy(model_cls, config, state, device):
+    """A plain (unsharded) model of `config` holding the whole weights `state`, for sampling."""
+    copy = model_cls.from_config(config)
+    copy.load_state_dict(state)
+    return copy.to(device).eval()
+
+
 @dataclass
 class ImageGenerator:
     """What sampling needs besides the condition."""
@@ -932,13 +948,23 @@ def manifest_problem(folder):
     return None
 
 
-# Copied from train_mnist.save_ema
-def save_ema(ema, model, folder):
-    """The EMA weights, with the model's buffers, in save_pretrained layout."""
+# Copied from train_mnist.whole_state
+def whole_state(model, ema=None):
+    """The model's state dict, with the EMA weights in place of its parameters, as whole tensors. Under FSDP every
+    process must call it: it gathers the shards."""
+    state = model.state_dict()
+    if ema is not None:
+        state.update(
+            (name, shadow) for (name, _), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True)
+        )
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
+
+
+# Copied from train_mnist.save_weights
+def save_weights(state, model, folder):
+    """`state` in save_pretrained layout: the model's config.json and diffusion_pytorch_model.safetensors."""
     folder.mkdir(parents=True)
     model.save_config(folder)
-    state = model.state_dict()
-    state.update((name, shadow) for (name, _), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True))
     save_file(
         {k: v.detach().contiguous() for k, v in state.items()},
         folder / "diffusion_pytorch_model.safetensors",
@@ -951,8 +977,13 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
     position, in a temp folder renamed when complete."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
+    plain = accelerator.unwrap_model(model)  # plain parameter names: --torch_compile compiles in place
+    # Under FSDP each process checks its shards, and all agree
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in plain.parameters()]
+    nonfinite = torch.stack([(~torch.isfinite(p)).sum() for p in local]).sum().float()
+    if accelerator.reduce(nonfinite, "sum") > 0:
         raise RuntimeError(f"step {global_step}: the weights are not finite; checkpoint not written")
+    weights = whole_state(plain, ema)  # on every process: FSDP gathers the shards
     try:
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
@@ -960,7 +991,6 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
         accelerator.save_state(str(tmp))  # model, optimizer, data sampler, global RNGs
         save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
         if accelerator.is_main_process:
-            plain = accelerator.unwrap_model(model)  # plain parameter names: --torch_compile compiles in place
             state = dict(
                 script="train_dit.py",
                 global_step=global_step,
@@ -971,10 +1001,7 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
                 conditioning=args.conditioning,
                 ema=None if ema is None else {k: v for k, v in ema.state_dict().items() if k != "shadow_params"},
             )
-            if ema is not None:
-                save_ema(ema, plain, tmp / "transformer_ema")
-            else:
-                plain.save_pretrained(tmp / "transformer")
+            save_weights(weights, plain, tmp / ("transformer" if ema is None else "transformer_ema"))
             write_sampling_files(tmp)
             (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
         accelerator.wait_for_everyone()
@@ -1041,6 +1068,9 @@ def load_checkpoint(accelerator, path, model, ema, train_rng, args):
         fail(f"--resume_from_checkpoint {path}: pass --model {state['model']} --conditioning {state['conditioning']}")
     if ema is not None and state["ema"] is None:
         fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if any(path.glob("pytorch_model_fsdp*")) != fsdp:  # the model's files differ: whole weights in one file or not
+        fail(f"--resume_from_checkpoint {path}: written {'without' if fsdp else 'with'} FSDP; resume it the same way")
     accelerator.load_state(str(path))
     rank, saved = accelerator.process_index, state.get("num_processes", 1)
     if saved == accelerator.num_processes:
@@ -1055,6 +1085,13 @@ def load_checkpoint(accelerator, path, model, ema, train_rng, args):
         file = path / "transformer_ema" / "diffusion_pytorch_model.safetensors"
         weights = load_file(file, device=str(ema.shadow_params[0].device))
         shadow = [weights[name] for name, _ in accelerator.unwrap_model(model).named_parameters()]
+        if hasattr(ema.shadow_params[0], "device_mesh"):  # FSDP: each process keeps its shards
+            from torch.distributed.tensor import distribute_tensor
+
+            shadow = [
+                distribute_tensor(w, s.device_mesh, s.placements)
+                for w, s in zip(shadow, ema.shadow_params, strict=True)
+            ]
         ema.load_state_dict({**state["ema"], "shadow_params": shadow})
     return state
 
@@ -1342,7 +1379,7 @@ def main(args):
         # An epoch's order depends only on (seed, epoch): resume can restore a mid-epoch position.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    check_accelerator(accelerator)
+    check_accelerator(accelerator, fsdp=True)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -1461,17 +1498,6 @@ def main(args):
     noise_scheduler = build_noise_scheduler(args)
     sampler = build_sampler(args, noise_scheduler, pixel_space=vae is None)
     sampling_files = functools.partial(write_sampling_files, sampler, meta)
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(
-            model.parameters(),
-            decay=args.ema_decay,
-            use_ema_warmup=True,
-            inv_gamma=1.0,
-            power=args.ema_power,
-            foreach=True,
-        )
-        ema.to(device)
     accelerator.print(
         f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"input {shape} ({'pixels' if factor == 1 else 'latents'}), {len(dataset)} examples"
@@ -1485,7 +1511,13 @@ def main(args):
         weight_decay=args.adam_weight_decay,
         fused=True,
     )
+    model_cls, config = type(model), model.config  # prepare wraps the model (DDP) or changes its class (FSDP)
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    ema = None
+    if args.use_ema:  # of the prepared parameters: under FSDP, each process averages its shards
+        ema = EMAModel(
+            model.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=args.ema_power, foreach=True
+        )
     if args.torch_compile:
         model.compile()  # in place: state_dict keys stay those of the plain model
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
@@ -1617,18 +1649,16 @@ def main(args):
                 )
                 accelerator.end_training()
                 return
-            validate = global_step % args.validation_steps == 0 and global_step < max_train_steps
-            if validate and accelerator.is_main_process:
-                if ema is not None:
-                    ema.store(model.parameters())
-                    ema.copy_to(model.parameters())
-                gen = ImageGenerator(accelerator.unwrap_model(model).eval(), sampler, vae, vae_scale, null, shape, crop)
-                grid = output_dir / "samples" / f"step-{global_step}.png"
-                log_validation(gen, validation_rows, args, grid, accelerator.trackers, global_step)
-                plot_loss(metrics_path, output_dir / "loss.png")
-                if ema is not None:
-                    ema.restore(model.parameters())
-                model.train()
+            if global_step % args.validation_steps == 0 and global_step < max_train_steps:
+                # A plain copy with the EMA weights samples on the main process (FSDP: gathered on every process)
+                weights = whole_state(accelerator.unwrap_model(model), ema)
+                if accelerator.is_main_process:
+                    copy = sampling_copy(model_cls, config, weights, device)
+                    gen = ImageGenerator(copy, sampler, vae, vae_scale, null, shape, crop)
+                    grid = output_dir / "samples" / f"step-{global_step}.png"
+                    log_validation(gen, validation_rows, args, grid, accelerator.trackers, global_step)
+                    plot_loss(metrics_path, output_dir / "loss.png")
+                del weights
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:
@@ -1642,10 +1672,9 @@ def main(args):
 
     # Final checkpoint, samples and export (EMA weights)
     save_checkpoint(accelerator, args, model, ema, train_rng, global_step, position, sampling_files)
+    weights = whole_state(accelerator.unwrap_model(model), ema)
     if accelerator.is_main_process:
-        final_model = accelerator.unwrap_model(model).eval()
-        if ema is not None:
-            ema.copy_to(final_model.parameters())
+        final_model = sampling_copy(model_cls, config, weights, device)
         gen = ImageGenerator(final_model, sampler, vae, vae_scale, null, shape, crop)
         grid = output_dir / "samples" / f"step-{global_step}.png"
         log_validation(gen, validation_rows, args, grid, accelerator.trackers, global_step)

@@ -272,14 +272,23 @@ def installed_trackers(report_to):
 
 
 # Copied from train_mnist.check_accelerator
-def check_accelerator(accelerator):
+def check_accelerator(accelerator, fsdp=False):
     """What accelerate resolved from the flags, its config file and the launcher."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         fail("--mixed_precision fp16 (flag or accelerate config) needs a CUDA GPU; use bf16 or no")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        fail("DeepSpeed is not supported; launch with DDP (accelerate launch --multi_gpu)")
+        fail("DeepSpeed is not supported; launch with DDP (accelerate launch --multi_gpu) or FSDP2")
     if accelerator.distributed_type == DistributedType.FSDP:
-        fail("FSDP is not supported (the EMA needs whole weights); launch with DDP (--multi_gpu)")
+        if not fsdp:
+            fail("FSDP is not supported by this script; launch with DDP (accelerate launch --multi_gpu)")
+        if accelerator.state.fsdp_plugin.fsdp_version != 2:
+            fail("FSDP1 is not supported; set fsdp_version: 2 in the accelerate config (--fsdp_version 2)")
+        # Whole weights in checkpoints: sharded ones are pickled, and loading must not run code
+        plugin = accelerator.state.fsdp_plugin
+        plugin.state_dict_config = plugin.optim_state_dict_config = None  # set anew for the full state dict
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+        # On resume every process reads the whole files (a broadcast from rank 0 drops the optimizer's initial_lr)
+        plugin.state_dict_config.rank0_only = plugin.optim_state_dict_config.rank0_only = False
 
 
 # ---- Data ----
@@ -1191,13 +1200,23 @@ def manifest_problem(folder):
     return None
 
 
-# Copied from train_mnist.save_ema
-def save_ema(ema, model, folder):
-    """The EMA weights, with the model's buffers, in save_pretrained layout."""
+# Copied from train_mnist.whole_state
+def whole_state(model, ema=None):
+    """The model's state dict, with the EMA weights in place of its parameters, as whole tensors. Under FSDP every
+    process must call it: it gathers the shards."""
+    state = model.state_dict()
+    if ema is not None:
+        state.update(
+            (name, shadow) for (name, _), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True)
+        )
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
+
+
+# Copied from train_mnist.save_weights
+def save_weights(state, model, folder):
+    """`state` in save_pretrained layout: the model's config.json and diffusion_pytorch_model.safetensors."""
     folder.mkdir(parents=True)
     model.save_config(folder)
-    state = model.state_dict()
-    state.update((name, shadow) for (name, _), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True))
     save_file(
         {k: v.detach().contiguous() for k, v in state.items()},
         folder / "diffusion_pytorch_model.safetensors",
@@ -1229,7 +1248,7 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
                 ema=None,
             )
             if ema is not None:
-                save_ema(ema, unwrapped, tmp / "mmdit_ema")
+                save_weights(whole_state(unwrapped, ema), unwrapped, tmp / "mmdit_ema")
                 state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
             else:
                 unwrapped.save_pretrained(tmp / "mmdit")

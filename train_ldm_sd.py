@@ -307,14 +307,23 @@ def installed_trackers(report_to):
 
 
 # Copied from train_mnist.check_accelerator
-def check_accelerator(accelerator):
+def check_accelerator(accelerator, fsdp=False):
     """What accelerate resolved from the flags, its config file and the launcher."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         fail("--mixed_precision fp16 (flag or accelerate config) needs a CUDA GPU; use bf16 or no")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        fail("DeepSpeed is not supported; launch with DDP (accelerate launch --multi_gpu)")
+        fail("DeepSpeed is not supported; launch with DDP (accelerate launch --multi_gpu) or FSDP2")
     if accelerator.distributed_type == DistributedType.FSDP:
-        fail("FSDP is not supported (the EMA needs whole weights); launch with DDP (--multi_gpu)")
+        if not fsdp:
+            fail("FSDP is not supported by this script; launch with DDP (accelerate launch --multi_gpu)")
+        if accelerator.state.fsdp_plugin.fsdp_version != 2:
+            fail("FSDP1 is not supported; set fsdp_version: 2 in the accelerate config (--fsdp_version 2)")
+        # Whole weights in checkpoints: sharded ones are pickled, and loading must not run code
+        plugin = accelerator.state.fsdp_plugin
+        plugin.state_dict_config = plugin.optim_state_dict_config = None  # set anew for the full state dict
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+        # On resume every process reads the whole files (a broadcast from rank 0 drops the optimizer's initial_lr)
+        plugin.state_dict_config.rank0_only = plugin.optim_state_dict_config.rank0_only = False
 
 
 # ---- Data ----
@@ -956,15 +965,22 @@ def plot_loss(metrics_path, out_path):
     plt.close(fig)
 
 
+# Copied from train_dit.sampling_copy
+def sampling_copy(model_cls, config, state, device):
+    """A plain (unsharded) model of `config` holding the whole weights `state`, for sampling."""
+    copy = model_cls.from_config(config)
+    copy.load_state_dict(state)
+    return copy.to(device).eval()
+
+
 def validate(state, args):
     """The EMA weights' grid to samples/step-N.png and the trackers; the loss plot."""
     catch_up_ema(state)  # on every process: the EMA stays the same everywhere
+    model = state.accelerator.unwrap_model(state.unet)
+    weights = whole_state(model, state.ema)  # on every process: FSDP gathers the shards
     if not state.accelerator.is_main_process:
         return
-    if state.ema is not None:
-        state.ema.store(state.params)
-        state.ema.copy_to(state.params)
-    unet = state.accelerator.unwrap_model(state.unet).eval()
+    unet = sampling_copy(UNet2DConditionModel, model.config, weights, state.accelerator.device)
     output_dir = Path(args.output_dir)
     log_validation(
         make_pipeline(state.vae, state.text_encoder, state.tokenizer, unet, state.sampler),
@@ -976,9 +992,6 @@ def validate(state, args):
         state.global_step,
     )
     plot_loss(output_dir / "metrics.jsonl", output_dir / "loss.png")
-    if state.ema is not None:
-        state.ema.restore(state.params)
-    unet.train()
 
 
 # ---- Checkpoints and export ----
@@ -1024,13 +1037,23 @@ def manifest_problem(folder):
     return None
 
 
-# Copied from train_mnist.save_ema
-def save_ema(ema, model, folder):
-    """The EMA weights, with the model's buffers, in save_pretrained layout."""
+# Copied from train_mnist.whole_state
+def whole_state(model, ema=None):
+    """The model's state dict, with the EMA weights in place of its parameters, as whole tensors. Under FSDP every
+    process must call it: it gathers the shards."""
+    state = model.state_dict()
+    if ema is not None:
+        state.update(
+            (name, shadow) for (name, _), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True)
+        )
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
+
+
+# Copied from train_mnist.save_weights
+def save_weights(state, model, folder):
+    """`state` in save_pretrained layout: the model's config.json and diffusion_pytorch_model.safetensors."""
     folder.mkdir(parents=True)
     model.save_config(folder)
-    state = model.state_dict()
-    state.update((name, shadow) for (name, _), shadow in zip(model.named_parameters(), ema.shadow_params, strict=True))
     save_file(
         {k: v.detach().contiguous() for k, v in state.items()},
         folder / "diffusion_pytorch_model.safetensors",
@@ -1042,8 +1065,13 @@ def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, positi
     """save_state plus the EMA UNet, sampling files, objective RNG and data position; manifest last, atomic rename."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
-    if not all(torch.isfinite(p).all() for p in unet.parameters()):
+    model = accelerator.unwrap_model(unet)
+    # Under FSDP each process checks its shards, and all agree
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    nonfinite = torch.stack([(~torch.isfinite(p)).sum() for p in local]).sum().float()
+    if accelerator.reduce(nonfinite, "sum") > 0:
         raise RuntimeError(f"step {global_step}: the weights are not finite; checkpoint not written")
+    weights = None if ema is None else whole_state(model, ema)  # on every process: FSDP gathers the shards
     try:
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
@@ -1051,7 +1079,6 @@ def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, positi
         accelerator.save_state(str(tmp))  # model, optimizer, sampler and global RNGs of every process
         save_file({"state": train_rng.get_state()}, tmp / f"train_rng_{accelerator.process_index}.safetensors")
         if accelerator.is_main_process:
-            model = accelerator.unwrap_model(unet)
             state = {
                 "script": "train_ldm_sd.py",
                 "global_step": global_step,
@@ -1061,7 +1088,7 @@ def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, positi
                 "ema": None,
             }
             if ema is not None:
-                save_ema(ema, model, tmp / "unet_ema")
+                save_weights(weights, model, tmp / "unet_ema")
                 state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
             else:
                 model.save_pretrained(tmp / "unet")
@@ -1127,6 +1154,9 @@ def load_checkpoint(accelerator, path, unet, ema, train_rng, args):
         fail(f"--resume_from_checkpoint {path}: written by {state.get('script')}, not train_ldm_sd.py")
     if ema is not None and state["ema"] is None:
         fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if any(path.glob("pytorch_model_fsdp*")) != fsdp:  # the model's files differ: whole weights in one file or not
+        fail(f"--resume_from_checkpoint {path}: written {'without' if fsdp else 'with'} FSDP; resume it the same way")
     try:
         accelerator.load_state(str(path))  # safetensors + torch.load(weights_only=True)
     except RuntimeError as e:
@@ -1141,6 +1171,13 @@ def load_checkpoint(accelerator, path, unet, ema, train_rng, args):
         device = str(ema.shadow_params[0].device)
         weights = load_file(path / "unet_ema" / "diffusion_pytorch_model.safetensors", device=device)
         shadow = [weights[name] for name, _ in accelerator.unwrap_model(unet).named_parameters()]
+        if hasattr(ema.shadow_params[0], "device_mesh"):  # FSDP: each process keeps its shards
+            from torch.distributed.tensor import distribute_tensor
+
+            shadow = [
+                distribute_tensor(w, s.device_mesh, s.placements)
+                for w, s in zip(shadow, ema.shadow_params, strict=True)
+            ]
         ema.load_state_dict({**state["ema"], "shadow_params": shadow})
     return state
 
@@ -1384,7 +1421,11 @@ def main(args):
         # Shuffling depends only on (seed, epoch): resumable mid-epoch.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
-    check_accelerator(accelerator)
+    check_accelerator(accelerator, fsdp=True)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        for flag in ("offload_ema", "use_8bit_adam"):
+            if getattr(args, flag):
+                fail(f"--{flag}: not supported with FSDP; drop it")
     device = accelerator.device
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -1455,16 +1496,6 @@ def main(args):
         unet.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
-    ema = None
-    if args.use_ema:
-        ema = StridedEMA(
-            unet.parameters(),
-            decay=args.ema_decay,
-            use_ema_warmup=True,
-            power=args.ema_power,
-            foreach=args.foreach_ema,
-        )
-        ema.to("cpu" if args.offload_ema else device)
     accelerator.print(
         f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters "
         f"({'from scratch' if args.unet_from_scratch else 'fine-tuned'}); latents "
@@ -1494,11 +1525,21 @@ def main(args):
     )
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
     params = list(unet.parameters())  # the Parameter objects the optimizer and the EMA hold
-    ema_inputs = params
-    if ema is not None and args.offload_ema and device.type != "cpu":  # filled device to host per update
-        ema_inputs = [
-            torch.empty_like(p, device="cpu", pin_memory=True).requires_grad_(p.requires_grad) for p in params
-        ]
+    ema, ema_inputs = None, params
+    if args.use_ema:  # of the prepared parameters: under FSDP each process averages its shards
+        if args.offload_ema and device.type != "cpu":  # filled device to host per update
+            ema_inputs = [
+                torch.empty_like(p, device="cpu", pin_memory=True).requires_grad_(p.requires_grad) for p in params
+            ]
+            with torch.no_grad():
+                torch._foreach_copy_(ema_inputs, params)
+        ema = StridedEMA(
+            ema_inputs,
+            decay=args.ema_decay,
+            use_ema_warmup=True,
+            power=args.ema_power,
+            foreach=args.foreach_ema,
+        )
     # A stream has no length: check_args asks for --max_train_steps.
     max_train_steps = args.max_train_steps or args.num_train_epochs * max(
         1, math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
@@ -1660,10 +1701,10 @@ def main(args):
     # Final checkpoint; the export: EMA UNet and the frozen parts reloaded, in fp32
     catch_up_ema(state)
     save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, position, sampling_files)
+    model = accelerator.unwrap_model(unet)
+    weights = whole_state(model, ema)  # on every process: FSDP gathers the shards
     if accelerator.is_main_process:
-        final_unet = accelerator.unwrap_model(unet).eval().to(torch.float32)
-        if ema is not None:
-            ema.copy_to(final_unet.parameters())
+        final_unet = sampling_copy(UNet2DConditionModel, model.config, weights, device)
         tokenizer.model_max_length = max_length  # the pipeline pads prompts to this, as training did
         text_encoder = load_text_encoder(args)[1]
         pipeline = make_pipeline(load_vae(args, vae_from), text_encoder, tokenizer, final_unet, sampler).to(device)

@@ -13,6 +13,8 @@ What the CPU suite cannot see and this lane checks:
   * sampling on CUDA, during training (validation) and from the export, and the exports loading in diffusers;
   * fp16 with a GradScaler: an overflow that never ends stops the run after --max_nonfinite_steps;
   * --gradient_checkpointing, --torch_compile (train_dit.py) and xformers attention (when installed).
+  * accelerate's own FSDP2 on one GPU (train_dit.py, train_ldm_sd.py): the CPU suite lifts accelerate's GPU-only
+    gate with a test shim; here nothing is patched.
 """
 
 import json
@@ -519,6 +521,26 @@ def test_dit_torch_compile(tiny_mnist, tmp_path):
 
     model = DiTTransformer2DModel.from_pretrained(out / "transformer")
     assert not any("_orig_mod" in name for name, _ in model.named_parameters())
+
+
+@requires_cuda
+@pytest.mark.parametrize("script", [DIT, LDM])
+def test_fsdp2_one_gpu_checkpoint_resume_export(script, train_args, tmp_path):
+    """accelerate's own FSDP2 (no test shim), one process on the GPU: it wraps the model, shards the EMA, saves whole
+    weights in checkpoints, resumes, and exports a pipeline that loads."""
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2"]
+    launch += ["--num_processes", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", str(REPO / script)]
+    args = [*train_args(script, out), "--checkpointing_steps", "2", "--validation_steps", "2"]
+    env = {**os.environ, **OFFLINE_ENV}
+    for steps, extra in (("2", []), ("4", ["--resume_from_checkpoint", "latest"])):
+        cmd = [*launch, *map(str, args), "--max_train_steps", steps, *extra]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert json.loads((out / "run_config.json").read_text())["num_processes"] == 1
+    assert "resumed from" in proc.stdout and list((out / "checkpoint-4").glob("pytorch_model_fsdp*.bin"))
+    assert_finite(ema_weights(out / "checkpoint-4", script), f"{script} checkpoint-4 EMA")
+    check_export_loads(script, out)
 
 
 @requires_cuda
