@@ -680,8 +680,8 @@ def test_fsdp2_two_processes_train_resume_and_export_like_ddp(tiny_fixtures, fsd
     without = [other if a == runs["fsdp"] else a for a in args]
     proc = run_script(SCRIPT, *without, "--resume_from_checkpoint", "latest", expect_rc=2)
     one_error(proc.stderr, "--resume_from_checkpoint", "written with FSDP")
-    # Each process exits with code 2 and the same line, without a traceback of its own; the launcher reports 1.
+    # Each process exits with code 2 and the same line (the launcher may interleave the two), without a traceback of
+    # its own; the launcher reports 1.
     proc = run_script(SCRIPT, *args, "--offload_ema", launcher="accelerate", env=fsdp_on_cpu, expect_rc=1)
-    errors = {line for line in proc.stderr.splitlines() if line.startswith("error:")}
-    assert errors == {"error: --offload_ema: not supported with FSDP; drop it"}
+    assert proc.stderr.count("error: --offload_ema: not supported with FSDP; drop it") == 2, proc.stderr[-3000:]
     assert "]: Traceback" not in proc.stderr  # torchrun prefixes each process's lines with [rankN]
