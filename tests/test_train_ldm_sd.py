@@ -4,20 +4,10 @@ import errno
 import importlib.util
 import json
 import math
-import shutil
 
 import pytest
 import torch
-from conftest import (
-    LDM,
-    REPO,
-    assert_same_weights,
-    check_damaged_checkpoint_and_claims,
-    one_error,
-    resume_in_new_folder,
-    run_script,
-    tiny_run_args,
-)
+from conftest import REPO, assert_same_weights, check_damaged_checkpoint_and_claims, resume_in_new_folder, run_script
 from safetensors.torch import load_file
 
 SCRIPT = "train_ldm_sd.py"
@@ -646,42 +636,3 @@ def test_save_to_disk_folders_of_a_dataset_and_of_its_splits_load(ldm, tiny_imag
         args = ldm.parse_args(["--dataset_name", str(tmp_path / folder)])
         loaded = ldm.load_hf_dataset(args)
         assert len(loaded) == len(ds) and loaded.column_names == ["image", "text"]
-
-
-def test_fsdp2_two_processes_train_resume_and_export_like_ddp(tiny_fixtures, fsdp_on_cpu, tmp_path):
-    """FSDP2 on two CPU processes, with EMA: a 4-step run, its resume from checkpoint-2, and the same run under DDP.
-    The resumed run ends bitwise equal; the EMA UNet gathered from the shards (checkpoint, export) matches DDP's; the
-    flags that need whole weights on one device are refused."""
-    runs = {name: tmp_path / name for name in ("fsdp", "resumed", "ddp")}
-    args = [*tiny_run_args(LDM, tiny_fixtures, runs["fsdp"]), "--max_train_steps", "4"]
-    args += ["--checkpointing_steps", "2", "--validation_steps", "2", "--logging_steps", "1"]
-    run_script(SCRIPT, *args, launcher="accelerate", env=fsdp_on_cpu, timeout=300)
-    assert (runs["fsdp"] / "samples" / "step-2.png").is_file() and (runs["fsdp"] / "manifest.json").is_file()
-    (model_file,) = (runs["fsdp"] / "checkpoint-4").glob("pytorch_model_fsdp*.bin")  # whole weights
-    assert all(torch.isfinite(v).all() for v in torch.load(model_file, weights_only=True).values())
-
-    runs["resumed"].mkdir()
-    shutil.copytree(runs["fsdp"] / "checkpoint-2", runs["resumed"] / "checkpoint-2")
-    resume = [runs["resumed"] if a == runs["fsdp"] else a for a in args]
-    run_script(SCRIPT, *resume, "--resume_from_checkpoint", "latest", launcher="accelerate", env=fsdp_on_cpu)
-    assert_same_weights(runs["fsdp"] / "checkpoint-4", runs["resumed"] / "checkpoint-4")
-
-    run_script(SCRIPT, *[runs["ddp"] if a == runs["fsdp"] else a for a in args], launcher="accelerate")
-    for weights in ("checkpoint-4/unet_ema", "unet"):  # the EMA in the checkpoint and the export
-        sharded = load_file(runs["fsdp"] / weights / "diffusion_pytorch_model.safetensors")
-        reference = load_file(runs["ddp"] / weights / "diffusion_pytorch_model.safetensors")
-        assert sharded.keys() == reference.keys()
-        for key in sharded:
-            torch.testing.assert_close(sharded[key], reference[key], rtol=1e-4, atol=1e-5, msg=f"{weights}: {key}")
-
-    # An FSDP checkpoint resumed without FSDP (its model is one whole-weights file): a one-line error.
-    other = tmp_path / "without_fsdp"
-    shutil.copytree(runs["fsdp"] / "checkpoint-2", other / "checkpoint-2")
-    without = [other if a == runs["fsdp"] else a for a in args]
-    proc = run_script(SCRIPT, *without, "--resume_from_checkpoint", "latest", expect_rc=2)
-    one_error(proc.stderr, "--resume_from_checkpoint", "written with FSDP")
-    # Each process exits with code 2 and the same line (the launcher may interleave the two), without a traceback of
-    # its own; the launcher reports 1.
-    proc = run_script(SCRIPT, *args, "--offload_ema", launcher="accelerate", env=fsdp_on_cpu, expect_rc=1)
-    assert proc.stderr.count("error: --offload_ema: not supported with FSDP; drop it") == 2, proc.stderr[-3000:]
-    assert "]: Traceback" not in proc.stderr  # torchrun prefixes each process's lines with [rankN]
