@@ -277,7 +277,9 @@ def check_accelerator(accelerator, fsdp=False):
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         fail("--mixed_precision fp16 (flag or accelerate config) needs a CUDA GPU; use bf16 or no")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        fail("DeepSpeed is not supported; launch with DDP (accelerate launch --multi_gpu) or FSDP2")
+        fail(
+            f"DeepSpeed is not supported; launch with DDP (accelerate launch --multi_gpu){' or FSDP2' if fsdp else ''}"
+        )
     if accelerator.distributed_type == DistributedType.FSDP:
         if not fsdp:
             fail("FSDP is not supported by this script; launch with DDP (accelerate launch --multi_gpu)")
