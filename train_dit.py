@@ -1660,6 +1660,7 @@ def main(args):
                     grid = output_dir / "samples" / f"step-{global_step}.png"
                     log_validation(gen, validation_rows, args, grid, accelerator.trackers, global_step)
                     plot_loss(metrics_path, output_dir / "loss.png")
+                    del copy, gen  # no second model in memory while training goes on
                 del weights
             if global_step >= max_train_steps:
                 break
