@@ -950,6 +950,14 @@ def manifest_problem(folder):
     return None
 
 
+# Copied from train_mnist.weights_finite
+def weights_finite(accelerator, model):
+    """Whether every weight is finite, agreed by all processes (under FSDP each checks its own shards): one sync."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    nonfinite = torch.stack([(~torch.isfinite(p)).sum() for p in local]).sum().float()
+    return accelerator.reduce(nonfinite, "sum").item() == 0
+
+
 # Copied from train_mnist.whole_state
 def whole_state(model, ema=None):
     """The model's state dict, with the EMA weights in place of its parameters, as whole tensors. Under FSDP every
@@ -980,10 +988,7 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
     plain = accelerator.unwrap_model(model)  # plain parameter names: --torch_compile compiles in place
-    # Under FSDP each process checks its shards, and all agree
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in plain.parameters()]
-    nonfinite = torch.stack([(~torch.isfinite(p)).sum() for p in local]).sum().float()
-    if accelerator.reduce(nonfinite, "sum") > 0:
+    if not weights_finite(accelerator, plain):
         raise RuntimeError(f"step {global_step}: the weights are not finite; checkpoint not written")
     weights = whole_state(plain, ema)  # on every process: FSDP gathers the shards
     try:

@@ -1202,6 +1202,14 @@ def manifest_problem(folder):
     return None
 
 
+# Copied from train_mnist.weights_finite
+def weights_finite(accelerator, model):
+    """Whether every weight is finite, agreed by all processes (under FSDP each checks its own shards): one sync."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    nonfinite = torch.stack([(~torch.isfinite(p)).sum() for p in local]).sum().float()
+    return accelerator.reduce(nonfinite, "sum").item() == 0
+
+
 # Copied from train_mnist.whole_state
 def whole_state(model, ema=None):
     """The model's state dict, with the EMA weights in place of its parameters, as whole tensors. Under FSDP every
@@ -1231,7 +1239,7 @@ def save_checkpoint(accelerator, args, model, ema, train_rng, global_step, posit
     and the data position, written to a temporary folder, the manifest last, then renamed."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
+    if not weights_finite(accelerator, model):
         raise RuntimeError(f"step {global_step}: the weights are not finite; checkpoint not written")
     try:
         if accelerator.is_main_process and tmp.exists():

@@ -466,6 +466,14 @@ def manifest_problem(folder):
     return None
 
 
+# Copied from train_mnist.weights_finite
+def weights_finite(accelerator, model):
+    """Whether every weight is finite, agreed by all processes (under FSDP each checks its own shards): one sync."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    nonfinite = torch.stack([(~torch.isfinite(p)).sum() for p in local]).sum().float()
+    return accelerator.reduce(nonfinite, "sum").item() == 0
+
+
 # Copied from train_mnist.whole_state
 def whole_state(model, ema=None):
     """The model's state dict, with the EMA weights in place of its parameters, as whole tensors. Under FSDP every
@@ -495,7 +503,7 @@ def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, positi
     (epoch, batches of all processes in it), written under a temporary name."""
     output_dir = Path(args.output_dir)
     final, tmp = output_dir / f"checkpoint-{global_step}", output_dir / f".checkpoint-{global_step}.tmp"
-    if not all(torch.isfinite(p).all() for p in unet.parameters()):
+    if not weights_finite(accelerator, unet):
         raise RuntimeError(f"step {global_step}: the weights are not finite; checkpoint not written")
     try:
         if accelerator.is_main_process:
