@@ -4,11 +4,14 @@ Every fixture writes into a session temp folder with `save_pretrained` (or the f
 so the scripts load them through exactly the code path they use for hub models and real data.
 """
 
+import atexit
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +72,8 @@ def free_port():
 def run_script(script, *args, launcher="python", expect_rc=0, timeout=600, env=None):
     """Run a repo script the way users do, offline, and fail the test with its output if the exit code differs.
 
-    launcher="python": `python script ...`; launcher="accelerate": two real processes talking over gloo.
+    launcher="python": `python script ...` (forked after the imports: ForkRunner); launcher="accelerate": two real
+    processes talking over gloo.
     accelerate 1.x runs `accelerate launch --cpu --num_processes 2` as ONE process (multi-CPU there means mpirun),
     so the CPU launch is `accelerate launch --multi_gpu --num_processes 2` on a machine without CUDA: torchrun
     starts both ranks and the scripts' `--device auto` picks the CPU and gloo.
@@ -100,11 +104,71 @@ def run_script(script, *args, launcher="python", expect_rc=0, timeout=600, env=N
     full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
     if launcher == "accelerate":
         full_env["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks even on a GPU machine
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if launcher == "python" and env is None:  # forked from a process that has the imports done (fork_runner.py)
+        proc = ForkRunner.get().run(cmd[1:], full_env, timeout)
+    else:
+        proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != expect_rc:
         output = (proc.stdout + "\n" + proc.stderr)[-6000:]
         pytest.fail(f"{' '.join(cmd)}\nexit code {proc.returncode}, expected {expect_rc}\n{output}", pytrace=False)
     return proc
+
+
+class ForkRunner:
+    """One tests/fork_runner.py per test process: it runs each script in a child forked after the imports, so that
+    a run does not import torch and diffusers anew. `run` returns what subprocess.run would."""
+
+    runner = None
+
+    @classmethod
+    def get(cls):
+        if cls.runner is None or cls.runner.process.poll() is not None:
+            cls.runner = cls()
+        return cls.runner
+
+    def __init__(self):
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "fork_runner.py")],
+            cwd=REPO,
+            env={**os.environ, **OFFLINE_ENV},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+        )
+        self.pending = b""
+        atexit.register(self.process.kill)
+
+    def read_line(self, deadline):
+        """The runner's next answer line, or None at the deadline."""
+        import select
+
+        fd = self.process.stdout.fileno()
+        while b"\n" not in self.pending:
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise RuntimeError("tests/fork_runner.py exited; run the test with a real process to see why")
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
+        return line.decode()
+
+    def run(self, argv, env, timeout):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+            request = {"argv": argv, "cwd": str(REPO), "env": env, "stdout": str(out), "stderr": str(err)}
+            self.process.stdin.write((json.dumps(request) + "\n").encode())
+            deadline = time.monotonic() + timeout
+            pid = int(self.read_line(deadline + 60))
+            rc = self.read_line(deadline)
+            if rc is None:  # as subprocess.run does: kill the child, then raise
+                os.kill(pid, signal.SIGKILL)
+                self.read_line(time.monotonic() + 60)
+                raise subprocess.TimeoutExpired([sys.executable, *argv], timeout)
+            stdout, stderr = (p.read_text(errors="replace") for p in (out, err))
+        return subprocess.CompletedProcess([sys.executable, *argv], int(rc), stdout, stderr)
 
 
 def resume_in_new_folder(script, args, straight, resumed, step=2, extra=()):
