@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -324,6 +324,9 @@ def check_accelerator(accelerator, fsdp=False):
         plugin.set_state_dict_type("FULL_STATE_DICT")
         # On resume every process reads the whole files (a broadcast from rank 0 drops the optimizer's initial_lr)
         plugin.state_dict_config.rank0_only = plugin.optim_state_dict_config.rank0_only = False
+        # Float inputs stay float32, as under DDP (the script autocasts the forward): FSDP would round flow timesteps
+        if plugin.mixed_precision_policy is not None:
+            plugin.mixed_precision_policy = replace(plugin.mixed_precision_policy, cast_forward_inputs=False)
 
 
 # ---- Data ----
@@ -1520,6 +1523,9 @@ def main(args):
     )
     model_cls, config = type(model), model.config  # prepare wraps the model (DDP) or changes its class (FSDP)
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    if accelerator.distributed_type == DistributedType.FSDP and weight_dtype != torch.float32:
+        # FSDP2 computes with bf16 or fp16 weights; the activations get autocast, as under DDP
+        model.forward = torch.autocast(accelerator.device.type, dtype=weight_dtype)(model.forward)
     ema = None
     if args.use_ema:  # of the prepared parameters: under FSDP, each process averages its shards
         ema = EMAModel(

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,9 @@ def check_accelerator(accelerator, fsdp=False):
         plugin.set_state_dict_type("FULL_STATE_DICT")
         # On resume every process reads the whole files (a broadcast from rank 0 drops the optimizer's initial_lr)
         plugin.state_dict_config.rank0_only = plugin.optim_state_dict_config.rank0_only = False
+        # Float inputs stay float32, as under DDP (the script autocasts the forward): FSDP would round flow timesteps
+        if plugin.mixed_precision_policy is not None:
+            plugin.mixed_precision_policy = replace(plugin.mixed_precision_policy, cast_forward_inputs=False)
 
 
 # ---- Data ----

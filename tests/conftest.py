@@ -411,7 +411,10 @@ def fsdp_init(self, *args, **kwargs):
     accelerator_init(self, *args, **kwargs)
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     self.state.distributed_type = DistributedType.FSDP
-    self.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    if self.mixed_precision != "no":  # as AcceleratorState does for an FSDP plugin
+        plugin.set_mixed_precision(self.mixed_precision)
+    self.state.fsdp_plugin = plugin
 
 
 accelerate.Accelerator.__init__ = fsdp_init

@@ -2,7 +2,10 @@
 accelerate enables FSDP for GPU processes only; the `fsdp_on_cpu` fixture lifts that gate with a test shim (torch's
 FSDP2 itself runs on CPU). tests/test_gpu.py runs accelerate's own FSDP2 on a GPU, without the shim."""
 
+import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +58,39 @@ def test_flags_that_need_whole_weights_are_refused_under_fsdp(tiny_fixtures, fsd
     proc = run_script(LDM, *args, launcher="accelerate", env=fsdp_on_cpu, expect_rc=1)
     assert proc.stderr.count("error: --offload_ema: not supported with FSDP; drop it") == 2, proc.stderr[-3000:]
     assert "]: Traceback" not in proc.stderr  # torchrun prefixes each process's lines with [rankN]
+
+
+# Appended to the FSDP shim: records the dtype of every float tensor the model's forward receives.
+INPUT_PROBE = """
+import os
+import diffusers
+
+def probe(forward):
+    def recorded(self, *args, **kwargs):
+        with open(os.environ["INPUT_DTYPES"], "a") as f:
+            for name, value in [*enumerate(args), *kwargs.items()]:
+                if hasattr(value, "is_floating_point") and value.is_floating_point():
+                    f.write(f"{name} {value.dtype}\\n")
+        return forward(self, *args, **kwargs)
+    return recorded
+
+for cls in (diffusers.DiTTransformer2DModel, diffusers.UNet2DConditionModel):
+    cls.forward = probe(cls.forward)
+"""
+
+
+@pytest.mark.parametrize("script", [DIT, LDM])
+def test_fsdp2_bf16_gives_the_model_float32_inputs_as_ddp_does(script, tiny_fixtures, fsdp_on_cpu, tmp_path):
+    """FSDP2's mixed precision casts every float input of the model to bf16 by default, which rounds the flow
+    timesteps (713.7 -> 712). The scripts autocast the forward instead: the inputs stay float32, as under DDP."""
+    shim = Path(fsdp_on_cpu["PYTHONPATH"].split(os.pathsep)[0]) / "sitecustomize.py"
+    shim.write_text(shim.read_text() + INPUT_PROBE)
+    dtypes = tmp_path / "dtypes.txt"
+    args = [*tiny_run_args(script, tiny_fixtures, tmp_path / "run"), "--max_train_steps", "2"]
+    args += ["--mixed_precision", "bf16", *(["--objective", "flow"] if script == DIT else [])]
+    env = {**fsdp_on_cpu, "INPUT_DTYPES": str(dtypes)}
+    run_script(script, *args, launcher="accelerate", env=env, timeout=300)
+    config = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert config["mixed_precision"] == "bf16"
+    recorded = dtypes.read_text().splitlines()
+    assert recorded and all(line.endswith("torch.float32") for line in recorded), sorted(set(recorded))
