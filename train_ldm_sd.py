@@ -1081,7 +1081,7 @@ def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, positi
     model = accelerator.unwrap_model(unet)
     if not weights_finite(accelerator, model):
         raise RuntimeError(f"step {global_step}: the weights are not finite; checkpoint not written")
-    weights = None if ema is None else whole_state(model, ema)  # on every process: FSDP gathers the shards
+    weights = whole_state(model, ema)  # on every process: FSDP gathers the shards
     try:
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
@@ -1097,11 +1097,9 @@ def save_checkpoint(accelerator, args, unet, ema, train_rng, global_step, positi
                 "epoch_batches": position[1],
                 "ema": None,
             }
+            save_weights(weights, model, tmp / ("unet" if ema is None else "unet_ema"))
             if ema is not None:
-                save_weights(weights, model, tmp / "unet_ema")
                 state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-            else:
-                model.save_pretrained(tmp / "unet")
             write_sampling_files(tmp)
             (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
         accelerator.wait_for_everyone()
