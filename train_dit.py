@@ -1068,6 +1068,23 @@ def find_checkpoint(accelerator, args):
     return choice[0]
 
 
+# Copied from train_mnist.restore_train_rng
+def restore_train_rng(accelerator, path, train_rng, state, seed):
+    """The objective's random stream as saved; a new one if the checkpoint comes from another number of processes
+    or another device type (a CUDA generator's state does not fit a CPU one)."""
+    rank, saved = accelerator.process_index, state.get("num_processes", 1)
+    if saved == accelerator.num_processes:
+        rng_state = load_file(path / f"train_rng_{rank}.safetensors")["state"]
+        if rng_state.numel() == train_rng.get_state().numel():
+            train_rng.set_state(rng_state)
+            return
+        why = "on another device type"
+    else:
+        why = f"by {saved} processes, resumed on {accelerator.num_processes}"
+    accelerator.print(f"warning: {path} was written {why}: new random streams for the objective (not bitwise)")
+    train_rng.manual_seed(seed * 1000 + rank + 7919 * state["global_step"])
+
+
 def load_checkpoint(accelerator, path, model, ema, train_rng, args):
     """Restore what save_checkpoint wrote; returns training_state.json. On another number of processes the
     objective's RNGs are derived anew."""
@@ -1082,15 +1099,7 @@ def load_checkpoint(accelerator, path, model, ema, train_rng, args):
     if any(path.glob("pytorch_model_fsdp*")) != fsdp:  # the model's files differ: whole weights in one file or not
         fail(f"--resume_from_checkpoint {path}: written {'without' if fsdp else 'with'} FSDP; resume it the same way")
     accelerator.load_state(str(path))
-    rank, saved = accelerator.process_index, state.get("num_processes", 1)
-    if saved == accelerator.num_processes:
-        train_rng.set_state(load_file(path / f"train_rng_{rank}.safetensors")["state"])
-    else:
-        accelerator.print(
-            f"warning: {path} was written by {saved} processes, resumed on {accelerator.num_processes}: "
-            "new random streams (not bitwise)"
-        )
-        train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
+    restore_train_rng(accelerator, path, train_rng, state, args.seed)
     if ema is not None:  # loaded onto the EMA's device: load_state_dict keeps the tensors it is given
         file = path / "transformer_ema" / "diffusion_pytorch_model.safetensors"
         weights = load_file(file, device=str(ema.shadow_params[0].device))

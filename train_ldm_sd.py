@@ -1155,6 +1155,23 @@ def find_checkpoint(accelerator, args):
     return choice[0]
 
 
+# Copied from train_mnist.restore_train_rng
+def restore_train_rng(accelerator, path, train_rng, state, seed):
+    """The objective's random stream as saved; a new one if the checkpoint comes from another number of processes
+    or another device type (a CUDA generator's state does not fit a CPU one)."""
+    rank, saved = accelerator.process_index, state.get("num_processes", 1)
+    if saved == accelerator.num_processes:
+        rng_state = load_file(path / f"train_rng_{rank}.safetensors")["state"]
+        if rng_state.numel() == train_rng.get_state().numel():
+            train_rng.set_state(rng_state)
+            return
+        why = "on another device type"
+    else:
+        why = f"by {saved} processes, resumed on {accelerator.num_processes}"
+    accelerator.print(f"warning: {path} was written {why}: new random streams for the objective (not bitwise)")
+    train_rng.manual_seed(seed * 1000 + rank + 7919 * state["global_step"])
+
+
 def load_checkpoint(accelerator, path, unet, ema, train_rng, args):
     """Restore save_checkpoint's files; returns training_state.json. Another process count gets new random streams."""
     state = json.loads((path / "training_state.json").read_text())
@@ -1169,12 +1186,7 @@ def load_checkpoint(accelerator, path, unet, ema, train_rng, args):
         accelerator.load_state(str(path))  # safetensors + torch.load(weights_only=True)
     except RuntimeError as e:
         fail(f"--resume_from_checkpoint {path}: does not fit this model ({str(e).splitlines()[0][:160]})")
-    rank = accelerator.process_index
-    if state["num_processes"] == accelerator.num_processes:
-        train_rng.set_state(load_file(path / f"train_rng_{rank}.safetensors")["state"])
-    else:
-        accelerator.print(f"warning: {path} was written by {state['num_processes']} processes: new random streams")
-        train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
+    restore_train_rng(accelerator, path, train_rng, state, args.seed)
     if ema is not None:  # onto the EMA's device: load_state_dict keeps the tensors it is given
         device = str(ema.shadow_params[0].device)
         weights = load_file(path / "unet_ema" / "diffusion_pytorch_model.safetensors", device=device)

@@ -585,6 +585,22 @@ def find_checkpoint(accelerator, args):
     return choice[0]
 
 
+def restore_train_rng(accelerator, path, train_rng, state, seed):
+    """The objective's random stream as saved; a new one if the checkpoint comes from another number of processes
+    or another device type (a CUDA generator's state does not fit a CPU one)."""
+    rank, saved = accelerator.process_index, state.get("num_processes", 1)
+    if saved == accelerator.num_processes:
+        rng_state = load_file(path / f"train_rng_{rank}.safetensors")["state"]
+        if rng_state.numel() == train_rng.get_state().numel():
+            train_rng.set_state(rng_state)
+            return
+        why = "on another device type"
+    else:
+        why = f"by {saved} processes, resumed on {accelerator.num_processes}"
+    accelerator.print(f"warning: {path} was written {why}: new random streams for the objective (not bitwise)")
+    train_rng.manual_seed(seed * 1000 + rank + 7919 * state["global_step"])
+
+
 def load_checkpoint(accelerator, path, unet, ema, train_rng, args):
     """Restore what save_checkpoint wrote; returns training_state.json."""
     state = json.loads((path / "training_state.json").read_text())
@@ -593,15 +609,7 @@ def load_checkpoint(accelerator, path, unet, ema, train_rng, args):
     if ema is not None and state["ema"] is None:
         fail(f"--resume_from_checkpoint {path}: saved without EMA; resume with --no-use_ema")
     accelerator.load_state(str(path))
-    rank, saved = accelerator.process_index, state["num_processes"]
-    if saved == accelerator.num_processes:
-        train_rng.set_state(load_file(path / f"train_rng_{rank}.safetensors")["state"])
-    else:
-        accelerator.print(
-            f"warning: {path} was written by {saved} processes, resumed on {accelerator.num_processes}: "
-            f"new random streams for the objective (not bitwise the same run)"
-        )
-        train_rng.manual_seed(args.seed * 1000 + rank + 7919 * state["global_step"])
+    restore_train_rng(accelerator, path, train_rng, state, args.seed)
     if ema is not None:  # load_state_dict keeps the tensors it is given: load them onto the EMA's device
         weights = load_file(
             path / "unet_ema" / "diffusion_pytorch_model.safetensors", device=str(ema.shadow_params[0].device)

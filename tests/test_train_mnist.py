@@ -407,3 +407,25 @@ def test_disk_full_while_saving_leaves_the_previous_checkpoint(tiny_mnist, tiny_
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
     assert module.list_checkpoints(out) == [out / "checkpoint-1"]
     assert module.manifest_problem(out / "checkpoint-1") is None
+
+
+def test_objective_rng_resumes_exactly_or_reseeds_from_another_device_type(tmp_path, capsys):
+    """restore_train_rng (the block every trainer copies): the saved stream comes back on the same kind of device;
+    a CUDA generator's state (16 bytes, not a CPU generator's 5056) gives a new, announced stream, not a crash."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    module = load_script()
+    accelerator = SimpleNamespace(process_index=0, num_processes=1, print=print)
+    state = {"num_processes": 1, "global_step": 3}
+    saved = torch.Generator().manual_seed(123)
+    save_file({"state": saved.get_state()}, tmp_path / "train_rng_0.safetensors")
+    rng = torch.Generator().manual_seed(0)
+    module.restore_train_rng(accelerator, tmp_path, rng, state, seed=0)
+    assert torch.equal(rng.get_state(), saved.get_state()) and capsys.readouterr().out == ""
+
+    save_file({"state": torch.arange(16, dtype=torch.uint8)}, tmp_path / "train_rng_0.safetensors")
+    module.restore_train_rng(accelerator, tmp_path, rng, state, seed=0)
+    assert "written on another device type: new random streams" in capsys.readouterr().out
+    assert torch.equal(rng.get_state(), torch.Generator().manual_seed(7919 * 3).get_state())
