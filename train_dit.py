@@ -1183,6 +1183,8 @@ def export_model(model, sampler, vae, args, meta, output_dir, card, grid):
     """The EMA weights as a DiTPipeline folder when that pipeline samples the model right, else transformer/ +
     scheduler/ (+ vae/); export_config.json says which. Parts are renamed into place, manifest.json last."""
     model = model.float()
+    if vae is not None and vae.dtype != torch.float32:  # the training copy was cast to bf16/fp16: export it as loaded
+        vae = load_vae(**vae.loaded_from)
     if args.conditioning == "class" and meta["num_classes"] < PIPELINE_NULL_CLASS:
         model = widen_label_tables(model, meta["num_classes"])  # in any layout: the null class is 1000
     reason = why_not_dit_pipeline(args, vae, meta)
@@ -1197,7 +1199,7 @@ def export_model(model, sampler, vae, args, meta, output_dir, card, grid):
     shutil.rmtree(tmp, ignore_errors=True)
     if reason is None:
         names = meta["label_names"] or [str(i) for i in range(meta["num_classes"])]
-        pipe = DiTPipeline(transformer=model, vae=vae.float(), scheduler=sampler, id2label=dict(enumerate(names)))
+        pipe = DiTPipeline(transformer=model, vae=vae, scheduler=sampler, id2label=dict(enumerate(names)))
         pipe.save_pretrained(tmp)
     else:
         model.save_pretrained(tmp / "transformer")

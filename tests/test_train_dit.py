@@ -493,30 +493,24 @@ def test_label_dropout_happens_once_per_example_not_per_block():
     assert dropped.tolist() == [10 if d else 3 for d in drop.tolist()]
 
 
-def test_bf16_from_the_flag_or_from_accelerate(tiny_mnist, tmp_path):
+def test_bf16_from_the_flag_or_from_accelerate(tiny_mnist, tiny_vae, class_folder, tmp_path):
     """bf16 autocast runs on CPU; the precision accelerate resolves (flag, or the launcher's environment when the
-    flag is left out) is the one recorded, and the export is fp32."""
+    flag is left out) is the one recorded, and the export is fp32, its VAE the one loaded (not the bf16 copy that
+    encoded the training images)."""
     flag, env = tmp_path / "flag", tmp_path / "env"
-    common = [
-        *PIXEL_MNIST,
-        "--data_root",
-        tiny_mnist,
-        *FAST,
-        "--max_train_steps",
-        "2",
-        "--validation_steps",
-        "100",
-        "--validation_guidance_scales",
-        "1",
-    ]
-    run_script(SCRIPT, *common, "--mixed_precision", "bf16", "--output_dir", flag)
+    fast = [*FAST, "--max_train_steps", "2", "--validation_steps", "100", "--validation_guidance_scales", "1"]
+    latent = ["--train_data_dir", class_folder, "--vae_name_or_path", tiny_vae, "--resolution", "32"]
+    run_script(SCRIPT, *latent, *fast, "--mixed_precision", "bf16", "--output_dir", flag)
     # What `accelerate launch --mixed_precision bf16` (or an accelerate config set to bf16) hands the script.
-    run_script(SCRIPT, *common, "--output_dir", env, env={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    pixels = [*PIXEL_MNIST, "--data_root", tiny_mnist]
+    run_script(SCRIPT, *pixels, *fast, "--output_dir", env, env={"ACCELERATE_MIXED_PRECISION": "bf16"})
     for out in (flag, env):
         assert json.loads((out / "run_config.json").read_text())["mixed_precision"] == "bf16"
         assert all(math.isfinite(r["loss"]) for r in metrics(out))
         weights = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
         assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+    exported, loaded = (load_file(f / "diffusion_pytorch_model.safetensors") for f in (flag / "vae", tiny_vae))
+    assert exported.keys() == loaded.keys() and all(torch.equal(exported[k], loaded[k]) for k in loaded)
 
 
 def test_unreadable_images_never_leave_a_batch_empty():
