@@ -34,6 +34,7 @@ import torchvision
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import XFormersAttnProcessor
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file, save_file
@@ -307,6 +308,16 @@ def denoise(unet, x, t, states, mask, patch_size):
     """The UNet on p x p pixel patches stacked as channels."""
     pred = unet(F.pixel_unshuffle(x, patch_size), t, encoder_hidden_states=states, encoder_attention_mask=mask)
     return F.pixel_shuffle(pred.sample, patch_size)
+
+
+class XFormersTextMask(XFormersAttnProcessor):
+    """diffusers' xformers attention, with the text mask's bias in the compute dtype. The UNet builds that bias in
+    its input's dtype (float32); xformers refuses it beside bf16/fp16 queries (SDPA casts it under autocast)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if attention_mask is not None and torch.is_autocast_enabled(hidden_states.device.type):
+            attention_mask = attention_mask.to(torch.get_autocast_dtype(hidden_states.device.type))
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
 
 # ---- Objective ----
@@ -876,7 +887,7 @@ def main(args):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
+        unet.set_attn_processor(XFormersTextMask())
     noise_scheduler = DDPMScheduler(
         beta_schedule="squaredcos_cap_v2", prediction_type=args.prediction_type, clip_sample=False
     )

@@ -429,3 +429,34 @@ def test_objective_rng_resumes_exactly_or_reseeds_from_another_device_type(tmp_p
     module.restore_train_rng(accelerator, tmp_path, rng, state, seed=0)
     assert "written on another device type: new random streams" in capsys.readouterr().out
     assert torch.equal(rng.get_state(), torch.Generator().manual_seed(7919 * 3).get_state())
+
+
+def test_xformers_attention_gets_the_text_mask_in_the_compute_dtype(monkeypatch):
+    """xformers, unlike SDPA under autocast, needs its bias in the queries' dtype, and diffusers' UNet builds the
+    text mask's bias in float32. Emulated on CPU: a stand-in for xformers.ops.memory_efficient_attention checks the
+    dtypes as the CUDA kernel does, then attends with SDPA (diffusers' XFormersAttnProcessor fails here)."""
+    from types import SimpleNamespace
+
+    import diffusers.models.attention_processor as processors
+    import torch.nn.functional as F
+
+    biases = []
+
+    def memory_efficient_attention(q, k, v, attn_bias=None, op=None, scale=None):
+        if attn_bias is not None and attn_bias.dtype != q.dtype:
+            raise RuntimeError("invalid dtype for bias - should match query's dtype")
+        biases.append(attn_bias)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
+
+    ops = SimpleNamespace(memory_efficient_attention=memory_efficient_attention)
+    monkeypatch.setattr(processors, "xformers", SimpleNamespace(ops=ops), raising=False)
+    module = load_script()
+    args = module.parse_args(["--block_out_channels", "16,32", "--cross_attention_levels", "1"])
+    unet = module.build_unet(args, cross_attention_dim=32)
+    unet.set_attn_processor(module.XFormersTextMask())
+    x, states = torch.randn(2, 1, 32, 32), torch.randn(2, 8, 32)
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])  # the second caption has 3 padding tokens
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module.denoise(unet, x, torch.tensor([10, 500]), states, mask, args.patch_size)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert any(b is not None and b.dtype == torch.bfloat16 for b in biases)
