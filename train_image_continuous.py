@@ -718,7 +718,7 @@ class BertTextEncoder(nn.Module):
                 return_tensors="pt",
             ).to(device)
             output = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-            states.append(output.last_hidden_state.float())
+            states.append(output.last_hidden_state.float().cpu())  # a large dataset's table stays on the host
         return torch.cat(states)
 
 
@@ -742,26 +742,35 @@ def resolve_dim_text(args):
     return hidden
 
 
-def text_statistics(table, caption_ids):
+def caption_chunks(table, caption_ids, device, size=4096):
+    """The caption table [n, L, D] and each caption's number of examples, a chunk of captions at a time on
+    `device`: a large dataset's table (COCO: 29 GB at L=16, D=768) never sits there whole."""
+    weights = torch.bincount(caption_ids.cpu(), minlength=len(table)).float()
+    for i in range(0, len(table), size):
+        yield table[i : i + size].to(device), weights[i : i + size].to(device)
+
+
+def text_statistics(table, caption_ids, device):
     """Per-dimension mean and std of the caption states over every token of every example."""
-    weights = torch.bincount(caption_ids.cpu(), minlength=len(table)).float().to(table.device)[:, None, None]
-    count = weights.sum() * table.shape[1]
-    mean = (table * weights).sum(dim=(0, 1)) / count
-    std = (((table - mean) ** 2) * weights).sum(dim=(0, 1)).div(count).sqrt().clamp(min=1e-4)
-    return mean, std
+    count = len(caption_ids) * table.shape[1]
+    mean = sum((x * w[:, None, None]).sum(dim=(0, 1)) for x, w in caption_chunks(table, caption_ids, device)) / count
+    squares = sum(
+        ((x - mean) ** 2 * w[:, None, None]).sum(dim=(0, 1)) for x, w in caption_chunks(table, caption_ids, device)
+    )
+    return mean, (squares / count).sqrt().clamp(min=1e-4)
 
 
-def text_basis(standardised, caption_ids, latent_dim):
-    """The top latent_dim principal directions [D, latent_dim] of the caption tokens (0: the identity) and the share
-    of the variance they hold. Orthonormal, so distances between captions are kept."""
-    dim = standardised.shape[-1]
+def text_basis(table, mean, std, caption_ids, latent_dim, device):
+    """The top latent_dim principal directions [D, latent_dim] of the standardised caption tokens (0: the
+    identity) and the share of the variance they hold. Orthonormal, so distances between captions are kept."""
+    dim = table.shape[-1]
     if latent_dim == 0:
-        return torch.eye(dim, device=standardised.device), 1.0
-    weights = torch.bincount(caption_ids.cpu(), minlength=len(standardised)).double().to(standardised.device)
-    tokens = standardised.double().flatten(0, 1)  # [n * L, D]
-    token_weights = weights.repeat_interleave(standardised.shape[1])[:, None]
-    covariance = (tokens * token_weights).T @ tokens / token_weights.sum()
-    values, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
+        return torch.eye(dim, device=device), 1.0
+    covariance = 0
+    for x, w in caption_chunks(table, caption_ids, device):
+        tokens = ((x - mean) / std).double().flatten(0, 1)  # [chunk * L, D]
+        covariance = covariance + (tokens * w.double().repeat_interleave(x.shape[1])[:, None]).T @ tokens
+    values, vectors = torch.linalg.eigh(covariance / (len(caption_ids) * table.shape[1]))  # ascending eigenvalues
     kept = float(values.flip(-1)[:latent_dim].sum() / values.sum().clamp(min=1e-12))
     return vectors.flip(-1)[:, :latent_dim].float().contiguous(), kept
 
@@ -1689,7 +1698,7 @@ def main(args):
 
     # Models: the frozen encoder (the distinct captions encoded once), the MMDiT and its EMA
     text_encoder = BertTextEncoder(args.text_encoder_name_or_path, args.text_prefix, args.tokenizer_max_length)
-    caption_states = text_encoder.to(device)(data.captions)  # [distinct captions, L, D]
+    caption_states = text_encoder.to(device)(data.captions)  # [distinct captions, L, D], on the host
     # Only now is the folder claimed: a bad input changes nothing there.
     if accelerator.is_main_process:
         claim_output_dir(args)
@@ -1713,13 +1722,18 @@ def main(args):
         max_text_length=args.tokenizer_max_length,
         encoder_dim=dim_text,
     ).to(device)
-    model.text_mean, model.text_std = text_statistics(caption_states, data.tensors[2])
+    model.text_mean, model.text_std = text_statistics(caption_states, data.tensors[2], device)
     model.text_basis, kept = text_basis(
-        (caption_states - model.text_mean) / model.text_std,
+        caption_states,
+        model.text_mean,
+        model.text_std,
         data.tensors[2],
         0 if latent_dim == dim_text else latent_dim,
+        device,
     )
-    caption_embeddings = model.standardise(caption_states)  # [distinct captions, L, latent_dim]
+    caption_embeddings = torch.cat(
+        [model.standardise(x) for x, _ in caption_chunks(caption_states, data.tensors[2], device)]
+    )
     model.mmdit.gradient_checkpointing = args.gradient_checkpointing
     noise_scheduler = build_noise_scheduler(args)
     text_scheduler = DDPMScheduler.from_config(

@@ -1129,3 +1129,27 @@ def test_discrete_disk_full_while_saving_leaves_the_previous_checkpoint(discrete
     assert discrete.list_checkpoints(out) == [out / "checkpoint-1"]
     assert discrete.manifest_problem(out / "checkpoint-1") is None
     assert discrete.TextImageModel.from_pretrained(out / "checkpoint-1", subfolder="mmdit_ema")
+
+
+def test_caption_statistics_read_in_chunks_match_the_whole_table():
+    """The caption table of a large dataset is read a chunk of 4096 captions at a time (it stays on the host): the
+    mean, std and principal basis match a float64 computation over the whole table."""
+    module = load_module(CONTINUOUS)
+    gen = torch.Generator().manual_seed(0)
+    structure = torch.randn(3, 16, generator=gen) * torch.tensor([[9.0], [4.0], [2.0]])  # 3 clear directions
+    table = torch.randn(5000, 4, 3, generator=gen) @ structure + 0.1 * torch.randn(5000, 4, 16, generator=gen) + 1
+    ids = torch.randint(0, 5000, (20000,), generator=gen)
+    mean, std = module.text_statistics(table, ids, "cpu")
+    basis, kept = module.text_basis(table, mean, std, ids, 3, "cpu")
+
+    weights = torch.bincount(ids, minlength=5000).double().repeat_interleave(4)[:, None]
+    tokens = table.double().flatten(0, 1)
+    ref_mean = (tokens * weights).sum(0) / weights.sum()
+    ref_std = (((tokens - ref_mean) ** 2 * weights).sum(0) / weights.sum()).sqrt()
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(std.double(), ref_std, rtol=1e-5, atol=1e-5)
+    z = (tokens - ref_mean) / ref_std
+    values, vectors = torch.linalg.eigh((z * weights).T @ z / weights.sum())
+    top = vectors[:, -3:]
+    torch.testing.assert_close(basis.double() @ basis.double().T, top @ top.T, atol=1e-4, rtol=0)
+    assert kept == pytest.approx(float(values[-3:].sum() / values.sum()), rel=1e-5)
