@@ -596,7 +596,7 @@ def test_continuous_standardisation_and_retrieval():
     continuous = load_module(CONTINUOUS)
     table = torch.randn(5, 4, 6) * 3 + 2
     caption_ids = torch.tensor([0, 0, 0, 1, 2, 3, 4, 4])
-    mean, std = continuous.text_statistics(table, caption_ids)
+    mean, std = continuous.text_statistics(table, caption_ids, "cpu")
     examples = (table[caption_ids] - mean) / std
     assert torch.allclose(examples.mean(dim=(0, 1)), torch.zeros(6), atol=1e-5)
     assert torch.allclose(examples.var(dim=(0, 1), unbiased=False), torch.ones(6), atol=1e-4)
@@ -616,12 +616,12 @@ def test_continuous_text_basis_keeps_what_tells_captions_apart():
     directions = torch.linalg.qr(torch.randn(10, 4, generator=generator))[0]
     table = torch.randn(6, 3, 4, generator=generator) * torch.tensor([5.0, 3.0, 2.0, 1.0]) @ directions.T + 0.5
     caption_ids = torch.tensor([0, 1, 2, 3, 4, 5, 5, 5])
-    mean, std = continuous.text_statistics(table, caption_ids)
+    mean, std = continuous.text_statistics(table, caption_ids, "cpu")
     standardised = (table - mean) / std
-    basis, kept = continuous.text_basis(standardised, caption_ids, 4)
+    basis, kept = continuous.text_basis(table, mean, std, caption_ids, 4, "cpu")
     assert basis.shape == (10, 4) and torch.allclose(basis.T @ basis, torch.eye(4), atol=1e-5)
     assert kept == pytest.approx(1.0, abs=1e-6)  # the table has rank 4
-    identity, share = continuous.text_basis(standardised, caption_ids, 0)
+    identity, share = continuous.text_basis(table, mean, std, caption_ids, 0, "cpu")
     assert torch.equal(identity, torch.eye(10)) and share == 1.0
     model = continuous.TextImageModel(
         1, 8, 4, dim_image=16, dim_text=4, text_out_dim=4, depth=1, num_heads=2, max_text_length=3, encoder_dim=10
@@ -636,7 +636,7 @@ def test_continuous_text_basis_keeps_what_tells_captions_apart():
     )
     # Two directions keep the two of largest variance: more than any other pair of the four.
     examples = standardised[caption_ids].flatten(0, 1)  # every token of every example, as the basis weighs them
-    top2, share = continuous.text_basis(standardised, caption_ids, 2)
+    top2, share = continuous.text_basis(table, mean, std, caption_ids, 2, "cpu")
     kept = (examples @ top2).pow(2).sum()
     assert kept > 0.5 * examples.pow(2).sum() and kept > (examples @ basis[:, 2:]).pow(2).sum()
     assert share == pytest.approx(float(kept / examples.pow(2).sum()), rel=1e-4)
