@@ -1438,7 +1438,8 @@ def main(args):
         fail(f"--resolution {resolution}: not divisible by the patch size x the VAE factor = {patch} x {factor}")
 
     # Data
-    dataset = build_dataset(args, image_channels, index)
+    with accelerator.main_process_first():  # one process downloads (MNIST, a hub dataset), the others then read it
+        dataset = build_dataset(args, image_channels, index)
     label_names, num_classes = dataset.label_names, None
     if args.conditioning == "class":
         found = len(label_names) if label_names else None
@@ -1461,7 +1462,8 @@ def main(args):
         dataset,
         batch_size=args.train_batch_size,
         shuffle=True,
-        drop_last=len(dataset) >= args.train_batch_size,
+        # a full batch for every process, else every epoch is empty
+        drop_last=len(dataset) >= args.train_batch_size * accelerator.num_processes,
         num_workers=args.dataloader_num_workers,
         collate_fn=collate,
     )

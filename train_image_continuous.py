@@ -1691,7 +1691,8 @@ def main(args):
         torch.utils.data.TensorDataset(*data.tensors),
         batch_size=args.train_batch_size,
         shuffle=True,
-        drop_last=len(data.tensors[0]) >= args.train_batch_size,
+        # a full batch for every process, else every epoch is empty
+        drop_last=len(data.tensors[0]) >= args.train_batch_size * accelerator.num_processes,
         num_workers=args.dataloader_num_workers,
         pin_memory=device.type == "cuda",
     )

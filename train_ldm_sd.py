@@ -1489,7 +1489,8 @@ def main(args):
         dataset,
         batch_size=args.train_batch_size,
         shuffle=not streaming,
-        drop_last=not streaming and len(dataset) >= args.train_batch_size,
+        # a full batch for every process, else every epoch is empty
+        drop_last=not streaming and len(dataset) >= args.train_batch_size * accelerator.num_processes,
         num_workers=args.dataloader_num_workers,
         pin_memory=device.type == "cuda",
     )
@@ -1621,6 +1622,8 @@ def main(args):
     for epoch in itertools.count(first_epoch):
         unet.train()
         train_dataloader.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):  # crops and captions per epoch; accelerate calls it for 1 process only
+            dataset.set_epoch(epoch)
         epoch_batches = batches_to_skip if epoch == first_epoch else 0  # per process, for the data position
         batches = accelerator.skip_first_batches(train_dataloader, epoch_batches) if epoch_batches else train_dataloader
         for batch in batches:

@@ -858,12 +858,14 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.sample_from:
         return generate_from_export(args, accelerator)
-    dataset = build_dataset(args)
+    with accelerator.main_process_first():  # one process downloads MNIST, the others then read it
+        dataset = build_dataset(args)
     train_dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
         shuffle=True,
-        drop_last=len(dataset) >= args.train_batch_size,
+        # a full batch for every process, else every epoch is empty
+        drop_last=len(dataset) >= args.train_batch_size * accelerator.num_processes,
         num_workers=args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )

@@ -168,6 +168,24 @@ def test_two_steps_accelerate_two_processes_bert(tiny_mnist, tiny_bert, tmp_path
     assert (state["num_processes"], state["epoch"], state["epoch_batches"]) == (1, 0, 3)  # 2 batches, then 1
 
 
+def test_two_processes_with_fewer_examples_than_a_batch_each(tiny_mnist, tiny_bert, tmp_path):
+    """12 examples, batches of 8 (FAST), 2 processes: there are not two full batches, so each epoch is one step with the
+    batches wrapped around (dropping the last batch would leave every epoch empty and the run spinning forever)."""
+    out = tmp_path / "run"
+    args = [
+        *common(tiny_mnist, tiny_bert, out),
+        "--max_samples",
+        "12",
+        "--num_train_epochs",
+        "2",
+        "--logging_steps",
+        "1",
+    ]
+    run_script(SCRIPT, *args, launcher="accelerate", timeout=180)
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert json.loads((out / "train_summary.json").read_text())["global_step"] == 2
+
+
 def test_max_samples_whole_pipeline_then_sample_from_export(tiny_mnist, tiny_clip, tmp_path):
     out = tmp_path / "run"
     # Hyphen spellings and the seed aliases are accepted.
