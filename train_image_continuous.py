@@ -1584,9 +1584,9 @@ class StopRequest:
         if self.group is None:
             return self.event.is_set()
         agreed = False
-        if self.pending is not None:
+        if self.pending is not None:  # a finished work is let go: one left alive at exit can abort the process
             self.pending.wait()
-            agreed = bool(self.flag.item())
+            self.pending, agreed = None, bool(self.flag.item())
         if not agreed:
             self.flag.fill_(float(self.event.is_set()))
             self.pending = torch.distributed.all_reduce(
@@ -1597,6 +1597,7 @@ class StopRequest:
     def close(self):
         if self.pending is not None:
             self.pending.wait()
+            self.pending = None
 
 
 # ---- Main ----
