@@ -49,6 +49,7 @@ EXPORT_CONFIG = "export_config.json"
 MANIFEST = "manifest.json"  # written last: size and hash of every file
 LOCK = "run.lock"  # one training run per output folder
 TEXT_CLIP = 5.0  # samplers clip the caption's predicted x0 to +-this, in standardised units
+CAPTION_CHUNK = 4096  # captions at a time through the caption table, which stays on the host
 
 
 # ---- Args ----
@@ -742,7 +743,7 @@ def resolve_dim_text(args):
     return hidden
 
 
-def caption_chunks(table, caption_ids, device, size=4096):
+def caption_chunks(table, caption_ids, device, size=CAPTION_CHUNK):
     """The caption table [n, L, D] and each caption's number of examples, a chunk of captions at a time on
     `device`: a large dataset's table (COCO: 29 GB at L=16, D=768) never sits there whole."""
     weights = torch.bincount(caption_ids.cpu(), minlength=len(table)).float()
@@ -1733,9 +1734,7 @@ def main(args):
         0 if latent_dim == dim_text else latent_dim,
         device,
     )
-    caption_embeddings = torch.cat(
-        [model.standardise(x) for x, _ in caption_chunks(caption_states, data.tensors[2], device)]
-    )
+    caption_embeddings = torch.cat([model.standardise(x.to(device)) for x in caption_states.split(CAPTION_CHUNK)])
     model.mmdit.gradient_checkpointing = args.gradient_checkpointing
     noise_scheduler = build_noise_scheduler(args)
     text_scheduler = DDPMScheduler.from_config(
